@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-shot set-up on a fresh machine: a local venv with torch, then the pack with its test extras.
+# torch is installed first, pinned, so that no dependency resolution can pull a different (multi-GB) build.
+# Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.11.0") where another build is wanted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/pip install -q -e ".[dev]"

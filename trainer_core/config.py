@@ -1,0 +1,287 @@
+"""The one typed configuration shared by the ComfyUI nodes, the CLI and YAML files.
+
+Every setting is validated here, once. Unknown keys are refused by name (``extra="forbid"``), so a typo in a
+YAML file fails before any model is loaded instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DType = Literal["bf16", "fp16", "fp32"]
+
+#: LoRA targets in original Wan / ComfyUI naming (inside ``blocks.N.``).
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Where the base weights come from.
+
+    ``source`` supplies every component that has no explicit file: ``"tiny"`` (built-in preset), a diffusers-layout
+    folder, or a Hugging Face repo id. Explicit ComfyUI single files (``high_noise``, ``low_noise``,
+    ``text_encoder``, ``vae``) override the matching component.
+    """
+
+    source: str | None = Field(default=None, description="'tiny', a diffusers folder, or a Hugging Face repo id")
+    high_noise: str | None = Field(default=None, description="ComfyUI high-noise expert .safetensors")
+    low_noise: str | None = Field(default=None, description="ComfyUI low-noise expert .safetensors")
+    text_encoder: str | None = Field(default=None, description="ComfyUI UMT5-XXL .safetensors")
+    vae: str | None = Field(default=None, description="ComfyUI Wan 2.1 VAE .safetensors")
+    tokenizer: str | None = Field(default=None, description="tokenizer folder or repo id (if not in the TE file)")
+    revision: str | None = Field(default=None, description="Hugging Face revision when source is a repo id")
+    dtype: DType = Field(default="bf16", description="storage dtype of the frozen base weights")
+    text_encoder_dtype: DType = "bf16"
+    vae_dtype: DType = "fp32"
+
+    @model_validator(mode="after")
+    def _has_some_source(self) -> "ModelConfig":
+        if self.source is None and not (self.high_noise or self.low_noise):
+            raise ValueError(
+                "no model given: set model.source to 'tiny', a diffusers folder or a repo id, "
+                "or give ComfyUI files in model.high_noise / model.low_noise"
+            )
+        return self
+
+
+class LoraConfig(_Strict):
+    """The trainable adapter, one per expert."""
+
+    rank: int = Field(default=16, description="LoRA rank (linear dim)")
+    alpha: float | None = Field(default=None, description="LoRA alpha; scale = alpha / rank; default = rank")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"rank must be a positive integer (typical: 16 or 32), got {v}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"alpha must be positive (or omitted to use the rank), got {v}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("target_modules is empty: list at least one of " + ", ".join(DEFAULT_LORA_TARGETS))
+        unknown = [t for t in v if t not in DEFAULT_LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {unknown}; valid: {', '.join(DEFAULT_LORA_TARGETS)}")
+        return list(dict.fromkeys(v))
+
+    @property
+    def effective_alpha(self) -> float:
+        """Alpha actually used (defaults to the rank, i.e. scale 1)."""
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class MultiStageConfig(_Strict):
+    """Which experts train, how often training switches between them, and where the boundary lies."""
+
+    train_high_noise: bool = True
+    train_low_noise: bool = True
+    switch_every: int = Field(default=10, description="optimizer steps before switching expert (1 = alternate)")
+    boundary: float = Field(default=0.875, description="t >= boundary*1000 goes to the high-noise expert")
+
+    @field_validator("switch_every")
+    @classmethod
+    def _switch_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"switch_every must be >= 1 (1 alternates every step), got {v}")
+        return v
+
+    @field_validator("boundary")
+    @classmethod
+    def _boundary_open_unit(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"boundary must lie strictly between 0 and 1 (Wan 2.2 T2V uses 0.875), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_stage_on(self) -> "MultiStageConfig":
+        if not (self.train_high_noise or self.train_low_noise):
+            raise ValueError("train_high_noise and train_low_noise are both off: enable at least one expert")
+        return self
+
+    @property
+    def stages(self) -> list[str]:
+        """Active stages in training order."""
+        return [s for s, on in (("high", self.train_high_noise), ("low", self.train_low_noise)) if on]
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer and learning-rate schedule (one optimizer state per expert)."""
+
+    name: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables gradient clipping")
+
+
+class TrainConfig(_Strict):
+    """The training run itself."""
+
+    steps: int = Field(default=2000, ge=1, description="total optimizer steps (shared by both experts)")
+    batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = True
+    timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = "linear"
+    timestep_shift: float = Field(default=5.0, gt=0, description="shift s for timestep_type=shift")
+    timestep_bias: Literal["balanced", "high_noise", "low_noise"] = "balanced"
+    compute_dtype: DType = Field(default="bf16", description="autocast dtype on GPU (CPU always computes fp32)")
+    seed: int = 42
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    log_every: int = Field(default=1, ge=1)
+
+
+class SaveConfig(_Strict):
+    """Where and how LoRAs and training states are written."""
+
+    output_dir: str = "output"
+    save_every: int = Field(default=250, ge=0, description="0 saves only at the end")
+    keep_last: int = Field(default=4, ge=0, description="checkpoints to keep; 0 keeps all")
+    dtype: DType = "bf16"
+    save_training_state: bool = True
+
+
+class DatasetConfig(_Strict):
+    """One folder of clips/images with captions."""
+
+    folder: str
+    caption_ext: str = "txt"
+    default_caption: str = ""
+    num_frames: int = 33
+    frame_sampling: Literal["uniform", "fps"] = "uniform"
+    fps: float = Field(default=16.0, gt=0, description="model frame rate for frame_sampling=fps")
+    window_start: Literal["random", "start"] = "random"
+    short_clip: Literal["pad", "skip"] = "pad"
+    resolutions: list[int] = Field(default_factory=lambda: [512])
+    weight: float = Field(default=1.0, gt=0)
+    repeats: int = Field(default=1, ge=1)
+    caption_dropout: float = Field(default=0.05, ge=0.0, le=1.0)
+    prepend_trigger: bool = False
+    flip_x: bool = False
+    flip_y: bool = False
+    is_regularization: bool = False
+    cache_latents: bool = False
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_n_plus_one(cls, v: int) -> int:
+        if v < 1 or (v - 1) % 4:
+            lo = max(1, ((v - 1) // 4) * 4 + 1)
+            hi = lo + 4
+            raise ValueError(f"num_frames must be 4n+1 (1, 9, 17, 33, 41, 81 ...); {v} is not - use {lo} or {hi}")
+        return v
+
+    @field_validator("resolutions")
+    @classmethod
+    def _res_ok(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("resolutions is empty: give at least one, e.g. [512]")
+        bad = [r for r in v if r < 16 or r % 16]
+        if bad:
+            raise ValueError(f"resolutions must be multiples of 16 and >= 16, got {bad}")
+        return sorted(set(v))
+
+
+class JobConfig(_Strict):
+    """A complete training job."""
+
+    name: str = "wan22_lora"
+    trigger_word: str | None = None
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    multistage: MultiStageConfig = Field(default_factory=MultiStageConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    save: SaveConfig = Field(default_factory=SaveConfig)
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+    resume: str | None = Field(default=None, description="training-state file/folder, or 'latest' in output_dir")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"name {v!r} must be letters, digits, '_', '-' or '.' (it becomes part of file names)")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder holding this job's LoRAs, training states and logs."""
+        return Path(self.save.output_dir) / self.name
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "<root>"
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """Turn pydantic's error list into one message naming each bad setting and what to do."""
+    lines = []
+    for err in exc.errors():
+        where = _loc(err)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown setting '{where}' - remove it or check its spelling")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: required setting '{where}' is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: '{where}': {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def job_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
+    """Validate a plain dict as a :class:`JobConfig`, raising :class:`ConfigError` with readable messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file into a dict with a clear error for missing/invalid files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist - check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty")
+    return data
