@@ -1,0 +1,113 @@
+"""Headless entry point: ``python -m trainer_core train CONFIG.yaml`` and ``python -m trainer_core demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .config import JobConfig, job_from_dict, load_yaml
+from .errors import TrainerError
+
+
+def load_job(path: str | Path) -> tuple[JobConfig, list[str]]:
+    """Read a job YAML (this trainer's schema or ai-toolkit's Wan 2.2 job shape) into a validated JobConfig.
+
+    Returns the config and the warnings about ai-toolkit keys that were not applied.
+    """
+    from .aitoolkit import from_aitoolkit, is_aitoolkit_config
+
+    data = load_yaml(path)
+    if is_aitoolkit_config(data):
+        mapped, notes = from_aitoolkit(data)
+        return job_from_dict(mapped, source=str(path)), notes
+    return job_from_dict(data, source=str(path)), []
+
+
+def demo_config(output_dir: str | Path, steps: int = 40) -> dict[str, Any]:
+    """The demo job: tiny preset, synthetic clips, both experts alternating every 5 steps."""
+    out = Path(output_dir)
+    return {
+        "name": "demo",
+        "trigger_word": "sqz",
+        "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
+        "lora": {"rank": 8},
+        "multistage": {"switch_every": 5},
+        "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
+        "train": {
+            "steps": steps,
+            "batch_size": 2,
+            "gradient_checkpointing": False,
+            "compute_dtype": "fp32",
+            "device": "cpu",
+            "seed": 7,
+        },
+        "save": {"output_dir": str(out), "save_every": max(steps // 2, 1), "keep_last": 2, "dtype": "bf16"},
+        "datasets": [
+            {
+                "folder": str(out / "demo_clips"),
+                "num_frames": 9,
+                "resolutions": [64],
+                "caption_dropout": 0.0,
+            }
+        ],
+    }
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import losses_summary, run_training
+
+    cfg, notes = load_job(args.config)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.resume:
+        cfg.resume = args.resume
+    result = run_training(cfg)
+    print(losses_summary(result.losses))
+    for expert, path in result.lora_files.items():
+        print(f"{expert}-noise LoRA: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .data.synthetic import make_synthetic_dataset
+    from .train.loop import losses_summary, run_training
+
+    cfg = job_from_dict(demo_config(args.output, args.steps), source="demo")
+    make_synthetic_dataset(cfg.datasets[0].folder, n_clips=8, num_frames=9, size=(64, 64), seed=0)
+    t0 = time.perf_counter()
+    result = run_training(cfg)
+    print(f"\ntrained {result.step} steps in {time.perf_counter() - t0:.1f} s; mean loss per expert:")
+    print(losses_summary(result.losses))
+    for expert, path in result.lora_files.items():
+        print(f"{expert}-noise LoRA: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train from a YAML job file (this trainer's schema or ai-toolkit's)")
+    p_train.add_argument("config", help="path to the job YAML")
+    p_train.add_argument("--resume", help="training-state file, run folder, or 'latest'")
+    p_train.set_defaults(func=_cmd_train)
+    p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (about a minute on 2 CPU cores)")
+    p_demo.add_argument("--output", default="output", help="output folder (default: ./output)")
+    p_demo.add_argument("--steps", type=int, default=40)
+    p_demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; trainer errors print one clear message and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    try:
+        return args.func(args)
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,345 @@
+"""The training loop: both Wan 2.2 experts, one LoRA each, multi-stage switching, flow matching.
+
+Reads top to bottom: set up -> (resume) -> for each optimizer step: pick the active expert, accumulate micro-batches,
+step its optimizer, log, save. Every random draw of a step comes from a generator seeded by (seed, step, micro-batch)
+and the data order from (seed, epoch), so a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import JobConfig
+from ..data import VideoDataset, build_dataset, collate
+from ..errors import ConfigError, TrainingDiverged
+from ..fileio import atomic_write
+from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora
+from ..models import WanComponents, load_components
+from ..models.text import encode_prompts
+from ..models.vae import encode_video
+from ..schedule import active_expert, expert_step_counts, loss_weights, sample_sigmas
+from .checkpoints import prune_checkpoints, resolve_resume, state_file_name
+from .experts import EXPERT_SUFFIX, Expert, prepare_expert
+from .losses import flow_matching_loss, noisy_latents, velocity_target
+from .state_io import load_state, save_state
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class StepInfo:
+    """What one finished optimizer step reports to progress displays."""
+
+    step: int
+    total_steps: int
+    expert: str
+    loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """Where a run left its files, and its loss history as (step, expert, loss)."""
+
+    run_dir: Path
+    step: int
+    lora_files: dict[str, Path] = field(default_factory=dict)
+    state_file: Path | None = None
+    losses: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    """Mutable loop position; everything needed (besides weights/optimizers) to resume exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_pos: int = 0
+    losses: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """'auto' -> first CUDA device if present, else CPU; otherwise the named device."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {setting!r} but no CUDA GPU is visible - use 'auto' or 'cpu'")
+    return device
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """A CPU generator private to one micro-batch of one step (makes resume exact by construction)."""
+    derived = int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device="cpu").manual_seed(derived)
+
+
+def encode_captions(components: WanComponents, captions: set[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Encode every distinct caption once (on ``device``), keep the results on the CPU, then free the encoder."""
+    te = components.text_encoder
+    if te is None or components.tokenizer is None:
+        raise ConfigError("the text encoder and tokenizer are needed to encode captions but were not loaded")
+    te.to(device)
+    ordered = sorted(captions)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, len(ordered), 8):
+            chunk = ordered[i : i + 8]
+            emb = encode_prompts(te, components.tokenizer, chunk, device=device)
+            out.update({c: e.cpu() for c, e in zip(chunk, emb)})
+    components.text_encoder = None
+    del te
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _lora_metadata(cfg: JobConfig, components: WanComponents, step: int, expert: str) -> dict[str, str]:
+    return {
+        "training_config": cfg.model_dump_json(),
+        "step": str(step),
+        "trigger_word": cfg.trigger_word or "",
+        "base_model": components.base_model,
+        "expert": EXPERT_SUFFIX[expert],
+        "trainer": f"wan22-lora-trainer {__version__}",
+    }
+
+
+def _save_checkpoint(
+    cfg: JobConfig, components: WanComponents, experts: dict[str, Expert], prog: _Progress, run_dir: Path
+) -> tuple[dict[str, Path], Path | None]:
+    """Write the LoRA pair (ComfyUI naming) and, if enabled, the resumable training state at ``prog.step``."""
+    dtype = _DTYPES[cfg.save.dtype]
+    files = {}
+    for name, ex in experts.items():
+        path = run_dir / lora_file_name(cfg.name, prog.step, EXPERT_SUFFIX[name].split("_")[0])
+        files[name] = save_lora(path, ex.model, cfg.lora, dtype, _lora_metadata(cfg, components, prog.step, name))
+    state_path = None
+    if cfg.save.save_training_state:
+        state: dict[str, Any] = {
+            "progress": {"step": prog.step, "epoch": prog.epoch, "batch_pos": prog.batch_pos},
+            "losses": [list(x) for x in prog.losses],
+            "experts": {n: ex.state_dict() for n, ex in experts.items()},
+            "lora": {n: lora_state_dict_comfy(ex.model, cfg.lora, torch.float32) for n, ex in experts.items()},
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        meta = {"training_config": cfg.model_dump_json(), "step": str(prog.step)}
+        state_path = save_state(run_dir / state_file_name(prog.step), state, meta)
+    _write_loss_log(run_dir, prog.losses)
+    prune_checkpoints(run_dir, cfg.name, cfg.save.keep_last)
+    return files, state_path
+
+
+def _write_loss_log(run_dir: Path, losses: list[tuple[int, str, float]]) -> None:
+    lines = ["step,expert,loss"] + [f"{s},{e},{loss:.8g}" for s, e, loss in losses]
+    atomic_write(run_dir / "losses.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def check_resume_compatible(path: Path, cfg: JobConfig) -> None:
+    """Refuse a training state made with other LoRA or multi-stage settings (reads metadata only, before loading)."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if "state_skeleton" not in meta:
+        raise ConfigError(f"resume: {path} is not a training-state file of this trainer - point at training_state_*")
+    saved = json.loads(meta.get("training_config", "{}"))
+    for key in ("lora", "multistage"):
+        current = json.loads(getattr(cfg, key).model_dump_json())
+        if saved.get(key) != current:
+            raise ConfigError(
+                f"resume: {path} was trained with {key} = {saved.get(key)}, but this config has {current} - "
+                f"resume with the original {key} settings (or start a new run without 'resume')"
+            )
+
+
+def _resume(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> _Progress:
+    """Restore LoRAs, optimizers, schedules, RNG and data position from a training-state file."""
+    state, _ = load_state(path)
+    for name, ex in experts.items():
+        load_lora_state(ex.model, state["lora"][name], cfg.lora)
+        ex.load_state_dict(state["experts"][name])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    p = state["progress"]
+    return _Progress(
+        step=int(p["step"]),
+        epoch=int(p["epoch"]),
+        batch_pos=int(p["batch_pos"]),
+        losses=[(int(s), str(e), float(v)) for s, e, v in state["losses"]],
+    )
+
+
+class _BatchStream:
+    """Walks the dataset's per-epoch batch lists from a saved (epoch, position)."""
+
+    def __init__(self, dataset: VideoDataset, batch_size: int, prog: _Progress):
+        self.dataset, self.batch_size, self.prog = dataset, batch_size, prog
+        self._epoch_batches: list[list[int]] = dataset.batches(prog.epoch, batch_size)
+
+    def next(self) -> dict[str, Any]:
+        if self.prog.batch_pos >= len(self._epoch_batches):
+            self.prog.epoch += 1
+            self.prog.batch_pos = 0
+            self._epoch_batches = self.dataset.batches(self.prog.epoch, self.batch_size)
+        indices = self._epoch_batches[self.prog.batch_pos]
+        self.prog.batch_pos += 1
+        return collate([self.dataset.load(i, self.prog.epoch) for i in indices])
+
+
+def run_training(
+    cfg: JobConfig,
+    *,
+    components: WanComponents | None = None,
+    dataset: VideoDataset | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    progress_bar: bool = True,
+) -> TrainResult:
+    """Train the configured experts' LoRAs and write them (and resumable states) into ``cfg.run_dir``.
+
+    ``on_step`` is called after each optimizer step; an exception raised there (e.g. a user interrupt) stops
+    training after writing a resumable state for the last completed step.
+    """
+    device = resolve_device(cfg.train.device)
+    stages = cfg.multistage.stages
+    run_dir = cfg.run_dir
+    resume_path = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+    if resume_path is not None:
+        check_resume_compatible(resume_path, cfg)
+    if not cfg.datasets and dataset is None:
+        raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
+
+    # --- set-up: data first (cheap, catches bad folders before models load), then models ---
+    dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed)
+    components = components or load_components(cfg.model, high="high" in stages, low="low" in stages)
+    torch.manual_seed(cfg.train.seed)
+    embeddings = encode_captions(components, dataset.captions(), device)
+    vae = components.vae.to(device).eval()
+    counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
+    models = {"high": components.high, "low": components.low}
+    experts = {n: prepare_expert(n, models[n], cfg, counts[n], device) for n in stages}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
+
+    prog = _resume(resume_path, cfg, experts) if resume_path else _Progress()
+    stream = _BatchStream(dataset, cfg.train.batch_size, prog)
+    autocast_dtype = _DTYPES[cfg.train.compute_dtype]
+    use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
+    result = TrainResult(run_dir=run_dir, step=prog.step)
+    bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not progress_bar, dynamic_ncols=True)
+    saved_step = prog.step if resume_path else -1
+    start_pos, mid_step = (prog.epoch, prog.batch_pos), False
+
+    try:
+        while prog.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            start_pos, mid_step = (prog.epoch, prog.batch_pos), True
+            name = active_expert(prog.step, stages, cfg.multistage.switch_every)
+            ex = experts[name]
+            step_loss = 0.0
+            for micro in range(cfg.train.gradient_accumulation):
+                batch = stream.next()
+                gen = step_generator(cfg.train.seed, prog.step, micro)
+                with torch.no_grad():
+                    x0 = encode_video(vae, batch["pixels"].to(device, vae.dtype)).float()
+                sigmas = sample_sigmas(
+                    x0.shape[0],
+                    expert=name,
+                    boundary=cfg.multistage.boundary,
+                    timestep_type=cfg.train.timestep_type,
+                    timestep_bias=cfg.train.timestep_bias,
+                    shift=cfg.train.timestep_shift,
+                    generator=gen,
+                )
+                noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
+                sigmas = sigmas.to(device)
+                x_t = noisy_latents(x0, noise, sigmas)
+                text = torch.stack([embeddings[c] for c in batch["captions"]]).to(device)
+                model_dtype = next(ex.model.parameters()).dtype
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                    pred = ex.model(
+                        hidden_states=x_t.to(model_dtype),
+                        timestep=sigmas * 1000.0,
+                        encoder_hidden_states=text.to(model_dtype),
+                        return_dict=False,
+                    )[0]
+                weights = loss_weights(sigmas, cfg.train.timestep_type)
+                loss = flow_matching_loss(pred, velocity_target(x0, noise), weights)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {prog.step} ({name}-noise expert); no checkpoint was "
+                        "written for it and earlier ones are intact - lower optimizer.lr (e.g. 5e-5) or resume "
+                        "from the last good training state"
+                    )
+                (loss / cfg.train.gradient_accumulation).backward()
+                step_loss += loss.item() / cfg.train.gradient_accumulation
+
+            if cfg.optimizer.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in ex.model.parameters() if p.requires_grad], cfg.optimizer.max_grad_norm
+                )
+            ex.optimizer.step()
+            ex.scheduler.step()
+            ex.optimizer.zero_grad(set_to_none=True)
+            ex.steps_done += 1
+            prog.step += 1
+            prog.losses.append((prog.step, name, step_loss))
+            mid_step = False
+
+            dt = time.perf_counter() - t0
+            lr = ex.scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(expert=name, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{dt:.2f}")
+            periodic = cfg.save.save_every and prog.step % cfg.save.save_every == 0
+            if periodic or prog.step == cfg.train.steps:
+                result.lora_files, result.state_file = _save_checkpoint(cfg, components, experts, prog, run_dir)
+                saved_step = prog.step
+            if on_step is not None:
+                on_step(StepInfo(prog.step, cfg.train.steps, name, step_loss, lr, dt))
+    except TrainingDiverged:
+        bar.close()
+        raise
+    except BaseException:
+        # Interrupted (Ctrl-C, a UI cancel raised from on_step, an error): keep a resumable state of the last
+        # completed step, unless that step was just saved.
+        bar.close()
+        if mid_step:  # the half-accumulated step is discarded; its batches will be drawn again on resume
+            prog.epoch, prog.batch_pos = start_pos
+        if prog.step > 0 and prog.step != saved_step and cfg.save.save_training_state:
+            _save_checkpoint(cfg, components, experts, prog, run_dir)
+        raise
+    bar.close()
+    result.step = prog.step
+    result.losses = list(prog.losses)
+    return result
+
+
+def losses_summary(losses: list[tuple[int, str, float]], buckets: int = 10) -> str:
+    """A small text table of mean loss per expert over ``buckets`` equal step ranges (for the CLI)."""
+    if not losses:
+        return "(no steps)"
+    last = max(s for s, _, _ in losses)
+    width = max(1, math.ceil(last / buckets))
+    lines = [f"{'steps':>13}  {'high':>8}  {'low':>8}"]
+    for b in range(math.ceil(last / width)):
+        lo, hi = b * width + 1, (b + 1) * width
+        row = []
+        for expert in ("high", "low"):
+            vals = [v for s, e, v in losses if e == expert and lo <= s <= hi]
+            row.append(f"{sum(vals) / len(vals):8.4f}" if vals else f"{'-':>8}")
+        lines.append(f"{lo:>6}-{hi:<6}  {row[0]}  {row[1]}")
+    return "\n".join(lines)
