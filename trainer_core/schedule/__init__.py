@@ -1,1 +1,15 @@
-"""schedule package."""
+"""Timestep sampling per expert (sigma space) and expert routing / alternation."""
+
+from .routing import active_expert, expert_for_timestep, expert_step_counts, high_noise_mask
+from .timesteps import expert_sigma_range, loss_weights, sample_sigmas, timestep_cdf
+
+__all__ = [
+    "active_expert",
+    "expert_for_timestep",
+    "expert_step_counts",
+    "high_noise_mask",
+    "expert_sigma_range",
+    "loss_weights",
+    "sample_sigmas",
+    "timestep_cdf",
+]

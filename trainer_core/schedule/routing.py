@@ -1,0 +1,52 @@
+"""Which expert handles a timestep, and which expert trains at a given optimizer step.
+
+Routing follows Wan 2.2 (and diffusers' ``WanPipeline``): ``t ≥ boundary·1000`` goes to the high-noise expert,
+everything below to the low-noise expert. Training alternates experts in blocks of ``switch_every`` optimizer
+steps, high first, so with both experts on each gets an equal share (up to one partial block).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+_STAGES = ("high", "low")
+
+
+def expert_for_timestep(t: float, boundary: float) -> str:
+    """``"high"`` if ``t ≥ boundary·1000`` else ``"low"`` (t on the 0-1000 scale)."""
+    return "high" if t >= boundary * 1000.0 else "low"
+
+
+def high_noise_mask(t: torch.Tensor, boundary: float) -> torch.Tensor:
+    """Vectorised :func:`expert_for_timestep`: True where the high-noise expert handles ``t``."""
+    return t >= boundary * 1000.0
+
+
+def _check_stages(stages: list[str], switch_every: int) -> None:
+    if not stages or len(set(stages)) != len(stages) or any(s not in _STAGES for s in stages):
+        raise ConfigError(f"stages must be a non-empty list of distinct 'high'/'low', got {stages!r}")
+    if switch_every < 1:
+        raise ConfigError(f"multistage.switch_every must be >= 1 (1 alternates every step), got {switch_every}")
+
+
+def active_expert(step: int, stages: list[str], switch_every: int) -> str:
+    """Expert trained at 0-based optimizer step ``step``: ``stages[(step // switch_every) % len(stages)]``."""
+    _check_stages(stages, switch_every)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return stages[(step // switch_every) % len(stages)]
+
+
+def expert_step_counts(total_steps: int, stages: list[str], switch_every: int) -> dict[str, int]:
+    """How many of the optimizer steps ``0 .. total_steps-1`` each stage gets (every stage listed, maybe 0)."""
+    _check_stages(stages, switch_every)
+    if total_steps < 0:
+        raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+    blocks, rest = divmod(total_steps, switch_every)
+    full_rounds, extra_blocks = divmod(blocks, len(stages))
+    return {
+        stage: switch_every * (full_rounds + (i < extra_blocks)) + (rest if i == extra_blocks else 0)
+        for i, stage in enumerate(stages)
+    }
