@@ -197,6 +197,15 @@ class DatasetConfig(_Strict):
     is_regularization: bool = False
     cache_latents: bool = False
 
+    @field_validator("caption_ext")
+    @classmethod
+    def _caption_ext_ok(cls, v: str) -> str:
+        ext = v.strip().removeprefix(".")
+        media = {"mp4", "webm", "mov", "mkv", "gif", "png", "jpg", "jpeg", "webp"}
+        if not ext or any(c in ext for c in "/\\") or ext.lower() in media:
+            raise ValueError(f"caption_ext must be a text file extension such as 'txt' or 'caption', got {v!r}")
+        return ext
+
     @field_validator("num_frames")
     @classmethod
     def _four_n_plus_one(cls, v: int) -> int:
