@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; trainer errors print one clear message and exit with status 2."""
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*kernels.*")
+    # bitsandbytes logs a warning about an optional CPU kernel package at import; it changes nothing here.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except TrainerError as exc:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import JobConfig
-from ..data import VideoDataset, build_dataset, collate
+from ..data import LatentCache, VideoDataset, build_dataset
 from ..errors import ConfigError, TrainingDiverged
 from ..fileio import atomic_write
 from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora
@@ -185,20 +185,21 @@ def _resume(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> _Progress
 
 
 class _BatchStream:
-    """Walks the dataset's per-epoch batch lists from a saved (epoch, position)."""
+    """Walks the dataset's per-epoch batch lists (of sample ids) from a saved (epoch, position)."""
 
     def __init__(self, dataset: VideoDataset, batch_size: int, prog: _Progress):
         self.dataset, self.batch_size, self.prog = dataset, batch_size, prog
         self._epoch_batches: list[list[int]] = dataset.batches(prog.epoch, batch_size)
 
-    def next(self) -> dict[str, Any]:
+    def next(self) -> tuple[list[int], int]:
+        """The next batch's sample ids and the epoch they belong to."""
         if self.prog.batch_pos >= len(self._epoch_batches):
             self.prog.epoch += 1
             self.prog.batch_pos = 0
             self._epoch_batches = self.dataset.batches(self.prog.epoch, self.batch_size)
-        indices = self._epoch_batches[self.prog.batch_pos]
+        ids = self._epoch_batches[self.prog.batch_pos]
         self.prog.batch_pos += 1
-        return collate([self.dataset.load(i, self.prog.epoch) for i in indices])
+        return ids, self.prog.epoch
 
 
 def run_training(
@@ -229,6 +230,11 @@ def run_training(
     torch.manual_seed(cfg.train.seed)
     embeddings = encode_captions(components, dataset.captions(), device)
     vae = components.vae.to(device).eval()
+    latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return encode_video(vae, pixels.to(device, vae.dtype))
+
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
     models = {"high": components.high, "low": components.low}
     experts = {n: prepare_expert(n, models[n], cfg, counts[n], device) for n in stages}
@@ -252,10 +258,10 @@ def run_training(
             ex = experts[name]
             step_loss = 0.0
             for micro in range(cfg.train.gradient_accumulation):
-                batch = stream.next()
+                ids, epoch = stream.next()
                 gen = step_generator(cfg.train.seed, prog.step, micro)
-                with torch.no_grad():
-                    x0 = encode_video(vae, batch["pixels"].to(device, vae.dtype)).float()
+                x0 = latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
+                captions = [dataset.plan(i, epoch).caption for i in ids]
                 sigmas = sample_sigmas(
                     x0.shape[0],
                     expert=name,
@@ -268,7 +274,7 @@ def run_training(
                 noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
                 sigmas = sigmas.to(device)
                 x_t = noisy_latents(x0, noise, sigmas)
-                text = torch.stack([embeddings[c] for c in batch["captions"]]).to(device)
+                text = torch.stack([embeddings[c] for c in captions]).to(device)
                 model_dtype = next(ex.model.parameters()).dtype
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                     pred = ex.model(

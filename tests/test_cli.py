@@ -1,0 +1,73 @@
+"""The headless CLI as a user runs it: demo, train from our YAML and from ai-toolkit's job YAML, clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from trainer_core.cli import demo_config, main
+from trainer_core.data import make_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_as_a_module(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer_core", "demo", "--steps", "4", "--output", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "trained 4 steps" in out.stdout
+    for expert in ("high", "low"):
+        f = tmp_path / "demo" / f"demo_000004_{expert}_noise.safetensors"
+        with safe_open(str(f), "pt") as fh:
+            assert "diffusion_model.blocks.1.ffn.2.lora_up.weight" in fh.keys()
+
+
+def _clips(tmp_path: Path) -> Path:
+    return make_synthetic_dataset(tmp_path / "clips", n_clips=2, num_frames=5, size=(32, 32), seed=1)
+
+
+def test_train_from_our_yaml(tmp_path, capsys):
+    cfg = demo_config(tmp_path / "out", steps=2)
+    cfg["datasets"][0].update(folder=str(_clips(tmp_path)), num_frames=5, resolutions=[32])
+    cfg["multistage"] = {"train_high_noise": False, "switch_every": 1}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "low-noise LoRA" in printed and "high-noise LoRA" not in printed
+    assert (tmp_path / "out" / "demo" / "demo_000002_low_noise.safetensors").is_file()
+
+
+def test_train_from_aitoolkit_yaml_warns_by_name(tmp_path, capsys):
+    job = yaml.safe_load((ROOT / "tests/data/aitoolkit/train_lora_wan22_14b_24gb.yaml").read_text())
+    proc = job["config"]["process"][0]
+    proc["training_folder"] = str(tmp_path / "out")
+    proc["device"] = "cpu"
+    proc["model"]["name_or_path"] = "tiny"
+    proc["train"].update(steps=2, dtype="fp32", optimizer="adamw", gradient_checkpointing=False)
+    proc["datasets"][0].update(folder_path=str(_clips(tmp_path)), num_frames=5, resolution=[32])
+    path = tmp_path / "ait.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "config.process[0].model.low_vram is ignored" in err
+    assert "config.process[0].sample is ignored" in err
+    run = tmp_path / "out" / "my_first_wan22_14b_lora_v1"
+    assert (run / "my_first_wan22_14b_lora_v1_000002_high_noise.safetensors").is_file()
+
+
+def test_bad_config_exits_2_with_a_named_setting(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": {"source": "tiny"}, "multistage": {"boundary": 1.5}}))
+    assert main(["train", str(path)]) == 2
+    assert "multistage.boundary" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""End-to-end training on the tiny preset: learning, exact resume, NaN safety, saved files, early errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import trainer_core.train.loop as loop
+from trainer_core.config import job_from_dict
+from trainer_core.data import build_dataset, make_synthetic_dataset
+from trainer_core.errors import ConfigError, DatasetError, LoraFileError, TrainingDiverged
+from trainer_core.models import encode_video, load_components
+from trainer_core.schedule import sample_sigmas
+from trainer_core.train.losses import flow_matching_loss, noisy_latents, velocity_target
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    make_synthetic_dataset(folder, n_clips=4, num_frames=5, size=(32, 32), seed=0)
+    return folder
+
+
+def _cfg(tmp_path: Path, clips: Path, **over) -> dict:
+    cfg = {
+        "name": "t",
+        "trigger_word": "sqz",
+        "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
+        "lora": {"rank": 4, "alpha": 8},
+        "multistage": {"switch_every": 3},
+        "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
+        "train": {"steps": 12, "batch_size": 2, "gradient_checkpointing": False, "compute_dtype": "fp32",
+                  "device": "cpu", "seed": 3},
+        "save": {"output_dir": str(tmp_path / "out"), "save_every": 4, "keep_last": 0},
+        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.25}],
+    }
+    for section, values in over.items():
+        if isinstance(values, dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _eval_loss(components, dataset, expert: str) -> float:
+    """Loss of one expert on fixed samples, sigmas and noise (independent of the training RNG)."""
+    model = components.high if expert == "high" else components.low
+    gen = torch.Generator().manual_seed(1234)
+    from trainer_core.models import encode_prompts
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            s = dataset.load(i, 0)
+            x0 = encode_video(components.vae, s.pixels[None])
+            sig = sample_sigmas(4, expert=expert, boundary=0.875, timestep_type="linear",
+                                timestep_bias="balanced", shift=1.0, generator=gen)
+            x0 = x0.expand(4, *x0.shape[1:])
+            noise = torch.randn(x0.shape, generator=gen)
+            text = _EMB[s.caption].expand(4, -1, -1)
+            pred = model(noisy_latents(x0, noise, sig), sig * 1000, text, return_dict=False)[0]
+            total += flow_matching_loss(pred, velocity_target(x0, noise)).item()
+    return total / len(dataset)
+
+
+_EMB: dict[str, torch.Tensor] = {}
+
+
+def test_loss_falls_for_both_experts(tmp_path, clips):
+    raw = _cfg(tmp_path, clips, train={"steps": 30}, multistage={"switch_every": 5},
+               datasets=[{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.0}])
+    cfg = job_from_dict(raw)
+    components = load_components(cfg.model)
+    dataset = build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed)
+    from trainer_core.models import encode_prompts
+
+    caps = sorted(dataset.captions())
+    _EMB.update(dict(zip(caps, encode_prompts(components.text_encoder, components.tokenizer, caps)[:, None])))
+    before = {e: _eval_loss(components, dataset, e) for e in ("high", "low")}
+    result = loop.run_training(cfg, components=components, dataset=dataset, progress_bar=False)
+    after = {e: _eval_loss(components, dataset, e) for e in ("high", "low")}
+    for e in ("high", "low"):
+        assert after[e] < 0.9 * before[e], (e, before[e], after[e])
+    assert [x[1] for x in result.losses[:10]] == ["high"] * 5 + ["low"] * 5
+    assert set(result.lora_files) == {"high", "low"}
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, clips):
+    over = dict(train={"steps": 10, "gradient_accumulation": 2}, save={"save_every": 0, "keep_last": 0})
+    full = loop.run_training(job_from_dict(_cfg(tmp_path / "a", clips, **over)), progress_bar=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_7(info):
+        if info.step == 7:
+            raise Stop
+
+    cfg_b = job_from_dict(_cfg(tmp_path / "b", clips, **over))
+    with pytest.raises(Stop):
+        loop.run_training(cfg_b, on_step=stop_at_7, progress_bar=False)
+    run_b = cfg_b.run_dir
+    assert (run_b / "training_state_000007.safetensors").is_file()
+
+    resumed_cfg = job_from_dict({**_cfg(tmp_path / "b", clips, **over), "resume": "latest"})
+    resumed = loop.run_training(resumed_cfg, progress_bar=False)
+    assert resumed.losses == full.losses  # bitwise-equal floats, every step, both experts
+    for expert in ("high", "low"):
+        with safe_open(str(full.lora_files[expert]), "pt") as a, safe_open(str(resumed.lora_files[expert]), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            for k in a.keys():
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_nan_stops_training_and_keeps_good_checkpoints(tmp_path, clips, monkeypatch):
+    cfg = job_from_dict(_cfg(tmp_path, clips, train={"steps": 8}, save={"save_every": 2, "keep_last": 0}))
+    real = loop.flow_matching_loss
+    calls = {"n": 0}
+
+    def poisoned(pred, target, weights=None):
+        calls["n"] += 1
+        out = real(pred, target, weights)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(loop, "flow_matching_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 4"):
+        loop.run_training(cfg, progress_bar=False)
+    files = sorted(p.name for p in cfg.run_dir.glob("*.safetensors"))
+    assert files == ["t_000002_high_noise.safetensors", "t_000002_low_noise.safetensors",
+                     "t_000004_high_noise.safetensors", "t_000004_low_noise.safetensors",
+                     "training_state_000002.safetensors", "training_state_000004.safetensors"]
+    with safe_open(str(cfg.run_dir / "t_000004_low_noise.safetensors"), "pt") as fh:
+        assert all(torch.isfinite(fh.get_tensor(k)).all() for k in fh.keys())
+
+
+def test_saved_files_names_metadata_and_keep_last(tmp_path, clips):
+    cfg = job_from_dict(_cfg(tmp_path, clips, save={"save_every": 3, "keep_last": 2, "dtype": "fp16"},
+                             train={"steps": 9}))
+    result = loop.run_training(cfg, progress_bar=False)
+    names = sorted(p.name for p in cfg.run_dir.glob("*.safetensors"))
+    assert names == ["t_000006_high_noise.safetensors", "t_000006_low_noise.safetensors",
+                     "t_000009_high_noise.safetensors", "t_000009_low_noise.safetensors",
+                     "training_state_000006.safetensors", "training_state_000009.safetensors"]
+    with safe_open(str(result.lora_files["low"]), "pt") as fh:
+        meta = fh.metadata()
+        key = "diffusion_model.blocks.0.self_attn.q.lora_down.weight"
+        assert fh.get_tensor(key).dtype == torch.float16
+    assert meta["step"] == "9" and meta["trigger_word"] == "sqz" and meta["expert"] == "low_noise"
+    assert meta["base_model"] and '"rank":4' in meta["training_config"].replace(" ", "")
+    assert (cfg.run_dir / "losses.csv").read_text().count("\n") == 10
+
+
+def test_untrained_expert_is_never_loaded(tmp_path, clips, monkeypatch):
+    seen = {}
+    real = loop.load_components
+
+    def spy(model_cfg, **kw):
+        seen.update(kw)
+        return real(model_cfg, **kw)
+
+    monkeypatch.setattr(loop, "load_components", spy)
+    cfg = job_from_dict(_cfg(tmp_path, clips, multistage={"train_low_noise": False}, train={"steps": 2}))
+    result = loop.run_training(cfg, progress_bar=False)
+    assert seen["low"] is False and seen["high"] is True
+    assert set(result.lora_files) == {"high"}
+
+
+def test_bad_dataset_fails_before_models_load(tmp_path, clips, monkeypatch):
+    monkeypatch.setattr(loop, "load_components", lambda *a, **k: pytest.fail("models loaded before data check"))
+    raw = _cfg(tmp_path, clips)
+    raw["datasets"][0]["folder"] = str(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="missing"):
+        loop.run_training(job_from_dict(raw), progress_bar=False)
+
+
+def test_resume_with_other_settings_or_foreign_lora_is_refused(tmp_path, clips):
+    cfg = job_from_dict(_cfg(tmp_path, clips, train={"steps": 2}, save={"save_every": 0}))
+    loop.run_training(cfg, progress_bar=False)
+    other_rank = _cfg(tmp_path, clips, lora={"rank": 8}, train={"steps": 4})
+    with pytest.raises(ConfigError, match="lora"):
+        loop.run_training(job_from_dict({**other_rank, "resume": "latest"}), progress_bar=False)
+
+    # A state whose LoRA tensors come from another architecture (wider model): refused by name.
+    state = cfg.run_dir / "training_state_000002.safetensors"
+    from trainer_core.train.state_io import load_state, save_state
+
+    data, meta = load_state(state)
+    for k, v in list(data["lora"]["high"].items()):
+        if k.endswith("lora_down.weight"):
+            data["lora"]["high"][k] = torch.zeros(v.shape[0], v.shape[1] * 2)
+    save_state(state, data, meta)
+    with pytest.raises(LoraFileError):
+        loop.run_training(job_from_dict({**_cfg(tmp_path, clips, train={"steps": 4}), "resume": str(state)}),
+                          progress_bar=False)
+    with pytest.raises(ConfigError, match="not a training-state file"):
+        not_state = tmp_path / "x.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({"a": torch.zeros(1)}, str(not_state))
+        loop.run_training(job_from_dict({**_cfg(tmp_path, clips), "resume": str(not_state)}), progress_bar=False)
