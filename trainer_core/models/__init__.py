@@ -1,1 +1,14 @@
-"""models package."""
+"""Model loading (tiny preset, diffusers folders, Hugging Face repos, ComfyUI single files), prompt and video coding."""
+
+from .loading import WanComponents, describe_base_model, load_components
+from .text import encode_prompts
+from .vae import decode_latents, encode_video
+
+__all__ = [
+    "WanComponents",
+    "decode_latents",
+    "describe_base_model",
+    "encode_prompts",
+    "encode_video",
+    "load_components",
+]

@@ -1,0 +1,270 @@
+"""Load the Wan 2.2 T2V A14B components from the sources a :class:`ModelConfig` names.
+
+``cfg.source`` ("tiny", a diffusers-layout folder or a Hugging Face repo id) supplies every component without an
+explicit ComfyUI file; ``cfg.high_noise`` / ``low_noise`` / ``text_encoder`` / ``vae`` override per component.
+Only requested components are read: an expert that is not trained is never opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import PreTrainedTokenizerBase, T5Tokenizer, UMT5EncoderModel
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from . import tiny
+from .single_file import (
+    cast_keeping_fp32,
+    frozen_eval,
+    load_text_encoder_file,
+    load_transformer_file,
+    load_vae_file,
+    tokenizer_from_sentencepiece,
+)
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: Subfolders of a diffusers Wan 2.2 folder (like Wan-AI/Wan2.2-T2V-A14B-Diffusers).
+SUBFOLDERS = {
+    "high": "transformer",
+    "low": "transformer_2",
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "tokenizer": "tokenizer",
+}
+_WHAT = {
+    "high": "high-noise expert",
+    "low": "low-noise expert",
+    "vae": "VAE",
+    "text_encoder": "text encoder",
+    "tokenizer": "tokenizer",
+}
+_FILE_SETTING = {"high": "high_noise", "low": "low_noise", "vae": "vae", "text_encoder": "text_encoder"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_ARCH_KEYS = (
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+)
+
+
+@dataclass
+class WanComponents:
+    """The loaded components (on CPU, eval mode, frozen); anything not requested is None.
+
+    ``base_model`` says where the experts' weights came from ('tiny', a folder, a repo id[@revision] or the
+    ComfyUI file names); it is written into LoRA metadata.
+    """
+
+    high: WanTransformer3DModel | None
+    low: WanTransformer3DModel | None
+    vae: AutoencoderKLWan | None
+    text_encoder: UMT5EncoderModel | None
+    tokenizer: PreTrainedTokenizerBase | None
+    base_model: str
+
+
+def _source_kind(source: str) -> str:
+    """'tiny', 'folder' or 'repo'; anything else is refused without touching the network."""
+    if source == "tiny":
+        return "tiny"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.exists():
+        raise ModelLoadError(
+            f"model.source: {source} is a file; model.source takes 'tiny', a diffusers folder or a repo id - "
+            "put ComfyUI .safetensors files in model.high_noise / model.low_noise / model.text_encoder / model.vae"
+        )
+    if _REPO_ID.match(source):
+        return "repo"
+    raise ModelLoadError(
+        f"model.source: folder {source} does not exist - check the path (model.source also accepts 'tiny' "
+        "or a Hugging Face repo id such as Wan-AI/Wan2.2-T2V-A14B-Diffusers)"
+    )
+
+
+def _source_label(cfg: ModelConfig) -> str:
+    if cfg.revision and _REPO_ID.match(cfg.source or "") and not Path(cfg.source).expanduser().exists():
+        return f"{cfg.source}@{cfg.revision}"
+    return str(cfg.source)
+
+
+def describe_base_model(cfg: ModelConfig) -> str:
+    """Short description of where the experts come from: the source, or the ComfyUI file names."""
+    origins = []
+    for file in (cfg.high_noise, cfg.low_noise):
+        if file:
+            origins.append(Path(file).name)
+        elif cfg.source:
+            origins.append(_source_label(cfg))
+    return " + ".join(dict.fromkeys(origins))
+
+
+def _require_source(cfg: ModelConfig, part: str) -> str:
+    if not cfg.source:
+        setting = _FILE_SETTING.get(part, "tokenizer")
+        raise ModelLoadError(
+            f"no {_WHAT[part]} given: set model.{setting} to a ComfyUI file, or model.source to 'tiny', "
+            "a diffusers Wan 2.2 folder or a repo id"
+        )
+    return _source_kind(cfg.source)
+
+
+def _from_source(cls, cfg: ModelConfig, part: str, **kwargs):
+    """``cls.from_pretrained`` on the source's subfolder: local folders never touch the network."""
+    subfolder = SUBFOLDERS[part]
+    if _source_kind(cfg.source) == "folder":
+        root = Path(cfg.source).expanduser()
+        if not (root / subfolder).is_dir():
+            raise ModelLoadError(
+                f"model.source: folder {root} has no {subfolder}/ subfolder (the {_WHAT[part]}); a diffusers Wan 2.2 "
+                "folder (like Wan-AI/Wan2.2-T2V-A14B-Diffusers) has transformer/, transformer_2/, vae/, "
+                f"text_encoder/ and tokenizer/ - complete it or set model.{_FILE_SETTING.get(part, 'tokenizer')}"
+            )
+        where, kwargs = str(root), {**kwargs, "local_files_only": True}
+    else:
+        where, kwargs = cfg.source, {**kwargs, "revision": cfg.revision}
+    try:
+        return cls.from_pretrained(where, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"model.source: could not load the {_WHAT[part]} from {_source_label(cfg)} ({subfolder}/): {exc}"
+        ) from None
+
+
+def _expert(cfg: ModelConfig, part: str) -> WanTransformer3DModel:
+    dtype = DTYPES[cfg.dtype]
+    file = getattr(cfg, _FILE_SETTING[part])
+    if file:
+        return load_transformer_file(file, dtype, setting=f"model.{_FILE_SETTING[part]}")
+    if _require_source(cfg, part) == "tiny":
+        return frozen_eval(cast_keeping_fp32(tiny.tiny_transformer(part), dtype))
+    return frozen_eval(_from_source(WanTransformer3DModel, cfg, part, torch_dtype=dtype))
+
+
+def _vae(cfg: ModelConfig) -> AutoencoderKLWan:
+    dtype = DTYPES[cfg.vae_dtype]
+    if cfg.vae:
+        return load_vae_file(cfg.vae, dtype)
+    if _require_source(cfg, "vae") == "tiny":
+        return frozen_eval(cast_keeping_fp32(tiny.tiny_vae(), dtype))
+    return frozen_eval(_from_source(AutoencoderKLWan, cfg, "vae", torch_dtype=dtype))
+
+
+# UMT5's tokenizer is T5's sentencepiece tokenizer. Naming the class (not AutoTokenizer) also avoids AutoTokenizer's
+# look-up of a model config.json, which tokenizer folders do not have and which fails offline.
+
+
+def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
+    """model.tokenizer: a tokenizer folder (or a diffusers root holding tokenizer/), a spiece .model, or a repo id."""
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            sub = "tokenizer" if (path / "tokenizer").is_dir() else ""
+            return T5Tokenizer.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+        if path.is_file():
+            return tokenizer_from_sentencepiece(path.read_bytes(), source=f"model.tokenizer: {path}")
+        if _REPO_ID.match(name):
+            return T5Tokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.tokenizer: could not load a tokenizer from {name}: {exc}") from None
+    raise ModelLoadError(
+        f"model.tokenizer: {name} does not exist - give a tokenizer folder, a spiece.model or a repo id"
+    )
+
+
+def _text_encoder(cfg: ModelConfig) -> tuple[UMT5EncoderModel, PreTrainedTokenizerBase]:
+    dtype = DTYPES[cfg.text_encoder_dtype]
+    if cfg.text_encoder:
+        model, spiece = load_text_encoder_file(cfg.text_encoder, dtype)
+        if cfg.tokenizer:
+            tokenizer = _tokenizer_setting(cfg.tokenizer)
+        elif spiece is not None:
+            tokenizer = tokenizer_from_sentencepiece(spiece, source=f"the spiece_model inside {cfg.text_encoder}")
+        elif cfg.source:
+            tokenizer = _source_tokenizer(cfg)
+        else:
+            raise ModelLoadError(
+                f"model.text_encoder: {cfg.text_encoder} carries no tokenizer (no 'spiece_model' tensor); set "
+                "model.tokenizer to a tokenizer folder or repo id (e.g. google/umt5-xxl), or model.source to a "
+                "diffusers Wan 2.2 folder"
+            )
+    elif _require_source(cfg, "text_encoder") == "tiny":
+        model = frozen_eval(cast_keeping_fp32(tiny.tiny_text_encoder(), dtype))
+        tokenizer = _tokenizer_setting(cfg.tokenizer) if cfg.tokenizer else tiny.tiny_tokenizer()
+    else:
+        model = frozen_eval(_from_source(UMT5EncoderModel, cfg, "text_encoder", dtype=dtype))
+        tokenizer = _tokenizer_setting(cfg.tokenizer) if cfg.tokenizer else _source_tokenizer(cfg)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ModelLoadError(
+            f"the tokenizer has {len(tokenizer)} tokens but the text encoder only {model.config.vocab_size} "
+            "embeddings: they belong to different models - use the UMT5-XXL tokenizer (model.tokenizer)"
+        )
+    return model, tokenizer
+
+
+def _source_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if _source_kind(cfg.source) == "tiny":
+        return tiny.tiny_tokenizer()
+    return _from_source(T5Tokenizer, cfg, "tokenizer")
+
+
+def _arch(model: WanTransformer3DModel) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in model.config.items() if k in _ARCH_KEYS}
+
+
+def _check_compatible(c: WanComponents) -> None:
+    if c.high is not None and c.low is not None and _arch(c.high) != _arch(c.low):
+        diff = {k: (v, _arch(c.low)[k]) for k, v in _arch(c.high).items() if _arch(c.low)[k] != v}
+        raise ModelLoadError(
+            f"the high- and low-noise experts have different architectures ({diff}, high vs low): they must be the "
+            "two experts of one Wan 2.2 T2V A14B model"
+        )
+    expert = c.high if c.high is not None else c.low
+    if expert is None:
+        return
+    if c.vae is not None and expert.config.in_channels != c.vae.config.z_dim:
+        raise ModelLoadError(
+            f"the experts take {expert.config.in_channels} latent channels but the VAE makes {c.vae.config.z_dim}: "
+            "Wan 2.2 T2V A14B pairs with the Wan 2.1 VAE (wan_2.1_vae.safetensors)"
+        )
+    if c.text_encoder is not None and expert.config.text_dim != c.text_encoder.config.d_model:
+        raise ModelLoadError(
+            f"the experts take {expert.config.text_dim}-wide text embeddings but the text encoder makes "
+            f"{c.text_encoder.config.d_model}: Wan 2.2 uses UMT5-XXL (umt5_xxl_fp16 / fp8_e4m3fn_scaled)"
+        )
+
+
+def load_components(
+    cfg: ModelConfig, *, high: bool = True, low: bool = True, vae: bool = True, text_encoder: bool = True
+) -> WanComponents:
+    """Load the requested components to CPU as frozen modules in eval mode.
+
+    Experts are stored in ``cfg.dtype``, the text encoder in ``cfg.text_encoder_dtype`` and the VAE in
+    ``cfg.vae_dtype``; modules the libraries keep in fp32 (the experts' rope, time_embedder, scale_shift_table and
+    norms) stay fp32 on every path. The tokenizer is loaded with the text encoder. Components not requested stay
+    None and their files are never opened. Raises :class:`ModelLoadError` for missing or wrong files and folders.
+    """
+    components = WanComponents(None, None, None, None, None, base_model=describe_base_model(cfg))
+    if high:
+        components.high = _expert(cfg, "high")
+    if low:
+        components.low = _expert(cfg, "low")
+    if vae:
+        components.vae = _vae(cfg)
+    if text_encoder:
+        components.text_encoder, components.tokenizer = _text_encoder(cfg)
+    _check_compatible(components)
+    return components

@@ -1,0 +1,475 @@
+"""Loading ComfyUI single-file checkpoints: Wan experts, the UMT5-XXL encoder and the Wan 2.1 VAE.
+
+The files use the original (non-diffusers) key names and come as fp16/bf16, plain fp8 or "fp8_scaled". Key names are
+converted with diffusers' own converters, every architecture setting is inferred from tensor shapes (no config folder,
+no network), and loading is strict: a file that does not fit the expected model is refused with a
+:class:`ModelLoadError` naming the file. Tensors are read and converted one at a time, so peak memory stays close
+to the finished model's size even for 14B experts.
+
+fp8_scaled layout (ComfyUI): ``<layer>.weight`` stored as float8 plus a per-layer scale, ``<layer>.scale_weight``
+(older files, with a ``scaled_fp8`` marker tensor) or ``<layer>.weight_scale`` (newer files, described by
+``_quantization_metadata`` / ``<layer>.comfy_quant``); real weight = fp8.float() * scale. Activation scales
+(``scale_input`` / ``input_scale``) only matter to fp8 matmuls at inference and are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
+from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from ..errors import ModelLoadError
+from ..keys import diffusers_key_to_original
+
+#: Key prefix ComfyUI puts in front of diffusion-model tensors in some files.
+DIFFUSION_MODEL_PREFIX = "model.diffusion_model."
+#: Key of the tensor holding the tokenizer's sentencepiece model bytes in ComfyUI's UMT5 files.
+SPIECE_KEY = "spiece_model"
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_SAFETENSORS_DTYPES = {"F8_E4M3", "F8_E5M2"}
+_QUANT_FORMATS = {"float8_e4m3fn", "float8_e5m2"}
+_WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+_QUANT_CONF_SUFFIX = ".comfy_quant"
+_SCALED_MARKER = "scaled_fp8"
+_HEAD_DIM = 128  # Wan attention heads are 128 channels wide at every model size
+
+
+# ----------------------------------------------------------------------------------------------- dtypes
+
+
+def fp32_kept_modules(model_cls: type, dtype: torch.dtype) -> frozenset[str]:
+    """Module names the library keeps in float32 when ``model_cls`` is loaded in ``dtype``.
+
+    diffusers keeps ``_keep_in_fp32_modules`` in fp32 for every reduced dtype; transformers does so only for fp16
+    (plus ``_keep_in_fp32_modules_strict`` for fp16 and bf16).
+    """
+    if dtype == torch.float32:
+        return frozenset()
+    if issubclass(model_cls, PreTrainedModel):
+        kept = set(getattr(model_cls, "_keep_in_fp32_modules_strict", None) or ())
+        if dtype == torch.float16:
+            kept |= set(model_cls._keep_in_fp32_modules or ())
+        return frozenset(kept)
+    return frozenset(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
+
+
+def tensor_dtype(name: str, kept: frozenset[str], dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of parameter/buffer ``name``: fp32 inside a kept module (diffusers' own matching rule)."""
+    return torch.float32 if any(part in kept for part in name.split(".")) else dtype
+
+
+def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating parameters and buffers to ``dtype`` in place, leaving the library's fp32-kept modules fp32."""
+    kept = fp32_kept_modules(type(model), dtype)
+    for module_name, module in model.named_modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                target = tensor_dtype(f"{module_name}.{name}", kept, dtype)
+                if t.dtype == target:
+                    continue
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = t.data.to(target)
+                else:
+                    tensors[name] = t.to(target)
+    return model
+
+
+def frozen_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """Base weights are never trained: eval mode and no gradients (LoRA layers add their own parameters)."""
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+class SingleFile:
+    """A ComfyUI ``.safetensors`` file with fp8 scales resolved; use as a context manager.
+
+    ``names`` maps each model tensor name (prefix stripped; scales, markers and quantization notes removed) to its
+    key in the file. :meth:`get` returns a tensor ready for conversion: fp8 weights come back dequantized in fp32.
+    Every consistency problem of the scales is refused when the file is opened, before any weight is read.
+    """
+
+    def __init__(self, path: str | Path, setting: str, prefix: str | None = None):
+        self.path = Path(path).expanduser()
+        self.setting = setting
+        self._prefix = prefix
+        if not self.path.is_file():
+            what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
+            raise ModelLoadError(f"{setting}: {self.path} {what} - give the path of a .safetensors file")
+
+    def __enter__(self) -> SingleFile:
+        try:
+            self._ctx = safe_open(str(self.path), framework="pt", device="cpu")
+            self._handle = self._ctx.__enter__()
+            metadata = self._handle.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{self.setting}: {self.path} is not a readable .safetensors file ({exc})") from None
+        try:
+            self._index(metadata)
+        except ModelLoadError:
+            self._ctx.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._ctx.__exit__(*exc_info)
+
+    def fail(self, message: str) -> ModelLoadError:
+        """A :class:`ModelLoadError` naming the setting and this file."""
+        return ModelLoadError(f"{self.setting}: {self.path.name} ({self.path}) {message}")
+
+    def _index(self, metadata: dict[str, str]) -> None:
+        self.names: dict[str, str] = {}
+        self._scales: dict[str, str] = {}
+        quant_formats: dict[str, str] = {}
+        marker = False
+        for key in self._handle.keys():
+            name = key
+            if self._prefix and key.startswith(self._prefix):
+                name = key[len(self._prefix) :]
+            if name == _SCALED_MARKER:
+                marker = True
+            elif name.endswith(_WEIGHT_SCALE_SUFFIXES):
+                weight = name.rsplit(".", 1)[0] + ".weight"
+                if weight in self._scales:
+                    raise self.fail(f"has two scales for {weight}; the file is damaged - download it again")
+                self._scales[weight] = key
+            elif name.endswith(_INPUT_SCALE_SUFFIXES):
+                continue
+            elif name.endswith(_QUANT_CONF_SUFFIX):
+                quant_formats[name] = self._quant_format(self._handle.get_tensor(key), name)
+            else:
+                self.names[name] = key
+        if "_quantization_metadata" in metadata:
+            try:
+                layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+            except (ValueError, AttributeError):
+                raise self.fail("has unreadable _quantization_metadata; the file is damaged") from None
+            for layer, conf in layers.items():
+                quant_formats[layer] = conf.get("format") if isinstance(conf, dict) else conf
+        unsupported = {f for f in quant_formats.values() if f not in _QUANT_FORMATS}
+        if unsupported:
+            raise self.fail(
+                f"is quantized as {sorted(map(str, unsupported))}; only fp16/bf16/fp32, fp8 and fp8_scaled "
+                "(float8_e4m3fn) files are supported - use the fp16 or fp8_scaled file of this model"
+            )
+        self._check_scales(scaled=marker or bool(self._scales) or bool(quant_formats))
+
+    @staticmethod
+    def _quant_format(t: torch.Tensor, name: str) -> str:
+        try:
+            conf = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return f"unreadable {name}"
+        return conf.get("format", "unknown") if isinstance(conf, dict) else str(conf)
+
+    def _check_scales(self, scaled: bool) -> None:
+        for weight, scale_key in self._scales.items():
+            if weight not in self.names:
+                raise self.fail(f"has a scale {scale_key} for a weight that is not in the file ({weight})")
+            if self.dtype_name(weight) not in _FP8_SAFETENSORS_DTYPES:
+                raise self.fail(
+                    f"has a scale {scale_key} for {weight}, which is stored as {self.dtype_name(weight)}, not fp8; "
+                    "the file is inconsistent - use an unmodified fp16 or fp8_scaled file"
+                )
+            w_shape = self.shape(weight)
+            s_shape = tuple(self._handle.get_slice(scale_key).get_shape())
+            if not _scale_fits(s_shape, w_shape):
+                raise self.fail(
+                    f"has scale {scale_key} of shape {list(s_shape)} that cannot scale {weight} of shape "
+                    f"{list(w_shape)} (expected one value or one per output row, shape [{w_shape[0]}, 1, ...])"
+                )
+        if scaled:
+            unscaled = [
+                n for n in self.names if self.dtype_name(n) in _FP8_SAFETENSORS_DTYPES and n not in self._scales
+            ]
+            if unscaled:
+                raise self.fail(
+                    f"is an fp8_scaled file but {len(unscaled)} fp8 tensor(s) have no scale (e.g. {unscaled[0]}); "
+                    "loading them unscaled would give wrong weights - use an unmodified file"
+                )
+
+    def dtype_name(self, name: str) -> str:
+        """safetensors dtype string (``BF16``, ``F8_E4M3`` ...) of tensor ``name``, without reading it."""
+        return self._handle.get_slice(self.names[name]).get_dtype()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name``, without reading it."""
+        return tuple(self._handle.get_slice(self.names[name]).get_shape())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of all model tensors."""
+        return {n: self.shape(n) for n in self.names}
+
+    def pop_bytes(self, name: str) -> bytes | None:
+        """Remove a uint8 side tensor (e.g. ``spiece_model``) from the model tensors and return its bytes."""
+        key = self.names.pop(name, None)
+        if key is None:
+            return None
+        return self._handle.get_tensor(key).to(torch.uint8).numpy().tobytes()
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``; fp8 weights are dequantized (fp8.float() * scale) to fp32."""
+        t = self._handle.get_tensor(self.names[name])
+        if name in self._scales:
+            scale = self._handle.get_tensor(self._scales[name]).float()
+            if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+                raise self.fail(f"has a non-positive or non-finite scale for {name}; the file is damaged")
+            return t.float() * (scale.reshape(()) if scale.numel() == 1 else scale)
+        return t.float() if t.dtype in _FP8_DTYPES else t
+
+
+def _scale_fits(scale: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    # One value, or a same-rank tensor broadcasting onto the weight (e.g. [out, 1] per row). A 1-D [out] scale on a
+    # matrix would broadcast along the wrong axis (silently, when the matrix is square), so it is not accepted.
+    if math.prod(scale) == 1:
+        return True
+    return len(scale) == len(weight) and all(s in (1, w) for s, w in zip(scale, weight, strict=True))
+
+
+def _check_keys(
+    f: SingleFile,
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, str],
+    what: str,
+    optional: Iterable[str] = (),
+    file_name_of=lambda k: k,
+) -> None:
+    """Refuse the file unless its tensors are exactly ``expected`` (model name -> shape).
+
+    ``found`` maps model names to the file's tensor names; ``optional`` names (tied weights) may be absent.
+    """
+    optional = set(optional)
+    missing = [k for k in expected if k not in found and k not in optional]
+    unexpected = [found[k] for k in found if k not in expected]
+    wrong = [
+        f"{found[k]} is {list(f.shape(found[k]))}, expected {list(expected[k])}"
+        for k in found
+        if k in expected and f.shape(found[k]) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing (e.g. {', '.join(file_name_of(k) for k in missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape (e.g. {'; '.join(wrong[:2])})")
+    raise f.fail(f"is not {what}: {'; '.join(problems)}")
+
+
+def _read_converted(
+    f: SingleFile, names: dict[str, str], model_cls: type, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Read each tensor once and convert it straight from the file's values to its storage dtype."""
+    kept = fp32_kept_modules(model_cls, dtype)
+    return {k: f.get(src).to(tensor_dtype(k, kept, dtype)) for k, src in names.items()}
+
+
+def _empty_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------- transformer
+
+
+def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """WanTransformer3DModel config from the shapes of an original-named Wan checkpoint (prefix stripped).
+
+    Raises ``KeyError`` naming a tensor every Wan transformer has when it is absent.
+    """
+    required = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight")
+    for key in (*required, "blocks.0.ffn.0.weight"):
+        if key not in shapes:
+            raise KeyError(key)
+    dim, in_channels, *patch = shapes["patch_embedding.weight"]
+    return {
+        "patch_size": tuple(patch),
+        "num_attention_heads": dim // _HEAD_DIM,
+        "attention_head_dim": _HEAD_DIM,
+        "in_channels": in_channels,
+        "out_channels": shapes["head.head.weight"][0] // math.prod(patch),
+        "text_dim": shapes["text_embedding.0.weight"][1],
+        "freq_dim": shapes["time_embedding.0.weight"][1],
+        "ffn_dim": shapes["blocks.0.ffn.0.weight"][0],
+        "num_layers": 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")),
+        "cross_attn_norm": "blocks.0.norm3.weight" in shapes,
+        "qk_norm": "rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    }
+
+
+def _original_name(diffusers_key: str) -> str:
+    try:
+        return diffusers_key_to_original(diffusers_key)
+    except KeyError:
+        return diffusers_key
+
+
+def load_transformer_file(path: str | Path, dtype: torch.dtype, setting: str) -> WanTransformer3DModel:
+    """Load a ComfyUI Wan 2.2 T2V expert file (fp16/bf16/fp32, fp8 or fp8_scaled) as a frozen WanTransformer3DModel.
+
+    Weights are stored in ``dtype`` except the modules diffusers keeps in fp32, which are converted from the file's
+    own values. ``setting`` (e.g. ``"model.high_noise"``) is named in errors.
+    """
+    with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
+        shapes = f.shapes()
+        expected_desc = (
+            "a Wan 2.2 T2V transformer (original Wan key names such as blocks.0.self_attn.q.weight, "
+            "as in wan2.2_t2v_high_noise_14B_fp16.safetensors)"
+        )
+        if "condition_embedder.time_embedder.linear_1.weight" in shapes:
+            raise f.fail(
+                "uses diffusers key names; load a diffusers model through model.source (the folder holding "
+                "transformer/ and transformer_2/) instead of as a single file"
+            )
+        if any(("motion_encoder" in k or "face_adapter" in k) for k in shapes):
+            raise f.fail(f"is a Wan Animate model, not {expected_desc}")
+        try:
+            config = infer_transformer_config(shapes)
+        except KeyError as exc:
+            raise f.fail(f"is not {expected_desc}: it has no tensor {exc}") from None
+        dim = shapes["patch_embedding.weight"][0]
+        if dim % _HEAD_DIM:
+            raise f.fail(f"is not {expected_desc}: its width {dim} is not a multiple of the {_HEAD_DIM}-wide heads")
+        if config["in_channels"] != config["out_channels"]:
+            raise f.fail(
+                f"is an image-to-video model ({config['in_channels']} input vs {config['out_channels']} output "
+                "channels); this trainer trains the text-to-video experts (wan2.2_t2v_high/low_noise_14B_*)"
+            )
+        # diffusers' converter only renames keys for T2V checkpoints, so feeding it the names themselves yields
+        # the name mapping (diffusers name -> file name) without reading any tensor.
+        names = convert_wan_transformer_to_diffusers({k: k for k in shapes})
+        with init_empty_weights():
+            model = WanTransformer3DModel(**config)
+        what = f"{expected_desc} with {config['num_layers']} layers of width {dim}"
+        _check_keys(f, _empty_state_shapes(model), names, what, file_name_of=_original_name)
+        model.load_state_dict(_read_converted(f, names, WanTransformer3DModel, dtype), strict=True, assign=True)
+    return frozen_eval(cast_keeping_fp32(model, dtype))
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+
+
+def load_vae_file(path: str | Path, dtype: torch.dtype, setting: str = "model.vae") -> AutoencoderKLWan:
+    """Load ComfyUI's ``wan_2.1_vae.safetensors`` (original Wan VAE key names) as a frozen AutoencoderKLWan."""
+    expected_desc = "the Wan 2.1 VAE (original key names such as encoder.conv1.weight, as in wan_2.1_vae.safetensors)"
+    with SingleFile(path, setting) as f:
+        shapes = f.shapes()
+        if "encoder.conv_in.weight" in shapes:
+            raise f.fail("uses diffusers key names; load a diffusers VAE through model.source instead")
+        for key in ("encoder.conv1.weight", "conv2.weight", "decoder.head.2.weight"):
+            if key not in shapes:
+                raise f.fail(f"is not {expected_desc}: it has no tensor '{key}'")
+        z_dim = shapes["conv2.weight"][0]
+        if z_dim != 16:
+            raise f.fail(
+                f"is a VAE with {z_dim} latent channels; Wan 2.2 T2V A14B uses the Wan 2.1 VAE with 16 "
+                "(the 48-channel one belongs to Wan 2.2 TI2V-5B) - use wan_2.1_vae.safetensors"
+            )
+        base_dim, in_channels = shapes["encoder.conv1.weight"][:2]
+        config = {
+            "base_dim": base_dim,
+            "z_dim": z_dim,
+            "in_channels": in_channels,
+            "out_channels": shapes["decoder.head.2.weight"][0],
+        }
+        names = convert_wan_vae_to_diffusers({k: k for k in shapes})
+        with init_empty_weights():
+            model = AutoencoderKLWan(**config)
+        _check_keys(f, _empty_state_shapes(model), names, f"{expected_desc} with base width {base_dim}")
+        model.load_state_dict(_read_converted(f, names, AutoencoderKLWan, dtype), strict=True, assign=True)
+    return frozen_eval(cast_keeping_fp32(model, dtype))
+
+
+# ----------------------------------------------------------------------------------------------- text encoder
+
+
+def infer_umt5_config(shapes: dict[str, tuple[int, ...]]) -> UMT5Config:
+    """UMT5Config of an encoder-only checkpoint in transformers' T5 naming, from tensor shapes.
+
+    Raises ``KeyError`` naming a tensor every UMT5 encoder has when it is absent.
+    """
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    for key in ("shared.weight", f"{attn}.q.weight", f"{attn}.relative_attention_bias.weight"):
+        if key not in shapes:
+            raise KeyError(key)
+    vocab_size, d_model = shapes["shared.weight"]
+    buckets, num_heads = shapes[f"{attn}.relative_attention_bias.weight"]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
+    wi = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")
+    if wi not in shapes:
+        raise KeyError(wi)
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=shapes[f"{attn}.q.weight"][0] // num_heads,
+        d_ff=shapes[wi][0],
+        num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.")),
+        num_heads=num_heads,
+        relative_attention_num_buckets=buckets,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
+def load_text_encoder_file(
+    path: str | Path, dtype: torch.dtype, setting: str = "model.text_encoder"
+) -> tuple[UMT5EncoderModel, bytes | None]:
+    """Load a ComfyUI ``umt5_xxl_*.safetensors`` (fp16/bf16 or fp8_e4m3fn_scaled) as a frozen UMT5EncoderModel.
+
+    Returns the model and the sentencepiece model bytes the file carries as ``spiece_model`` (None if absent).
+    """
+    expected_desc = "a UMT5 text encoder (T5 key names such as encoder.block.0.layer.0.SelfAttention.q.weight)"
+    with SingleFile(path, setting) as f:
+        spiece = f.pop_bytes(SPIECE_KEY)
+        shapes = f.shapes()
+        try:
+            config = infer_umt5_config(shapes)
+        except KeyError as exc:
+            raise f.fail(f"is not {expected_desc}: it has no tensor {exc}") from None
+        if (
+            config.num_layers > 1
+            and "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" not in shapes
+        ):
+            raise f.fail("is a T5 encoder (e.g. t5xxl), not UMT5; Wan uses umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled")
+        with init_empty_weights():
+            empty = UMT5EncoderModel(config)
+        what = f"{expected_desc} with {config.num_layers} layers of width {config.d_model}"
+        _check_keys(f, _empty_state_shapes(empty), {k: k for k in shapes}, what, optional=empty._tied_weights_keys)
+        state_dict = _read_converted(f, {k: k for k in shapes}, UMT5EncoderModel, dtype)
+    # transformers' own loader ties the embeddings and applies its fp32 rules; the keys were checked above.
+    model = UMT5EncoderModel.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    return frozen_eval(model), spiece
+
+
+def tokenizer_from_sentencepiece(model_bytes: bytes, source: str = "sentencepiece model") -> PreTrainedTokenizerBase:
+    """A T5 tokenizer (appends ``</s>``, pads with id 0) from sentencepiece model bytes.
+
+    No sentinel ``<extra_id_N>`` tokens are added, so text is tokenized exactly as sentencepiece (and ComfyUI) does.
+    """
+    try:
+        spm.SentencePieceProcessor(model_proto=model_bytes)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"{source} is not a valid sentencepiece model ({exc})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(model_bytes)
+        return T5Tokenizer.from_pretrained(tmp, extra_ids=0, local_files_only=True)

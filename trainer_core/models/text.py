@@ -1,0 +1,42 @@
+"""Prompt encoding with UMT5, exactly as diffusers' WanPipeline does it."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+#: Wan is trained with 512 text tokens.
+MAX_TEXT_TOKENS = 512
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder: UMT5EncoderModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_length: int = MAX_TEXT_TOKENS,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Text embeddings ``[B, max_length, dim]`` in the encoder's dtype, on ``device`` (default: the encoder's).
+
+    Prompts are cleaned (``prompt_clean``), tokenized with ``</s>`` and padded/truncated to ``max_length``; the
+    positions past each prompt's real length are zeroed, as in ``WanPipeline._get_t5_prompt_embeds``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    model_device = next(text_encoder.parameters()).device
+    inputs = tokenizer(
+        [prompt_clean(p) for p in prompts],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    mask = inputs.attention_mask.to(model_device)
+    hidden = text_encoder(inputs.input_ids.to(model_device), mask).last_hidden_state
+    real = torch.arange(max_length, device=model_device)[None, :] < mask.gt(0).sum(dim=1)[:, None]
+    hidden = torch.where(real[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=model_device))
+    return hidden.to(device or model_device)
