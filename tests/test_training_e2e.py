@@ -124,7 +124,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, clips):
 
 def test_nan_stops_training_and_keeps_good_checkpoints(tmp_path, clips, monkeypatch):
     cfg = job_from_dict(_cfg(tmp_path, clips, train={"steps": 8}, save={"save_every": 2, "keep_last": 0}))
-    real = loop.flow_matching_loss
+    import trainer_core.train.step as step
+
+    real = step.flow_matching_loss
     calls = {"n": 0}
 
     def poisoned(pred, target, weights=None):
@@ -132,7 +134,7 @@ def test_nan_stops_training_and_keeps_good_checkpoints(tmp_path, clips, monkeypa
         out = real(pred, target, weights)
         return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(loop, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(step, "flow_matching_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="step 4"):
         loop.run_training(cfg, progress_bar=False)
     files = sorted(p.name for p in cfg.run_dir.glob("*.safetensors"))

@@ -226,6 +226,76 @@ class DatasetConfig(_Strict):
         return sorted(set(v))
 
 
+#: Wan's standard negative prompt (``sample_neg_prompt`` in Wan 2.1/2.2's ``wan/configs/shared_config.py``).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+class SampleConfig(_Strict):
+    """Preview videos rendered with both experts (and their LoRAs). The expert boundary is
+    ``multistage.boundary``; defaults follow the official T2V recipe (40 steps, shift 12, guidance 4 / 3)."""
+
+    prompts: list[str] = Field(default_factory=list, description="one video per prompt; empty = no sampling")
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    width: int = 832
+    height: int = 480
+    num_frames: int = 33
+    steps: int = Field(default=40, ge=1, description="denoising steps (previews may use fewer)")
+    shift: float = Field(default=12.0, gt=0, description="flow shift of the sampling schedule")
+    sampler: Literal["euler", "unipc"] = "unipc"
+    guidance_high: float = Field(default=4.0, ge=1.0, description="CFG scale on the high-noise expert; 1 = off")
+    guidance_low: float = Field(default=3.0, ge=1.0, description="CFG scale on the low-noise expert; 1 = off")
+    seed: int = Field(default=42, ge=0, le=2**63 - 1)
+    walk_seeds: bool = Field(default=True, description="prompt i uses seed + i; off: every prompt uses seed")
+    lora_strength_high: float = Field(default=1.0, allow_inf_nan=False, description="0 = base model")
+    lora_strength_low: float = Field(default=1.0, allow_inf_nan=False, description="0 = base model")
+    fps: int = Field(default=16, ge=1, le=240, description="frame rate written into the video file")
+    format: Literal["mp4", "webm"] = Field(default="mp4", description="mp4 (H.264) or webm (VP9)")
+    vae_tiling: bool = Field(default=False, description="decode in spatial tiles (less memory, large sizes)")
+    sample_every: int = Field(default=0, ge=0, description="render every N optimizer steps; 0 = off")
+    sample_at_start: bool = Field(default=False, description="also render before the first step")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_blank(cls, v: list[str]) -> list[str]:
+        blank = [i for i, p in enumerate(v) if not p.strip()]
+        if blank:
+            raise ValueError(f"prompt(s) at index {blank} are blank - write a prompt or remove the entry")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v < 16 or v % 16:
+            lo = max(16, v // 16 * 16)
+            raise ValueError(f"must be a multiple of 16 (>= 16); {v} is not - use {lo} or {lo + 16}")
+        return v
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_four_n_plus_one(cls, v: int) -> int:
+        if v < 1 or (v - 1) % 4:
+            lo = max(1, ((v - 1) // 4) * 4 + 1)
+            raise ValueError(f"num_frames must be 4n+1 (1, 5, 9, ... 33, 81); {v} is not - use {lo} or {lo + 4}")
+        return v
+
+    @model_validator(mode="after")
+    def _prompts_when_scheduled(self) -> "SampleConfig":
+        if (self.sample_every or self.sample_at_start) and not self.prompts:
+            raise ValueError(
+                "sampling during training is on (sample_every / sample_at_start) but prompts is empty - "
+                "add sample prompts or set sample_every to 0 and sample_at_start to false"
+            )
+        return self
+
+    def seed_for(self, index: int) -> int:
+        """Seed of prompt ``index``: ``seed + index`` with ``walk_seeds``, else ``seed``."""
+        return self.seed + index if self.walk_seeds else self.seed
+
+
 class JobConfig(_Strict):
     """A complete training job."""
 
@@ -238,6 +308,7 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     datasets: list[DatasetConfig] = Field(default_factory=list)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
     resume: str | None = Field(default=None, description="training-state file/folder, or 'latest' in output_dir")
 
     @field_validator("name")

@@ -29,10 +29,10 @@ from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_
 from ..models import WanComponents, load_components
 from ..models.text import encode_prompts
 from ..models.vae import encode_video
-from ..schedule import active_expert, expert_step_counts, loss_weights, sample_sigmas
+from ..schedule import active_expert, expert_step_counts, sample_sigmas
 from .checkpoints import prune_checkpoints, resolve_resume, state_file_name
 from .experts import EXPERT_SUFFIX, Expert, prepare_expert
-from .losses import flow_matching_loss, noisy_latents, velocity_target
+from .step import micro_batch_loss
 from .state_io import load_state, save_state
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -243,8 +243,10 @@ def run_training(
 
     prog = _resume(resume_path, cfg, experts) if resume_path else _Progress()
     stream = _BatchStream(dataset, cfg.train.batch_size, prog)
-    autocast_dtype = _DTYPES[cfg.train.compute_dtype]
-    use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
+    # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
+    autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
+    if autocast_dtype == torch.float32:
+        autocast_dtype = None
     result = TrainResult(run_dir=run_dir, step=prog.step)
     bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not progress_bar, dynamic_ncols=True)
     saved_step = prog.step if resume_path else -1
@@ -272,19 +274,10 @@ def run_training(
                     generator=gen,
                 )
                 noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
-                sigmas = sigmas.to(device)
-                x_t = noisy_latents(x0, noise, sigmas)
                 text = torch.stack([embeddings[c] for c in captions]).to(device)
-                model_dtype = next(ex.model.parameters()).dtype
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                    pred = ex.model(
-                        hidden_states=x_t.to(model_dtype),
-                        timestep=sigmas * 1000.0,
-                        encoder_hidden_states=text.to(model_dtype),
-                        return_dict=False,
-                    )[0]
-                weights = loss_weights(sigmas, cfg.train.timestep_type)
-                loss = flow_matching_loss(pred, velocity_target(x0, noise), weights)
+                loss = micro_batch_loss(
+                    ex.model, x0, noise, sigmas.to(device), text, cfg.train.timestep_type, autocast_dtype
+                )
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at step {prog.step} ({name}-noise expert); no checkpoint was "

@@ -1,0 +1,44 @@
+"""One expert's flow-matching loss on one micro-batch: the unit the loop, DOP and the benchmarks share."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..schedule import loss_weights
+from .losses import flow_matching_loss, noisy_latents, velocity_target
+
+
+def predict_velocity(
+    model: WanTransformer3DModel,
+    x_t: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The expert's velocity prediction for noisy latents ``x_t`` at noise levels ``sigmas`` (t = 1000·σ).
+
+    The timestep stays float32: bf16 would round t near the boundary by up to 4 and blur the expert split.
+    """
+    dtype = model.dtype
+    with torch.autocast(x_t.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return model(
+            hidden_states=x_t.to(dtype),
+            timestep=sigmas.float() * 1000.0,
+            encoder_hidden_states=text.to(dtype),
+            return_dict=False,
+        )[0]
+
+
+def micro_batch_loss(
+    model: WanTransformer3DModel,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: torch.Tensor,
+    timestep_type: str,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Flow-matching MSE of ``model`` on clean latents ``x0`` noised with ``noise`` at ``sigmas`` (weighted if asked)."""
+    pred = predict_velocity(model, noisy_latents(x0, noise, sigmas), sigmas, text, autocast_dtype)
+    return flow_matching_loss(pred, velocity_target(x0, noise), loss_weights(sigmas, timestep_type))
