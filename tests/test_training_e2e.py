@@ -210,3 +210,20 @@ def test_resume_with_other_settings_or_foreign_lora_is_refused(tmp_path, clips):
 
         save_file({"a": torch.zeros(1)}, str(not_state))
         loop.run_training(job_from_dict({**_cfg(tmp_path, clips), "resume": str(not_state)}), progress_bar=False)
+
+
+def test_previews_during_training_do_not_disturb_it(tmp_path, clips):
+    over = dict(train={"steps": 4}, lora={"rank": 4, "alpha": 8, "dropout": 0.1}, save={"save_every": 0})
+    plain = loop.run_training(job_from_dict(_cfg(tmp_path / "plain", clips, **over)), progress_bar=False)
+
+    sample = {"prompts": ["a red square moving right", "a blue square moving up"], "width": 32, "height": 32,
+              "num_frames": 5, "steps": 3, "sample_every": 2, "sample_at_start": True, "sampler": "euler"}
+    seen = []
+    cfg = job_from_dict({**_cfg(tmp_path / "prev", clips, **over), "sample": sample})
+    with_previews = loop.run_training(cfg, on_sample=lambda step, vids: seen.append((step, vids)), progress_bar=False)
+
+    assert with_previews.losses == plain.losses  # same RNG stream, same training
+    assert [s for s, _ in seen] == [0, 2, 4]
+    assert all(v.shape == (5, 32, 32, 3) and 0 <= v.min() and v.max() <= 1 for _, vids in seen for v in vids)
+    names = sorted(p.name for p in (cfg.run_dir / "samples").iterdir())
+    assert names == [f"t_{s:06d}_{i:02d}.mp4" for s in (0, 2, 4) for i in (0, 1)]

@@ -1,9 +1,17 @@
 """Reading (and, for synthetic data and tests, writing) clips and images.
 
 Videos are read with PyAV. Probing demuxes every packet once (no decoding beyond the first frame) to learn each
-frame's presentation time, which frame sampling works on. Display orientation is honoured: a video's rotation
-metadata (phones store portrait clips as rotated landscape) and non-square pixels, and a photo's EXIF orientation.
-Still images are read with Pillow (a dependency of diffusers), which applies EXIF orientation.
+frame's presentation time, which frame sampling works on, and which frames are keyframes. Display orientation is
+honoured: a video's rotation metadata (phones store portrait clips as rotated landscape) and non-square pixels, and a
+photo's EXIF orientation. Still images are read with Pillow (a dependency of diffusers), which applies EXIF
+orientation.
+
+Decoding seeks: frame ``i`` is the one with the ``i``-th smallest timestamp, so :func:`read_frames` jumps to the
+keyframe before the first wanted frame (and again whenever a later keyframe lies between two wanted frames) and
+decodes forward from there, matching decoded frames to indices by timestamp. Decoding from a keyframe gives the same
+pictures as decoding from the start; when a container cannot seek precisely (or its timestamps are not unique) the
+frames are decoded from the start instead. GIFs are always decoded from the start (their frames may be partial
+updates of the previous one).
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal, Sequence
+
+from bisect import bisect_right
 
 import av
 import numpy as np
@@ -22,6 +32,12 @@ from .buckets import resize_crop_plan
 
 VIDEO_EXTS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".gif"})
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+#: Video and image formats that are recognised but not accepted: reported as bad files with a conversion hint.
+UNSUPPORTED_MEDIA_EXTS = frozenset(
+    {".avi", ".wmv", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".3gp", ".ogv", ".vob"}
+    | {".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl"}
+)
+_SEEKABLE_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm"})
 
 _ENCODERS = {  # extension -> (codec, pixel format, options) used by write_video
     ".mp4": ("libx264", "yuv420p", {"crf": "12"}),
@@ -39,6 +55,8 @@ class MediaInfo:
     ``width``/``height`` are the display size (after rotation and pixel aspect ratio), which buckets use.
     ``frame_times`` are the frames' presentation times in seconds from the first frame (``(0,)`` for an image).
     ``rotation`` is the counter-clockwise quarter turns needed to show a decoded video frame upright.
+    ``pts`` are the frames' raw timestamps in the stream's time base, sorted (empty when the file has none or they
+    repeat, which disables seeking); ``keyframes`` the indices of the frames stored as keyframes.
     """
 
     path: Path
@@ -47,6 +65,8 @@ class MediaInfo:
     height: Fraction
     frame_times: tuple[Fraction, ...]
     rotation: int = 0
+    pts: tuple[int, ...] = ()
+    keyframes: tuple[int, ...] = ()
 
     @property
     def num_frames(self) -> int:
@@ -67,6 +87,21 @@ def media_kind(path: Path) -> Literal["video", "image"] | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
+def unsupported_error(path: Path) -> DatasetError:
+    """The error for a file whose extension is not a supported video or image format."""
+    return DatasetError(
+        f"{path}: unsupported file type '{path.suffix}' - convert videos to one of "
+        f"{', '.join(sorted(VIDEO_EXTS))} (e.g. ffmpeg -i in{path.suffix} out.mp4) and images to one of "
+        f"{', '.join(sorted(IMAGE_EXTS))}, or remove the file"
+    )
+
+
+def _zero_length(path: Path) -> DatasetError:
+    return DatasetError(
+        f"{path}: zero-length clip: the file holds no video frames - re-export the clip or remove the file"
+    )
+
+
 def _unreadable(path: Path, exc: Exception) -> DatasetError:
     return DatasetError(
         f"cannot read media file {path}: {exc} - re-encode it (e.g. to H.264 mp4 or PNG) or remove it from the folder"
@@ -77,11 +112,17 @@ def probe(path: Path) -> MediaInfo:
     """Size, orientation and frame timestamps of a video or image; :class:`DatasetError` if it cannot be read."""
     kind = media_kind(path)
     if kind is None:
-        raise DatasetError(f"{path}: not a supported media file ({', '.join(sorted(VIDEO_EXTS | IMAGE_EXTS))})")
+        raise unsupported_error(path)
     try:
+        if path.stat().st_size == 0:
+            raise DatasetError(
+                f"{path}: the file is empty (0 bytes) - the copy or export did not finish; replace it or remove it"
+            )
         return _probe_image(path) if kind == "image" else _probe_video(path)
     except DatasetError:
         raise
+    except av.error.EOFError:
+        raise _zero_length(path) from None
     except (av.error.FFmpegError, OSError, UnidentifiedImageError, ValueError) as exc:
         raise _unreadable(path, exc) from None
 
@@ -94,10 +135,13 @@ def _probe_image(path: Path) -> MediaInfo:
 
 def _probe_video(path: Path) -> MediaInfo:
     with av.open(str(path)) as container:
+        if not container.streams:
+            raise _zero_length(path)
         if not container.streams.video:
-            raise DatasetError(f"{path}: has no video stream - is it an audio file?")
+            raise DatasetError(f"{path}: has no video stream - is it an audio file? Remove it from the folder")
         stream = container.streams.video[0]
         pts: list[int] = []
+        key_pts: list[int] = []
         packets = 0
         first = None
         for packet in container.demux(stream):
@@ -106,15 +150,20 @@ def _probe_video(path: Path) -> MediaInfo:
             packets += 1
             if packet.pts is not None:
                 pts.append(packet.pts)
+                if packet.is_keyframe:
+                    key_pts.append(packet.pts)
             if first is None:  # decode only until the first picture comes out, to check the file and read its size
                 first = next(iter(stream.decode(packet)), None)
+        if packets == 0:
+            raise _zero_length(path)
         if first is None:
             first = next(iter(stream.decode(None)), None)
-        if first is None or packets == 0:
-            raise DatasetError(f"{path}: the video stream holds no decodable frame - the file is damaged or empty")
-        if len(pts) == packets and stream.time_base is not None:
-            start = min(pts)
-            times = tuple(Fraction(p - start) * stream.time_base for p in sorted(pts))
+        if first is None:
+            raise DatasetError(f"{path}: the video stream holds no decodable frame - the file is damaged; re-encode it")
+        timed = len(pts) == packets and stream.time_base is not None
+        if timed:
+            pts.sort()
+            times = tuple(Fraction(p - pts[0]) * stream.time_base for p in pts)
         else:  # no timestamps: fall back to the nominal frame rate
             rate = stream.average_rate or stream.guessed_rate
             if not rate:
@@ -125,12 +174,21 @@ def _probe_video(path: Path) -> MediaInfo:
     width, height = Fraction(first.width) * Fraction(sar), Fraction(first.height)
     if turns % 2:
         width, height = height, width
-    return MediaInfo(path, "video", width, height, times, turns)
+    seekable = timed and len(set(pts)) == len(pts) and path.suffix.lower() in _SEEKABLE_EXTS
+    if not seekable:
+        return MediaInfo(path, "video", width, height, times, turns)
+    index = {p: i for i, p in enumerate(pts)}
+    keyframes = tuple(sorted(index[p] for p in set(key_pts)))
+    return MediaInfo(path, "video", width, height, times, turns, tuple(pts), keyframes)
 
 
-def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int], seek: bool = True) -> np.ndarray:
     """Decode the frames at ``indices`` (repeats allowed), each resized to cover ``size`` = (width, height) and
-    centre-cropped to it. Returns uint8 ``[len(indices), height, width, 3]`` RGB."""
+    centre-cropped to it. Returns uint8 ``[len(indices), height, width, 3]`` RGB.
+
+    ``seek`` jumps to keyframes near the wanted frames (see the module docstring); ``False`` decodes from the start
+    (same frames, slower on long clips).
+    """
     bw, bh = size
     rw, rh, left, top = resize_crop_plan(info.width, info.height, bw, bh)
     try:
@@ -140,7 +198,10 @@ def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int]) 
                 arr = np.asarray(img.resize((rw, rh), Image.Resampling.BICUBIC))
             crop = arr[top : top + bh, left : left + bw]
             return np.stack([crop] * len(indices))
-        frames = _decode_video(info, sorted(set(indices)), rw, rh)
+        wanted = sorted(set(indices))
+        frames = _decode_seeking(info, wanted, rw, rh) if seek and info.pts else None
+        if frames is None:
+            frames = _decode_from_start(info, wanted, rw, rh)
     except DatasetError:
         raise
     except (av.error.FFmpegError, OSError, UnidentifiedImageError, ValueError) as exc:
@@ -148,9 +209,15 @@ def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int]) 
     return np.stack([frames[i][top : top + bh, left : left + bw] for i in indices])
 
 
-def _decode_video(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[int, np.ndarray]:
+def _to_rgb(frame: av.VideoFrame, info: MediaInfo, width: int, height: int) -> np.ndarray:
+    """A decoded frame scaled so that, once turned upright, it is ``width x height``."""
     # Decoded (stored) frames are rotated afterwards, so scale them to the pre-rotation size.
-    sw, sh = (rh, rw) if info.rotation % 2 else (rw, rh)
+    sw, sh = (height, width) if info.rotation % 2 else (width, height)
+    rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    return np.rot90(rgb, k=info.rotation) if info.rotation else rgb
+
+
+def _decode_from_start(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
     todo = set(wanted)
     with av.open(str(info.path)) as container:
@@ -158,8 +225,7 @@ def _decode_video(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[
         stream.thread_type = "AUTO"
         for ordinal, frame in enumerate(container.decode(stream)):
             if ordinal in todo:
-                rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="BICUBIC").to_ndarray()
-                out[ordinal] = np.rot90(rgb, k=info.rotation) if info.rotation else rgb
+                out[ordinal] = _to_rgb(frame, info, rw, rh)
                 todo.discard(ordinal)
                 if not todo:
                     break
@@ -168,6 +234,113 @@ def _decode_video(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[
             f"{info.path}: frame {min(todo)} could not be decoded although the file lists {info.num_frames} frames "
             "- the file is damaged; re-encode it or remove it"
         )
+    return out
+
+
+def seek_runs(wanted: Sequence[int], keyframes: Sequence[int]) -> list[list[int]]:
+    """Split sorted frame indices into runs, each decoded forward after one seek to the keyframe before its first
+    frame: a new run starts where a keyframe lies past the frame after the previous wanted one, so seeking there
+    skips decoding the frames in between."""
+    runs: list[list[int]] = []
+    for w in wanted:
+        j = bisect_right(keyframes, w) - 1
+        if not runs or (j >= 0 and keyframes[j] > runs[-1][-1] + 1):
+            runs.append([w])
+        else:
+            runs[-1].append(w)
+    return runs
+
+
+def _decode_seeking(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[int, np.ndarray] | None:
+    """Frames by index, decoded run by run after seeks; ``None`` when a seek did not reach a wanted frame (the
+    container's index is imprecise), so the caller decodes from the start."""
+    index = {p: i for i, p in enumerate(info.pts)}
+    out: dict[int, np.ndarray] = {}
+    with av.open(str(info.path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for run in seek_runs(wanted, info.keyframes):
+            container.seek(info.pts[run[0]], stream=stream)  # lands on the keyframe at or before that frame
+            todo, last = set(run), run[-1]
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    return None
+                i = index.get(frame.pts)
+                if i is None:  # not a listed frame (e.g. a leading picture of an open GOP)
+                    continue
+                if i in todo:
+                    out[i] = _to_rgb(frame, info, rw, rh)
+                    todo.discard(i)
+                if not todo or i >= last:
+                    break
+            if todo:
+                return None
+    return out
+
+
+#: A row or column of pixels is black when at least this share of its pixels has every channel <= _BLACK_LEVEL.
+_BLACK_SHARE = 0.98
+_BLACK_LEVEL = 32
+_THUMB_SIDE = 160  # longest side of the frames black-bar detection looks at
+
+
+def _leading(mask: np.ndarray) -> int:
+    return len(mask) if mask.all() else int(np.argmin(mask))
+
+
+def black_bars(info: MediaInfo, looks: int = 3) -> tuple[float, float, float, float]:
+    """Shares of the upright picture covered by black bars at the top, bottom, left and right.
+
+    Looks at the image, or at up to ``looks`` keyframes spread over a clip (decoding only those, so it is cheap);
+    a bar counts only where it is black in every looked-at frame that is not black as a whole (a fade says nothing
+    about bars). Raises :class:`DatasetError` if the file cannot be decoded.
+    """
+    try:
+        thumbs = _thumbnails(info, looks)
+    except (av.error.FFmpegError, OSError, UnidentifiedImageError, ValueError) as exc:
+        raise _unreadable(info.path, exc) from None
+    bars = (1.0, 1.0, 1.0, 1.0)
+    informative = False
+    for arr in thumbs:
+        dark = arr.max(axis=2) <= _BLACK_LEVEL
+        rows, cols = dark.mean(axis=1) >= _BLACK_SHARE, dark.mean(axis=0) >= _BLACK_SHARE
+        if rows.all() or cols.all():
+            continue
+        h, w = dark.shape
+        here = (_leading(rows) / h, _leading(rows[::-1]) / h, _leading(cols) / w, _leading(cols[::-1]) / w)
+        bars = tuple(min(a, b) for a, b in zip(bars, here))
+        informative = True
+    return bars if informative else (0.0, 0.0, 0.0, 0.0)
+
+
+def _thumbnails(info: MediaInfo, looks: int) -> list[np.ndarray]:
+    scale = _THUMB_SIDE / max(info.width, info.height)
+    tw, th = max(1, round(info.width * scale)), max(1, round(info.height * scale))
+    if info.kind == "image":
+        with Image.open(info.path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            return [np.asarray(img.resize((tw, th), Image.Resampling.BILINEAR))]
+    n = info.num_frames
+    spots = sorted({(n - 1) * (k + 1) // (looks + 1) for k in range(looks)})
+    out = []
+    with av.open(str(info.path)) as container:
+        stream = container.streams.video[0]
+        if info.pts:
+            stream.codec_context.skip_frame = "NONKEY"  # decode keyframes only
+            seen = set()
+            for spot in spots:
+                container.seek(info.pts[spot], stream=stream)
+                frame = next(iter(container.decode(stream)), None)
+                if frame is not None and frame.pts not in seen:
+                    seen.add(frame.pts)
+                    out.append(_to_rgb(frame, info, tw, th))
+        else:  # no seeking (GIFs): decode up to the last spot
+            wanted = set(spots)
+            for ordinal, frame in enumerate(container.decode(stream)):
+                if ordinal in wanted:
+                    out.append(_to_rgb(frame, info, tw, th))
+                if ordinal >= spots[-1]:
+                    break
     return out
 
 

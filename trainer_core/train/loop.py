@@ -32,6 +32,7 @@ from ..models.vae import encode_video
 from ..schedule import active_expert, expert_step_counts, sample_sigmas
 from .checkpoints import prune_checkpoints, resolve_resume, state_file_name
 from .experts import EXPERT_SUFFIX, Expert, prepare_expert
+from .previews import PreviewRenderer, previews_enabled
 from .step import micro_batch_loss
 from .state_io import load_state, save_state
 
@@ -208,12 +209,14 @@ def run_training(
     components: WanComponents | None = None,
     dataset: VideoDataset | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
     progress_bar: bool = True,
 ) -> TrainResult:
     """Train the configured experts' LoRAs and write them (and resumable states) into ``cfg.run_dir``.
 
     ``on_step`` is called after each optimizer step; an exception raised there (e.g. a user interrupt) stops
-    training after writing a resumable state for the last completed step.
+    training after writing a resumable state for the last completed step. ``on_sample(step, videos)`` receives
+    each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders previews.
     """
     device = resolve_device(cfg.train.device)
     stages = cfg.multistage.stages
@@ -226,8 +229,13 @@ def run_training(
 
     # --- set-up: data first (cheap, catches bad folders before models load), then models ---
     dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed)
-    components = components or load_components(cfg.model, high="high" in stages, low="low" in stages)
+    previews = previews_enabled(cfg)
+    # Previews need both experts; one that is not trained then stays on the CPU between previews.
+    components = components or load_components(
+        cfg.model, high=previews or "high" in stages, low=previews or "low" in stages
+    )
     torch.manual_seed(cfg.train.seed)
+    renderer = PreviewRenderer(cfg, components, device, on_sample) if previews else None
     embeddings = encode_captions(components, dataset.captions(), device)
     vae = components.vae.to(device).eval()
     latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
@@ -242,6 +250,8 @@ def run_training(
     atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
 
     prog = _resume(resume_path, cfg, experts) if resume_path else _Progress()
+    if renderer is not None and prog.step == 0 and renderer.due(0):
+        renderer.render(0, models)
     stream = _BatchStream(dataset, cfg.train.batch_size, prog)
     # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
     autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
@@ -307,6 +317,8 @@ def run_training(
             if periodic or prog.step == cfg.train.steps:
                 result.lora_files, result.state_file = _save_checkpoint(cfg, components, experts, prog, run_dir)
                 saved_step = prog.step
+            if renderer is not None and renderer.due(prog.step):
+                renderer.render(prog.step, models)
             if on_step is not None:
                 on_step(StepInfo(prog.step, cfg.train.steps, name, step_loss, lr, dt))
     except TrainingDiverged:

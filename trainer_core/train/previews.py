@@ -1,0 +1,66 @@
+"""Preview videos during training: rendered with the current LoRAs, saved beside the checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import JobConfig
+from ..models import WanComponents
+from ..sample import encode_sample_prompts, sample_metadata, sample_videos, write_video
+
+
+def previews_enabled(cfg: JobConfig) -> bool:
+    """Whether this job renders previews while it trains."""
+    return bool(cfg.sample.prompts) and (cfg.sample.sample_every > 0 or cfg.sample.sample_at_start)
+
+
+class PreviewRenderer:
+    """Renders ``cfg.sample`` prompts at the configured steps.
+
+    Prompts are encoded once at construction (before the text encoder is freed). An expert that is not being
+    trained stays on the CPU and visits the GPU only while a preview renders.
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        components: WanComponents,
+        device: torch.device,
+        on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
+    ):
+        self.cfg, self.components, self.device, self.on_sample = cfg, components, device, on_sample
+        te = components.text_encoder.to(device)
+        self.prompts = encode_sample_prompts(te, components.tokenizer, cfg.sample)
+        self.folder = cfg.run_dir / "samples"
+
+    def due(self, step: int) -> bool:
+        """True at step 0 when ``sample_at_start``, and every ``sample_every`` completed steps."""
+        s = self.cfg.sample
+        if step == 0:
+            return s.sample_at_start
+        return s.sample_every > 0 and step % s.sample_every == 0
+
+    def render(self, step: int, models: dict[str, torch.nn.Module]) -> list[Path]:
+        """Render every prompt with both experts (trained ones carry their LoRAs) and write the videos."""
+        s = self.cfg.sample
+        visiting = [m for m in models.values() if next(m.parameters()).device != self.device]
+        for m in visiting:
+            m.to(self.device)
+        try:
+            videos = sample_videos(
+                models["high"], models["low"], self.components.vae, self.prompts, s, self.cfg.multistage.boundary
+            )
+        finally:
+            for m in visiting:
+                m.to("cpu")
+        paths = []
+        for i, frames in enumerate(videos):
+            meta = {**sample_metadata(s, i, self.cfg.multistage.boundary), "step": str(step)}
+            path = self.folder / f"{self.cfg.name}_{step:06d}_{i:02d}.{s.format}"
+            paths.append(write_video(frames, path, s.fps, s.format, meta))
+        if self.on_sample is not None:
+            self.on_sample(step, videos)
+        return paths
