@@ -1,0 +1,91 @@
+"""Shared helpers for the GPU benchmarks: full-size random-weight Wan 2.2 experts, timing, memory, ceilings."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from diffusers import WanTransformer3DModel
+
+#: Wan 2.2 T2V A14B expert (identical for both experts); see shared FACTS.
+A14B_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+
+def full_expert(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides) -> WanTransformer3DModel:
+    """A full-size expert with random weights built directly on ``device`` in ``dtype`` (no CPU copy)."""
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**{**A14B_CONFIG, **overrides})
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
+def latent_shape(width: int, height: int, frames: int, batch: int = 1) -> tuple[int, ...]:
+    """Latent tensor shape for a clip (Wan 2.1 VAE: 4x temporal, 8x spatial, 16 channels)."""
+    return (batch, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def tokens(width: int, height: int, frames: int) -> int:
+    """Transformer tokens per sample: latent frames x (H/16) x (W/16)."""
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeat: int) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls after ``warmup`` calls, synchronizing the GPU around each."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def matmul_ceiling_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul rate on random data (the MFU denominator)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    times = time_calls(lambda: a @ b, warmup=3, repeat=10)
+    return 2 * n**3 / median(times) / 1e12
