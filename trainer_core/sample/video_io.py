@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-import av
 import torch
 
 from ..errors import ConfigError
@@ -61,6 +60,8 @@ def write_video(
     pixels = _to_uint8(frames).numpy()
     codec, options = _CODECS[fmt]
     with atomic_path(path) as tmp:
+        import av  # lazily: rendering on a GPU box without PyAV still works up to the file write
+
         with av.open(str(tmp), mode="w", format=fmt, options=_MUXER_OPTIONS[fmt]) as container:
             container.metadata.update(metadata)
             stream = container.add_stream(codec, rate=fps, options=options)
@@ -73,5 +74,7 @@ def write_video(
 
 def read_video_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The container metadata of a video, keys lower-cased (Matroska/webm stores them upper-case)."""
+    import av
+
     with av.open(str(path)) as container:
         return {k.lower(): v for k, v in container.metadata.items()}
