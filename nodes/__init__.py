@@ -1,0 +1,36 @@
+"""The pack's ComfyUI nodes (classic V1 API): thin adapters from widgets to ``trainer_core``.
+
+Only relative imports inside this package: ComfyUI has a top-level module called ``nodes`` of its own.
+"""
+
+from .apply_lora import ApplyWan22LoraPair
+from .dataset import BuildVideoDataset
+from .experts import LoadWan22Experts
+from .multistage import ConfigureMultiStage
+from .sample import ConfigureTrainingPreviews, PreviewSample
+from .save import SaveCheckpoint
+from .train import TrainWan22LoRA
+
+NODE_CLASS_MAPPINGS = {
+    "Wan22LoadExperts": LoadWan22Experts,
+    "Wan22BuildVideoDataset": BuildVideoDataset,
+    "Wan22ConfigureMultiStage": ConfigureMultiStage,
+    "Wan22SaveCheckpoint": SaveCheckpoint,
+    "Wan22TrainLoRA": TrainWan22LoRA,
+    "Wan22ConfigureTrainingPreviews": ConfigureTrainingPreviews,
+    "Wan22PreviewSample": PreviewSample,
+    "Wan22ApplyLoraPair": ApplyWan22LoraPair,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "Wan22LoadExperts": "Load Wan22 Experts",
+    "Wan22BuildVideoDataset": "Build Video Dataset",
+    "Wan22ConfigureMultiStage": "Configure MultiStage",
+    "Wan22SaveCheckpoint": "Save Checkpoint",
+    "Wan22TrainLoRA": "Train LoRA",
+    "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
+    "Wan22PreviewSample": "Preview Sample",
+    "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

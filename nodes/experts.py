@@ -1,0 +1,124 @@
+"""Load Wan22 Experts (MODEL panel): where the two experts, the text encoder and the VAE come from."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import ValidationError
+
+from trainer_core.config import ModelConfig, format_validation_error
+from trainer_core.errors import ConfigError
+
+from . import host
+from .bundle import CATEGORY, EXPERTS, ExpertsBundle
+
+NONE = "none"
+SOURCES = ("comfy files", "diffusers folder", "HF repo id", "tiny")
+DTYPES = ("bf16", "fp16", "fp32")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def _files(kind: str) -> list[str]:
+    return [NONE, *host.model_files(kind)]
+
+
+class LoadWan22Experts:
+    """Describe the base model; components load on first use and are shared by every node the bundle feeds."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "source": (SOURCES, {"default": "comfy files", "tooltip": (
+                    "comfy files: the four files picked below (as ComfyUI's Wan 2.2 template uses). diffusers "
+                    "folder / HF repo id: Wan2.2-T2V-A14B-Diffusers layout named in folder_or_repo. tiny: toy "
+                    "model for testing the graph in seconds")}),
+                "high_noise_model": (_files("diffusion_models"), {"tooltip": (
+                    "High-noise expert from models/diffusion_models, e.g. wan2.2_t2v_high_noise_14B_fp8_scaled; "
+                    "'none' takes it from folder_or_repo")}),
+                "low_noise_model": (_files("diffusion_models"), {"tooltip": (
+                    "Low-noise expert from models/diffusion_models, e.g. wan2.2_t2v_low_noise_14B_fp8_scaled; "
+                    "'none' takes it from folder_or_repo")}),
+                "text_encoder": (_files("text_encoders"), {"tooltip": (
+                    "UMT5-XXL from models/text_encoders (umt5_xxl_fp8_e4m3fn_scaled or fp16); it carries its "
+                    "tokenizer. 'none' takes it from folder_or_repo")}),
+                "vae": (_files("vae"), {"tooltip": (
+                    "wan_2.1_vae from models/vae (Wan 2.2 14B uses the 2.1 VAE, not wan2.2_vae); 'none' takes it "
+                    "from folder_or_repo")}),
+                "folder_or_repo": ("STRING", {"default": "", "tooltip": (
+                    "diffusers folder: a folder under models/diffusers or an absolute path; HF repo id: e.g. "
+                    "Wan-AI/Wan2.2-T2V-A14B-Diffusers. Ignored for comfy files and tiny")}),
+                "dtype": (DTYPES, {"default": "bf16", "tooltip": (
+                    "Storage dtype of the frozen experts: bf16 (26.6 GiB per expert) is the usual choice; fp8 "
+                    "files are dequantized to it")}),
+                "text_encoder_dtype": (DTYPES, {"default": "bf16", "tooltip": (
+                    "UMT5 dtype: bf16 (10.6 GiB); it only encodes captions once, then leaves memory")}),
+                "vae_dtype": (DTYPES, {"default": "fp32", "tooltip": (
+                    "VAE dtype: fp32 is exact and the VAE is small; bf16 saves memory at large sizes")}),
+            }
+        }
+
+    RETURN_TYPES = (EXPERTS,)
+    RETURN_NAMES = ("experts",)
+    OUTPUT_TOOLTIPS = ("Both experts, text encoder and VAE, loaded on first use and shared by the nodes it feeds.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Choose the Wan 2.2 T2V A14B base model the LoRAs are trained on and rendered with."
+
+    def load(
+        self,
+        source: str,
+        high_noise_model: str,
+        low_noise_model: str,
+        text_encoder: str,
+        vae: str,
+        folder_or_repo: str,
+        dtype: str,
+        text_encoder_dtype: str,
+        vae_dtype: str,
+    ) -> tuple[ExpertsBundle]:
+        """Validate the choice into a :class:`ModelConfig`; nothing is read from disk yet."""
+        files = {
+            "high_noise": ("diffusion_models", high_noise_model),
+            "low_noise": ("diffusion_models", low_noise_model),
+            "text_encoder": ("text_encoders", text_encoder),
+            "vae": ("vae", vae),
+        }
+        settings = {k: host.model_file_path(kind, name) for k, (kind, name) in files.items() if name != NONE}
+        try:
+            model = ModelConfig(
+                source=_source(source, folder_or_repo.strip()),
+                dtype=dtype,
+                text_encoder_dtype=text_encoder_dtype,
+                vae_dtype=vae_dtype,
+                **settings,
+            )
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "Load Wan22 Experts")) from None
+        return (ExpertsBundle(model),)
+
+
+def _source(mode: str, text: str) -> str | None:
+    """ModelConfig.source for the chosen mode: None (files only), 'tiny', a folder or a repo id."""
+    if mode == "tiny":
+        return "tiny"
+    if mode == "comfy files":
+        return None
+    if not text:
+        raise ConfigError(f"Load Wan22 Experts: source '{mode}' needs folder_or_repo - fill it in or pick 'comfy files'")
+    if mode == "diffusers folder":
+        folder = host.diffusers_path(text)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"Load Wan22 Experts: folder_or_repo: diffusers folder {folder} does not exist - put the "
+                "Wan2.2-T2V-A14B-Diffusers folder under models/diffusers or give an absolute path"
+            )
+        return str(folder)
+    if mode == "HF repo id":
+        if not _REPO_ID.match(text):
+            raise ConfigError(
+                f"Load Wan22 Experts: folder_or_repo {text!r} is not a Hugging Face repo id (owner/name, e.g. "
+                "Wan-AI/Wan2.2-T2V-A14B-Diffusers)"
+            )
+        return text
+    raise ConfigError(f"Load Wan22 Experts: unknown source {mode!r}; choose one of {', '.join(SOURCES)}")

@@ -1,0 +1,127 @@
+"""Everything the pack needs from its ComfyUI host, in one place.
+
+ComfyUI's modules (``folder_paths``, ``comfy.*``, ``server``) are imported inside the functions, never at import
+time, so the pack imports (and its tests run) without ComfyUI. Folder look-ups need ComfyUI; progress, interrupt
+checks and memory release quietly do nothing when the pack runs headless (tests, scripts).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+log = logging.getLogger("wan22_lora_trainer")
+
+
+def _optional(module: str) -> ModuleType | None:
+    """``module`` when running inside ComfyUI, else None (headless use of the nodes)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _folder_paths() -> ModuleType:
+    try:
+        import folder_paths
+    except ImportError:
+        raise RuntimeError(
+            "ComfyUI's folder_paths module is not importable: this node resolves ComfyUI folders and must run "
+            "inside ComfyUI (or with absolute paths in its settings)"
+        ) from None
+    return folder_paths
+
+
+def model_files(kind: str) -> list[str]:
+    """Files ComfyUI lists in a model folder kind ("diffusion_models", "text_encoders", "vae", "loras")."""
+    return list(_folder_paths().get_filename_list(kind))
+
+
+def model_file_path(kind: str, name: str) -> str:
+    """Absolute path of a file picked from :func:`model_files` (ComfyUI raises naming it if it vanished)."""
+    return _folder_paths().get_full_path_or_raise(kind, name)
+
+
+def input_path(path: str) -> Path:
+    """``path`` as given when absolute, else relative to ComfyUI's input directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(_folder_paths().get_input_directory()) / p
+
+
+def output_path(path: str) -> Path:
+    """``path`` as given when absolute, else relative to ComfyUI's output directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(_folder_paths().get_output_directory()) / p
+
+
+def diffusers_path(path: str) -> Path:
+    """A diffusers folder: absolute as given, else the first match under ComfyUI's ``models/diffusers`` folders
+    (or the first of those folders when none has it, so the error names the expected place)."""
+    if Path(path).expanduser().is_absolute():
+        return Path(path).expanduser()
+    bases = list(_folder_paths().get_folder_paths("diffusers"))
+    found = [Path(b) / path for b in bases if (Path(b) / path).is_dir()]
+    return found[0] if found else Path(bases[0]) / path
+
+
+def loras_dir() -> Path:
+    """ComfyUI's first ``models/loras`` folder: files written there appear in LoraLoader's list."""
+    return Path(_folder_paths().get_folder_paths("loras")[0])
+
+
+def compute_device() -> torch.device:
+    """ComfyUI's torch device inside ComfyUI (honours ``--cpu``), else the first GPU or the CPU."""
+    mm = _optional("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_host_models() -> None:
+    """Unload ComfyUI's own models from the GPU so training or sampling does not fight them for memory."""
+    mm = _optional("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed cancel."""
+    mm = _optional("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI's progress bar on this node (no-op headless); every update also checks for a cancel."""
+
+    def __init__(self, total: int, node_id: str | None):
+        utils = _optional("comfy.utils")
+        self.node_id = node_id
+        self._bar = utils.ProgressBar(total, node_id=node_id) if utils is not None else None
+
+    def update(self, value: int, total: int, preview: Any = None) -> None:
+        """Set the bar to ``value`` of ``total`` with an optional preview ``("JPEG", PIL.Image, max_size)``."""
+        if self._bar is not None:
+            self._bar.update_absolute(value, total, preview)
+
+    def text(self, message: str) -> None:
+        """Show ``message`` under the node (ComfyUI's progress text) and log it."""
+        log.info(message)
+        server = _optional("server")
+        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        if instance is not None and self.node_id is not None:
+            instance.send_progress_text(message, self.node_id)
+
+
+def apply_lora(model: Any, tensors: dict[str, torch.Tensor], strength: float) -> Any:
+    """A clone of ComfyUI ``MODEL`` ``model`` patched with LoRA ``tensors`` (ComfyUI key names) at ``strength``."""
+    import comfy.sd
+
+    patched, _ = comfy.sd.load_lora_for_models(model, None, tensors, strength, 0)
+    return patched

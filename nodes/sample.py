@@ -1,0 +1,214 @@
+"""Preview Sample (SAMPLE panel) and the preview settings Train LoRA renders with while it trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from trainer_core.config import WAN_NEGATIVE_PROMPT, SampleConfig, format_validation_error
+from trainer_core.errors import ConfigError
+from trainer_core.sample import encode_sample_prompts, sample_videos
+
+from . import host
+from .bundle import CATEGORY, EXPERTS, LORA, ExpertsBundle, LoraPair, lora_attached, placed
+
+SAMPLE = "WAN22_SAMPLE"
+_T = "tooltip"
+
+
+def _render_inputs(seed_control: bool) -> dict[str, tuple]:
+    """Widgets shared by Preview Sample and Configure Training Previews (the render settings of SampleConfig)."""
+    return {
+        "prompts": ("STRING", {"default": "", "multiline": True, _T: (
+            "One prompt per line, one video each; use the trigger word as in the captions")}),
+        "negative_prompt": ("STRING", {"default": WAN_NEGATIVE_PROMPT, "multiline": True, _T: (
+            "What to steer away from (Wan's standard negative prompt by default)")}),
+        "width": ("INT", {"default": 832, "min": 16, "max": 2048, "step": 16, _T: (
+            "Multiple of 16; render near the training size (24 GB: 512)")}),
+        "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16, _T: "Multiple of 16"}),
+        "num_frames": ("INT", {"default": 33, "min": 1, "max": 257, "step": 4, _T: (
+            "4n+1 frames; as trained (33 on 24 GB, 81 = 5 s at 16 fps)")}),
+        "steps": ("INT", {"default": 40, "min": 1, "max": 200, _T: (
+            "Denoising steps: 40 for final quality, 20-30 for quick previews")}),
+        "shift": ("FLOAT", {"default": 12.0, "min": 0.1, "max": 100.0, "step": 0.1, _T: (
+            "Flow shift of the schedule: 12 is Wan 2.2 T2V's (ComfyUI's template uses 8)")}),
+        "sampler": (("unipc", "euler"), {"default": "unipc", _T: (
+            "unipc: Wan's own flow-matching solver; euler: plain flow-matching Euler")}),
+        "guidance_high": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, _T: (
+            "CFG on the high-noise expert: 2-4 (Wan: 4); 1 disables CFG and halves the time")}),
+        "guidance_low": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 20.0, "step": 0.1, _T: (
+            "CFG on the low-noise expert: 2-4 (Wan: 3)")}),
+        "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": seed_control, _T: (
+            "Noise seed of the first prompt")}),
+        "walk_seeds": ("BOOLEAN", {"default": True, _T: (
+            "Prompt i uses seed + i; off renders every prompt with the same seed (compare prompts)")}),
+        "vae_tiling": ("BOOLEAN", {"default": False, _T: (
+            "Decode in tiles: needed for 1024 px / 81 frames on 24 GB, slower")}),
+    }
+
+
+def _sample_config(prompts: str, **settings: Any) -> SampleConfig:
+    lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+    try:
+        return SampleConfig(prompts=lines, **settings)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "sample settings")) from None
+
+
+class PreviewSample:
+    """Render videos with both experts and (optionally) a trained pair; output frames for CreateVideo."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "experts": (EXPERTS, {_T: "Base model from Load Wan22 Experts"}),
+                **_render_inputs(seed_control=True),
+                "lora_strength_high": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, _T: (
+                    "Strength of the high-noise LoRA: 1 as trained, 0 = base model")}),
+                "lora_strength_low": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, _T: (
+                    "Strength of the low-noise LoRA: 1 as trained, 0 = base model")}),
+                "boundary": ("FLOAT", {"default": 0.875, "min": 0.01, "max": 0.99, "step": 0.005, _T: (
+                    "Noise level where the low-noise expert takes over; 0.875 for Wan 2.2 T2V")}),
+            },
+            "optional": {
+                "lora": (LORA, {_T: "Trained pair from Train LoRA; without it the base model renders"}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("Frames of every prompt's video, one after another: CreateVideo -> SaveVideo.",)
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Render test videos with the base model or a freshly trained LoRA pair, without saving files."
+
+    def render(
+        self,
+        experts: ExpertsBundle,
+        prompts: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        num_frames: int,
+        steps: int,
+        shift: float,
+        sampler: str,
+        guidance_high: float,
+        guidance_low: float,
+        seed: int,
+        walk_seeds: bool,
+        vae_tiling: bool,
+        lora_strength_high: float,
+        lora_strength_low: float,
+        boundary: float,
+        lora: LoraPair | None = None,
+        unique_id: str | None = None,
+    ) -> tuple[torch.Tensor]:
+        """Encode the prompts, render each video, and return all frames as one IMAGE batch ``[F, H, W, 3]``."""
+        cfg = _sample_config(
+            prompts,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            steps=steps,
+            shift=shift,
+            sampler=sampler,
+            guidance_high=guidance_high,
+            guidance_low=guidance_low,
+            seed=seed,
+            walk_seeds=walk_seeds,
+            vae_tiling=vae_tiling,
+            lora_strength_high=lora_strength_high,
+            lora_strength_low=lora_strength_low,
+        )
+        if not cfg.prompts:
+            raise ConfigError("Preview Sample: prompts is empty - write at least one prompt (one per line)")
+        host.free_host_models()
+        comps = experts.components()
+        device = host.compute_device()
+        progress = host.Progress(cfg.steps * len(cfg.prompts), unique_id)
+
+        def on_step(done: int, total: int) -> None:
+            host.check_interrupt()
+            progress.update(done, total)
+
+        with placed(device, comps.text_encoder):
+            cache = encode_sample_prompts(comps.text_encoder, comps.tokenizer, cfg)
+        with lora_attached(comps.high, lora, "high"), lora_attached(comps.low, lora, "low"):
+            with placed(device, comps.high, comps.low, comps.vae):
+                videos = sample_videos(comps.high, comps.low, comps.vae, cache, cfg, boundary, on_step=on_step)
+        return (torch.cat(videos),)
+
+
+class ConfigureTrainingPreviews:
+    """Preview videos Train LoRA renders every N steps (saved in the run folder's samples/, shown as progress)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **_render_inputs(seed_control=False),
+                "sample_every": ("INT", {"default": 250, "min": 0, "max": 100000, _T: (
+                    "Render every N steps (250-500); 0 = only at the start if sample_at_start")}),
+                "sample_at_start": ("BOOLEAN", {"default": False, _T: (
+                    "Also render before the first step: the base model's look, for comparison")}),
+                "fps": ("INT", {"default": 16, "min": 1, "max": 120, _T: "Frame rate of the saved preview videos"}),
+                "format": (("mp4", "webm"), {"default": "mp4", _T: "mp4 (H.264) or webm (VP9) preview files"}),
+            }
+        }
+
+    RETURN_TYPES = (SAMPLE,)
+    RETURN_NAMES = ("previews",)
+    OUTPUT_TOOLTIPS = ("Preview settings for Train LoRA's previews input.",)
+    FUNCTION = "configure"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Sample videos during training with the LoRAs so far, to watch a run and pick a checkpoint."
+
+    def configure(
+        self,
+        prompts: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        num_frames: int,
+        steps: int,
+        shift: float,
+        sampler: str,
+        guidance_high: float,
+        guidance_low: float,
+        seed: int,
+        walk_seeds: bool,
+        vae_tiling: bool,
+        sample_every: int,
+        sample_at_start: bool,
+        fps: int,
+        format: str,
+    ) -> tuple[SampleConfig]:
+        """Validate the settings into a :class:`SampleConfig` (at least one prompt)."""
+        cfg = _sample_config(
+            prompts,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            steps=steps,
+            shift=shift,
+            sampler=sampler,
+            guidance_high=guidance_high,
+            guidance_low=guidance_low,
+            seed=seed,
+            walk_seeds=walk_seeds,
+            vae_tiling=vae_tiling,
+            sample_every=sample_every,
+            sample_at_start=sample_at_start,
+            fps=fps,
+            format=format,
+        )
+        if not cfg.prompts:
+            raise ConfigError("Configure Training Previews: prompts is empty - write at least one prompt per line")
+        return (cfg,)

@@ -1,0 +1,309 @@
+"""Train LoRA (JOB, TARGET, TRAINING and ADVANCED panels): trains both experts' LoRAs inside ComfyUI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer_core.config import DEFAULT_LORA_TARGETS, DatasetConfig, JobConfig, MultiStageConfig, SampleConfig, job_from_dict
+from trainer_core.errors import ConfigError
+from trainer_core.fileio import atomic_write
+from trainer_core.lora import lora_file_name, lora_state_dict_comfy
+from trainer_core.train.checkpoints import list_states
+from trainer_core.train.experts import EXPERT_SUFFIX
+from trainer_core.train.loop import StepInfo, TrainResult, run_training
+from trainer_core.train.previews import previews_enabled
+
+from . import host
+from .bundle import CATEGORY, DATASET, EXPERTS, LORA, MULTISTAGE, SAVE, ExpertsBundle, LoraPair, release_expert
+from .loss_plot import loss_curve, to_image_tensor
+from .sample import SAMPLE
+from .save import SaveCheckpoint, SaveSettings
+
+_T = "tooltip"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PREVIEW_SIZE = 512
+
+
+class TrainWan22LoRA:
+    """Widgets -> :class:`JobConfig` -> ``run_training``; outputs the pair, the loss curve and the run folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "experts": (EXPERTS, {_T: "Base model from Load Wan22 Experts"}),
+                "dataset": (DATASET, {_T: "Dataset(s) from Build Video Dataset"}),
+                # JOB
+                "job_name": ("STRING", {"default": "wan22_lora", _T: (
+                    "Run folder and file-name prefix (letters, digits, _ - .); reuse it with resume = latest")}),
+                "trigger_word": ("STRING", {"default": "", _T: (
+                    "Word that calls the LoRA (e.g. sqz); replaces [trigger] in captions; empty = none")}),
+                # TARGET
+                "rank": ("INT", {"default": 16, "min": 1, "max": 256, _T: (
+                    "LoRA rank: 16 for most LoRAs, 32 for large or detailed datasets (H100/H200)")}),
+                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 1.0, _T: (
+                    "LoRA alpha (scale = alpha / rank); 0 = same as rank (scale 1), the usual choice")}),
+                "lora_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9, "step": 0.01, _T: (
+                    "Dropout inside the LoRA; 0 is standard, 0.05-0.1 against overfitting tiny datasets")}),
+                "target_modules": ("STRING", {"default": ", ".join(DEFAULT_LORA_TARGETS), _T: (
+                    "Layers inside each block that get a LoRA (ComfyUI names); the default list is all attention "
+                    "and feed-forward layers")}),
+                # TRAINING
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 1000000, _T: (
+                    "Total optimizer steps, shared by the trained experts. Motion 1500-2500, character/style "
+                    "2000-3000")}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-2, "step": 1e-6, _T: (
+                    "1e-4 is the usual choice; 5e-5 if the loss jumps or samples fall apart")}),
+                "optimizer": (("adamw8bit", "adamw"), {"default": "adamw8bit", _T: (
+                    "adamw8bit keeps optimizer state in 8 bit (less memory, same results); adamw is full precision")}),
+                "lr_scheduler": (("constant", "cosine", "linear"), {"default": "constant", _T: (
+                    "Learning-rate schedule per expert; constant is standard for LoRAs")}),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, _T: (
+                    "Steps of linear LR warm-up per expert; 0-100")}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, _T: (
+                    "Clips per step: 1 on 24 GB, 1-2 on H100/H200")}),
+                "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 256, _T: (
+                    "Micro-batches summed per step: a larger effective batch without more memory")}),
+                "timestep_type": (("linear", "sigmoid", "shift", "weighted"), {"default": "linear", _T: (
+                    "Noise-level sampling within each expert's range: motion linear; style linear or shift; "
+                    "character sigmoid or linear")}),
+                "timestep_bias": (("balanced", "high_noise", "low_noise"), {"default": "balanced", _T: (
+                    "Favour noisier (composition, motion) or cleaner (detail) levels; balanced for most, "
+                    "high_noise for pure camera moves or style")}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": False, _T: (
+                    "Seed for noise, timesteps and data order; a given seed and settings train identically")}),
+                "resume": ("STRING", {"default": "", _T: (
+                    "Continue a run: 'latest' (this job's newest training state), a training_state_*.safetensors "
+                    "path or a run folder; empty starts fresh")}),
+                # ADVANCED
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, _T: (
+                    "Recompute activations in the backward pass: keep on (off needs ~3x the memory)")}),
+                "timestep_shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 100.0, "step": 0.1, _T: (
+                    "Shift s for timestep_type = shift (higher pushes toward noisier levels); 5 is usual")}),
+                "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, _T: (
+                    "AdamW weight decay on the LoRA weights; 1e-4 is usual")}),
+                "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, _T: (
+                    "Gradient clipping norm; 1.0 is usual, 0 disables")}),
+                "adam_beta1": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.9999, "step": 0.001, _T: (
+                    "AdamW beta1 (momentum); leave at 0.9")}),
+                "adam_beta2": ("FLOAT", {"default": 0.999, "min": 0.0, "max": 0.99999, "step": 0.0001, _T: (
+                    "AdamW beta2; leave at 0.999")}),
+                "adam_eps": ("FLOAT", {"default": 1e-8, "min": 1e-12, "max": 1e-3, "step": 1e-9, _T: (
+                    "AdamW epsilon; leave at 1e-8")}),
+                "compute_dtype": (("bf16", "fp16", "fp32"), {"default": "bf16", _T: (
+                    "Autocast dtype on the GPU: bf16 on H100/H200 and RTX 30xx or newer")}),
+                "device": ("STRING", {"default": "auto", _T: (
+                    "auto (first GPU, else CPU), cuda, cuda:1, cpu")}),
+            },
+            "optional": {
+                "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
+                "save": (SAVE, {_T: "From Save Checkpoint; default: its default settings"}),
+                "previews": (SAMPLE, {_T: "From Configure Training Previews: sample videos while training"}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (LORA, "IMAGE", "STRING")
+    RETURN_NAMES = ("lora", "loss_curve", "run_dir")
+    OUTPUT_TOOLTIPS = (
+        "The trained pair in memory (plus its file paths) for Preview Sample or Apply Wan22 LoRA Pair.",
+        "Loss per step for both experts, raw and smoothed.",
+        "Run folder with checkpoints, training states, losses.csv and config.yaml.",
+    )
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Train LoRAs for both Wan 2.2 experts. Cancelling stops after the current step and keeps a resumable "
+        "state: queue again with resume = latest to continue."
+    )
+
+    def train(
+        self,
+        experts: ExpertsBundle,
+        dataset: tuple[DatasetConfig, ...],
+        multistage: MultiStageConfig | None = None,
+        save: SaveSettings | None = None,
+        previews: SampleConfig | None = None,
+        unique_id: str | None = None,
+        **widgets: Any,
+    ) -> tuple[LoraPair, torch.Tensor, str]:
+        """Train, then copy the final pair into models/loras if the save settings ask for it."""
+        save = save or SaveCheckpoint().configure(**_defaults(SaveCheckpoint))[0]
+        cfg = build_job(experts, dataset, multistage, save, previews, **widgets)
+        with torch.inference_mode(False):
+            host.free_host_models()
+            result, pair = _train(cfg, experts, host.Progress(cfg.train.steps, unique_id))
+        if save.copy_to_loras:
+            _copy_to_loras(pair.files, save.lora_name or cfg.name)
+        return (pair, to_image_tensor(loss_curve(result.losses)), str(result.run_dir))
+
+
+def _defaults(node: type) -> dict[str, Any]:
+    return {k: opts["default"] for k, (_, opts) in node.INPUT_TYPES()["required"].items()}
+
+
+def build_job(
+    experts: ExpertsBundle,
+    dataset: tuple[DatasetConfig, ...],
+    multistage: MultiStageConfig | None,
+    save: SaveSettings,
+    previews: SampleConfig | None,
+    *,
+    job_name: str,
+    trigger_word: str,
+    rank: int,
+    alpha: float,
+    lora_dropout: float,
+    target_modules: str,
+    steps: int,
+    learning_rate: float,
+    optimizer: str,
+    lr_scheduler: str,
+    warmup_steps: int,
+    batch_size: int,
+    gradient_accumulation: int,
+    timestep_type: str,
+    timestep_bias: str,
+    seed: int,
+    resume: str,
+    gradient_checkpointing: bool,
+    timestep_shift: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    adam_beta1: float,
+    adam_beta2: float,
+    adam_eps: float,
+    compute_dtype: str,
+    device: str,
+) -> JobConfig:
+    """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
+    if not dataset:
+        raise ConfigError("Train LoRA: no dataset connected - connect a Build Video Dataset node")
+    data = {
+        "name": job_name.strip(),
+        "trigger_word": trigger_word.strip() or None,
+        "model": experts.model.model_dump(),
+        "lora": {
+            "rank": rank,
+            "alpha": alpha or None,
+            "dropout": lora_dropout,
+            "target_modules": [t.strip() for t in target_modules.replace(";", ",").split(",") if t.strip()],
+        },
+        "multistage": (multistage or MultiStageConfig()).model_dump(),
+        "optimizer": {
+            "name": optimizer,
+            "lr": learning_rate,
+            "weight_decay": weight_decay,
+            "betas": (adam_beta1, adam_beta2),
+            "eps": adam_eps,
+            "lr_scheduler": lr_scheduler,
+            "warmup_steps": warmup_steps,
+            "max_grad_norm": max_grad_norm,
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "gradient_accumulation": gradient_accumulation,
+            "gradient_checkpointing": gradient_checkpointing,
+            "timestep_type": timestep_type,
+            "timestep_shift": timestep_shift,
+            "timestep_bias": timestep_bias,
+            "compute_dtype": compute_dtype,
+            "seed": seed,
+            "device": device.strip() or "auto",
+        },
+        "save": save.config.model_dump(),
+        "datasets": [d.model_dump() for d in dataset],
+        "resume": resume.strip() or None,
+    }
+    if previews is not None:
+        data["sample"] = previews.model_dump()
+    return job_from_dict(data, source="Train LoRA")
+
+
+class _StepReporter:
+    """``on_step`` / ``on_sample`` for the core loop: progress bar with a preview, node text, cancel check."""
+
+    def __init__(self, progress: host.Progress):
+        self.progress = progress
+        self.losses: list[tuple[int, str, float]] = []
+        self.sample_frame = None
+
+    def on_step(self, info: StepInfo) -> None:
+        host.check_interrupt()
+        self.losses.append((info.step, info.expert, info.loss))
+        preview = self.sample_frame or loss_curve(self.losses, 512, 256)
+        self.progress.text(
+            f"step {info.step}/{info.total_steps} | {info.expert}-noise expert | loss {info.loss:.4f} | "
+            f"lr {info.lr:.2e} | {info.seconds:.2f} s/step"
+        )
+        self.progress.update(info.step, info.total_steps, ("JPEG", preview, PREVIEW_SIZE))
+
+    def on_sample(self, step: int, videos: list[torch.Tensor]) -> None:
+        from PIL import Image
+
+        frames = videos[0]
+        middle = (frames[frames.shape[0] // 2].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        self.sample_frame = Image.fromarray(middle)
+        self.progress.text(f"preview rendered at step {step}")
+
+
+def _train(cfg: JobConfig, experts: ExpertsBundle, progress: host.Progress) -> tuple[TrainResult, LoraPair]:
+    stages = cfg.multistage.stages
+    with_previews = previews_enabled(cfg)  # previews render with both experts, trained or not
+    comps = experts.components(high=with_previews or "high" in stages, low=with_previews or "low" in stages)
+    # The run moves the text encoder to the GPU, encodes the captions and frees it; the bundle must not keep it
+    # alive there. It reloads when a Preview Sample needs it.
+    experts.forget("text_encoder")
+    reporter = _StepReporter(progress)
+    try:
+        result = run_training(
+            cfg, components=comps, on_step=reporter.on_step, on_sample=reporter.on_sample, progress_bar=False
+        )
+        dtype = _DTYPES[cfg.save.dtype]
+        tensors = {n: {k: v.cpu() for k, v in lora_state_dict_comfy(getattr(comps, n), cfg.lora, dtype).items()}
+                   for n in stages}
+    except BaseException:
+        progress.text(_stop_message(cfg))
+        raise
+    finally:
+        release_expert(comps.high)
+        release_expert(comps.low)
+        comps.vae.to("cpu")
+    files = result.lora_files or _existing_pair(cfg, result.step)
+    progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")
+    return result, LoraPair(cfg.lora, tensors, files, result.step, cfg.trigger_word)
+
+
+def _existing_pair(cfg: JobConfig, step: int) -> dict[str, Path]:
+    """The pair a resumed run found already finished (no step ran, so nothing new was saved)."""
+    paths = {n: cfg.run_dir / lora_file_name(cfg.name, step, n) for n in cfg.multistage.stages}
+    return {n: p for n, p in paths.items() if p.is_file()}
+
+
+def _stop_message(cfg: JobConfig) -> str:
+    states = list_states(cfg.run_dir)
+    if not states:
+        return (
+            f"training stopped before a resumable state was written (run folder {cfg.run_dir}); "
+            "nothing to resume from"
+        )
+    step, path = states[-1]
+    return (
+        f"training stopped; resumable state at step {step}: {path} (with its LoRA pair beside it) - queue again "
+        "with resume = latest to continue"
+    )
+
+
+def _copy_to_loras(files: dict[str, Path], name: str) -> list[Path]:
+    """Copy the final pair to ``models/loras/<name>_high_noise.safetensors`` / ``_low_noise`` (atomically)."""
+    copies = []
+    for expert, src in files.items():
+        dest = host.loras_dir() / f"{name}_{EXPERT_SUFFIX[expert]}.safetensors"
+        copies.append(atomic_write(dest, lambda tmp, src=src: shutil.copyfile(src, tmp)))
+        host.log.info("copied %s to %s", src, dest)
+    return copies

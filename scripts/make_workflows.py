@@ -1,0 +1,265 @@
+"""Regenerate the example workflows (UI format) and their .jpg thumbnails from the pack's node definitions.
+
+Run from the repository root: ``python scripts/make_workflows.py``. Widget values are written in the order
+of each node's INPUT_TYPES, so the files stay in step with the nodes. Core ComfyUI nodes are described in ``CORE``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from trainer_core.config import WAN_NEGATIVE_PROMPT
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = REPO / "example_workflows"
+
+HIGH, LOW = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+TE, VAE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"
+
+#: Core nodes used here: link inputs, outputs, widget names (a seed's control value follows it in widgets_values).
+CORE = {
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "LoraLoaderModelOnly": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "ModelSamplingSD3": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyHunyuanLatentVideo": ([], [("LATENT", "LATENT")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "KSamplerAdvanced": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        [("LATENT", "LATENT")],
+    ),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO")], [("VIDEO", "VIDEO")]),
+    "SaveVideo": ([("video", "VIDEO")], []),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "PreviewAny": ([("source", "*")], []),
+}
+
+
+def load_pack():
+    """Import the pack as ComfyUI does, with a minimal folder_paths listing the template's file names."""
+    fp = types.ModuleType("folder_paths")
+    files = {"diffusion_models": [HIGH, LOW], "text_encoders": [TE], "vae": [VAE]}
+    fp.get_filename_list = lambda kind: files.get(kind, [])
+    sys.modules.setdefault("folder_paths", fp)
+    spec = importlib.util.spec_from_file_location("wan22_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["wan22_pack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Workflow:
+    """Builds a UI-format graph: nodes with typed slots, links, widget values in input order."""
+
+    def __init__(self, pack):
+        self.pack, self.nodes, self.links = pack, [], []
+
+    def _spec(self, kind: str):
+        cls = self.pack.NODE_CLASS_MAPPINGS.get(kind)
+        if cls is None:
+            return CORE[kind]
+        spec = cls.INPUT_TYPES()
+        inputs = [(n, t) for s in ("required", "optional") for n, (t, *_) in spec.get(s, {}).items()
+                  if isinstance(t, str) and t not in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        return inputs, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+
+    def widgets(self, kind: str, **values) -> list:
+        """The pack node's widget values in input order (defaults where not given)."""
+        spec = self.pack.NODE_CLASS_MAPPINGS[kind].INPUT_TYPES()
+        out, unknown = [], set(values)
+        for section in ("required", "optional"):
+            for name, (t, *rest) in spec.get(section, {}).items():
+                opts = rest[0] if rest else {}
+                if isinstance(t, str) and t not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                    continue
+                out.append(values.get(name, opts.get("default", t[0] if isinstance(t, tuple) else None)))
+                unknown.discard(name)
+                if opts.get("control_after_generate"):
+                    out.append("fixed")
+        assert not unknown, f"{kind}: no widgets {unknown}"
+        return out
+
+    def add(self, kind: str, pos: tuple[int, int], widgets: list, size=(320, 120), title: str | None = None) -> int:
+        inputs, outputs = self._spec(kind)
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": kind,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": len(self.nodes),
+            "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": kind},
+            "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node["id"]
+
+    def connect(self, src: int, slot: int, dst: int, input_name: str) -> None:
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        k = next(i for i, x in enumerate(d["inputs"]) if x["name"] == input_name)
+        link_id = len(self.links) + 1
+        kind = s["outputs"][slot]["type"]
+        self.links.append([link_id, src, slot, dst, k, kind])
+        s["outputs"][slot]["links"].append(link_id)
+        d["inputs"][k]["link"] = link_id
+
+    def dump(self, name: str, title: str, notes: str) -> None:
+        graph = {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"title": title, "notes": notes},
+            "version": 0.4,
+        }
+        (HERE / f"{name}.json").write_text(json.dumps(graph, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        thumbnail(self, title).save(HERE / f"{name}.jpg", quality=70, optimize=True)
+
+
+def thumbnail(wf: Workflow, title: str) -> Image.Image:
+    """A small diagram of the graph: one box per node at its position, links as lines."""
+    xs = [n["pos"][0] for n in wf.nodes] + [n["pos"][0] + n["size"][0] for n in wf.nodes]
+    ys = [n["pos"][1] for n in wf.nodes] + [n["pos"][1] + n["size"][1] for n in wf.nodes]
+    x0, y0, span = min(xs), min(ys), max(max(xs) - min(xs), (max(ys) - min(ys)) * 1.6)
+    w, h, pad = 480, 300, 16
+    scale = (w - 2 * pad) / span
+
+    def p(x, y):
+        return pad + (x - x0) * scale, 28 + (y - y0) * scale
+
+    img = Image.new("RGB", (w, h), (32, 34, 40))
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 8), title, fill=(235, 235, 235))
+    for _, src, _, dst, _, _ in wf.links:
+        a, b = wf.nodes[src - 1], wf.nodes[dst - 1]
+        draw.line([p(a["pos"][0] + a["size"][0], a["pos"][1] + 20), p(b["pos"][0], b["pos"][1] + 20)],
+                  fill=(120, 160, 220), width=1)
+    for n in wf.nodes:
+        mine = n["type"].startswith("Wan22")
+        box = [*p(*n["pos"]), *p(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])]
+        draw.rectangle(box, fill=(70, 90, 60) if mine else (60, 62, 70), outline=(200, 200, 200))
+        label = wf.pack.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"])
+        draw.text((box[0] + 3, box[1] + 2), label[: max(4, int((box[2] - box[0]) / 6))], fill=(240, 240, 240))
+    return img
+
+
+def training_graph(pack, *, dataset: dict, multistage: dict, save: dict, train: dict, previews: dict | None,
+                   render: dict) -> Workflow:
+    """Experts + dataset (+ report) + multistage + save (+ previews) -> Train LoRA -> loss plot, and a render."""
+    wf = Workflow(pack)
+    experts = wf.add("Wan22LoadExperts", (0, 0), wf.widgets(
+        "Wan22LoadExperts", high_noise_model=HIGH, low_noise_model=LOW, text_encoder=TE, vae=VAE), (340, 300))
+    ds = wf.add("Wan22BuildVideoDataset", (0, 340), wf.widgets("Wan22BuildVideoDataset", **dataset), (340, 520))
+    report = wf.add("PreviewAny", (0, 900), [], (340, 200), title="Dataset report")
+    ms = wf.add("Wan22ConfigureMultiStage", (380, 0), wf.widgets("Wan22ConfigureMultiStage", **multistage), (300, 150))
+    sv = wf.add("Wan22SaveCheckpoint", (380, 190), wf.widgets("Wan22SaveCheckpoint", **save), (300, 230))
+    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 760))
+    wf.connect(ds, 1, report, "source")
+    wf.connect(experts, 0, tr, "experts")
+    wf.connect(ds, 0, tr, "dataset")
+    wf.connect(ms, 0, tr, "multistage")
+    wf.connect(sv, 0, tr, "save")
+    if previews is not None:
+        pv = wf.add("Wan22ConfigureTrainingPreviews", (380, 460),
+                    wf.widgets("Wan22ConfigureTrainingPreviews", **previews), (300, 480))
+        wf.connect(pv, 0, tr, "previews")
+    loss = wf.add("PreviewImage", (1120, 0), [], (400, 260), title="Loss curve")
+    wf.connect(tr, 1, loss, "images")
+    sample = wf.add("Wan22PreviewSample", (1120, 300), wf.widgets("Wan22PreviewSample", **render), (360, 560))
+    wf.connect(experts, 0, sample, "experts")
+    wf.connect(tr, 0, sample, "lora")
+    video = wf.add("CreateVideo", (1520, 300), [16], (220, 80))
+    wf.connect(sample, 0, video, "images")
+    save_video = wf.add("SaveVideo", (1520, 420), ["video/wan22_lora_preview", "auto", "auto"], (260, 120))
+    wf.connect(video, 0, save_video, "video")
+    return wf
+
+
+def native_render(pack) -> Workflow:
+    """ComfyUI's own Wan 2.2 graph with the trained pair from models/loras (what Save Checkpoint copies there)."""
+    wf = Workflow(pack)
+    hi = wf.add("UNETLoader", (0, 0), [HIGH, "default"], (340, 90), title="High-noise expert")
+    lo = wf.add("UNETLoader", (0, 130), [LOW, "default"], (340, 90), title="Low-noise expert")
+    lh = wf.add("LoraLoaderModelOnly", (380, 0), ["my_character_high_noise.safetensors", 1.0], (320, 90))
+    ll = wf.add("LoraLoaderModelOnly", (380, 130), ["my_character_low_noise.safetensors", 1.0], (320, 90))
+    sh = wf.add("ModelSamplingSD3", (740, 0), [8.0], (220, 60))
+    sl = wf.add("ModelSamplingSD3", (740, 130), [8.0], (220, 60))
+    clip = wf.add("CLIPLoader", (0, 260), [TE, "wan", "default"], (340, 110))
+    pos = wf.add("CLIPTextEncode", (380, 260), ["sqz woman turns her head and smiles at the camera, soft light"],
+                 (320, 140), title="Positive (use the trigger word)")
+    neg = wf.add("CLIPTextEncode", (380, 440), [WAN_NEGATIVE_PROMPT], (320, 140),
+                 title="Negative")
+    latent = wf.add("EmptyHunyuanLatentVideo", (0, 420), [640, 640, 81, 1], (300, 130))
+    vae = wf.add("VAELoader", (0, 590), [VAE], (300, 60))
+    k1 = wf.add("KSamplerAdvanced", (1000, 0), ["enable", 42, "fixed", 20, 3.5, "euler", "simple", 0, 10, "enable"],
+                (300, 330), title="High noise: steps 0-10")
+    k2 = wf.add("KSamplerAdvanced", (1000, 370),
+                ["disable", 0, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"], (300, 330),
+                title="Low noise: steps 10-end")
+    dec = wf.add("VAEDecode", (1340, 0), [], (200, 50))
+    video = wf.add("CreateVideo", (1340, 90), [16], (220, 80))
+    out = wf.add("SaveVideo", (1340, 210), ["video/wan22_lora", "auto", "auto"], (260, 120))
+    for a, b, name in ((hi, lh, "model"), (lo, ll, "model"), (lh, sh, "model"), (ll, sl, "model"),
+                       (sh, k1, "model"), (sl, k2, "model"), (k1, k2, "latent_image"), (latent, k1, "latent_image"),
+                       (k2, dec, "samples"), (vae, dec, "vae"), (dec, video, "images"), (video, out, "video"),
+                       (clip, pos, "clip"), (clip, neg, "clip")):
+        wf.connect(a, 0, b, name)
+    for k in (k1, k2):
+        wf.connect(pos, 0, k, "positive")
+        wf.connect(neg, 0, k, "negative")
+    return wf
+
+
+def main() -> None:
+    pack = load_pack()
+    character = training_graph(
+        pack,
+        dataset=dict(folder="my_character", num_frames=33, resolutions="512", caption_dropout=0.05),
+        multistage=dict(switch_every=10),
+        save=dict(save_every=250, keep_last=4, lora_name="my_character"),
+        train=dict(job_name="my_character", trigger_word="sqz", rank=16, steps=2500, learning_rate=1e-4,
+                   timestep_type="sigmoid"),
+        previews=dict(prompts="sqz woman turns her head and smiles at the camera", width=512, height=512,
+                      num_frames=33, steps=30, sample_every=250),
+        render=dict(prompts="sqz woman walks through a park at sunset, camera tracking", width=512, height=512,
+                    num_frames=33, steps=40),
+    )
+    character.dump("wan22_1_character_lora_24gb", "1 Character LoRA, 24 GB: 512 px, 33 frames, switch every 10",
+                   "Put 10-30 captioned clips in ComfyUI/input/my_character. Not yet in this version: 4-bit ARA "
+                   "quantization and cached text embeddings of the 24 GB recipe.")
+    motion = training_graph(
+        pack,
+        dataset=dict(folder="my_motion", num_frames=81, frame_sampling="fps", resolutions="768, 1024",
+                     caption_dropout=0.05),
+        multistage=dict(switch_every=1),
+        save=dict(save_every=500, keep_last=6, lora_name="my_motion"),
+        train=dict(job_name="my_motion", trigger_word="", rank=32, steps=2000, learning_rate=1e-4,
+                   timestep_type="linear", timestep_bias="balanced"),
+        previews=None,
+        render=dict(prompts="a drone shot circling a lighthouse, waves crashing", width=832, height=480,
+                    num_frames=81, steps=40),
+    )
+    motion.dump("wan22_2_motion_lora_h100", "2 Motion LoRA, H100/H200: 768-1024 px, 81 frames, switch every 1",
+                "Both experts stay resident; frames sampled at 16 fps so motion trains at real speed.")
+    native_render(pack).dump("wan22_4_render_trained_pair_native", "4 Render a trained pair, native Wan 2.2 graph",
+                             "Uses the pair Save Checkpoint copied into models/loras (my_character_*_noise).")
+
+
+if __name__ == "__main__":
+    main()

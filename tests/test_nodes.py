@@ -1,0 +1,474 @@
+"""The ComfyUI nodes, called exactly as ComfyUI calls them, with fake ComfyUI modules and the tiny preset.
+
+References: the core called directly with the equivalent JobConfig / SampleConfig (the nodes must be thin
+adapters), ComfyUI's LoRA key-mapping rule, and float64 arithmetic for the loss smoothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import comfy_fakes as F  # noqa: E402
+
+from tests.model_fixtures import save_comfy_files, save_diffusers_folder, tiny_components  # noqa: E402
+from trainer_core.config import ModelConfig, SampleConfig, job_from_dict  # noqa: E402
+from trainer_core.data import make_synthetic_dataset  # noqa: E402
+from trainer_core.errors import ConfigError, DatasetError  # noqa: E402
+from trainer_core.keys import diffusers_state_dict_to_original  # noqa: E402
+from trainer_core.models import load_components  # noqa: E402
+from trainer_core.sample import attach_lora_file, encode_sample_prompts, sample_videos  # noqa: E402
+from trainer_core.train.loop import run_training  # noqa: E402
+
+DISPLAY_NAMES = {
+    "Wan22LoadExperts": "Load Wan22 Experts",
+    "Wan22BuildVideoDataset": "Build Video Dataset",
+    "Wan22ConfigureMultiStage": "Configure MultiStage",
+    "Wan22SaveCheckpoint": "Save Checkpoint",
+    "Wan22TrainLoRA": "Train LoRA",
+    "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
+    "Wan22PreviewSample": "Preview Sample",
+    "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
+}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": False}
+
+
+@pytest.fixture
+def host(monkeypatch, tmp_path):
+    return F.install(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def pack(host):
+    return F.load_pack()
+
+
+@pytest.fixture
+def N(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture
+def clips(host):
+    return make_synthetic_dataset(host.root / "input" / "clips", n_clips=4, num_frames=5, size=(32, 32), seed=0)
+
+
+def widgets(node_cls, **overrides):
+    """Default widget values (no links) with ``overrides``."""
+    return {**F.defaults(node_cls), **overrides}
+
+
+def graph(N, host, *, dataset=None, multistage=None, save=None, previews=None, **train):
+    """Load Wan22 Experts (tiny) -> Build Video Dataset -> [MultiStage, Save] -> Train LoRA; returns (bundle, outputs)."""
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(
+        N["Wan22BuildVideoDataset"], folder="clips", num_frames=5, resolutions="32", **(dataset or {})))
+    (ms,) = F.call(N["Wan22ConfigureMultiStage"], **widgets(N["Wan22ConfigureMultiStage"], switch_every=2,
+                                                            **(multistage or {})))
+    (sv,) = F.call(N["Wan22SaveCheckpoint"], **widgets(N["Wan22SaveCheckpoint"], **(save or {})))
+    out = F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, multistage=ms, save=sv, previews=previews,
+                 unique_id="5", **widgets(N["Wan22TrainLoRA"], **{**TRAIN_FAST, **train}))
+    return bundle, out
+
+
+# ------------------------------------------------------------------------------------------------ contract
+
+
+def test_pack_imports_as_comfyui_loads_it(pack):
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == DISPLAY_NAMES
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(DISPLAY_NAMES)
+    assert all(k.startswith("Wan22") for k in pack.NODE_CLASS_MAPPINGS)
+    # ComfyUI's own top-level `nodes` module (faked here) is left alone: the pack reaches its nodes relatively.
+    assert not hasattr(sys.modules["nodes"], "NODE_CLASS_MAPPINGS")
+
+
+@pytest.mark.parametrize("node_id", sorted(DISPLAY_NAMES))
+def test_node_contract(N, node_id):
+    cls = N[node_id]
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+    assert cls.CATEGORY and cls.DESCRIPTION
+    inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, (kind, *rest) in inputs.items():
+        opts = rest[0] if rest else {}
+        assert opts.get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
+        if isinstance(kind, (list, tuple)):
+            assert opts.get("default", kind[0]) in kind, f"{node_id}.{name} default not among its choices"
+        elif kind in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"], name
+            assert isinstance(opts["default"], int if kind == "INT" else float), name
+        elif kind in ("STRING", "BOOLEAN"):
+            assert isinstance(opts["default"], str if kind == "STRING" else bool), name
+    # The FUNCTION takes exactly the inputs (Train LoRA forwards its widgets to build_job's keyword arguments).
+    fn = getattr(cls, cls.FUNCTION)
+    params = inspect.signature(fn).parameters
+    named = {n for n, p in params.items() if n != "self" and p.kind != p.VAR_KEYWORD}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        named |= set(inspect.signature(sys.modules[cls.__module__].build_job).parameters)
+        named -= {"experts", "dataset", "multistage", "save", "previews"} - set(inputs)
+    assert named == set(inputs) | set(spec.get("hidden", {}))
+    for name in {**spec.get("optional", {}), **spec.get("hidden", {})}:
+        assert params[name].default is None, f"optional input {name} needs a default"
+
+
+def test_training_seeds_do_not_randomize_after_each_queue(N):
+    """ComfyUI's frontend adds a randomizing control to INT inputs named 'seed' unless told otherwise; on a training
+    node that would retrain on every queue."""
+    assert N["Wan22TrainLoRA"].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is False
+    assert N["Wan22ConfigureTrainingPreviews"].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is False
+    assert N["Wan22PreviewSample"].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is True
+    for cls in N.values():
+        assert not hasattr(cls, "IS_CHANGED") or cls is N["Wan22BuildVideoDataset"]
+        assert not getattr(cls, "NOT_IDEMPOTENT", False)
+
+
+# ------------------------------------------------------------------------------ every widget changes something
+
+
+def _job(N, host, clips, **train):
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
+                                                          num_frames=5, resolutions="32"))
+    (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
+    return mod.build_job(bundle, ds, None, sv, None, **widgets(N["Wan22TrainLoRA"], **train))
+
+
+TRAIN_WIDGETS = [
+    ("job_name", "my_char", "name", "my_char"),
+    ("trigger_word", "sqz", "trigger_word", "sqz"),
+    ("rank", 32, "lora.rank", 32),
+    ("alpha", 8.0, "lora.alpha", 8.0),
+    ("lora_dropout", 0.1, "lora.dropout", 0.1),
+    ("target_modules", "self_attn.q, ffn.2", "lora.target_modules", ["self_attn.q", "ffn.2"]),
+    ("steps", 3000, "train.steps", 3000),
+    ("learning_rate", 5e-5, "optimizer.lr", 5e-5),
+    ("optimizer", "adamw", "optimizer.name", "adamw"),
+    ("lr_scheduler", "cosine", "optimizer.lr_scheduler", "cosine"),
+    ("warmup_steps", 50, "optimizer.warmup_steps", 50),
+    ("batch_size", 2, "train.batch_size", 2),
+    ("gradient_accumulation", 4, "train.gradient_accumulation", 4),
+    ("timestep_type", "sigmoid", "train.timestep_type", "sigmoid"),
+    ("timestep_bias", "high_noise", "train.timestep_bias", "high_noise"),
+    ("seed", 7, "train.seed", 7),
+    ("resume", "latest", "resume", "latest"),
+    ("gradient_checkpointing", False, "train.gradient_checkpointing", False),
+    ("timestep_shift", 3.0, "train.timestep_shift", 3.0),
+    ("weight_decay", 0.0, "optimizer.weight_decay", 0.0),
+    ("max_grad_norm", 0.0, "optimizer.max_grad_norm", 0.0),
+    ("adam_beta1", 0.8, "optimizer.betas", (0.8, 0.999)),
+    ("adam_beta2", 0.99, "optimizer.betas", (0.9, 0.99)),
+    ("adam_eps", 1e-6, "optimizer.eps", 1e-6),
+    ("compute_dtype", "fp16", "train.compute_dtype", "fp16"),
+    ("device", "cpu", "train.device", "cpu"),
+]
+
+
+def _get(cfg, path):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_every_train_widget_reaches_the_job_config(N, host, clips):
+    base = _job(N, host, clips)
+    spec = N["Wan22TrainLoRA"].INPUT_TYPES()["required"]
+    assert {w for w, *_ in TRAIN_WIDGETS} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
+                                             isinstance(t, tuple)}
+    for widget, value, path, expected in TRAIN_WIDGETS:
+        cfg = _job(N, host, clips, **{widget: value})
+        assert _get(cfg, path) == expected != _get(base, path), widget
+    # the defaults are the core's defaults (alpha 0 = rank, empty trigger/resume = none)
+    assert base.lora.effective_alpha == base.lora.rank and base.trigger_word is None and base.resume is None
+
+
+def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clips, monkeypatch):
+    ds_cls, ms_cls, sv_cls, ex_cls = (N[k] for k in (
+        "Wan22BuildVideoDataset", "Wan22ConfigureMultiStage", "Wan22SaveCheckpoint", "Wan22LoadExperts"))
+    changes = {
+        "caption_ext": "caption", "default_caption": "a clip", "num_frames": 1, "frame_sampling": "fps",
+        "fps": 24.0, "window_start": "start", "short_clip": "skip", "weight": 2.0, "repeats": 3,
+        "caption_dropout": 0.0, "prepend_trigger": True, "flip_x": True, "flip_y": True, "is_regularization": True,
+        "cache_latents": True,
+    }
+    base_ds = widgets(ds_cls, folder="clips", num_frames=5, resolutions="32")
+    assert set(changes) | {"folder", "resolutions"} == set(base_ds)
+    # Scanning is the core's (tested there); here only the DatasetConfig handed to it matters.
+    scanned = []
+    monkeypatch.setattr(sys.modules[ds_cls.__module__], "build_dataset", lambda cfgs, trig, seed: scanned.append(
+        cfgs) or type("Report", (), {"report": lambda self: "ok"})())
+    (base,), report = F.call(ds_cls, **base_ds)
+    assert report == "ok" and scanned[-1] == [base]
+    for k, v in changes.items():
+        (cfg,), _ = F.call(ds_cls, **{**base_ds, k: v})
+        assert getattr(cfg, k) == v != getattr(base, k), k
+    (cfg,), _ = F.call(ds_cls, **{**base_ds, "resolutions": "32, 48"})
+    assert cfg.resolutions == [32, 48] and base.resolutions == [32]
+    assert base.folder == str(host.root / "input" / "clips")
+
+    (base_ms,) = F.call(ms_cls, **widgets(ms_cls))
+    for k, v in {"train_high_noise": False, "train_low_noise": False, "switch_every": 1, "boundary": 0.9}.items():
+        (cfg,) = F.call(ms_cls, **{**widgets(ms_cls), k: v})
+        assert getattr(cfg, k) == v != getattr(base_ms, k), k
+
+    (base_sv,) = F.call(sv_cls, **widgets(sv_cls))
+    assert base_sv.config.output_dir == str(host.root / "output" / "wan22_lora")
+    for k, v in {"save_every": 500, "keep_last": 6, "dtype": "fp16", "save_training_state": False}.items():
+        (s,) = F.call(sv_cls, **{**widgets(sv_cls), k: v})
+        assert getattr(s.config, k) == v != getattr(base_sv.config, k), k
+    (s,) = F.call(sv_cls, **{**widgets(sv_cls), "output_dir": "/abs/runs"})
+    assert s.config.output_dir == "/abs/runs"
+    (s,) = F.call(sv_cls, **{**widgets(sv_cls), "copy_to_loras": False, "lora_name": "wan22/my_style"})
+    assert (s.copy_to_loras, s.lora_name, base_sv.copy_to_loras, base_sv.lora_name) == (False, "wan22/my_style", True, "")
+    with pytest.raises(ConfigError, match="lora_name"):
+        F.call(sv_cls, **{**widgets(sv_cls), "lora_name": "../escape"})
+
+    for name in ("a.safetensors", "b.safetensors"):
+        for kind in ("diffusion_models", "text_encoders", "vae"):
+            (host.folder(kind) / name).write_bytes(b"")
+    ex = widgets(ex_cls, source="comfy files", high_noise_model="a.safetensors")
+    (base_ex,) = F.call(ex_cls, **ex)
+    assert base_ex.model.high_noise == str(host.folder("diffusion_models") / "a.safetensors")
+    assert base_ex.model.source is None and base_ex.model.low_noise is None
+    for k, field, v in [("low_noise_model", "low_noise", "b.safetensors"), ("text_encoder", "text_encoder", "b.safetensors"),
+                        ("vae", "vae", "b.safetensors"), ("dtype", "dtype", "fp16"),
+                        ("text_encoder_dtype", "text_encoder_dtype", "fp32"), ("vae_dtype", "vae_dtype", "bf16")]:
+        (b,) = F.call(ex_cls, **{**ex, k: v})
+        assert getattr(b.model, field) not in (None, getattr(base_ex.model, field)), k
+    (b,) = F.call(ex_cls, **{**ex, "source": "HF repo id", "folder_or_repo": "Wan-AI/Wan2.2-T2V-A14B-Diffusers"})
+    assert b.model.source == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    (host.folder("diffusers") / "wan22").mkdir()
+    (b,) = F.call(ex_cls, **{**ex, "source": "diffusers folder", "folder_or_repo": "wan22"})
+    assert b.model.source == str(host.folder("diffusers") / "wan22")
+    with pytest.raises(ConfigError, match="does not exist"):
+        F.call(ex_cls, **{**ex, "source": "diffusers folder", "folder_or_repo": "missing"})
+    with pytest.raises(ConfigError, match="repo id"):
+        F.call(ex_cls, **{**ex, "source": "HF repo id", "folder_or_repo": "not a repo"})
+    with pytest.raises(ConfigError, match="no model given"):
+        F.call(ex_cls, **widgets(ex_cls, source="comfy files"))
+
+
+def test_comfy_files_and_diffusers_folder_load_the_same_weights_as_the_core(N, host):
+    ref = tiny_components()
+    files = save_comfy_files(ref, host.folder("diffusion_models"), dtype=torch.float32)
+    shutil.move(files["text_encoder"], host.folder("text_encoders"))
+    shutil.move(files["vae"], host.folder("vae"))
+    ex_cls = N["Wan22LoadExperts"]
+    (bundle,) = F.call(ex_cls, **widgets(
+        ex_cls, source="comfy files", high_noise_model=files["high"].name, low_noise_model=files["low"].name,
+        text_encoder=files["text_encoder"].name, vae=files["vae"].name, dtype="fp32", text_encoder_dtype="fp32"))
+    comps = bundle.components()
+    for mine, theirs in ((comps.high, ref.high), (comps.low, ref.low), (comps.vae, ref.vae),
+                         (comps.text_encoder, ref.text_encoder)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not any(p.is_inference() for p in mine.parameters())  # loaded trainable despite inference mode
+    save_diffusers_folder(ref, host.folder("diffusers") / "tiny_wan")
+    (bundle,) = F.call(ex_cls, **widgets(ex_cls, source="diffusers folder", folder_or_repo="tiny_wan", dtype="fp32"))
+    high = bundle.components(low=False, vae=False, text_encoder=False).high
+    assert all(torch.equal(high.state_dict()[k], v) for k, v in ref.high.state_dict().items())
+    assert bundle.loaded.low is None  # only what was asked for is loaded
+
+
+def test_dataset_chain_report_and_folder_digest(N, host, clips):
+    ds_cls = N["Wan22BuildVideoDataset"]
+    other = make_synthetic_dataset(host.root / "elsewhere", n_clips=2, num_frames=5, size=(32, 32), seed=1)
+    first, _ = F.call(ds_cls, **widgets(ds_cls, folder="clips", num_frames=5, resolutions="32"))
+    chain, report = F.call(ds_cls, **widgets(ds_cls, folder=str(other), num_frames=5, resolutions="32",
+                                              weight=2.0), dataset=first)
+    assert [c.folder for c in chain] == [str(clips), str(other)] and chain[1].weight == 2.0
+    assert report.startswith("2 dataset(s), 6 item(s)")
+    with pytest.raises(DatasetError, match="does not exist"):
+        F.call(ds_cls, **widgets(ds_cls, folder="nope"))
+    with pytest.raises(ConfigError, match="resolutions"):
+        F.call(ds_cls, **widgets(ds_cls, folder="clips", resolutions="512px"))
+    before = ds_cls.IS_CHANGED(folder="clips")
+    assert ds_cls.IS_CHANGED(folder="clips") == before
+    shutil.copy(clips / "clip000.mp4", clips / "clip009.mp4")
+    assert ds_cls.IS_CHANGED(folder="clips") != before
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_train_node_equals_the_core_run_and_publishes_the_pair(N, host, clips):
+    bundle, (pair, curve, run_dir) = graph(N, host, trigger_word="sqz", save={"lora_name": "wan22/char"})
+    # Reference: the core's own run with the same settings, written elsewhere.
+    ref_cfg = job_from_dict({
+        "name": "wan22_lora", "trigger_word": "sqz", "model": {"source": "tiny"},
+        "multistage": {"switch_every": 2}, "optimizer": {"name": "adamw"},
+        "train": {"steps": 4, "compute_dtype": "fp32", "gradient_checkpointing": False},
+        "save": {"output_dir": str(host.root / "ref")},
+        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}],
+    })
+    ref = run_training(ref_cfg, progress_bar=False)
+    assert Path(run_dir) == host.root / "output" / "wan22_lora" / "wan22_lora"
+    for expert in ("high", "low"):
+        theirs = load_file(str(ref.lora_files[expert]))
+        mine_file = load_file(str(pair.files[expert]))
+        copy = load_file(str(host.folder("loras") / "wan22" / f"char_{expert}_noise.safetensors"))
+        assert theirs.keys() == mine_file.keys() == pair.tensors[expert].keys() == copy.keys()
+        for k in theirs:
+            assert torch.equal(theirs[k], pair.tensors[expert][k]) and torch.equal(theirs[k], copy[k])
+    assert pair.step == 4 and pair.trigger_word == "sqz" and pair.lora == ref_cfg.lora
+    # loss curve: ComfyUI IMAGE of the run's losses
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.dtype == torch.float32
+    assert 0.0 <= curve.min() and curve.max() <= 1.0
+    # live progress: one update per step, each with a JPEG preview; node text per step; ComfyUI unloaded first
+    assert [(v, t) for v, t, _ in host.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(p[0] == "JPEG" and isinstance(p[1], Image.Image) for _, _, p in host.progress)
+    steps_text = [t for node, t in host.texts if node == "5" and t.startswith("step ")]
+    assert len(steps_text) == 4 and "expert" in steps_text[0] and "s/step" in steps_text[0]
+    assert host.unloads == 1
+    # the shared bundle is handed back clean: no adapter, eval mode, CPU, base weights untouched
+    base = load_components(ModelConfig(source="tiny"), vae=False, text_encoder=False)
+    for name in ("high", "low"):
+        model = getattr(bundle.loaded, name)
+        assert not getattr(model, "peft_config", None) and not model.training
+        assert not model.is_gradient_checkpointing
+        assert all(torch.equal(v, getattr(base, name).state_dict()[k]) for k, v in model.state_dict().items())
+    assert bundle.loaded.text_encoder is None  # freed by training, reloaded on demand
+
+
+def test_second_run_on_the_same_bundle_and_single_expert(N, host, clips):
+    bundle, (pair, _, _) = graph(N, host, steps=2)
+    (ms,) = F.call(N["Wan22ConfigureMultiStage"], **widgets(N["Wan22ConfigureMultiStage"], train_high_noise=False))
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
+                                                          num_frames=5, resolutions="32"))
+    pair2, _, run_dir = F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, multistage=ms,
+                               **widgets(N["Wan22TrainLoRA"], **{**TRAIN_FAST, "steps": 2, "job_name": "low_only"}))
+    assert set(pair2.tensors) == set(pair2.files) == {"low"}
+    assert Path(run_dir).name == "low_only"  # default save settings: <ComfyUI output>/wan22_lora/<job>
+    assert sorted(p.name for p in host.folder("loras").iterdir()) == [
+        "low_only_low_noise.safetensors", "wan22_lora_high_noise.safetensors", "wan22_lora_low_noise.safetensors"]
+
+
+def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips):
+    host.interrupt_after = 3  # the user presses cancel during step 3
+    with pytest.raises(F.InterruptProcessingException):
+        graph(N, host, steps=6, save={"save_every": 0})
+    run = host.root / "output" / "wan22_lora" / "wan22_lora"
+    assert (run / "training_state_000003.safetensors").is_file()
+    assert (run / "wan22_lora_000003_high_noise.safetensors").is_file()
+    assert any("resumable state at step 3" in t and "resume = latest" in t for _, t in host.texts)
+    assert not (host.folder("loras") / "wan22_lora_high_noise.safetensors").exists()  # only finished runs are copied
+    host.interrupt_after = None
+    bundle, (pair, _, _) = graph(N, host, steps=6, save={"save_every": 0}, resume="latest")
+    assert pair.step == 6 and [v for v, _, _ in host.progress][-3:] == [4, 5, 6]
+    for name in ("high", "low"):
+        assert not getattr(getattr(bundle.loaded, name), "peft_config", None)
+
+
+def test_training_previews_reach_the_progress_preview(N, host, clips):
+    cls = N["Wan22ConfigureTrainingPreviews"]
+    (previews,) = F.call(cls, **widgets(cls, prompts="a red square moving right", width=32, height=32,
+                                        num_frames=5, steps=2, sample_every=2, sampler="euler"))
+    assert isinstance(previews, SampleConfig) and previews.sample_every == 2
+    _, (_, _, run_dir) = graph(N, host, previews=previews)
+    assert sorted(p.name for p in (Path(run_dir) / "samples").iterdir()) == [
+        "wan22_lora_000002_00.mp4", "wan22_lora_000004_00.mp4"]
+    # after the first preview, the progress preview is the rendered frame (32x32), before it the loss plot
+    sizes = [p[1].size for _, _, p in host.progress]
+    assert sizes[0] == (512, 256) and sizes[2:] == [(32, 32), (32, 32)]
+    with pytest.raises(ConfigError, match="prompts is empty"):
+        F.call(cls, **widgets(cls))
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def test_preview_sample_matches_the_core_sampler_with_the_saved_files(N, host, clips):
+    bundle, (pair, _, _) = graph(N, host)
+    cls = N["Wan22PreviewSample"]
+    settings = dict(prompts="a red square moving right\n\na blue square moving up", width=32, height=32,
+                    num_frames=5, steps=3, shift=5.0, sampler="euler", guidance_high=3.0, guidance_low=2.0,
+                    seed=11, lora_strength_low=0.5, boundary=0.9)
+    (frames,) = F.call(cls, experts=bundle, lora=pair, unique_id="9", **widgets(cls, **settings))
+    # Reference: the core sampler on freshly loaded components with the LoRA files attached.
+    ref = load_components(ModelConfig(source="tiny"))
+    for expert in ("high", "low"):
+        attach_lora_file(getattr(ref, expert), pair.files[expert], expert=expert)
+    cfg = SampleConfig(prompts=["a red square moving right", "a blue square moving up"], width=32, height=32,
+                       num_frames=5, steps=3, shift=5.0, sampler="euler", guidance_high=3.0, guidance_low=2.0,
+                       seed=11, lora_strength_low=0.5)
+    videos = sample_videos(ref.high, ref.low, ref.vae, encode_sample_prompts(ref.text_encoder, ref.tokenizer, cfg),
+                           cfg, 0.9)
+    assert frames.shape == (10, 32, 32, 3)
+    torch.testing.assert_close(frames, torch.cat(videos), rtol=0, atol=1e-5)
+    assert [v for v, _, _ in host.progress][-6:] == [1, 2, 3, 4, 5, 6]
+    assert not getattr(bundle.loaded.high, "peft_config", None)  # adapter removed again
+    # strength 0 on both experts renders the base model, the same as no LoRA at all
+    base_settings = {**settings, "lora_strength_high": 0.0, "lora_strength_low": 0.0}
+    (zero,) = F.call(cls, experts=bundle, lora=pair, **widgets(cls, **base_settings))
+    (none,) = F.call(cls, experts=bundle, **widgets(cls, **base_settings))
+    torch.testing.assert_close(zero, none, rtol=0, atol=1e-6)
+    assert not torch.allclose(zero, frames, atol=1e-3)
+
+
+def test_preview_sample_widgets_reach_the_sampler(N, host, monkeypatch):
+    cls = N["Wan22PreviewSample"]
+    mod = sys.modules[cls.__module__]
+    seen = []
+    monkeypatch.setattr(mod, "sample_videos", lambda h, l, v, cache, cfg, boundary, on_step: seen.append(
+        (cfg, boundary)) or [torch.zeros(1, 16, 16, 3)])
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    base = widgets(cls, prompts="a cat")
+    F.call(cls, experts=bundle, **base)
+    changes = {"negative_prompt": "blurry", "width": 64, "height": 96, "num_frames": 9, "steps": 20, "shift": 8.0,
+               "sampler": "euler", "guidance_high": 2.0, "guidance_low": 1.0, "seed": 3, "walk_seeds": False,
+               "vae_tiling": True, "lora_strength_high": 0.7, "lora_strength_low": 0.3}
+    assert set(changes) | {"prompts", "boundary"} == set(widgets(cls))
+    for k, v in changes.items():
+        F.call(cls, experts=bundle, **{**base, k: v})
+        assert getattr(seen[-1][0], k) == v != getattr(seen[0][0], k), k
+    F.call(cls, experts=bundle, **{**base, "prompts": "a\nb", "boundary": 0.5})
+    assert seen[-1][0].prompts == ["a", "b"] and seen[-1][1] == 0.5 and seen[0][1] == 0.875
+    with pytest.raises(ConfigError, match="prompts is empty"):
+        F.call(cls, experts=bundle, **widgets(cls))
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        F.call(cls, experts=bundle, **{**base, "width": 50})
+
+
+def test_apply_pair_patches_comfyui_models_with_mappable_keys(N, host, clips):
+    _, (pair, _, _) = graph(N, host)
+    cls = N["Wan22ApplyLoraPair"]
+    high, low = object(), object()
+    out = F.call(cls, model_high=high, model_low=low, lora=pair, strength_high=0.8, strength_low=0.0)
+    assert out[1] is low and out[0] == ("patched", high, 0.8)  # strength 0 leaves the model as it was
+    assert host.patches[0][1] is pair.tensors["high"]
+    # ComfyUI maps a LoRA key 'diffusion_model.<module>' to the model weight '<module>.weight' of its Wan model
+    # (comfy.lora.model_lora_keys_unet); every module named in the pair must exist in the original layout.
+    original = diffusers_state_dict_to_original(tiny_components().high.state_dict())
+    modules = {k.removesuffix(".weight") for k in original if k.endswith(".weight")}
+    for key in pair.tensors["high"]:
+        module = key.removeprefix("diffusion_model.").rsplit(".", 2 if key.endswith("weight") else 1)[0]
+        assert key.startswith("diffusion_model.") and module in modules, key
+
+
+# ------------------------------------------------------------------------------------------------ loss plot
+
+
+def test_loss_smoothing_and_plot(pack):
+    plot = sys.modules[f"{F.PACK_NAME}.nodes.loss_plot"]
+    vals = [1.0, 0.5, 0.8, 0.2, 0.4]
+    w = 0.9
+    ref = [sum(w ** (i - j) * (1 - w) * vals[j] for j in range(i + 1)) / (1 - w ** (i + 1)) for i in range(len(vals))]
+    assert plot.smooth(vals, w) == pytest.approx(ref, rel=1e-12)
+    losses = [(s, "high" if s <= 20 else "low", 2.0 - s / 40) for s in range(1, 41)]
+    img = plot.loss_curve(losses, 400, 200)
+    px = img.load()
+    cols = {e: [x for x in range(img.width) for y in range(img.height) if px[x, y] == c] for e, c in plot.COLOURS.items()}
+    assert cols["high"] and cols["low"] and min(cols["low"]) > min(cols["high"])  # low trained later: drawn to the right
+    tensor = plot.to_image_tensor(img)
+    assert tensor.shape == (1, 200, 400, 3) and tensor.dtype == torch.float32
+    assert plot.to_image_tensor(plot.loss_curve([])).shape == (1, 384, 768, 3)

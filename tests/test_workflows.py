@@ -1,0 +1,210 @@
+"""The example workflows: node types exist, links join matching types, widget values fit, thumbnails are small; the
+pack's part of workflows 1 and 2 runs on the tiny preset through the node classes as ComfyUI would run it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import comfy_fakes as F  # noqa: E402
+
+from trainer_core.data import make_synthetic_dataset  # noqa: E402
+
+WORKFLOWS = sorted((F.REPO / "example_workflows").glob("*.json"))
+MODEL_FILE = "safetensors"  # file combos: any .safetensors name (the user's installation decides the list)
+
+#: Core ComfyUI nodes the workflows may use (from ComfyUI's nodes.py / comfy_extras, Oct 2025):
+#: name -> (inputs in widget order as (name, type, widget spec or None for links), output types).
+CORE = {
+    "UNETLoader": ([("unet_name", MODEL_FILE, {}), ("weight_dtype", ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast",
+                                                                    "fp8_e5m2"], {})], ["MODEL"]),
+    "LoraLoaderModelOnly": ([("model", "MODEL", None), ("lora_name", MODEL_FILE, {}),
+                             ("strength_model", "FLOAT", {"min": -100.0, "max": 100.0})], ["MODEL"]),
+    "ModelSamplingSD3": ([("model", "MODEL", None), ("shift", "FLOAT", {"min": 0.0, "max": 100.0})], ["MODEL"]),
+    "CLIPLoader": ([("clip_name", MODEL_FILE, {}), ("type", ["stable_diffusion", "wan"], {}),
+                    ("device", ["default", "cpu"], {})], ["CLIP"]),
+    "CLIPTextEncode": ([("text", "STRING", {}), ("clip", "CLIP", None)], ["CONDITIONING"]),
+    "EmptyHunyuanLatentVideo": ([("width", "INT", {"min": 16, "max": 16384}), ("height", "INT", {"min": 16, "max": 16384}),
+                                 ("length", "INT", {"min": 1, "max": 16384}), ("batch_size", "INT", {"min": 1, "max": 4096})],
+                                ["LATENT"]),
+    "VAELoader": ([("vae_name", MODEL_FILE, {})], ["VAE"]),
+    "KSamplerAdvanced": ([("model", "MODEL", None), ("add_noise", ["enable", "disable"], {}),
+                          ("noise_seed", "INT", {"min": 0, "max": 2**64 - 1, "control_after_generate": True}),
+                          ("steps", "INT", {"min": 1, "max": 10000}), ("cfg", "FLOAT", {"min": 0.0, "max": 100.0}),
+                          ("sampler_name", ["euler", "uni_pc"], {}), ("scheduler", ["simple", "normal"], {}),
+                          ("positive", "CONDITIONING", None), ("negative", "CONDITIONING", None),
+                          ("latent_image", "LATENT", None), ("start_at_step", "INT", {"min": 0, "max": 10000}),
+                          ("end_at_step", "INT", {"min": 0, "max": 10000}),
+                          ("return_with_leftover_noise", ["disable", "enable"], {})], ["LATENT"]),
+    "VAEDecode": ([("samples", "LATENT", None), ("vae", "VAE", None)], ["IMAGE"]),
+    "CreateVideo": ([("images", "IMAGE", None), ("fps", "FLOAT", {"min": 1.0, "max": 120.0}), ("audio", "AUDIO", None)],
+                    ["VIDEO"]),
+    "SaveVideo": ([("video", "VIDEO", None), ("filename_prefix", "STRING", {}), ("format", ["auto", "mp4"], {}),
+                   ("codec", ["auto", "h264"], {})], []),
+    "PreviewImage": ([("images", "IMAGE", None)], []),
+    "PreviewAny": ([("source", "*", None)], []),
+}
+OPTIONAL_LINKS = {("CreateVideo", "audio"), ("Wan22TrainLoRA", "multistage"), ("Wan22TrainLoRA", "save"),
+                  ("Wan22TrainLoRA", "previews"), ("Wan22PreviewSample", "lora"), ("Wan22BuildVideoDataset", "dataset")}
+
+
+def node_spec(pack, kind):
+    """(inputs as (name, type, widget options or None), output types) for a pack node or a listed core node."""
+    cls = pack.NODE_CLASS_MAPPINGS.get(kind)
+    if cls is None:
+        assert kind in CORE, f"unknown node type {kind}"
+        return CORE[kind]
+    spec = cls.INPUT_TYPES()
+    inputs = []
+    for section in ("required", "optional"):
+        for name, (t, *rest) in spec.get(section, {}).items():
+            opts = rest[0] if rest else {}
+            widget = isinstance(t, (list, tuple)) or t in ("INT", "FLOAT", "STRING", "BOOLEAN")
+            inputs.append((name, list(t) if isinstance(t, tuple) else t, opts if widget else None))
+    return inputs, list(cls.RETURN_TYPES)
+
+
+def to_api(pack, workflow):
+    """UI format -> API format (ComfyUI's prompt): widget values by input name, links as [node id, slot]."""
+    links = {link[0]: link for link in workflow["links"]}
+    api = {}
+    for node in workflow["nodes"]:
+        inputs, _ = node_spec(pack, node["type"])
+        values = list(node["widgets_values"])
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i["link"] is not None}
+        prompt = {}
+        for name, t, opts in inputs:
+            if opts is not None:
+                prompt[name] = values.pop(0)
+                if opts.get("control_after_generate"):
+                    assert values.pop(0) in ("fixed", "randomize", "increment", "decrement"), name
+            if name in linked:
+                prompt[name] = [linked[name][1], linked[name][2]]
+        assert not values, f"{node['type']}: {len(values)} widget values left over"
+        api[node["id"]] = {"class_type": node["type"], "inputs": prompt}
+    return api
+
+
+@pytest.fixture
+def pack(monkeypatch, tmp_path):
+    host = F.install(monkeypatch, tmp_path)
+    for kind, name in (("diffusion_models", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+                       ("diffusion_models", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+                       ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("vae", "wan_2.1_vae.safetensors")):
+        (host.folder(kind) / name).write_bytes(b"")
+    pack = F.load_pack()
+    pack.host = host
+    return pack
+
+
+def test_the_expected_workflows_and_thumbnails_exist():
+    names = [p.stem for p in WORKFLOWS]
+    assert names == ["wan22_1_character_lora_24gb", "wan22_2_motion_lora_h100", "wan22_4_render_trained_pair_native"]
+    for path in WORKFLOWS:
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.stat().st_size < 30_000 and thumb.read_bytes()[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_well_formed(pack, path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert wf["last_node_id"] == max(nodes) and wf["last_link_id"] == max(link[0] for link in wf["links"])
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        out_types = node_spec(pack, nodes[src]["type"])[1]
+        dst_inputs = [(n, t) for n, t, _ in node_spec(pack, nodes[dst]["type"])[0]]
+        name = nodes[dst]["inputs"][dst_slot]["name"]
+        declared = dict(dst_inputs)[name]
+        assert out_types[src_slot] == kind == nodes[src]["outputs"][src_slot]["type"], link_id
+        assert declared in (kind, "*"), f"link {link_id}: {kind} into {nodes[dst]['type']}.{name} ({declared})"
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and link_id in nodes[src]["outputs"][src_slot]["links"]
+    api = to_api(pack, wf)
+    for node_id, node in api.items():
+        inputs, _ = node_spec(pack, node["class_type"])
+        for name, t, opts in inputs:
+            if opts is None:
+                assert name in node["inputs"] or (node["class_type"], name) in OPTIONAL_LINKS, (node_id, name)
+                continue
+            value = node["inputs"][name]
+            if t == MODEL_FILE:
+                assert value.endswith(".safetensors"), (node_id, name, value)
+            elif isinstance(t, list):
+                assert value in t, (node_id, name, value)
+            elif t in ("INT", "FLOAT"):
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (node_id, name)
+                assert opts.get("min", value) <= value <= opts.get("max", value), (node_id, name, value)
+            else:
+                assert isinstance(value, {"STRING": str, "BOOLEAN": bool}[t]), (node_id, name, value)
+    # every pack node's widget values are accepted by the node itself (validated settings)
+    if any(n["class_type"] == "Wan22TrainLoRA" for n in api.values()):
+        train = next(n for n in api.values() if n["class_type"] == "Wan22TrainLoRA")["inputs"]
+        assert train["job_name"] and train["steps"] >= 1000
+
+
+def _run_pack_part(pack, api, patches):
+    """Execute the pack's nodes in dependency order as ComfyUI does (outputs of linked nodes as inputs)."""
+    outputs, order = {}, []
+
+    def visit(node_id):
+        if node_id in outputs or not api[node_id]["class_type"].startswith("Wan22"):
+            return
+        for v in api[node_id]["inputs"].values():
+            if isinstance(v, list):
+                visit(v[0])
+        cls = pack.NODE_CLASS_MAPPINGS[api[node_id]["class_type"]]
+        kwargs = {k: (outputs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in api[node_id]["inputs"].items()}
+        kwargs.update(patches.get(api[node_id]["class_type"], {}))
+        if "unique_id" in cls.INPUT_TYPES().get("hidden", {}):
+            kwargs["unique_id"] = str(node_id)
+        outputs[node_id] = F.call(cls, **kwargs)
+        order.append(api[node_id]["class_type"])
+
+    for node_id in api:
+        visit(node_id)
+    return outputs, order
+
+
+@pytest.mark.parametrize("path", WORKFLOWS[:2], ids=lambda p: p.stem)
+def test_pack_part_runs_on_the_tiny_preset(pack, path):
+    host = pack.host
+    make_synthetic_dataset(host.root / "input" / "clips", n_clips=4, num_frames=5, size=(32, 32), seed=0)
+    api = to_api(pack, json.loads(path.read_text(encoding="utf-8")))
+    small = {"width": 32, "height": 32, "num_frames": 5, "steps": 2}
+    patches = {
+        "Wan22LoadExperts": {"source": "tiny", "high_noise_model": "none", "low_noise_model": "none",
+                             "text_encoder": "none", "vae": "none"},
+        "Wan22BuildVideoDataset": {"folder": "clips", "num_frames": 5, "resolutions": "32"},
+        "Wan22ConfigureTrainingPreviews": {**small, "sample_every": 2},
+        "Wan22TrainLoRA": {"steps": 4, "optimizer": "adamw", "gradient_checkpointing": False},
+        "Wan22PreviewSample": small,
+    }
+    outputs, order = _run_pack_part(pack, api, patches)
+    assert order[-1] == "Wan22PreviewSample" and "Wan22TrainLoRA" in order
+    # what the core nodes downstream receive: IMAGE batches [B, H, W, 3] in 0..1
+    for node in api.values():
+        if node["class_type"] in ("CreateVideo", "PreviewImage"):
+            src, slot = node["inputs"]["images"]
+            image = outputs[src][slot]
+            assert image.ndim == 4 and image.shape[-1] == 3 and image.dtype == torch.float32
+            assert 0.0 <= image.min() and image.max() <= 1.0
+    frames = next(outputs[i][0] for i, n in api.items() if n["class_type"] == "Wan22PreviewSample")
+    assert frames.shape == (5, 32, 32, 3)
+    lora_names = sorted(p.name for p in host.folder("loras").iterdir())
+    assert len(lora_names) == 2 and all(n.endswith(("_high_noise.safetensors", "_low_noise.safetensors"))
+                                        for n in lora_names)
+
+
+def test_native_render_uses_the_files_save_checkpoint_writes(pack):
+    """Workflow 4 loads the pair by the names Save Checkpoint gives it in models/loras (workflow 1's lora_name)."""
+    wf1, wf4 = (to_api(pack, json.loads(p.read_text(encoding="utf-8"))) for p in (WORKFLOWS[0], WORKFLOWS[2]))
+    name = next(n for n in wf1.values() if n["class_type"] == "Wan22SaveCheckpoint")["inputs"]["lora_name"]
+    loras = sorted(n["inputs"]["lora_name"] for n in wf4.values() if n["class_type"] == "LoraLoaderModelOnly")
+    assert loras == [f"{name}_high_noise.safetensors", f"{name}_low_noise.safetensors"]
+    samplers = sorted((n["inputs"]["start_at_step"], n["inputs"]["end_at_step"], n["inputs"]["add_noise"])
+                      for n in wf4.values() if n["class_type"] == "KSamplerAdvanced")
+    assert samplers == [(0, 10, "enable"), (10, 10000, "disable")]
