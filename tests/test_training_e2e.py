@@ -227,3 +227,74 @@ def test_previews_during_training_do_not_disturb_it(tmp_path, clips):
     assert all(v.shape == (5, 32, 32, 3) and 0 <= v.min() and v.max() <= 1 for _, vids in seen for v in vids)
     names = sorted(p.name for p in (cfg.run_dir / "samples").iterdir())
     assert names == [f"t_{s:06d}_{i:02d}.mp4" for s in (0, 2, 4) for i in (0, 1)]
+
+
+def test_text_encoder_modes_give_identical_training(tmp_path, clips):
+    over = dict(train={"steps": 3}, save={"save_every": 0})
+    runs = {}
+    for mode in ("cache", "live"):
+        cfg = job_from_dict({**_cfg(tmp_path / mode, clips, **over), "text_encoder": {"mode": mode}})
+        runs[mode] = loop.run_training(cfg, progress_bar=False).losses
+    assert runs["cache"] == runs["live"]  # the cache restores the encoder's output exactly
+    cached = list((tmp_path / "cache" / "out" / "text_cache").glob("*.safetensors"))
+    assert len(cached) == 5  # four synthetic captions + "" for dropout
+
+
+def test_unload_mode_trains_on_the_trigger_word_only(tmp_path, clips, monkeypatch):
+    seen = []
+    real = loop.Objective.__call__
+
+    def spy(self, model, x0, noise, sigmas, captions, condition):
+        seen.extend(captions)
+        return real(self, model, x0, noise, sigmas, captions, condition)
+
+    monkeypatch.setattr(loop.Objective, "__call__", spy)
+    cfg = job_from_dict({**_cfg(tmp_path, clips, train={"steps": 4}), "text_encoder": {"mode": "unload"}})
+    loop.run_training(cfg, progress_bar=False)
+    assert set(seen) <= {"sqz", ""} and "sqz" in seen
+
+
+def test_dop_ema_guidance_run_resumes_exactly_and_saves_ema_files(tmp_path, clips):
+    adv = {"dop": True, "dop_class": "shape", "ema": True, "ema_decay": 0.9, "diff_guidance": True,
+           "diff_guidance_scale": 2.0}
+    over = dict(train={"steps": 6}, save={"save_every": 0, "keep_last": 0})
+    raw = {**_cfg(tmp_path / "a", clips, **over), "advanced": adv}
+    for ds in raw["datasets"]:
+        ds["prepend_trigger"] = True
+    full = loop.run_training(job_from_dict(raw), progress_bar=False)
+    plain = loop.run_training(job_from_dict({**raw, "advanced": {}, "name": "plain"}), progress_bar=False)
+    assert [x[2] for x in full.losses] != [x[2] for x in plain.losses]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(info):
+        if info.step == 3:
+            raise Stop
+
+    raw_b = {**raw, "save": {**raw["save"], "output_dir": str(tmp_path / "b")}}
+    with pytest.raises(Stop):
+        loop.run_training(job_from_dict(raw_b), on_step=stop_at_3, progress_bar=False)
+    resumed = loop.run_training(job_from_dict({**raw_b, "resume": "latest"}), progress_bar=False)
+    assert resumed.losses == full.losses
+    run = job_from_dict(raw_b).run_dir
+    for expert in ("high", "low"):
+        ema_a = job_from_dict(raw).run_dir / f"t_000006_ema_{expert}_noise.safetensors"
+        ema_b = run / f"t_000006_ema_{expert}_noise.safetensors"
+        with safe_open(str(ema_a), "pt") as a, safe_open(str(ema_b), "pt") as b:
+            assert a.metadata()["ema_decay"] == "0.9"
+            for k in a.keys():
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+        with safe_open(str(ema_a), "pt") as a, safe_open(str(full.lora_files[expert]), "pt") as live:
+            key = "diffusion_model.blocks.0.ffn.0.lora_up.weight"
+            assert not torch.equal(a.get_tensor(key), live.get_tensor(key))  # the EMA lags the live weights
+
+
+def test_keep_last_prunes_ema_files_too(tmp_path, clips):
+    cfg = job_from_dict({**_cfg(tmp_path, clips, train={"steps": 4}, save={"save_every": 1, "keep_last": 1}),
+                         "advanced": {"ema": True}})
+    loop.run_training(cfg, progress_bar=False)
+    names = sorted(p.name for p in cfg.run_dir.glob("*.safetensors"))
+    assert names == ["t_000004_ema_high_noise.safetensors", "t_000004_ema_low_noise.safetensors",
+                     "t_000004_high_noise.safetensors", "t_000004_low_noise.safetensors",
+                     "training_state_000004.safetensors"]

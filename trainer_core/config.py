@@ -6,6 +6,7 @@ YAML file fails before any model is loaded instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -177,7 +178,11 @@ class SaveConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    """One folder of clips/images with captions."""
+    """One folder of clips/images with captions.
+
+    Bad files (unreadable, zero-length, unsupported type, caption not UTF-8, no caption at all) are reported and
+    skipped; the build fails only when a dataset has nothing usable left, or at the first bad file with ``strict``.
+    """
 
     folder: str
     caption_ext: str = "txt"
@@ -196,6 +201,7 @@ class DatasetConfig(_Strict):
     flip_y: bool = False
     is_regularization: bool = False
     cache_latents: bool = False
+    strict: bool = Field(default=False, description="fail on the first bad file instead of skipping and reporting it")
 
     @field_validator("caption_ext")
     @classmethod
@@ -296,6 +302,139 @@ class SampleConfig(_Strict):
         return self.seed + index if self.walk_seeds else self.seed
 
 
+class TextEncoderConfig(_Strict):
+    """How captions become text embeddings.
+
+    ``cache``: encode every distinct caption once, keep the embeddings on disk, free the text encoder.
+    ``unload``: train every sample on the trigger word alone (needs ``trigger_word``), encode it once, free the
+    encoder. ``live``: keep the encoder loaded and encode each batch's captions at every step.
+    """
+
+    mode: Literal["cache", "unload", "live"] = "cache"
+    cache_dir: str | None = Field(default=None, description="embeddings folder; default <save.output_dir>/text_cache")
+
+
+class QuantConfig(_Strict):
+    """Storage of the frozen base weights (the trained LoRA itself always stays fp32).
+
+    ``transformer``: ``none`` keeps the experts as loaded; ``float8`` stores the block Linear weights as float8 e4m3
+    with one scale per output row; ``4bit_ara`` stores them in 4 bits (``quantizer``) with a frozen low-rank
+    accuracy recovery adapter (ARA) beside each layer. Embeddings, norms, modulation and the head are never touched.
+    ``ara_source`` is ``compute`` (derived locally from the weights, calibrated on activations of the training data,
+    cached on disk) or an adapter ``.safetensors`` file (e.g. ai-toolkit's ``wan22_14b_t2i_torchao_uint4``, which
+    needs ``quantizer: uint4``).
+    """
+
+    transformer: Literal["none", "float8", "4bit_ara"] = "none"
+    quantizer: Literal["nf4", "uint4"] = Field(
+        default="nf4",
+        description="4-bit format: 'nf4' (bitsandbytes NF4) or 'uint4' (asymmetric, groups of 64, ai-toolkit's ARAs)",
+    )
+    ara_source: str = Field(default="compute", description="'compute' or an adapter .safetensors file")
+    ara_rank: int = Field(default=16, ge=1, le=1024, description="rank of the accuracy recovery adapters")
+    ara_calibration_samples: int = Field(
+        default=8, ge=0, le=256, description="training samples whose activations calibrate computed adapters; 0 = none"
+    )
+    ara_cache_dir: str | None = Field(default=None, description="computed-adapter cache; default: beside the model")
+    text_encoder: Literal["bf16", "float8"] = Field(
+        default="bf16", description="text encoder Linear weights: as loaded, or float8 e4m3 with per-row scales"
+    )
+
+    @field_validator("ara_source")
+    @classmethod
+    def _ara_source_ok(cls, v: str) -> str:
+        v = v.strip()
+        if v != "compute" and not v.lower().endswith(".safetensors"):
+            raise ValueError(f"ara_source must be 'compute' or a .safetensors adapter file, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _adapter_needs_4bit(self) -> "QuantConfig":
+        if self.ara_source != "compute" and self.transformer != "4bit_ara":
+            raise ValueError(
+                f"ara_source names an adapter file but transformer is {self.transformer!r}; accuracy recovery "
+                "adapters only apply to transformer: 4bit_ara - set it, or set ara_source: compute"
+            )
+        return self
+
+
+class MemoryConfig(_Strict):
+    """Where the frozen expert weights live during training (the trained LoRA and its optimizer stay on the GPU).
+
+    ``low_vram``: only the active expert's weights on the GPU; the other waits in pinned host memory and is copied
+    in when training switches expert. ``offload_blocks``: how many of the 40 transformer blocks are NOT kept on the
+    GPU but streamed in from host memory for every forward and backward pass, ``prefetch`` blocks ahead of the
+    computation; 0 keeps every block resident, ``auto`` picks the smallest number that fits the card. The VRAM
+    planner checks the settings against the card's free memory before any model is loaded.
+    """
+
+    low_vram: bool = Field(default=False, description="keep only the active expert on the GPU (swap at switches)")
+    offload_blocks: int | Literal["auto"] = Field(
+        default=0, description="transformer blocks streamed from host memory; 0 = all resident; 'auto' = fit the card"
+    )
+    prefetch: int = Field(default=1, ge=1, le=8, description="offloaded blocks copied ahead of the computation")
+    headroom_gib: float = Field(
+        default=1.0, ge=0.0, description="GPU memory the planner leaves free beyond its estimate (other programs)"
+    )
+    check_vram: bool = Field(default=True, description="refuse settings that the planner says will not fit")
+
+    @field_validator("offload_blocks")
+    @classmethod
+    def _offload_non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"offload_blocks must be 0 (all blocks resident), a positive count or 'auto', got {v}")
+        return v
+
+
+class AdvancedConfig(_Strict):
+    """Optional regularizers (``trainer_core.regularizers``).
+
+    ``dop``: Differential Output Preservation - each step also asks the LoRA to keep the base model's prediction
+    for the caption with the trigger word replaced by ``dop_class``; needs ``trigger_word``; about three transformer
+    passes per step instead of one. ``diff_guidance``: regress towards ``pred + scale·(target − pred)``; with MSE this
+    multiplies the gradient by ``scale`` exactly (with Adam-type optimizers nearly a no-op, see the docs).
+    ``ema``: keep an exponential moving average of each expert's LoRA, saved as ``..._ema_<expert>.safetensors`` and
+    used for previews.
+    """
+
+    dop: bool = Field(default=False, description="Differential Output Preservation (needs trigger_word)")
+    dop_multiplier: float = Field(default=1.0, description="weight of the preservation loss")
+    dop_class: str = Field(default="person", description="word that replaces the trigger word, e.g. person, scene")
+    diff_guidance: bool = Field(default=False, description="differential guidance of the regression target")
+    diff_guidance_scale: float = Field(default=3.0, description="target = pred + scale·(target − pred)")
+    ema: bool = Field(default=False, description="save an EMA of each expert's LoRA beside the live one")
+    ema_decay: float = Field(default=0.99, description="EMA decay per optimizer step of the expert, in (0, 1)")
+
+    @field_validator("dop_multiplier")
+    @classmethod
+    def _dop_multiplier_ok(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 < v <= 100.0):
+            raise ValueError("dop_multiplier must be > 0 and <= 100 (typical 1.0; to disable DOP set dop: false)")
+        return v
+
+    @field_validator("dop_class")
+    @classmethod
+    def _dop_class_ok(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if not v or "[trigger]" in v:
+            raise ValueError("dop_class must be a plain class word such as 'person', 'woman' or 'scene'")
+        return v
+
+    @field_validator("diff_guidance_scale")
+    @classmethod
+    def _guidance_scale_ok(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 < v <= 100.0):
+            raise ValueError("diff_guidance_scale must be > 0 and <= 100 (typical 3; 1 changes nothing)")
+        return v
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _ema_decay_ok(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 < v < 1.0):
+            raise ValueError("ema_decay must lie strictly between 0 and 1 (typical 0.99 to 0.999)")
+        return v
+
+
 class JobConfig(_Strict):
     """A complete training job."""
 
@@ -308,7 +447,11 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     datasets: list[DatasetConfig] = Field(default_factory=list)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
     resume: str | None = Field(default=None, description="training-state file/folder, or 'latest' in output_dir")
 
     @field_validator("name")

@@ -1,12 +1,25 @@
-"""Run-folder bookkeeping: file names, periodic LoRA pairs, keep-last-K pruning, finding the latest state."""
+"""Run-folder bookkeeping: saving and resuming checkpoints, file names, keep-last-K pruning, the latest state."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
+import torch
+from safetensors import safe_open
+
+from .. import __version__
+from ..config import JobConfig
 from ..errors import ConfigError
+from ..fileio import atomic_write
+from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora
+from ..regularizers import ema_lora_file_name, save_ema_lora
+from .experts import Expert
+from .state_io import load_state, save_state
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STATE_PREFIX = "training_state_"
 _STATE_RE = re.compile(rf"^{STATE_PREFIX}(\d+)\.safetensors$")
 
@@ -47,7 +60,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
 
 def checkpoint_steps(run_dir: Path, name: str) -> list[int]:
     """Steps for which this job has LoRA files or states in ``run_dir``, oldest first."""
-    pat = re.compile(rf"^{re.escape(name)}_(\d+)_(?:high|low)_noise\.safetensors$")
+    pat = re.compile(rf"^{re.escape(name)}_(\d+)_(?:ema_)?(?:high|low)_noise\.safetensors$")
     steps = {int(m.group(1)) for p in run_dir.iterdir() if (m := pat.match(p.name))} if run_dir.is_dir() else set()
     steps |= {s for s, _ in list_states(run_dir)}
     return sorted(steps)
@@ -61,12 +74,87 @@ def prune_checkpoints(run_dir: Path, name: str, keep_last: int, protect: set[int
     doomed = [s for s in steps[:-keep_last] if s not in (protect or set())]
     removed = []
     for step in doomed:
-        for p in (
-            run_dir / f"{name}_{step:06d}_high_noise.safetensors",
-            run_dir / f"{name}_{step:06d}_low_noise.safetensors",
-            run_dir / state_file_name(step),
-        ):
+        doomed_files = [run_dir / state_file_name(step)]
+        for expert in ("high", "low"):
+            doomed_files += [run_dir / lora_file_name(name, step, expert), run_dir / ema_lora_file_name(name, step, expert)]
+        for p in doomed_files:
             if p.exists():
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def lora_metadata(cfg: JobConfig, base_model: str, step: int, expert: str) -> dict[str, str]:
+    """Safetensors metadata of a saved LoRA: config, step, trigger word, base model, expert."""
+    return {
+        "training_config": cfg.model_dump_json(),
+        "step": str(step),
+        "trigger_word": cfg.trigger_word or "",
+        "base_model": base_model,
+        "expert": f"{expert}_noise",
+        "trainer": f"wan22-lora-trainer {__version__}",
+    }
+
+
+def save_checkpoint(
+    cfg: JobConfig, base_model: str, experts: dict[str, Expert], progress: dict[str, Any], run_dir: Path
+) -> tuple[dict[str, Path], Path | None]:
+    """Write each expert's LoRA (and EMA LoRA) in ComfyUI naming, the resumable state if enabled, and prune.
+
+    ``progress`` holds ``step``, ``epoch``, ``batch_pos`` and ``losses`` (list of (step, expert, loss)).
+    """
+    step = int(progress["step"])
+    dtype = _DTYPES[cfg.save.dtype]
+    files = {}
+    for name, ex in experts.items():
+        meta = lora_metadata(cfg, base_model, step, name)
+        files[name] = save_lora(run_dir / lora_file_name(cfg.name, step, name), ex.model, cfg.lora, dtype, meta)
+        if ex.ema is not None:
+            save_ema_lora(run_dir / ema_lora_file_name(cfg.name, step, name), ex.ema, cfg.lora, dtype, meta)
+    state_path = None
+    if cfg.save.save_training_state:
+        state: dict[str, Any] = {
+            "progress": {k: progress[k] for k in ("step", "epoch", "batch_pos", "dataset")},
+            "losses": [list(x) for x in progress["losses"]],
+            "experts": {n: ex.state_dict() for n, ex in experts.items()},
+            "lora": {n: lora_state_dict_comfy(ex.model, cfg.lora, torch.float32) for n, ex in experts.items()},
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        meta = {"training_config": cfg.model_dump_json(), "step": str(step)}
+        state_path = save_state(run_dir / state_file_name(step), state, meta)
+    lines = ["step,expert,loss"] + [f"{s},{e},{v:.8g}" for s, e, v in progress["losses"]]
+    atomic_write(run_dir / "losses.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+    prune_checkpoints(run_dir, cfg.name, cfg.save.keep_last)
+    return files, state_path
+
+
+def check_resume_compatible(path: Path, cfg: JobConfig) -> None:
+    """Refuse a training state made with other LoRA or multi-stage settings (reads metadata only, before loading)."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if "state_skeleton" not in meta:
+        raise ConfigError(f"resume: {path} is not a training-state file of this trainer - point at {STATE_PREFIX}*")
+    saved = json.loads(meta.get("training_config", "{}"))
+    for key in ("lora", "multistage"):
+        current = json.loads(getattr(cfg, key).model_dump_json())
+        if saved.get(key) != current:
+            raise ConfigError(
+                f"resume: {path} was trained with {key} = {saved.get(key)}, but this config has {current} - "
+                f"resume with the original {key} settings (or start a new run without 'resume')"
+            )
+
+
+def load_checkpoint(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> dict[str, Any]:
+    """Restore LoRAs, optimizers, schedules, EMAs and RNG from a state file; return the saved progress."""
+    state, _ = load_state(path)
+    for name, ex in experts.items():
+        load_lora_state(ex.model, state["lora"][name], cfg.lora)
+        ex.load_state_dict(state["experts"][name])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    progress = dict(state["progress"])
+    progress["losses"] = [(int(s), str(e), float(v)) for s, e, v in state["losses"]]
+    return progress

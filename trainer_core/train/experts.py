@@ -10,6 +10,7 @@ from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
 from ..lora import attach_lora, lora_parameters
+from ..regularizers import LoraEMA
 from .optim import build_lr_scheduler, build_optimizer
 
 EXPERT_SUFFIX = {"high": "high_noise", "low": "low_noise"}
@@ -17,27 +18,47 @@ EXPERT_SUFFIX = {"high": "high_noise", "low": "low_noise"}
 
 @dataclass
 class Expert:
-    """One trained expert: its transformer (base frozen, LoRA trainable), optimizer and LR schedule."""
+    """One trained expert: its transformer (base frozen, LoRA trainable), optimizer, LR schedule and optional EMA."""
 
     name: str
     model: WanTransformer3DModel
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    ema: LoraEMA | None = None
     steps_done: int = 0
 
+    def optimizer_step(self, max_grad_norm: float) -> None:
+        """Clip, step the optimizer and the LR schedule, clear gradients and update the EMA."""
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(lora_parameters(self.model), max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.steps_done += 1
+
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, schedule and step count (the LoRA weights are saved separately, in ComfyUI naming)."""
-        return {
+        """Optimizer, schedule, EMA and step count (the LoRA weights are saved separately, in ComfyUI naming)."""
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "steps_done": self.steps_done,
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned; call after the LoRA weights were restored."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = int(state["steps_done"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # EMA switched on at resume: start it from the resumed weights
+                self.ema = LoraEMA(self.model, self.ema.decay)
 
 
 def prepare_expert(
@@ -52,4 +73,5 @@ def prepare_expert(
     model.train()
     optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.optimizer, expert_steps)
-    return Expert(name=name, model=model, optimizer=optimizer, scheduler=scheduler)
+    ema = LoraEMA(model, cfg.advanced.ema_decay) if cfg.advanced.ema else None
+    return Expert(name=name, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)

@@ -7,34 +7,33 @@ and the data order from (seed, epoch), so a resumed run reproduces the uninterru
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..config import JobConfig
 from ..data import LatentCache, VideoDataset, build_dataset
+from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainingDiverged
 from ..fileio import atomic_write
-from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora
-from ..models import WanComponents, load_components
-from ..models.text import encode_prompts
-from ..models.vae import encode_video
+from ..models import WanComponents, encode_video, load_components
+from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, sample_sigmas
-from .checkpoints import prune_checkpoints, resolve_resume, state_file_name
-from .experts import EXPERT_SUFFIX, Expert, prepare_expert
+from .checkpoints import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from .conditioning import setup_conditioning
+from .experts import prepare_expert
+from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
-from .step import micro_batch_loss
-from .state_io import load_state, save_state
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,6 +69,7 @@ class _Progress:
     epoch: int = 0
     batch_pos: int = 0
     losses: list[tuple[int, str, float]] = field(default_factory=list)
+    dataset: str = ""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -86,103 +86,6 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """A CPU generator private to one micro-batch of one step (makes resume exact by construction)."""
     derived = int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device="cpu").manual_seed(derived)
-
-
-def encode_captions(components: WanComponents, captions: set[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Encode every distinct caption once (on ``device``), keep the results on the CPU, then free the encoder."""
-    te = components.text_encoder
-    if te is None or components.tokenizer is None:
-        raise ConfigError("the text encoder and tokenizer are needed to encode captions but were not loaded")
-    te.to(device)
-    ordered = sorted(captions)
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for i in range(0, len(ordered), 8):
-            chunk = ordered[i : i + 8]
-            emb = encode_prompts(te, components.tokenizer, chunk, device=device)
-            out.update({c: e.cpu() for c, e in zip(chunk, emb)})
-    components.text_encoder = None
-    del te
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
-def _lora_metadata(cfg: JobConfig, components: WanComponents, step: int, expert: str) -> dict[str, str]:
-    return {
-        "training_config": cfg.model_dump_json(),
-        "step": str(step),
-        "trigger_word": cfg.trigger_word or "",
-        "base_model": components.base_model,
-        "expert": EXPERT_SUFFIX[expert],
-        "trainer": f"wan22-lora-trainer {__version__}",
-    }
-
-
-def _save_checkpoint(
-    cfg: JobConfig, components: WanComponents, experts: dict[str, Expert], prog: _Progress, run_dir: Path
-) -> tuple[dict[str, Path], Path | None]:
-    """Write the LoRA pair (ComfyUI naming) and, if enabled, the resumable training state at ``prog.step``."""
-    dtype = _DTYPES[cfg.save.dtype]
-    files = {}
-    for name, ex in experts.items():
-        path = run_dir / lora_file_name(cfg.name, prog.step, EXPERT_SUFFIX[name].split("_")[0])
-        files[name] = save_lora(path, ex.model, cfg.lora, dtype, _lora_metadata(cfg, components, prog.step, name))
-    state_path = None
-    if cfg.save.save_training_state:
-        state: dict[str, Any] = {
-            "progress": {"step": prog.step, "epoch": prog.epoch, "batch_pos": prog.batch_pos},
-            "losses": [list(x) for x in prog.losses],
-            "experts": {n: ex.state_dict() for n, ex in experts.items()},
-            "lora": {n: lora_state_dict_comfy(ex.model, cfg.lora, torch.float32) for n, ex in experts.items()},
-            "rng": {"torch": torch.get_rng_state()},
-        }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        meta = {"training_config": cfg.model_dump_json(), "step": str(prog.step)}
-        state_path = save_state(run_dir / state_file_name(prog.step), state, meta)
-    _write_loss_log(run_dir, prog.losses)
-    prune_checkpoints(run_dir, cfg.name, cfg.save.keep_last)
-    return files, state_path
-
-
-def _write_loss_log(run_dir: Path, losses: list[tuple[int, str, float]]) -> None:
-    lines = ["step,expert,loss"] + [f"{s},{e},{loss:.8g}" for s, e, loss in losses]
-    atomic_write(run_dir / "losses.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
-
-
-def check_resume_compatible(path: Path, cfg: JobConfig) -> None:
-    """Refuse a training state made with other LoRA or multi-stage settings (reads metadata only, before loading)."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if "state_skeleton" not in meta:
-        raise ConfigError(f"resume: {path} is not a training-state file of this trainer - point at training_state_*")
-    saved = json.loads(meta.get("training_config", "{}"))
-    for key in ("lora", "multistage"):
-        current = json.loads(getattr(cfg, key).model_dump_json())
-        if saved.get(key) != current:
-            raise ConfigError(
-                f"resume: {path} was trained with {key} = {saved.get(key)}, but this config has {current} - "
-                f"resume with the original {key} settings (or start a new run without 'resume')"
-            )
-
-
-def _resume(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> _Progress:
-    """Restore LoRAs, optimizers, schedules, RNG and data position from a training-state file."""
-    state, _ = load_state(path)
-    for name, ex in experts.items():
-        load_lora_state(ex.model, state["lora"][name], cfg.lora)
-        ex.load_state_dict(state["experts"][name])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    p = state["progress"]
-    return _Progress(
-        step=int(p["step"]),
-        epoch=int(p["epoch"]),
-        batch_pos=int(p["batch_pos"]),
-        losses=[(int(s), str(e), float(v)) for s, e, v in state["losses"]],
-    )
 
 
 class _BatchStream:
@@ -218,25 +121,30 @@ def run_training(
     training after writing a resumable state for the last completed step. ``on_sample(step, videos)`` receives
     each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders previews.
     """
+    # --- checks that need no model: settings, resume file, dataset folders ---
     device = resolve_device(cfg.train.device)
     stages = cfg.multistage.stages
     run_dir = cfg.run_dir
+    check_regularizers(cfg)
     resume_path = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_path is not None:
         check_resume_compatible(resume_path, cfg)
     if not cfg.datasets and dataset is None:
         raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
+    caption_override = unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
+    dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed, caption_override)
 
-    # --- set-up: data first (cheap, catches bad folders before models load), then models ---
-    dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed)
+    # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
     previews = previews_enabled(cfg)
-    # Previews need both experts; one that is not trained then stays on the CPU between previews.
     components = components or load_components(
         cfg.model, high=previews or "high" in stages, low=previews or "low" in stages
     )
     torch.manual_seed(cfg.train.seed)
+    # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
+    autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
+    objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
     renderer = PreviewRenderer(cfg, components, device, on_sample) if previews else None
-    embeddings = encode_captions(components, dataset.captions(), device)
+    condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
     vae = components.vae.to(device).eval()
     latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
 
@@ -249,18 +157,24 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
 
-    prog = _resume(resume_path, cfg, experts) if resume_path else _Progress()
-    if renderer is not None and prog.step == 0 and renderer.due(0):
-        renderer.render(0, models)
+    prog = _Progress(dataset=dataset.fingerprint())
+    if resume_path is not None:
+        saved = load_checkpoint(resume_path, cfg, experts)
+        if saved.get("dataset") != prog.dataset:
+            log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
+        prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], prog.dataset)
     stream = _BatchStream(dataset, cfg.train.batch_size, prog)
-    # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
-    autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
-    if autocast_dtype == torch.float32:
-        autocast_dtype = None
+    if renderer is not None and prog.step == 0 and renderer.due(0):
+        renderer.render(0, models, experts)
     result = TrainResult(run_dir=run_dir, step=prog.step)
     bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not progress_bar, dynamic_ncols=True)
     saved_step = prog.step if resume_path else -1
     start_pos, mid_step = (prog.epoch, prog.batch_pos), False
+
+    def checkpoint() -> None:
+        result.lora_files, result.state_file = save_checkpoint(
+            cfg, components.base_model, experts, vars(prog), run_dir
+        )
 
     try:
         while prog.step < cfg.train.steps:
@@ -284,27 +198,16 @@ def run_training(
                     generator=gen,
                 )
                 noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
-                text = torch.stack([embeddings[c] for c in captions]).to(device)
-                loss = micro_batch_loss(
-                    ex.model, x0, noise, sigmas.to(device), text, cfg.train.timestep_type, autocast_dtype
-                )
+                loss, logged = objective(ex.model, x0, noise, sigmas.to(device), captions, condition)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at step {prog.step} ({name}-noise expert); no checkpoint was "
                         "written for it and earlier ones are intact - lower optimizer.lr (e.g. 5e-5) or resume "
                         "from the last good training state"
                     )
-                (loss / cfg.train.gradient_accumulation).backward()
-                step_loss += loss.item() / cfg.train.gradient_accumulation
+                step_loss += logged / cfg.train.gradient_accumulation
 
-            if cfg.optimizer.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in ex.model.parameters() if p.requires_grad], cfg.optimizer.max_grad_norm
-                )
-            ex.optimizer.step()
-            ex.scheduler.step()
-            ex.optimizer.zero_grad(set_to_none=True)
-            ex.steps_done += 1
+            ex.optimizer_step(cfg.optimizer.max_grad_norm)
             prog.step += 1
             prog.losses.append((prog.step, name, step_loss))
             mid_step = False
@@ -315,10 +218,10 @@ def run_training(
             bar.set_postfix(expert=name, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{dt:.2f}")
             periodic = cfg.save.save_every and prog.step % cfg.save.save_every == 0
             if periodic or prog.step == cfg.train.steps:
-                result.lora_files, result.state_file = _save_checkpoint(cfg, components, experts, prog, run_dir)
+                checkpoint()
                 saved_step = prog.step
             if renderer is not None and renderer.due(prog.step):
-                renderer.render(prog.step, models)
+                renderer.render(prog.step, models, experts)
             if on_step is not None:
                 on_step(StepInfo(prog.step, cfg.train.steps, name, step_loss, lr, dt))
     except TrainingDiverged:
@@ -331,7 +234,7 @@ def run_training(
         if mid_step:  # the half-accumulated step is discarded; its batches will be drawn again on resume
             prog.epoch, prog.batch_pos = start_pos
         if prog.step > 0 and prog.step != saved_step and cfg.save.save_training_state:
-            _save_checkpoint(cfg, components, experts, prog, run_dir)
+            checkpoint()
         raise
     bar.close()
     result.step = prog.step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +11,7 @@ import torch
 from ..config import JobConfig
 from ..models import WanComponents
 from ..sample import encode_sample_prompts, sample_metadata, sample_videos, write_video
+from .experts import Expert
 
 
 def previews_enabled(cfg: JobConfig) -> bool:
@@ -43,19 +45,20 @@ class PreviewRenderer:
             return s.sample_at_start
         return s.sample_every > 0 and step % s.sample_every == 0
 
-    def render(self, step: int, models: dict[str, torch.nn.Module]) -> list[Path]:
-        """Render every prompt with both experts (trained ones carry their LoRAs) and write the videos."""
+    def render(self, step: int, models: dict[str, torch.nn.Module], experts: dict[str, Expert]) -> list[Path]:
+        """Render every prompt with both experts (trained ones carry their LoRAs, EMA weights when enabled)."""
         s = self.cfg.sample
         visiting = [m for m in models.values() if next(m.parameters()).device != self.device]
-        for m in visiting:
-            m.to(self.device)
-        try:
+        with contextlib.ExitStack() as stack:
+            for ex in experts.values():
+                if ex.ema is not None:
+                    stack.enter_context(ex.ema.swapped_in())
+            for m in visiting:
+                m.to(self.device)
+                stack.callback(m.to, "cpu")
             videos = sample_videos(
                 models["high"], models["low"], self.components.vae, self.prompts, s, self.cfg.multistage.boundary
             )
-        finally:
-            for m in visiting:
-                m.to("cpu")
         paths = []
         for i, frames in enumerate(videos):
             meta = {**sample_metadata(s, i, self.cfg.multistage.boundary), "step": str(step)}

@@ -1,0 +1,78 @@
+"""What one micro-batch optimizes: plain flow matching, optionally with DOP and/or differential guidance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..config import JobConfig
+from ..regularizers import dop_step_loss, guided_micro_batch_loss, preservation_caption
+from .conditioning import Conditioner
+from .step import micro_batch_loss
+
+
+@dataclass
+class Objective:
+    """Computes a micro-batch's loss and backpropagates it (scaled for gradient accumulation).
+
+    DOP runs its passes 1 and 3 as one batched forward (fastest) unless ``memory.low_vram`` asks for the
+    lean variant, which backpropagates pass 1 before pass 3 so only one graph is alive at a time.
+    """
+
+    cfg: JobConfig
+    autocast_dtype: torch.dtype | None
+
+    def extra_captions(self, captions: set[str]) -> set[str]:
+        """Captions that must be encoded besides the dataset's own: DOP's preservation prompts."""
+        adv = self.cfg.advanced
+        if not adv.dop:
+            return set()
+        pres = (preservation_caption(c, self.cfg.trigger_word, adv.dop_class) for c in captions)
+        return {p for p in pres if p is not None}
+
+    def __call__(
+        self,
+        model: WanTransformer3DModel,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        sigmas: torch.Tensor,
+        captions: Sequence[str],
+        condition: Conditioner,
+    ) -> tuple[torch.Tensor, float]:
+        """Backpropagate this micro-batch; return (the loss that was backpropagated, the plain MSE to log)."""
+        cfg, adv = self.cfg, self.cfg.advanced
+        scale = 1.0 / cfg.train.gradient_accumulation
+        device = x0.device
+        text = condition(captions).to(device)
+        gs = adv.diff_guidance_scale if adv.diff_guidance else None
+        if adv.dop:
+            pres = [preservation_caption(c, cfg.trigger_word, adv.dop_class) for c in captions]
+            keep = [i for i, p in enumerate(pres) if p is not None]
+            text_pres = condition([pres[i] for i in keep]).to(device) if keep else None
+            batched = not cfg.memory.low_vram
+            loss, parts = dop_step_loss(
+                model, x0, noise, sigmas, text, text_pres, cfg.train.timestep_type, self.autocast_dtype,
+                adv.dop_multiplier, batched=batched, preserve=keep, guidance_scale=gs,
+                backward_scale=None if batched else scale,
+            )  # fmt: skip
+            if batched:
+                self._backward(loss, scale)
+            return loss.detach(), float(parts["normal_mse"])
+        if gs is not None:
+            loss = guided_micro_batch_loss(
+                model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype, gs
+            )
+            self._backward(loss, scale)
+            return loss.detach(), float(loss.detach()) / gs**2
+        loss = micro_batch_loss(model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype)
+        self._backward(loss, scale)
+        return loss.detach(), float(loss.detach())
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, scale: float) -> None:
+        # A non-finite loss is not backpropagated; the loop stops before any optimizer step.
+        if torch.isfinite(loss):
+            (loss * scale).backward()
