@@ -298,3 +298,19 @@ def test_keep_last_prunes_ema_files_too(tmp_path, clips):
     assert names == ["t_000004_ema_high_noise.safetensors", "t_000004_ema_low_noise.safetensors",
                      "t_000004_high_noise.safetensors", "t_000004_low_noise.safetensors",
                      "training_state_000004.safetensors"]
+
+
+@pytest.mark.parametrize("quant", [{"transformer": "float8", "text_encoder": "float8"},
+                                   {"transformer": "4bit_ara", "ara_rank": 4, "ara_calibration_samples": 2}])
+def test_quantized_training_saves_the_same_lora_format(tmp_path, clips, quant):
+    over = dict(train={"steps": 4}, save={"save_every": 0})
+    base = loop.run_training(job_from_dict(_cfg(tmp_path / "base", clips, **over)), progress_bar=False)
+    raw = {**_cfg(tmp_path / "q", clips, **over), "quant": quant}
+    q = loop.run_training(job_from_dict(raw), progress_bar=False)
+    assert all(abs(a[2] - b[2]) < 0.5 * b[2] for a, b in zip(q.losses, base.losses))  # close, not identical
+    assert [x[2] for x in q.losses] != [x[2] for x in base.losses]
+    for expert in ("high", "low"):
+        with safe_open(str(q.lora_files[expert]), "pt") as a, safe_open(str(base.lora_files[expert]), "pt") as b:
+            assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
+    if quant["transformer"] == "4bit_ara":  # the computed adapters were cached for the next run
+        assert list((tmp_path / "q" / "out" / "ara_cache").glob("*.safetensors"))

@@ -25,6 +25,7 @@ from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainingDiverged
 from ..fileio import atomic_write
 from ..models import WanComponents, encode_video, load_components
+from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, sample_sigmas
 from .checkpoints import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
@@ -32,6 +33,7 @@ from .conditioning import setup_conditioning
 from .experts import prepare_expert
 from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
+from .quantization import quantize_experts
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ def run_training(
     stages = cfg.multistage.stages
     run_dir = cfg.run_dir
     check_regularizers(cfg)
+    check_ara_source(cfg.quant)
     resume_path = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_path is not None:
         check_resume_compatible(resume_path, cfg)
@@ -143,6 +146,8 @@ def run_training(
     # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
     autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
     objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
+    if components.text_encoder is not None:
+        log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
     renderer = PreviewRenderer(cfg, components, device, on_sample) if previews else None
     condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
     vae = components.vae.to(device).eval()
@@ -151,8 +156,12 @@ def run_training(
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         return encode_video(vae, pixels.to(device, vae.dtype))
 
+    def latents(ids: list[int], epoch: int) -> torch.Tensor:
+        return latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
+
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
     models = {"high": components.high, "low": components.low}
+    quantize_experts(cfg, {n: models[n] for n in stages}, dataset, latents, condition, device)
     experts = {n: prepare_expert(n, models[n], cfg, counts[n], device) for n in stages}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
@@ -186,7 +195,7 @@ def run_training(
             for micro in range(cfg.train.gradient_accumulation):
                 ids, epoch = stream.next()
                 gen = step_generator(cfg.train.seed, prog.step, micro)
-                x0 = latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
+                x0 = latents(ids, epoch)
                 captions = [dataset.plan(i, epoch).caption for i in ids]
                 sigmas = sample_sigmas(
                     x0.shape[0],

@@ -1,0 +1,96 @@
+"""Quantizing the trained experts before LoRA is attached: identities for the adapter cache, calibration inputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..config import JobConfig
+from ..data import VideoDataset
+from ..models.loading import SUBFOLDERS
+from ..quant import model_file_identity, quantize_expert
+from ..schedule import sample_sigmas
+from .losses import noisy_latents
+
+log = logging.getLogger(__name__)
+
+LatentFn = Callable[[list[int], int], torch.Tensor]
+
+
+def expert_identity(cfg: JobConfig, expert: str) -> tuple[str, Path]:
+    """(cache key, cache folder) of an expert's weights: computed adapters are cached next to the model."""
+    file = cfg.model.high_noise if expert == "high" else cfg.model.low_noise
+    fallback = Path(cfg.save.output_dir) / "ara_cache"
+    if file:
+        return f"{model_file_identity(file)}|{expert}", Path(file).expanduser().parent
+    source = cfg.model.source or ""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        sub = folder / SUBFOLDERS[expert]
+        return f"{model_file_identity(sub)}|{expert}", folder
+    if source == "tiny":
+        return f"tiny|{expert}", fallback
+    return f"{source}@{cfg.model.revision or 'main'}|{expert}", fallback
+
+
+def calibration_batches(
+    cfg: JobConfig,
+    expert: str,
+    dataset: VideoDataset,
+    latents: LatentFn,
+    condition: Callable[[Sequence[str]], torch.Tensor],
+    dtype: torch.dtype,
+) -> Callable[[], list[dict[str, Any]]]:
+    """A callable giving ``ara_calibration_samples`` forward-call kwargs built like training inputs for ``expert``.
+
+    Samples come from the first batches of epoch 0 (batch size 1) with a fixed generator, so they are the user's own
+    clips at the expert's own noise levels. Built only when the adapter cache misses.
+    """
+
+    def make() -> list[dict[str, Any]]:
+        gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
+        batches = dataset.batches(0, 1)[: cfg.quant.ara_calibration_samples]
+        out = []
+        for ids in batches:
+            x0 = latents(ids, 0).float().cpu()
+            sig = sample_sigmas(
+                1, expert=expert, boundary=cfg.multistage.boundary, timestep_type=cfg.train.timestep_type,
+                timestep_bias=cfg.train.timestep_bias, shift=cfg.train.timestep_shift, generator=gen,
+            )  # fmt: skip
+            noise = torch.randn(x0.shape, generator=gen)
+            text = condition([dataset.plan(i, 0).caption for i in ids]).cpu()
+            out.append(
+                dict(
+                    hidden_states=noisy_latents(x0, noise, sig).to(dtype),
+                    timestep=sig * 1000.0,
+                    encoder_hidden_states=text.to(dtype),
+                    return_dict=False,
+                )
+            )
+        return out
+
+    return make
+
+
+def quantize_experts(
+    cfg: JobConfig,
+    models: dict[str, WanTransformer3DModel],
+    dataset: VideoDataset,
+    latents: LatentFn,
+    condition: Callable[[Sequence[str]], torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Quantize each given expert in place per ``cfg.quant`` (before its LoRA is attached) and log the report."""
+    if cfg.quant.transformer == "none":
+        return
+    for name, model in models.items():
+        key, folder = expert_identity(cfg, name)
+        calibration = calibration_batches(cfg, name, dataset, latents, condition, model.dtype)
+        report = quantize_expert(
+            model, cfg.quant, expert=name, cache_key=key, device=device, calibration=calibration, cache_dir=folder
+        )
+        log.info("%s", report.summary())
