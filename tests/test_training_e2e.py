@@ -314,3 +314,27 @@ def test_quantized_training_saves_the_same_lora_format(tmp_path, clips, quant):
             assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
     if quant["transformer"] == "4bit_ara":  # the computed adapters were cached for the next run
         assert list((tmp_path / "q" / "out" / "ara_cache").glob("*.safetensors"))
+
+
+def test_low_vram_and_block_offloading_train_identically(tmp_path, clips):
+    over = dict(train={"steps": 4, "gradient_checkpointing": True}, multistage={"switch_every": 1},
+                save={"save_every": 0})
+    resident = loop.run_training(job_from_dict(_cfg(tmp_path / "r", clips, **over)), progress_bar=False)
+    raw = {**_cfg(tmp_path / "m", clips, **over), "memory": {"low_vram": True, "offload_blocks": 1}}
+    managed = loop.run_training(job_from_dict(raw), progress_bar=False)
+    assert managed.losses == resident.losses
+    for expert in ("high", "low"):
+        with safe_open(str(managed.lora_files[expert]), "pt") as a, safe_open(str(resident.lora_files[expert]), "pt") as b:
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_planner_refuses_what_cannot_fit_before_loading(tmp_path, clips, monkeypatch):
+    from trainer_core.memory import planner
+
+    monkeypatch.setattr(loop, "load_components", lambda *a, **k: pytest.fail("models loaded before the plan"))
+    monkeypatch.setattr(loop, "plan_job", lambda cfg, device: planner.check_plan(
+        planner.estimate_peak_vram(cfg, planner.WAN22_A14B_ARCH, 8 * 2**30, device_type="cuda")))
+    raw = _cfg(tmp_path, clips)
+    raw["datasets"][0]["resolutions"] = [1024]
+    with pytest.raises(ConfigError, match="memory.low_vram|quant.transformer|offload"):
+        loop.run_training(job_from_dict(raw), progress_bar=False)

@@ -10,6 +10,7 @@ from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
 from ..lora import attach_lora, lora_parameters
+from ..memory import ExpertMemory
 from ..regularizers import LoraEMA
 from .optim import build_lr_scheduler, build_optimizer
 
@@ -62,14 +63,15 @@ class Expert:
 
 
 def prepare_expert(
-    name: str, model: WanTransformer3DModel, cfg: JobConfig, expert_steps: int, device: torch.device
+    name: str, model: WanTransformer3DModel, cfg: JobConfig, expert_steps: int, memory: ExpertMemory
 ) -> Expert:
-    """Freeze the base, attach a LoRA, move to ``device`` and build this expert's optimizer and schedule."""
+    """Freeze the base, attach a LoRA, hand the model to ``memory`` (device placement, offloading, low-VRAM
+    swapping) and build this expert's optimizer, schedule and EMA."""
     model.requires_grad_(False)
     attach_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    model.to(device)
+    memory.place(name, model)
     model.train()
     optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.optimizer, expert_steps)

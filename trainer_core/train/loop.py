@@ -24,6 +24,7 @@ from ..data import LatentCache, VideoDataset, build_dataset
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainingDiverged
 from ..fileio import atomic_write
+from ..memory import ExpertMemory, plan_job
 from ..models import WanComponents, encode_video, load_components
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
@@ -137,6 +138,10 @@ def run_training(
     caption_override = unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
     dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed, caption_override)
 
+    # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
+    plan = plan_job(cfg, device)
+    memory = ExpertMemory.for_plan(cfg.memory, plan, device)
+
     # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
     previews = previews_enabled(cfg)
     components = components or load_components(
@@ -161,8 +166,12 @@ def run_training(
 
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
     models = {"high": components.high, "low": components.low}
-    quantize_experts(cfg, {n: models[n] for n in stages}, dataset, latents, condition, device)
-    experts = {n: prepare_expert(n, models[n], cfg, counts[n], device) for n in stages}
+    experts = {}
+    for n in stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
+        quantize_experts(cfg, {n: models[n]}, dataset, latents, condition, device)
+        experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory)
+        if cfg.memory.low_vram and len(stages) > 1:
+            memory.offload(n)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
 
@@ -191,6 +200,10 @@ def run_training(
             start_pos, mid_step = (prog.epoch, prog.batch_pos), True
             name = active_expert(prog.step, stages, cfg.multistage.switch_every)
             ex = experts[name]
+            switch = memory.activate(name)
+            upcoming = active_expert(prog.step + 1, stages, cfg.multistage.switch_every)
+            if upcoming != name and plan.prefetch_next_expert:
+                memory.prefetch(upcoming)  # overlap the next switch's copy with this step
             step_loss = 0.0
             for micro in range(cfg.train.gradient_accumulation):
                 ids, epoch = stream.next()
@@ -222,6 +235,9 @@ def run_training(
             mid_step = False
 
             dt = time.perf_counter() - t0
+            if switch is not None:
+                log.info("switched to the %s-noise expert: %.1f GiB in %.2f s", name, switch.nbytes / 2**30,
+                         switch.copy_seconds())
             lr = ex.scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(expert=name, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{dt:.2f}")
@@ -245,6 +261,8 @@ def run_training(
         if prog.step > 0 and prog.step != saved_step and cfg.save.save_training_state:
             checkpoint()
         raise
+    finally:
+        memory.close()  # the experts are ordinary resident models again for whoever uses them next
     bar.close()
     result.step = prog.step
     result.losses = list(prog.losses)

@@ -1,0 +1,654 @@
+"""VRAM planner: the peak GPU memory of a training job, estimated from its settings before anything is loaded.
+
+The estimate is the largest of three phases: caption encoding (the text encoder alone on the GPU), training, and
+preview sampling. Training, in bytes (what ``torch.cuda.max_memory_allocated`` reports):
+
+**Weights.** Counted exactly from the expert's config (a ``WanTransformer3DModel`` built on the meta device), in
+``model.dtype`` with diffusers' fp32-kept modules (rope, time_embedder, scale_shift_table, norms) in fp32. The 400
+block Linear weights are replaced by their quantized layout: float8 ``out*in + 4*out`` (per-row fp32 scales); NF4
+``out*in/2`` plus double-quantized absmax (1 byte per 64 weights, fp32 per 256 absmax); uint4 ``out*in/2`` plus a
+scale and a zero point per 64; ``4bit_ara`` adds the adapter, ``ara_rank*(in+out)`` in the compute dtype. With
+``offload_blocks = S`` and ``prefetch = p`` the active expert holds its head, its ``L - S`` resident blocks and at most
+``min(S, p + 1)`` streamed blocks. The other expert (both trained) adds its head and resident blocks, or nothing
+with ``low_vram``. The VAE stays on the GPU during training; the text encoder too in ``text_encoder.mode: live``.
+
+**LoRA + optimizer.** Per trained expert ``rank*(in+out)`` fp32 weights per targeted Linear, plus AdamW's two fp32
+states (AdamW8bit: one byte each, tensors under 4096 elements stay 32-bit), plus fp32 gradients for the active
+expert.
+
+**Activations** for ``T`` video tokens (largest bucket of every dataset: ``((F-1)/4+1)*(H/16)*(W/16)``, times the
+batch). What autograd saves inside one ``WanTransformerBlock`` per video token, with ``D`` = dim, ``Fd`` = ffn_dim,
+``nh`` heads and ``s`` = activation bytes (2 under bf16 autocast):
+
+* the inputs of the three fp32 LayerNorms, ``3*4*D``, and their mean/rstd, ``24``;
+* RMSNorm inputs of q, k (self-attention) and q (cross-attention): ``3*(s*D + 4)`` (fp32 on the CPU, whose RMSNorm
+  upcasts);
+* attention: self q, k, v, out ``4*s*D`` and cross q, out ``2*s*D``, plus fp32 log-sum-exp ``2*4*nh`` (flash and cuDNN
+  attention keep nothing quadratic: memory is linear in tokens);
+* the GELU input ``s*Fd``;
+* the LoRA inputs. Without a dtype cast (LoRA and activations both fp32) q/k/v share one input ``s*D``, the output
+  projections reuse the attention output (free), cross q ``s*D``, ffn.0 ``s*D``, ffn.2 ``s*Fd``. Otherwise peft casts
+  the input to the fp32 LoRA weight and each targeted Linear keeps its own copy (``s`` bytes under autocast, which
+  casts it back; 4 without): one ``D``-wide copy for each of the eight ``D``-wide Linears, ``Fd`` for ffn.2. Plus each
+  LoRA's rank-wide middle, ``s*rank``.
+
+That is ``12*D + 2*Fd`` activation elements plus ``3*D`` fp32 per token without casts (46.8 D-bytes in bf16 at the
+A14B's dims, 240 kB/token) and ``16*D + 2*Fd`` with them (281 kB). Cross-attention adds per sample and block the text
+side (512 tokens: RMSNorm input, k, v, LoRA inputs). Without gradient checkpointing all ``L`` blocks keep this; with
+it, each block keeps only its input ``s*D`` and one block's worth is rebuilt during backward. On top: RoPE tables
+``2*4*head_dim`` per token, the final LayerNorm input ``4*D``, and the backward transient of the block being
+differentiated, ``2*s*Fd + 4*D`` (the GELU's input and output gradients and an fp32 residual gradient) plus ``2*4*D``
+for peft's fp32 input gradients when inputs are cast.
+
+Measured on an H200 (torch 2.11; bf16 expert, fp32 LoRA r16 under bf16 autocast, AdamW, checkpointing, no VAE) this
+trainer's setup peaked at 35.17 GiB at 512x512x33 (9,216 tokens; this estimate: 34.95), 47.94 GiB at 768x768x41
+(47.40), 126.58 GiB without checkpointing at 512x33 (126.51), and 23.24 / 16.68 GiB with 20 / 30 blocks offloaded
+(23.17 / 16.62). FACTS.md's plain diffusers+peft loop (bf16 LoRA, so no casts) peaked at 33.5 / 44.7 / 86.7 GiB at
+512x33 / 768x41 / 1024x81 (estimate 33.7 / 44.9 / 87.1) and at 111 GiB without checkpointing (111.1).
+
+**VAE.** Encoding (latents are not cached on the GPU) happens before the forward pass, so it competes with the
+activations, not with them: measured on the Wan 2.1 VAE, peak ``4300*s_vae`` bytes per pixel of one frame plus the
+input clip (temporal chunks make it independent of the frame count); decoding (sampling) ``5750*s_vae`` per pixel.
+
+**Workspace.** Quantized layers rebuild a dequantized weight per matmul (largest Linear times 2 bytes for NF4, 6
+for float8's fp32 detour, 9 for uint4's unpacking). A fragmentation allowance of 3% of the peak and
+``memory.headroom_gib`` are required free on top of the estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..config import DEFAULT_LORA_TARGETS, JobConfig, ModelConfig
+from ..data.buckets import bucket_sizes
+from ..errors import ConfigError
+from ..keys import LORA_TARGET_TO_DIFFUSERS
+from ..models.single_file import fp32_kept_modules, tensor_dtype
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+#: ``WanTransformer3DModel`` config of each Wan 2.2 T2V A14B expert (FACTS.md).
+WAN22_A14B_ARCH: dict = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+#: Text tokens per caption (UMT5 output length Wan is conditioned on).
+TEXT_TOKENS = 512
+#: Peak bytes per pixel of one frame (times the VAE dtype's bytes) of Wan 2.1 VAE encode / decode, measured.
+VAE_ENCODE_PER_PIXEL = 4300
+VAE_DECODE_PER_PIXEL = 5750
+#: Transient bytes per element of the largest Linear while a quantized layer dequantizes it.
+DEQUANT_BYTES = {"float8": 6, "nf4": 2, "uint4": 9}
+#: The caching allocator reserves somewhat more than it hands out.
+FRAGMENTATION = 0.03
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ADAMW8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
+
+
+@dataclass(frozen=True)
+class SideModels:
+    """Sizes of the components beside the experts (defaults: Wan 2.1 VAE and the UMT5-XXL encoder)."""
+
+    vae_params: int = 126_892_531
+    text_encoder_params: int = 5_680_910_336  # token embedding counted once (tied)
+    text_encoder_linear_params: int = 4_630_511_616
+    text_encoder_linear_rows: int = 983_040
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig) -> "SideModels":
+        """The tiny preset's own sizes for ``source: tiny``, else the real Wan 2.2 components."""
+        if cfg.source != "tiny" or cfg.text_encoder or cfg.vae:
+            return cls()
+        from ..models import tiny  # the tiny builders are cheap on the meta device
+
+        with torch.device("meta"):
+            te, vae = tiny.tiny_text_encoder(), tiny.tiny_vae()
+        linears = [m for m in te.modules() if type(m) is torch.nn.Linear]
+        return cls(
+            vae_params=sum(p.numel() for p in vae.parameters()),
+            text_encoder_params=sum(p.numel() for p in te.parameters()),
+            text_encoder_linear_params=sum(m.weight.numel() for m in linears),
+            text_encoder_linear_rows=sum(m.weight.shape[0] for m in linears),
+        )
+
+
+@dataclass(frozen=True)
+class ExpertShapes:
+    """What the planner needs of one expert, read off a model built on the meta device from its config."""
+
+    num_blocks: int
+    dim: int
+    ffn_dim: int
+    heads: int
+    head_dim: int
+    tensors: tuple[tuple[str, int], ...]  # (name, numel) of every parameter and buffer
+    block_linears: tuple[tuple[str, int, int], ...]  # (original target name, in, out) of one block's Linears
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> "ExpertShapes":
+        """Shapes of a ``WanTransformer3DModel(**arch)`` (cached; builds on the meta device, no memory)."""
+        return _shapes(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in arch.items())))
+
+
+@lru_cache(maxsize=8)
+def _shapes(arch_items: tuple) -> ExpertShapes:
+    arch = dict(arch_items)
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**arch)
+    tensors = tuple((n, t.numel()) for n, t in (*model.named_parameters(), *model.named_buffers()))
+    block = model.blocks[0]
+    linears = []
+    for target in DEFAULT_LORA_TARGETS:
+        layer = block.get_submodule(LORA_TARGET_TO_DIFFUSERS[target])
+        linears.append((target, layer.in_features, layer.out_features))
+    return ExpertShapes(
+        num_blocks=len(model.blocks),
+        dim=model.config.num_attention_heads * model.config.attention_head_dim,
+        ffn_dim=model.config.ffn_dim,
+        heads=model.config.num_attention_heads,
+        head_dim=model.config.attention_head_dim,
+        tensors=tensors,
+        block_linears=tuple(linears),
+    )
+
+
+def quantized_weight_bytes(out_f: int, in_f: int, quant: str, quantizer: str, ara_rank: int, weight_bytes: int) -> int:
+    """Bytes of one quantized block Linear weight (bias excluded), as ``trainer_core.quant`` stores it."""
+    n = out_f * in_f
+    if quant == "float8":
+        return n + 4 * out_f
+    compute_bytes = weight_bytes if weight_bytes == 2 else 4
+    ara = ara_rank * (in_f + out_f) * compute_bytes
+    if quantizer == "nf4":  # bitsandbytes: packed nibbles, uint8 absmax per 64, fp32 absmax per 256 of those
+        blocks = math.ceil(n / 64)
+        codes = 16 * 4 + 256 * 4  # the NF4 code and the absmax quantizer's dynamic map (fp32)
+        return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + codes + ara  # 4: offset
+    return n // 2 + (n // 64) * (weight_bytes + 1) + ara  # uint4: codes, scale (weight dtype), zero point
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    """Every setting the estimate depends on (derived from a JobConfig; suggestions vary them)."""
+
+    model_dtype: str
+    quant: str
+    quantizer: str
+    ara_rank: int
+    rank: int
+    targets: tuple[str, ...]
+    optimizer: str
+    batch: int
+    checkpointing: bool
+    low_vram: bool
+    offload_blocks: int | str
+    prefetch: int
+    experts: int
+    autocast_bytes: int | None  # activation bytes under autocast; None = no autocast
+    device_type: str
+    text_mode: str
+    text_quant: str
+    te_dtype: str
+    vae_dtype: str
+    clips: tuple[tuple[int, int], ...]  # (resolution, frames) of every dataset
+    sample: tuple[int, int, int] | None  # (width, height, frames) of previews, None = no sampling
+
+
+def _knobs(cfg: JobConfig, device_type: str) -> _Knobs:
+    if not cfg.datasets:
+        raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
+    autocast = device_type == "cuda" and cfg.train.compute_dtype != "fp32"
+    s = cfg.sample
+    sampling = bool(s.prompts) and (s.sample_every > 0 or s.sample_at_start)
+    return _Knobs(
+        model_dtype=cfg.model.dtype,
+        quant=cfg.quant.transformer,
+        quantizer=cfg.quant.quantizer,
+        ara_rank=cfg.quant.ara_rank,
+        rank=cfg.lora.rank,
+        targets=tuple(cfg.lora.target_modules),
+        optimizer=cfg.optimizer.name,
+        batch=cfg.train.batch_size,
+        checkpointing=cfg.train.gradient_checkpointing,
+        low_vram=cfg.memory.low_vram,
+        offload_blocks=cfg.memory.offload_blocks,
+        prefetch=cfg.memory.prefetch,
+        experts=len(cfg.multistage.stages),
+        autocast_bytes=_DTYPE_BYTES[cfg.train.compute_dtype] if autocast else None,
+        device_type=device_type,
+        text_mode=cfg.text_encoder.mode,
+        text_quant=cfg.quant.text_encoder,
+        te_dtype=cfg.model.text_encoder_dtype,
+        vae_dtype=cfg.model.vae_dtype,
+        clips=tuple((max(d.resolutions), d.num_frames) for d in cfg.datasets),
+        sample=(s.width, s.height, s.num_frames) if sampling else None,
+    )
+
+
+def clip_tokens(resolution: int, frames: int) -> int:
+    """Video tokens of the largest bucket of ``resolution``: ``((F-1)/4+1)*(H/16)*(W/16)``."""
+    patches = max((w // 16) * (h // 16) for w, h in bucket_sizes(resolution))
+    return ((frames - 1) // 4 + 1) * patches
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Per-token activation bytes of one training forward+backward (see the module docstring)."""
+
+    per_block: int  # saved inside one block, per video token
+    text_per_block: int  # saved inside one block, per text token (cross-attention k/v side)
+    text_shared: int  # per text token, once (the projected text when LoRA inputs are not copied)
+    checkpoint_input: int  # kept per block and token with gradient checkpointing
+    global_per_token: int  # RoPE tables + final norm input
+    backward_transient: int  # per token, while one block is differentiated
+
+    @classmethod
+    def build(
+        cls,
+        shapes: ExpertShapes,
+        rank: int,
+        targets: tuple[str, ...],
+        s: int,
+        copy_bytes: int,
+        rms_bytes: int | None = None,
+    ) -> "ActivationModel":
+        """``s``: activation bytes; ``copy_bytes``: bytes of each LoRA input copy (0 = inputs shared, no cast);
+        ``rms_bytes``: bytes of the saved RMSNorm inputs (default ``s``; PyTorch's CPU RMSNorm upcasts to fp32)."""
+        D, Fd, nh = shapes.dim, shapes.ffn_dim, shapes.heads
+        t = set(targets)
+        mid = s if copy_bytes in (0, s) else copy_bytes  # lora_A's output dtype follows its input
+        per_block = 3 * 4 * D + 3 * 2 * 4  # fp32 LayerNorm inputs + mean/rstd
+        rms = rms_bytes or s
+        per_block += 3 * (rms * D + 4)  # RMSNorm inputs + rstd
+        per_block += 6 * s * D + 2 * 4 * nh  # attention q,k,v,out (self) q,out (cross) + lse
+        per_block += s * Fd  # GELU input
+        video = [x for x in DEFAULT_LORA_TARGETS if x in t and x not in ("cross_attn.k", "cross_attn.v")]
+        if copy_bytes:
+            per_block += sum(copy_bytes * (Fd if x == "ffn.2" else D) for x in video)
+        else:
+            qkv = any(x in t for x in ("self_attn.q", "self_attn.k", "self_attn.v"))
+            per_block += s * (D * (qkv + ("cross_attn.q" in t) + ("ffn.0" in t)) + Fd * ("ffn.2" in t))
+        per_block += mid * rank * len(video)
+        kv = [x for x in ("cross_attn.k", "cross_attn.v") if x in t]
+        text_per_block = (rms * D + 4) + 2 * s * D + mid * rank * len(kv) + copy_bytes * D * len(kv)
+        text_shared = s * D if kv and not copy_bytes else 0
+        transient = 2 * s * Fd + 4 * D + (2 * 4 * D if copy_bytes else 0)
+        return cls(per_block, text_per_block, text_shared, s * D, 2 * 4 * shapes.head_dim + 4 * D + 8, transient)
+
+    def training_bytes(self, tokens: int, text_tokens: int, blocks: int, checkpointing: bool) -> int:
+        """Peak activation bytes of a training step over ``tokens`` video and ``text_tokens`` text tokens."""
+        kept_blocks = 1 if checkpointing else blocks
+        video = tokens * (self.per_block * kept_blocks + self.global_per_token + self.backward_transient)
+        if checkpointing:
+            video += tokens * self.checkpoint_input * blocks
+        return video + text_tokens * (self.text_per_block * kept_blocks + self.text_shared)
+
+
+@dataclass
+class PlanItem:
+    """One line of the estimate."""
+
+    category: str  # weights | lora_optimizer | activations | workspace
+    label: str
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    """A peak-memory estimate, its breakdown, and the verdict against the card's free memory."""
+
+    items: list[PlanItem]
+    phase: str  # the phase that peaks: "training", "sampling" or "caption encoding"
+    phases: dict[str, int]
+    free_bytes: int | None
+    headroom_bytes: int
+    offload_blocks: int
+    tokens: int
+    host_bytes: int  # pinned host memory the offloaded weights need
+    prefetch_next_expert: bool  # low VRAM: both experts' working sets fit at once around a switch
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak allocated GPU bytes."""
+        return max(self.phases.values())
+
+    @property
+    def required_bytes(self) -> int:
+        """Free memory the job needs: the peak plus fragmentation and headroom."""
+        return int(self.peak_bytes * (1 + FRAGMENTATION)) + self.headroom_bytes
+
+    @property
+    def fits(self) -> bool:
+        """True when the card has enough free memory (always True without a GPU to compare with)."""
+        return self.free_bytes is None or self.required_bytes <= self.free_bytes
+
+    def by_category(self) -> dict[str, int]:
+        """Bytes per category of the peaking phase."""
+        out = {"weights": 0, "lora_optimizer": 0, "activations": 0, "workspace": 0}
+        for item in self.items:
+            out[item.category] += item.nbytes
+        return out
+
+    def summary(self) -> str:
+        """Human-readable estimate beside the card's free memory."""
+        cat = self.by_category()
+        lines = [
+            f"VRAM plan: peak {self.peak_bytes / GIB:.1f} GiB during {self.phase} (weights {cat['weights'] / GIB:.1f}, "
+            f"LoRA+optimizer {cat['lora_optimizer'] / GIB:.1f}, activations {cat['activations'] / GIB:.1f}, "
+            f"workspace {cat['workspace'] / GIB:.1f}); {self.tokens:,} video tokens per step; "
+            f"offload_blocks {self.offload_blocks}"
+        ]
+        lines += [f"  {i.label}: {i.nbytes / GIB:.2f} GiB" for i in self.items if i.nbytes]
+        if self.host_bytes:
+            lines.append(f"  pinned host memory for offloaded weights: {self.host_bytes / GIB:.1f} GiB")
+        if self.free_bytes is None:
+            lines.append("  no GPU to compare with")
+        else:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(
+                f"  needs {self.required_bytes / GIB:.1f} GiB (with {FRAGMENTATION:.0%} fragmentation and "
+                f"{self.headroom_bytes / GIB:.1f} GiB headroom) of {self.free_bytes / GIB:.1f} GiB free: {verdict}"
+            )
+        return "\n".join(lines)
+
+
+def _expert_bytes(shapes: ExpertShapes, k: _Knobs) -> tuple[int, int]:
+    """(head bytes, bytes of one block) of one expert's frozen weights."""
+    ara = k.ara_rank if k.quant == "4bit_ara" else 0
+    return _weight_bytes(shapes, k.model_dtype, k.quant, k.quantizer, ara)
+
+
+@lru_cache(maxsize=64)
+def _weight_bytes(shapes: ExpertShapes, model_dtype: str, quant: str, quantizer: str, ara_rank: int) -> tuple[int, int]:
+    dtype = _TORCH_DTYPES[model_dtype]
+    kept = fp32_kept_modules(WanTransformer3DModel, dtype)
+    quantized = {f"{LORA_TARGET_TO_DIFFUSERS[t]}.weight": (i, o) for t, i, o in shapes.block_linears}
+    head = block = 0
+    for name, numel in shapes.tensors:
+        if not name.startswith("blocks."):
+            head += numel * tensor_dtype(name, kept, dtype).itemsize
+        elif name.startswith("blocks.0."):
+            local = name.removeprefix("blocks.0.")
+            if quant != "none" and local in quantized:
+                i, o = quantized[local]
+                block += quantized_weight_bytes(o, i, quant, quantizer, ara_rank, dtype.itemsize)
+            else:
+                block += numel * tensor_dtype(name, kept, dtype).itemsize
+    return head, block
+
+
+def _lora_bytes(shapes: ExpertShapes, k: _Knobs) -> tuple[int, int, int]:
+    """(weights, optimizer states, gradients) bytes of one expert's LoRA."""
+    sizes = [k.rank * n for t, i, o in shapes.block_linears if t in k.targets for n in (i, o)]
+    weights = 4 * sum(sizes) * shapes.num_blocks
+    if k.optimizer == "adamw8bit":
+        states = sum(2 * n + 8 * math.ceil(n / 256) if n >= _ADAMW8BIT_MIN_SIZE else 8 * n for n in sizes)
+    else:
+        states = 8 * sum(sizes)
+    return weights, states * shapes.num_blocks, weights
+
+
+def _te_bytes(side: SideModels, k: _Knobs) -> int:
+    b = _DTYPE_BYTES[k.te_dtype]
+    if k.text_quant == "float8":
+        other = side.text_encoder_params - side.text_encoder_linear_params
+        return side.text_encoder_linear_params + 4 * side.text_encoder_linear_rows + b * other
+    return b * side.text_encoder_params
+
+
+def _resolve_offload(k: _Knobs, shapes: ExpertShapes) -> int:
+    if k.offload_blocks == "auto":
+        return 0
+    if k.offload_blocks > shapes.num_blocks:
+        raise ConfigError(
+            f"memory.offload_blocks is {k.offload_blocks} but the experts have {shapes.num_blocks} blocks - "
+            f"use 0..{shapes.num_blocks} or 'auto'"
+        )
+    return k.offload_blocks
+
+
+def _activation_bytes(k: _Knobs) -> tuple[int, int, int]:
+    """(activation bytes, bytes of each LoRA input copy or 0, bytes of saved RMSNorm inputs) for these settings.
+
+    The LoRA weights are fp32, so peft casts their input unless the activations are fp32 too; autocast then casts
+    the copy back to the compute dtype. PyTorch's CPU RMSNorm saves its input upcast to fp32.
+    """
+    s = k.autocast_bytes or _DTYPE_BYTES[k.model_dtype]
+    if k.autocast_bytes:
+        copy_bytes = s
+    else:
+        copy_bytes = 0 if s == 4 else 4
+    return s, copy_bytes, 4 if k.device_type == "cpu" else s
+
+
+def _working_set(k: _Knobs, shapes: ExpertShapes, offload: int) -> int:
+    """Bytes of the active expert's frozen weights on the device: head, resident blocks, the streaming window."""
+    head, block = _expert_bytes(shapes, k)
+    return head + (shapes.num_blocks - offload + min(offload, k.prefetch + 1)) * block
+
+
+def _phases(k: _Knobs, shapes: ExpertShapes, side: SideModels, offload: int) -> dict[str, list[PlanItem]]:
+    """The items of every phase of the job."""
+    head, block = _expert_bytes(shapes, k)
+    L = shapes.num_blocks
+    active = _working_set(k, shapes, offload)
+    others = (k.experts - 1) * (0 if k.low_vram else head + (L - offload) * block)
+    weights = [PlanItem("weights", "active expert", active), PlanItem("weights", "other expert", others)]
+    vae_b = _DTYPE_BYTES[k.vae_dtype]
+    vae_w = PlanItem("weights", "VAE", side.vae_params * vae_b)
+    te = _te_bytes(side, k)
+    lw, ls, lg = _lora_bytes(shapes, k)
+    lora = [
+        PlanItem("lora_optimizer", "LoRA weights + optimizer states", k.experts * (lw + ls)),
+        PlanItem("lora_optimizer", "LoRA gradients (active expert)", lg),
+    ]
+    s, copy_bytes, rms_bytes = _activation_bytes(k)
+    act = ActivationModel.build(shapes, k.rank, k.targets, s, copy_bytes, rms_bytes)
+    tokens = max(clip_tokens(r, f) for r, f in k.clips)
+    train_act = act.training_bytes(tokens * k.batch, TEXT_TOKENS * k.batch, L, k.checkpointing)
+    encode = max((VAE_ENCODE_PER_PIXEL + 3 * f) * vae_b * r * r for r, f in k.clips) * k.batch
+    dequant = 0
+    if k.quant != "none":
+        largest = max(i * o for _, i, o in shapes.block_linears)
+        dequant = largest * DEQUANT_BYTES["float8" if k.quant == "float8" else k.quantizer]
+    live_te = [PlanItem("weights", "text encoder (live)", te)] if k.text_mode == "live" else []
+    training = [*weights, vae_w, *live_te, *lora]
+    if train_act + dequant >= encode:
+        training += [
+            PlanItem("activations", f"activations ({'' if k.checkpointing else 'no '}checkpointing)", train_act),
+            PlanItem("workspace", "dequantization", dequant),
+        ]
+    else:
+        training.append(PlanItem("workspace", "VAE encoding", encode))
+    phases = {"training": training}
+    if k.sample is not None:
+        w, h, f = k.sample
+        sample_tokens = ((f - 1) // 4 + 1) * (w // 16) * (h // 16)
+        no_grad = sample_tokens * (2 * s * shapes.ffn_dim + (s + 8) * shapes.dim + 8 * shapes.head_dim)
+        decode = (VAE_DECODE_PER_PIXEL + 3 * f) * vae_b * w * h
+        sampling = PlanItem("workspace", "sampling (largest of denoising and VAE decoding)", max(no_grad, decode))
+        phases["sampling"] = [*weights, vae_w, *live_te, lora[0], sampling]
+    if k.text_mode != "live":
+        phases["caption encoding"] = [PlanItem("weights", "text encoder", te)]
+    return phases
+
+
+def _plan(k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int | None, headroom: int) -> Plan:
+    candidates = range(shapes.num_blocks + 1) if k.offload_blocks == "auto" else [_resolve_offload(k, shapes)]
+    for offload in candidates:
+        phases = _phases(k, shapes, side, offload)
+        totals = {name: sum(i.nbytes for i in items) for name, items in phases.items()}
+        peak = max(totals, key=totals.get)
+        head, block = _expert_bytes(shapes, k)
+        managed = k.low_vram or offload > 0
+        plan = Plan(
+            items=phases[peak],
+            phase=peak,
+            phases=totals,
+            free_bytes=free,
+            headroom_bytes=headroom,
+            offload_blocks=offload,
+            tokens=max(clip_tokens(r, f) for r, f in k.clips) * k.batch,
+            host_bytes=k.experts * (head + shapes.num_blocks * block) if managed else 0,
+            prefetch_next_expert=False,
+        )
+        if plan.fits:
+            break
+    if k.low_vram and k.experts > 1 and free is not None:
+        working = _working_set(k, shapes, plan.offload_blocks)
+        both = int((plan.phases["training"] + working) * (1 + FRAGMENTATION)) + headroom
+        plan.prefetch_next_expert = both <= free
+    return plan
+
+
+def _smaller_clips(
+    k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, headroom: int
+) -> list[tuple[str, _Knobs]]:
+    """The largest resolution, and separately the most frames, that make ``k`` fit (if any)."""
+    found = []
+    top, frames = max(r for r, _ in k.clips), max(f for _, f in k.clips)
+    for res in range(top - 16, 15, -16):
+        knobs = replace(k, clips=tuple((min(r, res), f) for r, f in k.clips))
+        if _plan(knobs, shapes, side, free, headroom).fits:
+            found.append((f"datasets resolutions: [{res}] or lower", knobs))
+            break
+    for n in range(frames - 4, 0, -4):
+        knobs = replace(k, clips=tuple((r, min(f, n)) for r, f in k.clips))
+        if _plan(knobs, shapes, side, free, headroom).fits:
+            found.append((f"datasets num_frames: {n} or fewer", knobs))
+            break
+    return found
+
+
+def _suggestions(k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, headroom: int) -> list[str]:
+    """Single setting changes that make the plan fit (with their estimate), else one combination that does."""
+    changes: list[tuple[str, dict]] = []
+    if k.offload_blocks != "auto":
+        changes.append(("memory.offload_blocks: auto", {"offload_blocks": "auto"}))
+    if not k.low_vram and k.experts > 1:
+        changes.append(("memory.low_vram: true", {"low_vram": True}))
+    for quant in ("float8", "4bit_ara"):
+        if (k.quant, quant) in (("none", "float8"), ("none", "4bit_ara"), ("float8", "4bit_ara")):
+            changes.append((f"quant.transformer: {quant}", {"quant": quant}))
+    if k.optimizer == "adamw":
+        changes.append(("optimizer.name: adamw8bit", {"optimizer": "adamw8bit"}))
+    if not k.checkpointing:
+        changes.append(("train.gradient_checkpointing: true", {"checkpointing": True}))
+    if k.text_mode == "live":
+        changes.append(("text_encoder.mode: cache", {"text_mode": "cache"}))
+    if k.batch > 1:
+        changes.append(("train.batch_size: 1", {"batch": 1}))
+    if k.sample is not None:
+        changes.append(("sample.sample_every: 0 and sample_at_start: false", {"sample": None}))
+    candidates = [(text, replace(k, **c)) for text, c in changes] + _smaller_clips(k, shapes, side, free, headroom)
+    fitting = []
+    for text, knobs in candidates:
+        plan = _plan(knobs, shapes, side, free, headroom)
+        if plan.fits:
+            detail = f", offload_blocks {plan.offload_blocks}" if knobs.offload_blocks == "auto" else ""
+            fitting.append(f"{text} (-> {plan.peak_bytes / GIB:.1f} GiB{detail})")
+    if fitting:
+        return fitting
+    combined, texts = k, []
+    for text, c in changes:  # greedy: keep adding changes until the plan fits
+        if c.get("quant") == "float8" and k.quant == "none":
+            continue  # 4bit_ara comes next and saves more
+        combined, texts = replace(combined, **c), [*texts, text]
+        if _plan(combined, shapes, side, free, headroom).fits:
+            break
+    else:
+        smaller = _smaller_clips(combined, shapes, side, free, headroom)
+        if not smaller:
+            return []
+        text, combined = smaller[0]
+        texts.append(text)
+    plan = _plan(combined, shapes, side, free, headroom)
+    return ["all of " + "; ".join(texts) + f" (-> {plan.peak_bytes / GIB:.1f} GiB)"]
+
+
+def estimate_peak_vram(
+    cfg: JobConfig,
+    model_arch: dict,
+    device_free_bytes: int | None,
+    *,
+    device_type: str = "cuda",
+    side_models: SideModels | None = None,
+) -> Plan:
+    """Estimate the job's peak GPU memory from its settings alone (nothing is loaded).
+
+    ``model_arch``: the experts' ``WanTransformer3DModel`` config (:data:`WAN22_A14B_ARCH`, or the tiny preset's).
+    ``device_free_bytes``: free memory of the card (``torch.cuda.mem_get_info()[0]``), ``None`` without a GPU.
+    ``memory.offload_blocks: auto`` resolves to the smallest count that fits (``plan.offload_blocks``). When the
+    plan does not fit, ``plan.suggestions`` lists settings that would make it fit.
+    """
+    shapes = ExpertShapes.from_arch(model_arch)
+    side = side_models or SideModels.for_model(cfg.model)
+    k = _knobs(cfg, device_type)
+    headroom = int(cfg.memory.headroom_gib * GIB)
+    plan = _plan(k, shapes, side, device_free_bytes, headroom)
+    if not plan.fits:
+        plan.suggestions = _suggestions(k, shapes, side, device_free_bytes, headroom)
+    return plan
+
+
+def check_plan(plan: Plan) -> Plan:
+    """Return ``plan`` if it fits, else raise :class:`ConfigError` naming the settings to change."""
+    if plan.fits:
+        return plan
+    if plan.suggestions:
+        advice = "change one of:\n  - " + "\n  - ".join(plan.suggestions)
+        if plan.suggestions[0].startswith("all of "):
+            advice = "no single setting is enough; change " + plan.suggestions[0]
+    else:
+        advice = "no combination of memory, quantization, batch, resolution or frame settings fits this card"
+    raise ConfigError(
+        f"this job needs about {plan.required_bytes / GIB:.1f} GiB of GPU memory but only "
+        f"{plan.free_bytes / GIB:.1f} GiB are free - it would run out of memory.\n{plan.summary()}\n{advice}\n"
+        "(or set memory.check_vram: false to try anyway)"
+    )
+
+
+def model_arch(cfg: ModelConfig) -> dict:
+    """The experts' ``WanTransformer3DModel`` config without loading any weight: the tiny preset's for
+    ``source: tiny``, ``transformer/config.json`` of a diffusers folder, else Wan 2.2 T2V A14B's (ComfyUI files and
+    repo ids of that model)."""
+    if cfg.source == "tiny" and not (cfg.high_noise or cfg.low_noise):
+        from ..models.tiny import TINY_TRANSFORMER_CONFIG
+
+        return dict(TINY_TRANSFORMER_CONFIG)
+    config = Path(cfg.source or "").expanduser() / "transformer" / "config.json"
+    if cfg.source and not (cfg.high_noise or cfg.low_noise) and config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in WAN22_A14B_ARCH}
+    return dict(WAN22_A14B_ARCH)
+
+
+def plan_job(cfg: JobConfig, device: torch.device) -> Plan:
+    """Plan the job for ``device`` before anything is loaded: log the estimate beside the free memory and, with
+    ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit. ``plan.offload_blocks`` is the count to
+    use (``auto`` resolved)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type)
+    log.info("%s", plan.summary())
+    return check_plan(plan) if cfg.memory.check_vram else plan
