@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def image(path: Path, size=(32, 32), value=128) -> Path:
 
 
 def cfg(folder, **kw) -> DatasetConfig:
-    base = dict(folder=str(folder), resolutions=[32], num_frames=5, caption_dropout=0.0)
+    base = dict(folder=str(folder), resolutions=[32], num_frames=5, caption_dropout=0.0, default_caption="a clip")
     return DatasetConfig(**(base | kw))
 
 
@@ -58,11 +59,20 @@ def test_missing_and_wrong_folders(tmp_path):
         build_dataset([], None, 0)
 
 
-def test_unreadable_media_named(tmp_path):
+def test_unreadable_media_skipped_and_named_or_strict(tmp_path):
     level_clip(tmp_path / "good.mp4", 8)
     (tmp_path / "bad.mp4").write_bytes(b"\x00garbage" * 50)
     (tmp_path / "bad2.jpg").write_bytes(b"nope")
-    with pytest.raises(DatasetError, match=r"2 unreadable media(.|\n)*bad\.mp4(.|\n)*bad2\.jpg"):
+    ds = build_dataset([cfg(tmp_path)], None, 0)
+    assert [it.media.path.name for it in ds.items] == ["good.mp4"]
+    assert len(ds.skipped) == 2
+    assert "bad.mp4" in ds.skipped[0] and "bad2.jpg" in ds.skipped[1]
+    assert all("re-encode it" in m for m in ds.skipped)
+    assert "skipped (2)" in ds.report()
+    with pytest.raises(DatasetError, match=r"bad\.mp4.*re-encode.*strict is on"):
+        build_dataset([cfg(tmp_path, strict=True)], None, 0)
+    (tmp_path / "good.mp4").unlink()
+    with pytest.raises(DatasetError, match=r"no usable clip or image(.|\n)*bad\.mp4(.|\n)*bad2\.jpg"):
         build_dataset([cfg(tmp_path)], None, 0)
 
 
@@ -80,9 +90,13 @@ def test_trigger_errors_name_the_source(tmp_path):
 
 def test_caption_not_utf8(tmp_path):
     level_clip(tmp_path / "a.mp4", 8)
+    level_clip(tmp_path / "b.mp4", 8)
     (tmp_path / "a.txt").write_bytes("caf\u00e9".encode("latin-1"))
-    with pytest.raises(DatasetError, match=r"a\.txt is not UTF-8"):
-        build_dataset([cfg(tmp_path)], None, 0)
+    ds = build_dataset([cfg(tmp_path)], None, 0)
+    assert [it.media.path.name for it in ds.items] == ["b.mp4"]
+    assert len(ds.skipped) == 1 and "a.txt is not UTF-8 text - re-save it as UTF-8" in ds.skipped[0]
+    with pytest.raises(DatasetError, match=r"a\.txt is not UTF-8.*strict"):
+        build_dataset([cfg(tmp_path, strict=True)], None, 0)
 
 
 def test_num_frames_must_be_4n_plus_1_with_nearest_values():
@@ -112,7 +126,7 @@ def test_scan_captions_subfolders_and_hidden_files(tmp_path):
     ds = build_dataset([cfg(tmp_path, default_caption="default [trigger]")], "sks", 0)
     captions = {Path(it.media.path).name: it.caption for it in ds.items}
     assert captions == {"a.mp4": "a clip of sks", "b.webm": "default sks", "c.png": "default sks"}
-    ds = build_dataset([cfg(tmp_path, caption_ext="cap", prepend_trigger=True)], "sks", 0)
+    ds = build_dataset([cfg(tmp_path, caption_ext="cap", prepend_trigger=True, default_caption="")], "sks", 0)
     captions = {Path(it.media.path).name: it.caption for it in ds.items}
     assert captions == {"a.mp4": "sks", "b.webm": "sks", "c.png": "sks, an image"}
     report = ds.report()
@@ -361,8 +375,107 @@ def test_report_and_warnings(tmp_path):
     assert "1 dataset(s), 1 item(s), 1 sample(s) per epoch" in report
     assert "32x32x5: 1" in report
     assert any("cache_latents" in w for w in ds.warnings)
-    assert any("no caption file and default_caption is empty" in w for w in ds.warnings)
     ds = build_dataset(
         [cfg(tmp_path, default_caption="x", window_start="start", frame_sampling="fps", cache_latents=True)], None, 0
     )
     assert ds.warnings == ()
+
+
+# --- bad files, strict mode and the full report ---------------------------------------------------------------
+
+
+def zero_length(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_every_bad_file_is_skipped_with_its_remedy(tmp_path):
+    level_clip(tmp_path / "a_good.mp4", 8)
+    (tmp_path / "a_good.txt").write_text("fine")
+    level_clip(tmp_path / "b_nocap.mp4", 8)
+    level_clip(tmp_path / "c_emptycap.mp4", 8)
+    (tmp_path / "c_emptycap.txt").write_text("  \n")
+    zero_length(tmp_path / "d_zero.mp4")
+    (tmp_path / "e_old.avi").write_bytes(b"RIFF....AVI ")
+    (tmp_path / "f_photo.bmp").write_bytes(b"BM")
+    (tmp_path / "README.md").write_text("not data")
+    ds = build_dataset([cfg(tmp_path, default_caption="")], None, 0)
+    assert [it.media.path.name for it in ds.items] == ["a_good.mp4"]
+    skipped = dict(zip(["b", "c", "d", "e", "f"], ds.skipped))
+    assert len(ds.skipped) == 5
+    assert "b_nocap.mp4: no caption - there is no b_nocap.txt and datasets[0].default_caption is empty" in skipped["b"]
+    assert "c_emptycap.txt is empty - write a caption" in skipped["c"]
+    assert "d_zero.mp4: zero-length clip" in skipped["d"]
+    assert "e_old.avi: unsupported file type '.avi' - convert videos" in skipped["e"]
+    assert "f_photo.bmp: unsupported file type '.bmp'" in skipped["f"]
+    report = ds.report()
+    assert "skipped (5):" in report and "README.md" in report and "neither media nor .txt captions" in report
+
+    # strict: the first bad file in path order fails the build; non-media files are not bad files
+    with pytest.raises(DatasetError, match=r"b_nocap\.mp4: no caption.*datasets\[0\]\.strict is on"):
+        build_dataset([cfg(tmp_path, default_caption="", strict=True)], None, 0)
+    for name in ("b_nocap.mp4", "c_emptycap.mp4", "c_emptycap.txt", "d_zero.mp4", "e_old.avi", "f_photo.bmp"):
+        (tmp_path / name).unlink()
+    assert len(build_dataset([cfg(tmp_path, strict=True)], None, 0)) == 1
+
+
+def test_uncaptioned_files_with_default_caption_or_trigger(tmp_path):
+    level_clip(tmp_path / "a.mp4", 8)
+    level_clip(tmp_path / "b.mp4", 8)
+    (tmp_path / "a.txt").write_text("captioned")
+    ds = build_dataset([cfg(tmp_path, default_caption="")], None, 0)
+    assert len(ds) == 1 and "b.mp4: no caption" in ds.skipped[0]
+    ds = build_dataset([cfg(tmp_path, default_caption="", prepend_trigger=True)], "sks", 0)
+    assert {it.caption for it in ds.items} == {"sks, captioned", "sks"} and ds.skipped == ()
+    assert [p.name for p in ds.uncaptioned] == ["b.mp4"]
+    ds = build_dataset([cfg(tmp_path, default_caption="a clip")], None, 0)
+    assert [p.name for p in ds.uncaptioned] == ["b.mp4"]
+    assert "captions: 1 of 2 usable file(s) have no .txt file and use default_caption 'a clip': b.mp4" in ds.report()
+    with pytest.raises(DatasetError, match=r"no usable clip or image(.|\n)*a\.mp4: no caption(.|\n)*b\.mp4"):
+        (tmp_path / "a.txt").unlink()
+        build_dataset([cfg(tmp_path, default_caption="")], None, 0)
+
+
+def test_report_lists_files_durations_frames_used_buckets_and_letterboxing(tmp_path):
+    level_clip(tmp_path / "long.mp4", 20, fps=10, size=(64, 32))  # 19/10 = 1.9 s
+    level_clip(tmp_path / "short.mp4", 6, fps=16)
+    image(tmp_path / "still.png")
+    bars = np.full((8, 48, 64, 3), 160, np.uint8)
+    bars[:, :8] = 0
+    bars[:, 40:] = 0
+    write_video(tmp_path / "wide.mp4", bars, 16)
+    ds = build_dataset([cfg(tmp_path, num_frames=9, resolutions=[32, 48])], None, 0)
+    report = ds.report()
+    assert "3 video(s), 1 image(s) -> 8 item(s) at resolution(s) 32, 48" in report
+    assert "clips: 3, 0.31-1.90 s (median 0.44 s), 10-16 fps" in report
+    assert "files (4 usable):" in report
+    # 1.9 s of motion shown as 9 frames at 16 fps (0.5 s): 3.8 times faster
+    assert "long.mp4: 64x32, 20 frames, 1.90 s, 10 fps -> 32x32 (32), 64x32 (48); 9 of 20 frames spread over " \
+        "1.90 s: 3.8x real speed" in report
+    assert "short.mp4: 32x32, 6 frames, 0.31 s, 16 fps -> 32x32 (32), 48x48 (48); all 6 frames, then the last one " \
+        "repeated 3x (short, padded)" in report
+    assert "still.png: 32x32 -> 32x32 (32), 48x48 (48); image: 1 frame" in report
+    assert "uniform sampling plays 1 clip(s) far from real speed (3.8x-3.8x)" in report
+    assert "letterboxed (1):\n  " in report
+    assert re.search(r"wide\.mp4: black bars top/bottom 1[5-7]%/1[5-7]% of the height - crop them", report)  # 8/48
+    # 2:1 ties between 1:1 and 4:1 at 32 (square wins), 4:3 is nearest to 1:1
+    buckets = "  32x32x1: 1\n  32x32x9: 3\n  48x48x1: 1\n  48x48x9: 2\n  64x32x9: 1\n"
+    assert "buckets (width x height x frames: items):\n" + buckets in report
+    ds = build_dataset([cfg(tmp_path, num_frames=9, frame_sampling="fps", window_start="start")], None, 0)
+    assert "long.mp4: 64x32, 20 frames, 1.90 s, 10 fps -> 32x32 (32); 9 frames at 16 fps = 0.50 s of 1.90 s, " \
+        "from the start" in ds.report()
+    assert "short.mp4: 32x32, 6 frames, 0.31 s, 16 fps -> 32x32 (32); 0.31 s is shorter than the 0.50 s window" \
+        in ds.report()
+
+
+def test_report_of_a_one_frame_clip(tmp_path):
+    level_clip(tmp_path / "one.mp4", 1)
+    report = build_dataset([cfg(tmp_path, num_frames=1)], None, 0).report()
+    assert "clips: 1, 0.00-0.00 s (median 0.00 s)\n" in report
+    assert "one.mp4: 32x32 -> 32x32 (32); the middle frame of 1" in report

@@ -42,6 +42,7 @@ def cfg(folder, **kw) -> DatasetConfig:
         num_frames=5,
         caption_dropout=0.0,
         cache_latents=True,
+        default_caption="a clip",
         frame_sampling="fps",
         window_start="start",
     )

@@ -26,6 +26,8 @@ unchanged (compare :meth:`VideoDataset.fingerprint`).
 Batches hold samples of one bucket (same width, height and frame count): the epoch's samples are shuffled,
 grouped by bucket in that order, cut into batches (each bucket's last batch may be smaller), and the batches are
 shuffled again.
+
+Folders are scanned by :func:`~trainer_core.data.scan.build_dataset`; this module holds what it builds.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -45,25 +47,26 @@ from torch.utils.data import Dataset
 
 from ..config import DatasetConfig
 from ..errors import ConfigError, DatasetError
-from .buckets import assign_bucket, bucket_sizes, resize_crop_plan
-from .captions import TRIGGER_TOKEN, apply_trigger, dropout_caption, normalize_caption
-from .frames import fps_indices, fps_start_count, padded_indices, uniform_indices
-from .media import IMAGE_EXTS, VIDEO_EXTS, MediaInfo, media_kind, probe, read_frames
+from .captions import dropout_caption
+from .frames import fps_indices, padded_indices, uniform_indices
+from .media import MediaInfo, read_frames
 
 # Independent random streams (first word of each generator's seed).
 _RNG_SUBSET, _RNG_ORDER, _RNG_BATCH_ORDER, _RNG_SAMPLE = 1, 2, 3, 4
 _MAX_LISTED = 10  # file names listed in one message before "... and N more"
+_MAX_FILES_LISTED = 50  # per-file lines in the report, per dataset
 
 
 def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed % 2**64, *keys])
 
 
-def _listing(lines: Sequence[str]) -> str:
-    shown = list(lines[:_MAX_LISTED])
-    if len(lines) > _MAX_LISTED:
-        shown.append(f"... and {len(lines) - _MAX_LISTED} more")
-    return "\n".join(f"  {line}" for line in shown)
+def listing(lines: Sequence[str], limit: int = _MAX_LISTED, indent: str = "  ") -> str:
+    """Indented lines, at most ``limit`` of them, then "... and N more"."""
+    shown = list(lines[:limit])
+    if len(lines) > limit:
+        shown.append(f"... and {len(lines) - limit} more")
+    return "\n".join(f"{indent}{line}" for line in shown)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,12 @@ class Batch:
     sources: list[str]
 
 
+def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 RGB frames ``[..., F, H, W, 3]`` as float32 pixels ``[..., 3, F, H, W]`` in [-1, 1]."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -4).float()
+    return pixels.div_(127.5).sub_(1.0)  # in place: these are large (33 x 512 x 512 x 3 floats is 100 MiB)
+
+
 def collate(samples: Sequence[Sample]) -> Batch:
     """Stack samples of one bucket into a :class:`Batch`."""
     if not samples:
@@ -157,25 +166,48 @@ class _EpochView(Dataset):
         return self.dataset.load(sample_id, self.epoch)
 
 
+@dataclass
+class DatasetScan:
+    """What scanning one dataset folder found: its items and the raw material of the report.
+
+    ``skipped`` holds one message per file left out (why, and what to do); ``uncaptioned`` the media files that use
+    ``default_caption``; ``letterboxed`` one line per file with large black bars; ``files`` one report line per
+    usable file; ``durations``/``rates`` the usable clips' lengths (s) and frame rates.
+    """
+
+    items: list[Item]
+    kinds: Counter  # usable files per kind ("video", "image")
+    files: list[str] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    uncaptioned: list[Path] = field(default_factory=list)
+    letterboxed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
 class VideoDataset:
-    """Scanned, bucketed items of one or more dataset folders. Build it with :func:`build_dataset`."""
+    """Scanned, bucketed items of one or more dataset folders. Build it with :func:`build_dataset`.
+
+    ``caption_override``, when set, is the caption of every item (caption files were not read).
+    """
 
     def __init__(
         self,
         configs: Sequence[DatasetConfig],
-        items: Sequence[Item],
+        scans: Sequence[DatasetScan],
         seed: int,
-        skipped: Sequence[str],
-        notes: Sequence[str],
-        warnings: Sequence[str],
-        file_counts: Sequence[Counter],
+        caption_override: str | None = None,
     ) -> None:
         self.configs = tuple(configs)
-        self.items = tuple(items)
+        self.scans = tuple(scans)
+        self.items = tuple(it for s in scans for it in s.items)
         self.seed = seed
-        self.skipped = tuple(skipped)
-        self.notes = tuple(notes)
-        self._file_counts = tuple(file_counts)
+        self.caption_override = caption_override
+        self.skipped = tuple(m for s in scans for m in s.skipped)
+        self.notes = tuple(m for s in scans for m in s.notes)
+        self.uncaptioned = tuple(p for s in scans for p in s.uncaptioned)
         self._by_dataset = [[i for i, it in enumerate(self.items) if it.dataset == d] for d in range(len(configs))]
         self.counts = epoch_counts(
             [len(ix) for ix in self._by_dataset], [c.repeats for c in configs], [c.weight for c in configs]
@@ -185,7 +217,7 @@ class VideoDataset:
             for d, (c, n) in enumerate(zip(configs, self.counts))
             if n == 0
         ]
-        self.warnings = tuple(warnings) + tuple(starved)
+        self.warnings = tuple(m for s in scans for m in s.warnings) + tuple(starved)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -247,15 +279,19 @@ class VideoDataset:
             cache_latents=cfg.cache_latents,
         )
 
-    def pixels(self, plan: SamplePlan) -> torch.Tensor:
-        """Decode a planned sample: float32 ``[3, F, H, W]`` in [-1, 1], flips applied."""
-        frames = read_frames(self.items[plan.item].media, plan.frame_indices, plan.bucket)  # [F, H, W, 3]
+    def frames(self, plan: SamplePlan) -> np.ndarray:
+        """Decode a planned sample: uint8 RGB ``[F, H, W, 3]``, flips applied (4x smaller than its pixels, so
+        worker processes hand these over)."""
+        frames = read_frames(self.items[plan.item].media, plan.frame_indices, plan.bucket)
         if plan.flip_x:
             frames = frames[:, :, ::-1]
         if plan.flip_y:
             frames = frames[:, ::-1]
-        pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()
-        return pixels / 127.5 - 1.0
+        return np.ascontiguousarray(frames)
+
+    def pixels(self, plan: SamplePlan) -> torch.Tensor:
+        """Decode a planned sample: float32 ``[3, F, H, W]`` in [-1, 1], flips applied."""
+        return frames_to_pixels(self.frames(plan))
 
     def load(self, sample_id: int, epoch: int) -> Sample:
         """Decode one sample of ``epoch``."""
@@ -289,204 +325,53 @@ class VideoDataset:
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     def report(self) -> str:
-        """Human summary: items per dataset and bucket, epoch shares, skipped files, notes and warnings."""
+        """Human summary: items per dataset and bucket, epoch shares, every usable file with its duration, frame
+        rate, bucket and the frames a sample takes from it, captions missing, black bars, skipped files (and why),
+        notes and warnings."""
         total = self.samples_per_epoch
         lines = [f"{len(self.configs)} dataset(s), {len(self.items)} item(s), {total} sample(s) per epoch"]
-        for d, (cfg, members, count) in enumerate(zip(self.configs, self._by_dataset, self.counts)):
-            files = self._file_counts[d]
+        for d, (cfg, scan, members, count) in enumerate(zip(self.configs, self.scans, self._by_dataset, self.counts)):
             sampling = "" if cfg.num_frames == 1 else f", {cfg.frame_sampling} sampling"
             lines.append(
                 f"dataset {d + 1}: {cfg.folder}\n"
-                f"  {files['video']} video(s), {files['image']} image(s) -> {len(members)} item(s) at "
+                f"  {scan.kinds['video']} video(s), {scan.kinds['image']} image(s) -> {len(members)} item(s) at "
                 f"resolution(s) {', '.join(map(str, cfg.resolutions))}; {cfg.num_frames} frame(s){sampling}\n"
                 f"  repeats {cfg.repeats}, weight {cfg.weight}: {count} sample(s) per epoch "
                 f"({100 * count / max(total, 1):.1f}%)" + ("; regularization" if cfg.is_regularization else "")
             )
+            if scan.durations:
+                rates = f", {min(scan.rates):.3g}-{max(scan.rates):.3g} fps" if scan.rates else ""
+                lines.append(
+                    f"  clips: {len(scan.durations)}, {min(scan.durations):.2f}-{max(scan.durations):.2f} s "
+                    f"(median {float(np.median(scan.durations)):.2f} s){rates}"
+                )
+            lines.append(f"  files ({len(scan.files)} usable):")
+            lines.append(listing(scan.files, limit=_MAX_FILES_LISTED, indent="    "))
+            lines.append("  captions: " + self._caption_summary(cfg, scan))
         buckets = Counter(it.bucket_key for it in self.items)
         lines.append("buckets (width x height x frames: items):")
         lines += [f"  {w}x{h}x{f}: {n}" for (w, h, f), n in sorted(buckets.items())]
-        for title, entries in (("skipped", self.skipped), ("notes", self.notes), ("warnings", self.warnings)):
+        letterboxed = [m for s in self.scans for m in s.letterboxed]
+        for title, entries in (
+            ("skipped", self.skipped),
+            ("letterboxed", letterboxed),
+            ("notes", self.notes),
+            ("warnings", self.warnings),
+        ):
             if entries:
                 lines.append(f"{title} ({len(entries)}):")
                 lines += [f"  {e}" for e in entries]
         return "\n".join(lines)
 
-
-def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None) -> tuple[str, bool]:
-    """Processed caption of a media file and whether it came from a caption file."""
-    cap_path = path.with_suffix("." + cfg.caption_ext)
-    has_file = cap_path.is_file()
-    if has_file:
-        try:
-            raw = cap_path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise DatasetError(f"caption file {cap_path} is not UTF-8 text - re-save it as UTF-8") from None
-        except OSError as exc:
-            raise DatasetError(f"cannot read caption file {cap_path}: {exc}") from None
-    else:
-        raw = cfg.default_caption
-    try:
-        return apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger), has_file
-    except ValueError:
-        where = f"caption file {cap_path}" if has_file else f"{label}.default_caption"
-        raise DatasetError(
-            f"{where} uses {TRIGGER_TOKEN} but no trigger word is set - set the job's trigger_word "
-            f"or remove {TRIGGER_TOKEN}"
-        ) from None
-
-
-def _short_reason(info: MediaInfo, cfg: DatasetConfig) -> str:
-    if cfg.frame_sampling == "uniform":
-        return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames}"
-    rate = f" at {info.fps:.3g} fps" if info.fps else ""
-    need = (cfg.num_frames - 1) / cfg.fps
-    return (
-        f"{float(info.frame_times[-1]):.2f} s from first to last frame ({info.num_frames} frame(s){rate}), "
-        f"the {cfg.num_frames}-frame window at {cfg.fps:g} fps needs {need:.2f} s"
-    )
-
-
-def _scan_folder(folder: Path, label: str) -> tuple[list[Path], list[Path]]:
-    """Media files and all other non-hidden files under ``folder``, sorted by relative path."""
-    if not folder.exists():
-        raise DatasetError(f"{label}.folder: {folder} does not exist - check the path")
-    if not folder.is_dir():
-        raise DatasetError(f"{label}.folder: {folder} is a file, not a folder of videos/images")
-    # Hidden files and folders (".cache", macOS "._clip.mp4" forks) are not data.
-    files = sorted(
-        (
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-        ),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    media = [p for p in files if media_kind(p)]
-    if not media:
-        raise DatasetError(
-            f"{label}.folder: {folder} holds no videos or images "
-            f"({', '.join(sorted(VIDEO_EXTS | IMAGE_EXTS))}) - add media or fix the path"
+    def _caption_summary(self, cfg: DatasetConfig, scan: DatasetScan) -> str:
+        if self.caption_override is not None:
+            return f"every sample uses the fixed caption {self.caption_override!r} (caption files are not read)"
+        n = sum(scan.kinds.values())
+        if not scan.uncaptioned:
+            return f"every usable file has a .{cfg.caption_ext} caption file"
+        names = ", ".join(p.name for p in scan.uncaptioned[:_MAX_LISTED])
+        more = f" ... and {len(scan.uncaptioned) - _MAX_LISTED} more" if len(scan.uncaptioned) > _MAX_LISTED else ""
+        return (
+            f"{len(scan.uncaptioned)} of {n} usable file(s) have no .{cfg.caption_ext} file and use default_caption "
+            f"{cfg.default_caption!r}: {names}{more}"
         )
-    return media, [p for p in files if not media_kind(p)]
-
-
-def _setting_warnings(where: str, cfg: DatasetConfig) -> list[str]:
-    out = []
-    if cfg.flip_x:
-        out.append(
-            f"{where}: flip_x mirrors half the samples left-right, so motion to the left becomes motion "
-            "to the right (and text is mirrored) while captions stay the same - keep it off for directional motion"
-        )
-    if cfg.flip_y:
-        out.append(
-            f"{where}: flip_y turns half the samples upside down (falling becomes rising) while captions stay "
-            "the same - keep it off for natural footage"
-        )
-    random_window = cfg.frame_sampling == "fps" and cfg.window_start == "random"
-    if cfg.cache_latents and (random_window or cfg.flip_x or cfg.flip_y):
-        out.append(
-            f"{where}: cache_latents with random window starts or flips stores one latent per distinct "
-            "window/flip, so it only saves work when a choice repeats - use window_start=start and no flips "
-            "to encode each clip once"
-        )
-    return out
-
-
-@dataclass
-class _Scanned:
-    """One dataset folder turned into items, plus what the report says about it."""
-
-    items: list[Item]
-    kinds: Counter
-    skipped: list[str]
-    notes: list[str]
-    warnings: list[str]
-
-
-def _scan_dataset(d: int, cfg: DatasetConfig, trigger: str | None) -> _Scanned:
-    label = f"datasets[{d}]"
-    if cfg.prepend_trigger and trigger is None:
-        raise ConfigError(f"{label}.prepend_trigger is on but no trigger_word is set - set one or turn it off")
-    folder = Path(cfg.folder).expanduser().resolve()
-    media_paths, others = _scan_folder(folder, label)
-
-    infos, unreadable = [], []
-    for path in media_paths:
-        try:
-            infos.append(probe(path))
-        except DatasetError as exc:
-            unreadable.append(str(exc))
-    if unreadable:
-        raise DatasetError(f"{label}: {len(unreadable)} unreadable media file(s) in {folder}:\n" + _listing(unreadable))
-
-    fps = Fraction(repr(cfg.fps))
-    grids = {res: bucket_sizes(res) for res in cfg.resolutions}
-    out = _Scanned([], Counter(info.kind for info in infos), [], [], [])
-    uncaptioned, padded, upscaled = 0, [], Counter()
-    for info in infos:
-        caption, has_file = _caption_for(info.path, cfg, label, trigger)
-        uncaptioned += not has_file
-        frames = 1 if info.kind == "image" else cfg.num_frames
-        starts = fps_start_count(info.frame_times, frames, fps) if cfg.frame_sampling == "fps" else 0
-        short = info.num_frames < frames if cfg.frame_sampling == "uniform" else starts == 0
-        if info.kind == "video" and short:
-            reason = f"{info.path}: {_short_reason(info, cfg)}"
-            if cfg.short_clip == "skip":
-                out.skipped.append(f"{reason} (short_clip=skip)")
-                continue
-            padded.append(reason)
-        for res in cfg.resolutions:
-            bucket = assign_bucket(info.width, info.height, grids[res])
-            if resize_crop_plan(info.width, info.height, *bucket)[0] > info.width:
-                upscaled[res] += 1
-            out.items.append(Item(info, d, res, bucket, frames, caption, starts))
-    if not out.items:
-        raise DatasetError(
-            f"{label}: no usable clip in {folder}: every file is shorter than the sampling window "
-            f"(num_frames={cfg.num_frames}) - lower num_frames, use frame_sampling=uniform, or set short_clip=pad"
-        )
-
-    where = f"dataset {d + 1} ({folder})"
-    if padded:
-        out.notes.append(
-            f"{where}: {len(padded)} short clip(s) padded by repeating their last frame:\n" + _listing(padded)
-        )
-    if out.kinds["image"] and cfg.num_frames > 1:
-        out.notes.append(f"{where}: images train as 1-frame samples, in buckets of their own")
-    stems = {p.with_suffix("") for p in media_paths}
-    orphans = [p.name for p in others if p.suffix == "." + cfg.caption_ext and p.with_suffix("") not in stems]
-    if orphans:
-        out.notes.append(
-            f"{where}: ignored {len(orphans)} caption file(s) without media: {', '.join(orphans[:_MAX_LISTED])}"
-        )
-    if uncaptioned and not cfg.default_caption.strip() and not cfg.prepend_trigger:
-        out.warnings.append(
-            f"{where}: {uncaptioned} file(s) have no caption file and default_caption is empty: "
-            "they train with an empty caption"
-        )
-    for res, n in sorted(upscaled.items()):
-        out.warnings.append(f"{where}: {n} file(s) are smaller than their bucket at resolution {res} and are upscaled")
-    out.warnings += _setting_warnings(where, cfg)
-    return out
-
-
-def build_dataset(datasets: Sequence[DatasetConfig], trigger_word: str | None, seed: int) -> VideoDataset:
-    """Scan every dataset folder (subfolders included), read captions, assign buckets and plan epochs.
-
-    Raises :class:`DatasetError` naming the folder or file for a missing or empty folder, unreadable media, an
-    undecodable caption, ``[trigger]`` without a trigger word, or a dataset left with no usable item;
-    :class:`ConfigError` for no datasets or ``prepend_trigger`` without a trigger word.
-    """
-    if not datasets:
-        raise ConfigError("no datasets configured - add at least one entry under 'datasets' with a folder")
-    trigger = (trigger_word or "").strip() or None
-    scans = [_scan_dataset(d, cfg, trigger) for d, cfg in enumerate(datasets)]
-    return VideoDataset(
-        datasets,
-        [it for s in scans for it in s.items],
-        seed,
-        skipped=[m for s in scans for m in s.skipped],
-        notes=[m for s in scans for m in s.notes],
-        warnings=[m for s in scans for m in s.warnings],
-        file_counts=[s.kinds for s in scans],
-    )

@@ -7,7 +7,7 @@ photo's EXIF orientation. Still images are read with Pillow (a dependency of dif
 orientation.
 
 Decoding seeks: frame ``i`` is the one with the ``i``-th smallest timestamp, so :func:`read_frames` jumps to the
-keyframe before the first wanted frame (and again whenever a later keyframe lies between two wanted frames) and
+keyframe before the first wanted frame (and again where that skips at least :data:`MIN_SEEK_SKIP` frames) and
 decodes forward from there, matching decoded frames to indices by timestamp. Decoding from a keyframe gives the same
 pictures as decoding from the start; when a container cannot seek precisely (or its timestamps are not unique) the
 frames are decoded from the start instead. GIFs are always decoded from the start (their frames may be partial
@@ -16,12 +16,11 @@ updates of the previous one).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal, Sequence
-
-from bisect import bisect_right
 
 import av
 import numpy as np
@@ -237,14 +236,19 @@ def _decode_from_start(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> 
     return out
 
 
-def seek_runs(wanted: Sequence[int], keyframes: Sequence[int]) -> list[list[int]]:
+#: Seek again only to skip at least this many frames: a seek restarts the decoder (and its frame-thread pipeline)
+#: at a keyframe, which cost more than it saved for 33 frames spread over a 10 s clip with 1 s between keyframes.
+MIN_SEEK_SKIP = 16
+
+
+def seek_runs(wanted: Sequence[int], keyframes: Sequence[int], min_skip: int = MIN_SEEK_SKIP) -> list[list[int]]:
     """Split sorted frame indices into runs, each decoded forward after one seek to the keyframe before its first
-    frame: a new run starts where a keyframe lies past the frame after the previous wanted one, so seeking there
-    skips decoding the frames in between."""
+    frame: a new run starts where a keyframe lies at least ``min_skip`` frames past the previous wanted frame, so
+    seeking there skips decoding the frames in between."""
     runs: list[list[int]] = []
     for w in wanted:
         j = bisect_right(keyframes, w) - 1
-        if not runs or (j >= 0 and keyframes[j] > runs[-1][-1] + 1):
+        if not runs or (j >= 0 and keyframes[j] - runs[-1][-1] - 1 >= min_skip):
             runs.append([w])
         else:
             runs[-1].append(w)
@@ -280,7 +284,7 @@ def _decode_seeking(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dic
 
 #: A row or column of pixels is black when at least this share of its pixels has every channel <= _BLACK_LEVEL.
 _BLACK_SHARE = 0.98
-_BLACK_LEVEL = 32
+_BLACK_LEVEL = 20  # video black (16 of 255 in limited range) decodes to ~0; a dark grey scene stays above
 _THUMB_SIDE = 160  # longest side of the frames black-bar detection looks at
 
 

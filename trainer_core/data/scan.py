@@ -1,0 +1,347 @@
+"""Scanning dataset folders into items: probing, captions, buckets, black-bar checks and the report's material.
+
+Bad input. A file that cannot be used is a *bad file*: an unreadable or corrupt video or image, a zero-length clip,
+an unsupported video/image format (``.avi``, ``.bmp`` ...), a caption file that is not UTF-8, and a file whose caption
+would be empty (no caption file, or an empty one, with an empty ``default_caption`` and no ``prepend_trigger``).
+Training on an empty caption is almost never intended: the model would learn the clip as its unconditional output.
+By default each bad file is skipped and listed in the report with what to do about it, and a dataset fails only when
+nothing usable is left in it; with ``strict`` the first bad file (in path order) fails the build. Whole-dataset
+problems always fail: a missing or empty folder, ``[trigger]`` or ``prepend_trigger`` without a trigger word.
+Other files (notes, metadata) are listed as ignored.
+
+Letterboxing. Each usable file is checked on a few keyframes for black bars (:func:`~.media.black_bars`); bars of
+at least :data:`BAR_SHARE` of the picture on both opposite sides are reported, since the LoRA would learn them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+from ..config import DatasetConfig
+from ..errors import ConfigError, DatasetError
+from .buckets import assign_bucket, bucket_sizes, resize_crop_plan
+from .captions import TRIGGER_TOKEN, apply_trigger, normalize_caption
+from .dataset import DatasetScan, Item, VideoDataset, listing
+from .frames import fps_start_count
+from .media import (
+    IMAGE_EXTS,
+    UNSUPPORTED_MEDIA_EXTS,
+    VIDEO_EXTS,
+    MediaInfo,
+    black_bars,
+    media_kind,
+    probe,
+    unsupported_error,
+)
+
+#: Black bars covering at least this share of the picture on both the top and bottom (or left and right) are
+#: reported as letterboxing (pillarboxing).
+BAR_SHARE = 0.05
+#: Uniform sampling that plays a clip at least this many times faster (or slower) than real time gets a note.
+_SPEED_NOTE = 2.0
+
+
+class _BadFile(Exception):
+    """A file to skip (or, in strict mode, to fail on); the message names it and the remedy."""
+
+
+class _NoTrigger(DatasetError):
+    """A caption needs the trigger word but none is set: a missing setting, so it fails the build."""
+
+
+def _read_caption(cap_path: Path) -> str:
+    try:
+        return cap_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _BadFile(f"caption file {cap_path} is not UTF-8 text - re-save it as UTF-8") from None
+    except OSError as exc:
+        raise _BadFile(f"cannot read caption file {cap_path}: {exc} - check its permissions") from None
+
+
+def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None) -> tuple[str, bool]:
+    """Processed caption of a media file and whether it came from a caption file."""
+    cap_path = path.with_suffix("." + cfg.caption_ext)
+    has_file = cap_path.is_file()
+    raw = _read_caption(cap_path) if has_file else cfg.default_caption
+    try:
+        caption = apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger)
+    except ValueError:
+        where = f"caption file {cap_path}" if has_file else f"{label}.default_caption"
+        raise _NoTrigger(
+            f"{where} uses {TRIGGER_TOKEN} but no trigger word is set - set the job's trigger_word "
+            f"or remove {TRIGGER_TOKEN}"
+        ) from None
+    if not caption:
+        if has_file:
+            raise _BadFile(
+                f"caption file {cap_path} is empty - write a caption in it, or delete it to use default_caption"
+            )
+        raise _BadFile(
+            f"{path}: no caption - there is no {cap_path.name} and {label}.default_caption is empty; add the "
+            "caption file, set default_caption, or turn on prepend_trigger (with a trigger_word)"
+        )
+    return caption, has_file
+
+
+def _short_reason(info: MediaInfo, cfg: DatasetConfig) -> str:
+    if cfg.frame_sampling == "uniform":
+        return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames}"
+    rate = f" at {info.fps:.3g} fps" if info.fps else ""
+    need = (cfg.num_frames - 1) / cfg.fps
+    return (
+        f"{float(info.frame_times[-1]):.2f} s from first to last frame ({info.num_frames} frame(s){rate}), "
+        f"the {cfg.num_frames}-frame window at {cfg.fps:g} fps needs {need:.2f} s"
+    )
+
+
+def _uniform_speed(info: MediaInfo, frames: int, fps: float) -> float:
+    """How many times faster than real time a uniformly sampled clip plays at the model's ``fps``."""
+    return float(info.frame_times[-1]) * fps / (frames - 1)
+
+
+def _frames_used(info: MediaInfo, cfg: DatasetConfig, frames: int, starts: int, short: bool) -> str:
+    """What one sample takes from a file, in words."""
+    if info.kind == "image":
+        return "image: 1 frame"
+    n, span = info.num_frames, float(info.frame_times[-1])
+    if cfg.frame_sampling == "uniform":
+        if frames == 1:
+            return f"the middle frame of {n}"
+        if short:
+            return f"all {n} frames, then the last one repeated {frames - n}x (short, padded)"
+        speed = _uniform_speed(info, frames, cfg.fps)
+        return f"{frames} of {n} frames spread over {span:.2f} s: {speed:.2g}x real speed"
+    window = (frames - 1) / cfg.fps
+    if short:
+        return f"{span:.2f} s is shorter than the {window:.2f} s window: from the start, last frame repeated (padded)"
+    start = f"random start among the first {starts} frames" if cfg.window_start == "random" else "from the start"
+    if frames == 1:
+        return f"1 frame, {start}"
+    return f"{frames} frames at {cfg.fps:g} fps = {window:.2f} s of {span:.2f} s, {start}"
+
+
+def _letterbox(info: MediaInfo) -> str | None:
+    """A report line when the file has large black bars, else ``None``."""
+    top, bottom, left, right = black_bars(info)
+    sides = []
+    if min(top, bottom) >= BAR_SHARE:
+        sides.append(f"top/bottom {100 * top:.0f}%/{100 * bottom:.0f}% of the height")
+    if min(left, right) >= BAR_SHARE:
+        sides.append(f"left/right {100 * left:.0f}%/{100 * right:.0f}% of the width")
+    if not sides:
+        return None
+    return (
+        f"{info.path}: black bars {' and '.join(sides)} - crop them (ffmpeg's cropdetect filter finds the size), "
+        "or the LoRA learns to draw them"
+    )
+
+
+def _scan_folder(folder: Path, label: str) -> list[Path]:
+    """Every non-hidden file under ``folder``, sorted by relative path."""
+    if not folder.exists():
+        raise DatasetError(f"{label}.folder: {folder} does not exist - check the path")
+    if not folder.is_dir():
+        raise DatasetError(f"{label}.folder: {folder} is a file, not a folder of videos/images")
+    # Hidden files and folders (".cache", macOS "._clip.mp4" forks) are not data.
+    files = sorted(
+        (
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+        ),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+    if not any(media_kind(p) or p.suffix.lower() in UNSUPPORTED_MEDIA_EXTS for p in files):
+        raise DatasetError(
+            f"{label}.folder: {folder} holds no videos or images "
+            f"({', '.join(sorted(VIDEO_EXTS | IMAGE_EXTS))}) - add media or fix the path"
+        )
+    return files
+
+
+def _setting_warnings(where: str, cfg: DatasetConfig) -> list[str]:
+    out = []
+    if cfg.flip_x:
+        out.append(
+            f"{where}: flip_x mirrors half the samples left-right, so motion to the left becomes motion "
+            "to the right (and text is mirrored) while captions stay the same - keep it off for directional motion"
+        )
+    if cfg.flip_y:
+        out.append(
+            f"{where}: flip_y turns half the samples upside down (falling becomes rising) while captions stay "
+            "the same - keep it off for natural footage"
+        )
+    random_window = cfg.frame_sampling == "fps" and cfg.window_start == "random"
+    if cfg.cache_latents and (random_window or cfg.flip_x or cfg.flip_y):
+        out.append(
+            f"{where}: cache_latents with random window starts or flips stores one latent per distinct "
+            "window/flip, so it only saves work when a choice repeats - use window_start=start and no flips "
+            "to encode each clip once"
+        )
+    return out
+
+
+class _Scanner:
+    """Turns one dataset folder into a :class:`DatasetScan`."""
+
+    def __init__(self, d: int, cfg: DatasetConfig, trigger: str | None, caption_override: str | None) -> None:
+        self.d, self.cfg, self.trigger, self.override = d, cfg, trigger, caption_override
+        self.label = f"datasets[{d}]"
+        self.folder = Path(cfg.folder).expanduser().resolve()
+        self.where = f"dataset {d + 1} ({self.folder})"
+        self.out = DatasetScan(items=[], kinds=Counter())
+        self.grids = {res: bucket_sizes(res) for res in cfg.resolutions}
+        self.padded: list[str] = []
+        self.upscaled: Counter = Counter()
+        self.speeds: list[float] = []
+        self.short_skipped = 0
+
+    def bad(self, message: str) -> None:
+        if self.cfg.strict:
+            raise DatasetError(f"{message} ({self.label}.strict is on: fix or remove the file, or turn strict off)")
+        self.out.skipped.append(message)
+
+    def scan(self) -> DatasetScan:
+        files = _scan_folder(self.folder, self.label)
+        ignored = []
+        for path in files:
+            if media_kind(path):
+                try:
+                    self.add(probe(path))
+                except _NoTrigger:
+                    raise
+                except (_BadFile, DatasetError) as exc:
+                    self.bad(str(exc))
+            elif path.suffix.lower() in UNSUPPORTED_MEDIA_EXTS:
+                self.bad(str(unsupported_error(path)))
+            elif path.suffix != "." + self.cfg.caption_ext:
+                ignored.append(path.name)
+        if not self.out.items:
+            self.fail_empty()
+        self.summarize(files, ignored)
+        return self.out
+
+    def add(self, info: MediaInfo) -> None:
+        cfg = self.cfg
+        if self.override is None:
+            caption, has_file = _caption_for(info.path, cfg, self.label, self.trigger)
+        else:
+            caption, has_file = self.override, True
+        frames = 1 if info.kind == "image" else cfg.num_frames
+        fps = Fraction(repr(cfg.fps))
+        starts = fps_start_count(info.frame_times, frames, fps) if cfg.frame_sampling == "fps" else 0
+        short = info.kind == "video" and (info.num_frames < frames if cfg.frame_sampling == "uniform" else starts == 0)
+        if short:
+            reason = f"{info.path}: {_short_reason(info, cfg)}"
+            if cfg.short_clip == "skip":
+                self.out.skipped.append(f"{reason} (short_clip=skip)")
+                self.short_skipped += 1
+                return
+            self.padded.append(reason)
+        bars = _letterbox(info)  # decodes a few keyframes: also catches files that break after the first frame
+        buckets = []
+        for res in cfg.resolutions:
+            bucket = assign_bucket(info.width, info.height, self.grids[res])
+            if resize_crop_plan(info.width, info.height, *bucket)[0] > info.width:
+                self.upscaled[res] += 1
+            self.out.items.append(Item(info, self.d, res, bucket, frames, caption, starts))
+            buckets.append(f"{bucket[0]}x{bucket[1]} ({res})")
+        self.out.kinds[info.kind] += 1
+        if bars:
+            self.out.letterboxed.append(bars)
+        if not has_file:
+            self.out.uncaptioned.append(info.path)
+        size = f"{round(info.width)}x{round(info.height)}"
+        if info.kind == "video":
+            self.out.durations.append(float(info.frame_times[-1]))
+            if info.fps:
+                self.out.rates.append(info.fps)
+                size += f", {info.num_frames} frames, {float(info.frame_times[-1]):.2f} s, {info.fps:.3g} fps"
+            if cfg.frame_sampling == "uniform" and frames > 1 and not short:
+                self.speeds.append(_uniform_speed(info, frames, cfg.fps))
+        name = info.path.relative_to(self.folder).as_posix()
+        self.out.files.append(
+            f"{name}: {size} -> {', '.join(buckets)}; {_frames_used(info, cfg, frames, starts, short)}"
+        )
+
+    def fail_empty(self) -> None:
+        remedy = "fix or remove the files listed"
+        if self.short_skipped:
+            remedy += (
+                f"; for clips shorter than the sampling window (num_frames={self.cfg.num_frames}) lower num_frames, "
+                "use frame_sampling=uniform, or set short_clip=pad"
+            )
+        raise DatasetError(
+            f"{self.label}: no usable clip or image in {self.folder} - {remedy}:\n" + listing(self.out.skipped)
+        )
+
+    def summarize(self, files: Sequence[Path], ignored: list[str]) -> None:
+        out, cfg, where = self.out, self.cfg, self.where
+        if self.padded:
+            out.notes.append(
+                f"{where}: {len(self.padded)} short clip(s) padded by repeating their last frame:\n"
+                + listing(self.padded)
+            )
+        if out.kinds["image"] and cfg.num_frames > 1:
+            out.notes.append(f"{where}: images train as 1-frame samples, in buckets of their own")
+        far = [s for s in self.speeds if s >= _SPEED_NOTE or s <= 1 / _SPEED_NOTE]
+        if far:
+            out.notes.append(
+                f"{where}: uniform sampling plays {len(far)} clip(s) far from real speed "
+                f"({min(far):.2g}x-{max(far):.2g}x) - frame_sampling=fps keeps motion at its real speed"
+            )
+        stems = {p.with_suffix("") for p in files if media_kind(p)}
+        orphans = [p.name for p in files if p.suffix == "." + cfg.caption_ext and p.with_suffix("") not in stems]
+        if orphans and self.override is None:
+            out.notes.append(
+                f"{where}: ignored {len(orphans)} caption file(s) without media: {', '.join(orphans[:10])}"
+            )
+        if ignored:
+            out.notes.append(
+                f"{where}: ignored {len(ignored)} file(s) that are neither media nor .{cfg.caption_ext} captions: "
+                + ", ".join(ignored[:10])
+                + (" ..." if len(ignored) > 10 else "")
+            )
+        if out.letterboxed:
+            out.warnings.append(
+                f"{where}: {len(out.letterboxed)} file(s) have large black bars (see 'letterboxed') - crop them"
+            )
+        for res, n in sorted(self.upscaled.items()):
+            out.warnings.append(
+                f"{where}: {n} file(s) are smaller than their bucket at resolution {res} and are upscaled"
+            )
+        out.warnings += _setting_warnings(where, cfg)
+
+
+def build_dataset(
+    datasets: Sequence[DatasetConfig],
+    trigger_word: str | None,
+    seed: int,
+    caption_override: str | None = None,
+) -> VideoDataset:
+    """Scan every dataset folder (subfolders included), read captions, assign buckets and plan epochs.
+
+    ``caption_override`` makes every item's caption that exact text and skips reading caption files (text-encoder
+    ``unload`` mode: see :func:`~trainer_core.data.text_cache.unload_caption`).
+
+    Bad files are skipped and reported (see the module docstring). Raises :class:`DatasetError` naming the folder
+    or file for a missing or empty folder, ``[trigger]`` without a trigger word, a dataset left with no usable
+    item, or (``strict``) the first bad file; :class:`ConfigError` for no datasets, an empty ``caption_override``
+    or ``prepend_trigger`` without a trigger word.
+    """
+    if not datasets:
+        raise ConfigError("no datasets configured - add at least one entry under 'datasets' with a folder")
+    if caption_override is not None and not caption_override.strip():
+        raise ConfigError("caption_override is empty - pass the fixed caption (e.g. the trigger word) or None")
+    trigger = (trigger_word or "").strip() or None
+    if caption_override is None:
+        for d, cfg in enumerate(datasets):
+            if cfg.prepend_trigger and trigger is None:
+                raise ConfigError(
+                    f"datasets[{d}].prepend_trigger is on but no trigger_word is set - set one or turn it off"
+                )
+    scans = [_Scanner(d, cfg, trigger, caption_override).scan() for d, cfg in enumerate(datasets)]
+    return VideoDataset(datasets, scans, seed, caption_override)
