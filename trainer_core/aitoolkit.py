@@ -1,15 +1,31 @@
 """Read an ai-toolkit Wan 2.2 job (``job`` / ``config: {name, process: [...]}`` / ``meta``) as this trainer's job.
 
 The mapping follows ai-toolkit's own code (``toolkit/config_modules.py``, ``jobs/process/BaseSDTrainProcess.py``,
-``toolkit/optimizer.py``, ``toolkit/scheduler.py``, ``extensions_built_in/diffusion_models/wan22``):
+``extensions_built_in/sd_trainer/SDTrainer.py``, ``toolkit/optimizer.py``, ``toolkit/scheduler.py``,
+``toolkit/models/wan21/wan21.py``, ``extensions_built_in/diffusion_models/wan22``):
 
 * A setting this trainer has is mapped; where the file leaves it out, ai-toolkit's default is written instead of
   ours, so the job trains as ai-toolkit would have run it (e.g. ``switch_boundary_every`` 1, ``train.dtype`` fp32).
 * A value this trainer cannot reproduce (another optimizer, timestep type, LR schedule, model family...) raises
   :class:`ConfigError` naming the key and the accepted values.
-* Every other key is ignored with a warning naming it by its dotted path, unless it asks for nothing: an off or
+* A setting that is applied, but not exactly as ai-toolkit would, gets a warning ``<key> is changed: <how>``.
+* Every other key is ignored with a warning ``<key> is ignored: <why>``, unless it asks for nothing: an off or
   empty value (``false``, ``null``, ``0``, ``""``, ``[]``, ``{}``) or ai-toolkit's default, a setting that only
   matters while another one (left off) is on, or a setting with no effect on a Wan 2.2 LoRA in ai-toolkit itself.
+
+Previews (``sample``) render as ai-toolkit's Wan 2.2 pipeline does: its flow-matching Euler scheduler with shift 5
+whatever ``sampler`` says, the expert boundary at 0.875, ``guidance_scale`` on both experts (the pipeline's
+``guidance_scale_2`` defaults to it; a scale <= 1 turns guidance off there, as 1 does here), width and height
+rounded down to multiples of 16 and frame counts to 4n+1 as the pipeline rounds them, ``neg: ''`` as the empty
+negative prompt (guidance against the encoded empty text, not Wan's default negative prompt), previews before the
+first step unless ``train.skip_first_sample``. Inline prompt flags (``--n``, ``--w``, ``--h``, ``--seed``/``--d``,
+``--cfg``/``--l``, ``--steps``/``--s``, ``--m``, ``--frames``, ``--fps``) and per-prompt ``samples[]`` settings are
+parsed as ai-toolkit parses them; one value shared by every prompt becomes the section's value, a value that
+differs between prompts is ignored by name (previews here have one setting for all prompts).
+
+Text embeddings: ``cache_text_embeddings`` on or off both map to ``text_encoder.mode: cache`` (the cache restores
+the encoder's output exactly, so training sees the embeddings ai-toolkit's live encoding gives, with the encoder
+freed); ``unload_text_encoder`` maps to ``unload``.
 """
 
 from __future__ import annotations
@@ -18,6 +34,9 @@ import os
 import re
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from .config import AdvancedConfig, MemoryConfig, QuantConfig, SampleConfig
 from .errors import ConfigError
 
 _PROCESS = "config.process[0]"
@@ -39,20 +58,63 @@ _TIMESTEP_TYPES = {
 #: ai-toolkit's UI labels these "Balanced", "High Noise", "Low Noise": content draws u^3 toward high t, style 1-u^3.
 _TIMESTEP_BIAS = {"balanced": "balanced", "content": "high_noise", "style": "low_noise"}
 _SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
-#: The shift of ai-toolkit's Wan training scheduler (toolkit/models/wan21/wan21.py scheduler_config).
-_WAN_TRAIN_SHIFT = 3.0
+#: The shift of ai-toolkit's Wan 2.2 14B scheduler, for training and sampling alike: wan22_14b_model.py imports
+#: ``scheduler_config`` (shift 5.0) from wan22_5b_model.py (Wan 2.1's own config in wan21.py has 3.0).
+_WAN22_SHIFT = 5.0
 #: ai-toolkit builds AdamW / AdamW8bit with eps=1e-6; torch and bitsandbytes default weight_decay to 0.01.
 _ADAMW_EPS = 1e-6
 _ADAMW_WEIGHT_DECAY = 0.01
+#: Transformer blocks per expert (layer_offloading_transformer_percent is a share of them).
+_WAN_BLOCKS = 40
+#: ai-toolkit qtypes that store float8 e4m3 weights with per-output-row scales (quanto's qfloat8 is e4m3fn).
+_FLOAT8_QTYPES = ("qfloat8", "qfloat8_e4m3fn", "float8")
+#: The 4-bit qtype ai-toolkit's accuracy recovery adapters are made for.
+_UINT4 = "uint4"
+_QTYPES_ACCEPTED = "'qfloat8' or 'float8' (float8 weights), 'uint4' or 'uint4|<adapter .safetensors>' (4-bit + ARA)"
+#: ai-toolkit's TrainConfig / EMAConfig defaults of the regularizers.
+_DOP_MULTIPLIER = 1.0
+_DIFF_GUIDANCE_SCALE = 3.0
+_EMA_DECAY = 0.999
 
-_SAMPLING = "sampling during training is not supported yet; load the saved LoRAs in ComfyUI to preview them"
+#: ai-toolkit's SampleConfig defaults (its ``neg`` default, False, is not a prompt: it is read as the empty one).
+_SAMPLE_DEFAULTS: dict[str, Any] = {
+    "width": 512, "height": 512, "num_frames": 1, "fps": 16, "sample_steps": 20, "guidance_scale": 7.0, "neg": "",
+    "network_multiplier": 1.0, "seed": 0, "walk_seed": False, "sample_every": 100, "sample_start_step": 0,
+}  # fmt: skip
+#: Settings a prompt may override (``samples[i].<key>`` or an inline flag) -> this trainer's SampleConfig fields.
+_PER_PROMPT: dict[str, tuple[str, ...]] = {
+    "width": ("width",),
+    "height": ("height",),
+    "num_frames": ("num_frames",),
+    "fps": ("fps",),
+    "sample_steps": ("steps",),
+    "guidance_scale": ("guidance_high", "guidance_low"),
+    "neg": ("negative_prompt",),
+    "network_multiplier": ("lora_strength_high", "lora_strength_low"),
+}
+#: Inline prompt flags with an effect on Wan 2.2 T2V (GenerateImageConfig._process_prompt_string) -> setting, type.
+#: The others (--p2, --n2, --gr, --a, --ref, --ev, --ctrl_img...) and unknown flags are dropped there too.
+_PROMPT_FLAGS: dict[str, tuple[str, type]] = {
+    "n": ("neg", str),
+    "w": ("width", int), "h": ("height", int),
+    "d": ("seed", int), "seed": ("seed", int),
+    "l": ("guidance_scale", float), "cfg": ("guidance_scale", float),
+    "s": ("sample_steps", int), "steps": ("sample_steps", int),
+    "m": ("network_multiplier", float), "network_multiplier": ("network_multiplier", float),
+    "frames": ("num_frames", int), "num_frames": ("num_frames", int),
+    "fps": ("fps", int),
+}  # fmt: skip
+
 _GENERIC = "this trainer has no such setting, so it is not applied"
+_PER_PROMPT_REASON = "previews here use one {what} for every prompt: {value!r}"
 
 #: Why a key is not applied, by "<section>.<key>" (or by "<section>" for all its keys).
 _REASONS: dict[str, str] = {
     "top.meta": "ai-toolkit's job metadata is not written into the saved LoRAs",
-    "process.sample": _SAMPLING,
-    "process.first_sample": _SAMPLING,
+    "process.first_sample": (
+        "a separate preview set for the start of training is not supported (the sample section's prompts render "
+        "before the first step unless train.skip_first_sample is on)"
+    ),
     "process.sqlite_db_path": "it is ai-toolkit UI bookkeeping",
     "process.performance_log_every": "per-stage timing reports are not available",
     "process.log_dir": "TensorBoard logging is not available; progress goes to the console",
@@ -65,34 +127,19 @@ _REASONS: dict[str, str] = {
     "save.push_to_hub": "uploading to the Hugging Face Hub is not supported",
     "save.hf_repo_id": "uploading to the Hugging Face Hub is not supported",
     "save.hf_private": "uploading to the Hugging Face Hub is not supported",
-    "model.quantize": "transformer quantization is not supported yet; the experts load unquantized in model.dtype",
-    "model.qtype": "transformer quantization is not supported yet; the experts load unquantized in model.dtype",
-    "model.quantize_te": "text-encoder quantization is not supported yet; it loads in model.text_encoder_dtype",
-    "model.qtype_te": "text-encoder quantization is not supported yet; it loads in model.text_encoder_dtype",
-    "model.low_vram": "low-VRAM offloading is not supported yet",
-    "model.layer_offloading": "layer offloading is not supported yet",
     "model.compile": "torch.compile is not supported",
     "model.block_compile": "torch.compile is not supported",
     "model.dtype": "ai-toolkit replaces it with train.dtype, which sets the base-weight dtype here",
     "train.train_text_encoder": "text-encoder LoRAs are not supported; only the two transformer experts train",
-    "train.cache_text_embeddings": "caching text embeddings is not supported yet",
-    "train.unload_text_encoder": (
-        "captions are still used (ai-toolkit would train every sample on the trigger word alone)"
-    ),
-    "train.diff_output_preservation": "Differential Output Preservation (DOP) is not supported yet",
-    "train.diff_output_preservation_multiplier": "Differential Output Preservation (DOP) is not supported yet",
-    "train.diff_output_preservation_class": "Differential Output Preservation (DOP) is not supported yet",
-    "train.blank_prompt_preservation": "blank-prompt preservation is not supported yet",
-    "train.blank_prompt_preservation_multiplier": "blank-prompt preservation is not supported yet",
-    "train.ema_config": "an EMA of the LoRA weights is not supported yet",
-    "train.do_differential_guidance": "differential guidance is not supported yet",
-    "train.differential_guidance_scale": "differential guidance is not supported yet",
-    "train.force_first_sample": _SAMPLING,
+    "train.blank_prompt_preservation": "blank-prompt preservation is not supported",
+    "train.blank_prompt_preservation_multiplier": "blank-prompt preservation is not supported",
+    "train.ema_config": "only use_ema and ema_decay are read",
+    "train.force_first_sample": "the previews before the first step render on a fresh start only, not on resume",
     "train.optimizer_params": "only weight_decay and betas are passed to the optimizer",
     "train.lr_scheduler_params": (
         "only num_warmup_steps (constant_with_warmup) and start_factor/end_factor (linear) are read"
     ),
-    "datasets.cache_text_embeddings": "caching text embeddings is not supported yet",
+    "sample.format": "previews are written as videos in sample.format (mp4 or webm)",
     "datasets.trigger_word": f"per-dataset trigger words are not supported; set {_PROCESS}.trigger_word",
     "datasets.network_weight": (
         "a per-dataset LoRA strength during training is not supported (datasets[].weight is not the same thing)"
@@ -119,28 +166,36 @@ _NO_EFFECT = frozenset(
         "train.train_refiner",
         # Flux-family guidance embedding only.
         "train.bypass_guidance_embedding",
-        # These only turn sampling down; this trainer never samples.
-        "train.skip_first_sample",
-        "train.disable_sampling",
         # Only used for full-model saves, not LoRA files.
         "save.save_format",
+        # How often ai-toolkit writes its logs; the LoRA does not depend on it (the console here shows every step).
+        "logging.log_every",
+        # Wan's loader quantizes the text encoder with model.qtype; qtype_te is never read for Wan.
+        "model.qtype_te",
+        # The text encoder is freed once the captions are encoded, so there is nothing of it to offload.
+        "model.layer_offloading_text_encoder_percent",
+        # Not passed to Wan's pipeline, or for adapters / refiners / other models only.
+        "sample.guidance_rescale",
+        "sample.adapter_conditioning_scale",
+        "sample.refiner_start_at",
+        "sample.extra_values",
+        "sample.do_cfg_norm",
+        "sample.samples.ctrl_img",
+        "sample.samples.ctrl_img_1",
+        "sample.samples.ctrl_img_2",
+        "sample.samples.ctrl_img_3",
+        "sample.samples.ctrl_idx",
+        "sample.samples.do_cfg_norm",
     }
 )
 
 #: Keys that only matter while another key of the same section is on.
 _ONLY_WITH: dict[str, str] = {
-    "model.qtype": "quantize",
-    "model.qtype_te": "quantize_te",
-    "model.layer_offloading_transformer_percent": "layer_offloading",
-    "model.layer_offloading_text_encoder_percent": "layer_offloading",
     "model.compile_mode": "compile",
     "model.compile_fullgraph": "compile",
     "model.compile_dynamic": "compile",
     "model.cache_size_limit": "compile",
-    "train.diff_output_preservation_multiplier": "diff_output_preservation",
-    "train.diff_output_preservation_class": "diff_output_preservation",
     "train.blank_prompt_preservation_multiplier": "blank_prompt_preservation",
-    "train.differential_guidance_scale": "do_differential_guidance",
     "train.inverted_mask_prior_multiplier": "inverted_mask_prior",
     "save.hf_repo_id": "push_to_hub",
     "save.hf_private": "push_to_hub",
@@ -160,6 +215,8 @@ _DEFAULTS: dict[str, Any] = {
     "network.transformer_only": True,
     "network.split_multistage_loras": True,
     "train.reg_weight": 1.0,
+    "train.ema_config.param_multiplier": 1.0,
+    "sample.format": "jpg",
     "datasets.type": "image",
     "datasets.network_weight": 1.0,
     "datasets.buckets": True,
@@ -228,6 +285,7 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
         "optimizer": {},
         "train": {},
         "save": {},
+        "sample": {},
     }
     trigger = rest.pop("trigger_word", None)
     if trigger is not None:
@@ -242,20 +300,17 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
     _map_network(_take(rest, "network", _PROCESS), job, notes)
     _map_save(_take(rest, "save", _PROCESS), job, notes)
     _map_model(_take(rest, "model", _PROCESS), job, notes)
-    _map_train(_take(rest, "train", _PROCESS), job, notes)
+    flags = _map_train(_take(rest, "train", _PROCESS), job, notes)
     logging = _take(rest, "logging", _PROCESS)
-    log_rest = dict(logging)
-    if log_rest.get("log_every") is not None:
-        job["train"]["log_every"] = log_rest.pop("log_every")
-    _leftovers(log_rest, "logging", f"{_PROCESS}.logging", logging, notes)
+    _leftovers(logging, "logging", f"{_PROCESS}.logging", logging, notes)
 
     raw = rest.pop("datasets", None) or []
     if not isinstance(raw, list):
         raise ConfigError(f"{_PROCESS}.datasets must be a list of dataset entries, got {type(raw).__name__}")
-    job["datasets"] = [
-        _map_dataset(_take_item(raw, i, f"{_PROCESS}.datasets"), i, job.get("trigger_word"), notes)
-        for i in range(len(raw))
-    ]
+    raw = [_take_item(raw, i, f"{_PROCESS}.datasets") for i in range(len(raw))]
+    job["datasets"] = [_map_dataset(ds, i, job.get("trigger_word"), notes) for i, ds in enumerate(raw)]
+    _map_text_encoder(flags, raw, job, notes)
+    _map_sample(_take(rest, "sample", _PROCESS), rest.pop("first_sample", None), flags, job, notes)
     _leftovers(rest, "process", _PROCESS, proc, notes)
     return job
 
@@ -305,16 +360,109 @@ def _map_model(model: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     # ai-toolkit's UI writes a tag after ':' (e.g. 'wan22_14b:t2v') that ai-toolkit drops.
     if not isinstance(arch, str) or arch.split(":")[0] != _ARCH:
         raise ConfigError(f"{where}.arch is {arch!r}: this trainer trains Wan 2.2 T2V A14B only - set arch: '{_ARCH}'")
+    _map_quant(rest, job, notes)
+    low_vram = bool(rest.pop("low_vram", False))
+    offload = 0
+    if rest.pop("layer_offloading", False):
+        pct = _float(
+            rest.pop("layer_offloading_transformer_percent", 1.0), f"{where}.layer_offloading_transformer_percent"
+        )
+        # ai-toolkit offloads each Linear layer with probability pct (all from 1 up, none at 0 or below).
+        offload = int(min(max(pct, 0.0), 1.0) * _WAN_BLOCKS + 0.5)
+    rest.pop("layer_offloading_transformer_percent", None)
+    job["memory"] = _validated(
+        MemoryConfig,
+        {"low_vram": low_vram, "offload_blocks": offload},
+        {"low_vram": f"{where}.low_vram", "offload_blocks": f"{where}.layer_offloading_transformer_percent"},
+    )
     kwargs = _take(rest, "model_kwargs", where)
     kw_rest = dict(kwargs)
     for key in ("train_high_noise", "train_low_noise"):
         if key in kw_rest:
             job["multistage"][key] = kw_rest.pop(key)
+    # ai-toolkit decodes previews in tiles in low-VRAM mode or when asked.
+    if bool(kw_rest.pop("vae_tiling", False)) or low_vram:
+        job["sample"]["vae_tiling"] = True
     _leftovers(kw_rest, "model.model_kwargs", f"{where}.model_kwargs", kwargs, notes)
     _leftovers(rest, "model", where, model, notes)
 
 
-def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
+def _map_quant(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
+    """quantize / qtype / quantize_te / accuracy_recovery_adapter of the model section; pops the keys it reads.
+
+    ai-toolkit's Wan loader quantizes the text encoder with ``model.qtype`` (it never reads ``qtype_te``).
+    """
+    where = f"{_PROCESS}.model"
+    quantize = bool(rest.pop("quantize", False))
+    quantize_te = bool(rest.pop("quantize_te", quantize))  # ai-toolkit: quantize_te defaults to quantize
+    raw_qtype = rest.pop("qtype", "qfloat8")
+    qtype, _, adapter = str(raw_qtype).partition("|")  # ai-toolkit: 'uint4|<adapter>', which wins over the key
+    adapter_key = f"{where}.qtype"
+    separate = rest.pop("accuracy_recovery_adapter", None)
+    if not adapter and separate:
+        adapter, adapter_key = str(separate), f"{where}.accuracy_recovery_adapter"
+    quant: dict[str, Any] = {"transformer": "none", "text_encoder": "bf16"}
+    if quantize:
+        if qtype in _FLOAT8_QTYPES and not adapter:
+            quant["transformer"] = "float8"
+        elif qtype == _UINT4:
+            quant.update(transformer="4bit_ara", quantizer="uint4")
+            _map_adapter(adapter.strip(), adapter_key, quant, notes)
+        elif qtype in _FLOAT8_QTYPES:
+            raise ConfigError(
+                f"{where}.qtype is {raw_qtype!r}: accuracy recovery adapters are made for the uint4 quantizer - "
+                "use 'uint4|<adapter>' or plain 'qfloat8'"
+            )
+        else:
+            raise ConfigError(f"{where}.qtype is {raw_qtype!r}: accepted values are {_QTYPES_ACCEPTED}")
+    if quantize_te:
+        if qtype == _UINT4:
+            te_key = f"{where}.qtype_te" if "qtype_te" in rest else f"{where}.quantize_te"
+            notes.append(
+                f"{te_key} is changed: the text encoder is stored in float8; ai-toolkit's Wan loader quantizes it "
+                f"with model.qtype ('{_UINT4}', qtype_te is not read there), a 4-bit format this trainer offers for "
+                "the transformer only"
+            )
+        elif qtype not in _FLOAT8_QTYPES:
+            raise ConfigError(
+                f"{where}.qtype is {raw_qtype!r}: ai-toolkit's Wan loader quantizes the text encoder with it "
+                f"(quantize_te is on); accepted values are {_QTYPES_ACCEPTED}"
+            )
+        quant["text_encoder"] = "float8"
+    job["quant"] = _validated(
+        QuantConfig,
+        quant,
+        {"ara_source": adapter_key, "transformer": f"{where}.qtype", "text_encoder": f"{where}.quantize_te"},
+    )
+
+
+def _map_adapter(adapter: str, key: str, quant: dict[str, Any], notes: list[str]) -> None:
+    """The uint4 adapter: a local file is used; a Hub file cannot be fetched here, so adapters are computed."""
+    if not adapter:
+        notes.append(
+            f"{key} is changed: ai-toolkit would quantize to plain uint4 without accuracy recovery adapters; here "
+            "each 4-bit layer gets an adapter computed locally from the weights and calibrated on the training clips "
+            "(quant.ara_source: compute)"
+        )
+    elif os.path.isfile(adapter):
+        quant["ara_source"] = adapter
+    elif len(adapter.split("/")) > 3:
+        # ai-toolkit refuses this too: a path that does not exist is read as 'user/repo/file' on the Hub.
+        raise ConfigError(
+            f"{key}: the accuracy recovery adapter {adapter!r} is neither an existing file nor a Hugging Face Hub "
+            "file 'user/repo/file.safetensors' - give the path of the adapter file"
+        )
+    else:
+        notes.append(
+            f"{key} is changed: the accuracy recovery adapter {adapter!r} is a Hugging Face Hub file, which is not "
+            "downloaded here; adapters for the uint4 quantizer are computed locally from the weights and calibrated "
+            "on the training clips instead (quant.ara_source: compute) - download the file and give its local path "
+            "to use it"
+        )
+
+
+def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> dict[str, bool]:
+    """The train section; returns its switches that other sections need (sampling, text-encoder caching)."""
     where = f"{_PROCESS}.train"
     rest = dict(train)
     _require(rest.pop("noise_scheduler", "flowmatch"), ("flowmatch",), f"{where}.noise_scheduler")
@@ -352,12 +500,64 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
         compute_dtype=dtype,
     )
     if _TIMESTEP_TYPES[ttype] == "shift":
-        job["train"]["timestep_shift"] = _WAN_TRAIN_SHIFT
+        job["train"]["timestep_shift"] = _WAN22_SHIFT
+    _map_advanced(rest, job, notes)
+    _map_optimizer(rest, job, notes)
+    flags = {
+        key: bool(rest.pop(key, False))
+        for key in (
+            "skip_first_sample", "force_first_sample", "disable_sampling",
+            "cache_text_embeddings", "unload_text_encoder",
+        )
+    }  # fmt: skip
+    _leftovers(rest, "train", where, train, notes)
+    return flags
+
+
+def _map_advanced(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
+    """DOP, differential guidance and EMA settings of the train section; pops the keys it reads from ``rest``."""
+    where = f"{_PROCESS}.train"
+    adv: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    dop_keys = ("diff_output_preservation", "diff_output_preservation_multiplier", "diff_output_preservation_class")
+    dop, multiplier, dop_class = (rest.pop(k, None) for k in dop_keys)
+    if dop:
+        if not (job.get("trigger_word") or "").strip():
+            raise ConfigError(
+                f"{where}.diff_output_preservation is on but {_PROCESS}.trigger_word is not set: DOP replaces the "
+                "trigger word in each caption with the class word - set trigger_word (per-dataset trigger words are "
+                "not supported), or turn DOP off"
+            )
+        if not str(dop_class or "").strip():
+            raise ConfigError(
+                f"{where}.diff_output_preservation_class is empty: ai-toolkit would then delete the trigger word from "
+                "the preservation prompt; this trainer replaces it with a class word - set one, e.g. person or scene"
+            )
+        mult = _float(_DOP_MULTIPLIER if multiplier is None else multiplier, f"{where}.{dop_keys[1]}")
+        adv.update(dop=True, dop_class=str(dop_class), dop_multiplier=mult)
+        sources.update(dop_class=f"{where}.{dop_keys[2]}", dop_multiplier=f"{where}.{dop_keys[1]}")
+    guidance = rest.pop("do_differential_guidance", False)
+    scale = rest.pop("differential_guidance_scale", None)
+    if guidance:
+        key = f"{where}.differential_guidance_scale"
+        scale = _float(_DIFF_GUIDANCE_SCALE if scale is None else scale, key)
+        adv.update(diff_guidance=True, diff_guidance_scale=scale)
+        sources["diff_guidance_scale"] = key
     ema = rest.pop("ema_config", None)
     if isinstance(ema, dict) and ema.get("use_ema"):
-        notes.append(f"{where}.ema_config is ignored: {_REASONS['train.ema_config']}")
-    _map_optimizer(rest, job, notes)
-    _leftovers(rest, "train", where, train, notes)
+        e_rest = dict(ema)
+        e_rest.pop("use_ema")
+        key = f"{where}.ema_config.ema_decay"
+        adv.update(ema=True, ema_decay=_float(e_rest.pop("ema_decay", _EMA_DECAY), key))
+        sources["ema_decay"] = key
+        notes.append(
+            f"{where}.ema_config is changed: each expert's EMA is saved beside its live LoRA as "
+            "<name>_<step>_ema_<high|low>_noise.safetensors (ai-toolkit saves only the EMA weights, under the usual "
+            "names), and it is updated on that expert's own steps (ai-toolkit updates both experts' EMA every step)"
+        )
+        _leftovers(e_rest, "train.ema_config", f"{where}.ema_config", ema, notes)
+    if adv:
+        job["advanced"] = _validated(AdvancedConfig, adv, sources)
 
 
 def _map_optimizer(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
@@ -447,8 +647,268 @@ def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: lis
         out["default_caption"] = str(default_caption)
     if rest.get("trigger_word") in (None, trigger):
         rest.pop("trigger_word", None)
+    rest.pop("cache_text_embeddings", None)  # read by _map_text_encoder
     _leftovers(rest, "datasets", where, ds, notes)
     return out
+
+
+def _map_text_encoder(
+    flags: dict[str, bool], raw: list[dict[str, Any]], job: dict[str, Any], notes: list[str]
+) -> None:
+    """text_encoder.mode from train.cache_text_embeddings / unload_text_encoder and the datasets' caching flags."""
+    where = f"{_PROCESS}.train"
+    cached = [bool(ds.get("cache_text_embeddings", False)) for ds in raw]
+    if not flags["cache_text_embeddings"] and any(cached) and not all(cached):
+        off = [f"{_PROCESS}.datasets[{i}].cache_text_embeddings" for i, c in enumerate(cached) if not c]
+        raise ConfigError(
+            f"{', '.join(off)} off while other datasets cache their text embeddings: ai-toolkit refuses this mix - "
+            f"turn it on for every dataset, or set {where}.cache_text_embeddings"
+        )
+    trigger = job.get("trigger_word")
+    # ai-toolkit's unload mode trains on one fixed embedding; with caching on it uses the cached captions instead.
+    if flags["unload_text_encoder"] and not (flags["cache_text_embeddings"] or any(cached)):
+        if not (trigger or "").strip():
+            raise ConfigError(
+                f"{where}.unload_text_encoder is on but {_PROCESS}.trigger_word is not set: ai-toolkit would train "
+                "every sample on the empty prompt; this trainer trains on the trigger word alone in that mode - set "
+                f"trigger_word, or turn unload_text_encoder off to train on the captions"
+            )
+        job["text_encoder"] = {"mode": "unload"}
+        for i, ds in enumerate(job["datasets"]):
+            ds["caption_dropout"] = 0.0  # the fixed embedding is used whatever the caption (dropped or not)
+            if ds["is_regularization"]:
+                notes.append(
+                    f"{_PROCESS}.datasets[{i}].is_reg is changed: with unload_text_encoder, ai-toolkit trains "
+                    f"regularization samples on the empty prompt; here they train on the trigger word {trigger!r} "
+                    "like the others"
+                )
+        return
+    job["text_encoder"] = {"mode": "cache"}
+    for i, ds in enumerate(job["datasets"]):
+        if trigger and ds["caption_dropout"] > 0 and not ds["is_regularization"]:
+            notes.append(
+                f"{_PROCESS}.datasets[{i}].caption_dropout_rate is changed: a dropped caption trains on the empty "
+                f"prompt here; ai-toolkit puts the trigger word back in, so it trains on {trigger!r} alone"
+            )
+
+
+def _map_sample(
+    sample: dict[str, Any], first: Any, flags: dict[str, bool], job: dict[str, Any], notes: list[str]
+) -> None:
+    """The sample section (previews during training), resolved per prompt as ai-toolkit's sampler resolves it."""
+    where = f"{_PROCESS}.sample"
+    rest = dict(sample)
+    prompts = _sample_items(rest, where)
+    if flags["disable_sampling"]:
+        job.pop("sample")  # ai-toolkit renders nothing: every sampling setting is moot
+        return
+    if isinstance(first, dict) and _sample_items(dict(first), f"{_PROCESS}.first_sample"):
+        notes.append(f"{_PROCESS}.first_sample is ignored: {_REASONS['process.first_sample']}")
+    if not prompts:
+        job.pop("sample")
+        return
+    rest.pop("sampler", None)  # Wan 2.2's pipeline always uses its flow-matching Euler scheduler
+    section = {key: rest.pop(key, default) for key, default in _SAMPLE_DEFAULTS.items()}
+    if section["neg"] is None or section["neg"] is False:
+        section["neg"] = ""
+    trigger = job.get("trigger_word")
+    section["seed"] = _int(section["seed"], f"{where}.seed")
+    rows = []
+    # ai-toolkit walks the seed from the section's; a sample's own seed replaces it, and without walking it stays
+    # in force for the prompts after it too. Inline --seed flags override a single preview.
+    carried = (section["seed"], f"{where}.seed")
+    for i, (text, item, key) in enumerate(prompts):
+        if section["walk_seed"]:
+            carried = (section["seed"] + i, f"{where}.seed")
+        if item.get("seed") is not None:
+            carried = (_int(item["seed"], f"{where}.samples[{i}].seed"), f"{where}.samples[{i}].seed")
+        rows.append(_sample_prompt(text, item, key, i, carried, section, trigger, where, notes))
+
+    out: dict[str, Any] = {"prompts": [row["prompt"][0] for row in rows]}
+    sources: dict[str, str] = {"prompts": f"{where}.samples" if "samples" in sample else f"{where}.prompts"}
+    for key, fields in _PER_PROMPT.items():
+        value, source = _shared_value(key, [row[key] for row in rows], section, where, notes)
+        for field in fields:
+            out[field], sources[field] = value, source
+    out.update(_shared_seed([row["seed"] for row in rows], section, where, notes))
+    sources["seed"] = f"{where}.seed"
+
+    steps = job["train"]["steps"]
+    every = _int(section["sample_every"], f"{where}.sample_every")
+    if every and _int(section["sample_start_step"], f"{where}.sample_start_step") > 0:
+        notes.append(
+            f"{where}.sample_start_step is ignored: previews render every sample_every steps from the first one on"
+        )
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        if every == 0:
+            every = steps  # ai-toolkit still renders once after the last step
+        elif every > 0 and steps % every:
+            last = steps // every * every
+            notes.append(
+                f"{where}.sample_every is changed: ai-toolkit also renders after the last step ({steps}); here "
+                f"previews render every {every} steps only, "
+                + (f"the last ones at step {last}" if last else f"which never comes within {steps} steps")
+            )
+    out.update(
+        sampler="euler",
+        shift=_WAN22_SHIFT,
+        sample_every=every,
+        sample_at_start=not flags["skip_first_sample"],
+    )
+    sources["sample_every"] = f"{where}.sample_every"
+    if flags["force_first_sample"] and not flags["skip_first_sample"]:
+        notes.append(f"{_PROCESS}.train.force_first_sample is ignored: {_REASONS['train.force_first_sample']}")
+    job["sample"] = _validated(SampleConfig, {**job["sample"], **out}, sources)
+    _leftovers(rest, "sample", where, sample, notes)
+
+
+def _sample_items(rest: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any], str]]:
+    """(prompt, its own settings, key of the prompt) from ``samples`` (which wins, as in ai-toolkit) or the legacy
+    ``prompts``; pops both keys."""
+    samples, legacy = rest.pop("samples", None), rest.pop("prompts", None)
+    if samples is not None:
+        if not isinstance(samples, list):
+            raise ConfigError(
+                f"{where}.samples must be a list of {{prompt: ...}} entries, got {type(samples).__name__}"
+            )
+        items = [_take_item(samples, i, f"{where}.samples") for i in range(len(samples))]
+        for i, item in enumerate(items):
+            if not isinstance(item.get("prompt"), str):
+                raise ConfigError(
+                    f"{where}.samples[{i}].prompt must be the text of the prompt, got {item.get('prompt')!r}"
+                )
+        return [
+            (item["prompt"], {k: v for k, v in item.items() if k != "prompt"}, f"{where}.samples[{i}].prompt")
+            for i, item in enumerate(items)
+        ]
+    legacy = legacy or []
+    if not isinstance(legacy, list) or not all(isinstance(p, str) for p in legacy):
+        raise ConfigError(f"{where}.prompts must be a list of prompt texts, got {legacy!r}")
+    return [(p, {}, f"{where}.prompts[{i}]") for i, p in enumerate(legacy)]
+
+
+def _sample_prompt(
+    prompt: str,
+    item: dict[str, Any],
+    prompt_key: str,
+    index: int,
+    seed: tuple[int, str],
+    section: dict[str, Any],
+    trigger: str | None,
+    where: str,
+    notes: list[str],
+) -> dict[str, tuple[Any, str]]:
+    """One prompt's text and settings as ai-toolkit renders them, each with the key it came from; ``seed`` is the
+    seed ai-toolkit's sampler hands this prompt before its inline flags."""
+    row: dict[str, tuple[Any, str]] = {}
+    rest = dict(item)
+    for key in _PER_PROMPT:
+        if key in rest:
+            row[key] = (rest.pop(key), f"{where}.samples[{index}].{key}")
+        else:
+            row[key] = (section[key], f"{where}.{key}")
+    rest.pop("seed", None)  # resolved by the caller into ``seed``
+    row["seed"] = seed
+    if trigger is not None:
+        prompt = prompt.replace("[trigger]", trigger)  # ai-toolkit's sampler fills [trigger] in, adds nothing
+    text, flags = _parse_prompt_flags(prompt, prompt_key)
+    for key, value in flags.items():
+        row[key] = value
+    if not text.strip():
+        raise ConfigError(
+            f"{prompt_key} is blank{' once its --flags are removed' if flags else ''}: previews need a prompt - "
+            "write one or remove the entry"
+        )
+    row["prompt"] = (text, prompt_key)
+    for key, (value, source) in row.items():
+        row[key] = (_sample_value(key, value, source), source)
+    _leftovers(rest, "sample.samples", f"{where}.samples[{index}]", item, notes)
+    return row
+
+
+def _parse_prompt_flags(prompt: str, key: str) -> tuple[str, dict[str, tuple[Any, str]]]:
+    """ai-toolkit's inline prompt flags (GenerateImageConfig._process_prompt_string): the text before the first
+    '--', and the settings of the flags with an effect on Wan 2.2 T2V."""
+    parts = prompt.strip().split("--")
+    found: dict[str, tuple[Any, str]] = {}
+    for part in parts[1:]:
+        flag = part.split(" ")[0].strip()
+        if flag not in _PROMPT_FLAGS:
+            continue
+        setting, kind = _PROMPT_FLAGS[flag]
+        content = part[len(flag) :].strip()
+        try:
+            value = content if kind is str else kind(content)
+        except ValueError:
+            raise ConfigError(f"{key}: --{flag} needs a number, got {content!r}") from None
+        found[setting] = (value, f"{key} --{flag}")
+    return parts[0].strip(), found
+
+
+def _sample_value(key: str, value: Any, source: str) -> Any:
+    """A preview setting as ai-toolkit's Wan 2.2 pipeline applies it (sizes and frame counts rounded as it rounds)."""
+    if key in ("width", "height"):
+        v = _int(value, source)
+        v = max(64, v - v % 8)  # GenerateImageConfig
+        return v // 16 * 16  # Wan22Pipeline: multiples of 2 x the VAE's spatial factor
+    if key == "num_frames":
+        n = _int(value, source)
+        return max(n if n % 4 == 1 else n // 4 * 4 + 1, 1)  # Wan22Pipeline
+    if key in ("sample_steps", "seed"):
+        return _int(value, source)
+    if key == "guidance_scale":
+        return max(_float(value, source), 1.0)  # the pipeline guides only above 1, as this trainer does
+    if key == "network_multiplier":
+        return _float(value, source)
+    if key == "neg":
+        if not isinstance(value, str):
+            raise ConfigError(f"{source} must be the text of the negative prompt, got {value!r}")
+        return value
+    return value
+
+
+def _shared_value(
+    key: str, per_prompt: list[tuple[Any, str]], section: dict[str, Any], where: str, notes: list[str]
+) -> tuple[Any, str]:
+    """The one value of ``key`` for all previews: the prompts' own when they all agree, else the section's (and a
+    warning for each prompt that asked for another)."""
+    values = [v for v, _ in per_prompt]
+    if all(v == values[0] for v in values):
+        source = next((s for _, s in per_prompt if s != f"{where}.{key}"), f"{where}.{key}")
+        return values[0], source
+    own = (_sample_value(key, section[key], f"{where}.{key}"), f"{where}.{key}")
+    what = {
+        "neg": "negative prompt", "sample_steps": "step count", "guidance_scale": "guidance scale",
+        "network_multiplier": "LoRA strength", "num_frames": "frame count",
+    }.get(key, key)  # fmt: skip
+    for value, source in per_prompt:
+        if value != own[0]:
+            notes.append(f"{source} is ignored: {_PER_PROMPT_REASON.format(what=what, value=own[0])}")
+    return own
+
+
+def _shared_seed(per_prompt: list[tuple[int, str]], section: dict[str, Any], where: str, notes: list[str]) -> dict:
+    """seed and walk_seeds reproducing the prompts' seeds (seed + index, or one seed for all) where possible."""
+    for seed, source in per_prompt:
+        if seed < 0:
+            raise ConfigError(
+                f"{source} gives seed {seed}: ai-toolkit draws a random seed for such a preview; previews here "
+                "render from fixed seeds - set a seed >= 0"
+            )
+    seeds = [s for s, _ in per_prompt]
+    walk = bool(section["walk_seed"])
+    if len(seeds) > 1 and len(set(seeds)) == 1:
+        return {"seed": seeds[0], "walk_seeds": False}
+    if all(s == seeds[0] + i for i, s in enumerate(seeds)):
+        return {"seed": seeds[0], "walk_seeds": walk if len(seeds) == 1 else True}
+    base = section["seed"]
+    rule = f"{base} + prompt index" if walk else f"{base}"
+    for i, (seed, source) in enumerate(per_prompt):
+        if seed != (base + i if walk else base):
+            note = f"{source} is ignored: previews here use seed {rule} for every prompt"
+            if note not in notes:
+                notes.append(note)
+    return {"seed": base, "walk_seeds": walk}
 
 
 def _leftovers(rest: dict[str, Any], kind: str, where: str, section: dict[str, Any], notes: list[str]) -> None:
@@ -467,8 +927,6 @@ def _leftovers(rest: dict[str, Any], kind: str, where: str, section: dict[str, A
 
 
 def _switch_on(section: dict[str, Any], switch: str) -> bool:
-    if switch == "quantize_te" and "quantize_te" not in section:
-        switch = "quantize"  # ai-toolkit: quantize_te defaults to quantize
     return not _is_off(section.get(switch))
 
 
@@ -518,6 +976,28 @@ def _float(value: Any, where: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where} must be a number, got {value!r}") from None
+
+
+def _int(value: Any, where: str) -> int:
+    """A whole number (a float with no fraction too, as YAML may write it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"{where} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _validated(model: type[BaseModel], values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``values`` checked against this trainer's ``model``; a refused value raises :class:`ConfigError` naming the
+    ai-toolkit key it came from (``sources``: field -> key)."""
+    try:
+        model.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{sources.get(field, field)} gives {err.get('input')!r}, which this trainer refuses: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    return values
 
 
 _ENV_VAR = re.compile(r"\$\{([^}]+)\}")
