@@ -30,6 +30,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from trainer_core.config import LoraConfig, OptimizerConfig, SampleConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
+from trainer_core.regularizers import dop_step_loss  # noqa: E402
 from trainer_core.sample.sampler import _predict, make_scheduler  # noqa: E402
 from trainer_core.train.optim import build_optimizer  # noqa: E402
 from trainer_core.train.step import micro_batch_loss  # noqa: E402
@@ -151,6 +152,19 @@ def bench_train(model, width: int, height: int, frames: int, steps: int, ceiling
     reset_peak()
     t = median(time_calls(our_step, warmup=2, repeat=steps))
     out.update(ours_s=t, ours_peak_gib=peak_gib(), ours_mfu=flops / t / 1e12 / ceiling)
+
+    # The same step with Differential Output Preservation (batched LoRA-on passes, no-grad prior): its overhead.
+    text_pres = torch.randn_like(text)
+
+    def dop_step():
+        loss, _ = dop_step_loss(model, x0, noise, sig, text, text_pres, "linear", torch.bfloat16, 1.0, batched=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak()
+    t_dop = median(time_calls(dop_step, warmup=1, repeat=steps))
+    out.update(dop_s=t_dop, dop_peak_gib=peak_gib(), dop_overhead=t_dop / t)
     model.delete_adapters("default")
     return out
 
@@ -199,6 +213,8 @@ def main() -> None:
         print(f"| train s/step | {r['size']} | {r['ours_s']:.2f} (MFU {r['ours_mfu']:.0%}) | {r['plain_s']:.2f} "
               f"(MFU {r['plain_mfu']:.0%}) | {r['plain_s'] / r['ours_s']:.2f}x | "
               f"{r['ours_peak_gib']:.1f} / {r['plain_peak_gib']:.1f} |")
+        print(f"| train s/step with DOP | {r['size']} | {r['dop_s']:.2f} | ours without DOP {r['ours_s']:.2f} | "
+              f"{r['dop_overhead']:.2f}x cost | {r['dop_peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -56,14 +56,17 @@ def test_train_from_aitoolkit_yaml_warns_by_name(tmp_path, capsys):
     proc["model"]["name_or_path"] = "tiny"
     proc["train"].update(steps=2, dtype="fp32", optimizer="adamw", gradient_checkpointing=False)
     proc["datasets"][0].update(folder_path=str(_clips(tmp_path)), num_frames=5, resolution=[32])
+    proc["sample"].update(width=32, height=32, num_frames=5, sample_steps=2, sample_every=2,
+                          prompts=proc["sample"]["prompts"][:1])
     path = tmp_path / "ait.yaml"
     path.write_text(yaml.safe_dump(job))
     assert main(["train", str(path)]) == 0
     err = capsys.readouterr().err
-    assert "config.process[0].model.low_vram is ignored" in err
-    assert "config.process[0].sample is ignored" in err
+    assert "config.process[0].model.qtype is changed" in err  # the hub adapter is computed locally instead
     run = tmp_path / "out" / "my_first_wan22_14b_lora_v1"
     assert (run / "my_first_wan22_14b_lora_v1_000002_high_noise.safetensors").is_file()
+    previews = sorted(p.name for p in (run / "samples").iterdir())
+    assert previews == ["my_first_wan22_14b_lora_v1_000000_00.mp4", "my_first_wan22_14b_lora_v1_000002_00.mp4"]
 
 
 def test_bad_config_exits_2_with_a_named_setting(tmp_path, capsys):

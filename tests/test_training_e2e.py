@@ -36,7 +36,7 @@ def _cfg(tmp_path: Path, clips: Path, **over) -> dict:
         "multistage": {"switch_every": 3},
         "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
         "train": {"steps": 12, "batch_size": 2, "gradient_checkpointing": False, "compute_dtype": "fp32",
-                  "device": "cpu", "seed": 3},
+                  "device": "cpu", "seed": 3, "num_workers": 0},
         "save": {"output_dir": str(tmp_path / "out"), "save_every": 4, "keep_last": 0},
         "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.25}],
     }
@@ -95,8 +95,10 @@ def test_loss_falls_for_both_experts(tmp_path, clips):
     assert set(result.lora_files) == {"high", "low"}
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, clips):
-    over = dict(train={"steps": 10, "gradient_accumulation": 2}, save={"save_every": 0, "keep_last": 0})
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, clips, workers):
+    over = dict(train={"steps": 10, "gradient_accumulation": 2, "num_workers": workers},
+                save={"save_every": 0, "keep_last": 0})
     full = loop.run_training(job_from_dict(_cfg(tmp_path / "a", clips, **over)), progress_bar=False)
 
     class Stop(Exception):
@@ -244,9 +246,9 @@ def test_unload_mode_trains_on_the_trigger_word_only(tmp_path, clips, monkeypatc
     seen = []
     real = loop.Objective.__call__
 
-    def spy(self, model, x0, noise, sigmas, captions, condition):
+    def spy(self, model, x0, noise, sigmas, captions, *rest):
         seen.extend(captions)
-        return real(self, model, x0, noise, sigmas, captions, condition)
+        return real(self, model, x0, noise, sigmas, captions, *rest)
 
     monkeypatch.setattr(loop.Objective, "__call__", spy)
     cfg = job_from_dict({**_cfg(tmp_path, clips, train={"steps": 4}), "text_encoder": {"mode": "unload"}})

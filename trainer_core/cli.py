@@ -44,6 +44,7 @@ def demo_config(output_dir: str | Path, steps: int = 40) -> dict[str, Any]:
             "compute_dtype": "fp32",
             "device": "cpu",
             "seed": 7,
+            "num_workers": 0,
         },
         "save": {"output_dir": str(out), "save_every": max(steps // 2, 1), "keep_last": 2, "dtype": "bf16"},
         "datasets": [
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; trainer errors print one clear message and exit with status 2."""
     args = build_parser().parse_args(argv)
+    # The dataset report, the VRAM plan and quantization summaries are logged at INFO by the core.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # bitsandbytes logs a warning about an optional CPU kernel package at import; it changes nothing here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:

@@ -164,7 +164,9 @@ class TrainConfig(_Strict):
     compute_dtype: DType = Field(default="bf16", description="autocast dtype on GPU (CPU always computes fp32)")
     seed: int = 42
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    log_every: int = Field(default=1, ge=1)
+    num_workers: int = Field(
+        default=2, ge=0, le=32, description="processes decoding clips while the GPU trains; 0 = in the training process"
+    )
 
 
 class SaveConfig(_Strict):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,10 +21,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import JobConfig
-from ..data import LatentCache, VideoDataset, build_dataset
+from ..data import BatchRef, LatentCache, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainingDiverged
 from ..fileio import atomic_write
+from ..lora import lora_parameters
 from ..memory import ExpertMemory, plan_job
 from ..models import WanComponents, encode_video, load_components
 from ..quant import check_ara_source, quantize_text_encoder
@@ -31,6 +33,7 @@ from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, sample_sigmas
 from .checkpoints import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from .conditioning import setup_conditioning
+from .distributed import init_distributed
 from .experts import prepare_expert
 from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
@@ -91,24 +94,6 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derived)
 
 
-class _BatchStream:
-    """Walks the dataset's per-epoch batch lists (of sample ids) from a saved (epoch, position)."""
-
-    def __init__(self, dataset: VideoDataset, batch_size: int, prog: _Progress):
-        self.dataset, self.batch_size, self.prog = dataset, batch_size, prog
-        self._epoch_batches: list[list[int]] = dataset.batches(prog.epoch, batch_size)
-
-    def next(self) -> tuple[list[int], int]:
-        """The next batch's sample ids and the epoch they belong to."""
-        if self.prog.batch_pos >= len(self._epoch_batches):
-            self.prog.epoch += 1
-            self.prog.batch_pos = 0
-            self._epoch_batches = self.dataset.batches(self.prog.epoch, self.batch_size)
-        ids = self._epoch_batches[self.prog.batch_pos]
-        self.prog.batch_pos += 1
-        return ids, self.prog.epoch
-
-
 def run_training(
     cfg: JobConfig,
     *,
@@ -125,7 +110,10 @@ def run_training(
     each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders previews.
     """
     # --- checks that need no model: settings, resume file, dataset folders ---
+    ctx = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     stages = cfg.multistage.stages
     run_dir = cfg.run_dir
     check_regularizers(cfg)
@@ -137,6 +125,8 @@ def run_training(
         raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
     caption_override = unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
     dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed, caption_override)
+    if ctx.is_main:
+        log.info("%s", dataset.report())
 
     # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
     plan = plan_job(cfg, device)
@@ -153,7 +143,7 @@ def run_training(
     objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
     if components.text_encoder is not None:
         log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
-    renderer = PreviewRenderer(cfg, components, device, on_sample) if previews else None
+    renderer = PreviewRenderer(cfg, components, device, on_sample) if previews and ctx.is_main else None
     condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
     vae = components.vae.to(device).eval()
     latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
@@ -164,6 +154,14 @@ def run_training(
     def latents(ids: list[int], epoch: int) -> torch.Tensor:
         return latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
 
+    global_sizes: deque[int] = deque()
+
+    def rank_batches(epoch: int, position: int) -> Iterator[BatchRef]:
+        """The global batch sequence from a saved position, each reduced to this rank's slice."""
+        for ref in batch_refs(dataset, cfg.train.batch_size, epoch, position):
+            global_sizes.append(len(ref.sample_ids))
+            yield BatchRef(ref.epoch, ref.position, tuple(ctx.shard(ref.sample_ids)))
+
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
     models = {"high": components.high, "low": components.low}
     experts = {}
@@ -172,8 +170,9 @@ def run_training(
         experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory)
         if cfg.memory.low_vram and len(stages) > 1:
             memory.offload(n)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
 
     prog = _Progress(dataset=dataset.fingerprint())
     if resume_path is not None:
@@ -181,18 +180,19 @@ def run_training(
         if saved.get("dataset") != prog.dataset:
             log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
         prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], prog.dataset)
-    stream = _BatchStream(dataset, cfg.train.batch_size, prog)
+    stream = latent_cache.prefetch(dataset, rank_batches(prog.epoch, prog.batch_pos), cfg.train.num_workers)
     if renderer is not None and prog.step == 0 and renderer.due(0):
         renderer.render(0, models, experts)
     result = TrainResult(run_dir=run_dir, step=prog.step)
-    bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not progress_bar, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not (progress_bar and ctx.is_main), dynamic_ncols=True)
     saved_step = prog.step if resume_path else -1
     start_pos, mid_step = (prog.epoch, prog.batch_pos), False
 
     def checkpoint() -> None:
-        result.lora_files, result.state_file = save_checkpoint(
-            cfg, components.base_model, experts, vars(prog), run_dir
-        )
+        if ctx.is_main:
+            result.lora_files, result.state_file = save_checkpoint(
+                cfg, components.base_model, experts, vars(prog), run_dir
+            )
 
     try:
         while prog.step < cfg.train.steps:
@@ -206,29 +206,42 @@ def run_training(
                 memory.prefetch(upcoming)  # overlap the next switch's copy with this step
             step_loss = 0.0
             for micro in range(cfg.train.gradient_accumulation):
-                ids, epoch = stream.next()
-                gen = step_generator(cfg.train.seed, prog.step, micro)
-                x0 = latents(ids, epoch)
-                captions = [dataset.plan(i, epoch).caption for i in ids]
-                sigmas = sample_sigmas(
-                    x0.shape[0],
-                    expert=name,
-                    boundary=cfg.multistage.boundary,
-                    timestep_type=cfg.train.timestep_type,
-                    timestep_bias=cfg.train.timestep_bias,
-                    shift=cfg.train.timestep_shift,
-                    generator=gen,
-                )
-                noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
-                loss, logged = objective(ex.model, x0, noise, sigmas.to(device), captions, condition)
-                if not torch.isfinite(loss):
+                ref, loaded = next(stream)
+                n_global = global_sizes.popleft()
+                prog.epoch, prog.batch_pos = ref.epoch, ref.position + 1
+                contribution = 0.0
+                if ref.sample_ids:  # a rank can get no sample from a bucket's short last batch
+                    x0 = latent_cache.finish(loaded, encode).to(device, torch.float32)
+                    # Noise levels and noise are drawn for the whole global batch, then sliced: N ranks see exactly
+                    # what one process would.
+                    gen = step_generator(cfg.train.seed, prog.step, micro)
+                    sigmas = sample_sigmas(
+                        n_global,
+                        expert=name,
+                        boundary=cfg.multistage.boundary,
+                        timestep_type=cfg.train.timestep_type,
+                        timestep_bias=cfg.train.timestep_bias,
+                        shift=cfg.train.timestep_shift,
+                        generator=gen,
+                    )
+                    noise = torch.randn((n_global, *x0.shape[1:]), generator=gen, dtype=torch.float32)
+                    mine = ctx.shard(range(n_global))
+                    share = len(mine) / n_global
+                    captions = [p.caption for p in loaded.plans]
+                    _, logged = objective(
+                        ex.model, x0, noise[mine].to(device), sigmas[mine].to(device), captions, condition, share
+                    )
+                    contribution = logged * share
+                micro_loss = ctx.sum(contribution)
+                if not math.isfinite(micro_loss):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {prog.step} ({name}-noise expert); no checkpoint was "
+                        f"loss became {micro_loss} at step {prog.step} ({name}-noise expert); no checkpoint was "
                         "written for it and earlier ones are intact - lower optimizer.lr (e.g. 5e-5) or resume "
                         "from the last good training state"
                     )
-                step_loss += logged / cfg.train.gradient_accumulation
+                step_loss += micro_loss / cfg.train.gradient_accumulation
 
+            ctx.all_reduce_grads(lora_parameters(ex.model))
             ex.optimizer_step(cfg.optimizer.max_grad_norm)
             prog.step += 1
             prog.losses.append((prog.step, name, step_loss))
@@ -262,6 +275,7 @@ def run_training(
             checkpoint()
         raise
     finally:
+        stream.close()
         memory.close()  # the experts are ordinary resident models again for whoever uses them next
     bar.close()
     result.step = prog.step

@@ -41,10 +41,15 @@ class Objective:
         sigmas: torch.Tensor,
         captions: Sequence[str],
         condition: Conditioner,
+        weight: float = 1.0,
     ) -> tuple[torch.Tensor, float]:
-        """Backpropagate this micro-batch; return (the loss that was backpropagated, the plain MSE to log)."""
+        """Backpropagate this micro-batch; return (the loss that was backpropagated, the plain MSE to log).
+
+        ``weight`` is this micro-batch's share of the global batch (data-parallel ranks); the gradient is scaled by
+        ``weight / gradient_accumulation``.
+        """
         cfg, adv = self.cfg, self.cfg.advanced
-        scale = 1.0 / cfg.train.gradient_accumulation
+        scale = weight / cfg.train.gradient_accumulation
         device = x0.device
         text = condition(captions).to(device)
         gs = adv.diff_guidance_scale if adv.diff_guidance else None

@@ -1,0 +1,90 @@
+"""Data-parallel training on torch.distributed (launched with ``torchrun``); a no-op in a single process.
+
+Every rank walks the same global batches and takes its slice of each (``ids[rank::world]``), with the noise and
+noise levels drawn for the whole global batch and sliced the same way, so N ranks compute exactly the samples one
+process would. Each rank scales its loss by its share of the global batch and the LoRA gradients are summed with one
+coalesced ``all_reduce`` before the optimizer step: the result is the single-process gradient of the same global batch.
+
+Why not ``DistributedDataParallel``: the two experts take turns (one optimizer, one model per stage), a bucket's last
+batch can leave a rank with no sample, and the LoRA gradients are tiny next to the frozen 14B forward/backward, so
+overlapping their reduction with the backward saves nothing measurable while DDP would demand every rank run a forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes files, renders previews and shows progress."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's slice of a global batch."""
+        return list(items[self.rank :: self.world])
+
+    def share(self, n_local: int, n_global: int) -> float:
+        """Weight of this rank's mean loss in the global-batch mean."""
+        return n_local / n_global
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over ranks in one coalesced call (missing gradients count as zero)."""
+        if not self.active:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def sum(self, value: float) -> float:
+        """Sum a Python number over ranks."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_distributed(device_setting: str) -> DistContext:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_setting != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistContext(rank=rank, world=world, local_rank=local_rank)
