@@ -7,12 +7,14 @@ from .apply_lora import ApplyWan22LoraPair
 from .dataset import BuildVideoDataset
 from .experts import LoadWan22Experts
 from .multistage import ConfigureMultiStage
+from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
 from .save import SaveCheckpoint
 from .train import TrainWan22LoRA
 
 NODE_CLASS_MAPPINGS = {
     "Wan22LoadExperts": LoadWan22Experts,
+    "Wan22QuantizeARA": QuantizeARA,
     "Wan22BuildVideoDataset": BuildVideoDataset,
     "Wan22ConfigureMultiStage": ConfigureMultiStage,
     "Wan22SaveCheckpoint": SaveCheckpoint,
@@ -24,6 +26,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22LoadExperts": "Load Wan22 Experts",
+    "Wan22QuantizeARA": "Quantize ARA",
     "Wan22BuildVideoDataset": "Build Video Dataset",
     "Wan22ConfigureMultiStage": "Configure MultiStage",
     "Wan22SaveCheckpoint": "Save Checkpoint",

@@ -52,7 +52,8 @@ class BuildVideoDataset:
                 "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, _T: (
                     "Times each item appears per epoch; raise it for small datasets you mix with large ones")}),
                 "caption_dropout": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 1.0, "step": 0.01, _T: (
-                    "Share of samples trained with an empty caption; ~0.05 keeps prompts without the trigger working")}),
+                    "Share of samples trained with an empty caption; ~0.05 keeps prompts without the trigger "
+                    "working")}),
                 "prepend_trigger": ("BOOLEAN", {"default": False, _T: (
                     "Put the trigger word in front of captions that lack it (needs a trigger word on Train LoRA)")}),
                 "flip_x": ("BOOLEAN", {"default": False, _T: (
@@ -63,6 +64,9 @@ class BuildVideoDataset:
                 "cache_latents": ("BOOLEAN", {"default": False, _T: (
                     "Encode each clip once and cache it on disk; pays off with fixed windows and no flips "
                     "(usually off for video)")}),
+                "strict": ("BOOLEAN", {"default": False, _T: (
+                    "Stop at the first unreadable or uncaptioned file; off skips such files and lists them in the "
+                    "report")}),
             },
             "optional": {
                 "dataset": (DATASET, {_T: "Datasets built by other Build Video Dataset nodes, trained together"}),
@@ -111,6 +115,7 @@ class BuildVideoDataset:
         flip_y: bool,
         is_regularization: bool,
         cache_latents: bool,
+        strict: bool,
         dataset: tuple[DatasetConfig, ...] | None = None,
     ) -> tuple[tuple[DatasetConfig, ...], str]:
         """Validate this folder's settings, scan the chain of datasets and report on it."""
@@ -134,6 +139,7 @@ class BuildVideoDataset:
             flip_y=flip_y,
             is_regularization=is_regularization,
             cache_latents=cache_latents,
+            strict=strict,
         )
         try:
             cfg = DatasetConfig(**settings)

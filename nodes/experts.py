@@ -6,7 +6,7 @@ import re
 
 from pydantic import ValidationError
 
-from trainer_core.config import ModelConfig, format_validation_error
+from trainer_core.config import MemoryConfig, ModelConfig, format_validation_error
 from trainer_core.errors import ConfigError
 
 from . import host
@@ -52,18 +52,38 @@ class LoadWan22Experts:
                     "Storage dtype of the frozen experts: bf16 (26.6 GiB per expert) is the usual choice; fp8 "
                     "files are dequantized to it")}),
                 "text_encoder_dtype": (DTYPES, {"default": "bf16", "tooltip": (
-                    "UMT5 dtype: bf16 (10.6 GiB); it only encodes captions once, then leaves memory")}),
+                    "UMT5 dtype: bf16 (10.6 GiB); it encodes the captions, then leaves memory (unless text "
+                    "encoder mode is live)")}),
                 "vae_dtype": (DTYPES, {"default": "fp32", "tooltip": (
                     "VAE dtype: fp32 is exact and the VAE is small; bf16 saves memory at large sizes")}),
+                "low_vram": ("BOOLEAN", {"default": False, "tooltip": (
+                    "24 GB: on (only the expert being trained sits on the GPU, swapped at each switch); "
+                    "H100/H200: off")}),
+                "offload_blocks": ("STRING", {"default": "0", "tooltip": (
+                    "Transformer blocks (of 40) streamed from RAM every pass: 0 = all on the GPU; 'auto' = the "
+                    "fewest that fit the card; a count such as 20 for bf16 on 24 GB")}),
+                "prefetch": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": (
+                    "Offloaded blocks copied ahead of the computation: 1-2; more hides copy time but uses VRAM")}),
+                "headroom_gib": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 64.0, "step": 0.5, "tooltip": (
+                    "GPU memory (GiB) left free for other programs; raise it if the card also drives a display")}),
+                "check_vram": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Refuse settings the VRAM planner says will not fit (it suggests what to change); off = try "
+                    "anyway")}),
             }
         }
 
     RETURN_TYPES = (EXPERTS,)
     RETURN_NAMES = ("experts",)
-    OUTPUT_TOOLTIPS = ("Both experts, text encoder and VAE, loaded on first use and shared by the nodes it feeds.",)
+    OUTPUT_TOOLTIPS = (
+        "Both experts, text encoder and VAE (loaded on first use, shared by the nodes it feeds) and the memory "
+        "settings training uses.",
+    )
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Choose the Wan 2.2 T2V A14B base model the LoRAs are trained on and rendered with."
+    DESCRIPTION = (
+        "Choose the Wan 2.2 T2V A14B base model the LoRAs are trained on and rendered with, and where its weights "
+        "live on the GPU while training (Low VRAM, block offloading)."
+    )
 
     def load(
         self,
@@ -76,8 +96,13 @@ class LoadWan22Experts:
         dtype: str,
         text_encoder_dtype: str,
         vae_dtype: str,
+        low_vram: bool,
+        offload_blocks: str,
+        prefetch: int,
+        headroom_gib: float,
+        check_vram: bool,
     ) -> tuple[ExpertsBundle]:
-        """Validate the choice into a :class:`ModelConfig`; nothing is read from disk yet."""
+        """Validate the choice into a :class:`ModelConfig` and a :class:`MemoryConfig`; nothing is read yet."""
         files = {
             "high_noise": ("diffusion_models", high_noise_model),
             "low_noise": ("diffusion_models", low_noise_model),
@@ -93,9 +118,29 @@ class LoadWan22Experts:
                 vae_dtype=vae_dtype,
                 **settings,
             )
+            memory = MemoryConfig(
+                low_vram=low_vram,
+                offload_blocks=_offload_blocks(offload_blocks),
+                prefetch=prefetch,
+                headroom_gib=headroom_gib,
+                check_vram=check_vram,
+            )
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Load Wan22 Experts")) from None
-        return (ExpertsBundle(model),)
+        return (ExpertsBundle(model, memory),)
+
+
+def _offload_blocks(text: str) -> int | str:
+    """The offload_blocks widget as MemoryConfig takes it: a whole number or 'auto'."""
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(
+            f"Load Wan22 Experts: offload_blocks {text!r} must be a whole number of blocks (0 = none) or 'auto'"
+        ) from None
 
 
 def _source(mode: str, text: str) -> str | None:
@@ -105,7 +150,9 @@ def _source(mode: str, text: str) -> str | None:
     if mode == "comfy files":
         return None
     if not text:
-        raise ConfigError(f"Load Wan22 Experts: source '{mode}' needs folder_or_repo - fill it in or pick 'comfy files'")
+        raise ConfigError(
+            f"Load Wan22 Experts: source '{mode}' needs folder_or_repo - fill it in or pick 'comfy files'"
+        )
     if mode == "diffusers folder":
         folder = host.diffusers_path(text)
         if not folder.is_dir():

@@ -59,6 +59,13 @@ def output_path(path: str) -> Path:
     return p if p.is_absolute() else Path(_folder_paths().get_output_directory()) / p
 
 
+def models_path(path: str) -> Path:
+    """``path`` as given when absolute, else relative to ComfyUI's ``models`` folder (a subfolder no model kind
+    is registered for stays out of every loader's list)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(_folder_paths().models_dir) / p
+
+
 def diffusers_path(path: str) -> Path:
     """A diffusers folder: absolute as given, else the first match under ComfyUI's ``models/diffusers`` folders
     (or the first of those folders when none has it, so the error names the expected place)."""

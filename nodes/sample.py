@@ -64,7 +64,8 @@ class PreviewSample:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "experts": (EXPERTS, {_T: "Base model from Load Wan22 Experts"}),
+                "experts": (EXPERTS, {_T: (
+                    "Base model from Load Wan22 Experts, or Quantize ARA to render with the quantized experts")}),
                 **_render_inputs(seed_control=True),
                 "lora_strength_high": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, _T: (
                     "Strength of the high-noise LoRA: 1 as trained, 0 = base model")}),
@@ -129,8 +130,8 @@ class PreviewSample:
         if not cfg.prompts:
             raise ConfigError("Preview Sample: prompts is empty - write at least one prompt (one per line)")
         host.free_host_models()
-        comps = experts.components()
         device = host.compute_device()
+        comps = experts.components(quantize_on=device)  # with Quantize ARA: the experts training quantized
         progress = host.Progress(cfg.steps * len(cfg.prompts), unique_id)
 
         def on_step(done: int, total: int) -> None:

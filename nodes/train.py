@@ -4,21 +4,44 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
-from trainer_core.config import DEFAULT_LORA_TARGETS, DatasetConfig, JobConfig, MultiStageConfig, SampleConfig, job_from_dict
+from trainer_core.config import (
+    DEFAULT_LORA_TARGETS,
+    DatasetConfig,
+    JobConfig,
+    MultiStageConfig,
+    SampleConfig,
+    job_from_dict,
+)
+from trainer_core.data.text_cache import unload_caption
 from trainer_core.errors import ConfigError
 from trainer_core.fileio import atomic_write
 from trainer_core.lora import lora_file_name, lora_state_dict_comfy
+from trainer_core.memory import plan_job
+from trainer_core.quant import check_ara_source
+from trainer_core.regularizers import check_regularizers, ema_lora_file_name
 from trainer_core.train.checkpoints import list_states
 from trainer_core.train.experts import EXPERT_SUFFIX
-from trainer_core.train.loop import StepInfo, TrainResult, run_training
+from trainer_core.train.loop import StepInfo, TrainResult, resolve_device, run_training
 from trainer_core.train.previews import previews_enabled
 
 from . import host
-from .bundle import CATEGORY, DATASET, EXPERTS, LORA, MULTISTAGE, SAVE, ExpertsBundle, LoraPair, release_expert
+from .bundle import (
+    CATEGORY,
+    DATASET,
+    EXPERTS,
+    LORA,
+    MULTISTAGE,
+    SAVE,
+    ExpertsBundle,
+    LoraPair,
+    has_quantized_layers,
+    release_expert,
+)
 from .loss_plot import loss_curve, to_image_tensor
 from .sample import SAMPLE
 from .save import SaveCheckpoint, SaveSettings
@@ -98,6 +121,31 @@ class TrainWan22LoRA:
                     "Autocast dtype on the GPU: bf16 on H100/H200 and RTX 30xx or newer")}),
                 "device": ("STRING", {"default": "auto", _T: (
                     "auto (first GPU, else CPU), cuda, cuda:1, cpu")}),
+                "num_workers": ("INT", {"default": 2, "min": 0, "max": 32, _T: (
+                    "Processes decoding clips while the GPU trains; 2 is plenty, 0 decodes in ComfyUI's process")}),
+                "text_encoder_mode": (("cache", "unload", "live"), {"default": "cache", _T: (
+                    "cache: encode every caption once, then free UMT5 (24-32 GB); unload: train on the trigger word "
+                    "alone; live: keep UMT5 loaded and encode each step (big cards)")}),
+                "text_cache_dir": ("STRING", {"default": "", _T: (
+                    "Folder of cached caption embeddings (relative = ComfyUI output); empty = <save output_dir>/"
+                    "text_cache, shared by runs")}),
+                "dop": ("BOOLEAN", {"default": False, _T: (
+                    "DOP keeps the base model's look for the class word: character/style on, motion off; needs a "
+                    "trigger word (~3 passes per step)")}),
+                "dop_multiplier": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05, _T: (
+                    "Weight of DOP's preservation loss: 1 is usual; lower if the LoRA learns too weakly")}),
+                "dop_class": ("STRING", {"default": "person", _T: (
+                    "Word that replaces the trigger in DOP's prompt: person, woman, man for characters; scene or "
+                    "style for styles")}),
+                "diff_guidance": ("BOOLEAN", {"default": False, _T: (
+                    "Differential guidance: aim past the target; with AdamW it changes almost nothing - usually off")}),
+                "diff_guidance_scale": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.1, _T: (
+                    "Differential guidance strength: 3 is typical, 1 = off")}),
+                "ema": ("BOOLEAN", {"default": False, _T: (
+                    "Keep a moving average of the LoRA: smoother results; the output pair and the models/loras copy "
+                    "are the EMA weights")}),
+                "ema_decay": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 0.9999, "step": 0.0005, _T: (
+                    "EMA decay per step of an expert: 0.99 for short runs, 0.999 for 3000+ steps")}),
             },
             "optional": {
                 "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
@@ -110,7 +158,8 @@ class TrainWan22LoRA:
     RETURN_TYPES = (LORA, "IMAGE", "STRING")
     RETURN_NAMES = ("lora", "loss_curve", "run_dir")
     OUTPUT_TOOLTIPS = (
-        "The trained pair in memory (plus its file paths) for Preview Sample or Apply Wan22 LoRA Pair.",
+        "The trained pair in memory (plus its file paths; the EMA weights with ema on) for Preview Sample or Apply "
+        "Wan22 LoRA Pair.",
         "Loss per step for both experts, raw and smoothed.",
         "Run folder with checkpoints, training states, losses.csv and config.yaml.",
     )
@@ -134,6 +183,7 @@ class TrainWan22LoRA:
         """Train, then copy the final pair into models/loras if the save settings ask for it."""
         save = save or SaveCheckpoint().configure(**_defaults(SaveCheckpoint))[0]
         cfg = build_job(experts, dataset, multistage, save, previews, **widgets)
+        _preflight(cfg)
         with torch.inference_mode(False):
             host.free_host_models()
             result, pair = _train(cfg, experts, host.Progress(cfg.train.steps, unique_id))
@@ -179,6 +229,16 @@ def build_job(
     adam_eps: float,
     compute_dtype: str,
     device: str,
+    num_workers: int,
+    text_encoder_mode: str,
+    text_cache_dir: str,
+    dop: bool,
+    dop_multiplier: float,
+    dop_class: str,
+    diff_guidance: bool,
+    diff_guidance_scale: float,
+    ema: bool,
+    ema_decay: float,
 ) -> JobConfig:
     """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
     if not dataset:
@@ -215,14 +275,39 @@ def build_job(
             "compute_dtype": compute_dtype,
             "seed": seed,
             "device": device.strip() or "auto",
+            "num_workers": num_workers,
         },
         "save": save.config.model_dump(),
         "datasets": [d.model_dump() for d in dataset],
+        "text_encoder": {
+            "mode": text_encoder_mode,
+            "cache_dir": str(host.output_path(text_cache_dir.strip())) if text_cache_dir.strip() else None,
+        },
+        "quant": experts.quant.model_dump(),
+        "memory": experts.memory.model_dump(),
+        "advanced": {
+            "dop": dop,
+            "dop_multiplier": dop_multiplier,
+            "dop_class": dop_class,
+            "diff_guidance": diff_guidance,
+            "diff_guidance_scale": diff_guidance_scale,
+            "ema": ema,
+            "ema_decay": ema_decay,
+        },
         "resume": resume.strip() or None,
     }
     if previews is not None:
         data["sample"] = previews.model_dump()
     return job_from_dict(data, source="Train LoRA")
+
+
+def _preflight(cfg: JobConfig) -> None:
+    """The core's checks that need no model, run before the bundle loads its weights (minutes for the real
+    experts): regularizer settings, text-encoder mode, adapter file, device and the VRAM plan."""
+    check_regularizers(cfg)
+    unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
+    check_ara_source(cfg.quant)
+    plan_job(cfg, resolve_device(cfg.train.device))
 
 
 class _StepReporter:
@@ -255,11 +340,14 @@ class _StepReporter:
 def _train(cfg: JobConfig, experts: ExpertsBundle, progress: host.Progress) -> tuple[TrainResult, LoraPair]:
     stages = cfg.multistage.stages
     with_previews = previews_enabled(cfg)  # previews render with both experts, trained or not
+    # As loaded: the core quantizes the trained experts itself, in place, before attaching the LoRA.
     comps = experts.components(high=with_previews or "high" in stages, low=with_previews or "low" in stages)
-    # The run moves the text encoder to the GPU, encodes the captions and frees it; the bundle must not keep it
-    # alive there. It reloads when a Preview Sample needs it.
+    # The run moves the text encoder to the GPU, encodes the captions and frees it (quantizing it first with
+    # float8); the bundle must not keep it. It reloads when a Preview Sample needs it.
     experts.forget("text_encoder")
     reporter = _StepReporter(progress)
+    if cfg.quant.transformer != "none":
+        progress.text(f"quantizing the trained experts ({cfg.quant.transformer}) before the first step")
     try:
         result = run_training(
             cfg, components=comps, on_step=reporter.on_step, on_sample=reporter.on_sample, progress_bar=False
@@ -268,20 +356,27 @@ def _train(cfg: JobConfig, experts: ExpertsBundle, progress: host.Progress) -> t
         tensors = {n: {k: v.cpu() for k, v in lora_state_dict_comfy(getattr(comps, n), cfg.lora, dtype).items()}
                    for n in stages}
     except BaseException:
+        # An expert the run quantized (wholly or, if it failed midway, partly) cannot serve as loaded again.
+        experts.forget(*(n for n in stages if has_quantized_layers(getattr(comps, n))))
         progress.text(_stop_message(cfg))
         raise
     finally:
         release_expert(comps.high)
         release_expert(comps.low)
         comps.vae.to("cpu")
-    files = result.lora_files or _existing_pair(cfg, result.step)
+    experts.trained(stages, cfg.quant)
+    files = result.lora_files or _existing_pair(cfg, result.step, lora_file_name)
+    if cfg.advanced.ema:  # the smoothed weights are the result; the live ones stay in the run folder
+        files = _existing_pair(cfg, result.step, ema_lora_file_name)
+        tensors = {n: load_file(str(p)) for n, p in files.items()}
     progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")
     return result, LoraPair(cfg.lora, tensors, files, result.step, cfg.trigger_word)
 
 
-def _existing_pair(cfg: JobConfig, step: int) -> dict[str, Path]:
-    """The pair a resumed run found already finished (no step ran, so nothing new was saved)."""
-    paths = {n: cfg.run_dir / lora_file_name(cfg.name, step, n) for n in cfg.multistage.stages}
+def _existing_pair(cfg: JobConfig, step: int, file_name: Callable[[str, int, str], str]) -> dict[str, Path]:
+    """The pair of files ``file_name`` names for ``step`` that exist in the run folder (a resumed run that found
+    itself finished ran no step and saved nothing new)."""
+    paths = {n: cfg.run_dir / file_name(cfg.name, step, n) for n in cfg.multistage.stages}
     return {n: p for n, p in paths.items() if p.is_file()}
 
 

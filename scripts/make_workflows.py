@@ -136,9 +136,9 @@ def thumbnail(wf: Workflow, title: str) -> Image.Image:
     """A small diagram of the graph: one box per node at its position, links as lines."""
     xs = [n["pos"][0] for n in wf.nodes] + [n["pos"][0] + n["size"][0] for n in wf.nodes]
     ys = [n["pos"][1] for n in wf.nodes] + [n["pos"][1] + n["size"][1] for n in wf.nodes]
-    x0, y0, span = min(xs), min(ys), max(max(xs) - min(xs), (max(ys) - min(ys)) * 1.6)
+    x0, y0 = min(xs), min(ys)
     w, h, pad = 480, 300, 16
-    scale = (w - 2 * pad) / span
+    scale = min((w - 2 * pad) / (max(xs) - x0), (h - 28 - pad) / (max(ys) - y0))  # the whole graph fits
 
     def p(x, y):
         return pad + (x - x0) * scale, 28 + (y - y0) * scale
@@ -159,19 +159,26 @@ def thumbnail(wf: Workflow, title: str) -> Image.Image:
     return img
 
 
-def training_graph(pack, *, dataset: dict, multistage: dict, save: dict, train: dict, previews: dict | None,
-                   render: dict) -> Workflow:
-    """Experts + dataset (+ report) + multistage + save (+ previews) -> Train LoRA -> loss plot, and a render."""
+def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, multistage: dict, save: dict,
+                   train: dict, previews: dict | None, render: dict) -> Workflow:
+    """Experts (+ Quantize ARA) + dataset (+ report) + multistage + save (+ previews) -> Train LoRA -> loss plot,
+    and a render with the trained pair."""
     wf = Workflow(pack)
-    experts = wf.add("Wan22LoadExperts", (0, 0), wf.widgets(
-        "Wan22LoadExperts", high_noise_model=HIGH, low_noise_model=LOW, text_encoder=TE, vae=VAE), (340, 300))
-    ds = wf.add("Wan22BuildVideoDataset", (0, 340), wf.widgets("Wan22BuildVideoDataset", **dataset), (340, 520))
-    report = wf.add("PreviewAny", (0, 900), [], (340, 200), title="Dataset report")
+    loader = wf.add("Wan22LoadExperts", (0, 0), wf.widgets(
+        "Wan22LoadExperts", high_noise_model=HIGH, low_noise_model=LOW, text_encoder=TE, vae=VAE, **experts),
+        (340, 420))
+    y, model = 460, loader
+    if quant is not None:
+        model = wf.add("Wan22QuantizeARA", (0, y), wf.widgets("Wan22QuantizeARA", **quant), (340, 300))
+        wf.connect(loader, 0, model, "experts")
+        y += 340
+    ds = wf.add("Wan22BuildVideoDataset", (0, y), wf.widgets("Wan22BuildVideoDataset", **dataset), (340, 560))
+    report = wf.add("PreviewAny", (0, y + 600), [], (340, 200), title="Dataset report")
     ms = wf.add("Wan22ConfigureMultiStage", (380, 0), wf.widgets("Wan22ConfigureMultiStage", **multistage), (300, 150))
     sv = wf.add("Wan22SaveCheckpoint", (380, 190), wf.widgets("Wan22SaveCheckpoint", **save), (300, 230))
-    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 760))
+    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 1100))
     wf.connect(ds, 1, report, "source")
-    wf.connect(experts, 0, tr, "experts")
+    wf.connect(model, 0, tr, "experts")
     wf.connect(ds, 0, tr, "dataset")
     wf.connect(ms, 0, tr, "multistage")
     wf.connect(sv, 0, tr, "save")
@@ -182,7 +189,7 @@ def training_graph(pack, *, dataset: dict, multistage: dict, save: dict, train: 
     loss = wf.add("PreviewImage", (1120, 0), [], (400, 260), title="Loss curve")
     wf.connect(tr, 1, loss, "images")
     sample = wf.add("Wan22PreviewSample", (1120, 300), wf.widgets("Wan22PreviewSample", **render), (360, 560))
-    wf.connect(experts, 0, sample, "experts")
+    wf.connect(model, 0, sample, "experts")
     wf.connect(tr, 0, sample, "lora")
     video = wf.add("CreateVideo", (1520, 300), [16], (220, 80))
     wf.connect(sample, 0, video, "images")
@@ -230,21 +237,30 @@ def main() -> None:
     pack = load_pack()
     character = training_graph(
         pack,
+        experts=dict(low_vram=True),
+        quant=dict(transformer="4bit_ara", quantizer="nf4", adapter="compute", ara_rank=16, calibration_samples=8,
+                   text_encoder="float8"),
         dataset=dict(folder="my_character", num_frames=33, resolutions="512", caption_dropout=0.05),
         multistage=dict(switch_every=10),
         save=dict(save_every=250, keep_last=4, lora_name="my_character"),
         train=dict(job_name="my_character", trigger_word="sqz", rank=16, steps=2500, learning_rate=1e-4,
-                   timestep_type="sigmoid"),
+                   timestep_type="sigmoid", text_encoder_mode="cache"),
         previews=dict(prompts="sqz woman turns her head and smiles at the camera", width=512, height=512,
                       num_frames=33, steps=30, sample_every=250),
         render=dict(prompts="sqz woman walks through a park at sunset, camera tracking", width=512, height=512,
                     num_frames=33, steps=40),
     )
-    character.dump("wan22_1_character_lora_24gb", "1 Character LoRA, 24 GB: 512 px, 33 frames, switch every 10",
-                   "Put 10-30 captioned clips in ComfyUI/input/my_character. Not yet in this version: 4-bit ARA "
-                   "quantization and cached text embeddings of the 24 GB recipe.")
+    character.dump("wan22_1_character_lora_24gb",
+                   "1 Character LoRA, 24 GB: 4-bit ARA, Low VRAM, 512 px, 33 frames, switch every 10",
+                   "Put 10-30 captioned clips in ComfyUI/input/my_character (use the trigger word sqz in the captions "
+                   "or [trigger]). The 24 GB recipe: experts in 4 bits with accuracy recovery adapters (computed on "
+                   "the first run from your clips, cached beside the model files), float8 text encoder, captions "
+                   "encoded once and cached, only the expert being trained on the GPU. DOP (class person) is worth "
+                   "a try for characters: see workflow 3.")
     motion = training_graph(
         pack,
+        experts={},
+        quant=None,
         dataset=dict(folder="my_motion", num_frames=81, frame_sampling="fps", resolutions="768, 1024",
                      caption_dropout=0.05),
         multistage=dict(switch_every=1),
@@ -257,6 +273,26 @@ def main() -> None:
     )
     motion.dump("wan22_2_motion_lora_h100", "2 Motion LoRA, H100/H200: 768-1024 px, 81 frames, switch every 1",
                 "Both experts stay resident; frames sampled at 16 fps so motion trains at real speed.")
+    style = training_graph(
+        pack,
+        experts={},
+        quant=dict(transformer="float8", text_encoder="float8"),
+        dataset=dict(folder="my_style", num_frames=41, resolutions="768", caption_dropout=0.05, prepend_trigger=True),
+        multistage=dict(switch_every=1),
+        save=dict(save_every=250, keep_last=6, lora_name="my_style"),
+        train=dict(job_name="my_style", trigger_word="zxqstyle", rank=16, steps=3000, learning_rate=1e-4,
+                   timestep_type="linear", timestep_bias="high_noise", dop=True, dop_multiplier=1.0,
+                   dop_class="scene", ema=True, ema_decay=0.999),
+        previews=dict(prompts="zxqstyle, a lighthouse on a cliff at dusk, waves crashing", width=768, height=768,
+                      num_frames=41, steps=30, sample_every=250),
+        render=dict(prompts="zxqstyle, a busy market street in the rain, people with umbrellas", width=832,
+                    height=480, num_frames=81, steps=40),
+    )
+    style.dump("wan22_3_style_lora_dop",
+               "3 Style LoRA with DOP, H100/H200: float8 experts, 768 px, 41 frames, favor high noise, EMA",
+               "Put 10-40 clips or stills of the style in ComfyUI/input/my_style; the trigger word zxqstyle is put "
+               "in front of every caption. DOP (class 'scene') keeps prompts without the trigger in the base "
+               "model's look; it costs about three passes per step. The output pair is the EMA of the LoRA.")
     native_render(pack).dump("wan22_4_render_trained_pair_native", "4 Render a trained pair, native Wan 2.2 graph",
                              "Uses the pair Save Checkpoint copied into models/loras (my_character_*_noise).")
 

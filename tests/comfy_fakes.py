@@ -64,6 +64,7 @@ def install(monkeypatch, root: Path) -> Host:
     fp.get_input_directory = lambda: str(root / "input")
     fp.get_output_directory = lambda: str(root / "output")
     fp.get_folder_paths = lambda kind: [str(host.folder(kind))]
+    fp.models_dir = str(root / "models")
 
     mm = types.ModuleType("comfy.model_management")
     mm.InterruptProcessingException = InterruptProcessingException

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
 
 from tests.model_fixtures import save_comfy_files, save_diffusers_folder, tiny_components  # noqa: E402
-from trainer_core.config import ModelConfig, SampleConfig, job_from_dict  # noqa: E402
+from trainer_core.config import ModelConfig, QuantConfig, SampleConfig, job_from_dict  # noqa: E402
 from trainer_core.data import make_synthetic_dataset  # noqa: E402
-from trainer_core.errors import ConfigError, DatasetError  # noqa: E402
+from trainer_core.errors import ConfigError, DatasetError, LoraFileError  # noqa: E402
 from trainer_core.keys import diffusers_state_dict_to_original  # noqa: E402
+from trainer_core.lora import lora_state_dict_comfy  # noqa: E402
 from trainer_core.models import load_components  # noqa: E402
+from trainer_core.quant import NF4Linear, quantize_expert, quantize_text_encoder, write_adapter_file  # noqa: E402
+from trainer_core.regularizers import ema_lora_file_name  # noqa: E402
 from trainer_core.sample import attach_lora_file, encode_sample_prompts, sample_videos  # noqa: E402
 from trainer_core.train.loop import run_training  # noqa: E402
 
 DISPLAY_NAMES = {
     "Wan22LoadExperts": "Load Wan22 Experts",
+    "Wan22QuantizeARA": "Quantize ARA",
     "Wan22BuildVideoDataset": "Build Video Dataset",
     "Wan22ConfigureMultiStage": "Configure MultiStage",
     "Wan22SaveCheckpoint": "Save Checkpoint",
@@ -39,7 +44,9 @@ DISPLAY_NAMES = {
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": False}
+TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": False,
+              "num_workers": 0}
+QUANT_FAST = {"calibration_samples": 2}  # Quantize ARA's defaults (4bit_ara, nf4, float8 text encoder), 2 clips
 
 
 @pytest.fixture
@@ -53,7 +60,9 @@ def pack(host):
 
 
 @pytest.fixture
-def N(pack):
+def N(pack, monkeypatch):
+    # Every test starts without loaded components (stores are shared by equal model settings within a process).
+    monkeypatch.setattr(sys.modules[f"{F.PACK_NAME}.nodes.bundle"], "_STORES", weakref.WeakValueDictionary())
     return pack.NODE_CLASS_MAPPINGS
 
 
@@ -67,9 +76,18 @@ def widgets(node_cls, **overrides):
     return {**F.defaults(node_cls), **overrides}
 
 
-def graph(N, host, *, dataset=None, multistage=None, save=None, previews=None, **train):
-    """Load Wan22 Experts (tiny) -> Build Video Dataset -> [MultiStage, Save] -> Train LoRA; returns (bundle, outputs)."""
+def experts(N, quant=None):
+    """Load Wan22 Experts (tiny) -> [Quantize ARA with ``quant`` over its defaults]."""
     (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    if quant is not None:
+        (bundle,) = F.call(N["Wan22QuantizeARA"], experts=bundle, **widgets(N["Wan22QuantizeARA"], **quant))
+    return bundle
+
+
+def graph(N, host, *, bundle=None, quant=None, dataset=None, multistage=None, save=None, previews=None, **train):
+    """``bundle`` or experts(quant) -> Build Video Dataset -> [MultiStage, Save] -> Train LoRA; returns (bundle,
+    outputs)."""
+    bundle = bundle or experts(N, quant)
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(
         N["Wan22BuildVideoDataset"], folder="clips", num_frames=5, resolutions="32", **(dataset or {})))
     (ms,) = F.call(N["Wan22ConfigureMultiStage"], **widgets(N["Wan22ConfigureMultiStage"], switch_every=2,
@@ -135,9 +153,11 @@ def test_training_seeds_do_not_randomize_after_each_queue(N):
 # ------------------------------------------------------------------------------ every widget changes something
 
 
-def _job(N, host, clips, **train):
+def _job(N, host, clips, experts=None, quant=None, **train):
     mod = sys.modules[N["Wan22TrainLoRA"].__module__]
-    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny", **(experts or {})))
+    if quant is not None:
+        (bundle,) = F.call(N["Wan22QuantizeARA"], experts=bundle, **widgets(N["Wan22QuantizeARA"], **quant))
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
                                                           num_frames=5, resolutions="32"))
     (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
@@ -171,6 +191,34 @@ TRAIN_WIDGETS = [
     ("adam_eps", 1e-6, "optimizer.eps", 1e-6),
     ("compute_dtype", "fp16", "train.compute_dtype", "fp16"),
     ("device", "cpu", "train.device", "cpu"),
+    ("num_workers", 0, "train.num_workers", 0),
+    ("text_encoder_mode", "live", "text_encoder.mode", "live"),
+    ("text_cache_dir", "/abs/te_cache", "text_encoder.cache_dir", "/abs/te_cache"),
+    ("dop", True, "advanced.dop", True),
+    ("dop_multiplier", 0.5, "advanced.dop_multiplier", 0.5),
+    ("dop_class", "scene", "advanced.dop_class", "scene"),
+    ("diff_guidance", True, "advanced.diff_guidance", True),
+    ("diff_guidance_scale", 2.0, "advanced.diff_guidance_scale", 2.0),
+    ("ema", True, "advanced.ema", True),
+    ("ema_decay", 0.999, "advanced.ema_decay", 0.999),
+]
+#: Load Wan22 Experts' memory widgets -> JobConfig.memory.
+MEMORY_WIDGETS = [
+    ("low_vram", True, "memory.low_vram", True),
+    ("offload_blocks", "auto", "memory.offload_blocks", "auto"),
+    ("offload_blocks", " 20 ", "memory.offload_blocks", 20),
+    ("prefetch", 2, "memory.prefetch", 2),
+    ("headroom_gib", 4.0, "memory.headroom_gib", 4.0),
+    ("check_vram", False, "memory.check_vram", False),
+]
+#: Quantize ARA's widgets -> JobConfig.quant, against the node's defaults ("adapter" / "adapter_path" need files).
+QUANT_WIDGETS = [
+    ("transformer", "float8", "quant.transformer", "float8"),
+    ("quantizer", "uint4", "quant.quantizer", "uint4"),
+    ("ara_rank", 32, "quant.ara_rank", 32),
+    ("calibration_samples", 0, "quant.ara_calibration_samples", 0),
+    ("text_encoder", "bf16", "quant.text_encoder", "bf16"),
+    ("adapter_cache_dir", "/abs/ara", "quant.ara_cache_dir", "/abs/ara"),
 ]
 
 
@@ -190,6 +238,102 @@ def test_every_train_widget_reaches_the_job_config(N, host, clips):
         assert _get(cfg, path) == expected != _get(base, path), widget
     # the defaults are the core's defaults (alpha 0 = rank, empty trigger/resume = none)
     assert base.lora.effective_alpha == base.lora.rank and base.trigger_word is None and base.resume is None
+    assert (base.advanced, base.text_encoder) == (type(base.advanced)(), type(base.text_encoder)())
+    assert _job(N, host, clips, text_cache_dir="te").text_encoder.cache_dir == str(host.root / "output" / "te")
+
+
+def _adapter_file(path, quantizer="nf4"):
+    """An adapter file as this trainer writes them (its quantizer in the metadata); one layer is enough for the
+    header check Quantize ARA makes."""
+    down, up = torch.zeros(16, 256), torch.zeros(256, 16)
+    meta = {"ara_quantizer": quantizer} if quantizer else {}
+    return write_adapter_file(Path(path), {"blocks.0.attn1.to_q": (down, up)}, meta)
+
+
+def test_memory_and_quantization_widgets_reach_the_job_config(N, host, clips):
+    model_widgets = {"source", "high_noise_model", "low_noise_model", "text_encoder", "vae", "folder_or_repo", "dtype",
+                     "text_encoder_dtype", "vae_dtype"}  # ModelConfig's, tested below
+    assert {w for w, *_ in MEMORY_WIDGETS} == set(N["Wan22LoadExperts"].INPUT_TYPES()["required"]) - model_widgets
+    base = _job(N, host, clips)
+    assert base.memory == type(base.memory)() and base.quant == QuantConfig()  # no Quantize ARA: nothing quantized
+    for widget, value, path, expected in MEMORY_WIDGETS:
+        cfg = _job(N, host, clips, experts={widget: value})
+        assert _get(cfg, path) == expected != _get(base, path), widget
+
+    q_spec = N["Wan22QuantizeARA"].INPUT_TYPES()["required"]
+    assert {w for w, *_ in QUANT_WIDGETS} | {"experts", "adapter", "adapter_path"} == set(q_spec)
+    q_base = _job(N, host, clips, quant={})
+    assert q_base.quant == QuantConfig(  # the node's defaults; computed adapters kept where no loader lists them
+        transformer="4bit_ara", text_encoder="float8", ara_cache_dir=str(host.root / "models" / "wan22_ara_cache"))
+    for widget, value, path, expected in QUANT_WIDGETS:
+        cfg = _job(N, host, clips, quant={widget: value})
+        assert _get(cfg, path) == expected != _get(q_base, path), widget
+    with pytest.raises(ConfigError, match="adapter_cache_dir is empty"):
+        _job(N, host, clips, quant={"adapter_cache_dir": " "})
+    # adapter source: 'compute', a file from models/loras (listed by the node), or an absolute path
+    listed = _adapter_file(host.folder("loras") / "wan22" / "ara_nf4.safetensors")
+    assert N["Wan22QuantizeARA"].INPUT_TYPES()["required"]["adapter"][0] == ["compute", "wan22/ara_nf4.safetensors"]
+    cfg = _job(N, host, clips, quant={"adapter": "wan22/ara_nf4.safetensors"})
+    assert cfg.quant.ara_source == str(listed) != q_base.quant.ara_source
+    elsewhere = _adapter_file(host.root / "elsewhere" / "mine.safetensors")
+    cfg = _job(N, host, clips, quant={"adapter": "wan22/ara_nf4.safetensors", "adapter_path": str(elsewhere)})
+    assert cfg.quant.ara_source == str(elsewhere)
+
+
+def test_quantize_node_refuses_what_cannot_work(N, host):
+    q = N["Wan22QuantizeARA"]
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    _adapter_file(host.folder("loras") / "ara_nf4.safetensors")
+    _adapter_file(host.folder("loras") / "wan22_14b_t2i_torchao_uint4.safetensors", quantizer=None)
+    with pytest.raises(ConfigError, match="absolute path"):
+        F.call(q, experts=bundle, **widgets(q, adapter_path="relative/ara.safetensors"))
+    with pytest.raises(LoraFileError, match="does not exist"):
+        F.call(q, experts=bundle, **widgets(q, adapter_path=str(host.root / "missing.safetensors")))
+    with pytest.raises(ConfigError, match="only apply to transformer: 4bit_ara"):
+        F.call(q, experts=bundle, **widgets(q, transformer="float8", adapter="ara_nf4.safetensors"))
+    with pytest.raises(ConfigError, match="set quant.quantizer: uint4"):  # ai-toolkit's adapters pair with uint4
+        F.call(q, experts=bundle, **widgets(q, adapter="wan22_14b_t2i_torchao_uint4.safetensors"))
+    (ok,) = F.call(q, experts=bundle, **widgets(q, quantizer="uint4",
+                                                adapter="wan22_14b_t2i_torchao_uint4.safetensors"))
+    assert ok.quant.ara_source.endswith("torchao_uint4.safetensors") and bundle.quant.transformer == "none"
+    assert ok.store is bundle.store and ok.model == bundle.model  # same components, other settings
+
+
+def test_memory_settings_reuse_the_loaded_components(N):
+    ex = N["Wan22LoadExperts"]
+    (a,) = F.call(ex, **widgets(ex, source="tiny"))
+    high = a.components(low=False, vae=False, text_encoder=False).high
+    # Re-running the loader with other memory settings (ComfyUI re-executes it) loads nothing again.
+    (b,) = F.call(ex, **widgets(ex, source="tiny", low_vram=True, offload_blocks="auto"))
+    assert b.store is a.store and b.components(low=False, vae=False, text_encoder=False).high is high
+    (c,) = F.call(ex, **widgets(ex, source="tiny", dtype="fp32"))
+    assert c.store is not a.store and c.loaded.high is None
+    with pytest.raises(ConfigError, match="offload_blocks 'ten'"):
+        F.call(ex, **widgets(ex, source="tiny", offload_blocks="ten"))
+    with pytest.raises(ConfigError, match="offload_blocks"):
+        F.call(ex, **widgets(ex, source="tiny", offload_blocks="-2"))
+
+
+def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
+    cases = [({"dop": True}, "advanced.dop needs trigger_word"),
+             ({"text_encoder_mode": "unload"}, "trigger_word is not set")]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "no CUDA GPU is visible"))
+    bundle = experts(N)
+    for train, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            graph(N, host, bundle=bundle, **{**TRAIN_FAST, **train})
+    assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
+    # an adapter file that vanished after Quantize ARA checked it
+    path = _adapter_file(host.folder("loras") / "ara_nf4.safetensors")
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    (bundle,) = F.call(N["Wan22QuantizeARA"], experts=bundle, **widgets(N["Wan22QuantizeARA"], adapter=path.name))
+    path.unlink()
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips", num_frames=5,
+                                                          resolutions="32"))
+    with pytest.raises(LoraFileError, match="does not exist"):
+        F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, **widgets(N["Wan22TrainLoRA"], **TRAIN_FAST))
+    assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
 
 
 def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clips, monkeypatch):
@@ -199,7 +343,7 @@ def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clip
         "caption_ext": "caption", "default_caption": "a clip", "num_frames": 1, "frame_sampling": "fps",
         "fps": 24.0, "window_start": "start", "short_clip": "skip", "weight": 2.0, "repeats": 3,
         "caption_dropout": 0.0, "prepend_trigger": True, "flip_x": True, "flip_y": True, "is_regularization": True,
-        "cache_latents": True,
+        "cache_latents": True, "strict": True,
     }
     base_ds = widgets(ds_cls, folder="clips", num_frames=5, resolutions="32")
     assert set(changes) | {"folder", "resolutions"} == set(base_ds)
@@ -353,20 +497,144 @@ def test_second_run_on_the_same_bundle_and_single_expert(N, host, clips):
         "low_only_low_noise.safetensors", "wan22_lora_high_noise.safetensors", "wan22_lora_low_noise.safetensors"]
 
 
-def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips):
+@pytest.mark.parametrize("quant", [None, QUANT_FAST], ids=["as_loaded", "4bit_ara"])
+def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips, quant):
+    bundle = experts(N, quant)
     host.interrupt_after = 3  # the user presses cancel during step 3
     with pytest.raises(F.InterruptProcessingException):
-        graph(N, host, steps=6, save={"save_every": 0})
+        graph(N, host, bundle=bundle, steps=6, save={"save_every": 0})
     run = host.root / "output" / "wan22_lora" / "wan22_lora"
     assert (run / "training_state_000003.safetensors").is_file()
     assert (run / "wan22_lora_000003_high_noise.safetensors").is_file()
     assert any("resumable state at step 3" in t and "resume = latest" in t for _, t in host.texts)
     assert not (host.folder("loras") / "wan22_lora_high_noise.safetensors").exists()  # only finished runs are copied
+    for name in ("high", "low"):
+        model = getattr(bundle.loaded, name)
+        if quant:  # quantized in place by the cancelled run: dropped, so the next run loads them as they were
+            assert model is None
+        else:
+            assert not getattr(model, "peft_config", None) and not model.training
     host.interrupt_after = None
-    bundle, (pair, _, _) = graph(N, host, steps=6, save={"save_every": 0}, resume="latest")
+    _, (pair, _, _) = graph(N, host, bundle=bundle, steps=6, save={"save_every": 0}, resume="latest")
     assert pair.step == 6 and [v for v, _, _ in host.progress][-3:] == [4, 5, 6]
     for name in ("high", "low"):
         assert not getattr(getattr(bundle.loaded, name), "peft_config", None)
+    # cancel + resume through the node trains exactly what one uninterrupted run does
+    _, (whole, _, _) = graph(N, host, bundle=bundle, steps=6, save={"save_every": 0}, job_name="whole")
+    for name in ("high", "low"):
+        assert pair.tensors[name].keys() == whole.tensors[name].keys()
+        assert all(torch.equal(v, whole.tensors[name][k]) for k, v in pair.tensors[name].items()), name
+
+
+def _core_job(host, clips, name, **extra):
+    """The core job equivalent to graph()'s defaults (TRAIN_FAST, switch every 2), fp32 LoRA files."""
+    return job_from_dict({
+        "name": name, "model": {"source": "tiny"}, "multistage": {"switch_every": 2}, "optimizer": {"name": "adamw"},
+        "train": {"steps": 4, "compute_dtype": "fp32", "gradient_checkpointing": False},
+        "save": {"output_dir": str(host.root / "core" / name), "dtype": "fp32"},
+        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}], **extra,
+    })
+
+
+def _assert_pair_equals(tensors, model, cfg):
+    ref = lora_state_dict_comfy(model, cfg.lora, torch.float32)
+    assert tensors.keys() == ref.keys() and all(torch.equal(tensors[k], ref[k]) for k in ref)
+
+
+def test_quantized_bundle_trains_and_renders_like_the_core_and_never_reuses_quantized_experts(N, host, clips):
+    pv = N["Wan22PreviewSample"]
+    plain = experts(N)
+    quantized = experts(N, QUANT_FAST)  # 4bit_ara (NF4 + calibrated adapters), float8 text encoder
+    quant = quantized.quant
+    assert quantized.store is plain.store  # one set of loaded weights for both
+    settings = dict(prompts="a red square moving right", width=32, height=32, num_frames=5, steps=3, sampler="euler",
+                    seed=3)
+    cfg = SampleConfig(prompts=["a red square moving right"], width=32, height=32, num_frames=5, steps=3,
+                       sampler="euler", seed=3)
+
+    def render(comps, te):
+        return torch.cat(sample_videos(comps.high, comps.low, comps.vae,
+                                       encode_sample_prompts(te.text_encoder, te.tokenizer, cfg), cfg, 0.875))
+
+    float8_te = load_components(ModelConfig(source="tiny"), high=False, low=False, vae=False)
+    quantize_text_encoder(float8_te.text_encoder, quant, "cpu")
+
+    # 1. Preview before any training quantizes the stored experts itself; with no training clips to calibrate on,
+    #    the adapters come from the weights alone.
+    (frames,) = F.call(pv, experts=quantized, **widgets(pv, **settings))
+    ref = load_components(ModelConfig(source="tiny"))
+    for name in ("high", "low"):
+        weights_only = quant.model_copy(update={"ara_calibration_samples": 0, "ara_cache_dir": None})
+        quantize_expert(getattr(ref, name), weights_only, expert=name, cache_key=name, device="cpu")
+    torch.testing.assert_close(frames, render(ref, float8_te), rtol=0, atol=1e-5)
+    assert isinstance(quantized.loaded.high.blocks[0].attn1.to_q, NF4Linear)
+
+    # 2. Training gets the experts as loaded (reloaded: these were quantized) and the core quantizes them, calibrated.
+    _, (pair, _, _) = graph(N, host, bundle=quantized, save={"dtype": "fp32"})
+    core_cfg = _core_job(host, clips, "quantized", quant={"transformer": "4bit_ara", "ara_calibration_samples": 2,
+                                                          "text_encoder": "float8"})
+    core = load_components(ModelConfig(source="tiny"))
+    run_training(core_cfg, components=core, progress_bar=False)
+    for name in ("high", "low"):
+        _assert_pair_equals(pair.tensors[name], getattr(core, name), core_cfg)
+        kept = getattr(quantized.loaded, name)  # the bundle keeps what training quantized, handed back clean
+        assert isinstance(kept.blocks[1].ffn.net[2], NF4Linear)
+        assert not getattr(kept, "peft_config", None) and not kept.training
+
+    # 3. Preview with the pair renders on exactly the experts the LoRA was trained on.
+    (frames,) = F.call(pv, experts=quantized, lora=pair, **widgets(pv, **settings))
+    torch.testing.assert_close(frames, render(core, float8_te), rtol=0, atol=1e-5)
+
+    # 4. The unquantized bundle shares the store but gets the experts as loaded again, for training and previews.
+    # (Own output folder: the core's caption-embedding cache does not tell a float8 text encoder from a bf16 one.)
+    _, (plain_pair, _, _) = graph(N, host, bundle=plain, job_name="plain",
+                                  save={"dtype": "fp32", "output_dir": "plain"})
+    plain_cfg = _core_job(host, clips, "plain")
+    plain_core = load_components(ModelConfig(source="tiny"))
+    run_training(plain_cfg, components=plain_core, progress_bar=False)
+    for name in ("high", "low"):
+        _assert_pair_equals(plain_pair.tensors[name], getattr(plain_core, name), plain_cfg)
+    (frames,) = F.call(pv, experts=plain, lora=plain_pair, **widgets(pv, **settings))
+    torch.testing.assert_close(frames, render(plain_core, load_components(
+        ModelConfig(source="tiny"), high=False, low=False, vae=False)), rtol=0, atol=1e-5)
+    assert not any(isinstance(m, NF4Linear) for m in plain.loaded.high.modules())
+
+
+def test_regularizer_and_text_encoder_widgets_train_like_the_core(N, host, clips):
+    """DOP, differential guidance, EMA and the text-encoder mode through the node equal the core's run; with EMA
+    the pair the node outputs (and copies to models/loras) is the EMA pair."""
+    train = dict(trigger_word="sqz", dop=True, dop_class="scene", dop_multiplier=0.5, diff_guidance=True,
+                 diff_guidance_scale=2.0, ema=True, ema_decay=0.9, text_encoder_mode="live")
+    _, (pair, _, run_dir) = graph(N, host, dataset={"prepend_trigger": True}, save={"dtype": "fp32"}, **train)
+    cfg = _core_job(host, clips, "reg", trigger_word="sqz", text_encoder={"mode": "live"}, advanced={
+        "dop": True, "dop_class": "scene", "dop_multiplier": 0.5, "diff_guidance": True, "diff_guidance_scale": 2.0,
+        "ema": True, "ema_decay": 0.9})
+    cfg.datasets[0].prepend_trigger = True
+    core = run_training(cfg, progress_bar=False)
+    for name in ("high", "low"):
+        ema_file = core.run_dir / ema_lora_file_name("reg", 4, name)
+        assert pair.files[name] == Path(run_dir) / ema_lora_file_name("wan22_lora", 4, name)
+        theirs, live = load_file(str(ema_file)), load_file(str(core.lora_files[name]))
+        copy = load_file(str(host.folder("loras") / f"wan22_lora_{name}_noise.safetensors"))
+        assert theirs.keys() == pair.tensors[name].keys() == copy.keys()
+        assert all(torch.equal(v, pair.tensors[name][k]) and torch.equal(v, copy[k]) for k, v in theirs.items())
+        assert not all(torch.equal(v, live[k]) for k, v in theirs.items())  # the EMA, not the live weights
+
+
+def test_adapter_file_from_models_loras_is_what_training_installs(N, host, clips):
+    # An adapter file this trainer wrote (a computed-adapter cache), placed in models/loras.
+    model = load_components(ModelConfig(source="tiny"), low=False, vae=False, text_encoder=False).high
+    cfg = QuantConfig(transformer="4bit_ara", ara_calibration_samples=0, ara_cache_dir=str(host.root / "made"))
+    report = quantize_expert(model, cfg, expert="high", cache_key="made", device="cpu")
+    shutil.copy(report.cache_path, host.folder("loras") / "tiny_ara.safetensors")
+    bundle = experts(N, {"adapter": "tiny_ara.safetensors", "calibration_samples": 0})
+    assert bundle.quant.ara_source == str(host.folder("loras") / "tiny_ara.safetensors")
+    graph(N, host, bundle=bundle, steps=2)
+    for name in ("high", "low"):  # the file holds shared adapters: both experts get them
+        layer = getattr(bundle.loaded, name).blocks[0].attn1.to_q
+        assert isinstance(layer, NF4Linear)
+        torch.testing.assert_close(layer.ara_down, model.blocks[0].attn1.to_q.ara_down, rtol=0, atol=0)
+        torch.testing.assert_close(layer.ara_up, model.blocks[0].attn1.to_q.ara_up, rtol=0, atol=0)
 
 
 def test_training_previews_reach_the_progress_preview(N, host, clips):
@@ -419,7 +687,7 @@ def test_preview_sample_widgets_reach_the_sampler(N, host, monkeypatch):
     cls = N["Wan22PreviewSample"]
     mod = sys.modules[cls.__module__]
     seen = []
-    monkeypatch.setattr(mod, "sample_videos", lambda h, l, v, cache, cfg, boundary, on_step: seen.append(
+    monkeypatch.setattr(mod, "sample_videos", lambda h, lo, v, cache, cfg, boundary, on_step: seen.append(
         (cfg, boundary)) or [torch.zeros(1, 16, 16, 3)])
     (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
     base = widgets(cls, prompts="a cat")

@@ -1,14 +1,17 @@
-"""The example workflows: node types exist, links join matching types, widget values fit, thumbnails are small; the
-pack's part of workflows 1 and 2 runs on the tiny preset through the node classes as ComfyUI would run it."""
+"""The example workflows: node types exist, links join matching types, widget values fit, thumbnails are small, the
+recipes are the ones the titles promise; the pack's part of workflows 1-3 runs on the tiny preset through the node
+classes as ComfyUI would run it, with the workflow's quantization, memory and regularizer settings reaching the core."""
 
 from __future__ import annotations
 
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
@@ -98,13 +101,15 @@ def pack(monkeypatch, tmp_path):
                        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("vae", "wan_2.1_vae.safetensors")):
         (host.folder(kind) / name).write_bytes(b"")
     pack = F.load_pack()
+    monkeypatch.setattr(sys.modules[f"{F.PACK_NAME}.nodes.bundle"], "_STORES", weakref.WeakValueDictionary())
     pack.host = host
     return pack
 
 
 def test_the_expected_workflows_and_thumbnails_exist():
     names = [p.stem for p in WORKFLOWS]
-    assert names == ["wan22_1_character_lora_24gb", "wan22_2_motion_lora_h100", "wan22_4_render_trained_pair_native"]
+    assert names == ["wan22_1_character_lora_24gb", "wan22_2_motion_lora_h100", "wan22_3_style_lora_dop",
+                     "wan22_4_render_trained_pair_native"]
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file() and thumb.stat().st_size < 30_000 and thumb.read_bytes()[:2] == b"\xff\xd8"
@@ -169,7 +174,50 @@ def _run_pack_part(pack, api, patches):
     return outputs, order
 
 
-@pytest.mark.parametrize("path", WORKFLOWS[:2], ids=lambda p: p.stem)
+def _inputs(api, class_type):
+    return next(n["inputs"] for n in api.values() if n["class_type"] == class_type)
+
+
+#: What each training workflow promises (its title), as settings of its nodes: {class_type: {input: value}}.
+RECIPES = {
+    "wan22_1_character_lora_24gb": {
+        "Wan22QuantizeARA": {"transformer": "4bit_ara", "adapter": "compute", "text_encoder": "float8"},
+        "Wan22LoadExperts": {"low_vram": True},
+        "Wan22TrainLoRA": {"text_encoder_mode": "cache", "dop": False},
+        "Wan22ConfigureMultiStage": {"switch_every": 10},
+        "Wan22ConfigureTrainingPreviews": {"sample_every": 250},
+        "Wan22BuildVideoDataset": {"resolutions": "512", "num_frames": 33},
+    },
+    "wan22_2_motion_lora_h100": {
+        "Wan22LoadExperts": {"low_vram": False, "offload_blocks": "0"},
+        "Wan22ConfigureMultiStage": {"switch_every": 1},
+        "Wan22BuildVideoDataset": {"num_frames": 81, "frame_sampling": "fps"},
+        "Wan22TrainLoRA": {"dop": False},
+    },
+    "wan22_3_style_lora_dop": {
+        "Wan22TrainLoRA": {"dop": True, "dop_class": "scene", "timestep_bias": "high_noise", "ema": True},
+        "Wan22BuildVideoDataset": {"prepend_trigger": True},
+    },
+}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS[:3], ids=lambda p: p.stem)
+def test_workflow_follows_its_recipe(pack, path):
+    api = to_api(pack, json.loads(path.read_text(encoding="utf-8")))
+    for class_type, expected in RECIPES[path.stem].items():
+        inputs = _inputs(api, class_type)
+        assert {k: inputs[k] for k in expected} == expected, class_type
+    train = _inputs(api, "Wan22TrainLoRA")
+    assert not train["dop"] or train["trigger_word"]  # DOP needs a trigger word
+    has_quant = any(n["class_type"] == "Wan22QuantizeARA" for n in api.values())
+    assert has_quant == (path.stem != "wan22_2_motion_lora_h100")
+    if has_quant:  # Train LoRA and Preview Sample both take the quantized bundle
+        quant_id = next(i for i, n in api.items() if n["class_type"] == "Wan22QuantizeARA")
+        for class_type in ("Wan22TrainLoRA", "Wan22PreviewSample"):
+            assert _inputs(api, class_type)["experts"] == [quant_id, 0], class_type
+
+
+@pytest.mark.parametrize("path", WORKFLOWS[:3], ids=lambda p: p.stem)
 def test_pack_part_runs_on_the_tiny_preset(pack, path):
     host = pack.host
     make_synthetic_dataset(host.root / "input" / "clips", n_clips=4, num_frames=5, size=(32, 32), seed=0)
@@ -197,11 +245,23 @@ def test_pack_part_runs_on_the_tiny_preset(pack, path):
     lora_names = sorted(p.name for p in host.folder("loras").iterdir())
     assert len(lora_names) == 2 and all(n.endswith(("_high_noise.safetensors", "_low_noise.safetensors"))
                                         for n in lora_names)
+    # the workflow's quantization, memory, text-encoder and regularizer settings are what the core ran with
+    run_dir = next(outputs[i][2] for i, n in api.items() if n["class_type"] == "Wan22TrainLoRA")
+    ran = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    train = _inputs(api, "Wan22TrainLoRA")
+    quant_id = next((i for i, n in api.items() if n["class_type"] == "Wan22QuantizeARA"), None)
+    assert ran["quant"]["transformer"] == (api[quant_id]["inputs"]["transformer"] if quant_id else "none")
+    assert ran["memory"]["low_vram"] == _inputs(api, "Wan22LoadExperts")["low_vram"]
+    assert ran["text_encoder"]["mode"] == train["text_encoder_mode"]
+    assert (ran["advanced"]["dop"], ran["advanced"]["ema"]) == (train["dop"], train["ema"])
+    if quant_id:  # the experts the pair was trained on (and Preview Sample rendered with) are quantized
+        layers = {type(m).__name__ for m in outputs[quant_id][0].loaded.high.modules()}
+        assert layers & {"NF4Linear", "Float8Linear"}
 
 
 def test_native_render_uses_the_files_save_checkpoint_writes(pack):
     """Workflow 4 loads the pair by the names Save Checkpoint gives it in models/loras (workflow 1's lora_name)."""
-    wf1, wf4 = (to_api(pack, json.loads(p.read_text(encoding="utf-8"))) for p in (WORKFLOWS[0], WORKFLOWS[2]))
+    wf1, wf4 = (to_api(pack, json.loads(p.read_text(encoding="utf-8"))) for p in (WORKFLOWS[0], WORKFLOWS[3]))
     name = next(n for n in wf1.values() if n["class_type"] == "Wan22SaveCheckpoint")["inputs"]["lora_name"]
     loras = sorted(n["inputs"]["lora_name"] for n in wf4.values() if n["class_type"] == "LoraLoaderModelOnly")
     assert loras == [f"{name}_high_noise.safetensors", f"{name}_low_noise.safetensors"]

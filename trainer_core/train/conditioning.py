@@ -41,7 +41,7 @@ def setup_conditioning(
     cache = None
     if mode != "live":
         folder = Path(cfg.text_encoder.cache_dir or Path(cfg.save.output_dir) / "text_cache")
-        cache = TextEmbeddingCache(folder, f"{components.base_model}|{te.dtype}")
+        cache = TextEmbeddingCache(folder, f"{components.base_model}|{te.dtype}|{cfg.quant.text_encoder}")
     condition = prepare_text_conditioning(mode, dataset, encode, cache)
     if cache is not None:
         cache.ensure(extra_captions, encode)
