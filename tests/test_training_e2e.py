@@ -56,7 +56,6 @@ def _eval_loss(components, dataset, expert: str) -> float:
     """Loss of one expert on fixed samples, sigmas and noise (independent of the training RNG)."""
     model = components.high if expert == "high" else components.low
     gen = torch.Generator().manual_seed(1234)
-    from trainer_core.models import encode_prompts
 
     total = 0.0
     with torch.no_grad():

@@ -76,7 +76,8 @@ def prune_checkpoints(run_dir: Path, name: str, keep_last: int, protect: set[int
     for step in doomed:
         doomed_files = [run_dir / state_file_name(step)]
         for expert in ("high", "low"):
-            doomed_files += [run_dir / lora_file_name(name, step, expert), run_dir / ema_lora_file_name(name, step, expert)]
+            doomed_files.append(run_dir / lora_file_name(name, step, expert))
+            doomed_files.append(run_dir / ema_lora_file_name(name, step, expert))
         for p in doomed_files:
             if p.exists():
                 p.unlink()

@@ -39,6 +39,7 @@ def micro_batch_loss(
     timestep_type: str,
     autocast_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """Flow-matching MSE of ``model`` on clean latents ``x0`` noised with ``noise`` at ``sigmas`` (weighted if asked)."""
+    """Flow-matching MSE of ``model`` on clean latents ``x0`` noised with ``noise`` at ``sigmas`` (weighted if
+    asked)."""
     pred = predict_velocity(model, noisy_latents(x0, noise, sigmas), sigmas, text, autocast_dtype)
     return flow_matching_loss(pred, velocity_target(x0, noise), loss_weights(sigmas, timestep_type))
