@@ -141,7 +141,7 @@ def run_training(
     # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
     autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
     objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
-    if components.text_encoder is not None:
+    if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
         log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
     renderer = PreviewRenderer(cfg, components, device, on_sample) if previews and ctx.is_main else None
     condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
