@@ -22,11 +22,15 @@ LatentFn = Callable[[list[int], int], torch.Tensor]
 
 
 def expert_identity(cfg: JobConfig, expert: str) -> tuple[str, Path]:
-    """(cache key, cache folder) of an expert's weights: computed adapters are cached next to the model."""
+    """(cache key, cache folder) of an expert's weights.
+
+    Computed adapters are cached inside a diffusers folder; for ComfyUI single files and repo ids they go to
+    ``<output_dir>/ara_cache`` (beside the file they would show up in ComfyUI's diffusion-model lists).
+    """
     file = cfg.model.high_noise if expert == "high" else cfg.model.low_noise
     fallback = Path(cfg.save.output_dir) / "ara_cache"
     if file:
-        return f"{model_file_identity(file)}|{expert}", Path(file).expanduser().parent
+        return f"{model_file_identity(file)}|{expert}", fallback
     source = cfg.model.source or ""
     folder = Path(source).expanduser()
     if folder.is_dir():
