@@ -337,7 +337,9 @@ class QuantConfig(_Strict):
     ara_calibration_samples: int = Field(
         default=8, ge=0, le=256, description="training samples whose activations calibrate computed adapters; 0 = none"
     )
-    ara_cache_dir: str | None = Field(default=None, description="computed-adapter cache; default: the diffusers folder, else <output_dir>/ara_cache")
+    ara_cache_dir: str | None = Field(
+        default=None, description="computed-adapter cache; default: the diffusers folder, else <output_dir>/ara_cache"
+    )
     text_encoder: Literal["bf16", "float8"] = Field(
         default="bf16", description="text encoder Linear weights: as loaded, or float8 e4m3 with per-row scales"
     )
