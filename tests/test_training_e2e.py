@@ -339,3 +339,32 @@ def test_planner_refuses_what_cannot_fit_before_loading(tmp_path, clips, monkeyp
     raw["datasets"][0]["resolutions"] = [1024]
     with pytest.raises(ConfigError, match="memory.low_vram|quant.transformer|offload"):
         loop.run_training(job_from_dict(raw), progress_bar=False)
+
+
+def test_regularization_data_is_trained_towards_the_base_model(tmp_path, clips):
+    # Only prior data: the target is the base model's own prediction, so a zero-initialised LoRA gets zero loss and
+    # zero gradients and stays exactly the base model. The same clips as ordinary data do move the LoRA.
+    over = dict(train={"steps": 3}, save={"save_every": 0, "dtype": "fp32"}, optimizer={"weight_decay": 0.0})
+    for reg in (True, False):
+        raw = _cfg(tmp_path / str(reg), clips, **over)
+        raw["datasets"][0]["is_regularization"] = reg
+        result = loop.run_training(job_from_dict(raw), progress_bar=False)
+        ups = load_lora_ups(result.lora_files["high"]) + load_lora_ups(result.lora_files["low"])
+        if reg:
+            assert all(x[2] == 0.0 for x in result.losses)
+            assert all(torch.count_nonzero(u) == 0 for u in ups)
+        else:
+            assert all(x[2] > 0 for x in result.losses) and any(torch.count_nonzero(u) for u in ups)
+
+
+def load_lora_ups(path: Path) -> list[torch.Tensor]:
+    with safe_open(str(path), "pt") as fh:
+        return [fh.get_tensor(k) for k in fh.keys() if k.endswith("lora_up.weight")]
+
+
+def test_dop_with_regularization_data_is_refused_before_loading(tmp_path, clips, monkeypatch):
+    monkeypatch.setattr(loop, "load_components", lambda *a, **k: pytest.fail("models loaded"))
+    raw = {**_cfg(tmp_path, clips), "advanced": {"dop": True}}
+    raw["datasets"][0]["is_regularization"] = True
+    with pytest.raises(ConfigError, match="is_regularization"):
+        loop.run_training(job_from_dict(raw), progress_bar=False)

@@ -43,31 +43,21 @@ def streamed_blocks(num_blocks: int, offload_blocks: int) -> list[int]:
     return sorted({(k + 1) * num_blocks // offload_blocks - 1 for k in range(offload_blocks)})
 
 
-class _BeforeBlockBackward(torch.autograd.Function):
-    """Identity on a block's output; its backward is the first backward node of the block."""
+class _OnBackward(torch.autograd.Function):
+    """Identity whose backward first calls ``callback(index)``.
+
+    On a block's output its backward is the block's first backward node (reload the block); on a block's input it
+    runs once the block's input gradient is complete (release the block).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, owner: "OffloadedExpert", index: int) -> torch.Tensor:
-        ctx.owner, ctx.index = owner, index
+    def forward(ctx, x: torch.Tensor, callback, index: int) -> torch.Tensor:
+        ctx.callback, ctx.index = callback, index
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.owner._enter_backward(ctx.index)
-        return grad, None, None
-
-
-class _AfterBlockBackward(torch.autograd.Function):
-    """Identity on a block's input; its backward runs when the block's input gradient is complete."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, owner: "OffloadedExpert", index: int) -> torch.Tensor:
-        ctx.owner, ctx.index = owner, index
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.owner._leave_backward(ctx.index)
+        ctx.callback(ctx.index)
         return grad, None, None
 
 
@@ -191,10 +181,10 @@ class OffloadedExpert:
             self._prefetch([i for i in self.streamed if i > index])
             if index in self._streamed_set and torch.is_grad_enabled():
                 if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
-                    return (_AfterBlockBackward.apply(args[0], self, index), *args[1:]), kwargs
+                    return (_OnBackward.apply(args[0], self._leave_backward, index), *args[1:]), kwargs
                 x = kwargs.get("hidden_states")
                 if isinstance(x, torch.Tensor) and x.requires_grad:
-                    return args, {**kwargs, "hidden_states": _AfterBlockBackward.apply(x, self, index)}
+                    return args, {**kwargs, "hidden_states": _OnBackward.apply(x, self._leave_backward, index)}
             return None
 
         return hook
@@ -206,7 +196,7 @@ class OffloadedExpert:
             if index in self._streamed_set and index not in self._keep_after_forward:
                 self.blocks[index].release()
             if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-                return _BeforeBlockBackward.apply(output, self, index)
+                return _OnBackward.apply(output, self._enter_backward, index)
             return None
 
         return hook

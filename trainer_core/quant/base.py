@@ -7,12 +7,14 @@ The quantized layers subclass ``nn.Linear`` so that peft wraps them with its ord
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class ARAMixin:
+class ARAMixin(ABC):
     """Adds ``y += ara_up @ (ara_down @ x)`` (frozen buffers; ``None`` = no adapter)."""
 
     ara_down: torch.Tensor | None
@@ -36,9 +38,9 @@ class ARAMixin:
         self.register_buffer("ara_down", down)
         self.register_buffer("ara_up", up)
 
+    @abstractmethod
     def ara_device(self) -> torch.device:
         """Device of the layer's stored weight (where the adapter must live)."""
-        raise NotImplementedError
 
     def add_ara(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y + B A x`` (``y`` unchanged when no adapter is installed)."""
@@ -92,9 +94,9 @@ class FrozenQuantLinear(ARAMixin, nn.Linear):
     def ara_device(self) -> torch.device:
         return self.qweight.device
 
+    @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the layer computes with, [out, in], in ``dtype``."""
-        raise NotImplementedError
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + bias``; default: dequantize on the fly into the input's dtype."""

@@ -118,6 +118,9 @@ def run_training(
     run_dir = cfg.run_dir
     check_regularizers(cfg)
     check_ara_source(cfg.quant)
+    # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
+    autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
+    objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
     resume_path = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_path is not None:
         check_resume_compatible(resume_path, cfg)
@@ -138,9 +141,6 @@ def run_training(
         cfg.model, high=previews or "high" in stages, low=previews or "low" in stages
     )
     torch.manual_seed(cfg.train.seed)
-    # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
-    autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
-    objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
     if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
         log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
     renderer = PreviewRenderer(cfg, components, device, on_sample) if previews and ctx.is_main else None
@@ -228,8 +228,10 @@ def run_training(
                     mine = ctx.shard(range(n_global))
                     share = len(mine) / n_global
                     captions = [p.caption for p in loaded.plans]
+                    regularization = [p.is_regularization for p in loaded.plans]
                     _, logged = objective(
-                        ex.model, x0, noise[mine].to(device), sigmas[mine].to(device), captions, condition, share
+                        ex.model, x0, noise[mine].to(device), sigmas[mine].to(device), captions, condition, share,
+                        regularization,
                     )
                     contribution = logged * share
                 micro_loss = ctx.sum(contribution)

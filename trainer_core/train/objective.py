@@ -9,9 +9,18 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
-from ..regularizers import dop_step_loss, guided_micro_batch_loss, preservation_caption
+from ..errors import ConfigError
+from ..regularizers import (
+    dop_step_loss,
+    guided_micro_batch_loss,
+    guided_target,
+    preservation_caption,
+    prior_prediction,
+)
+from ..schedule import loss_weights
 from .conditioning import Conditioner
-from .step import micro_batch_loss
+from .losses import flow_matching_loss, noisy_latents, velocity_target
+from .step import micro_batch_loss, predict_velocity
 
 
 @dataclass
@@ -24,6 +33,13 @@ class Objective:
 
     cfg: JobConfig
     autocast_dtype: torch.dtype | None
+
+    def __post_init__(self) -> None:
+        if self.cfg.advanced.dop and any(d.is_regularization for d in self.cfg.datasets):
+            raise ConfigError(
+                "advanced.dop is on and a dataset has is_regularization: both hold the LoRA to the base model's "
+                "predictions - use DOP, or regularization datasets, not both"
+            )
 
     def extra_captions(self, captions: set[str]) -> set[str]:
         """Captions that must be encoded besides the dataset's own: DOP's preservation prompts."""
@@ -42,11 +58,14 @@ class Objective:
         captions: Sequence[str],
         condition: Conditioner,
         weight: float = 1.0,
+        regularization: Sequence[bool] = (),
     ) -> tuple[torch.Tensor, float]:
         """Backpropagate this micro-batch; return (the loss that was backpropagated, the plain MSE to log).
 
         ``weight`` is this micro-batch's share of the global batch (data-parallel ranks); the gradient is scaled by
-        ``weight / gradient_accumulation``.
+        ``weight / gradient_accumulation``. Samples flagged in ``regularization`` (datasets with
+        ``is_regularization``) are prior data: their target is the base model's prediction (LoRA off, no grad) on
+        the same noisy input, so they pull the LoRA back towards the base model instead of towards the clip.
         """
         cfg, adv = self.cfg, self.cfg.advanced
         scale = weight / cfg.train.gradient_accumulation
@@ -66,6 +85,11 @@ class Objective:
             if batched:
                 self._backward(loss, scale)
             return loss.detach(), float(parts["normal_mse"])
+        reg = [i for i, r in enumerate(regularization) if r]
+        if reg:
+            loss = self._prior_regularized_loss(model, x0, noise, sigmas, text, reg, gs)
+            self._backward(loss, scale)
+            return loss.detach(), float(loss.detach()) / (gs or 1.0) ** 2
         if gs is not None:
             loss = guided_micro_batch_loss(
                 model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype, gs
@@ -75,6 +99,25 @@ class Objective:
         loss = micro_batch_loss(model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype)
         self._backward(loss, scale)
         return loss.detach(), float(loss.detach())
+
+    def _prior_regularized_loss(
+        self,
+        model: WanTransformer3DModel,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: torch.Tensor,
+        reg: list[int],
+        gs: float | None,
+    ) -> torch.Tensor:
+        x_t = noisy_latents(x0, noise, sigmas)
+        target = velocity_target(x0, noise).clone()
+        prior = prior_prediction(model, x_t[reg], sigmas[reg], text[reg], autocast_dtype=self.autocast_dtype)
+        target[reg] = prior.float()
+        pred = predict_velocity(model, x_t, sigmas, text, self.autocast_dtype)
+        if gs is not None:
+            target = guided_target(pred, target, gs)
+        return flow_matching_loss(pred, target, loss_weights(sigmas, self.cfg.train.timestep_type))
 
     @staticmethod
     def _backward(loss: torch.Tensor, scale: float) -> None:
