@@ -43,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer_core.config import JobConfig, LoraConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
-from trainer_core.memory import ExpertMemory  # noqa: E402
+from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
 from trainer_core.memory.planner import WAN22_A14B_ARCH, SideModels, estimate_peak_vram  # noqa: E402
 from trainer_core.models.single_file import cast_keeping_fp32  # noqa: E402
+from trainer_core.train.step import predict_velocity  # noqa: E402
 
 GIB = 2**30
 FULL = {"arch": WAN22_A14B_ARCH, "frames": 33, "size": 512, "text": (512, 4096), "offloads": (20, 30), "steps": 3}
@@ -83,13 +84,13 @@ class Bench:
             torch.set_default_dtype(default)
         cast_keeping_fp32(model, self.dtype).requires_grad_(False)
         attach_lora(model, LoraConfig(rank=16))
-        model.enable_gradient_checkpointing()
+        install_block_plan(model, BlockPlan.uniform("full", len(model.blocks)))
         return model.train()
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """One training step (forward, backward, AdamW); returns the loss."""
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            pred = model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.text, return_dict=False)[0]
+        autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        pred = predict_velocity(model, self.x, self.t / 1000.0, self.text, autocast)
         loss = (pred.float() - 0.5).square().mean()
         loss.backward()
         optimizer.step()
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test of every path)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--only", choices=("offload", "swap"), help="run one part")
     args = parser.parse_args(argv)
     if args.tiny:
         spec, device = TINY, torch.device("cpu")
@@ -247,8 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
     b = Bench(spec, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"device": name, "torch": torch.__version__}
-    results["offload"] = bench_offload(b)
-    results["swap"] = bench_swap(b)
+    if args.only != "swap":
+        results["offload"] = bench_offload(b)
+    if args.only != "offload":
+        results["swap"] = bench_swap(b)
     print(table(results))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))

@@ -49,6 +49,9 @@ class QuantizeARA:
                 "adapter_cache_dir": ("STRING", {"default": "wan22_ara_cache", _T: (
                     "Folder that keeps computed adapters for the next run; relative to ComfyUI's models folder, "
                     "where no loader lists them")}),
+                "fp8_backward": ("BOOLEAN", {"default": True, _T: (
+                    "float8 on Ada/Hopper GPUs (RTX 40xx, L40, H100/H200): also compute the backward pass through "
+                    "the frozen layers in fp8 (faster, slightly less exact); off uses the bf16 weight there")}),
             }
         }
 
@@ -74,6 +77,7 @@ class QuantizeARA:
         calibration_samples: int,
         text_encoder: str,
         adapter_cache_dir: str,
+        fp8_backward: bool,
     ) -> tuple[ExpertsBundle]:
         """Validate the settings into a :class:`QuantConfig` (an adapter file is checked now) on a new bundle."""
         source = adapter_path.strip() or (adapter if adapter == COMPUTE else host.model_file_path("loras", adapter))
@@ -94,6 +98,7 @@ class QuantizeARA:
                 # Not the core's default (beside the model files): there ComfyUI would list them as diffusion models.
                 ara_cache_dir=str(host.models_path(adapter_cache_dir.strip())),
                 text_encoder=text_encoder,
+                fp8_backward=fp8_backward,
             )
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Quantize ARA")) from None

@@ -103,8 +103,13 @@ class TrainWan22LoRA:
                     "Continue a run: 'latest' (this job's newest training state), a training_state_*.safetensors "
                     "path or a run folder; empty starts fresh")}),
                 # ADVANCED
-                "gradient_checkpointing": ("BOOLEAN", {"default": True, _T: (
-                    "Recompute activations in the backward pass: keep on (off needs ~3x the memory)")}),
+                "gradient_checkpointing": (("auto", "full", "selective", "off"), {"default": "auto", _T: (
+                    "Recompute activations in the backward pass: auto picks the fastest mix that fits the card "
+                    "(full on the CPU); full recomputes each block (least memory); selective keeps attention "
+                    "outputs and recomputes the rest; off keeps everything (fastest, most memory)")}),
+                "compile": (("auto", "on", "off"), {"default": "auto", _T: (
+                    "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a "
+                    "CUDA GPU without block offloading and without a 4-bit base; on forces it; off never compiles")}),
                 "timestep_shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 100.0, "step": 0.1, _T: (
                     "Shift s for timestep_type = shift (higher pushes toward noisier levels); 5 is usual")}),
                 "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, _T: (
@@ -220,7 +225,8 @@ def build_job(
     timestep_bias: str,
     seed: int,
     resume: str,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: str,
+    compile: str,
     timestep_shift: float,
     weight_decay: float,
     max_grad_norm: float,
@@ -269,6 +275,7 @@ def build_job(
             "batch_size": batch_size,
             "gradient_accumulation": gradient_accumulation,
             "gradient_checkpointing": gradient_checkpointing,
+            "compile": compile,
             "timestep_type": timestep_type,
             "timestep_shift": timestep_shift,
             "timestep_bias": timestep_bias,

@@ -169,14 +169,14 @@ def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, mu
         (340, 420))
     y, model = 460, loader
     if quant is not None:
-        model = wf.add("Wan22QuantizeARA", (0, y), wf.widgets("Wan22QuantizeARA", **quant), (340, 300))
+        model = wf.add("Wan22QuantizeARA", (0, y), wf.widgets("Wan22QuantizeARA", **quant), (340, 320))
         wf.connect(loader, 0, model, "experts")
         y += 340
     ds = wf.add("Wan22BuildVideoDataset", (0, y), wf.widgets("Wan22BuildVideoDataset", **dataset), (340, 560))
     report = wf.add("PreviewAny", (0, y + 600), [], (340, 200), title="Dataset report")
     ms = wf.add("Wan22ConfigureMultiStage", (380, 0), wf.widgets("Wan22ConfigureMultiStage", **multistage), (300, 150))
     sv = wf.add("Wan22SaveCheckpoint", (380, 190), wf.widgets("Wan22SaveCheckpoint", **save), (300, 230))
-    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 1100))
+    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 1140))
     wf.connect(ds, 1, report, "source")
     wf.connect(model, 0, tr, "experts")
     wf.connect(ds, 0, tr, "dataset")

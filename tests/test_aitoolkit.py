@@ -84,7 +84,8 @@ def test_official_example_maps_value_by_value():
     assert cfg.lora.rank == 32 and cfg.lora.alpha == 32.0
     assert cfg.save.dtype == "fp16" and cfg.save.save_every == 250 and cfg.save.keep_last == 4
     assert cfg.train.batch_size == 1 and cfg.train.steps == 2000 and cfg.train.gradient_accumulation == 1
-    assert cfg.train.gradient_checkpointing is True
+    assert cfg.train.gradient_checkpointing == "auto"  # on: the VRAM planner picks how many blocks recompute
+    assert cfg.train.compile == "auto"
     assert cfg.train.timestep_type == "linear" and cfg.train.timestep_bias == "balanced"
     assert cfg.train.compute_dtype == "bf16"
     assert cfg.optimizer.name == "adamw8bit"
@@ -173,7 +174,7 @@ def test_absent_settings_take_ai_toolkit_defaults():
     assert cfg.lora.rank == 4 and cfg.lora.alpha == 1.0  # NetworkConfig: linear 4, alpha 1.0
     assert cfg.multistage.switch_every == 1 and cfg.multistage.stages == ["high", "low"]
     assert cfg.train.timestep_type == "sigmoid" and cfg.train.timestep_bias == "balanced"
-    assert cfg.train.steps == 1000 and cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing is True
+    assert cfg.train.steps == 1000 and cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing == "auto"
     assert cfg.train.compute_dtype == "fp32" and cfg.model.dtype == "fp32"
     assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == 1e-6
     assert cfg.optimizer.weight_decay == 0.01  # torch.optim.AdamW's default; ai-toolkit passes none
@@ -383,6 +384,23 @@ def test_dependent_settings_are_silent_while_their_switch_is_off():
     assert _ignored(from_aitoolkit(_minimal(**on))[1]) == sorted(
         [f"{P}.train.blank_prompt_preservation", f"{P}.train.blank_prompt_preservation_multiplier"]
     )
+
+
+@pytest.mark.parametrize("value, policy", [(True, "auto"), (False, "off"), (None, "off")])
+def test_gradient_checkpointing_switch_becomes_a_policy(value, policy):
+    """ai-toolkit reads the switch as truthy (on by default); on leaves the split to the VRAM planner. Keeping or
+    recomputing activations does not change what is learned, so neither value is warned about."""
+    cfg, notes = _map(_minimal(train__gradient_checkpointing=value))
+    assert cfg.train.gradient_checkpointing == policy and notes == []
+
+
+def test_compile_is_left_to_train_compile():
+    cfg, notes = _map(_minimal(model__compile=False, model__compile_mode="max-autotune"))
+    assert notes == [] and cfg.train.compile == "auto"
+    cfg, notes = _map(_minimal(model__compile=True, model__block_compile=True))
+    assert cfg.train.compile == "auto"
+    assert _ignored(notes) == [f"{P}.model.block_compile", f"{P}.model.compile"]
+    assert all("train.compile decides" in n for n in notes)
 
 
 def test_unknown_and_default_valued_keys():

@@ -25,6 +25,16 @@ def test_defaults_match_wan22_recipe():
     assert tuple(cfg.lora.target_modules) == DEFAULT_LORA_TARGETS
 
 
+def test_speed_settings_default_to_auto_and_accept_the_old_boolean():
+    cfg = job_from_dict(_job())
+    assert (cfg.train.gradient_checkpointing, cfg.train.compile, cfg.quant.fp8_backward) == ("auto", "auto", True)
+    # gradient_checkpointing was a boolean: true/false still mean checkpoint every block / none
+    assert job_from_dict(_job(train__gradient_checkpointing=True)).train.gradient_checkpointing == "full"
+    assert job_from_dict(_job(train__gradient_checkpointing=False)).train.gradient_checkpointing == "off"
+    for policy in ("auto", "full", "selective", "off"):
+        assert job_from_dict(_job(train__gradient_checkpointing=policy)).train.gradient_checkpointing == policy
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
@@ -39,6 +49,9 @@ def test_defaults_match_wan22_recipe():
         ({"optimizer__name": "lion"}, "optimizer.name"),
         ({"train__timestep_type": "cubic"}, "train.timestep_type"),
         ({"name": "my job/1"}, "file names"),
+        ({"train__gradient_checkpointing": "partial"}, "train.gradient_checkpointing"),
+        ({"train__compile": "yes"}, "train.compile"),
+        ({"quant__fp8_backward": "sometimes"}, "quant.fp8_backward"),
     ],
 )
 def test_bad_settings_name_the_setting(override, needle):

@@ -35,7 +35,7 @@ def _job(tmp: Path, clips: Path, out: str, **train) -> dict:
         "multistage": {"switch_every": 2},
         "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
         # batch 3 over 4 clips: every epoch ends with a 1-sample batch, which leaves rank 1 without a sample.
-        "train": {"steps": 4, "batch_size": 3, "gradient_checkpointing": False, "compute_dtype": "fp32",
+        "train": {"steps": 4, "batch_size": 3, "gradient_checkpointing": "off", "compute_dtype": "fp32",
                   "device": "cpu", "seed": 5, "num_workers": 0, **train},
         "save": {"output_dir": str(tmp / out), "save_every": 2, "keep_last": 0, "dtype": "fp32"},
         "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.0}],

@@ -44,7 +44,7 @@ DISPLAY_NAMES = {
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": False,
+TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": "off",
               "num_workers": 0}
 QUANT_FAST = {"calibration_samples": 2}  # Quantize ARA's defaults (4bit_ara, nf4, float8 text encoder), 2 clips
 
@@ -182,7 +182,11 @@ TRAIN_WIDGETS = [
     ("timestep_bias", "high_noise", "train.timestep_bias", "high_noise"),
     ("seed", 7, "train.seed", 7),
     ("resume", "latest", "resume", "latest"),
-    ("gradient_checkpointing", False, "train.gradient_checkpointing", False),
+    ("gradient_checkpointing", "full", "train.gradient_checkpointing", "full"),
+    ("gradient_checkpointing", "selective", "train.gradient_checkpointing", "selective"),
+    ("gradient_checkpointing", "off", "train.gradient_checkpointing", "off"),
+    ("compile", "on", "train.compile", "on"),
+    ("compile", "off", "train.compile", "off"),
     ("timestep_shift", 3.0, "train.timestep_shift", 3.0),
     ("weight_decay", 0.0, "optimizer.weight_decay", 0.0),
     ("max_grad_norm", 0.0, "optimizer.max_grad_norm", 0.0),
@@ -219,6 +223,7 @@ QUANT_WIDGETS = [
     ("calibration_samples", 0, "quant.ara_calibration_samples", 0),
     ("text_encoder", "bf16", "quant.text_encoder", "bf16"),
     ("adapter_cache_dir", "/abs/ara", "quant.ara_cache_dir", "/abs/ara"),
+    ("fp8_backward", False, "quant.fp8_backward", False),
 ]
 
 
@@ -451,7 +456,7 @@ def test_train_node_equals_the_core_run_and_publishes_the_pair(N, host, clips):
     ref_cfg = job_from_dict({
         "name": "wan22_lora", "trigger_word": "sqz", "model": {"source": "tiny"},
         "multistage": {"switch_every": 2}, "optimizer": {"name": "adamw"},
-        "train": {"steps": 4, "compute_dtype": "fp32", "gradient_checkpointing": False},
+        "train": {"steps": 4, "compute_dtype": "fp32", "gradient_checkpointing": "off"},
         "save": {"output_dir": str(host.root / "ref")},
         "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}],
     })
@@ -530,7 +535,7 @@ def _core_job(host, clips, name, **extra):
     """The core job equivalent to graph()'s defaults (TRAIN_FAST, switch every 2), fp32 LoRA files."""
     return job_from_dict({
         "name": name, "model": {"source": "tiny"}, "multistage": {"switch_every": 2}, "optimizer": {"name": "adamw"},
-        "train": {"steps": 4, "compute_dtype": "fp32", "gradient_checkpointing": False},
+        "train": {"steps": 4, "compute_dtype": "fp32", "gradient_checkpointing": "off"},
         "save": {"output_dir": str(host.root / "core" / name), "dtype": "fp32"},
         "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}], **extra,
     })

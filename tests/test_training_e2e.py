@@ -35,7 +35,7 @@ def _cfg(tmp_path: Path, clips: Path, **over) -> dict:
         "lora": {"rank": 4, "alpha": 8},
         "multistage": {"switch_every": 3},
         "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
-        "train": {"steps": 12, "batch_size": 2, "gradient_checkpointing": False, "compute_dtype": "fp32",
+        "train": {"steps": 12, "batch_size": 2, "gradient_checkpointing": "off", "compute_dtype": "fp32",
                   "device": "cpu", "seed": 3, "num_workers": 0},
         "save": {"output_dir": str(tmp_path / "out"), "save_every": 4, "keep_last": 0},
         "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.25}],
@@ -318,7 +318,7 @@ def test_quantized_training_saves_the_same_lora_format(tmp_path, clips, quant):
 
 
 def test_low_vram_and_block_offloading_train_identically(tmp_path, clips):
-    over = dict(train={"steps": 4, "gradient_checkpointing": True}, multistage={"switch_every": 1},
+    over = dict(train={"steps": 4, "gradient_checkpointing": "full"}, multistage={"switch_every": 1},
                 save={"save_every": 0})
     resident = loop.run_training(job_from_dict(_cfg(tmp_path / "r", clips, **over)), progress_bar=False)
     raw = {**_cfg(tmp_path / "m", clips, **over), "memory": {"low_vram": True, "offload_blocks": 1}}

@@ -228,7 +228,7 @@ def test_pack_part_runs_on_the_tiny_preset(pack, path):
                              "text_encoder": "none", "vae": "none"},
         "Wan22BuildVideoDataset": {"folder": "clips", "num_frames": 5, "resolutions": "32"},
         "Wan22ConfigureTrainingPreviews": {**small, "sample_every": 2},
-        "Wan22TrainLoRA": {"steps": 4, "optimizer": "adamw", "gradient_checkpointing": False},
+        "Wan22TrainLoRA": {"steps": 4, "optimizer": "adamw", "gradient_checkpointing": "off"},
         "Wan22PreviewSample": small,
     }
     outputs, order = _run_pack_part(pack, api, patches)

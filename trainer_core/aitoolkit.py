@@ -26,6 +26,10 @@ differs between prompts is ignored by name (previews here have one setting for a
 Text embeddings: ``cache_text_embeddings`` on or off both map to ``text_encoder.mode: cache`` (the cache restores
 the encoder's output exactly, so training sees the embeddings ai-toolkit's live encoding gives, with the encoder
 freed); ``unload_text_encoder`` maps to ``unload``.
+
+Speed settings: ``train.gradient_checkpointing`` on (ai-toolkit's default) maps to ``auto`` (the VRAM planner
+checkpoints as many blocks as the card needs), off to ``off``; how activations are kept does not change what is
+learned, so there is no warning. ``model.compile`` is not read: ``train.compile`` (default ``auto``) decides here.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ _PROMPT_FLAGS: dict[str, tuple[str, type]] = {
 }  # fmt: skip
 
 _GENERIC = "this trainer has no such setting, so it is not applied"
+_COMPILE_REASON = "train.compile decides here (auto: compiled on a CUDA GPU without block offloading or a 4-bit base)"
 _PER_PROMPT_REASON = "previews here use one {what} for every prompt: {value!r}"
 
 #: Why a key is not applied, by "<section>.<key>" (or by "<section>" for all its keys).
@@ -127,8 +132,8 @@ _REASONS: dict[str, str] = {
     "save.push_to_hub": "uploading to the Hugging Face Hub is not supported",
     "save.hf_repo_id": "uploading to the Hugging Face Hub is not supported",
     "save.hf_private": "uploading to the Hugging Face Hub is not supported",
-    "model.compile": "torch.compile is not supported",
-    "model.block_compile": "torch.compile is not supported",
+    "model.compile": _COMPILE_REASON,
+    "model.block_compile": _COMPILE_REASON,
     "model.dtype": "ai-toolkit replaces it with train.dtype, which sets the base-weight dtype here",
     "train.train_text_encoder": "text-encoder LoRAs are not supported; only the two transformer experts train",
     "train.blank_prompt_preservation": "blank-prompt preservation is not supported",
@@ -494,7 +499,9 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
         steps=rest.pop("steps", 1000),
         batch_size=rest.pop("batch_size", 1),
         gradient_accumulation=rest.pop("gradient_accumulation", 1),
-        gradient_checkpointing=rest.pop("gradient_checkpointing", True),
+        # ai-toolkit's switch (read as truthy, on by default) -> a policy: on lets the VRAM planner choose (full
+        # checkpointing where memory is short); recomputing activations does not change what is learned.
+        gradient_checkpointing="auto" if rest.pop("gradient_checkpointing", True) else "off",
         timestep_type=_TIMESTEP_TYPES[ttype],
         timestep_bias=_TIMESTEP_BIAS[bias],
         compute_dtype=dtype,

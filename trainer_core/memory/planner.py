@@ -72,6 +72,7 @@ from ..data.buckets import bucket_sizes
 from ..errors import ConfigError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
 from ..models.single_file import fp32_kept_modules, tensor_dtype
+from .blocks import choose_block_plan
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ class _Knobs:
     targets: tuple[str, ...]
     optimizer: str
     batch: int
-    checkpointing: bool
+    passes: int  # samples per sample in one training forward: 2 with DOP's batched passes (LoRA on, preservation)
+    checkpointing: str  # auto | full | selective | off
     low_vram: bool
     offload_blocks: int | str
     prefetch: int
@@ -229,6 +231,7 @@ def _knobs(cfg: JobConfig, device_type: str) -> _Knobs:
         targets=tuple(cfg.lora.target_modules),
         optimizer=cfg.optimizer.name,
         batch=cfg.train.batch_size,
+        passes=2 if cfg.advanced.dop and not cfg.memory.low_vram else 1,
         checkpointing=cfg.train.gradient_checkpointing,
         low_vram=cfg.memory.low_vram,
         offload_blocks=cfg.memory.offload_blocks,
@@ -259,6 +262,7 @@ class ActivationModel:
     text_per_block: int  # saved inside one block, per text token (cross-attention k/v side)
     text_shared: int  # per text token, once (the projected text when LoRA inputs are not copied)
     checkpoint_input: int  # kept per block and token with gradient checkpointing
+    attention_saved: int  # kept per block and token by selective checkpointing (self-attention output + log-sum-exp)
     global_per_token: int  # RoPE tables + final norm input
     backward_transient: int  # per token, while one block is differentiated
 
@@ -293,14 +297,19 @@ class ActivationModel:
         text_per_block = (rms * D + 4) + 2 * s * D + mid * rank * len(kv) + copy_bytes * D * len(kv)
         text_shared = s * D if kv and not copy_bytes else 0
         transient = 2 * s * Fd + 4 * D + (2 * 4 * D if copy_bytes else 0)
-        return cls(per_block, text_per_block, text_shared, s * D, 2 * 4 * shapes.head_dim + 4 * D + 8, transient)
+        attention = s * D + 4 * nh  # the self-attention output with its log-sum-exp
+        return cls(
+            per_block, text_per_block, text_shared, s * D, attention, 2 * 4 * shapes.head_dim + 4 * D + 8, transient
+        )
 
-    def training_bytes(self, tokens: int, text_tokens: int, blocks: int, checkpointing: bool) -> int:
-        """Peak activation bytes of a training step over ``tokens`` video and ``text_tokens`` text tokens."""
-        kept_blocks = 1 if checkpointing else blocks
+    def training_bytes(self, tokens: int, text_tokens: int, split: tuple[int, int, int]) -> int:
+        """Peak activation bytes of a training step over ``tokens`` video and ``text_tokens`` text tokens with
+        ``split = (off, selective, full)`` blocks per checkpointing policy."""
+        off, selective, full = split
+        checkpointed = selective + full
+        kept_blocks = off + (1 if checkpointed else 0)  # a checkpointed block is rebuilt during its backward
         video = tokens * (self.per_block * kept_blocks + self.global_per_token + self.backward_transient)
-        if checkpointing:
-            video += tokens * self.checkpoint_input * blocks
+        video += tokens * (self.checkpoint_input * checkpointed + self.attention_saved * selective)
         return video + text_tokens * (self.text_per_block * kept_blocks + self.text_shared)
 
 
@@ -326,6 +335,7 @@ class Plan:
     tokens: int
     host_bytes: int  # pinned host memory the offloaded weights need
     prefetch_next_expert: bool  # low VRAM: both experts' working sets fit at once around a switch
+    block_split: tuple[int, int, int] = (0, 0, 0)  # (off, selective, full) checkpointing policies, in block order
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -357,7 +367,8 @@ class Plan:
             f"VRAM plan: peak {self.peak_bytes / GIB:.1f} GiB during {self.phase} (weights {cat['weights'] / GIB:.1f}, "
             f"LoRA+optimizer {cat['lora_optimizer'] / GIB:.1f}, activations {cat['activations'] / GIB:.1f}, "
             f"workspace {cat['workspace'] / GIB:.1f}); {self.tokens:,} video tokens per step; "
-            f"offload_blocks {self.offload_blocks}"
+            f"offload_blocks {self.offload_blocks}; checkpointing off/selective/full "
+            f"{'/'.join(map(str, self.block_split))} blocks"
         ]
         lines += [f"  {i.label}: {i.nbytes / GIB:.2f} GiB" for i in self.items if i.nbytes]
         if self.host_bytes:
@@ -431,12 +442,13 @@ def _resolve_offload(k: _Knobs, shapes: ExpertShapes) -> int:
 def _activation_bytes(k: _Knobs) -> tuple[int, int, int]:
     """(activation bytes, bytes of each LoRA input copy or 0, bytes of saved RMSNorm inputs) for these settings.
 
-    The LoRA weights are fp32, so peft casts their input unless the activations are fp32 too; autocast then casts
-    the copy back to the compute dtype. PyTorch's CPU RMSNorm saves its input upcast to fp32.
+    The LoRA weights are fp32. Under autocast the trainer switches peft's input cast off (autocast computes the LoRA
+    in the compute dtype anyway), so the inputs are shared; without autocast peft casts them unless the activations
+    are fp32 too. PyTorch's CPU RMSNorm saves its input upcast to fp32.
     """
     s = k.autocast_bytes or _DTYPE_BYTES[k.model_dtype]
     if k.autocast_bytes:
-        copy_bytes = s
+        copy_bytes = 0
     else:
         copy_bytes = 0 if s == 4 else 4
     return s, copy_bytes, 4 if k.device_type == "cpu" else s
@@ -448,7 +460,9 @@ def _working_set(k: _Knobs, shapes: ExpertShapes, offload: int) -> int:
     return head + (shapes.num_blocks - offload + min(offload, k.prefetch + 1)) * block
 
 
-def _phases(k: _Knobs, shapes: ExpertShapes, side: SideModels, offload: int) -> dict[str, list[PlanItem]]:
+def _phases(
+    k: _Knobs, shapes: ExpertShapes, side: SideModels, offload: int, split: tuple[int, int, int]
+) -> dict[str, list[PlanItem]]:
     """The items of every phase of the job."""
     head, block = _expert_bytes(shapes, k)
     L = shapes.num_blocks
@@ -466,7 +480,8 @@ def _phases(k: _Knobs, shapes: ExpertShapes, side: SideModels, offload: int) -> 
     s, copy_bytes, rms_bytes = _activation_bytes(k)
     act = ActivationModel.build(shapes, k.rank, k.targets, s, copy_bytes, rms_bytes)
     tokens = max(clip_tokens(r, f) for r, f in k.clips)
-    train_act = act.training_bytes(tokens * k.batch, TEXT_TOKENS * k.batch, L, k.checkpointing)
+    n = k.batch * k.passes
+    train_act = act.training_bytes(tokens * n, TEXT_TOKENS * n, split)
     encode = max((VAE_ENCODE_PER_PIXEL + 3 * f) * vae_b * r * r for r, f in k.clips) * k.batch
     dequant = 0
     if k.quant != "none":
@@ -476,7 +491,8 @@ def _phases(k: _Knobs, shapes: ExpertShapes, side: SideModels, offload: int) -> 
     training = [*weights, vae_w, *live_te, *lora]
     if train_act + dequant >= encode:
         training += [
-            PlanItem("activations", f"activations ({'' if k.checkpointing else 'no '}checkpointing)", train_act),
+            PlanItem("activations", f"activations (checkpointing off/selective/full {'/'.join(map(str, split))})",
+                     train_act),
             PlanItem("workspace", "dequantization", dequant),
         ]
     else:
@@ -494,27 +510,47 @@ def _phases(k: _Knobs, shapes: ExpertShapes, side: SideModels, offload: int) -> 
     return phases
 
 
+def _uniform_split(policy: str, blocks: int) -> tuple[int, int, int]:
+    """``(off, selective, full)`` with every block on ``policy`` (``auto`` starts from all ``full``)."""
+    return {"off": (blocks, 0, 0), "selective": (0, blocks, 0)}.get(policy, (0, 0, blocks))
+
+
+def _one_plan(
+    k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int | None, headroom: int, offload: int,
+    split: tuple[int, int, int],
+) -> Plan:
+    phases = _phases(k, shapes, side, offload, split)
+    totals = {name: sum(i.nbytes for i in items) for name, items in phases.items()}
+    peak = max(totals, key=totals.get)
+    head, block = _expert_bytes(shapes, k)
+    managed = k.low_vram or offload > 0
+    return Plan(
+        items=phases[peak],
+        phase=peak,
+        phases=totals,
+        free_bytes=free,
+        headroom_bytes=headroom,
+        offload_blocks=offload,
+        tokens=max(clip_tokens(r, f) for r, f in k.clips) * k.batch,
+        host_bytes=k.experts * (head + shapes.num_blocks * block) if managed else 0,
+        prefetch_next_expert=False,
+        block_split=split,
+    )
+
+
 def _plan(k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int | None, headroom: int) -> Plan:
     candidates = range(shapes.num_blocks + 1) if k.offload_blocks == "auto" else [_resolve_offload(k, shapes)]
+    split = _uniform_split(k.checkpointing, shapes.num_blocks)
     for offload in candidates:
-        phases = _phases(k, shapes, side, offload)
-        totals = {name: sum(i.nbytes for i in items) for name, items in phases.items()}
-        peak = max(totals, key=totals.get)
-        head, block = _expert_bytes(shapes, k)
-        managed = k.low_vram or offload > 0
-        plan = Plan(
-            items=phases[peak],
-            phase=peak,
-            phases=totals,
-            free_bytes=free,
-            headroom_bytes=headroom,
-            offload_blocks=offload,
-            tokens=max(clip_tokens(r, f) for r, f in k.clips) * k.batch,
-            host_bytes=k.experts * (head + shapes.num_blocks * block) if managed else 0,
-            prefetch_next_expert=False,
-        )
+        plan = _one_plan(k, shapes, side, free, headroom, offload, split)
         if plan.fits:
             break
+    if k.checkpointing == "auto" and plan.offload_blocks == 0 and free is not None and plan.fits:
+        # Faster policies for as many blocks as the card holds (streamed blocks keep full checkpointing).
+        split = choose_block_plan(
+            shapes.num_blocks, lambda *s: _one_plan(k, shapes, side, free, headroom, 0, s).fits
+        )
+        plan = _one_plan(k, shapes, side, free, headroom, 0, split)
     if k.low_vram and k.experts > 1 and free is not None:
         working = _working_set(k, shapes, plan.offload_blocks)
         both = int((plan.phases["training"] + working) * (1 + FRAGMENTATION)) + headroom
@@ -553,8 +589,8 @@ def _suggestions(k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, h
             changes.append((f"quant.transformer: {quant}", {"quant": quant}))
     if k.optimizer == "adamw":
         changes.append(("optimizer.name: adamw8bit", {"optimizer": "adamw8bit"}))
-    if not k.checkpointing:
-        changes.append(("train.gradient_checkpointing: true", {"checkpointing": True}))
+    if k.checkpointing in ("off", "selective"):
+        changes.append(("train.gradient_checkpointing: auto", {"checkpointing": "auto"}))
     if k.text_mode == "live":
         changes.append(("text_encoder.mode: cache", {"text_mode": "cache"}))
     if k.batch > 1:

@@ -173,7 +173,7 @@ def _plan_adapters(
 def _make_layer(linear: nn.Linear, cfg: QuantConfig, fp8: bool) -> nn.Module:
     dtype = _compute_dtype(linear.weight.dtype)
     if cfg.transformer == "float8":
-        return Float8Linear(linear, dtype, fp8_matmul=fp8)
+        return Float8Linear(linear, dtype, fp8_matmul=fp8, fp8_backward=cfg.fp8_backward)
     return NF4Linear(linear, dtype) if cfg.quantizer == "nf4" else UInt4Linear(linear, dtype)
 
 

@@ -10,7 +10,8 @@ from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
 from ..lora import attach_lora, lora_parameters
-from ..memory import ExpertMemory
+from ..errors import ConfigError
+from ..memory import BlockPlan, ExpertMemory, Plan, install_block_plan
 from ..regularizers import LoraEMA
 from .optim import build_lr_scheduler, build_optimizer
 
@@ -62,15 +63,39 @@ class Expert:
                 self.ema = LoraEMA(self.model, self.ema.decay)
 
 
+def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device) -> BlockPlan:
+    """The checkpointing split the VRAM planner chose and whether to compile the blocks (``train.compile``).
+
+    ``auto`` compiles on CUDA unless blocks are streamed from host memory (their load hooks must stay outside the
+    compiled graph) or the base is 4-bit (bitsandbytes' kernels break the graph into pieces).
+    """
+    streamed = plan.offload_blocks > 0
+    if cfg.train.compile == "on" and streamed:
+        raise ConfigError(
+            f"train.compile: on cannot be combined with block offloading (memory.offload_blocks resolved to "
+            f"{plan.offload_blocks}) - set train.compile to auto or off, or memory.offload_blocks to 0"
+        )
+    if cfg.train.compile == "auto":
+        compiled = device.type == "cuda" and not streamed and cfg.quant.transformer != "4bit_ara"
+    else:
+        compiled = cfg.train.compile == "on"
+    off, selective, full = plan.block_split
+    return BlockPlan(off=off, selective=selective, full=full, compile=compiled)
+
+
 def prepare_expert(
-    name: str, model: WanTransformer3DModel, cfg: JobConfig, expert_steps: int, memory: ExpertMemory
+    name: str,
+    model: WanTransformer3DModel,
+    cfg: JobConfig,
+    expert_steps: int,
+    memory: ExpertMemory,
+    blocks: BlockPlan,
 ) -> Expert:
-    """Freeze the base, attach a LoRA, hand the model to ``memory`` (device placement, offloading, low-VRAM
-    swapping) and build this expert's optimizer, schedule and EMA."""
+    """Freeze the base, attach a LoRA, set how the blocks run (``blocks``), hand the model to ``memory`` (device
+    placement, offloading, low-VRAM swapping) and build this expert's optimizer, schedule and EMA."""
     model.requires_grad_(False)
     attach_lora(model, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    install_block_plan(model, blocks)
     memory.place(name, model)
     model.train()
     optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)

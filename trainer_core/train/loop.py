@@ -34,7 +34,7 @@ from ..schedule import active_expert, expert_step_counts, sample_sigmas
 from .checkpoints import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from .conditioning import setup_conditioning
 from .distributed import init_distributed
-from .experts import prepare_expert
+from .experts import block_plan_for, prepare_expert
 from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
@@ -134,6 +134,8 @@ def run_training(
     # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
     plan = plan_job(cfg, device)
     memory = ExpertMemory.for_plan(cfg.memory, plan, device)
+    blocks = block_plan_for(cfg, plan, device)
+    log.info("transformer blocks: %s", blocks.describe())
 
     # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
     previews = previews_enabled(cfg)
@@ -167,7 +169,7 @@ def run_training(
     experts = {}
     for n in stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
         quantize_experts(cfg, {n: models[n]}, dataset, latents, condition, device)
-        experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory)
+        experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory, blocks)
         if cfg.memory.low_vram and len(stages) > 1:
             memory.offload(n)
     if ctx.is_main:

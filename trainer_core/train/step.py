@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import WanTransformer3DModel
+from peft.helpers import disable_input_dtype_casting
 
 from ..schedule import loss_weights
 from .losses import flow_matching_loss, noisy_latents, velocity_target
@@ -18,10 +19,16 @@ def predict_velocity(
 ) -> torch.Tensor:
     """The expert's velocity prediction for noisy latents ``x_t`` at noise levels ``sigmas`` (t = 1000·σ).
 
-    The timestep stays float32: bf16 would round t near the boundary by up to 4 and blur the expert split.
+    The timestep stays float32: bf16 would round t near the boundary by up to 4 and blur the expert split. Under
+    autocast peft's cast of each LoRA input to the fp32 LoRA weight is switched off: autocast runs the LoRA matmul in
+    the compute dtype anyway, and the cast would cost a copy of every LoRA input, kept for backward.
     """
     dtype = model.dtype
-    with torch.autocast(x_t.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    autocast = autocast_dtype is not None
+    with (
+        torch.autocast(x_t.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast),
+        disable_input_dtype_casting(model, active=autocast),
+    ):
         return model(
             hidden_states=x_t.to(dtype),
             timestep=sigmas.float() * 1000.0,

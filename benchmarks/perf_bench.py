@@ -1,0 +1,428 @@
+"""Training speed on the GPU: the plain diffusers + peft loop against the trainer's fast path, in the same run.
+
+    python benchmarks/perf_bench.py --size 512x512x33 --levers --parity 20 --low-vram --dop   # one call
+    python benchmarks/perf_bench.py --size 768x768x41 --size 1024x1024x81 --experts 2
+    python benchmarks/perf_bench.py --tiny                                                    # CPU smoke run
+
+Full-size Wan 2.2 A14B experts with random bf16 weights are built directly on the GPU (times and memory are real,
+image quality is not). Every run trains rank-16 LoRAs on the default targets with AdamW (lr 1e-4, no clipping) on
+the same seeded stream of latents, noise, noise levels and text embeddings:
+
+* ``plain``: what a user writes (and ai-toolkit's Wan path amounts to): diffusers ``WanTransformer3DModel`` bf16,
+  peft LoRA in bf16, ``enable_gradient_checkpointing()``, default SDPA, torch AdamW, one expert;
+* the trainer's own step (``trainer_core.train.step.micro_batch_loss``: fp32 LoRA under bf16 autocast, peft's input
+  cast off, a host sync for the loss like the loop's), with the block plan the VRAM planner picks for the card
+  (``gradient_checkpointing: auto``) and ``torch.compile``; ``bf16`` keeps the weights, ``fp8`` quantizes them to
+  float8 (``quant.transformer: float8``: fp8 matmuls forward and, with ``fp8_backward``, backward).
+
+With ``--levers`` the trainer's step is also timed with one lever added at a time (eager full checkpointing,
+selective, the planner's split, compile, fp8 forward, fp8 backward). ``--parity N``: the first N losses of the fast
+paths against the plain loop (same data, same LoRA initialisation). ``--experts 2``: the fast paths train both
+experts resident, switching every step. ``--low-vram``: 20 steps with both experts and low VRAM (switch every 10)
+against 20 resident steps. ``--dop``: a step with Differential Output Preservation against one without.
+
+MFU counts model FLOPs (forward + activation-gradient backward of the linears and attention, recompute not counted)
+against the bf16 matmul rate measured at the start of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import A14B_CONFIG, full_expert, latent_shape, matmul_ceiling_tflops, tokens  # noqa: E402
+from trainer_core.config import JobConfig, LoraConfig, OptimizerConfig, QuantConfig  # noqa: E402
+from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
+from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
+from trainer_core.memory.planner import SideModels, estimate_peak_vram  # noqa: E402
+from trainer_core.quant.apply import quantize_expert  # noqa: E402
+from trainer_core.regularizers import dop_step_loss  # noqa: E402
+from trainer_core.train.optim import build_optimizer  # noqa: E402
+from trainer_core.train.step import micro_batch_loss  # noqa: E402
+
+GIB = 2**30
+TEXT_TOKENS = 512
+PLAIN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
+TINY = dict(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64)
+NO_SIDE_MODELS = SideModels(vae_params=0, text_encoder_params=0, text_encoder_linear_params=0,
+                            text_encoder_linear_rows=0)
+
+
+class Bench:
+    """Device, model shape and the seeded data stream shared by every run."""
+
+    def __init__(self, device: str, arch: dict, size: tuple[int, int, int]):
+        self.device, self.arch, self.size = device, arch, size
+        self.shape = latent_shape(*size)
+        self.tokens = tokens(*size)
+        self.cuda = device == "cuda"
+
+    def data(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Step ``i``'s clean latents, noise, noise level and text embedding (identical for every run)."""
+        gen = torch.Generator(self.device).manual_seed(1000 + i)
+        x0 = torch.randn(self.shape, generator=gen, device=self.device)
+        noise = torch.randn(self.shape, generator=gen, device=self.device)
+        sigma = torch.rand(1, generator=gen, device=self.device) * 0.9 + 0.05
+        text = torch.randn(1, TEXT_TOKENS, self.arch["text_dim"], generator=gen, device=self.device)
+        return x0, noise, sigma, text.to(torch.bfloat16)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float:
+        return torch.cuda.max_memory_allocated() / GIB if self.cuda else float("nan")
+
+    def model_flops(self, model: torch.nn.Module) -> float:
+        """Forward + activation-gradient backward FLOPs of one step (3x the forward's)."""
+        n = self.tokens
+        linear = sum(m.in_features * m.out_features for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+        dim = self.arch["num_attention_heads"] * self.arch["attention_head_dim"]
+        attn = (4 * n * n * dim + 4 * n * TEXT_TOKENS * dim) * self.arch["num_layers"]
+        return 3 * (2 * linear * n + attn)
+
+    def plan(self, policy: str, quant: str, experts: int, free: int | None, dop: bool = False, low_vram: bool = False):
+        """The VRAM planner's plan for this run's settings (no VAE or text encoder in this benchmark)."""
+        w, h, f = self.size
+        cfg = JobConfig.model_validate(
+            {
+                "model": {"source": "bench"},
+                "lora": {"rank": 16},
+                "optimizer": {"name": "adamw"},
+                "train": {"gradient_checkpointing": policy},
+                "quant": {"transformer": quant},
+                "multistage": {"train_low_noise": experts == 2},
+                "datasets": [{"folder": "bench", "resolutions": [max(w, h)], "num_frames": f}],
+                "memory": {"headroom_gib": 1.0, "low_vram": low_vram},
+                "advanced": {"dop": dop},
+                "trigger_word": "sks" if dop else None,
+            }
+        )
+        return estimate_peak_vram(cfg, self.arch, free, device_type=self.device, side_models=NO_SIDE_MODELS)
+
+
+def _on_device_bytes(models: list[torch.nn.Module]) -> int:
+    return sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers()) if t.is_cuda)
+
+
+def free_for_plan(b: Bench, models: list[torch.nn.Module]) -> int | None:
+    """Free memory as the planner would see it before these experts were loaded."""
+    if not b.cuda:
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0] + _on_device_bytes(models)
+
+
+def timed(b: Bench, n: int, warmup: int, step) -> dict:
+    """Run ``step(i)`` for i < n; seconds per step after ``warmup`` steps, the losses, and the first step's time."""
+    losses, times = [], []
+    for i in range(n):
+        b.sync()
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        b.sync()
+        times.append(time.perf_counter() - t0)
+    measured = times[warmup:] or times
+    return {"s": sum(measured) / len(measured), "first_s": times[0], "losses": losses, "steps_timed": len(measured)}
+
+
+def run_plain(b: Bench, model: torch.nn.Module, n: int, warmup: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The plain diffusers + peft loop; also returns its initial lora_A weights (under the trainer's names)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    model.add_adapter(PeftLoraConfig(r=16, lora_alpha=16, target_modules=PLAIN_TARGETS), "plain")
+    model.enable_gradient_checkpointing()
+    model.train()
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    init = {name.replace(".plain.", ".default."): p.detach().clone() for name, p in model.named_parameters()
+            if ".lora_A.plain." in name}
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(i: int) -> float:
+        x0, noise, sig, text = b.data(i)
+        pred = model(hidden_states=((1 - sig) * x0 + sig * noise).bfloat16(), timestep=sig * 1000,
+                     encoder_hidden_states=text, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    b.reset_peak()
+    out = timed(b, n, warmup, step)
+    out["peak_gib"] = b.peak_gib()
+    strip(model)
+    return out, init
+
+
+def run_trainer(
+    b: Bench,
+    models: list[torch.nn.Module],
+    *,
+    quant: str,
+    policy: str,
+    compile: bool,
+    n: int,
+    warmup: int,
+    init: dict[str, torch.Tensor] | None = None,
+    dop: bool = False,
+) -> dict:
+    """The trainer's step on ``models`` (switching every step), with the planner's block plan for ``policy``."""
+    free = free_for_plan(b, models)
+    plan = b.plan("auto" if policy == "mixed" else policy, quant, len(models), free, dop=dop)
+    off, selective, full = plan.block_split
+    if policy == "mixed":  # a quick check of both fast policies in one model
+        layers = len(models[0].blocks)
+        off, selective, full = layers // 2, layers - layers // 2, 0
+    blocks = BlockPlan(off=off, selective=selective, full=full, compile=compile)
+    optimizers = []
+    for model in models:
+        attach_lora(model, LoraConfig(rank=16))
+        if init is not None:
+            for name, p in model.named_parameters():
+                if name in init:
+                    p.data.copy_(init[name].float())
+        install_block_plan(model, blocks)
+        model.train()
+        optimizers.append(build_optimizer(lora_parameters(model), OptimizerConfig(name="adamw", lr=1e-4)))
+    text_pres = None
+
+    def step(i: int) -> float:
+        nonlocal text_pres
+        k = i % len(models)
+        x0, noise, sig, text = b.data(i)
+        if dop:
+            text_pres = torch.randn_like(text) if text_pres is None else text_pres
+            loss, _ = dop_step_loss(models[k], x0, noise, sig, text, text_pres, "linear", torch.bfloat16, 1.0,
+                                    batched=True)
+        else:
+            loss = micro_batch_loss(models[k], x0, noise, sig, text, "linear", torch.bfloat16 if b.cuda else None)
+        loss.backward()
+        optimizers[k].step()
+        optimizers[k].zero_grad(set_to_none=True)
+        return loss.item()  # the loop's host sync for logging and the NaN check
+
+    b.reset_peak()
+    out = timed(b, n, warmup, step)
+    out.update(peak_gib=b.peak_gib(), planned_gib=plan.phases["training"] / GIB, blocks=blocks.describe(),
+               planner_free_gib=(free or 0) / GIB)
+    for model in models:
+        strip(model)
+    return out
+
+
+def strip(model: torch.nn.Module) -> None:
+    """Remove the LoRA layers (back to the bare, possibly quantized, Linears) and the block plan."""
+    model.unload_lora()
+    model.disable_gradient_checkpointing()
+
+
+def quantize_float8(models: list[torch.nn.Module], fp8_backward: bool = True) -> float:
+    """Quantize every expert's block Linears to float8 in place; seconds per expert."""
+    t0 = time.perf_counter()
+    for i, model in enumerate(models):
+        quantize_expert(model, QuantConfig(transformer="float8", fp8_backward=fp8_backward),
+                        expert=("high", "low")[i], cache_key="bench", device=model.device)
+    return (time.perf_counter() - t0) / len(models)
+
+
+def set_fp8_backward(models: list[torch.nn.Module], on: bool) -> None:
+    for model in models:
+        for m in model.modules():
+            if hasattr(m, "fp8_backward"):
+                m.fp8_backward = on
+
+
+def run_low_vram(b: Bench, models: list[torch.nn.Module], compile: bool, steps: int = 20, every: int = 10) -> dict:
+    """Both experts, switching every ``every`` steps: low VRAM (one expert on the GPU) against both resident."""
+    out = {}
+    for low_vram in (False, True):
+        free = free_for_plan(b, models)
+        plan = b.plan("auto", "float8", 2, free, low_vram=low_vram)
+        blocks = BlockPlan(*plan.block_split, compile=compile)
+        memory = ExpertMemory(b.device, low_vram=low_vram, offload_blocks=0)
+        optimizers = {}
+        for name, model in zip(("high", "low"), models):
+            attach_lora(model, LoraConfig(rank=16))
+            install_block_plan(model, blocks)
+            model.train()
+            memory.place(name, model)
+            optimizers[name] = build_optimizer(lora_parameters(model), OptimizerConfig(name="adamw", lr=1e-4))
+        if low_vram:
+            memory.offload("low")
+        switches = []
+
+        def step(i: int) -> float:
+            name = ("high", "low")[(i // every) % 2]
+            record = memory.activate(name)
+            if record is not None:
+                switches.append(record)
+            upcoming = ("high", "low")[((i + 1) // every) % 2]
+            if upcoming != name and low_vram:
+                memory.prefetch(upcoming)
+            x0, noise, sig, text = b.data(i)
+            loss = micro_batch_loss(memory.model(name), x0, noise, sig, text, "linear", torch.bfloat16)
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            return loss.item()
+
+        timed(b, 2, 0, step)  # warm-up: compiled graphs (shared by both experts), optimizer state
+        switches.clear()
+        b.reset_peak()
+        r = timed(b, steps, 0, step)
+        key = "low_vram" if low_vram else "resident"
+        out[key] = {"s": r["s"], "peak_gib": b.peak_gib(), "planned_gib": plan.phases["training"] / GIB,
+                    "blocks": blocks.describe(),
+                    "switch_copy_s": [s.copy_seconds() for s in switches]}
+        memory.close()
+        for model in models:
+            strip(model)
+    out["ratio"] = out["low_vram"]["s"] / out["resident"]["s"]
+    return out
+
+
+def parity(reference: list[float], losses: list[float]) -> float:
+    """Largest relative difference of the losses over the steps both runs have."""
+    return max(abs(a - r) / abs(r) for a, r in zip(losses, reference))
+
+
+def bench_size(b: Bench, args, ceiling: float) -> dict:
+    res: dict = {"size": "x".join(map(str, b.size)), "tokens": b.tokens}
+    high = full_expert(b.device, seed=0, **args.overrides)
+    flops = b.model_flops(high)
+    res["model_tflop_per_step"] = flops / 1e12
+    n_plain = max(args.parity, args.steps + 1)
+    plain, init = run_plain(b, high, n_plain, warmup=1)
+    res["plain"] = plain
+    print(f"[{res['size']}] plain {plain['s']:.3f} s/step, peak {plain['peak_gib']:.1f} GiB", flush=True)
+    models = [high]
+    if args.experts == 2:
+        models.append(full_expert(b.device, seed=1, **args.overrides))
+    n_fast = max(args.parity, args.steps + 2)
+    runs: list[tuple[str, dict]] = []
+    if args.levers or args.eager_full:
+        runs.append(("eager, full checkpointing", dict(quant="none", policy="full", compile=False)))
+    if args.levers:
+        runs += [
+            ("eager, selective checkpointing", dict(quant="none", policy="selective", compile=False)),
+            ("eager, planner's split", dict(quant="none", policy="auto", compile=False)),
+        ]
+    runs.append(("bf16 fast path", dict(quant="none", policy=args.fast_policy, compile=args.compile)))
+    quant_s = None
+    for label, kw in runs:
+        one = [high] if label.startswith("eager") else models
+        r = run_trainer(b, one, n=n_fast if label == "bf16 fast path" else args.steps + 1,
+                        warmup=2 if kw["compile"] else 1, init=init if len(one) == 1 else None, **kw)
+        res[label] = r
+        print(f"[{res['size']}] {label}: {r['s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB "
+              f"(planned {r['planned_gib']:.1f}), {r['blocks']}", flush=True)
+    quant_s = quantize_float8(models)
+    res["float8_quantize_s_per_expert"] = quant_s
+    if args.levers:
+        set_fp8_backward(models, False)
+        r = run_trainer(b, [high], quant="float8", policy=args.fast_policy, compile=args.compile, n=args.steps + 2, warmup=2,
+                        init=init)
+        res["fp8 forward only"] = r
+        print(f"[{res['size']}] fp8 forward only: {r['s']:.3f} s/step", flush=True)
+        set_fp8_backward(models, True)
+    r = run_trainer(b, models, quant="float8", policy=args.fast_policy, compile=args.compile, n=n_fast, warmup=2,
+                    init=init if len(models) == 1 else None)
+    res["fp8 fast path"] = r
+    print(f"[{res['size']}] fp8 fast path: {r['s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB "
+          f"(planned {r['planned_gib']:.1f}), {r['blocks']}", flush=True)
+    for key, r in res.items():
+        if isinstance(r, dict) and "s" in r:
+            r["speedup"] = plain["s"] / r["s"]
+            r["mfu"] = flops / r["s"] / 1e12 / ceiling
+            if key != "plain":
+                r["loss_rel_diff_vs_plain"] = parity(plain["losses"], r["losses"])
+    if args.dop:
+        base = run_trainer(b, [high], quant="float8", policy=args.fast_policy, compile=args.compile, n=args.steps + 2,
+                           warmup=2)
+        with_dop = run_trainer(b, [high], quant="float8", policy=args.fast_policy, compile=args.compile, n=args.steps + 2,
+                               warmup=2, dop=True)
+        res["dop"] = {"off_s": base["s"], "on_s": with_dop["s"], "overhead": with_dop["s"] / base["s"],
+                      "peak_gib": with_dop["peak_gib"], "planned_gib": with_dop["planned_gib"],
+                      "blocks": with_dop["blocks"]}
+        print(f"[{res['size']}] DOP {res['dop']}", flush=True)
+    if args.low_vram:
+        if len(models) == 1:
+            models.append(full_expert(b.device, seed=1, **args.overrides))
+            quantize_float8(models[1:])
+        res["low_vram"] = run_low_vram(b, models, args.compile)
+        print(f"[{res['size']}] low VRAM {res['low_vram']}", flush=True)
+    del models, high
+    b.reset_peak()
+    return res
+
+
+def table(results: dict) -> str:
+    lines = ["| size | run | s/step | speedup vs plain | MFU | peak GiB (planned) | max loss diff vs plain | blocks |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in results["sizes"]:
+        for key, r in res.items():
+            if not (isinstance(r, dict) and "s" in r):
+                continue
+            planned = f" ({r['planned_gib']:.1f})" if "planned_gib" in r else ""
+            diff = f"{r['loss_rel_diff_vs_plain']:.2e}" if "loss_rel_diff_vs_plain" in r else ""
+            lines.append(f"| {res['size']} | {key} | {r['s']:.3f} | {r['speedup']:.2f}x | {r['mfu']:.0%} | "
+                         f"{r['peak_gib']:.1f}{planned} | {diff} | {r.get('blocks', 'full (diffusers)')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", action="append", help="WxHxF, repeatable (default 512x512x33)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    ap.add_argument("--parity", type=int, default=0, help="steps whose losses are compared with the plain loop")
+    ap.add_argument("--experts", type=int, choices=(1, 2), default=1)
+    ap.add_argument("--levers", action="store_true")
+    ap.add_argument("--eager-full", action="store_true", help="also the trainer's eager step, full checkpointing")
+    ap.add_argument("--low-vram", action="store_true")
+    ap.add_argument("--dop", action="store_true")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--fast-policy", default="auto", choices=("auto", "off", "selective", "full", "mixed"),
+                    help="checkpointing of the fast paths: the planner's choice (default) or forced")
+    ap.add_argument("--layers", type=int, help="fewer transformer blocks (quick checks; numbers not comparable)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    device = "cpu" if args.tiny else "cuda"
+    args.overrides = dict(TINY) if args.tiny else {}
+    if args.layers:
+        args.overrides["num_layers"] = args.layers
+    sizes = args.size or (["32x32x5"] if args.tiny else ["512x512x33"])
+    arch = {**A14B_CONFIG, **args.overrides}
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+               "args": {k: v for k, v in vars(args).items() if k != "overrides"}, "sizes": []}
+    ceiling = matmul_ceiling_tflops() if device == "cuda" else 1.0
+    results["bf16_matmul_tflops"] = ceiling
+    print(f"{results['device']}: bf16 matmul {ceiling:.0f} TFLOP/s", flush=True)
+    for size in sizes:
+        w, h, f = (int(v) for v in size.split("x"))
+        res = bench_size(Bench(device, arch, (w, h, f)), args, ceiling)
+        results["sizes"].append(res)
+        name = f"perf_{res['size']}{'_2experts' if args.experts == 2 else ''}.json"
+        Path(args.out, name).write_text(json.dumps(results | {"sizes": [res]}, indent=2))
+    print(table(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""How each transformer block runs in a training forward: activation checkpointing policy and ``torch.compile``.
+
+Three policies per block, from fastest (most memory) to slowest (least memory):
+
+* ``off``: autograd keeps every activation of the block for backward;
+* ``selective``: the block keeps its input and the output of its self-attention kernel; backward re-runs the
+  block's forward to rebuild the rest, but takes the self-attention result from memory instead of recomputing it.
+  Self-attention is the costly part of the recompute (quadratic in tokens), its output a small part of what ``off``
+  keeps. Cross-attention (512 text tokens) is cheap to recompute, so its output is not kept;
+* ``full``: the block keeps only its input and recomputes everything in backward.
+
+A model with ``n_off``, ``n_selective`` and ``n_full`` blocks runs the first ``n_off`` blocks without checkpointing,
+the next ``n_selective`` selectively and the rest fully (the VRAM planner picks the counts for ``auto``).
+
+With ``compile`` the block (and its checkpoint, so that the compiler sees the selective policy) runs as one
+``torch.compile``d function shared by every block: the 40 identical blocks compile once per input shape. The
+compiled graph fuses the block's fp32 LayerNorm/modulation/RoPE arithmetic and the LoRA's elementwise work.
+Numerically the policies are identical (same kernels, same order); compiling changes float rounding only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+BlockPolicy = Literal["off", "selective", "full"]
+
+_aten = torch.ops.aten
+#: Attention kernels whose self-attention outputs ``selective`` keeps (every SDPA backend PyTorch may pick, CPU too).
+ATTENTION_OPS = frozenset(
+    op
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    if hasattr(_aten, name)
+    for op in [getattr(_aten, name).default]
+)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How many blocks run with each policy (in this order from the first block) and whether they are compiled."""
+
+    off: int = 0
+    selective: int = 0
+    full: int = 0
+    compile: bool = False
+
+    def policy(self, index: int) -> BlockPolicy:
+        """The policy of block ``index``."""
+        if index < self.off:
+            return "off"
+        if index < self.off + self.selective:
+            return "selective"
+        return "full"
+
+    @classmethod
+    def uniform(cls, policy: BlockPolicy, num_blocks: int, compile: bool = False) -> "BlockPlan":
+        """Every block with ``policy``."""
+        return cls(**{policy: num_blocks}, compile=compile)
+
+    def describe(self) -> str:
+        """E.g. ``'12 off / 28 selective / 0 full, compiled'``."""
+        return (
+            f"{self.off} off / {self.selective} selective / {self.full} full checkpointing"
+            f"{', compiled' if self.compile else ''}"
+        )
+
+
+def choose_block_plan(num_blocks: int, fits: Callable[[int, int, int], bool]) -> tuple[int, int, int]:
+    """The fastest ``(off, selective, full)`` split of ``num_blocks`` for which ``fits(off, selective, full)``.
+
+    Greedy by time saved per byte: first move blocks from ``full`` to ``selective`` (each saves an attention forward
+    for one attention output of memory), then from ``selective`` to ``off`` (each saves the rest of the recompute for
+    all the block's activations). All ``full`` is returned when nothing better fits, even if it does not fit itself
+    (the planner reports that).
+    """
+    off, selective, full = 0, 0, num_blocks
+    while full and fits(off, selective + 1, full - 1):
+        selective, full = selective + 1, full - 1
+    while selective and fits(off + 1, selective - 1, full):
+        off, selective = off + 1, selective - 1
+    return off, selective, full
+
+
+def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # SDPA ops take (query, key, value, ...) as [batch, heads, length, head_dim]: self-attention when the lengths match
+    if op in ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_save_self_attention)
+
+
+def _run(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return block(*args)
+
+
+def _run_full(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return checkpoint(block, *args, use_reentrant=False)
+
+
+def _run_selective(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts)
+
+
+_RUNNERS: dict[BlockPolicy, Callable[..., torch.Tensor]] = {"off": _run, "selective": _run_selective, "full": _run_full}
+
+
+@functools.cache
+def _compiled(policy: BlockPolicy) -> Callable[..., torch.Tensor]:
+    # Identical blocks share one compiled graph per policy and shape: the modules are graph inputs, not constants.
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    return torch.compile(_RUNNERS[policy])
+
+
+def install_block_plan(model: torch.nn.Module, plan: BlockPlan) -> None:
+    """Make ``model`` (a diffusers ``WanTransformer3DModel``) run its blocks as ``plan`` says whenever gradients are
+    enabled (training); forward passes without gradients (previews, DOP's prior) run the plain blocks."""
+    model.block_plan = plan
+    if plan.off == len(model.blocks) and not plan.compile:
+        model.disable_gradient_checkpointing()
+        return
+    index = {id(block): i for i, block in enumerate(model.blocks)}
+
+    def run_block(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        policy = plan.policy(index[id(block)])
+        runner = _compiled(policy) if plan.compile else _RUNNERS[policy]
+        return runner(block, *args)
+
+    # diffusers calls this for every block when gradients are enabled and checkpointing is switched on.
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=run_block)
