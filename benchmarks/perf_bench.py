@@ -42,6 +42,7 @@ from benchmarks.common import A14B_CONFIG, full_expert, latent_shape, matmul_cei
 from trainer_core.config import JobConfig, LoraConfig, OptimizerConfig, QuantConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
+from trainer_core.memory.allocator import use_expandable_segments  # noqa: E402
 from trainer_core.memory.planner import SideModels, estimate_peak_vram  # noqa: E402
 from trainer_core.quant.apply import quantize_expert  # noqa: E402
 from trainer_core.regularizers import dop_step_loss  # noqa: E402
@@ -302,71 +303,83 @@ def parity(reference: list[float], losses: list[float]) -> float:
     return max(abs(a - r) / abs(r) for a, r in zip(losses, reference))
 
 
-def bench_size(b: Bench, args, ceiling: float) -> dict:
+def _report(res: dict, label: str, r: dict, save) -> None:
+    res[label] = r
+    planned = f" (planned {r['planned_gib']:.1f})" if "planned_gib" in r else ""
+    print(f"[{res['size']}] {label}: {r['s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB{planned}, "
+          f"{r.get('blocks', '')}", flush=True)
+    save(res)
+
+
+def bench_size(b: Bench, args, ceiling: float, save) -> dict:
+    """Every run at one size; ``save(res)`` is called after each (partial results survive a time limit)."""
     res: dict = {"size": "x".join(map(str, b.size)), "tokens": b.tokens}
-    high = full_expert(b.device, seed=0, **args.overrides)
+    experts = lambda: [full_expert(b.device, seed=i, **args.overrides) for i in range(args.experts)]  # noqa: E731
+    models = experts()
+    high = models[0]
     flops = b.model_flops(high)
     res["model_tflop_per_step"] = flops / 1e12
-    n_plain = max(args.parity, args.steps + 1)
+    n_plain = max(args.parity, (args.plain_steps or args.steps) + 1)
     plain, init = run_plain(b, high, n_plain, warmup=1)
-    res["plain"] = plain
-    print(f"[{res['size']}] plain {plain['s']:.3f} s/step, peak {plain['peak_gib']:.1f} GiB", flush=True)
-    models = [high]
-    if args.experts == 2:
-        models.append(full_expert(b.device, seed=1, **args.overrides))
-    n_fast = max(args.parity, args.steps + 2)
-    runs: list[tuple[str, dict]] = []
-    if args.levers or args.eager_full:
-        runs.append(("eager, full checkpointing", dict(quant="none", policy="full", compile=False)))
-    if args.levers:
-        runs += [
-            ("eager, selective checkpointing", dict(quant="none", policy="selective", compile=False)),
-            ("eager, planner's split", dict(quant="none", policy="auto", compile=False)),
-        ]
-    runs.append(("bf16 fast path", dict(quant="none", policy=args.fast_policy, compile=args.compile)))
-    quant_s = None
-    for label, kw in runs:
-        one = [high] if label.startswith("eager") else models
-        r = run_trainer(b, one, n=n_fast if label == "bf16 fast path" else args.steps + 1,
-                        warmup=2 if kw["compile"] else 1, init=init if len(one) == 1 else None, **kw)
-        res[label] = r
-        print(f"[{res['size']}] {label}: {r['s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB "
-              f"(planned {r['planned_gib']:.1f}), {r['blocks']}", flush=True)
-    quant_s = quantize_float8(models)
-    res["float8_quantize_s_per_expert"] = quant_s
-    if args.levers:
-        set_fp8_backward(models, False)
-        r = run_trainer(b, [high], quant="float8", policy=args.fast_policy, compile=args.compile, n=args.steps + 2, warmup=2,
-                        init=init)
-        res["fp8 forward only"] = r
-        print(f"[{res['size']}] fp8 forward only: {r['s']:.3f} s/step", flush=True)
-        set_fp8_backward(models, True)
-    r = run_trainer(b, models, quant="float8", policy=args.fast_policy, compile=args.compile, n=n_fast, warmup=2,
-                    init=init if len(models) == 1 else None)
-    res["fp8 fast path"] = r
-    print(f"[{res['size']}] fp8 fast path: {r['s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB "
-          f"(planned {r['planned_gib']:.1f}), {r['blocks']}", flush=True)
+    _report(res, "plain", plain, save)
+    n_fast = max(args.parity, args.steps + 1)
+    fast = dict(policy=args.fast_policy, compile=args.compile, warmup=1, init=init if len(models) == 1 else None)
+
+    def bf16_runs() -> None:
+        runs: list[tuple[str, dict]] = []
+        if args.levers or args.eager_full:
+            runs.append(("eager, full checkpointing", dict(policy="full", compile=False)))
+        if args.levers:
+            runs.append(("eager, selective checkpointing", dict(policy="selective", compile=False)))
+            runs.append(("eager, planner's split", dict(policy="auto", compile=False)))
+        for label, kw in runs:
+            _report(res, label, run_trainer(b, [high], quant="none", n=args.steps + 1, warmup=1, init=init, **kw), save)
+        _report(res, "bf16 fast path", run_trainer(b, models, quant="none", n=n_fast, **fast), save)
+
+    def fp8_runs() -> None:
+        res["float8_quantize_s_per_expert"] = quantize_float8(models)
+        if args.levers:
+            set_fp8_backward(models, False)
+            r = run_trainer(b, [high], quant="float8", n=args.steps + 1, **{**fast, "init": init})
+            _report(res, "fp8 forward only", r, save)
+            set_fp8_backward(models, True)
+        _report(res, "fp8 fast path", run_trainer(b, models, quant="float8", n=n_fast, **fast), save)
+
+    if args.fp8_first:  # the float8 runs first; then fresh bf16 experts (same seeds)
+        fp8_runs()
+        if args.bf16:
+            models.clear()
+            b.reset_peak()
+            models.extend(experts())
+            high = models[0]
+            bf16_runs()
+    else:
+        if args.bf16:
+            bf16_runs()
+        fp8_runs()
     for key, r in res.items():
         if isinstance(r, dict) and "s" in r:
             r["speedup"] = plain["s"] / r["s"]
             r["mfu"] = flops / r["s"] / 1e12 / ceiling
-            if key != "plain":
+            if key != "plain" and (len(models) == 1 or key.startswith("eager")):
                 r["loss_rel_diff_vs_plain"] = parity(plain["losses"], r["losses"])
+    save(res)
     if args.dop:
-        base = run_trainer(b, [high], quant="float8", policy=args.fast_policy, compile=args.compile, n=args.steps + 2,
-                           warmup=2)
-        with_dop = run_trainer(b, [high], quant="float8", policy=args.fast_policy, compile=args.compile, n=args.steps + 2,
-                               warmup=2, dop=True)
+        base = run_trainer(b, [high], quant="float8", n=args.steps + 2, **{**fast, "init": None, "warmup": 2})
+        with_dop = run_trainer(b, [high], quant="float8", n=args.steps + 2, dop=True,
+                               **{**fast, "init": None, "warmup": 2})
         res["dop"] = {"off_s": base["s"], "on_s": with_dop["s"], "overhead": with_dop["s"] / base["s"],
                       "peak_gib": with_dop["peak_gib"], "planned_gib": with_dop["planned_gib"],
                       "blocks": with_dop["blocks"]}
         print(f"[{res['size']}] DOP {res['dop']}", flush=True)
+        save(res)
     if args.low_vram:
         if len(models) == 1:
             models.append(full_expert(b.device, seed=1, **args.overrides))
             quantize_float8(models[1:])
         res["low_vram"] = run_low_vram(b, models, args.compile)
         print(f"[{res['size']}] low VRAM {res['low_vram']}", flush=True)
+        save(res)
     del models, high
     b.reset_peak()
     return res
@@ -390,9 +403,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", action="append", help="WxHxF, repeatable (default 512x512x33)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    ap.add_argument("--plain-steps", type=int, help="timed steps of the plain loop (default --steps)")
     ap.add_argument("--parity", type=int, default=0, help="steps whose losses are compared with the plain loop")
     ap.add_argument("--experts", type=int, choices=(1, 2), default=1)
     ap.add_argument("--levers", action="store_true")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 fast path")
+    ap.add_argument("--fp8-first", action="store_true", help="float8 runs before the bf16 ones (rebuilds the experts)")
     ap.add_argument("--eager-full", action="store_true", help="also the trainer's eager step, full checkpointing")
     ap.add_argument("--low-vram", action="store_true")
     ap.add_argument("--dop", action="store_true")
@@ -411,15 +427,19 @@ def main(argv: list[str] | None = None) -> dict:
     arch = {**A14B_CONFIG, **args.overrides}
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "args": {k: v for k, v in vars(args).items() if k != "overrides"}, "sizes": []}
+    if device == "cuda":
+        use_expandable_segments()  # as the trainer does
     ceiling = matmul_ceiling_tflops() if device == "cuda" else 1.0
     results["bf16_matmul_tflops"] = ceiling
     print(f"{results['device']}: bf16 matmul {ceiling:.0f} TFLOP/s", flush=True)
     for size in sizes:
         w, h, f = (int(v) for v in size.split("x"))
-        res = bench_size(Bench(device, arch, (w, h, f)), args, ceiling)
-        results["sizes"].append(res)
-        name = f"perf_{res['size']}{'_2experts' if args.experts == 2 else ''}.json"
-        Path(args.out, name).write_text(json.dumps(results | {"sizes": [res]}, indent=2))
+        name = f"perf_{size}{'_2experts' if args.experts == 2 else ''}.json"
+
+        def save(res: dict, name: str = name) -> None:
+            Path(args.out, name).write_text(json.dumps(results | {"sizes": [res]}, indent=2))
+
+        results["sizes"].append(bench_size(Bench(device, arch, (w, h, f)), args, ceiling, save))
     print(table(results), flush=True)
     return results
 

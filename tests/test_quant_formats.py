@@ -177,3 +177,36 @@ def test_float8_layer_survives_model_dtype_cast():
         after = layer(x.bfloat16())
     assert layer.qweight.dtype == torch.bfloat16
     assert _rel(after, ref) < 0.01  # bf16 rounding of inputs, scales and outputs only
+
+
+@pytest.mark.parametrize("fp8_backward", [True, False])
+def test_float8_input_gradient_against_float64(fp8_backward):
+    # Backward through a frozen float8 layer gives only dL/dx. In fp8 the gradient rows are quantized to e4m3 after
+    # the weight's row scales are folded in: error of the order of e4m3's rounding (measured 0.026); without it,
+    # only the bf16 rounding of the result (the weight itself is the quantized one in both cases).
+    lin = _linear(256, 64)
+    layer = Float8Linear(lin, torch.float32, fp8_matmul=True, fp8_backward=fp8_backward)
+    x = torch.randn(6, 9, 256, requires_grad=True)
+    g = torch.randn(6, 9, 64)
+    layer(x).backward(g)
+    ref = g.double() @ layer.dequantize(torch.float64)
+    err = _rel(x.grad, ref)
+    if fp8_backward:
+        assert 1e-3 < err < 0.04  # really computed in fp8 (not the exact path), within e4m3's error
+        # the same as quantizing each scaled gradient row to e4m3 by hand, up to the bf16 output rounding
+        gs = g.double() * layer.weight_scale.double().view(1, -1)
+        row = gs.abs().amax(dim=-1, keepdim=True) / 448.0
+        gq = (gs / row).to(FP8_DTYPE).double() * row
+        assert _rel(x.grad, gq @ layer.qweight.double()) < 5e-3
+    else:
+        assert err < 1e-6
+    assert x.grad.dtype == torch.float32
+
+
+def test_float8_input_gradient_zero_rows_stay_zero():
+    layer = Float8Linear(_linear(64, 32), torch.float32, fp8_matmul=True)
+    x = torch.randn(4, 64, requires_grad=True)
+    g = torch.randn(4, 32)
+    g[1] = 0.0
+    layer(x).backward(g)
+    assert torch.equal(x.grad[1], torch.zeros(64)) and torch.isfinite(x.grad).all()

@@ -33,18 +33,29 @@ batch). What autograd saves inside one ``WanTransformerBlock`` per video token, 
   LoRA's rank-wide middle, ``s*rank``.
 
 That is ``12*D + 2*Fd`` activation elements plus ``3*D`` fp32 per token without casts (46.8 D-bytes in bf16 at the
-A14B's dims, 240 kB/token) and ``16*D + 2*Fd`` with them (281 kB). Cross-attention adds per sample and block the text
-side (512 tokens: RMSNorm input, k, v, LoRA inputs). Without gradient checkpointing all ``L`` blocks keep this; with
-it, each block keeps only its input ``s*D`` and one block's worth is rebuilt during backward. On top: RoPE tables
-``2*4*head_dim`` per token, the final LayerNorm input ``4*D``, and the backward transient of the block being
-differentiated, ``2*s*Fd + 4*D`` (the GELU's input and output gradients and an fp32 residual gradient) plus ``2*4*D``
-for peft's fp32 input gradients when inputs are cast.
+A14B's dims, 240 kB/token) and ``16*D + 2*Fd`` with them (281 kB); under autocast the trainer switches peft's casts
+off, so they apply only to bf16 activations without autocast. Cross-attention adds per sample and block the text
+side (512 tokens: RMSNorm input, k, v, LoRA inputs).
 
-Measured on an H200 (torch 2.11; bf16 expert, fp32 LoRA r16 under bf16 autocast, AdamW, checkpointing, no VAE) this
-trainer's setup peaked at 35.17 GiB at 512x512x33 (9,216 tokens; this estimate: 34.95), 47.94 GiB at 768x768x41
-(47.40), 126.58 GiB without checkpointing at 512x33 (126.51), and 23.24 / 16.68 GiB with 20 / 30 blocks offloaded
-(23.17 / 16.62). FACTS.md's plain diffusers+peft loop (bf16 LoRA, so no casts) peaked at 33.5 / 44.7 / 86.7 GiB at
-512x33 / 768x41 / 1024x81 (estimate 33.7 / 44.9 / 87.1) and at 111 GiB without checkpointing (111.1).
+**Checkpointing policy per block** (``train.gradient_checkpointing``, :mod:`.blocks`): an ``off`` block keeps all of
+the above; a ``full`` block keeps only its input ``s*D``; a ``selective`` block its input plus its self-attention
+output and log-sum-exp ``s*D + 4*nh``. While a checkpointed block is rebuilt during backward, one block's worth is
+alive again, and under autocast another ``2*s*Fd + 4*s*D`` per token (measured: +0.83 GiB at 9,216 tokens, +2.5 GiB
+at 25,344; the plain bf16 loop without autocast does not show it). ``auto`` starts from all ``full`` and, where the
+card's free memory allows, moves blocks to ``selective`` and then to ``off`` (:func:`.blocks.choose_block_plan`).
+On top: RoPE tables ``2*4*head_dim`` per token, the final LayerNorm input ``4*D``, and the backward transient of the
+block being differentiated, ``2*s*Fd + 4*D`` (the GELU's input and output gradients and an fp32 residual gradient)
+plus ``2*4*D`` for peft's fp32 input gradients when inputs are cast. Differential Output Preservation runs its
+LoRA-on and preservation samples as one forward: twice the tokens (not with ``low_vram``, which runs them apart).
+
+Measured with this trainer's eager step (bf16 expert, fp32 LoRA r16 under bf16 autocast, AdamW, no VAE;
+``benchmarks/perf_bench.py`` on an H200, ``benchmarks/memory_bench.py`` on an H100, 2026-11-26): 35.08 GiB at
+512x512x33 with full checkpointing (this estimate: 35.07), 47.97 GiB at 768x768x41 (47.74), 111.71 GiB with
+checkpointing off at 512x33 (111.72), 23.25 / 16.68 GiB with 20 / 30 blocks offloaded (23.29 / 16.74).
+Compiled blocks keep less than eager autograd: the fast paths peaked 9-12% under the estimate (101.2 vs 111.7 GiB
+at 512x33 bf16, 62.8 vs 68.6 GiB at 768x41 float8), so ``auto`` errs on the safe side. FACTS.md's plain
+diffusers+peft loop (bf16 LoRA, so no casts, no autocast) peaked at 33.5 / 44.7 / 86.7 GiB at 512x33 / 768x41 /
+1024x81 (estimate 33.7 / 44.9 / 87.1) and at 111 GiB without checkpointing (111.1).
 
 **VAE.** Encoding (latents are not cached on the GPU) happens before the forward pass, so it competes with the
 activations, not with them: measured on the Wan 2.1 VAE, peak ``4300*s_vae`` bytes per pixel of one frame plus the
@@ -265,6 +276,7 @@ class ActivationModel:
     attention_saved: int  # kept per block and token by selective checkpointing (self-attention output + log-sum-exp)
     global_per_token: int  # RoPE tables + final norm input
     backward_transient: int  # per token, while one block is differentiated
+    recompute_transient: int  # per token, extra while a checkpointed block is rebuilt and differentiated
 
     @classmethod
     def build(
@@ -275,9 +287,11 @@ class ActivationModel:
         s: int,
         copy_bytes: int,
         rms_bytes: int | None = None,
+        autocast: bool = False,
     ) -> "ActivationModel":
         """``s``: activation bytes; ``copy_bytes``: bytes of each LoRA input copy (0 = inputs shared, no cast);
-        ``rms_bytes``: bytes of the saved RMSNorm inputs (default ``s``; PyTorch's CPU RMSNorm upcasts to fp32)."""
+        ``rms_bytes``: bytes of the saved RMSNorm inputs (default ``s``; PyTorch's CPU RMSNorm upcasts to fp32);
+        ``autocast``: the step runs under autocast (the recompute of a checkpointed block then holds more)."""
         D, Fd, nh = shapes.dim, shapes.ffn_dim, shapes.heads
         t = set(targets)
         mid = s if copy_bytes in (0, s) else copy_bytes  # lora_A's output dtype follows its input
@@ -298,8 +312,10 @@ class ActivationModel:
         text_shared = s * D if kv and not copy_bytes else 0
         transient = 2 * s * Fd + 4 * D + (2 * 4 * D if copy_bytes else 0)
         attention = s * D + 4 * nh  # the self-attention output with its log-sum-exp
+        recompute = 2 * s * Fd + 4 * s * D if autocast else 0  # measured, see the module docstring
         return cls(
-            per_block, text_per_block, text_shared, s * D, attention, 2 * 4 * shapes.head_dim + 4 * D + 8, transient
+            per_block, text_per_block, text_shared, s * D, attention, 2 * 4 * shapes.head_dim + 4 * D + 8, transient,
+            recompute,
         )
 
     def training_bytes(self, tokens: int, text_tokens: int, split: tuple[int, int, int]) -> int:
@@ -310,6 +326,8 @@ class ActivationModel:
         kept_blocks = off + (1 if checkpointed else 0)  # a checkpointed block is rebuilt during its backward
         video = tokens * (self.per_block * kept_blocks + self.global_per_token + self.backward_transient)
         video += tokens * (self.checkpoint_input * checkpointed + self.attention_saved * selective)
+        if checkpointed:
+            video += tokens * self.recompute_transient
         return video + text_tokens * (self.text_per_block * kept_blocks + self.text_shared)
 
 
@@ -478,7 +496,7 @@ def _phases(
         PlanItem("lora_optimizer", "LoRA gradients (active expert)", lg),
     ]
     s, copy_bytes, rms_bytes = _activation_bytes(k)
-    act = ActivationModel.build(shapes, k.rank, k.targets, s, copy_bytes, rms_bytes)
+    act = ActivationModel.build(shapes, k.rank, k.targets, s, copy_bytes, rms_bytes, k.autocast_bytes is not None)
     tokens = max(clip_tokens(r, f) for r, f in k.clips)
     n = k.batch * k.passes
     train_act = act.training_bytes(tokens * n, TEXT_TOKENS * n, split)

@@ -27,6 +27,7 @@ from ..errors import ConfigError, TrainingDiverged
 from ..fileio import atomic_write
 from ..lora import lora_parameters
 from ..memory import ExpertMemory, plan_job
+from ..memory.allocator import use_expandable_segments
 from ..models import WanComponents, encode_video, load_components
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
@@ -133,6 +134,8 @@ def run_training(
 
     # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
     plan = plan_job(cfg, device)
+    if device.type == "cuda":
+        use_expandable_segments()
     memory = ExpertMemory.for_plan(cfg.memory, plan, device)
     blocks = block_plan_for(cfg, plan, device)
     log.info("transformer blocks: %s", blocks.describe())

@@ -1,0 +1,172 @@
+"""Per-block activation checkpointing policies and compiled blocks (trainer_core.memory.blocks)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer_core.config import JobConfig, LoraConfig, ModelConfig
+from trainer_core.errors import ConfigError
+from trainer_core.lora import attach_lora
+from trainer_core.memory import BlockPlan, choose_block_plan, install_block_plan
+from trainer_core.memory.blocks import ATTENTION_OPS
+from trainer_core.memory.planner import Plan
+from trainer_core.models import load_components
+from trainer_core.train.experts import block_plan_for
+from trainer_core.train.step import predict_velocity
+
+
+class _AttentionCalls(TorchDispatchMode):
+    """Counts SDPA forward kernels, split into self-attention (query length == key length) and cross-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = self.cross_attn = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in ATTENTION_OPS:
+            if args[0].shape[-2] == args[1].shape[-2]:
+                self.self_attn += 1
+            else:
+                self.cross_attn += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def expert():
+    model = load_components(ModelConfig(source="tiny", dtype="fp32"), low=False, vae=False, text_encoder=False).high
+    attach_lora(model, LoraConfig(rank=4))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so every LoRA weight gets a gradient
+            p.data.normal_(0, 0.02)
+    return model.train()
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 16, 3, 16, 16, generator=gen), torch.tensor([0.4]),
+            torch.randn(1, 8, 64, generator=gen))
+
+
+def _train_pass(model, plan: BlockPlan | None):
+    model = copy.deepcopy(model)
+    if plan is not None:
+        install_block_plan(model, plan)
+    x, sigma, text = _inputs()
+    counter = _AttentionCalls()
+    with counter:
+        out = predict_velocity(model, x, sigma, text, None)
+        out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), grads, counter
+
+
+@pytest.mark.parametrize(
+    "plan,self_calls,cross_calls",
+    [
+        (BlockPlan(off=2), 2, 2),  # each block's attention runs once
+        (BlockPlan(selective=2), 2, 4),  # self-attention output kept, cross-attention recomputed
+        (BlockPlan(full=2), 4, 4),  # the whole block recomputed in backward
+        (BlockPlan(off=1, selective=1), 2, 3),
+        (BlockPlan(off=1, full=1), 3, 3),
+    ],
+    ids=["off", "selective", "full", "off+selective", "off+full"],
+)
+def test_policies_recompute_what_they_say_and_change_no_number(expert, plan, self_calls, cross_calls):
+    ref_out, ref_grads, _ = _train_pass(expert, None)
+    out, grads, calls = _train_pass(expert, plan)
+    assert (calls.self_attn, calls.cross_attn) == (self_calls, cross_calls)
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and all(g is not None for g in grads.values())
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+
+
+def test_compiled_blocks_match_eager(expert):
+    # torch.compile (inductor's CPU backend here) reorders float arithmetic: equal up to rounding.
+    ref_out, ref_grads, _ = _train_pass(expert, None)
+    out, grads, _ = _train_pass(expert, BlockPlan(off=1, selective=1, compile=True))
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_no_grad_passes_skip_the_plan(expert, monkeypatch):
+    model = copy.deepcopy(expert)
+    install_block_plan(model, BlockPlan(full=2, compile=True))
+    monkeypatch.setattr("trainer_core.memory.blocks._compiled", lambda policy: pytest.fail("compiled in no-grad"))
+    x, sigma, text = _inputs()
+    with torch.no_grad():
+        predict_velocity(model, x, sigma, text, None)
+
+
+def test_all_off_without_compile_is_plain_diffusers(expert):
+    model = copy.deepcopy(expert)
+    install_block_plan(model, BlockPlan(full=2))
+    assert model.is_gradient_checkpointing
+    install_block_plan(model, BlockPlan(off=2))
+    assert not model.is_gradient_checkpointing and model.block_plan == BlockPlan(off=2)
+
+
+def test_block_plan_policy_order_and_text():
+    plan = BlockPlan(off=2, selective=3, full=1, compile=True)
+    assert [plan.policy(i) for i in range(6)] == ["off", "off", "selective", "selective", "selective", "full"]
+    assert BlockPlan.uniform("selective", 4) == BlockPlan(selective=4)
+    assert plan.describe() == "2 off / 3 selective / 1 full checkpointing, compiled"
+
+
+def _fits_budget(budget: float, full: float = 1.0, selective: float = 2.0, off: float = 10.0):
+    return lambda o, s, f: o * off + s * selective + f * full <= budget
+
+
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        (40, (0, 0, 40)),  # only full fits
+        (30, (0, 0, 40)),  # nothing fits: all full (the planner reports it)
+        (55, (0, 15, 25)),  # each selective block costs 1 more
+        (80, (0, 40, 0)),
+        (88, (1, 39, 0)),  # each off block costs 8 more than selective
+        (400, (40, 0, 0)),
+    ],
+)
+def test_choose_block_plan_is_greedy_by_time_per_byte(budget, expected):
+    assert choose_block_plan(40, _fits_budget(budget)) == expected
+
+
+def _plan(offload: int = 0, split=(0, 0, 2)) -> Plan:
+    return Plan(items=[], phase="training", phases={"training": 1}, free_bytes=None, headroom_bytes=0,
+                offload_blocks=offload, tokens=1, host_bytes=0, prefetch_next_expert=False, block_split=split)
+
+
+def _cfg(**train) -> JobConfig:
+    return JobConfig.model_validate({"model": {"source": "tiny"}, "train": train,
+                                     "datasets": [{"folder": "x"}]})
+
+
+@pytest.mark.parametrize(
+    "compile,device,offload,quant,expected",
+    [
+        ("auto", "cpu", 0, "none", False),
+        ("auto", "cuda", 0, "none", True),
+        ("auto", "cuda", 0, "float8", True),
+        ("auto", "cuda", 4, "none", False),  # streamed blocks' load hooks stay outside compiled graphs
+        ("auto", "cuda", 0, "4bit_ara", False),  # bitsandbytes kernels would split the graph
+        ("on", "cpu", 0, "none", True),
+        ("off", "cuda", 0, "none", False),
+    ],
+)
+def test_block_plan_for_resolves_compile(compile, device, offload, quant, expected):
+    cfg = _cfg(compile=compile).model_copy(deep=True)
+    cfg.quant.transformer = quant
+    plan = block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device))
+    assert plan == BlockPlan(off=1, selective=1, compile=expected)
+
+
+def test_compile_on_with_offloading_is_refused_by_name():
+    with pytest.raises(ConfigError, match="train.compile: on.*offload_blocks"):
+        block_plan_for(_cfg(compile="on"), _plan(offload=3), torch.device("cuda"))
