@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import A14B_CONFIG, full_expert, latent_shape  # noqa: E402
 from benchmarks.quant_bench import calibration_batches  # noqa: E402
-from trainer_core.config import JobConfig, LoraConfig, OptimizerConfig, QuantConfig  # noqa: E402
+from trainer_core.config import JobConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
 from trainer_core.memory.planner import SideModels, estimate_peak_vram  # noqa: E402

@@ -333,7 +333,8 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
             runs.append(("eager, selective checkpointing", dict(policy="selective", compile=False)))
             runs.append(("eager, planner's split", dict(policy="auto", compile=False)))
         for label, kw in runs:
-            _report(res, label, run_trainer(b, [high], quant="none", n=args.steps + 1, warmup=1, init=init, **kw), save)
+            r = run_trainer(b, [high], quant="none", n=args.steps + 1, warmup=1, init=init, **kw)
+            _report(res, label, r, save)
         _report(res, "bf16 fast path", run_trainer(b, models, quant="none", n=n_fast, **fast), save)
 
     def fp8_runs() -> None:
@@ -380,7 +381,7 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
         res["low_vram"] = run_low_vram(b, models, args.compile)
         print(f"[{res['size']}] low VRAM {res['low_vram']}", flush=True)
         save(res)
-    del models, high
+    models.clear()  # frees the experts before the next size
     b.reset_peak()
     return res
 

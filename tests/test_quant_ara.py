@@ -8,8 +8,7 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
-from trainer_core.quant import NF4Linear, UInt4Linear, low_rank_adapter, relative_output_errors
-from trainer_core.quant import ara
+from trainer_core.quant import NF4Linear, UInt4Linear, ara, low_rank_adapter, relative_output_errors
 
 
 def _objective(r: np.ndarray, x: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:

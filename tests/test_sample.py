@@ -13,6 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, 
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from tests.model_fixtures import tiny_components
 from trainer_core.config import WAN_NEGATIVE_PROMPT, LoraConfig, SampleConfig, job_from_dict
 from trainer_core.errors import ConfigError, LoraFileError
 from trainer_core.lora import attach_lora, lora_file_name, lora_parameters, save_lora
@@ -25,7 +26,6 @@ from trainer_core.sample import (
     sample_videos,
     write_video,
 )
-from tests.model_fixtures import tiny_components
 
 BOUNDARY = 0.875
 PROMPTS = ["A cat walks across a sunny garden", "A dog running on the beach, waves crashing"]

@@ -368,3 +368,15 @@ def test_dop_with_regularization_data_is_refused_before_loading(tmp_path, clips,
     raw["datasets"][0]["is_regularization"] = True
     with pytest.raises(ConfigError, match="is_regularization"):
         loop.run_training(job_from_dict(raw), progress_bar=False)
+
+
+def test_checkpointing_policies_and_compiled_blocks_train_alike(tmp_path, clips):
+    # The policies change what is kept for backward, never a number; compiling the blocks changes float rounding.
+    over = dict(train={"steps": 3}, multistage={"switch_every": 1}, save={"save_every": 0})
+    runs = {}
+    for policy, compile in (("off", "off"), ("selective", "off"), ("full", "off"), ("selective", "on")):
+        raw = _cfg(tmp_path / f"{policy}_{compile}", clips, **over)
+        raw["train"].update(gradient_checkpointing=policy, compile=compile)
+        runs[policy, compile] = [x[2] for x in loop.run_training(job_from_dict(raw), progress_bar=False).losses]
+    assert runs["off", "off"] == runs["selective", "off"] == runs["full", "off"]
+    assert runs["selective", "on"] == pytest.approx(runs["off", "off"], rel=1e-4)

@@ -168,7 +168,9 @@ class TrainConfig(_Strict):
     )
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="torch.compile the transformer blocks; 'auto' = on for CUDA with no block offloading and no 4-bit base",
+        description=(
+            "torch.compile the transformer blocks; 'auto' = on for CUDA with no block offloading and no 4-bit base"
+        ),
     )
     timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = "linear"
     timestep_shift: float = Field(default=5.0, gt=0, description="shift s for timestep_type=shift")

@@ -18,10 +18,10 @@ Only the training process writes cache files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,7 +3,7 @@ VRAM planner."""
 
 from .blocks import BlockPlan, choose_block_plan, install_block_plan
 from .offload import OffloadedExpert, streamed_blocks
-from .planner import Plan, PlanItem, WAN22_A14B_ARCH, check_plan, estimate_peak_vram, model_arch, plan_job
+from .planner import WAN22_A14B_ARCH, Plan, PlanItem, check_plan, estimate_peak_vram, model_arch, plan_job
 from .swap import ExpertMemory, SwitchRecord
 
 __all__ = [

@@ -20,8 +20,10 @@ def use_expandable_segments() -> bool:
     """
     if not torch.cuda.is_available() or torch.cuda.memory.get_allocator_backend() != "native":
         return False
+    # torch 2.11 moved the setter (the old name still works but warns)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        setter("expandable_segments:True")
     except RuntimeError as exc:  # e.g. a platform without virtual memory management
         log.warning("could not enable expandable CUDA memory segments: %s", exc)
         return False

@@ -9,8 +9,8 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
-from ..lora import attach_lora, lora_parameters
 from ..errors import ConfigError
+from ..lora import attach_lora, lora_parameters
 from ..memory import BlockPlan, ExpertMemory, Plan, install_block_plan
 from ..regularizers import LoraEMA
 from .optim import build_lr_scheduler, build_optimizer
