@@ -105,11 +105,8 @@ class TrainWan22LoRA:
                 # ADVANCED
                 "gradient_checkpointing": (("auto", "full", "selective", "off"), {"default": "auto", _T: (
                     "Recompute activations in the backward pass: auto picks the fastest mix that fits the card "
-                    "(full on the CPU); full recomputes each block (least memory); selective keeps attention "
+                    "(full on the CPU); full recomputes each block (least memory); selective keeps self-attention "
                     "outputs and recomputes the rest; off keeps everything (fastest, most memory)")}),
-                "compile": (("auto", "on", "off"), {"default": "auto", _T: (
-                    "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a "
-                    "CUDA GPU without block offloading and without a 4-bit base; on forces it; off never compiles")}),
                 "timestep_shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 100.0, "step": 0.1, _T: (
                     "Shift s for timestep_type = shift (higher pushes toward noisier levels); 5 is usual")}),
                 "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, _T: (
@@ -151,6 +148,9 @@ class TrainWan22LoRA:
                     "are the EMA weights")}),
                 "ema_decay": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 0.9999, "step": 0.0005, _T: (
                     "EMA decay per step of an expert: 0.99 for short runs, 0.999 for 3000+ steps")}),
+                "compile": (("auto", "on", "off"), {"default": "auto", _T: (
+                    "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a "
+                    "CUDA GPU with Triton, without block offloading or a 4-bit base; on forces it; off never")}),
             },
             "optional": {
                 "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
@@ -226,7 +226,6 @@ def build_job(
     seed: int,
     resume: str,
     gradient_checkpointing: str,
-    compile: str,
     timestep_shift: float,
     weight_decay: float,
     max_grad_norm: float,
@@ -245,6 +244,7 @@ def build_job(
     diff_guidance_scale: float,
     ema: bool,
     ema_decay: float,
+    compile: str,
 ) -> JobConfig:
     """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
     if not dataset:

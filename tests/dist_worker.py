@@ -19,5 +19,18 @@ def _recording_save(*args, **kwargs):
     return _real_save(*args, **kwargs)
 
 
+_real_shard = loop.shard_frozen_weights
+
+
+def _recording_shard(model, ctx, device):
+    """Record how many elements of the frozen block weights this rank holds after sharding, and of how many."""
+    _real_shard(model, ctx, device)
+    frozen = [p for p in model.blocks.parameters() if not p.requires_grad]
+    local = sum(p.to_local().numel() for p in frozen)
+    with open(os.environ["WRITES_LOG"] + ".shards", "a") as fh:
+        fh.write(f"{ctx.rank} {local} {sum(p.numel() for p in frozen)}\n")
+
+
 loop.save_checkpoint = _recording_save
+loop.shard_frozen_weights = _recording_shard
 sys.exit(main(sys.argv[1:]))

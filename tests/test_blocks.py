@@ -149,22 +149,30 @@ def _cfg(**train) -> JobConfig:
 
 
 @pytest.mark.parametrize(
-    "compile,device,offload,quant,expected",
+    "compile,device,offload,quant,triton,expected",
     [
-        ("auto", "cpu", 0, "none", False),
-        ("auto", "cuda", 0, "none", True),
-        ("auto", "cuda", 0, "float8", True),
-        ("auto", "cuda", 4, "none", False),  # streamed blocks' load hooks stay outside compiled graphs
-        ("auto", "cuda", 0, "4bit_ara", False),  # bitsandbytes kernels would split the graph
-        ("on", "cpu", 0, "none", True),
-        ("off", "cuda", 0, "none", False),
+        ("auto", "cpu", 0, "none", True, False),
+        ("auto", "cuda", 0, "none", True, True),
+        ("auto", "cuda", 0, "float8", True, True),
+        ("auto", "cuda", 0, "none", False, False),  # no Triton (e.g. Windows): no GPU code generator
+        ("auto", "cuda", 4, "none", True, False),  # streamed blocks' load hooks stay outside compiled graphs
+        ("auto", "cuda", 0, "4bit_ara", True, False),  # bitsandbytes kernels would split the graph
+        ("on", "cpu", 0, "none", True, True),
+        ("off", "cuda", 0, "none", True, False),
     ],
 )
-def test_block_plan_for_resolves_compile(compile, device, offload, quant, expected):
+def test_block_plan_for_resolves_compile(monkeypatch, compile, device, offload, quant, triton, expected):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if triton else None) if name == "triton" else real(name, *a))
     cfg = _cfg(compile=compile).model_copy(deep=True)
     cfg.quant.transformer = quant
     plan = block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device))
     assert plan == BlockPlan(off=1, selective=1, compile=expected)
+    if compile == "auto" and expected:
+        assert block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device), sharded=True).compile is False
 
 
 def test_compile_on_with_offloading_is_refused_by_name():

@@ -1,5 +1,7 @@
 """Config validation: every bad setting is refused with a message naming it, before anything loads."""
 
+import re
+
 import pytest
 
 from trainer_core.config import DEFAULT_LORA_TARGETS, JobConfig, job_from_dict, load_yaml
@@ -100,3 +102,19 @@ def test_yaml_errors(tmp_path):
 def test_run_dir():
     cfg = JobConfig.model_validate({"name": "abc", "model": {"source": "tiny"}, "save": {"output_dir": "/tmp/o"}})
     assert str(cfg.run_dir) == "/tmp/o/abc"
+
+
+@pytest.mark.parametrize(
+    "over,named",
+    [
+        ({"quant": {"transformer": "float8"}}, "quant.transformer: float8"),
+        ({"memory": {"low_vram": True}}, "memory.low_vram"),
+        ({"memory": {"offload_blocks": 4}}, "memory.offload_blocks"),
+        ({"sample": {"prompts": ["a cat"], "sample_every": 50}}, "previews"),
+    ],
+)
+def test_sharding_refuses_settings_it_cannot_serve(over, named):
+    raw = {"model": {"source": "tiny"}, "distributed": {"shard_experts": True}, **over}
+    with pytest.raises(ConfigError, match=f"distributed.shard_experts cannot be combined with .*{re.escape(named)}"):
+        job_from_dict(raw)
+    assert not job_from_dict({**raw, "distributed": {"shard_experts": False}}).distributed.shard_experts

@@ -90,3 +90,30 @@ def test_resume_with_a_different_number_of_ranks(tmp_path, clips):
     for expert in ("high", "low"):
         _assert_lora_close(load_file(str(full.lora_files[expert])),
                            load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+
+
+def test_sharded_experts_train_like_one_process(tmp_path, clips):
+    # FSDP2 shards the frozen weights over the two ranks; the 1-sample batches make rank 1 compute a stand-in with
+    # weight 0 (its gathers are collectives). Full checkpointing exercises the re-gather in backward too.
+    over = dict(gradient_checkpointing="full")
+    single = run_training(job_from_dict(_job(tmp_path, clips, "single", **over)), progress_bar=False)
+    job = {**_job(tmp_path, clips, "fsdp", **over), "distributed": {"shard_experts": True}}
+    writes = _torchrun(tmp_path, job, world=2)
+    shards = [line.split() for line in Path(f"{writes}.shards").read_text().splitlines()]
+    assert sorted(r for r, _, _ in shards) == ["0", "0", "1", "1"]  # two experts on each rank
+    for _, local, full in shards:  # each rank holds about half of every frozen block weight
+        assert 0.45 * int(full) <= int(local) <= 0.55 * int(full)
+    run = tmp_path / "fsdp" / "d"
+    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
+    for expert in ("high", "low"):
+        _assert_lora_close(load_file(str(single.lora_files[expert])),
+                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    assert writes.read_text().split() == ["0", "0"]
+
+
+def test_sharded_run_resumes_in_one_process(tmp_path, clips):
+    full = run_training(job_from_dict(_job(tmp_path, clips, "full")), progress_bar=False)
+    part = {**_job(tmp_path, clips, "part", steps=2), "distributed": {"shard_experts": True}}
+    _torchrun(tmp_path, part, world=2)
+    resumed = run_training(job_from_dict({**_job(tmp_path, clips, "part"), "resume": "latest"}), progress_bar=False)
+    assert [x[2] for x in resumed.losses] == pytest.approx([x[2] for x in full.losses], rel=1e-5)

@@ -408,3 +408,26 @@ def test_plan_job_without_a_gpu_plans_the_tiny_preset(caplog):
     memory = ExpertMemory.for_plan(cfg.memory, plan, "cpu")
     assert memory.low_vram and memory.offload_blocks == 0 and memory.managed
     assert plan.phases["caption encoding"] < GIB  # the tiny preset's own text encoder, not UMT5-XXL
+
+
+def test_sharded_weights_divide_over_the_ranks_and_are_suggested():
+    shapes = ExpertShapes.from_arch(WAN22_A14B_ARCH)
+    whole = _weights(shapes, _job())
+    from trainer_core.memory.planner import _expert_bytes, _knobs
+
+    _, block = _expert_bytes(shapes, _knobs(_job(), "cuda"))
+
+    def weights(world, shard, two=False):
+        job = _job(two=two, distributed={"shard_experts": shard})
+        plan = estimate_peak_vram(job, WAN22_A14B_ARCH, None, side_models=NO_SIDE_MODELS, world=world)
+        return sum(i.nbytes for i in plan.items if i.category == "weights")
+
+    assert weights(1, True) == weights(4, False) == whole  # one process, or sharding off: a whole copy
+    head = whole - shapes.num_blocks * block
+    assert abs(weights(4, True) - (head + shapes.num_blocks * block / 4 + 2 * block)) < 4
+    assert weights(4, True, two=True) < weights(4, False)
+    # both bf16 experts at 768x41 do not fit 70 GiB free; over 4 GPUs sharding does, and is suggested
+    job = _job(res=768, frames=41, two=True)
+    plan = estimate_peak_vram(job, WAN22_A14B_ARCH, 70 * GIB, side_models=NO_SIDE_MODELS, world=4)
+    assert not plan.fits
+    assert any(s.startswith("distributed.shard_experts: true") for s in plan.suggestions)

@@ -333,7 +333,7 @@ def test_planner_refuses_what_cannot_fit_before_loading(tmp_path, clips, monkeyp
     from trainer_core.memory import planner
 
     monkeypatch.setattr(loop, "load_components", lambda *a, **k: pytest.fail("models loaded before the plan"))
-    monkeypatch.setattr(loop, "plan_job", lambda cfg, device: planner.check_plan(
+    monkeypatch.setattr(loop, "plan_job", lambda cfg, device, world=1: planner.check_plan(
         planner.estimate_peak_vram(cfg, planner.WAN22_A14B_ARCH, 8 * 2**30, device_type="cuda")))
     raw = _cfg(tmp_path, clips)
     raw["datasets"][0]["resolutions"] = [1024]

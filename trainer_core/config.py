@@ -169,7 +169,8 @@ class TrainConfig(_Strict):
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
         description=(
-            "torch.compile the transformer blocks; 'auto' = on for CUDA with no block offloading and no 4-bit base"
+            "torch.compile the transformer blocks; 'auto' = on for CUDA with Triton, unless blocks are offloaded, the "
+            "base is 4-bit or the weights are sharded"
         ),
     )
     timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = "linear"
@@ -466,6 +467,20 @@ class AdvancedConfig(_Strict):
         return v
 
 
+class DistributedConfig(_Strict):
+    """Several GPUs under ``torchrun`` (ignored in a single process).
+
+    Data parallelism is always on: each rank trains on its slice of every global batch and the LoRA gradients are
+    summed across ranks. ``shard_experts`` also shards the frozen expert weights with FSDP2 (``fully_shard``, one
+    all-gather per transformer block): each GPU holds ``1/N`` of every expert plus the block being computed, for
+    settings whose weights do not fit one GPU. The LoRA, its optimizer and its gradients stay replicated (tiny).
+    """
+
+    shard_experts: bool = Field(
+        default=False, description="FSDP2-shard the frozen expert weights across the GPUs (bf16 experts only)"
+    )
+
+
 class JobConfig(_Strict):
     """A complete training job."""
 
@@ -483,6 +498,7 @@ class JobConfig(_Strict):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     resume: str | None = Field(default=None, description="training-state file/folder, or 'latest' in output_dir")
 
     @field_validator("name")
@@ -491,6 +507,24 @@ class JobConfig(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError(f"name {v!r} must be letters, digits, '_', '-' or '.' (it becomes part of file names)")
         return v
+
+    @model_validator(mode="after")
+    def _sharding_combinations(self) -> "JobConfig":
+        if not self.distributed.shard_experts:
+            return self
+        clashes = []
+        if self.quant.transformer != "none":
+            clashes.append(f"quant.transformer: {self.quant.transformer} (quantized weights cannot be sharded)")
+        if self.memory.low_vram or self.memory.offload_blocks != 0:
+            clashes.append("memory.low_vram / memory.offload_blocks (sharding replaces them)")
+        if self.sample.prompts and (self.sample.sample_every > 0 or self.sample.sample_at_start):
+            clashes.append("previews during training (sample.sample_every / sample_at_start; render afterwards)")
+        if clashes:
+            raise ValueError(
+                "distributed.shard_experts cannot be combined with " + "; ".join(clashes) + " - change those "
+                "settings or set distributed.shard_experts: false"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

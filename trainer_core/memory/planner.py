@@ -217,6 +217,7 @@ class _Knobs:
     offload_blocks: int | str
     prefetch: int
     experts: int
+    shards: int  # GPUs the frozen weights are sharded over (distributed.shard_experts), else 1
     autocast_bytes: int | None  # activation bytes under autocast; None = no autocast
     device_type: str
     text_mode: str
@@ -227,7 +228,7 @@ class _Knobs:
     sample: tuple[int, int, int] | None  # (width, height, frames) of previews, None = no sampling
 
 
-def _knobs(cfg: JobConfig, device_type: str) -> _Knobs:
+def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
     if not cfg.datasets:
         raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
     autocast = device_type == "cuda" and cfg.train.compute_dtype != "fp32"
@@ -248,6 +249,7 @@ def _knobs(cfg: JobConfig, device_type: str) -> _Knobs:
         offload_blocks=cfg.memory.offload_blocks,
         prefetch=cfg.memory.prefetch,
         experts=len(cfg.multistage.stages),
+        shards=world if cfg.distributed.shard_experts else 1,
         autocast_bytes=_DTYPE_BYTES[cfg.train.compute_dtype] if autocast else None,
         device_type=device_type,
         text_mode=cfg.text_encoder.mode,
@@ -475,6 +477,8 @@ def _activation_bytes(k: _Knobs) -> tuple[int, int, int]:
 def _working_set(k: _Knobs, shapes: ExpertShapes, offload: int) -> int:
     """Bytes of the active expert's frozen weights on the device: head, resident blocks, the streaming window."""
     head, block = _expert_bytes(shapes, k)
+    if k.shards > 1:  # 1/N of every block, plus the gathered block and the next one FSDP prefetches; head whole
+        return head + math.ceil(shapes.num_blocks * block / k.shards) + 2 * block
     return head + (shapes.num_blocks - offload + min(offload, k.prefetch + 1)) * block
 
 
@@ -485,7 +489,7 @@ def _phases(
     head, block = _expert_bytes(shapes, k)
     L = shapes.num_blocks
     active = _working_set(k, shapes, offload)
-    others = (k.experts - 1) * (0 if k.low_vram else head + (L - offload) * block)
+    others = (k.experts - 1) * (0 if k.low_vram else head + math.ceil((L - offload) * block / k.shards))
     weights = [PlanItem("weights", "active expert", active), PlanItem("weights", "other expert", others)]
     vae_b = _DTYPE_BYTES[k.vae_dtype]
     vae_w = PlanItem("weights", "VAE", side.vae_params * vae_b)
@@ -595,9 +599,13 @@ def _smaller_clips(
     return found
 
 
-def _suggestions(k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, headroom: int) -> list[str]:
+def _suggestions(
+    k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, headroom: int, world: int = 1
+) -> list[str]:
     """Single setting changes that make the plan fit (with their estimate), else one combination that does."""
     changes: list[tuple[str, dict]] = []
+    if world > 1 and k.shards == 1 and k.quant == "none" and not k.low_vram and k.offload_blocks == 0:
+        changes.append(("distributed.shard_experts: true", {"shards": world}))
     if k.offload_blocks != "auto":
         changes.append(("memory.offload_blocks: auto", {"offload_blocks": "auto"}))
     if not k.low_vram and k.experts > 1:
@@ -648,21 +656,23 @@ def estimate_peak_vram(
     *,
     device_type: str = "cuda",
     side_models: SideModels | None = None,
+    world: int = 1,
 ) -> Plan:
     """Estimate the job's peak GPU memory from its settings alone (nothing is loaded).
 
     ``model_arch``: the experts' ``WanTransformer3DModel`` config (:data:`WAN22_A14B_ARCH`, or the tiny preset's).
     ``device_free_bytes``: free memory of the card (``torch.cuda.mem_get_info()[0]``), ``None`` without a GPU.
     ``memory.offload_blocks: auto`` resolves to the smallest count that fits (``plan.offload_blocks``). When the
-    plan does not fit, ``plan.suggestions`` lists settings that would make it fit.
+    plan does not fit, ``plan.suggestions`` lists settings that would make it fit. ``world``: GPUs of a
+    ``torchrun`` job (with ``distributed.shard_experts`` each holds 1/world of the frozen weights).
     """
     shapes = ExpertShapes.from_arch(model_arch)
     side = side_models or SideModels.for_model(cfg.model)
-    k = _knobs(cfg, device_type)
+    k = _knobs(cfg, device_type, world)
     headroom = int(cfg.memory.headroom_gib * GIB)
     plan = _plan(k, shapes, side, device_free_bytes, headroom)
     if not plan.fits:
-        plan.suggestions = _suggestions(k, shapes, side, device_free_bytes, headroom)
+        plan.suggestions = _suggestions(k, shapes, side, device_free_bytes, headroom, world)
     return plan
 
 
@@ -698,11 +708,11 @@ def model_arch(cfg: ModelConfig) -> dict:
     return dict(WAN22_A14B_ARCH)
 
 
-def plan_job(cfg: JobConfig, device: torch.device) -> Plan:
-    """Plan the job for ``device`` before anything is loaded: log the estimate beside the free memory and, with
-    ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit. ``plan.offload_blocks`` is the count to
-    use (``auto`` resolved)."""
+def plan_job(cfg: JobConfig, device: torch.device, world: int = 1) -> Plan:
+    """Plan the job for ``device`` (one of ``world`` ranks) before anything is loaded: log the estimate beside the
+    free memory and, with ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit.
+    ``plan.offload_blocks`` is the count to use (``auto`` resolved)."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type)
+    plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type, world=world)
     log.info("%s", plan.summary())
     return check_plan(plan) if cfg.memory.check_vram else plan

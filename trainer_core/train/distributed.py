@@ -8,10 +8,16 @@ coalesced ``all_reduce`` before the optimizer step: the result is the single-pro
 Why not ``DistributedDataParallel``: the two experts take turns (one optimizer, one model per stage), a bucket's last
 batch can leave a rank with no sample, and the LoRA gradients are tiny next to the frozen 14B forward/backward, so
 overlapping their reduction with the backward saves nothing measurable while DDP would demand every rank run a forward.
+
+With ``distributed.shard_experts`` the frozen expert weights are sharded with FSDP2 (:func:`shard_frozen_weights`);
+the LoRA weights are left out of the sharding (``ignored_params``), so everything above still holds for them. The
+sharded forward and backward are collectives, so a rank without a sample then computes a stand-in sample of the
+global batch with weight 0 instead of sitting the micro-batch out.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -74,6 +80,26 @@ class DistContext:
 
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@functools.cache
+def _mesh(device_type: str, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world,))
+
+
+def shard_frozen_weights(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> None:
+    """FSDP2-shard ``model``'s frozen weights over all ranks: each transformer block is one unit (gathered for its
+    forward and again for its backward), the rest of the model another. Trainable (LoRA) parameters are ignored by
+    FSDP and stay whole on every rank. The shards move to ``device``; call before building the optimizer."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(device.type, ctx.world)
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, ignored_params=trainable)
+    fully_shard(model, mesh=mesh, ignored_params=trainable)
 
 
 def init_distributed(device_setting: str) -> DistContext:

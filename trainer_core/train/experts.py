@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -63,11 +64,13 @@ class Expert:
                 self.ema = LoraEMA(self.model, self.ema.decay)
 
 
-def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device) -> BlockPlan:
+def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device, sharded: bool = False) -> BlockPlan:
     """The checkpointing split the VRAM planner chose and whether to compile the blocks (``train.compile``).
 
-    ``auto`` compiles on CUDA unless blocks are streamed from host memory (their load hooks must stay outside the
-    compiled graph) or the base is 4-bit (bitsandbytes' kernels break the graph into pieces).
+    ``auto`` compiles on CUDA when Triton is installed (torch.compile's GPU code generator; missing e.g. on
+    Windows) unless blocks are streamed from host memory (their load hooks must stay outside the compiled graph),
+    the base is 4-bit (bitsandbytes' kernels break the graph into pieces) or the weights are sharded across GPUs
+    (``sharded``; FSDP's gathers around compiled blocks are not benchmarked yet).
     """
     streamed = plan.offload_blocks > 0
     if cfg.train.compile == "on" and streamed:
@@ -76,7 +79,13 @@ def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device) -> BlockPla
             f"{plan.offload_blocks}) - set train.compile to auto or off, or memory.offload_blocks to 0"
         )
     if cfg.train.compile == "auto":
-        compiled = device.type == "cuda" and not streamed and cfg.quant.transformer != "4bit_ara"
+        compiled = (
+            device.type == "cuda"
+            and importlib.util.find_spec("triton") is not None
+            and not streamed
+            and not sharded
+            and cfg.quant.transformer != "4bit_ara"
+        )
     else:
         compiled = cfg.train.compile == "on"
     off, selective, full = plan.block_split
@@ -90,12 +99,16 @@ def prepare_expert(
     expert_steps: int,
     memory: ExpertMemory,
     blocks: BlockPlan,
+    shard: Callable[[WanTransformer3DModel], None] | None = None,
 ) -> Expert:
-    """Freeze the base, attach a LoRA, set how the blocks run (``blocks``), hand the model to ``memory`` (device
-    placement, offloading, low-VRAM swapping) and build this expert's optimizer, schedule and EMA."""
+    """Freeze the base, attach a LoRA, set how the blocks run (``blocks``), shard the frozen weights across GPUs
+    (``shard``, before anything moves to the device), hand the model to ``memory`` (device placement, offloading,
+    low-VRAM swapping) and build this expert's optimizer, schedule and EMA."""
     model.requires_grad_(False)
     attach_lora(model, cfg.lora)
     install_block_plan(model, blocks)
+    if shard is not None:
+        shard(model)
     memory.place(name, model)
     model.train()
     optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)

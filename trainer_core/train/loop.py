@@ -34,7 +34,7 @@ from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, sample_sigmas
 from .checkpoints import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from .conditioning import setup_conditioning
-from .distributed import init_distributed
+from .distributed import init_distributed, shard_frozen_weights
 from .experts import block_plan_for, prepare_expert
 from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
@@ -121,7 +121,8 @@ def run_training(
     check_ara_source(cfg.quant)
     # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
     autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
-    objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype)
+    sharded = ctx.active and cfg.distributed.shard_experts
+    objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype, collective=sharded)
     resume_path = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_path is not None:
         check_resume_compatible(resume_path, cfg)
@@ -133,11 +134,12 @@ def run_training(
         log.info("%s", dataset.report())
 
     # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
-    plan = plan_job(cfg, device)
+    plan = plan_job(cfg, device, ctx.world)
     if device.type == "cuda":
         use_expandable_segments()
     memory = ExpertMemory.for_plan(cfg.memory, plan, device)
-    blocks = block_plan_for(cfg, plan, device)
+    blocks = block_plan_for(cfg, plan, device, sharded)
+    shard = (lambda model: shard_frozen_weights(model, ctx, device)) if sharded else None
     log.info("transformer blocks: %s", blocks.describe())
 
     # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
@@ -160,19 +162,25 @@ def run_training(
         return latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
 
     global_sizes: deque[int] = deque()
+    stand_ins: deque[bool] = deque()
 
     def rank_batches(epoch: int, position: int) -> Iterator[BatchRef]:
-        """The global batch sequence from a saved position, each reduced to this rank's slice."""
+        """The global batch sequence from a saved position, each reduced to this rank's slice (with sharded weights
+        an empty slice becomes a stand-in sample, trained with weight 0)."""
         for ref in batch_refs(dataset, cfg.train.batch_size, epoch, position):
             global_sizes.append(len(ref.sample_ids))
-            yield BatchRef(ref.epoch, ref.position, tuple(ctx.shard(ref.sample_ids)))
+            ids = ctx.shard(ref.sample_ids)
+            stand_ins.append(sharded and not ids)
+            if stand_ins[-1]:
+                ids = [ref.sample_ids[ctx.rank % len(ref.sample_ids)]]
+            yield BatchRef(ref.epoch, ref.position, tuple(ids))
 
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
     models = {"high": components.high, "low": components.low}
     experts = {}
     for n in stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
         quantize_experts(cfg, {n: models[n]}, dataset, latents, condition, device)
-        experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory, blocks)
+        experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory, blocks, shard)
         if cfg.memory.low_vram and len(stages) > 1:
             memory.offload(n)
     if ctx.is_main:
@@ -212,7 +220,7 @@ def run_training(
             step_loss = 0.0
             for micro in range(cfg.train.gradient_accumulation):
                 ref, loaded = next(stream)
-                n_global = global_sizes.popleft()
+                n_global, stand_in = global_sizes.popleft(), stand_ins.popleft()
                 prog.epoch, prog.batch_pos = ref.epoch, ref.position + 1
                 contribution = 0.0
                 if ref.sample_ids:  # a rank can get no sample from a bucket's short last batch
@@ -230,8 +238,8 @@ def run_training(
                         generator=gen,
                     )
                     noise = torch.randn((n_global, *x0.shape[1:]), generator=gen, dtype=torch.float32)
-                    mine = ctx.shard(range(n_global))
-                    share = len(mine) / n_global
+                    mine = [ctx.rank % n_global] if stand_in else ctx.shard(range(n_global))
+                    share = 0.0 if stand_in else len(mine) / n_global
                     captions = [p.caption for p in loaded.plans]
                     regularization = [p.is_regularization for p in loaded.plans]
                     _, logged = objective(

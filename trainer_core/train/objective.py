@@ -33,6 +33,9 @@ class Objective:
 
     cfg: JobConfig
     autocast_dtype: torch.dtype | None
+    #: Every rank must run every backward (sharded weights are gathered there): a non-finite loss is backpropagated
+    #: too; the loop stops before the optimizer step either way.
+    collective: bool = False
 
     def __post_init__(self) -> None:
         if self.cfg.advanced.dop and any(d.is_regularization for d in self.cfg.datasets):
@@ -83,21 +86,21 @@ class Objective:
                 backward_scale=None if batched else scale,
             )  # fmt: skip
             if batched:
-                self._backward(loss, scale)
+                self._backward(loss, scale, self.collective)
             return loss.detach(), float(parts["normal_mse"])
         reg = [i for i, r in enumerate(regularization) if r]
         if reg:
             loss = self._prior_regularized_loss(model, x0, noise, sigmas, text, reg, gs)
-            self._backward(loss, scale)
+            self._backward(loss, scale, self.collective)
             return loss.detach(), float(loss.detach()) / (gs or 1.0) ** 2
         if gs is not None:
             loss = guided_micro_batch_loss(
                 model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype, gs
             )
-            self._backward(loss, scale)
+            self._backward(loss, scale, self.collective)
             return loss.detach(), float(loss.detach()) / gs**2
         loss = micro_batch_loss(model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype)
-        self._backward(loss, scale)
+        self._backward(loss, scale, self.collective)
         return loss.detach(), float(loss.detach())
 
     def _prior_regularized_loss(
@@ -120,7 +123,7 @@ class Objective:
         return flow_matching_loss(pred, target, loss_weights(sigmas, self.cfg.train.timestep_type))
 
     @staticmethod
-    def _backward(loss: torch.Tensor, scale: float) -> None:
-        # A non-finite loss is not backpropagated; the loop stops before any optimizer step.
-        if torch.isfinite(loss):
+    def _backward(loss: torch.Tensor, scale: float, always: bool) -> None:
+        # A non-finite loss is not backpropagated (unless ranks must take part); the loop stops before any step.
+        if always or torch.isfinite(loss):
             (loss * scale).backward()
