@@ -161,7 +161,7 @@ class TrainConfig(_Strict):
         default="auto",
         description=(
             "activation checkpointing per transformer block: 'full' recomputes each block in backward (least "
-            "memory), 'selective' keeps the attention outputs and recomputes the rest, 'off' keeps everything "
+            "memory), 'selective' keeps the self-attention outputs and recomputes the rest, 'off' keeps everything "
             "(fastest); 'auto' lets the VRAM planner give as many blocks the faster policies as the card fits "
             "(on the CPU: full). true/false mean full/off"
         ),
@@ -182,7 +182,6 @@ class TrainConfig(_Strict):
     num_workers: int = Field(
         default=2, ge=0, le=32, description="processes decoding clips while the GPU trains; 0 = in the training process"
     )
-
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -69,7 +69,7 @@ class BlockPlan:
         return cls(**{policy: num_blocks}, compile=compile)
 
     def describe(self) -> str:
-        """E.g. ``'12 off / 28 selective / 0 full, compiled'``."""
+        """E.g. ``'12 off / 28 selective / 0 full checkpointing, compiled'``."""
         return (
             f"{self.off} off / {self.selective} selective / {self.full} full checkpointing"
             f"{', compiled' if self.compile else ''}"
