@@ -117,3 +117,19 @@ def test_sharded_run_resumes_in_one_process(tmp_path, clips):
     _torchrun(tmp_path, part, world=2)
     resumed = run_training(job_from_dict({**_job(tmp_path, clips, "part"), "resume": "latest"}), progress_bar=False)
     assert [x[2] for x in resumed.losses] == pytest.approx([x[2] for x in full.losses], rel=1e-5)
+
+
+def test_scaling_benchmark_runs_under_torchrun(tmp_path):
+    bench = ROOT / "benchmarks" / "scaling_bench.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    outs = []
+    for world, extra in ((1, []), (2, []), (2, ["--shard"])):
+        out = tmp_path / f"w{world}{''.join(extra)}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", str(bench), "--tiny", "--steps", "2", "--out", str(out), *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(str(out))
+    report = subprocess.run([sys.executable, str(bench), "--report", *outs], env=env, capture_output=True, text=True)
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 3 and rows[0].split("|")[5].strip() == "100%"

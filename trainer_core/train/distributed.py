@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
@@ -95,6 +96,8 @@ def shard_frozen_weights(model: torch.nn.Module, ctx: DistContext, device: torch
     FSDP and stay whole on every rank. The shards move to ``device``; call before building the optimizer."""
     from torch.distributed.fsdp import fully_shard
 
+    # The model's output is a view (unpatchify); the trainer never modifies it in place, which is what FSDP warns of.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = _mesh(device.type, ctx.world)
     trainable = {p for p in model.parameters() if p.requires_grad}
     for block in model.blocks:

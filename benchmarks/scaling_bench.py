@@ -1,0 +1,139 @@
+"""Multi-GPU scaling: data-parallel training steps on N GPUs against one GPU, launched with torchrun.
+
+    torchrun --nproc_per_node=1 benchmarks/scaling_bench.py --size 512x512x33 --out w1.json
+    torchrun --nproc_per_node=2 benchmarks/scaling_bench.py --size 512x512x33 --out w2.json [--shard]
+    python benchmarks/scaling_bench.py --report w1.json w2.json
+    torchrun --nproc_per_node=2 benchmarks/scaling_bench.py --tiny --out w2.json      # CPU (gloo) smoke run
+
+Every rank builds the same full-size random-weight expert on its GPU (``--shard``: then FSDP2-shards its frozen
+weights as ``distributed.shard_experts`` does), attaches the trainer's LoRA, uses the block plan the VRAM planner
+picks for its card and trains with the trainer's step: one sample per rank per step (global batch = N), the LoRA
+gradients summed with the trainer's coalesced all-reduce, AdamW, a host sync for the loss. Reported by rank 0:
+seconds per step and samples per second; ``--report`` gives the scaling efficiency
+``samples/s(N) / (N * samples/s(1))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import A14B_CONFIG, full_expert  # noqa: E402
+from benchmarks.perf_bench import TINY, Bench, quantize_float8  # noqa: E402
+from trainer_core.config import LoraConfig, OptimizerConfig  # noqa: E402
+from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
+from trainer_core.memory import BlockPlan, install_block_plan  # noqa: E402
+from trainer_core.memory.allocator import use_expandable_segments  # noqa: E402
+from trainer_core.train.distributed import init_distributed, shard_frozen_weights  # noqa: E402
+from trainer_core.train.optim import build_optimizer  # noqa: E402
+from trainer_core.train.step import micro_batch_loss  # noqa: E402
+
+
+def run(args) -> dict:
+    """This rank's part of the benchmark; rank 0 returns (and writes) the figures."""
+    device_setting = "cpu" if args.tiny else "cuda"
+    ctx = init_distributed(device_setting)
+    device = torch.device("cuda", ctx.local_rank) if device_setting == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        use_expandable_segments()
+    overrides = dict(TINY) if args.tiny else {}
+    arch = {**A14B_CONFIG, **overrides}
+    w, h, f = (int(v) for v in args.size.split("x"))
+    b = Bench(device.type, arch, (w, h, f))
+    model = full_expert(str(device), seed=0, **overrides)  # the same weights on every rank
+    quant = "none"
+    if args.fp8:
+        quantize_float8([model])
+        quant = "float8"
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device) if b.cuda else None
+    plan = b.plan("auto", quant, 1, free)  # (a sharded run keeps this plan: its weights take less)
+    attach_lora(model, LoraConfig(rank=16))
+    compiled = b.cuda and not args.shard and not args.no_compile
+    install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled))
+    if args.shard and ctx.active:
+        shard_frozen_weights(model, ctx, device)
+    model.train()
+    params = lora_parameters(model)
+    optimizer = build_optimizer(params, OptimizerConfig(name="adamw", lr=1e-4))
+    autocast = torch.bfloat16 if b.cuda else None
+
+    def step(i: int) -> float:
+        x0, noise, sig, text = b.data(i * ctx.world + ctx.rank)  # each rank its own sample
+        loss = micro_batch_loss(model, x0, noise, sig, text, "linear", autocast)
+        (loss / ctx.world).backward()
+        ctx.all_reduce_grads(params)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return ctx.sum(loss.item() / ctx.world)
+
+    for i in range(args.warmup):
+        step(i)
+    b.sync()
+    ctx.barrier()
+    b.reset_peak()
+    t0 = time.perf_counter()
+    losses = [step(args.warmup + i) for i in range(args.steps)]
+    b.sync()
+    ctx.barrier()
+    seconds = (time.perf_counter() - t0) / args.steps
+    result = {
+        "world": ctx.world, "size": args.size, "shard": args.shard, "fp8": args.fp8, "compiled": compiled,
+        "blocks": BlockPlan(*plan.block_split).describe(), "s_per_step": seconds,
+        "samples_per_s": ctx.world / seconds, "peak_gib_rank0": b.peak_gib(), "losses": losses,
+        "device": torch.cuda.get_device_name(device) if b.cuda else "cpu",
+    }
+    if ctx.is_main:
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    if ctx.active:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def report(paths: list[str]) -> list[dict]:
+    """Scaling efficiency of each run against the one-GPU run among ``paths``."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = next(r for r in runs if r["world"] == 1)
+    rows = []
+    print("| GPUs | sharded | s/step | samples/s | efficiency | peak GiB (rank 0) |")
+    print("|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r["world"], r["shard"])):
+        eff = r["samples_per_s"] / (r["world"] * base["samples_per_s"])
+        rows.append({**r, "efficiency": eff})
+        print(f"| {r['world']} | {r['shard']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.3f} | {eff:.0%} | "
+              f"{r['peak_gib_rank0']:.1f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="512x512x33")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shard", action="store_true", help="FSDP2-shard the frozen weights (distributed.shard_experts)")
+    ap.add_argument("--fp8", action="store_true", help="float8 experts")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="CPU (gloo) smoke run with tiny shapes")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--report", nargs="+", help="JSON files of the runs: print the scaling table")
+    args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report)
+    if args.tiny:
+        args.size = "32x32x5" if args.size == "512x512x33" else args.size
+    if args.fp8 and args.shard:
+        ap.error("--shard needs bf16 experts (quantized weights cannot be sharded)")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
