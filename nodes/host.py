@@ -104,6 +104,15 @@ def check_interrupt() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
+def pending_interrupt() -> BaseException | None:
+    """ComfyUI's interrupt exception if the user pressed cancel (consumed, to raise later), else ``None``."""
+    try:
+        check_interrupt()
+    except Exception as exc:  # comfy.model_management.InterruptProcessingException
+        return exc
+    return None
+
+
 class Progress:
     """ComfyUI's progress bar on this node (no-op headless); every update also checks for a cancel."""
 

@@ -20,6 +20,7 @@ from trainer_core.config import (
 from trainer_core.data.text_cache import unload_caption
 from trainer_core.errors import ConfigError
 from trainer_core.fileio import atomic_write
+from trainer_core.launch import LaunchCancelled, run_torchrun
 from trainer_core.lora import lora_file_name, lora_state_dict_comfy
 from trainer_core.memory import plan_job
 from trainer_core.quant import check_ara_source
@@ -151,6 +152,9 @@ class TrainWan22LoRA:
                 "compile": (("auto", "on", "off"), {"default": "auto", _T: (
                     "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a "
                     "CUDA GPU with Triton, without block offloading or a 4-bit base; on forces it; off never")}),
+                "gpus": ("INT", {"default": 1, "min": 1, "max": 16, _T: (
+                    "GPUs to train on: above 1 the job runs under torchrun as a child process (data parallel; "
+                    "the experts load there from their files), with progress and cancel as usual")}),
             },
             "optional": {
                 "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
@@ -183,18 +187,24 @@ class TrainWan22LoRA:
         save: SaveSettings | None = None,
         previews: SampleConfig | None = None,
         unique_id: str | None = None,
+        gpus: int = 1,
         **widgets: Any,
     ) -> tuple[LoraPair, torch.Tensor, str]:
         """Train, then copy the final pair into models/loras if the save settings ask for it."""
         save = save or SaveCheckpoint().configure(**_defaults(SaveCheckpoint))[0]
         cfg = build_job(experts, dataset, multistage, save, previews, **widgets)
-        _preflight(cfg)
+        _preflight(cfg, gpus)
+        progress = host.Progress(cfg.train.steps, unique_id)
         with torch.inference_mode(False):
             host.free_host_models()
-            result, pair = _train(cfg, experts, host.Progress(cfg.train.steps, unique_id))
+            if gpus > 1:
+                losses, pair = _train_torchrun(cfg, gpus, progress)
+            else:
+                result, pair = _train(cfg, experts, progress)
+                losses = result.losses
         if save.copy_to_loras:
             _copy_to_loras(pair.files, save.lora_name or cfg.name)
-        return (pair, to_image_tensor(loss_curve(result.losses)), str(result.run_dir))
+        return (pair, to_image_tensor(loss_curve(losses)), str(cfg.run_dir))
 
 
 def _defaults(node: type) -> dict[str, Any]:
@@ -308,13 +318,18 @@ def build_job(
     return job_from_dict(data, source="Train LoRA")
 
 
-def _preflight(cfg: JobConfig) -> None:
+def _preflight(cfg: JobConfig, gpus: int = 1) -> None:
     """The core's checks that need no model, run before the bundle loads its weights (minutes for the real
-    experts): regularizer settings, text-encoder mode, adapter file, device and the VRAM plan."""
+    experts): regularizer settings, text-encoder mode, adapter file, device, GPU count and the VRAM plan."""
     check_regularizers(cfg)
     unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
     check_ara_source(cfg.quant)
-    plan_job(cfg, resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    if gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < gpus:
+        raise ConfigError(
+            f"Train LoRA: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - lower gpus"
+        )
+    plan_job(cfg, device, gpus)
 
 
 class _StepReporter:
@@ -327,6 +342,10 @@ class _StepReporter:
 
     def on_step(self, info: StepInfo) -> None:
         host.check_interrupt()
+        self.show(info)
+
+    def show(self, info: StepInfo) -> None:
+        """Record the step's loss and update the progress bar and the node text."""
         self.losses.append((info.step, info.expert, info.loss))
         preview = self.sample_frame or loss_curve(self.losses, 512, 256)
         self.progress.text(
@@ -378,6 +397,40 @@ def _train(cfg: JobConfig, experts: ExpertsBundle, progress: host.Progress) -> t
         tensors = {n: load_file(str(p)) for n, p in files.items()}
     progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")
     return result, LoraPair(cfg.lora, tensors, files, result.step, cfg.trigger_word)
+
+
+def _train_torchrun(
+    cfg: JobConfig, gpus: int, progress: host.Progress
+) -> tuple[list[tuple[int, str, float]], LoraPair]:
+    """Run ``cfg`` on ``gpus`` GPUs under torchrun (a child process that loads the experts from their files) with
+    the same progress display; a cancel stops the child after it wrote its resumable state."""
+    reporter = _StepReporter(progress)
+    interrupt: list[BaseException] = []
+
+    def should_stop() -> bool:
+        if not interrupt and (exc := host.pending_interrupt()) is not None:
+            interrupt.append(exc)
+            progress.text("cancelling: the workers write a resumable state")
+        return bool(interrupt)
+
+    def on_event(event: dict[str, Any]) -> None:
+        info = StepInfo(event["step"], event["total"], event["expert"], event["loss"], event["lr"], event["seconds"])
+        reporter.show(info)
+
+    progress.text(f"starting torchrun with {gpus} processes; the experts load in each")
+    try:
+        done = run_torchrun(cfg, gpus, on_event, should_stop)
+    except LaunchCancelled:
+        progress.text(_stop_message(cfg))
+        raise interrupt[0] from None
+    stages = cfg.multistage.stages
+    files = {n: Path(p) for n, p in done["lora_files"].items()} or _existing_pair(cfg, done["step"], lora_file_name)
+    if cfg.advanced.ema:
+        files = _existing_pair(cfg, done["step"], ema_lora_file_name)
+    dtype = _DTYPES[cfg.save.dtype]
+    tensors = {n: {k: v.to(dtype) for k, v in load_file(str(files[n])).items()} for n in stages}
+    progress.text(f"done: {done['step']} steps on {gpus} GPUs; LoRA pair in {done['run_dir']}")
+    return reporter.losses, LoraPair(cfg.lora, tensors, files, done["step"], cfg.trigger_word)
 
 
 def _existing_pair(cfg: JobConfig, step: int, file_name: Callable[[str, int, str], str]) -> dict[str, Path]:

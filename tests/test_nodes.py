@@ -161,7 +161,9 @@ def _job(N, host, clips, experts=None, quant=None, **train):
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
                                                           num_frames=5, resolutions="32"))
     (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
-    return mod.build_job(bundle, ds, None, sv, None, **widgets(N["Wan22TrainLoRA"], **train))
+    w = widgets(N["Wan22TrainLoRA"], **train)
+    w.pop("gpus")  # taken by the node itself (launches torchrun), not part of the job (tests: test_gpus_*)
+    return mod.build_job(bundle, ds, None, sv, None, **w)
 
 
 TRAIN_WIDGETS = [
@@ -236,8 +238,9 @@ def _get(cfg, path):
 def test_every_train_widget_reaches_the_job_config(N, host, clips):
     base = _job(N, host, clips)
     spec = N["Wan22TrainLoRA"].INPUT_TYPES()["required"]
-    assert {w for w, *_ in TRAIN_WIDGETS} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
-                                             isinstance(t, tuple)}
+    # every widget but gpus (which launches torchrun instead of changing the job: test_gpus_*)
+    assert {w for w, *_ in TRAIN_WIDGETS} | {"gpus"} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
+                                                       isinstance(t, tuple)}
     for widget, value, path, expected in TRAIN_WIDGETS:
         cfg = _job(N, host, clips, **{widget: value})
         assert _get(cfg, path) == expected != _get(base, path), widget
@@ -745,3 +748,47 @@ def test_loss_smoothing_and_plot(pack):
     tensor = plot.to_image_tensor(img)
     assert tensor.shape == (1, 200, 400, 3) and tensor.dtype == torch.float32
     assert plot.to_image_tensor(plot.loss_curve([])).shape == (1, 384, 768, 3)
+
+
+# ------------------------------------------------------------------------------------------------ several GPUs
+
+
+@pytest.mark.slow
+def test_gpus_trains_under_torchrun_and_returns_the_pair(N, host, clips):
+    # Two gloo processes on the CPU stand in for two GPUs: the child loads the experts itself, streams each step.
+    _, (pair, curve, run_dir) = graph(N, host, gpus=2, device="cpu", steps=4, save={"save_every": 0})
+    assert pair.step == 4 and set(pair.tensors) == {"high", "low"}
+    for name, path in pair.files.items():
+        saved = load_file(str(path))
+        assert saved.keys() == pair.tensors[name].keys()
+        assert all(torch.equal(v.float(), pair.tensors[name][k].float()) for k, v in saved.items())
+    assert [v for v, _, _ in host.progress][-4:] == [1, 2, 3, 4]
+    assert any("on 2 GPUs" in t for _, t in host.texts)
+    assert (Path(run_dir) / "launch_job.yaml").is_file() and curve.shape[-1] == 3
+
+
+def test_gpus_cancel_stops_the_child_and_raises_comfyuis_interrupt(N, host, clips, monkeypatch):
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    seen = {}
+
+    def fake_run(cfg, gpus, on_event, should_stop, **kw):
+        seen["gpus"] = gpus
+        while not should_stop():
+            on_event({"step": 1, "total": 4, "expert": "high", "loss": 0.5, "lr": 1e-4, "seconds": 0.1})
+        raise mod.LaunchCancelled("cancelled")
+
+    monkeypatch.setattr(mod, "run_torchrun", fake_run)
+    host.interrupt_after = 2  # the second progress check sees the cancel
+    with pytest.raises(F.InterruptProcessingException):
+        graph(N, host, gpus=3, device="cpu")
+    assert seen["gpus"] == 3
+    assert any("cancelling" in t for _, t in host.texts) and any("training stopped" in t for _, t in host.texts)
+
+
+def test_gpus_beyond_the_machine_are_refused_before_loading(N, host, clips, monkeypatch):
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    monkeypatch.setattr(mod, "resolve_device", lambda setting: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(ConfigError, match="gpus is 2 but this machine has 1 CUDA GPU"):
+        graph(N, host, gpus=2)

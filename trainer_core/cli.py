@@ -59,6 +59,7 @@ def demo_config(output_dir: str | Path, steps: int = 40) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .launch import emit, interrupt_on_sigterm
     from .train.loop import losses_summary, run_training
 
     cfg, notes = load_job(args.config)
@@ -66,7 +67,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"warning: {note}", file=sys.stderr)
     if args.resume:
         cfg.resume = args.resume
-    result = run_training(cfg)
+    interrupt_on_sigterm()  # a scheduler's or torchrun's SIGTERM leaves a resumable state, like Ctrl-C
+    on_step = None
+    if args.events:
+
+        def on_step(info) -> None:
+            emit("step", step=info.step, total=info.total_steps, expert=info.expert, loss=info.loss, lr=info.lr,
+                 seconds=info.seconds)
+
+    result = run_training(cfg, on_step=on_step, progress_bar=not args.events)
+    if args.events:
+        emit("done", step=result.step, run_dir=str(result.run_dir),
+             lora_files={k: str(v) for k, v in result.lora_files.items()})
     print(losses_summary(result.losses))
     for expert, path in result.lora_files.items():
         print(f"{expert}-noise LoRA: {path}")
@@ -95,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train from a YAML job file (this trainer's schema or ai-toolkit's)")
     p_train.add_argument("config", help="path to the job YAML")
     p_train.add_argument("--resume", help="training-state file, run folder, or 'latest'")
+    p_train.add_argument("--events", action="store_true", help="print progress as '@@wan22 {json}' lines (rank 0)")
     p_train.set_defaults(func=_cmd_train)
     p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (about a minute on 2 CPU cores)")
     p_demo.add_argument("--output", default="output", help="output folder (default: ./output)")

@@ -1,0 +1,75 @@
+"""Multi-GPU runs launched from one process (the ComfyUI path): torchrun as a child, progress events, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer_core.config import job_from_dict
+from trainer_core.data import make_synthetic_dataset
+from trainer_core.errors import TrainerError
+from trainer_core.launch import LaunchCancelled, run_torchrun
+from trainer_core.train.checkpoints import list_states
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("clips"), n_clips=4, num_frames=5, size=(32, 32), seed=2)
+
+
+def _cfg(tmp: Path, clips: Path, steps: int):
+    return job_from_dict({
+        "name": "l",
+        "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
+        "lora": {"rank": 4},
+        "multistage": {"switch_every": 2},
+        "optimizer": {"name": "adamw", "lr": 2e-3},
+        "train": {"steps": steps, "batch_size": 2, "gradient_checkpointing": "off", "compute_dtype": "fp32",
+                  "device": "cpu", "num_workers": 0},
+        "save": {"output_dir": str(tmp / "out"), "save_every": 0},
+        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}],
+    })
+
+
+def test_two_process_run_streams_every_step_and_returns_the_pair(tmp_path, clips):
+    events = []
+    done = run_torchrun(_cfg(tmp_path, clips, 4), 2, events.append, lambda: False, env=ENV)
+    assert [e["step"] for e in events] == [1, 2, 3, 4]
+    assert [e["expert"] for e in events] == ["high", "high", "low", "low"]
+    assert all(e["total"] == 4 and e["loss"] > 0 for e in events)
+    assert done["step"] == 4 and set(done["lora_files"]) == {"high", "low"}
+    assert all(Path(p).is_file() for p in done["lora_files"].values())
+
+
+def test_cancel_leaves_a_resumable_state_and_no_process(tmp_path, clips):
+    cfg = _cfg(tmp_path, clips, 400)
+    events = []
+    with pytest.raises(LaunchCancelled):
+        run_torchrun(cfg, 2, events.append, lambda: len(events) >= 3, env=ENV)
+    states = list_states(cfg.run_dir)
+    assert states, "no resumable state was written on cancel"
+    step, _ = states[-1]
+    assert 3 <= step < 400 and step >= max(e["step"] for e in events)
+    # every worker is gone: nothing in this test's process group still runs the job file
+    job = str(cfg.run_dir / "launch_job.yaml")
+    alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and job in _cmdline(p)]
+    assert not alive
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_failing_child_reports_its_output(tmp_path, clips):
+    cfg = _cfg(tmp_path, clips, 4)
+    cfg.datasets[0].folder = str(tmp_path / "missing")
+    with pytest.raises(TrainerError, match=r"(?s)multi-GPU training failed.*\nerror: datasets\[0\].folder: .*missing"):
+        run_torchrun(cfg, 2, lambda e: None, lambda: False, env=ENV)
