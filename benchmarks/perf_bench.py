@@ -319,7 +319,7 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
     high = models[0]
     flops = b.model_flops(high)
     res["model_tflop_per_step"] = flops / 1e12
-    n_plain = max(args.parity, (args.plain_steps or args.steps) + 1)
+    n_plain = max(args.parity, (args.steps if args.plain_steps is None else args.plain_steps) + 1)
     plain, init = run_plain(b, high, n_plain, warmup=1)
     _report(res, "plain", plain, save)
     n_fast = max(args.parity, args.steps + 1)
