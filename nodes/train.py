@@ -423,6 +423,9 @@ def _train_torchrun(
     except LaunchCancelled:
         progress.text(_stop_message(cfg))
         raise interrupt[0] from None
+    except BaseException:  # e.g. ComfyUI's progress hook raising its interrupt: the child was stopped the same way
+        progress.text(_stop_message(cfg))
+        raise
     stages = cfg.multistage.stages
     files = {n: Path(p) for n, p in done["lora_files"].items()} or _existing_pair(cfg, done["step"], lora_file_name)
     if cfg.advanced.ema:

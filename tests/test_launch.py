@@ -73,3 +73,24 @@ def test_a_failing_child_reports_its_output(tmp_path, clips):
     cfg.datasets[0].folder = str(tmp_path / "missing")
     with pytest.raises(TrainerError, match=r"(?s)multi-GPU training failed.*\nerror: datasets\[0\].folder: .*missing"):
         run_torchrun(cfg, 2, lambda e: None, lambda: False, env=ENV)
+
+
+class _HostInterrupt(Exception):
+    """Stands for ComfyUI's progress hook raising its interrupt from inside a progress update."""
+
+
+def test_an_exception_in_the_progress_callback_stops_the_child_cleanly(tmp_path, clips):
+    cfg = _cfg(tmp_path, clips, 400)
+    seen = []
+
+    def on_event(event):
+        seen.append(event)
+        if len(seen) == 3:
+            raise _HostInterrupt()
+
+    with pytest.raises(_HostInterrupt):
+        run_torchrun(cfg, 2, on_event, lambda: False, env=ENV)
+    step, _ = list_states(cfg.run_dir)[-1]
+    assert 3 <= step < 400
+    job = str(cfg.run_dir / "launch_job.yaml")
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and job in _cmdline(p)]

@@ -63,6 +63,25 @@ def torchrun_command(job_file: Path, gpus: int) -> list[str]:
             "-m", "trainer_core", "train", str(job_file), "--events"]
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to torchrun (the workers write their resumable state), then, after the grace period, SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=CANCEL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc)
+    proc.wait()
+
+
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     """This environment plus ``extra``, with this package importable in the child (a ComfyUI custom-node folder is
     on the host's ``sys.path``, not necessarily on ``PYTHONPATH``)."""
@@ -107,30 +126,36 @@ def run_torchrun(
     tail: deque[str] = deque(maxlen=15)
     errors: dict[str, None] = {}  # the CLI's "error: ..." lines, each once (every rank prints its own)
     done, cancelled_at, killed = None, None, False
-    while True:
-        if cancelled_at is None and should_stop():
-            cancelled_at = time.monotonic()
-            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
-        if cancelled_at is not None and not killed and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
-            killed = True
-            os.killpg(proc.pid, signal.SIGKILL)
-        try:
-            line = lines.get(timeout=poll_s)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        if line.startswith(EVENT_PREFIX):
-            event = json.loads(line[len(EVENT_PREFIX):])
-            if event["event"] == "done":
-                done = event
+    try:
+        while True:
+            if cancelled_at is None and should_stop():
+                cancelled_at = time.monotonic()
+                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
+            if cancelled_at is not None and not killed and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
+                killed = True
+                _kill_group(proc)
+            try:
+                line = lines.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if line.startswith(EVENT_PREFIX):
+                event = json.loads(line[len(EVENT_PREFIX):])
+                if event["event"] == "done":
+                    done = event
+                else:
+                    on_event(event)
             else:
-                on_event(event)
-        else:
-            tail.append(line.rstrip())
-            if line.startswith("error: "):
-                errors[line.rstrip()] = None
+                tail.append(line.rstrip())
+                if line.startswith("error: "):
+                    errors[line.rstrip()] = None
+    except BaseException:
+        # on_event or should_stop raised (e.g. the host's own interrupt): stop the child as a cancel does
+        _stop(proc)
+        raise
     code = proc.wait()
+    _kill_group(proc)  # any worker torchrun left behind
     if cancelled_at is not None:
         raise LaunchCancelled(f"multi-GPU training cancelled (torchrun exit status {code})")
     if code != 0 or done is None:
