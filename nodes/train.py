@@ -151,7 +151,8 @@ class TrainWan22LoRA:
                     "EMA decay per step of an expert: 0.99 for short runs, 0.999 for 3000+ steps")}),
                 "compile": (("auto", "on", "off"), {"default": "auto", _T: (
                     "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a "
-                    "CUDA GPU with Triton, without block offloading or a 4-bit base; on forces it; off never")}),
+                    "CUDA GPU with Triton, without block offloading or a 4-bit base, eager if compiling fails; on "
+                    "forces it; off never")}),
                 "gpus": ("INT", {"default": 1, "min": 1, "max": 16, _T: (
                     "GPUs to train on: above 1 the job runs under torchrun as a child process (data parallel; "
                     "the experts load there from their files), with progress and cancel as usual")}),

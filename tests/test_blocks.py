@@ -170,7 +170,7 @@ def test_block_plan_for_resolves_compile(monkeypatch, compile, device, offload, 
     cfg = _cfg(compile=compile).model_copy(deep=True)
     cfg.quant.transformer = quant
     plan = block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device))
-    assert plan == BlockPlan(off=1, selective=1, compile=expected)
+    assert plan == BlockPlan(off=1, selective=1, compile=expected, fallback=compile == "auto")
     if compile == "auto" and expected:
         assert block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device), sharded=True).compile is False
 
@@ -178,3 +178,26 @@ def test_block_plan_for_resolves_compile(monkeypatch, compile, device, offload, 
 def test_compile_on_with_offloading_is_refused_by_name():
     with pytest.raises(ConfigError, match="train.compile: on.*offload_blocks"):
         block_plan_for(_cfg(compile="on"), _plan(offload=3), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_compile_failure_falls_back_to_eager_blocks_or_raises(expert, monkeypatch, caplog, fallback):
+    calls = []
+
+    def broken(policy):
+        def run(block, *args):
+            calls.append(policy)
+            raise torch._dynamo.exc.Unsupported("no compiler here")
+        return run
+
+    monkeypatch.setattr("trainer_core.memory.blocks._compiled", broken)
+    plan = BlockPlan(off=1, selective=1, compile=True, fallback=fallback)
+    if not fallback:
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            _train_pass(expert, plan)
+        return
+    ref_out, ref_grads, _ = _train_pass(expert, None)
+    out, grads, _ = _train_pass(expert, plan)
+    assert calls == ["off"]  # tried once, then every block ran eagerly
+    assert torch.equal(out, ref_out) and all(torch.equal(g, ref_grads[n]) for n, g in grads.items())
+    assert "torch.compile failed" in caplog.text

@@ -170,7 +170,7 @@ class TrainConfig(_Strict):
         default="auto",
         description=(
             "torch.compile the transformer blocks; 'auto' = on for CUDA with Triton, unless blocks are offloaded, the "
-            "base is 4-bit or the weights are sharded"
+            "base is 4-bit or the weights are sharded, and eager if compiling fails; 'on' = always, errors raised"
         ),
     )
     timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = "linear"

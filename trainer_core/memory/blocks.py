@@ -21,6 +21,7 @@ Numerically the policies are identical (same kernels, same order); compiling cha
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -28,6 +29,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 BlockPolicy = Literal["off", "selective", "full"]
+log = logging.getLogger(__name__)
 
 _aten = torch.ops.aten
 #: Attention kernels whose self-attention outputs ``selective`` keeps (every SDPA backend PyTorch may pick, CPU too).
@@ -54,6 +56,9 @@ class BlockPlan:
     selective: int = 0
     full: int = 0
     compile: bool = False
+    #: On a torch.compile failure (no working compiler, an unsupported construct) run the blocks eagerly instead
+    #: of failing the run (``train.compile: auto``); ``False`` lets the error through (``on``).
+    fallback: bool = True
 
     def policy(self, index: int) -> BlockPolicy:
         """The policy of block ``index``."""
@@ -135,11 +140,20 @@ def install_block_plan(model: torch.nn.Module, plan: BlockPlan) -> None:
         model.disable_gradient_checkpointing()
         return
     index = {id(block): i for i, block in enumerate(model.blocks)}
+    compiled = [plan.compile]
 
     def run_block(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
         policy = plan.policy(index[id(block)])
-        runner = _compiled(policy) if plan.compile else _RUNNERS[policy]
-        return runner(block, *args)
+        if compiled[0]:
+            try:
+                return _compiled(policy)(block, *args)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                # Raised while tracing/compiling, before the block computed anything: eager gives the same result.
+                if not plan.fallback:
+                    raise
+                log.warning("torch.compile failed, the transformer blocks run without it: %s", str(exc)[:500])
+                compiled[0] = False
+        return _RUNNERS[policy](block, *args)
 
     # diffusers calls this for every block when gradients are enabled and checkpointing is switched on.
     model.enable_gradient_checkpointing(gradient_checkpointing_func=run_block)

@@ -89,7 +89,7 @@ def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device, sharded: bo
     else:
         compiled = cfg.train.compile == "on"
     off, selective, full = plan.block_split
-    return BlockPlan(off=off, selective=selective, full=full, compile=compiled)
+    return BlockPlan(off=off, selective=selective, full=full, compile=compiled, fallback=cfg.train.compile == "auto")
 
 
 def prepare_expert(
