@@ -9,25 +9,20 @@ from typing import Callable
 import torch
 from diffusers import WanTransformer3DModel
 
+from trainer_core.memory.planner import WAN22_A14B_ARCH, SideModels
+
 #: Wan 2.2 T2V A14B expert (identical for both experts); see shared FACTS.
-A14B_CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
+A14B_CONFIG = WAN22_A14B_ARCH
+#: Overrides of A14B_CONFIG for the CPU smoke runs (--tiny): same code paths, small shapes.
+TINY = dict(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64)
+#: The planner's side models when the benchmark loads no VAE and no text encoder.
+NO_SIDE_MODELS = SideModels(vae_params=0, text_encoder_params=0, text_encoder_linear_params=0,
+                            text_encoder_linear_rows=0)
 
 
-def full_expert(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides) -> WanTransformer3DModel:
+def full_expert(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides
+) -> WanTransformer3DModel:
     """A full-size expert with random weights built directly on ``device`` in ``dtype`` (no CPU copy)."""
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()

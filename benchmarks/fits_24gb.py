@@ -25,20 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import A14B_CONFIG, full_expert, latent_shape  # noqa: E402
+from benchmarks.common import A14B_CONFIG, NO_SIDE_MODELS, TINY, full_expert, latent_shape  # noqa: E402
 from benchmarks.quant_bench import calibration_batches  # noqa: E402
 from trainer_core.config import JobConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
-from trainer_core.memory.planner import SideModels, estimate_peak_vram  # noqa: E402
+from trainer_core.memory.planner import estimate_peak_vram  # noqa: E402
 from trainer_core.quant.apply import quantize_expert  # noqa: E402
 from trainer_core.train.optim import build_optimizer  # noqa: E402
 from trainer_core.train.step import micro_batch_loss  # noqa: E402
 
 GIB = 2**30
-NO_SIDE_MODELS = SideModels(vae_params=0, text_encoder_params=0, text_encoder_linear_params=0,
-                            text_encoder_linear_rows=0)
-TINY = dict(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64)
 
 
 def main(argv: list[str] | None = None) -> dict:

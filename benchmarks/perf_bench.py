@@ -42,12 +42,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import A14B_CONFIG, full_expert, latent_shape, matmul_ceiling_tflops, tokens  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    A14B_CONFIG,
+    NO_SIDE_MODELS,
+    TINY,
+    full_expert,
+    latent_shape,
+    matmul_ceiling_tflops,
+    peak_gib,
+    reset_peak,
+    sync,
+    tokens,
+)
 from trainer_core.config import JobConfig, LoraConfig, OptimizerConfig, QuantConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
 from trainer_core.memory.allocator import use_expandable_segments  # noqa: E402
-from trainer_core.memory.planner import SideModels, estimate_peak_vram  # noqa: E402
+from trainer_core.memory.planner import estimate_peak_vram  # noqa: E402
 from trainer_core.quant.apply import quantize_expert  # noqa: E402
 from trainer_core.regularizers import dop_step_loss  # noqa: E402
 from trainer_core.train.optim import build_optimizer  # noqa: E402
@@ -56,9 +67,6 @@ from trainer_core.train.step import micro_batch_loss  # noqa: E402
 GIB = 2**30
 TEXT_TOKENS = 512
 PLAIN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
-TINY = dict(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64)
-NO_SIDE_MODELS = SideModels(vae_params=0, text_encoder_params=0, text_encoder_linear_params=0,
-                            text_encoder_linear_rows=0)
 
 
 class Bench:
@@ -78,18 +86,6 @@ class Bench:
         sigma = torch.rand(1, generator=gen, device=self.device) * 0.9 + 0.05
         text = torch.randn(1, TEXT_TOKENS, self.arch["text_dim"], generator=gen, device=self.device)
         return x0, noise, sigma, text.to(torch.bfloat16)
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_gib(self) -> float:
-        return torch.cuda.max_memory_allocated() / GIB if self.cuda else float("nan")
 
     def model_flops(self, model: torch.nn.Module) -> float:
         """Forward + activation-gradient backward FLOPs of one step (3x the forward's)."""
@@ -131,14 +127,14 @@ def free_for_plan(b: Bench, models: list[torch.nn.Module]) -> int | None:
     return torch.cuda.mem_get_info()[0] + _on_device_bytes(models)
 
 
-def timed(b: Bench, n: int, warmup: int, step) -> dict:
+def timed(n: int, warmup: int, step) -> dict:
     """Run ``step(i)`` for i < n; seconds per step after ``warmup`` steps, the losses, and the first step's time."""
     losses, times = [], []
     for i in range(n):
-        b.sync()
+        sync()
         t0 = time.perf_counter()
         losses.append(step(i))
-        b.sync()
+        sync()
         times.append(time.perf_counter() - t0)
     measured = times[warmup:] or times
     return {"s": sum(measured) / len(measured), "first_s": times[0], "losses": losses, "steps_timed": len(measured)}
@@ -168,9 +164,9 @@ def run_plain(b: Bench, model: torch.nn.Module, n: int, warmup: int) -> tuple[di
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    b.reset_peak()
-    out = timed(b, n, warmup, step)
-    out["peak_gib"] = b.peak_gib()
+    reset_peak()
+    out = timed(n, warmup, step)
+    out["peak_gib"] = peak_gib()
     strip(model)
     return out, init
 
@@ -222,9 +218,9 @@ def run_trainer(
         optimizers[k].zero_grad(set_to_none=True)
         return loss.item()  # the loop's host sync for logging and the NaN check
 
-    b.reset_peak()
-    out = timed(b, n, warmup, step)
-    out.update(peak_gib=b.peak_gib(), planned_gib=plan.phases["training"] / GIB, blocks=blocks.describe(),
+    reset_peak()
+    out = timed(n, warmup, step)
+    out.update(peak_gib=peak_gib(), planned_gib=plan.phases["training"] / GIB, blocks=blocks.describe(),
                planner_free_gib=(free or 0) / GIB)
     for model in models:
         strip(model)
@@ -287,12 +283,12 @@ def run_low_vram(b: Bench, models: list[torch.nn.Module], compile: bool, steps: 
             optimizers[name].zero_grad(set_to_none=True)
             return loss.item()
 
-        timed(b, 2, 0, step)  # warm-up: compiled graphs (shared by both experts), optimizer state
+        timed(2, 0, step)  # warm-up: compiled graphs (shared by both experts), optimizer state
         switches.clear()
-        b.reset_peak()
-        r = timed(b, steps, 0, step)
+        reset_peak()
+        r = timed(steps, 0, step)
         key = "low_vram" if low_vram else "resident"
-        out[key] = {"s": r["s"], "peak_gib": b.peak_gib(), "planned_gib": plan.phases["training"] / GIB,
+        out[key] = {"s": r["s"], "peak_gib": peak_gib(), "planned_gib": plan.phases["training"] / GIB,
                     "blocks": blocks.describe(),
                     "switch_copy_s": [s.copy_seconds() for s in switches]}
         memory.close()
@@ -354,7 +350,7 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
         fp8_runs()
         if args.bf16:
             models.clear()
-            b.reset_peak()
+            reset_peak()
             models.extend(experts())
             high = models[0]
             bf16_runs()
@@ -386,7 +382,7 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
         print(f"[{res['size']}] low VRAM {res['low_vram']}", flush=True)
         save(res)
     models.clear()  # frees the experts before the next size
-    b.reset_peak()
+    reset_peak()
     return res
 
 

@@ -23,11 +23,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import full_expert, latent_shape, median, peak_gib, reset_peak, sync, time_calls  # noqa: E402
+from benchmarks.common import TINY, full_expert, latent_shape, median, peak_gib, reset_peak, sync, time_calls  # noqa: E402
 from trainer_core.config import QuantConfig  # noqa: E402
 from trainer_core.quant import Float8Linear, NF4Linear, UInt4Linear, quantize_expert, supports_fp8_matmul  # noqa: E402
 
-TINY = dict(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64)
 MODES = {
     "4bit_ara nf4 calibrated": QuantConfig(transformer="4bit_ara", quantizer="nf4"),
     "4bit_ara nf4 residual-svd": QuantConfig(transformer="4bit_ara", quantizer="nf4", ara_calibration_samples=0),
@@ -107,7 +106,7 @@ def bench_layers(args, device: str, shapes: list[tuple[int, int]], tokens: int) 
 
             both = median(time_calls(fwd_bwd, warm, rep))
             rows.append((f"{in_f}->{out_f}", name, fwd * 1e3, both * 1e3))
-        del variants, linear, x
+        del variants, linear
     return rows
 
 

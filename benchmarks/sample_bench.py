@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    TINY,
     full_expert,
     latent_shape,
     median,
@@ -34,8 +35,6 @@ from trainer_core.sample.sampler import _predict, make_scheduler  # noqa: E402
 SAMPLE_SIZES = [(832, 480, 81), (1024, 1024, 81)]
 DEVICE = "cuda"
 TEXT_DIM = 4096
-# --tiny: a CPU smoke run of the same code with the tiny preset's shapes (numbers meaningless).
-TINY = dict(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64)
 
 
 def bench_sampler(high, low, width: int, height: int, frames: int, steps: int) -> dict:

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import A14B_CONFIG, full_expert  # noqa: E402
-from benchmarks.perf_bench import TINY, Bench, quantize_float8  # noqa: E402
+from benchmarks.common import A14B_CONFIG, TINY, full_expert, peak_gib, reset_peak, sync  # noqa: E402
+from benchmarks.perf_bench import Bench, quantize_float8  # noqa: E402
 from trainer_core.config import LoraConfig, OptimizerConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, install_block_plan  # noqa: E402
@@ -75,18 +75,18 @@ def run(args) -> dict:
 
     for i in range(args.warmup):
         step(i)
-    b.sync()
+    sync()
     ctx.barrier()
-    b.reset_peak()
+    reset_peak()
     t0 = time.perf_counter()
     losses = [step(args.warmup + i) for i in range(args.steps)]
-    b.sync()
+    sync()
     ctx.barrier()
     seconds = (time.perf_counter() - t0) / args.steps
     result = {
         "world": ctx.world, "size": args.size, "shard": args.shard, "fp8": args.fp8, "compiled": compiled,
         "blocks": BlockPlan(*plan.block_split).describe(), "s_per_step": seconds,
-        "samples_per_s": ctx.world / seconds, "peak_gib_rank0": b.peak_gib(), "losses": losses,
+        "samples_per_s": ctx.world / seconds, "peak_gib_rank0": peak_gib(), "losses": losses,
         "device": torch.cuda.get_device_name(device) if b.cuda else "cpu",
     }
     if ctx.is_main:
