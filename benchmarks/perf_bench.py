@@ -55,7 +55,7 @@ from benchmarks.common import (  # noqa: E402
     tokens,
 )
 from trainer_core.config import JobConfig, LoraConfig, OptimizerConfig, QuantConfig  # noqa: E402
-from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
+from trainer_core.lora import attach_lora, detach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
 from trainer_core.memory.allocator import use_expandable_segments  # noqa: E402
 from trainer_core.memory.planner import estimate_peak_vram  # noqa: E402
@@ -229,7 +229,7 @@ def run_trainer(
 
 def strip(model: torch.nn.Module) -> None:
     """Remove the LoRA layers (back to the bare, possibly quantized, Linears) and the block plan."""
-    model.unload_lora()
+    detach_lora(model)
     model.disable_gradient_checkpointing()
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trainer_core.config import JobConfig, LoraConfig, MemoryConfig, ModelConfig, QuantConfig
-from trainer_core.lora import attach_lora, load_lora_state
+from trainer_core.lora import attach_lora, detach_lora, load_lora_state
 from trainer_core.models import WanComponents, load_components
 from trainer_core.quant import Float8Linear, NF4Linear, UInt4Linear, quantize_expert, quantize_text_encoder
 from trainer_core.train.quantization import expert_identity
@@ -222,8 +222,7 @@ def release_expert(model: nn.Module | None) -> None:
     """Return a borrowed expert to the bundle's state: adapters removed, no checkpointing, eval mode, CPU."""
     if model is None:
         return
-    if getattr(model, "peft_config", None):
-        model.unload_lora()
+    detach_lora(model)
     if model.is_gradient_checkpointing:
         model.disable_gradient_checkpointing()
     model.eval()
@@ -243,8 +242,7 @@ def lora_attached(model: nn.Module, pair: LoraPair | None, expert: str) -> Itera
             load_lora_state(model, tensors, pair.lora)
         yield
     finally:
-        if getattr(model, "peft_config", None):
-            model.unload_lora()
+        detach_lora(model)
 
 
 @contextlib.contextmanager

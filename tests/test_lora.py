@@ -19,6 +19,7 @@ from trainer_core.errors import LoraFileError
 from trainer_core.keys import diffusers_state_dict_to_original
 from trainer_core.lora import (
     attach_lora,
+    detach_lora,
     load_lora_state,
     lora_file_name,
     lora_parameters,
@@ -305,3 +306,25 @@ def test_load_lora_state_refuses_foreign_files_before_changing_weights(base, tmp
             load_lora_state(dst, path, CFG)
         assert re.search(pattern, str(info.value)), (case, str(info.value))
         assert all(torch.equal(a, b) for a, b in zip(_lora_snapshot(dst), before)), case
+
+
+def test_lora_input_casts_are_off_only_inside_an_autocast_forward_and_detach_forgets_the_layers(base):
+    from trainer_core.train.step import predict_velocity
+
+    model = copy.deepcopy(base).bfloat16()
+    attach_lora(model, CFG)
+    assert len(model.lora_layers) == 10 * TINY["num_layers"]  # the recorded layers are the model's LoRA layers
+    seen = []
+    hook = model.lora_layers[0].register_forward_pre_hook(lambda m, a: seen.append(m.cast_input_dtype_enabled))
+    x = torch.randn(1, 16, 1, 8, 8)
+    text = torch.randn(1, 4, 64)
+    predict_velocity(model, x, torch.tensor([0.5]), text, torch.bfloat16)  # CPU bf16 autocast
+    predict_velocity(model, x, torch.tensor([0.5]), text, None)  # no autocast: bf16 input, fp32 LoRA -> cast
+    hook.remove()
+    assert seen == [False, True]
+    assert all(m.cast_input_dtype_enabled for m in model.lora_layers)  # restored after the forward
+    detach_lora(model)
+    assert not hasattr(model, "lora_layers") and not getattr(model, "peft_config", None)
+    assert torch.equal(model(x.bfloat16(), torch.tensor([500.0]), text.bfloat16(), return_dict=False)[0],
+                       copy.deepcopy(base).bfloat16()(x.bfloat16(), torch.tensor([500.0]), text.bfloat16(),
+                                                      return_dict=False)[0])

@@ -8,6 +8,7 @@ weights are kept in fp32 even when the base is bf16/fp16/quantized, so small upd
 from __future__ import annotations
 
 import peft
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..config import LoraConfig
@@ -39,6 +40,16 @@ def attach_lora(transformer: nn.Module, cfg: LoraConfig, adapter_name: str = "de
             # peft creates the adapter in the base layer's dtype; bf16 LoRA weights lose small updates.
             param.data = param.data.float()
             param.requires_grad_(True)
+    # Kept so that per-forward switches (trainer_core.train.step) need not walk thousands of modules each time.
+    transformer.lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def detach_lora(transformer: nn.Module) -> None:
+    """Remove every LoRA adapter: peft's layers go back to their base layers (the model is as before
+    :func:`attach_lora`)."""
+    if getattr(transformer, "peft_config", None):
+        transformer.unload_lora()
+    transformer.__dict__.pop("lora_layers", None)
 
 
 def lora_parameters(transformer: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from diffusers import WanTransformer3DModel
 from peft.helpers import disable_input_dtype_casting
@@ -27,7 +30,7 @@ def predict_velocity(
     autocast = autocast_dtype is not None
     with (
         torch.autocast(x_t.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast),
-        disable_input_dtype_casting(model, active=autocast),
+        _lora_inputs_uncast(model, active=autocast),
     ):
         return model(
             hidden_states=x_t.to(dtype),
@@ -35,6 +38,25 @@ def predict_velocity(
             encoder_hidden_states=text.to(dtype),
             return_dict=False,
         )[0]
+
+
+@contextmanager
+def _lora_inputs_uncast(model: WanTransformer3DModel, active: bool) -> Iterator[None]:
+    """peft's ``disable_input_dtype_casting`` over the LoRA layers :func:`trainer_core.lora.attach_lora` recorded
+    (peft's own walks every module on entry and exit: about 15 ms per forward on the A14B)."""
+    layers = getattr(model, "lora_layers", None)
+    if not active or layers is None:
+        with disable_input_dtype_casting(model, active=active):
+            yield
+        return
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before):
+            m.cast_input_dtype_enabled = value
 
 
 def micro_batch_loss(
