@@ -347,7 +347,8 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
         _report(res, "fp8 fast path", run_trainer(b, models, quant="float8", n=n_fast, **fast), save)
 
     if args.fp8_first:  # the float8 runs first; then fresh bf16 experts (same seeds)
-        fp8_runs()
+        if args.fp8:
+            fp8_runs()
         if args.bf16:
             models.clear()
             reset_peak()
@@ -357,7 +358,8 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
     else:
         if args.bf16:
             bf16_runs()
-        fp8_runs()
+        if args.fp8:
+            fp8_runs()
     for key, r in res.items():
         if isinstance(r, dict) and "s" in r:
             r["speedup"] = plain["s"] / r["s"]
@@ -409,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--experts", type=int, choices=(1, 2), default=1)
     ap.add_argument("--levers", action="store_true")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 fast path")
+    ap.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the float8 fast path")
     ap.add_argument("--fp8-first", action="store_true", help="float8 runs before the bf16 ones (rebuilds the experts)")
     ap.add_argument("--eager-full", action="store_true", help="also the trainer's eager step, full checkpointing")
     ap.add_argument("--low-vram", action="store_true")

@@ -31,6 +31,17 @@ def _recording_shard(model, ctx, device):
         fh.write(f"{ctx.rank} {local} {sum(p.numel() for p in frozen)}\n")
 
 
+_real_prepare = loop.prepare_expert
+
+
+def _recording_prepare(name, *args, **kwargs):
+    """Record which expert each rank prepares (and so holds)."""
+    with open(os.environ["WRITES_LOG"] + ".experts", "a") as fh:
+        fh.write(f"{os.environ.get('RANK', '0')} {name}\n")
+    return _real_prepare(name, *args, **kwargs)
+
+
 loop.save_checkpoint = _recording_save
+loop.prepare_expert = _recording_prepare
 loop.shard_frozen_weights = _recording_shard
 sys.exit(main(sys.argv[1:]))

@@ -118,3 +118,22 @@ def test_sharding_refuses_settings_it_cannot_serve(over, named):
     with pytest.raises(ConfigError, match=f"distributed.shard_experts cannot be combined with .*{re.escape(named)}"):
         job_from_dict(raw)
     assert not job_from_dict({**raw, "distributed": {"shard_experts": False}}).distributed.shard_experts
+
+
+@pytest.mark.parametrize(
+    "over,named",
+    [
+        ({"multistage": {"train_low_noise": False, "switch_every": 1}}, "training one expert only"),
+        ({"multistage": {"switch_every": 10}}, "multistage.switch_every: 10"),
+        ({"distributed": {"expert_groups": True, "shard_experts": True}}, "distributed.shard_experts"),
+        ({"memory": {"low_vram": True}}, "memory.low_vram"),
+        ({"sample": {"prompts": ["a cat"], "sample_every": 50}}, "previews"),
+    ],
+)
+def test_expert_groups_refuse_settings_they_cannot_serve(over, named):
+    raw = {"model": {"source": "tiny"}, "multistage": {"switch_every": 1}, **over}
+    raw["distributed"] = {"expert_groups": True, **over.get("distributed", {})}
+    with pytest.raises(ConfigError, match=f"distributed.expert_groups cannot be combined with .*{re.escape(named)}"):
+        job_from_dict(raw)
+    ok = {"model": {"source": "tiny"}, "multistage": {"switch_every": 1}, "distributed": {"expert_groups": True}}
+    assert job_from_dict(ok).distributed.expert_groups

@@ -133,3 +133,53 @@ def test_scaling_benchmark_runs_under_torchrun(tmp_path):
     report = subprocess.run([sys.executable, str(bench), "--report", *outs], env=env, capture_output=True, text=True)
     rows = [line for line in report.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 3 and rows[0].split("|")[5].strip() == "100%"
+
+
+def _grouped(tmp: Path, clips: Path, out: str, **train) -> dict:
+    """The job with both experts alternating every step (what expert groups compute), optionally grouped."""
+    return {**_job(tmp, clips, out, **train), "multistage": {"switch_every": 1}}
+
+
+def test_expert_groups_train_like_one_process(tmp_path, clips):
+    # Two ranks: rank 0 holds and trains the high-noise expert, rank 1 the low-noise one, both in every round.
+    single = run_training(job_from_dict(_grouped(tmp_path, clips, "single")), progress_bar=False)
+    job = {**_grouped(tmp_path, clips, "groups"), "distributed": {"expert_groups": True}}
+    writes = _torchrun(tmp_path, job, world=2)
+    held = sorted(Path(f"{writes}.experts").read_text().splitlines())
+    assert held == ["0 high", "1 low"]
+    run = tmp_path / "groups" / "d"
+    assert [line.split(",")[1] for line in (run / "losses.csv").read_text().splitlines()[1:]] == [
+        "high", "low", "high", "low"]
+    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
+    for expert in ("high", "low"):
+        _assert_lora_close(load_file(str(single.lora_files[expert])),
+                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    assert writes.read_text().split() == ["0", "0"]  # rank 0 writes both experts (saves at steps 2 and 4)
+
+
+def test_expert_groups_of_two_ranks_split_each_batch(tmp_path, clips):
+    # Four ranks: two per expert, each group data-parallel on its own (the 1-sample batches leave a rank idle).
+    single = run_training(job_from_dict(_grouped(tmp_path, clips, "single")), progress_bar=False)
+    job = {**_grouped(tmp_path, clips, "groups4"), "distributed": {"expert_groups": True}}
+    writes = _torchrun(tmp_path, job, world=4)
+    held = sorted(Path(f"{writes}.experts").read_text().splitlines())
+    assert held == ["0 high", "1 high", "2 low", "3 low"]
+    run = tmp_path / "groups4" / "d"
+    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
+    for expert in ("high", "low"):
+        _assert_lora_close(load_file(str(single.lora_files[expert])),
+                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+
+
+def test_expert_group_states_resume_across_placements(tmp_path, clips):
+    full = run_training(job_from_dict(_grouped(tmp_path, clips, "full", steps=5)), progress_bar=False)
+    # one process stops after step 3 (a high-noise step); the groups resume with a round holding only step 4 (low)
+    run_training(job_from_dict(_grouped(tmp_path, clips, "a", steps=3)), progress_bar=False)
+    grouped = {"distributed": {"expert_groups": True}, "resume": "latest"}
+    _torchrun(tmp_path, {**_grouped(tmp_path, clips, "a", steps=4), **grouped}, world=2)
+    resumed = run_training(job_from_dict({**_grouped(tmp_path, clips, "a", steps=5), "resume": "latest"}),
+                           progress_bar=False)
+    assert [x[2] for x in resumed.losses] == pytest.approx([x[2] for x in full.losses], rel=1e-5)
+    assert [x[1] for x in resumed.losses] == ["high", "low", "high", "low", "high"]
+    for expert in ("high", "low"):
+        _assert_lora_close(load_file(str(full.lora_files[expert])), load_file(str(resumed.lora_files[expert])))

@@ -11,6 +11,8 @@ from trainer_core.data import make_synthetic_dataset
 from trainer_core.errors import TrainerError
 from trainer_core.launch import LaunchCancelled, run_torchrun
 from trainer_core.train.checkpoints import list_states
+from trainer_core.train.loop import run_training
+from trainer_core.train.state_io import load_state
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ def clips(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("clips"), n_clips=4, num_frames=5, size=(32, 32), seed=2)
 
 
-def _cfg(tmp: Path, clips: Path, steps: int):
+def _cfg(tmp: Path, clips: Path, steps: int, **over):
     return job_from_dict({
         "name": "l",
         "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
@@ -33,6 +35,7 @@ def _cfg(tmp: Path, clips: Path, steps: int):
                   "device": "cpu", "num_workers": 0},
         "save": {"output_dir": str(tmp / "out"), "save_every": 0},
         "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}],
+        **over,
     })
 
 
@@ -59,6 +62,24 @@ def test_cancel_leaves_a_resumable_state_and_no_process(tmp_path, clips):
     job = str(cfg.run_dir / "launch_job.yaml")
     alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and job in _cmdline(p)]
     assert not alive
+
+
+def test_cancelled_expert_groups_stop_together_at_a_round_end(tmp_path, clips):
+    groups = {"multistage": {"switch_every": 1}, "distributed": {"expert_groups": True}}
+    cfg = _cfg(tmp_path, clips, 400, **groups)
+    events = []
+    with pytest.raises(LaunchCancelled):
+        run_torchrun(cfg, 2, events.append, lambda: len(events) >= 3, env=ENV)
+    states = list_states(cfg.run_dir)
+    assert len(states) == 1  # save_every 0: the state comes from the stop alone
+    step, path = states[0]
+    assert step % 2 == 0 and 4 <= step < 400  # a whole round of (high, low), at or after the cancel
+    assert set(load_state(path)[0]["lora"]) == {"high", "low"}  # rank 0 gathered the low-noise group's expert
+    job = str(cfg.run_dir / "launch_job.yaml")
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and job in _cmdline(p)]
+    resumed = run_training(_cfg(tmp_path, clips, step + 2, **{**groups, "distributed": {}}, resume="latest"),
+                           progress_bar=False)
+    assert [e for _, e, _ in resumed.losses] == ["high", "low"] * (step // 2 + 1)
 
 
 def _cmdline(proc: Path) -> str:

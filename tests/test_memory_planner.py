@@ -431,3 +431,16 @@ def test_sharded_weights_divide_over_the_ranks_and_are_suggested():
     plan = estimate_peak_vram(job, WAN22_A14B_ARCH, 70 * GIB, side_models=NO_SIDE_MODELS, world=4)
     assert not plan.fits
     assert any(s.startswith("distributed.shard_experts: true") for s in plan.suggestions)
+
+
+def test_expert_groups_hold_one_expert_per_gpu():
+    def weights(world, groups):
+        job = _job(two=True, multistage={"train_low_noise": True, "switch_every": 1},
+                   distributed={"expert_groups": groups})
+        plan = estimate_peak_vram(job, WAN22_A14B_ARCH, None, side_models=NO_SIDE_MODELS, world=world)
+        return sum(i.nbytes for i in plan.items if i.category == "weights")
+
+    one = sum(i.nbytes for i in estimate_peak_vram(_job(), WAN22_A14B_ARCH, None, side_models=NO_SIDE_MODELS).items
+              if i.category == "weights")
+    assert weights(2, True) == one  # each GPU of a group: one expert's weights
+    assert weights(1, True) == weights(2, False) == 2 * one  # one process (groups ignored), or groups off: both

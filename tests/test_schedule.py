@@ -21,6 +21,7 @@ from trainer_core.schedule import (
     expert_step_counts,
     high_noise_mask,
     loss_weights,
+    round_steps,
     sample_sigmas,
 )
 
@@ -248,3 +249,28 @@ def test_alternation_rejects_bad_input():
             active_expert(0, stages, every)
         with pytest.raises(ConfigError):
             expert_step_counts(10, stages, every)
+
+
+def test_rounds_without_groups_are_single_steps():
+    assert round_steps(7, 10, ["high", "low"], 10, grouped=False) == [7]
+    assert round_steps(10, 10, ["high", "low"], 1, grouped=False) == []
+
+
+@pytest.mark.parametrize("start,total", [(0, 9), (1, 9), (0, 8), (5, 6)])
+def test_grouped_rounds_cover_every_step_once_with_each_expert_at_most_once(start, total):
+    stages = ["high", "low"]
+    rounds, step = [], start
+    while step < total:
+        rounds.append(round_steps(step, total, stages, 1, grouped=True))
+        step += len(rounds[-1])
+    assert [s for r in rounds for s in r] == list(range(start, total))
+    for r in rounds:
+        experts = [active_expert(s, stages, 1) for s in r]
+        assert len(set(experts)) == len(experts) and 1 <= len(r) <= 2
+    assert rounds[0] == ([start, start + 1] if start + 1 < total else [start])
+
+
+def test_grouped_rounds_with_longer_blocks_hold_one_step():
+    # switch_every 10: the next step has the same expert, so a round is one step (the other group idles)
+    assert round_steps(3, 40, ["high", "low"], 10, grouped=True) == [3]
+    assert round_steps(9, 40, ["high", "low"], 10, grouped=True) == [9, 10]

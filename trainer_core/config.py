@@ -478,6 +478,11 @@ class DistributedConfig(_Strict):
     shard_experts: bool = Field(
         default=False, description="FSDP2-shard the frozen expert weights across the GPUs (bf16 experts only)"
     )
+    expert_groups: bool = Field(
+        default=False,
+        description="both experts at once: the first half of the GPUs holds and trains the high-noise expert, the "
+        "second half the low-noise one (even GPU count, switch_every 1); no expert ever swaps",
+    )
 
 
 class JobConfig(_Strict):
@@ -506,6 +511,30 @@ class JobConfig(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError(f"name {v!r} must be letters, digits, '_', '-' or '.' (it becomes part of file names)")
         return v
+
+    @model_validator(mode="after")
+    def _expert_group_combinations(self) -> "JobConfig":
+        if not self.distributed.expert_groups:
+            return self
+        clashes = []
+        if len(self.multistage.stages) != 2:
+            clashes.append("training one expert only (multistage.train_high_noise / train_low_noise both on)")
+        if self.multistage.switch_every != 1:
+            clashes.append(
+                f"multistage.switch_every: {self.multistage.switch_every} (both experts train every round: use 1)"
+            )
+        if self.distributed.shard_experts:
+            clashes.append("distributed.shard_experts (each group holds a whole expert)")
+        if self.memory.low_vram:
+            clashes.append("memory.low_vram (each GPU holds one expert: there is nothing to swap)")
+        if self.sample.prompts and (self.sample.sample_every > 0 or self.sample.sample_at_start):
+            clashes.append("previews during training (sample.sample_every / sample_at_start; render afterwards)")
+        if clashes:
+            raise ValueError(
+                "distributed.expert_groups cannot be combined with " + "; ".join(clashes) + " - change those "
+                "settings or set distributed.expert_groups: false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sharding_combinations(self) -> "JobConfig":

@@ -5,7 +5,8 @@ The child is ``python -m torch.distributed.run --standalone --nproc_per_node=N -
 With ``--events`` rank 0 prints one line per event, ``@@wan22 {json}``: ``step`` after each optimizer step and
 ``done`` at the end (LoRA files, run folder). Cancelling sends SIGTERM to torchrun, which forwards it to its workers;
 the CLI turns the first SIGTERM into ``KeyboardInterrupt``, so the training loop writes the resumable state of the
-last completed step, exactly as a Ctrl-C would.
+last completed step, exactly as a Ctrl-C would. With ``distributed.expert_groups`` the workers instead finish the
+round of steps in flight and write the state together; torchrun is told to wait for them (its shutdown timeout).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from .errors import TrainerError
 from .fileio import atomic_write
 
 EVENT_PREFIX = "@@wan22 "
-#: Seconds the workers get to write their resumable state after a cancel before they are killed.
-CANCEL_GRACE_S = 120.0
+#: Seconds the workers get to write their resumable state after a cancel before they are killed (expert groups
+#: first finish the round in flight: about a minute at 1024x1024x81 on an H200).
+CANCEL_GRACE_S = 300.0
 
 
 class LaunchCancelled(TrainerError):
@@ -86,6 +88,8 @@ def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     """This environment plus ``extra``, with this package importable in the child (a ComfyUI custom-node folder is
     on the host's ``sys.path``, not necessarily on ``PYTHONPATH``)."""
     env = {**os.environ, **(extra or {})}
+    # torchrun's own wait for its workers after forwarding a SIGTERM (default 30 s): as long as ours
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(CANCEL_GRACE_S)))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env

@@ -100,6 +100,14 @@ def save_lora(
     adapter_name: str = "default",
 ) -> Path:
     """Write the adapter to ``path`` atomically, with the caller's ``metadata`` plus :func:`format_metadata`."""
+    return save_lora_tensors(path, lora_state_dict_comfy(transformer, cfg, dtype, adapter_name), cfg, metadata)
+
+
+def save_lora_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: LoraConfig, metadata: dict[str, str]
+) -> Path:
+    """Write ComfyUI-native LoRA ``tensors`` (as :func:`lora_state_dict_comfy` returns them) to ``path``
+    atomically, with the caller's ``metadata`` plus :func:`format_metadata`."""
     fmt = format_metadata(cfg)
     bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
     if bad:
@@ -107,7 +115,6 @@ def save_lora(
     clash = sorted(set(metadata) & set(fmt))
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved for the LoRA format description")
-    tensors = lora_state_dict_comfy(transformer, cfg, dtype, adapter_name)
     return save_safetensors_atomic(tensors, path, metadata={**metadata, **fmt})
 
 

@@ -248,7 +248,8 @@ def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
         low_vram=cfg.memory.low_vram,
         offload_blocks=cfg.memory.offload_blocks,
         prefetch=cfg.memory.prefetch,
-        experts=len(cfg.multistage.stages),
+        # with expert groups (several ranks) each GPU holds one expert
+        experts=1 if cfg.distributed.expert_groups and world > 1 else len(cfg.multistage.stages),
         shards=world if cfg.distributed.shard_experts else 1,
         autocast_bytes=_DTYPE_BYTES[cfg.train.compute_dtype] if autocast else None,
         device_type=device_type,

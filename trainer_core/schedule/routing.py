@@ -50,3 +50,19 @@ def expert_step_counts(total_steps: int, stages: list[str], switch_every: int) -
         stage: switch_every * (full_rounds + (i < extra_blocks)) + (rest if i == extra_blocks else 0)
         for i, stage in enumerate(stages)
     }
+
+
+def round_steps(step: int, total_steps: int, stages: list[str], switch_every: int, grouped: bool) -> list[int]:
+    """The optimizer steps run together from ``step``: just ``[step]``, or with expert groups (``grouped``, each
+    expert on its own GPUs) the following steps until an expert would come twice, so every group runs at most one
+    step of the round and the groups run theirs at once."""
+    _check_stages(stages, switch_every)
+    if not grouped:
+        return [step] if step < total_steps else []
+    steps: list[int] = []
+    seen: set[str] = set()
+    while step < total_steps and (expert := active_expert(step, stages, switch_every)) not in seen:
+        seen.add(expert)
+        steps.append(step)
+        step += 1
+    return steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from .. import __version__
 from ..config import JobConfig
 from ..errors import ConfigError
 from ..fileio import atomic_write
-from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora
-from ..regularizers import ema_lora_file_name, save_ema_lora
+from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora_tensors
+from ..regularizers import ema_lora_file_name, ema_lora_state_dict
 from .experts import Expert
 from .state_io import load_state, save_state
 
@@ -97,28 +98,76 @@ def lora_metadata(cfg: JobConfig, base_model: str, step: int, expert: str) -> di
     }
 
 
+@dataclass
+class ExpertSnapshot:
+    """What a checkpoint keeps of one expert, detached from its model (so it can travel between ranks)."""
+
+    lora: dict[str, torch.Tensor]  # ComfyUI-native tensors, fp32
+    state: dict[str, Any]  # optimizer, LR schedule, EMA, steps done (Expert.state_dict)
+    ema_lora: dict[str, torch.Tensor] | None = None  # the EMA weights, same layout
+    ema_decay: float = 0.0
+
+
+def expert_snapshot(ex: Expert, cfg: JobConfig, cpu: bool = False) -> ExpertSnapshot:
+    """Snapshot ``ex`` for :func:`save_checkpoint`; ``cpu`` copies every tensor to host memory (to send it)."""
+    snap = ExpertSnapshot(
+        lora=lora_state_dict_comfy(ex.model, cfg.lora, torch.float32),
+        state=ex.state_dict(),
+    )
+    if ex.ema is not None:
+        snap.ema_lora, snap.ema_decay = ema_lora_state_dict(ex.ema, cfg.lora, torch.float32), ex.ema.decay
+    return _to_cpu(snap) if cpu else snap
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    if isinstance(obj, ExpertSnapshot):
+        return ExpertSnapshot(_to_cpu(obj.lora), _to_cpu(obj.state), _to_cpu(obj.ema_lora), obj.ema_decay)
+    return obj
+
+
+def _in_dtype(lora: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The saved file's tensors: weights in ``dtype``, ``alpha`` stays fp32 (as lora_state_dict_comfy writes)."""
+    return {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in lora.items()}
+
+
 def save_checkpoint(
-    cfg: JobConfig, base_model: str, experts: dict[str, Expert], progress: dict[str, Any], run_dir: Path
+    cfg: JobConfig,
+    base_model: str,
+    experts: dict[str, ExpertSnapshot],
+    progress: dict[str, Any],
+    run_dir: Path,
 ) -> tuple[dict[str, Path], Path | None]:
     """Write each expert's LoRA (and EMA LoRA) in ComfyUI naming, the resumable state if enabled, and prune.
 
-    ``progress`` holds ``step``, ``epoch``, ``batch_pos`` and ``losses`` (list of (step, expert, loss)).
+    ``experts`` are :func:`expert_snapshot` s; ``progress`` holds ``step``, ``epoch``, ``batch_pos`` and ``losses``
+    (list of (step, expert, loss)).
     """
     step = int(progress["step"])
     dtype = _DTYPES[cfg.save.dtype]
     files = {}
-    for name, ex in experts.items():
+    for name, snap in experts.items():
         meta = lora_metadata(cfg, base_model, step, name)
-        files[name] = save_lora(run_dir / lora_file_name(cfg.name, step, name), ex.model, cfg.lora, dtype, meta)
-        if ex.ema is not None:
-            save_ema_lora(run_dir / ema_lora_file_name(cfg.name, step, name), ex.ema, cfg.lora, dtype, meta)
+        files[name] = save_lora_tensors(
+            run_dir / lora_file_name(cfg.name, step, name), _in_dtype(snap.lora, dtype), cfg.lora, meta
+        )
+        if snap.ema_lora is not None:
+            save_lora_tensors(
+                run_dir / ema_lora_file_name(cfg.name, step, name), _in_dtype(snap.ema_lora, dtype), cfg.lora,
+                {**meta, "ema_decay": f"{snap.ema_decay:g}"},
+            )
     state_path = None
     if cfg.save.save_training_state:
         state: dict[str, Any] = {
             "progress": {k: progress[k] for k in ("step", "epoch", "batch_pos", "dataset")},
             "losses": [list(x) for x in progress["losses"]],
-            "experts": {n: ex.state_dict() for n, ex in experts.items()},
-            "lora": {n: lora_state_dict_comfy(ex.model, cfg.lora, torch.float32) for n, ex in experts.items()},
+            "experts": {n: snap.state for n, snap in experts.items()},
+            "lora": {n: snap.lora for n, snap in experts.items()},
             "rng": {"torch": torch.get_rng_state()},
         }
         if torch.cuda.is_available():

@@ -9,6 +9,11 @@ Why not ``DistributedDataParallel``: the two experts take turns (one optimizer, 
 batch can leave a rank with no sample, and the LoRA gradients are tiny next to the frozen 14B forward/backward, so
 overlapping their reduction with the backward saves nothing measurable while DDP would demand every rank run a forward.
 
+With ``distributed.expert_groups`` (two experts, an even number of ranks) the first half of the ranks holds and trains
+the high-noise expert, the second half the low-noise one (:func:`expert_groups`): each group is data-parallel on its
+own, both train at once, and the only traffic between the groups is one small exchange per round of steps (losses,
+learning rates, a stop request) and the checkpoints' gather.
+
 With ``distributed.shard_experts`` the frozen expert weights are sharded with FSDP2 (:func:`shard_frozen_weights`);
 the LoRA weights are left out of the sharding (``ignored_params``), so everything above still holds for them. The
 sharded forward and backward are collectives, so a rank without a sample then computes a stand-in sample of the
@@ -21,7 +26,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +41,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: Any = None  # the process group of this context's collectives (None: all ranks)
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +66,7 @@ class DistContext:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self.group)
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
@@ -69,11 +75,23 @@ class DistContext:
 
     def sum(self, value: float) -> float:
         """Sum a Python number over ranks."""
+        return self.sums([value])[0]
+
+    def sums(self, values: Sequence[float]) -> list[float]:
+        """Sum each of several Python numbers over ranks, in one collective."""
         if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._device())
-        dist.all_reduce(t)
-        return float(t.item())
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable, CPU tensors only) on rank 0 in rank order; ``None`` elsewhere."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
 
     def barrier(self) -> None:
         if self.active:
@@ -81,6 +99,34 @@ class DistContext:
 
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """This rank's place when each expert has its own half of the GPUs."""
+
+    expert: str  # the expert this rank holds and trains
+    data: DistContext  # this rank within its group: its slice of the global batches, the gradient sum
+
+    def trains(self, expert: str) -> bool:
+        return expert == self.expert
+
+
+def expert_groups(ctx: DistContext, stages: Sequence[str]) -> ExpertGroups:
+    """Split the ranks in two process groups: ``[0, N/2)`` trains ``stages[0]``, ``[N/2, N)`` ``stages[1]``."""
+    from ..errors import ConfigError
+
+    if len(stages) != 2 or ctx.world % 2:
+        raise ConfigError(
+            f"distributed.expert_groups needs both experts and an even number of GPUs, got {ctx.world} process(es) "
+            f"for {list(stages)} - launch an even number of processes (torchrun --nproc_per_node) or set "
+            "distributed.expert_groups: false"
+        )
+    half = ctx.world // 2
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, ctx.world)))]  # every rank makes both
+    g = ctx.rank // half
+    data = DistContext(rank=ctx.rank - g * half, world=half, local_rank=ctx.local_rank, group=groups[g])
+    return ExpertGroups(expert=stages[g], data=data)
 
 
 @functools.cache

@@ -1,8 +1,10 @@
 """The training loop: both Wan 2.2 experts, one LoRA each, multi-stage switching, flow matching.
 
-Reads top to bottom: set up -> (resume) -> for each optimizer step: pick the active expert, accumulate micro-batches,
-step its optimizer, log, save. Every random draw of a step comes from a generator seeded by (seed, step, micro-batch)
-and the data order from (seed, epoch), so a resumed run reproduces the uninterrupted one exactly.
+Reads top to bottom: set up -> (resume) -> for each round of optimizer steps (one step; with expert groups one step
+per expert, run by the two GPU groups at once): pick the active expert, accumulate micro-batches, step its optimizer,
+log, save. Every random draw of a step comes from a generator seeded by (seed, step, micro-batch) and the data order
+from (seed, epoch), so a resumed run reproduces the uninterrupted one exactly, and any number of ranks, in any
+placement, computes what one process would.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import logging
 import math
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,14 +34,15 @@ from ..memory.allocator import use_expandable_segments
 from ..models import WanComponents, encode_video, load_components
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
-from ..schedule import active_expert, expert_step_counts, sample_sigmas
-from .checkpoints import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from ..schedule import active_expert, expert_step_counts, round_steps, sample_sigmas
+from .checkpoints import check_resume_compatible, expert_snapshot, load_checkpoint, resolve_resume, save_checkpoint
 from .conditioning import setup_conditioning
-from .distributed import init_distributed, shard_frozen_weights
+from .distributed import expert_groups, init_distributed, shard_frozen_weights
 from .experts import block_plan_for, prepare_expert
 from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
+from .stop import stop_at_round_end
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,12 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derived)
 
 
+def expert_seed(seed: int, expert: str) -> int:
+    """The seed of one expert's set-up draws (LoRA initialisation, calibration batches)."""
+    entropy = [seed, 1 + ("high", "low").index(expert)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def run_training(
     cfg: JobConfig,
     *,
@@ -116,6 +126,10 @@ def run_training(
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     stages = cfg.multistage.stages
+    # With expert groups each rank holds one expert and trains its steps, data-parallel within its group.
+    groups = expert_groups(ctx, stages) if ctx.active and cfg.distributed.expert_groups else None
+    data_ctx = groups.data if groups is not None else ctx
+    local_stages = [groups.expert] if groups is not None else stages
     run_dir = cfg.run_dir
     check_regularizers(cfg)
     check_ara_source(cfg.quant)
@@ -145,7 +159,7 @@ def run_training(
     # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
     previews = previews_enabled(cfg)
     components = components or load_components(
-        cfg.model, high=previews or "high" in stages, low=previews or "low" in stages
+        cfg.model, high=previews or "high" in local_stages, low=previews or "low" in local_stages
     )
     torch.manual_seed(cfg.train.seed)
     if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
@@ -161,15 +175,21 @@ def run_training(
     def latents(ids: list[int], epoch: int) -> torch.Tensor:
         return latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
 
+    def trains(step: int) -> bool:
+        """Whether this rank computes optimizer step ``step`` (with expert groups: the other group's steps not)."""
+        return groups is None or groups.trains(active_expert(step, stages, cfg.multistage.switch_every))
+
     global_sizes: deque[int] = deque()
     stand_ins: deque[bool] = deque()
 
-    def rank_batches(epoch: int, position: int) -> Iterator[BatchRef]:
-        """The global batch sequence from a saved position, each reduced to this rank's slice (with sharded weights
-        an empty slice becomes a stand-in sample, trained with weight 0)."""
-        for ref in batch_refs(dataset, cfg.train.batch_size, epoch, position):
+    def rank_batches(epoch: int, position: int, first_step: int) -> Iterator[BatchRef]:
+        """The global batch sequence from a saved position (the first one belongs to ``first_step``), each reduced
+        to this rank's slice (with sharded weights an empty slice becomes a stand-in sample, trained with weight 0;
+        the other expert group's batches become empty, so nothing is loaded for them)."""
+        refs = batch_refs(dataset, cfg.train.batch_size, epoch, position)
+        for k, ref in enumerate(refs):
             global_sizes.append(len(ref.sample_ids))
-            ids = ctx.shard(ref.sample_ids)
+            ids = data_ctx.shard(ref.sample_ids) if trains(first_step + k // cfg.train.gradient_accumulation) else []
             stand_ins.append(sharded and not ids)
             if stand_ins[-1]:
                 ids = [ref.sample_ids[ctx.rank % len(ref.sample_ids)]]
@@ -178,10 +198,13 @@ def run_training(
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
     models = {"high": components.high, "low": components.low}
     experts = {}
-    for n in stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
-        quantize_experts(cfg, {n: models[n]}, dataset, latents, condition, device)
-        experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory, blocks, shard)
-        if cfg.memory.low_vram and len(stages) > 1:
+    for n in local_stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
+        # Each expert's random draws (LoRA init, calibration) from its own seed: the same in every placement.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(expert_seed(cfg.train.seed, n))
+            quantize_experts(cfg, {n: models[n]}, dataset, latents, condition, device)
+            experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory, blocks, shard)
+        if cfg.memory.low_vram and len(local_stages) > 1:
             memory.offload(n)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +216,7 @@ def run_training(
         if saved.get("dataset") != prog.dataset:
             log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
         prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], prog.dataset)
-    stream = latent_cache.prefetch(dataset, rank_batches(prog.epoch, prog.batch_pos), cfg.train.num_workers)
+    stream = latent_cache.prefetch(dataset, rank_batches(prog.epoch, prog.batch_pos, prog.step), cfg.train.num_workers)
     if renderer is not None and prog.step == 0 and renderer.due(0):
         renderer.render(0, models, experts)
     result = TrainResult(run_dir=run_dir, step=prog.step)
@@ -202,96 +225,156 @@ def run_training(
     start_pos, mid_step = (prog.epoch, prog.batch_pos), False
 
     def checkpoint() -> None:
-        if ctx.is_main:
+        """Write LoRAs and state on rank 0; with expert groups every rank takes part (the experts are gathered)."""
+        if groups is None:
+            if ctx.is_main:
+                snaps = {n: expert_snapshot(ex, cfg) for n, ex in experts.items()}
+                result.lora_files, result.state_file = save_checkpoint(
+                    cfg, components.base_model, snaps, vars(prog), run_dir
+                )
+            return
+        mine = {groups.expert: expert_snapshot(experts[groups.expert], cfg, cpu=True)} if data_ctx.is_main else {}
+        gathered = ctx.gather_to_main(mine)
+        if gathered is not None:
+            snaps = {n: gathered_snap for part in gathered for n, gathered_snap in part.items()}
             result.lora_files, result.state_file = save_checkpoint(
-                cfg, components.base_model, experts, vars(prog), run_dir
+                cfg, components.base_model, {n: snaps[n] for n in stages}, vars(prog), run_dir
             )
 
-    try:
-        while prog.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            start_pos, mid_step = (prog.epoch, prog.batch_pos), True
-            name = active_expert(prog.step, stages, cfg.multistage.switch_every)
-            ex = experts[name]
-            switch = memory.activate(name)
-            upcoming = active_expert(prog.step + 1, stages, cfg.multistage.switch_every)
-            if upcoming != name and plan.prefetch_next_expert:
-                memory.prefetch(upcoming)  # overlap the next switch's copy with this step
-            step_loss = 0.0
-            for micro in range(cfg.train.gradient_accumulation):
-                ref, loaded = next(stream)
-                n_global, stand_in = global_sizes.popleft(), stand_ins.popleft()
-                prog.epoch, prog.batch_pos = ref.epoch, ref.position + 1
-                contribution = 0.0
-                if ref.sample_ids:  # a rank can get no sample from a bucket's short last batch
-                    x0 = latent_cache.finish(loaded, encode).to(device, torch.float32)
-                    # Noise levels and noise are drawn for the whole global batch, then sliced: N ranks see exactly
-                    # what one process would.
-                    gen = step_generator(cfg.train.seed, prog.step, micro)
-                    sigmas = sample_sigmas(
-                        n_global,
-                        expert=name,
-                        boundary=cfg.multistage.boundary,
-                        timestep_type=cfg.train.timestep_type,
-                        timestep_bias=cfg.train.timestep_bias,
-                        shift=cfg.train.timestep_shift,
-                        generator=gen,
-                    )
-                    noise = torch.randn((n_global, *x0.shape[1:]), generator=gen, dtype=torch.float32)
-                    mine = [ctx.rank % n_global] if stand_in else ctx.shard(range(n_global))
-                    share = 0.0 if stand_in else len(mine) / n_global
-                    captions = [p.caption for p in loaded.plans]
-                    regularization = [p.is_regularization for p in loaded.plans]
-                    _, logged = objective(
-                        ex.model, x0, noise[mine].to(device), sigmas[mine].to(device), captions, condition, share,
-                        regularization,
-                    )
-                    contribution = logged * share
-                micro_loss = ctx.sum(contribution)
-                if not math.isfinite(micro_loss):
-                    raise TrainingDiverged(
-                        f"loss became {micro_loss} at step {prog.step} ({name}-noise expert); no checkpoint was "
-                        "written for it and earlier ones are intact - lower optimizer.lr (e.g. 5e-5) or resume "
-                        "from the last good training state"
-                    )
-                step_loss += micro_loss / cfg.train.gradient_accumulation
+    def consume_batches() -> list[tuple[BatchRef, Any, int, bool]]:
+        """The next step's micro-batches from the stream (advancing the saved position)."""
+        batches = []
+        for _ in range(cfg.train.gradient_accumulation):
+            ref, loaded = next(stream)
+            batches.append((ref, loaded, global_sizes.popleft(), stand_ins.popleft()))
+            prog.epoch, prog.batch_pos = ref.epoch, ref.position + 1
+        return batches
 
-            ctx.all_reduce_grads(lora_parameters(ex.model))
-            ex.optimizer_step(cfg.optimizer.max_grad_norm)
-            prog.step += 1
-            prog.losses.append((prog.step, name, step_loss))
-            mid_step = False
+    def train_step(step: int, name: str) -> float:
+        """One optimizer step of expert ``name`` on this rank's slices of the step's global batches; returns the
+        step's loss (mean over the global batch). A non-finite loss skips the update (the caller stops training)."""
+        ex = experts[name]
+        step_loss = 0.0
+        for micro, (ref, loaded, n_global, stand_in) in enumerate(consume_batches()):
+            contribution = 0.0
+            if ref.sample_ids:  # a rank can get no sample from a bucket's short last batch
+                x0 = latent_cache.finish(loaded, encode).to(device, torch.float32)
+                # Noise levels and noise are drawn for the whole global batch, then sliced: N ranks see exactly
+                # what one process would.
+                gen = step_generator(cfg.train.seed, step, micro)
+                sigmas = sample_sigmas(
+                    n_global,
+                    expert=name,
+                    boundary=cfg.multistage.boundary,
+                    timestep_type=cfg.train.timestep_type,
+                    timestep_bias=cfg.train.timestep_bias,
+                    shift=cfg.train.timestep_shift,
+                    generator=gen,
+                )
+                noise = torch.randn((n_global, *x0.shape[1:]), generator=gen, dtype=torch.float32)
+                mine = [data_ctx.rank % n_global] if stand_in else data_ctx.shard(range(n_global))
+                share = 0.0 if stand_in else len(mine) / n_global
+                captions = [p.caption for p in loaded.plans]
+                regularization = [p.is_regularization for p in loaded.plans]
+                _, logged = objective(
+                    ex.model, x0, noise[mine].to(device), sigmas[mine].to(device), captions, condition, share,
+                    regularization,
+                )
+                contribution = logged * share
+            step_loss += data_ctx.sum(contribution) / cfg.train.gradient_accumulation
+        if not math.isfinite(step_loss):
+            ex.optimizer.zero_grad(set_to_none=True)
+            return step_loss
+        data_ctx.all_reduce_grads(lora_parameters(ex.model))
+        ex.optimizer_step(cfg.optimizer.max_grad_norm)
+        return step_loss
 
-            dt = time.perf_counter() - t0
-            if switch is not None:
-                log.info("switched to the %s-noise expert: %.1f GiB in %.2f s", name, switch.nbytes / 2**30,
-                         switch.copy_seconds())
-            lr = ex.scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(expert=name, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{dt:.2f}")
-            periodic = cfg.save.save_every and prog.step % cfg.save.save_every == 0
-            if periodic or prog.step == cfg.train.steps:
-                checkpoint()
-                saved_step = prog.step
-            if renderer is not None and renderer.due(prog.step):
-                renderer.render(prog.step, models, experts)
-            if on_step is not None:
-                on_step(StepInfo(prog.step, cfg.train.steps, name, step_loss, lr, dt))
-    except TrainingDiverged:
-        bar.close()
-        raise
-    except BaseException:
-        # Interrupted (Ctrl-C, a UI cancel raised from on_step, an error): keep a resumable state of the last
-        # completed step, unless that step was just saved.
-        bar.close()
-        if mid_step:  # the half-accumulated step is discarded; its batches will be drawn again on resume
-            prog.epoch, prog.batch_pos = start_pos
-        if prog.step > 0 and prog.step != saved_step and cfg.save.save_training_state:
-            checkpoint()
-        raise
-    finally:
-        stream.close()
-        memory.close()  # the experts are ordinary resident models again for whoever uses them next
+    def share_round(
+        steps: list[int], losses: list[float], lrs: list[float], stop: bool
+    ) -> tuple[list[float], list[float], bool]:
+        """With expert groups: every rank learns each step's loss and learning rate (from the group that ran it)
+        and whether any rank asked to stop, in one small collective; otherwise the values as they are."""
+        if groups is None:
+            return losses, lrs, stop
+        lead = data_ctx.is_main  # one rank per group contributes its group's figures
+        values = [v if lead and trains(s) else 0.0 for s, v in zip(steps * 2, losses + lrs)]
+        summed = ctx.sums([*values, float(stop)])
+        n = len(steps)
+        return summed[:n], summed[n : 2 * n], summed[-1] > 0
+
+    with stop_at_round_end() if groups is not None else nullcontext(lambda: False) as stop_requested:
+        try:
+            while prog.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                start_pos, mid_step = (prog.epoch, prog.batch_pos), True
+                steps = round_steps(
+                    prog.step, cfg.train.steps, stages, cfg.multistage.switch_every, grouped=groups is not None
+                )
+                names = [active_expert(s, stages, cfg.multistage.switch_every) for s in steps]
+                losses, lrs, switch = [], [], None
+                for step, name in zip(steps, names):
+                    if not trains(step):
+                        consume_batches()
+                        losses.append(0.0)
+                        lrs.append(0.0)
+                        continue
+                    switch = memory.activate(name) or switch
+                    upcoming = active_expert(step + 1, stages, cfg.multistage.switch_every)
+                    if upcoming != name and plan.prefetch_next_expert:
+                        memory.prefetch(upcoming)  # overlap the next switch's copy with this step
+                    losses.append(train_step(step, name))
+                    lrs.append(experts[name].scheduler.get_last_lr()[0])
+                losses, lrs, stop = share_round(steps, losses, lrs, stop_requested())
+                for step, name, loss in zip(steps, names, losses):
+                    if not math.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss became {loss} at step {step} ({name}-noise expert); no checkpoint was written "
+                            "for it and earlier ones are intact - lower optimizer.lr (e.g. 5e-5) or resume from "
+                            "the last good training state"
+                        )
+                first = prog.step
+                prog.step += len(steps)
+                prog.losses.extend(zip(range(first + 1, prog.step + 1), names, losses))
+                mid_step = False
+
+                dt = (time.perf_counter() - t0) / len(steps)
+                if switch is not None:
+                    log.info("switched to the %s-noise expert: %.1f GiB in %.2f s", names[-1],
+                             switch.nbytes / 2**30, switch.copy_seconds())
+                bar.update(len(steps))
+                bar.set_postfix(expert=names[-1], loss=f"{losses[-1]:.4f}", lr=f"{lrs[-1]:.2e}", s_per_step=f"{dt:.2f}")
+                every = cfg.save.save_every
+                periodic = every and prog.step // every > first // every  # a save step fell into this round
+                if periodic or prog.step == cfg.train.steps or stop:
+                    checkpoint()
+                    saved_step = prog.step
+                if renderer is not None and renderer.due(prog.step):
+                    renderer.render(prog.step, models, experts)
+                if stop:
+                    raise KeyboardInterrupt(f"stopped after step {prog.step} (resumable state written)")
+                if on_step is not None:
+                    for step, name, loss, lr in zip(range(first + 1, prog.step + 1), names, losses, lrs):
+                        on_step(StepInfo(step, cfg.train.steps, name, loss, lr, dt))
+        except TrainingDiverged:
+            bar.close()
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C, a UI cancel raised from on_step, an error): keep a resumable state of the last
+            # completed step, unless that step was just saved. Expert groups save only together, at a round's end
+            # (above): a rank that fails alone cannot gather the other group's expert.
+            bar.close()
+            if mid_step:  # the half-accumulated step is discarded; its batches will be drawn again on resume
+                prog.epoch, prog.batch_pos = start_pos
+            if prog.step > 0 and prog.step != saved_step and cfg.save.save_training_state:
+                if groups is None:
+                    checkpoint()
+                elif ctx.is_main:
+                    log.warning("expert groups: no state written for step %d; resume from the last saved one",
+                                prog.step)
+            raise
+        finally:
+            stream.close()
+            memory.close()  # the experts are ordinary resident models again for whoever uses them next
     bar.close()
     result.step = prog.step
     result.losses = list(prog.losses)

@@ -1,0 +1,29 @@
+"""The cooperative stop of expert-group runs and the group split (no process group needed for these)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from trainer_core.errors import ConfigError
+from trainer_core.train.distributed import DistContext, expert_groups
+from trainer_core.train.stop import stop_at_round_end
+
+
+def test_first_signal_requests_a_stop_second_interrupts_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with stop_at_round_end() as requested:
+        assert not requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert requested()  # training goes on to the round's end
+        with pytest.raises(KeyboardInterrupt, match="twice"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize("world,stages", [(3, ["high", "low"]), (2, ["high"])])
+def test_expert_groups_need_an_even_world_and_both_experts(world, stages):
+    with pytest.raises(ConfigError, match=f"even number of GPUs, got {world} process"):
+        expert_groups(DistContext(rank=0, world=world), stages)
