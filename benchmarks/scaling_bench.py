@@ -1,16 +1,21 @@
-"""Multi-GPU scaling: data-parallel training steps on N GPUs against one GPU, launched with torchrun.
+"""Multi-GPU scaling: training steps on N GPUs against one GPU, launched with torchrun.
 
     torchrun --nproc_per_node=1 benchmarks/scaling_bench.py --size 512x512x33 --out w1.json
     torchrun --nproc_per_node=2 benchmarks/scaling_bench.py --size 512x512x33 --out w2.json [--shard]
-    python benchmarks/scaling_bench.py --report w1.json w2.json
+    torchrun --nproc_per_node=1 benchmarks/scaling_bench.py --size 512x512x33 --experts 2 --out w1e2.json
+    torchrun --nproc_per_node=2 benchmarks/scaling_bench.py --size 512x512x33 --expert-groups --out w2g.json
+    python benchmarks/scaling_bench.py --report w1.json w2.json w1e2.json w2g.json
     torchrun --nproc_per_node=2 benchmarks/scaling_bench.py --tiny --out w2.json      # CPU (gloo) smoke run
 
 Every rank builds the same full-size random-weight expert on its GPU (``--shard``: then FSDP2-shards its frozen
 weights as ``distributed.shard_experts`` does), attaches the trainer's LoRA, uses the block plan the VRAM planner
 picks for its card and trains with the trainer's step: one sample per rank per step (global batch = N), the LoRA
-gradients summed with the trainer's coalesced all-reduce, AdamW, a host sync for the loss. Reported by rank 0:
-seconds per step and samples per second; ``--report`` gives the scaling efficiency
-``samples/s(N) / (N * samples/s(1))``.
+gradients summed with the trainer's coalesced all-reduce, AdamW, a host sync for the loss. ``--experts 2``: one GPU
+holds both experts and alternates them every step (the resident H100/H200 recipe); ``--expert-groups``: half the
+ranks hold the high-noise expert, half the low-noise one, each group data-parallel, both training at once with the
+trainer's per-round exchange between the groups (``distributed.expert_groups``). Reported by rank 0: seconds per
+step and samples per second; ``--report`` gives the scaling efficiency ``samples/s(N) / (N * samples/s(1))``
+against the one-GPU run with the same experts.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from trainer_core.config import LoraConfig, OptimizerConfig  # noqa: E402
 from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, install_block_plan  # noqa: E402
 from trainer_core.memory.allocator import use_expandable_segments  # noqa: E402
-from trainer_core.train.distributed import init_distributed, shard_frozen_weights  # noqa: E402
+from trainer_core.train.distributed import expert_groups, init_distributed, shard_frozen_weights  # noqa: E402
 from trainer_core.train.optim import build_optimizer  # noqa: E402
 from trainer_core.train.step import micro_batch_loss  # noqa: E402
 
@@ -47,31 +52,43 @@ def run(args) -> dict:
     arch = {**A14B_CONFIG, **overrides}
     w, h, f = (int(v) for v in args.size.split("x"))
     b = Bench(device.type, arch, (w, h, f))
-    model = full_expert(str(device), seed=0, **overrides)  # the same weights on every rank
+    data_ctx = ctx
+    if args.expert_groups:  # this rank holds one expert; its group shares the batches
+        groups = expert_groups(ctx, ["high", "low"])
+        data_ctx, held = groups.data, [("high", "low").index(groups.expert)]
+    else:
+        held = list(range(args.experts))
+    models = [full_expert(str(device), seed=i, **overrides) for i in held]  # the same weights on every rank
     quant = "none"
     if args.fp8:
-        quantize_float8([model])
+        quantize_float8(models)
         quant = "float8"
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device) if b.cuda else None
-    plan = b.plan("auto", quant, 1, free)  # (a sharded run keeps this plan: its weights take less)
-    attach_lora(model, LoraConfig(rank=16))
+    plan = b.plan("auto", quant, len(models), free)  # (a sharded run keeps this plan: its weights take less)
     compiled = b.cuda and not args.shard and not args.no_compile
-    install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled))
-    if args.shard and ctx.active:
-        shard_frozen_weights(model, ctx, device)
-    model.train()
-    params = lora_parameters(model)
-    optimizer = build_optimizer(params, OptimizerConfig(name="adamw", lr=1e-4))
+    optimizers = []
+    for model in models:
+        attach_lora(model, LoraConfig(rank=16))
+        install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled))
+        if args.shard and ctx.active:
+            shard_frozen_weights(model, ctx, device)
+        model.train()
+        optimizers.append(build_optimizer(lora_parameters(model), OptimizerConfig(name="adamw", lr=1e-4)))
     autocast = torch.bfloat16 if b.cuda else None
 
     def step(i: int) -> float:
-        x0, noise, sig, text = b.data(i * ctx.world + ctx.rank)  # each rank its own sample
+        k = i % len(models)  # one GPU with both experts: they alternate, as with switch_every 1
+        model, optimizer = models[k], optimizers[k]
+        x0, noise, sig, text = b.data(i * data_ctx.world + data_ctx.rank)  # each rank of a group its own sample
         loss = micro_batch_loss(model, x0, noise, sig, text, "linear", autocast)
-        (loss / ctx.world).backward()
-        ctx.all_reduce_grads(params)
+        (loss / data_ctx.world).backward()
+        data_ctx.all_reduce_grads(lora_parameters(model))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return ctx.sum(loss.item() / ctx.world)
+        logged = data_ctx.sum(loss.item() / data_ctx.world)
+        if args.expert_groups:  # the trainer's per-round exchange between the groups (losses, lr, stop)
+            logged = ctx.sums([logged, 0.0, 0.0])[0]
+        return logged
 
     for i in range(args.warmup):
         step(i)
@@ -85,6 +102,7 @@ def run(args) -> dict:
     seconds = (time.perf_counter() - t0) / args.steps
     result = {
         "world": ctx.world, "size": args.size, "shard": args.shard, "fp8": args.fp8, "compiled": compiled,
+        "experts": 2 if args.expert_groups else args.experts, "expert_groups": args.expert_groups,
         "blocks": BlockPlan(*plan.block_split).describe(), "s_per_step": seconds,
         "samples_per_s": ctx.world / seconds, "peak_gib_rank0": peak_gib(), "losses": losses,
         "device": torch.cuda.get_device_name(device) if b.cuda else "cpu",
@@ -99,17 +117,20 @@ def run(args) -> dict:
 
 
 def report(paths: list[str]) -> list[dict]:
-    """Scaling efficiency of each run against the one-GPU run among ``paths``."""
+    """Scaling efficiency of each run against the one-GPU run with the same number of experts among ``paths``:
+    ``samples/s(N) / (N * samples/s(1))`` (with expert groups the one-GPU run holds both experts, alternating)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    base = next(r for r in runs if r["world"] == 1)
+    base = {r.get("experts", 1): r for r in runs if r["world"] == 1}
     rows = []
-    print("| GPUs | sharded | s/step | samples/s | efficiency | peak GiB (rank 0) |")
-    print("|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r["world"], r["shard"])):
-        eff = r["samples_per_s"] / (r["world"] * base["samples_per_s"])
+    print("| GPUs | experts | placement | s/step | samples/s | efficiency | peak GiB (rank 0) | blocks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r.get("experts", 1), r["world"], r["shard"], r.get("expert_groups", False))):
+        experts = r.get("experts", 1)
+        eff = r["samples_per_s"] / (r["world"] * base[experts]["samples_per_s"]) if experts in base else float("nan")
+        placement = "expert groups" if r.get("expert_groups") else "sharded" if r["shard"] else "data parallel"
         rows.append({**r, "efficiency": eff})
-        print(f"| {r['world']} | {r['shard']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.3f} | {eff:.0%} | "
-              f"{r['peak_gib_rank0']:.1f} |")
+        print(f"| {r['world']} | {experts} | {placement} | {r['s_per_step']:.3f} | {r['samples_per_s']:.3f} | "
+              f"{eff:.0%} | {r['peak_gib_rank0']:.1f} | {r['blocks']} |")
     return rows
 
 
@@ -120,6 +141,10 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shard", action="store_true", help="FSDP2-shard the frozen weights (distributed.shard_experts)")
     ap.add_argument("--fp8", action="store_true", help="float8 experts")
+    ap.add_argument("--experts", type=int, choices=(1, 2), default=1,
+                    help="experts on each GPU (2: both resident, alternating every step)")
+    ap.add_argument("--expert-groups", action="store_true",
+                    help="half the ranks train the high-noise expert, half the low-noise one (expert_groups)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="CPU (gloo) smoke run with tiny shapes")
     ap.add_argument("--out", default=None)
@@ -131,6 +156,8 @@ def main(argv: list[str] | None = None):
         args.size = "32x32x5" if args.size == "512x512x33" else args.size
     if args.fp8 and args.shard:
         ap.error("--shard needs bf16 experts (quantized weights cannot be sharded)")
+    if args.expert_groups and (args.shard or args.experts != 1):
+        ap.error("--expert-groups holds one expert per rank: drop --shard / --experts")
     return run(args)
 
 

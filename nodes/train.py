@@ -48,6 +48,12 @@ from .sample import SAMPLE
 from .save import SaveCheckpoint, SaveSettings
 
 _T = "tooltip"
+#: The gpu_placement widget's choices -> JobConfig.distributed.
+PLACEMENTS = {
+    "data parallel": {},
+    "expert groups": {"expert_groups": True},
+    "shard experts": {"shard_experts": True},
+}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREVIEW_SIZE = 512
 
@@ -156,6 +162,11 @@ class TrainWan22LoRA:
                 "gpus": ("INT", {"default": 1, "min": 1, "max": 16, _T: (
                     "GPUs to train on: above 1 the job runs under torchrun as a child process (data parallel; "
                     "the experts load there from their files), with progress and cancel as usual")}),
+                "gpu_placement": (tuple(PLACEMENTS), {"default": "data parallel", _T: (
+                    "With several GPUs: data parallel = every GPU holds the experts and takes a share of each batch; "
+                    "expert groups = half the GPUs train the high-noise expert, half the low-noise one, at once "
+                    "(even GPU count, switch every 1: no swapping); shard experts = FSDP2 splits the bf16 weights "
+                    "over the GPUs (when they do not fit one)")}),
             },
             "optional": {
                 "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
@@ -256,6 +267,7 @@ def build_job(
     ema: bool,
     ema_decay: float,
     compile: str,
+    gpu_placement: str = "data parallel",
 ) -> JobConfig:
     """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
     if not dataset:
@@ -313,6 +325,7 @@ def build_job(
             "ema_decay": ema_decay,
         },
         "resume": resume.strip() or None,
+        "distributed": PLACEMENTS[gpu_placement],
     }
     if previews is not None:
         data["sample"] = previews.model_dump()
@@ -330,6 +343,13 @@ def _preflight(cfg: JobConfig, gpus: int = 1) -> None:
         raise ConfigError(
             f"Train LoRA: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - lower gpus"
         )
+    placed = cfg.distributed.expert_groups or cfg.distributed.shard_experts
+    if placed and gpus == 1:
+        raise ConfigError("Train LoRA: gpu_placement other than 'data parallel' needs gpus of 2 or more - raise gpus "
+                          "or set gpu_placement to 'data parallel'")
+    if cfg.distributed.expert_groups and gpus % 2:
+        raise ConfigError(f"Train LoRA: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
+                          f"{gpus} - use an even number of GPUs")
     plan_job(cfg, device, gpus)
 
 

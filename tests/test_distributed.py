@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -123,7 +124,8 @@ def test_scaling_benchmark_runs_under_torchrun(tmp_path):
     bench = ROOT / "benchmarks" / "scaling_bench.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     outs = []
-    for world, extra in ((1, []), (2, []), (2, ["--shard"])):
+    modes = ((1, []), (2, []), (2, ["--shard"]), (1, ["--experts", "2"]), (2, ["--expert-groups"]))
+    for world, extra in modes:
         out = tmp_path / f"w{world}{''.join(extra)}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}", str(bench), "--tiny", "--steps", "2", "--out", str(out), *extra]
@@ -131,8 +133,15 @@ def test_scaling_benchmark_runs_under_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(str(out))
     report = subprocess.run([sys.executable, str(bench), "--report", *outs], env=env, capture_output=True, text=True)
-    rows = [line for line in report.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
-    assert len(rows) == 3 and rows[0].split("|")[5].strip() == "100%"
+    rows = [line.split("|")[1:-1] for line in report.stdout.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        ("1", "1", "data parallel"), ("2", "1", "data parallel"), ("2", "1", "sharded"),
+        ("1", "2", "data parallel"), ("2", "2", "expert groups")]
+    # each one-GPU run is its own baseline; the others are measured against the one with the same experts
+    assert rows[0][5].strip() == rows[3][5].strip() == "100%"
+    runs = {(r["world"], r["experts"], r["expert_groups"]): r for r in (json.loads(Path(p).read_text()) for p in outs)}
+    groups, both = runs[(2, 2, True)], runs[(1, 2, False)]
+    assert rows[4][5].strip() == f"{groups['samples_per_s'] / (2 * both['samples_per_s']):.0%}"
 
 
 def _grouped(tmp: Path, clips: Path, out: str, **train) -> dict:

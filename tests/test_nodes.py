@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
 
 from tests.model_fixtures import save_comfy_files, save_diffusers_folder, tiny_components  # noqa: E402
-from trainer_core.config import ModelConfig, QuantConfig, SampleConfig, job_from_dict  # noqa: E402
+from trainer_core.config import ModelConfig, MultiStageConfig, QuantConfig, SampleConfig, job_from_dict  # noqa: E402
 from trainer_core.data import make_synthetic_dataset  # noqa: E402
 from trainer_core.errors import ConfigError, DatasetError, LoraFileError  # noqa: E402
 from trainer_core.keys import diffusers_state_dict_to_original  # noqa: E402
@@ -207,6 +207,7 @@ TRAIN_WIDGETS = [
     ("diff_guidance_scale", 2.0, "advanced.diff_guidance_scale", 2.0),
     ("ema", True, "advanced.ema", True),
     ("ema_decay", 0.999, "advanced.ema_decay", 0.999),
+    ("gpu_placement", "shard experts", "distributed.shard_experts", True),
 ]
 #: Load Wan22 Experts' memory widgets -> JobConfig.memory.
 MEMORY_WIDGETS = [
@@ -783,6 +784,25 @@ def test_gpus_cancel_stops_the_child_and_raises_comfyuis_interrupt(N, host, clip
         graph(N, host, gpus=3, device="cpu")
     assert seen["gpus"] == 3
     assert any("cancelling" in t for _, t in host.texts) and any("training stopped" in t for _, t in host.texts)
+
+
+def test_gpu_placement_expert_groups_needs_switch_every_1_and_an_even_gpu_count(N, host, clips, monkeypatch):
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    with pytest.raises(ConfigError, match="expert_groups cannot be combined with multistage.switch_every: 10"):
+        _job(N, host, clips, gpu_placement="expert groups")
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
+                                                          num_frames=5, resolutions="32"))
+    (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
+    w = widgets(N["Wan22TrainLoRA"], gpu_placement="expert groups", device="cpu")
+    w.pop("gpus")
+    cfg = mod.build_job(bundle, ds, MultiStageConfig(switch_every=1), sv, None, **w)
+    assert cfg.distributed.expert_groups and not cfg.distributed.shard_experts
+    monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
+    for gpus, message in ((1, "needs gpus of 2 or more"), (3, "but gpus is 3 - use an even number")):
+        with pytest.raises(ConfigError, match=message):
+            mod._preflight(cfg, gpus)
+    mod._preflight(cfg, 2)
 
 
 def test_gpus_beyond_the_machine_are_refused_before_loading(N, host, clips, monkeypatch):
