@@ -63,13 +63,15 @@ def run(args) -> dict:
     if args.fp8:
         quantize_float8(models)
         quant = "float8"
+    if b.cuda:
+        torch.cuda.empty_cache()  # the bf16 weights float8 replaced: free for the plan, as before loading
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device) if b.cuda else None
     plan = b.plan("auto", quant, len(models), free)  # (a sharded run keeps this plan: its weights take less)
     compiled = b.cuda and not args.shard and not args.no_compile
     optimizers = []
     for model in models:
         attach_lora(model, LoraConfig(rank=16))
-        install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled))
+        install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled, compile_full=not args.fp8))
         if args.shard and ctx.active:
             shard_frozen_weights(model, ctx, device)
         model.train()

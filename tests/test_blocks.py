@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import trainer_core.memory.blocks as blocks_module
 from trainer_core.config import JobConfig, LoraConfig, ModelConfig
 from trainer_core.errors import ConfigError
 from trainer_core.lora import attach_lora
@@ -170,9 +171,36 @@ def test_block_plan_for_resolves_compile(monkeypatch, compile, device, offload, 
     cfg = _cfg(compile=compile).model_copy(deep=True)
     cfg.quant.transformer = quant
     plan = block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device))
-    assert plan == BlockPlan(off=1, selective=1, compile=expected, fallback=compile == "auto")
+    assert plan == BlockPlan(off=1, selective=1, compile=expected, fallback=compile == "auto",
+                             compile_full=quant != "float8")
     if compile == "auto" and expected:
         assert block_plan_for(cfg, _plan(offload, (1, 1, 0)), torch.device(device), sharded=True).compile is False
+
+
+def test_full_blocks_of_float8_experts_run_eagerly_when_compiling(expert, monkeypatch):
+    compiled = []
+
+    def recording(policy):
+        def run(block, *args):
+            compiled.append(policy)
+            return blocks_module._RUNNERS[policy](block, *args)
+        return run
+
+    monkeypatch.setattr("trainer_core.memory.blocks._compiled", recording)
+    plan = BlockPlan(off=0, selective=1, full=1, compile=True, compile_full=False)
+    ref_out, _, _ = _train_pass(expert, None)
+    out, _, calls = _train_pass(expert, plan)
+    assert compiled == ["selective"]  # the full block ran through the eager checkpoint
+    assert (calls.self_attn, calls.cross_attn) == (3, 4) and torch.equal(out, ref_out)
+    assert plan.describe().endswith("compiled (full blocks eager)")
+    assert BlockPlan(selective=2, compile=True, compile_full=False).describe().endswith("checkpointing, compiled")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    cfg = _cfg(compile="auto").model_copy(deep=True)
+    cfg.quant.transformer = "float8"
+    assert not block_plan_for(cfg, _plan(0, (0, 1, 1)), torch.device("cuda")).compile_full
 
 
 def test_compile_on_with_offloading_is_refused_by_name():

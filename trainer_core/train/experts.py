@@ -89,7 +89,10 @@ def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device, sharded: bo
     else:
         compiled = cfg.train.compile == "on"
     off, selective, full = plan.block_split
-    return BlockPlan(off=off, selective=selective, full=full, compile=compiled, fallback=cfg.train.compile == "auto")
+    return BlockPlan(
+        off=off, selective=selective, full=full, compile=compiled, fallback=cfg.train.compile == "auto",
+        compile_full=cfg.quant.transformer != "float8",
+    )
 
 
 def prepare_expert(
