@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -12,14 +13,17 @@ from trainer_core.train.distributed import DistContext, expert_groups
 from trainer_core.train.stop import stop_at_round_end
 
 
-def test_first_signal_requests_a_stop_second_interrupts_and_handlers_come_back():
+def test_first_signal_requests_a_stop_a_later_one_interrupts_and_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with stop_at_round_end() as requested:
+    with stop_at_round_end(repeat_after_s=0.2) as requested:
         assert not requested()
         os.kill(os.getpid(), signal.SIGTERM)
         assert requested()  # training goes on to the round's end
-        with pytest.raises(KeyboardInterrupt, match="twice"):
+        os.kill(os.getpid(), signal.SIGINT)  # right after the first (Ctrl-C reaches workers twice): same request
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt, match="again"):
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 

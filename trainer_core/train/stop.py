@@ -5,25 +5,31 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
 @contextmanager
-def stop_at_round_end() -> Iterator[Callable[[], bool]]:
+def stop_at_round_end(repeat_after_s: float = 2.0) -> Iterator[Callable[[], bool]]:
     """While active, the first SIGINT or SIGTERM only requests a stop: the returned callable turns True, and the
     training loop finishes the round, writes the resumable state with all ranks and raises ``KeyboardInterrupt``.
-    A second signal interrupts at once (without a new state). Outside the main thread signals cannot be caught;
-    the callable then stays False."""
+    A signal more than ``repeat_after_s`` after the first interrupts at once (without a new state); earlier ones are
+    the same request (a terminal's Ctrl-C reaches the workers directly and again through torchrun). Outside the main
+    thread signals cannot be caught; the callable then stays False."""
     requested = threading.Event()
+    first = [0.0]
     if threading.current_thread() is not threading.main_thread():
         yield requested.is_set
         return
 
     def handler(signum: int, frame) -> None:
-        if requested.is_set():
-            raise KeyboardInterrupt(f"stopped at once ({signal.Signals(signum).name} twice)")
-        requested.set()
+        now = time.monotonic()
+        if not requested.is_set():
+            first[0] = now
+            requested.set()
+        elif now - first[0] > repeat_after_s:
+            raise KeyboardInterrupt(f"stopped at once ({signal.Signals(signum).name} again)")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
