@@ -31,6 +31,8 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -85,14 +87,6 @@ class DistContext:
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
-    def gather_to_main(self, obj: Any) -> list[Any] | None:
-        """Every rank's ``obj`` (picklable, CPU tensors only) on rank 0 in rank order; ``None`` elsewhere."""
-        if not self.active:
-            return [obj]
-        out = [None] * self.world if self.is_main else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
-
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -107,15 +101,28 @@ class ExpertGroups:
 
     expert: str  # the expert this rank holds and trains
     data: DistContext  # this rank within its group: its slice of the global batches, the gradient sum
+    rank: int  # global rank
+    half: int  # ranks per group; global rank ``half`` leads the second group
+    host_group: Any  # a gloo group of all ranks: checkpoints travel in host memory, not through GPU buffers
 
     def trains(self, expert: str) -> bool:
+        """Whether this rank's group trains ``expert``."""
         return expert == self.expert
+
+    def collect_on_main(self, obj: Any) -> list[Any] | None:
+        """The two group leaders' ``obj`` (picklable, CPU tensors) on global rank 0, first group first; ``None``
+        elsewhere. Only the leaders take part: the other ranks pass nothing and go on."""
+        if self.rank == 0:
+            received: list[Any] = [None]
+            dist.recv_object_list(received, src=self.half, group=self.host_group)
+            return [obj, received[0]]
+        if self.rank == self.half:
+            dist.send_object_list([obj], dst=0, group=self.host_group)
+        return None
 
 
 def expert_groups(ctx: DistContext, stages: Sequence[str]) -> ExpertGroups:
     """Split the ranks in two process groups: ``[0, N/2)`` trains ``stages[0]``, ``[N/2, N)`` ``stages[1]``."""
-    from ..errors import ConfigError
-
     if len(stages) != 2 or ctx.world % 2:
         raise ConfigError(
             f"distributed.expert_groups needs both experts and an even number of GPUs, got {ctx.world} process(es) "
@@ -123,10 +130,12 @@ def expert_groups(ctx: DistContext, stages: Sequence[str]) -> ExpertGroups:
             "distributed.expert_groups: false"
         )
     half = ctx.world // 2
-    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, ctx.world)))]  # every rank makes both
+    # every rank creates every group, in the same order
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, ctx.world)))]
+    host_group = dist.new_group(backend="gloo")
     g = ctx.rank // half
     data = DistContext(rank=ctx.rank - g * half, world=half, local_rank=ctx.local_rank, group=groups[g])
-    return ExpertGroups(expert=stages[g], data=data)
+    return ExpertGroups(expert=stages[g], data=data, rank=ctx.rank, half=half, host_group=host_group)
 
 
 @functools.cache

@@ -225,7 +225,7 @@ def run_training(
     start_pos, mid_step = (prog.epoch, prog.batch_pos), False
 
     def checkpoint() -> None:
-        """Write LoRAs and state on rank 0; with expert groups every rank takes part (the experts are gathered)."""
+        """Write LoRAs and state on rank 0; with expert groups the other group's leader sends its expert there."""
         if groups is None:
             if ctx.is_main:
                 snaps = {n: expert_snapshot(ex, cfg) for n, ex in experts.items()}
@@ -233,12 +233,11 @@ def run_training(
                     cfg, components.base_model, snaps, vars(prog), run_dir
                 )
             return
-        mine = {groups.expert: expert_snapshot(experts[groups.expert], cfg, cpu=True)} if data_ctx.is_main else {}
-        gathered = ctx.gather_to_main(mine)
-        if gathered is not None:
-            snaps = {n: gathered_snap for part in gathered for n, gathered_snap in part.items()}
+        mine = expert_snapshot(experts[groups.expert], cfg, cpu=True) if data_ctx.is_main else None
+        collected = groups.collect_on_main(mine)  # both group leaders' snapshots, on rank 0
+        if collected is not None:
             result.lora_files, result.state_file = save_checkpoint(
-                cfg, components.base_model, {n: snaps[n] for n in stages}, vars(prog), run_dir
+                cfg, components.base_model, dict(zip(stages, collected)), vars(prog), run_dir
             )
 
     def consume_batches() -> list[tuple[BatchRef, Any, int, bool]]:
