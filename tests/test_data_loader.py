@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,23 @@ def test_ordered_prefetch_keeps_order_and_checks_workers():
     assert list(ordered_prefetch(abs, (-k for k in keys), 3)) == keys
     with pytest.raises(ValueError, match="num_workers"):
         next(ordered_prefetch(abs, keys, -1))
+
+
+def _worker_pid(key: int) -> int:
+    return os.getpid()
+
+
+def test_prefetch_workers_survive_stop_signals_meant_for_the_training_process():
+    # A Ctrl-C or torchrun's SIGTERM reaches the workers too; the training process decides when to stop.
+    stream = ordered_prefetch(_worker_pid, range(8), 1)
+    pid = next(stream)
+    assert pid != os.getpid()
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert list(stream) == [pid] * 7  # the same worker delivered the rest
+    stream.close()
+    assert not multiprocessing.active_children()
 
 
 def test_frames_to_pixels_matches_float64_reference():

@@ -67,6 +67,7 @@ def test_cancel_leaves_a_resumable_state_and_no_process(tmp_path, clips):
 def test_cancelled_expert_groups_stop_together_at_a_round_end(tmp_path, clips):
     groups = {"multistage": {"switch_every": 1}, "distributed": {"expert_groups": True}}
     cfg = _cfg(tmp_path, clips, 400, **groups)
+    cfg.train.num_workers = 1  # the forwarded SIGTERM reaches the loader workers too: they must not die of it
     events = []
     with pytest.raises(LaunchCancelled):
         run_torchrun(cfg, 2, events.append, lambda: len(events) >= 3, env=ENV)

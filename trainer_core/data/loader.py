@@ -14,6 +14,7 @@ keys (such as :func:`batch_refs`) keeps the same worker processes across epochs.
 from __future__ import annotations
 
 import functools
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -40,6 +41,14 @@ def _as_is(result):
     return result
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Worker processes leave stopping to the training process: a Ctrl-C or a (torchrun-forwarded) SIGTERM reaches
+    them too, and killed workers would fail the run while it finishes its step and writes the resumable state. They
+    end when the stream is closed, or with their parent (DataLoader's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def ordered_prefetch(
     fn: Callable[[K], T], keys: Iterable[K], num_workers: int, prefetch_factor: int = 2
 ) -> Iterator[T]:
@@ -60,6 +69,7 @@ def ordered_prefetch(
         collate_fn=_as_is,  # keep numpy arrays and dataclasses as they are
         num_workers=num_workers,
         prefetch_factor=prefetch_factor,
+        worker_init_fn=_ignore_stop_signals,
     )
     iterator = iter(loader)
     try:
