@@ -160,8 +160,9 @@ class TrainWan22LoRA:
                     "CUDA GPU with Triton, without block offloading or a 4-bit base, eager if compiling fails; on "
                     "forces it; off never")}),
                 "gpus": ("INT", {"default": 1, "min": 1, "max": 16, _T: (
-                    "GPUs to train on: above 1 the job runs under torchrun as a child process (data parallel; "
-                    "the experts load there from their files), with progress and cancel as usual")}),
+                    "GPUs to train on: above 1 the job runs under torchrun as a child process (placed as "
+                    "gpu_placement says; the experts load there from their files), with progress and cancel as "
+                    "usual")}),
                 "gpu_placement": (tuple(PLACEMENTS), {"default": "data parallel", _T: (
                     "With several GPUs: data parallel = every GPU holds the experts and takes a share of each batch; "
                     "expert groups = half the GPUs train the high-noise expert, half the low-noise one, at once "

@@ -444,3 +444,9 @@ def test_expert_groups_hold_one_expert_per_gpu():
               if i.category == "weights")
     assert weights(2, True) == one  # each GPU of a group: one expert's weights
     assert weights(1, True) == weights(2, False) == 2 * one  # one process (groups ignored), or groups off: both
+    # a grouped job that does not fit is not told to shard (the two cannot be combined)
+    job = _job(res=768, frames=41, two=True, multistage={"train_low_noise": True, "switch_every": 1},
+               distributed={"expert_groups": True})
+    plan = estimate_peak_vram(job, WAN22_A14B_ARCH, 30 * GIB, side_models=NO_SIDE_MODELS, world=2)
+    assert not plan.fits and plan.suggestions
+    assert not any(s.startswith("distributed.shard_experts") for s in plan.suggestions)

@@ -518,7 +518,7 @@ class JobConfig(_Strict):
             return self
         clashes = []
         if len(self.multistage.stages) != 2:
-            clashes.append("training one expert only (multistage.train_high_noise / train_low_noise both on)")
+            clashes.append("training one expert only (turn on both multistage.train_high_noise and train_low_noise)")
         if self.multistage.switch_every != 1:
             clashes.append(
                 f"multistage.switch_every: {self.multistage.switch_every} (both experts train every round: use 1)"

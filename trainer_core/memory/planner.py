@@ -218,6 +218,7 @@ class _Knobs:
     prefetch: int
     experts: int
     shards: int  # GPUs the frozen weights are sharded over (distributed.shard_experts), else 1
+    grouped: bool  # each expert on its own GPUs (distributed.expert_groups with several ranks)
     autocast_bytes: int | None  # activation bytes under autocast; None = no autocast
     device_type: str
     text_mode: str
@@ -251,6 +252,7 @@ def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
         # with expert groups (several ranks) each GPU holds one expert
         experts=1 if cfg.distributed.expert_groups and world > 1 else len(cfg.multistage.stages),
         shards=world if cfg.distributed.shard_experts else 1,
+        grouped=cfg.distributed.expert_groups and world > 1,
         autocast_bytes=_DTYPE_BYTES[cfg.train.compute_dtype] if autocast else None,
         device_type=device_type,
         text_mode=cfg.text_encoder.mode,
@@ -605,7 +607,7 @@ def _suggestions(
 ) -> list[str]:
     """Single setting changes that make the plan fit (with their estimate), else one combination that does."""
     changes: list[tuple[str, dict]] = []
-    if world > 1 and k.shards == 1 and k.quant == "none" and not k.low_vram and k.offload_blocks == 0:
+    if world > 1 and k.shards == 1 and not k.grouped and k.quant == "none" and not k.low_vram and k.offload_blocks == 0:
         changes.append(("distributed.shard_experts: true", {"shards": world}))
     if k.offload_blocks != "auto":
         changes.append(("memory.offload_blocks: auto", {"offload_blocks": "auto"}))
