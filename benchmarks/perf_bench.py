@@ -2,11 +2,13 @@
 
     python benchmarks/perf_bench.py --size 512x512x33 --levers --parity 20 --low-vram --dop   # one call
     python benchmarks/perf_bench.py --size 768x768x41 --eager-full --steps 3
-    python benchmarks/perf_bench.py --size 1024x1024x81 --experts 2 --fp8-first --no-bf16 --steps 2 --plain-steps 0
+    python benchmarks/perf_bench.py --size 1024x1024x81 --experts 2 --fp8-first --no-bf16 --steps 2 --plain-steps 1
+    python benchmarks/perf_bench.py --size 1024x1024x81 --experts 2 --no-fp8 --steps 2 --plain-steps 0
     python benchmarks/perf_bench.py --tiny                                                    # CPU smoke run
 
-Each call should fit the GPU tool's 10-minute limit: at 1024x1024x81 a plain step takes about 65 s (H200) and a
-fast one is expected near 45 s plus 30-40 s of compilation (not measured yet): run float8 and bf16 in separate calls.
+Each call should fit the GPU tool's 10-minute limit: at 1024x1024x81 a plain step takes about 64 s (H200), a float8
+fast step 41-43 s and a bf16 one 56 s, plus 30-40 s of compilation: run float8 and bf16 in separate calls (about
+6 minutes each; on a 2-GPU machine side by side, one per GPU).
 
 Full-size Wan 2.2 A14B experts with random bf16 weights are built directly on the GPU (times and memory are real,
 image quality is not). Every run trains rank-16 LoRAs on the default targets with AdamW (lr 1e-4, no clipping) on
