@@ -89,7 +89,11 @@ def run(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         logged = data_ctx.sum(loss.item() / data_ctx.world)
         if args.expert_groups:  # the trainer's per-round exchange between the groups (losses, lr, stop)
-            logged = ctx.sums([logged, 0.0, 0.0])[0]
+            shared = [0.0, 0.0, 0.0]
+            if data_ctx.is_main:
+                shared[held[0]] = logged
+            high, low, _ = ctx.sums(shared)
+            logged = (high + low) / 2  # the round's mean loss
         return logged
 
     for i in range(args.warmup):
