@@ -27,6 +27,14 @@ def test_first_signal_requests_a_stop_a_later_one_interrupts_and_handlers_come_b
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_stop_file_requests_the_stop_without_a_signal(tmp_path):
+    stop = tmp_path / "stop"
+    with stop_at_round_end(stop) as requested:
+        assert not requested()
+        stop.touch()
+        assert requested()
+
+
 @pytest.mark.parametrize("world,stages", [(3, ["high", "low"]), (2, ["high"])])
 def test_expert_groups_need_an_even_world_and_both_experts(world, stages):
     with pytest.raises(ConfigError, match=f"even number of GPUs, got {world} process"):

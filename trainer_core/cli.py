@@ -75,7 +75,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             emit("step", step=info.step, total=info.total_steps, expert=info.expert, loss=info.loss, lr=info.lr,
                  seconds=info.seconds)
 
-    result = run_training(cfg, on_step=on_step, progress_bar=not args.events)
+    stop_file = Path(args.stop_file) if args.stop_file else None
+    result = run_training(cfg, on_step=on_step, progress_bar=not args.events, stop_file=stop_file)
     if args.events:
         emit("done", step=result.step, run_dir=str(result.run_dir),
              lora_files={k: str(v) for k, v in result.lora_files.items()})
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("config", help="path to the job YAML")
     p_train.add_argument("--resume", help="training-state file, run folder, or 'latest'")
     p_train.add_argument("--events", action="store_true", help="print progress as '@@wan22 {json}' lines (rank 0)")
+    p_train.add_argument("--stop-file", help="expert groups: when this file appears, stop at the end of the round "
+                         "with a resumable state")
     p_train.set_defaults(func=_cmd_train)
     p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (about a minute on 2 CPU cores)")
     p_demo.add_argument("--output", default="output", help="output folder (default: ./output)")

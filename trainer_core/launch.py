@@ -5,8 +5,10 @@ The child is ``python -m torch.distributed.run --standalone --nproc_per_node=N -
 With ``--events`` rank 0 prints one line per event, ``@@wan22 {json}``: ``step`` after each optimizer step and
 ``done`` at the end (LoRA files, run folder). Cancelling sends SIGTERM to torchrun, which forwards it to its workers;
 the CLI turns the first SIGTERM into ``KeyboardInterrupt``, so the training loop writes the resumable state of the
-last completed step, exactly as a Ctrl-C would. With ``distributed.expert_groups`` the workers instead finish the
-round of steps in flight and write the state together; torchrun is told to wait for them (its shutdown timeout).
+last completed step, exactly as a Ctrl-C would. With ``distributed.expert_groups`` the workers must instead finish
+the round of steps in flight and write the state together, which can take longer than torchrun waits after a
+SIGTERM (30 s before torch 2.12): a cancel then creates the run's stop file (``--stop-file``) and sends no signal;
+SIGTERM and SIGKILL follow only if the workers outlast the grace period.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .fileio import atomic_write
 
 EVENT_PREFIX = "@@wan22 "
 #: Seconds the workers get to write their resumable state after a cancel before they are killed (expert groups
-#: first finish the round in flight: about a minute at 1024x1024x81 on an H200).
+#: first finish the round in flight: about 45 s at 1024x1024x81 on an H200).
 CANCEL_GRACE_S = 300.0
 
 
@@ -59,10 +61,13 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+STOP_FILE = ".stop_requested"
+
+
 def torchrun_command(job_file: Path, gpus: int) -> list[str]:
     """The child's command line."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-            "-m", "trainer_core", "train", str(job_file), "--events"]
+            "-m", "trainer_core", "train", str(job_file), "--events", "--stop-file", str(job_file.parent / STOP_FILE)]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -72,10 +77,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to torchrun (the workers write their resumable state), then, after the grace period, SIGKILL."""
+def _stop(proc: subprocess.Popen, signal_first: bool = True) -> None:
+    """SIGTERM to torchrun (the workers write their resumable state; without ``signal_first`` they were asked
+    through the stop file), then, after the grace period, SIGKILL."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        if signal_first:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=CANCEL_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -115,6 +122,8 @@ def run_torchrun(
     job_file = atomic_write(
         cfg.run_dir / "launch_job.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     )
+    stop_file = cfg.run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # a request left by an earlier run of this job
     proc = subprocess.Popen(
         torchrun_command(job_file, gpus), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         env=_child_env(env), start_new_session=True,
@@ -134,8 +143,12 @@ def run_torchrun(
         while True:
             if cancelled_at is None and should_stop():
                 cancelled_at = time.monotonic()
-                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
-            if cancelled_at is not None and not killed and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
+                if cfg.distributed.expert_groups:
+                    stop_file.touch()  # the groups stop together at the round's end
+                else:
+                    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
+            waited = time.monotonic() - cancelled_at if cancelled_at is not None else 0.0
+            if not killed and waited > CANCEL_GRACE_S:
                 killed = True
                 _kill_group(proc)
             try:
@@ -156,8 +169,12 @@ def run_torchrun(
                     errors[line.rstrip()] = None
     except BaseException:
         # on_event or should_stop raised (e.g. the host's own interrupt): stop the child as a cancel does
-        _stop(proc)
+        if cfg.distributed.expert_groups:
+            stop_file.touch()
+        _stop(proc, signal_first=not cfg.distributed.expert_groups)
         raise
+    finally:
+        stop_file.unlink(missing_ok=True)
     code = proc.wait()
     _kill_group(proc)  # any worker torchrun left behind
     if cancelled_at is not None:

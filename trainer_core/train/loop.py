@@ -113,12 +113,15 @@ def run_training(
     on_step: Callable[[StepInfo], None] | None = None,
     on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
     progress_bar: bool = True,
+    stop_file: Path | None = None,
 ) -> TrainResult:
     """Train the configured experts' LoRAs and write them (and resumable states) into ``cfg.run_dir``.
 
     ``on_step`` is called after each optimizer step; an exception raised there (e.g. a user interrupt) stops
     training after writing a resumable state for the last completed step. ``on_sample(step, videos)`` receives
-    each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders previews.
+    each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders previews. With expert groups, a
+    ``stop_file`` that appears (or a first SIGINT/SIGTERM) stops every rank at the end of the round in flight, with a
+    resumable state.
     """
     # --- checks that need no model: settings, resume file, dataset folders ---
     ctx = init_distributed(cfg.train.device)
@@ -301,7 +304,7 @@ def run_training(
         n = len(steps)
         return summed[:n], summed[n : 2 * n], summed[-1] > 0
 
-    with stop_at_round_end() if groups is not None else nullcontext(lambda: False) as stop_requested:
+    with stop_at_round_end(stop_file) if groups is not None else nullcontext(lambda: False) as stop_requested:
         try:
             while prog.step < cfg.train.steps:
                 t0 = time.perf_counter()

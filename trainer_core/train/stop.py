@@ -7,20 +7,26 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 
 @contextmanager
-def stop_at_round_end(repeat_after_s: float = 2.0) -> Iterator[Callable[[], bool]]:
+def stop_at_round_end(stop_file: Path | None = None, repeat_after_s: float = 2.0) -> Iterator[Callable[[], bool]]:
     """While active, the first SIGINT or SIGTERM only requests a stop: the returned callable turns True, and the
     training loop finishes the round, writes the resumable state with all ranks and raises ``KeyboardInterrupt``.
     A signal more than ``repeat_after_s`` after the first interrupts at once (without a new state); earlier ones are
     the same request (a terminal's Ctrl-C reaches the workers directly and again through torchrun). Outside the main
-    thread signals cannot be caught; the callable then stays False."""
+    thread signals cannot be caught. ``stop_file`` appearing requests the stop too: no signal, so no launcher's
+    kill timeout (torchrun before 2.12 kills its workers 30 s after forwarding a SIGTERM) cuts the round short."""
     requested = threading.Event()
     first = [0.0]
+
+    def stop_requested() -> bool:
+        return requested.is_set() or (stop_file is not None and stop_file.exists())
+
     if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
+        yield stop_requested
         return
 
     def handler(signum: int, frame) -> None:
@@ -33,7 +39,7 @@ def stop_at_round_end(repeat_after_s: float = 2.0) -> Iterator[Callable[[], bool
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested.is_set
+        yield stop_requested
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
