@@ -66,6 +66,14 @@ def _losses(run_dir: Path) -> list[float]:
     return [float(line.split(",")[2]) for line in (run_dir / "losses.csv").read_text().splitlines()[1:]]
 
 
+def _assert_trains_like(reference, run: Path) -> None:
+    """``run``'s losses.csv and its final (step 4) LoRA pair match the one-process ``reference`` result."""
+    assert _losses(run) == pytest.approx([x[2] for x in reference.losses], rel=1e-5)
+    for expert in ("high", "low"):
+        _assert_lora_close(load_file(str(reference.lora_files[expert])),
+                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("clips"), n_clips=4, num_frames=5, size=(32, 32), seed=2)
@@ -75,10 +83,7 @@ def test_two_ranks_train_like_one_process_and_only_rank0_writes(tmp_path, clips)
     single = run_training(job_from_dict(_job(tmp_path, clips, "single")), progress_bar=False)
     writes = _torchrun(tmp_path, _job(tmp_path, clips, "ddp"), world=2)
     run = tmp_path / "ddp" / "d"
-    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
-    for expert in ("high", "low"):
-        _assert_lora_close(load_file(str(single.lora_files[expert])),
-                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    _assert_trains_like(single, run)
     assert writes.read_text().split() == ["0", "0"]  # steps 2 and 4, rank 0 only
 
 
@@ -87,10 +92,7 @@ def test_resume_with_a_different_number_of_ranks(tmp_path, clips):
     run_training(job_from_dict(_job(tmp_path, clips, "part", steps=2)), progress_bar=False)
     _torchrun(tmp_path, {**_job(tmp_path, clips, "part"), "resume": "latest"}, world=2)
     run = tmp_path / "part" / "d"
-    assert _losses(run) == pytest.approx([x[2] for x in full.losses], rel=1e-5)
-    for expert in ("high", "low"):
-        _assert_lora_close(load_file(str(full.lora_files[expert])),
-                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    _assert_trains_like(full, run)
 
 
 def test_sharded_experts_train_like_one_process(tmp_path, clips):
@@ -105,10 +107,7 @@ def test_sharded_experts_train_like_one_process(tmp_path, clips):
     for _, local, full in shards:  # each rank holds about half of every frozen block weight
         assert 0.45 * int(full) <= int(local) <= 0.55 * int(full)
     run = tmp_path / "fsdp" / "d"
-    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
-    for expert in ("high", "low"):
-        _assert_lora_close(load_file(str(single.lora_files[expert])),
-                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    _assert_trains_like(single, run)
     assert writes.read_text().split() == ["0", "0"]
 
 
@@ -159,10 +158,7 @@ def test_expert_groups_train_like_one_process(tmp_path, clips):
     run = tmp_path / "groups" / "d"
     assert [line.split(",")[1] for line in (run / "losses.csv").read_text().splitlines()[1:]] == [
         "high", "low", "high", "low"]
-    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
-    for expert in ("high", "low"):
-        _assert_lora_close(load_file(str(single.lora_files[expert])),
-                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    _assert_trains_like(single, run)
     assert writes.read_text().split() == ["0", "0"]  # rank 0 writes both experts (saves at steps 2 and 4)
 
 
@@ -174,10 +170,7 @@ def test_expert_groups_of_two_ranks_split_each_batch(tmp_path, clips):
     held = sorted(Path(f"{writes}.experts").read_text().splitlines())
     assert held == ["0 high", "1 high", "2 low", "3 low"]
     run = tmp_path / "groups4" / "d"
-    assert _losses(run) == pytest.approx([x[2] for x in single.losses], rel=1e-5)
-    for expert in ("high", "low"):
-        _assert_lora_close(load_file(str(single.lora_files[expert])),
-                           load_file(str(run / f"d_000004_{expert}_noise.safetensors")))
+    _assert_trains_like(single, run)
 
 
 def test_expert_group_states_resume_across_placements(tmp_path, clips):

@@ -319,6 +319,11 @@ class SampleConfig(_Strict):
             )
         return self
 
+    @property
+    def during_training(self) -> bool:
+        """Whether previews are rendered while training (prompts given, and a schedule on)."""
+        return bool(self.prompts) and (self.sample_every > 0 or self.sample_at_start)
+
     def seed_for(self, index: int) -> int:
         """Seed of prompt ``index``: ``seed + index`` with ``walk_seeds``, else ``seed``."""
         return self.seed + index if self.walk_seeds else self.seed
@@ -485,6 +490,15 @@ class DistributedConfig(_Strict):
     )
 
 
+def _refuse_clashes(setting: str, clashes: list[str]) -> None:
+    """Raise one error naming every setting that ``setting: true`` cannot be combined with (none: nothing)."""
+    if clashes:
+        raise ValueError(
+            f"{setting} cannot be combined with " + "; ".join(clashes) + f" - change those settings or set {setting}: "
+            "false"
+        )
+
+
 class JobConfig(_Strict):
     """A complete training job."""
 
@@ -527,13 +541,9 @@ class JobConfig(_Strict):
             clashes.append("distributed.shard_experts (each group holds a whole expert)")
         if self.memory.low_vram:
             clashes.append("memory.low_vram (each GPU holds one expert: there is nothing to swap)")
-        if self.sample.prompts and (self.sample.sample_every > 0 or self.sample.sample_at_start):
+        if self.sample.during_training:
             clashes.append("previews during training (sample.sample_every / sample_at_start; render afterwards)")
-        if clashes:
-            raise ValueError(
-                "distributed.expert_groups cannot be combined with " + "; ".join(clashes) + " - change those "
-                "settings or set distributed.expert_groups: false"
-            )
+        _refuse_clashes("distributed.expert_groups", clashes)
         return self
 
     @model_validator(mode="after")
@@ -545,13 +555,9 @@ class JobConfig(_Strict):
             clashes.append(f"quant.transformer: {self.quant.transformer} (quantized weights cannot be sharded)")
         if self.memory.low_vram or self.memory.offload_blocks != 0:
             clashes.append("memory.low_vram / memory.offload_blocks (sharding replaces them)")
-        if self.sample.prompts and (self.sample.sample_every > 0 or self.sample.sample_at_start):
+        if self.sample.during_training:
             clashes.append("previews during training (sample.sample_every / sample_at_start; render afterwards)")
-        if clashes:
-            raise ValueError(
-                "distributed.shard_experts cannot be combined with " + "; ".join(clashes) + " - change those "
-                "settings or set distributed.shard_experts: false"
-            )
+        _refuse_clashes("distributed.shard_experts", clashes)
         return self
 
     @property

@@ -234,7 +234,6 @@ def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
         raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
     autocast = device_type == "cuda" and cfg.train.compute_dtype != "fp32"
     s = cfg.sample
-    sampling = bool(s.prompts) and (s.sample_every > 0 or s.sample_at_start)
     return _Knobs(
         model_dtype=cfg.model.dtype,
         quant=cfg.quant.transformer,
@@ -260,7 +259,7 @@ def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
         te_dtype=cfg.model.text_encoder_dtype,
         vae_dtype=cfg.model.vae_dtype,
         clips=tuple((max(d.resolutions), d.num_frames) for d in cfg.datasets),
-        sample=(s.width, s.height, s.num_frames) if sampling else None,
+        sample=(s.width, s.height, s.num_frames) if s.during_training else None,
     )
 
 

@@ -130,11 +130,6 @@ class Float8Linear(FrozenQuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_float8_rowwise(self.qweight, self.weight_scale, dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fp8_kernels():
-            return _fp8_rowwise_matmul(x, self.qweight, self.weight_scale, self.bias)
-        return super().matmul(x)
-
     def _fp8_kernels(self) -> bool:
         # After a stray model.to(dtype) the storage is no longer fp8: still correct through the dequantize path.
         return self.fp8_matmul and self.qweight.dtype == FP8_DTYPE

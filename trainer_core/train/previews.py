@@ -16,7 +16,7 @@ from .experts import Expert
 
 def previews_enabled(cfg: JobConfig) -> bool:
     """Whether this job renders previews while it trains."""
-    return bool(cfg.sample.prompts) and (cfg.sample.sample_every > 0 or cfg.sample.sample_at_start)
+    return cfg.sample.during_training
 
 
 class PreviewRenderer:
