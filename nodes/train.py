@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -18,16 +18,24 @@ from trainer_core.config import (
     job_from_dict,
 )
 from trainer_core.data.text_cache import unload_caption
-from trainer_core.errors import ConfigError
-from trainer_core.fileio import atomic_write
+from trainer_core.data import VideoDataset
+from trainer_core.errors import ConfigError, TrainerError
+from trainer_core.fileio import atomic_write, check_writable
 from trainer_core.launch import LaunchCancelled, run_torchrun
-from trainer_core.lora import lora_file_name, lora_state_dict_comfy
+from trainer_core.lora import lora_file_name
 from trainer_core.memory import plan_job
 from trainer_core.quant import check_ara_source
 from trainer_core.regularizers import check_regularizers, ema_lora_file_name
-from trainer_core.train.checkpoints import list_states
 from trainer_core.train.experts import EXPERT_SUFFIX
-from trainer_core.train.loop import StepInfo, TrainResult, resolve_device, run_training
+from trainer_core.train.loop import (
+    StepInfo,
+    check_output_folders,
+    finished_result,
+    job_dataset,
+    resolve_device,
+    run_training,
+)
+from trainer_core.train.runs import Manifest, RunFolder, read_losses
 from trainer_core.train.previews import previews_enabled
 
 from . import host
@@ -54,7 +62,6 @@ PLACEMENTS = {
     "expert groups": {"expert_groups": True},
     "shard experts": {"shard_experts": True},
 }
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREVIEW_SIZE = 512
 
 
@@ -206,18 +213,25 @@ class TrainWan22LoRA:
         """Train, then copy the final pair into models/loras if the save settings ask for it."""
         save = save or SaveCheckpoint().configure(**_defaults(SaveCheckpoint))[0]
         cfg = build_job(experts, dataset, multistage, save, previews, **widgets)
-        _preflight(cfg, gpus)
+        _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
-        with torch.inference_mode(False):
-            host.free_host_models()
-            if gpus > 1:
-                losses, pair = _train_torchrun(cfg, gpus, progress)
-            else:
-                result, pair = _train(cfg, experts, progress)
-                losses = result.losses
+        data = job_dataset(cfg)
+        # ComfyUI keeps only the last prompt's outputs: an unchanged job that already finished is not trained again
+        done = finished_result(cfg, data)
+        if done is not None:
+            progress.text(f"unchanged since {done.run_dir} finished ({done.step} steps): returned its LoRA pair "
+                          "without training (change a setting or a clip to train anew)")
+            run_dir, losses, pair = done.run_dir, done.losses, _pair_from_files(cfg, done.run_dir, done.step)
+        else:
+            with torch.inference_mode(False):
+                host.free_host_models()
+                if gpus > 1:
+                    run_dir, losses, pair = _train_torchrun(cfg, gpus, progress)
+                else:
+                    run_dir, losses, pair = _train(cfg, experts, data, progress)
         if save.copy_to_loras:
-            _copy_to_loras(pair.files, save.lora_name or cfg.name)
-        return (pair, to_image_tensor(loss_curve(losses)), str(cfg.run_dir))
+            _copy_to_loras(pair.files, save.lora_name or run_dir.name)
+        return (pair, to_image_tensor(loss_curve(losses)), str(run_dir))
 
 
 def _defaults(node: type) -> dict[str, Any]:
@@ -333,12 +347,16 @@ def build_job(
     return job_from_dict(data, source="Train LoRA")
 
 
-def _preflight(cfg: JobConfig, gpus: int = 1) -> None:
+def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) -> None:
     """The core's checks that need no model, run before the bundle loads its weights (minutes for the real
-    experts): regularizer settings, text-encoder mode, adapter file, device, GPU count and the VRAM plan."""
+    experts): regularizer settings, text-encoder mode, adapter file, writable folders, device, GPU count and the
+    VRAM plan."""
     check_regularizers(cfg)
     unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
     check_ara_source(cfg.quant)
+    check_output_folders(cfg)
+    if save is not None and save.copy_to_loras:
+        check_writable(host.loras_dir(), "Save Checkpoint copy_to_loras (ComfyUI's models/loras)")
     device = resolve_device(cfg.train.device)
     if gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < gpus:
         raise ConfigError(
@@ -385,7 +403,9 @@ class _StepReporter:
         self.progress.text(f"preview rendered at step {step}")
 
 
-def _train(cfg: JobConfig, experts: ExpertsBundle, progress: host.Progress) -> tuple[TrainResult, LoraPair]:
+def _train(
+    cfg: JobConfig, experts: ExpertsBundle, dataset: VideoDataset, progress: host.Progress
+) -> tuple[Path, list[tuple[int, str, float]], LoraPair]:
     stages = cfg.multistage.stages
     with_previews = previews_enabled(cfg)  # previews render with both experts, trained or not
     # As loaded: the core quantizes the trained experts itself, in place, before attaching the LoRA.
@@ -394,40 +414,35 @@ def _train(cfg: JobConfig, experts: ExpertsBundle, progress: host.Progress) -> t
     # float8); the bundle must not keep it. It reloads when a Preview Sample needs it.
     experts.forget("text_encoder")
     reporter = _StepReporter(progress)
+    runs: list[RunFolder] = []
     if cfg.quant.transformer != "none":
         progress.text(f"quantizing the trained experts ({cfg.quant.transformer}) before the first step")
     try:
-        result = run_training(
-            cfg, components=comps, on_step=reporter.on_step, on_sample=reporter.on_sample, progress_bar=False
-        )
-        dtype = _DTYPES[cfg.save.dtype]
-        tensors = {n: {k: v.cpu() for k, v in lora_state_dict_comfy(getattr(comps, n), cfg.lora, dtype).items()}
-                   for n in stages}
+        result = run_training(cfg, components=comps, dataset=dataset, on_run=runs.append, on_step=reporter.on_step,
+                              on_sample=reporter.on_sample, progress_bar=False)
     except BaseException:
         # An expert the run quantized (wholly or, if it failed midway, partly) cannot serve as loaded again.
         experts.forget(*(n for n in stages if has_quantized_layers(getattr(comps, n))))
-        progress.text(_stop_message(cfg))
+        progress.text(_stop_message(runs))
         raise
     finally:
         release_expert(comps.high)
         release_expert(comps.low)
         comps.vae.to("cpu")
-    experts.trained(stages, cfg.quant)
-    files = result.lora_files or _existing_pair(cfg, result.step, lora_file_name)
-    if cfg.advanced.ema:  # the smoothed weights are the result; the live ones stay in the run folder
-        files = _existing_pair(cfg, result.step, ema_lora_file_name)
-        tensors = {n: load_file(str(p)) for n, p in files.items()}
+    if result.trained:
+        experts.trained(stages, cfg.quant)
     progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")
-    return result, LoraPair(cfg.lora, tensors, files, result.step, cfg.trigger_word)
+    return result.run_dir, result.losses, _pair_from_files(cfg, result.run_dir, result.step)
 
 
 def _train_torchrun(
     cfg: JobConfig, gpus: int, progress: host.Progress
-) -> tuple[list[tuple[int, str, float]], LoraPair]:
+) -> tuple[Path, list[tuple[int, str, float]], LoraPair]:
     """Run ``cfg`` on ``gpus`` GPUs under torchrun (a child process that loads the experts from their files) with
     the same progress display; a cancel stops the child after it wrote its resumable state."""
     reporter = _StepReporter(progress)
     interrupt: list[BaseException] = []
+    runs: list[RunFolder] = []
 
     def should_stop() -> bool:
         if not interrupt and (exc := host.pending_interrupt()) is not None:
@@ -436,6 +451,9 @@ def _train_torchrun(
         return bool(interrupt)
 
     def on_event(event: dict[str, Any]) -> None:
+        if event["event"] == "run":
+            runs.append(RunFolder(Path(event["run_dir"]), Manifest.read(Path(event["run_dir"]))))
+            return
         info = StepInfo(event["step"], event["total"], event["expert"], event["loss"], event["lr"], event["seconds"])
         reporter.show(info)
 
@@ -443,40 +461,34 @@ def _train_torchrun(
     try:
         done = run_torchrun(cfg, gpus, on_event, should_stop)
     except LaunchCancelled:
-        progress.text(_stop_message(cfg))
+        progress.text(_stop_message(runs))
         raise interrupt[0] from None
     except BaseException:  # e.g. ComfyUI's progress hook raising its interrupt: the child was stopped the same way
-        progress.text(_stop_message(cfg))
+        progress.text(_stop_message(runs))
         raise
-    stages = cfg.multistage.stages
-    files = {n: Path(p) for n, p in done["lora_files"].items()} or _existing_pair(cfg, done["step"], lora_file_name)
-    if cfg.advanced.ema:
-        files = _existing_pair(cfg, done["step"], ema_lora_file_name)
-    dtype = _DTYPES[cfg.save.dtype]
-    tensors = {n: {k: v.to(dtype) for k, v in load_file(str(files[n])).items()} for n in stages}
-    progress.text(f"done: {done['step']} steps on {gpus} GPUs; LoRA pair in {done['run_dir']}")
-    return reporter.losses, LoraPair(cfg.lora, tensors, files, done["step"], cfg.trigger_word)
+    run_dir = Path(done["run_dir"])
+    progress.text(f"done: {done['step']} steps on {gpus} GPUs; LoRA pair in {run_dir}")
+    losses = reporter.losses or read_losses(run_dir)
+    return run_dir, losses, _pair_from_files(cfg, run_dir, done["step"])
 
 
-def _existing_pair(cfg: JobConfig, step: int, file_name: Callable[[str, int, str], str]) -> dict[str, Path]:
-    """The pair of files ``file_name`` names for ``step`` that exist in the run folder (a resumed run that found
-    itself finished ran no step and saved nothing new)."""
-    paths = {n: cfg.run_dir / file_name(cfg.name, step, n) for n in cfg.multistage.stages}
-    return {n: p for n, p in paths.items() if p.is_file()}
+def _pair_from_files(cfg: JobConfig, run_dir: Path, step: int) -> LoraPair:
+    """The run's final pair as saved (the EMA weights with ema on): what the node outputs and copies."""
+    namer = ema_lora_file_name if cfg.advanced.ema else lora_file_name
+    files = {n: run_dir / namer(cfg.name, step, n) for n in cfg.multistage.stages}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise TrainerError(f"Train LoRA: the final LoRA file {missing[0]} is missing - was it moved or deleted?")
+    tensors = {n: load_file(str(p)) for n, p in files.items()}
+    return LoraPair(cfg.lora, tensors, files, step, cfg.trigger_word)
 
 
-def _stop_message(cfg: JobConfig) -> str:
-    states = list_states(cfg.run_dir)
-    if not states:
-        return (
-            f"training stopped before a resumable state was written (run folder {cfg.run_dir}); "
-            "nothing to resume from"
-        )
-    step, path = states[-1]
-    return (
-        f"training stopped; resumable state at step {step}: {path} (with its LoRA pair beside it) - queue again "
-        "with resume = latest to continue"
-    )
+def _stop_message(runs: list[RunFolder]) -> str:
+    if not runs:
+        return "training stopped before its run folder was set up; nothing to resume from"
+    run = runs[-1]
+    run.manifest = Manifest.read(run.path) or run.manifest  # what the run recorded until it stopped
+    return f"training stopped; {run.stop_message()}"
 
 
 def _copy_to_loras(files: dict[str, Path], name: str) -> list[Path]:

@@ -506,6 +506,36 @@ def test_second_run_on_the_same_bundle_and_single_expert(N, host, clips):
         "low_only_low_noise.safetensors", "wan22_lora_high_noise.safetensors", "wan22_lora_low_noise.safetensors"]
 
 
+def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew(N, host, clips, monkeypatch):
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    _, (first, curve, run_dir) = graph(N, host)
+    assert Path(run_dir).name == "wan22_lora"
+    copies = {p: p.read_bytes() for p in host.folder("loras").iterdir()}
+    originals = {p: p.read_bytes() for p in first.files.values()}
+    real = mod.run_training
+    monkeypatch.setattr(mod, "run_training", lambda *a, **k: pytest.fail("an unchanged job was trained again"))
+    # ComfyUI's cache is gone (another graph ran, or the server restarted): a new bundle, the same job
+    host.texts.clear()
+    _, (again, curve_again, run_again) = graph(N, host, bundle=experts(N), resume="latest")
+    assert run_again == run_dir and again.files == first.files and again.step == 4
+    assert all(torch.equal(v, first.tensors[n][k]) for n in first.tensors for k, v in again.tensors[n].items())
+    assert torch.equal(curve_again, curve)  # the loss curve from the run's losses.csv
+    assert any(t.startswith("unchanged since") for _, t in host.texts)
+    assert (host.folder("loras") / "wan22_lora_high_noise.safetensors").is_file()
+
+    monkeypatch.setattr(mod, "run_training", real)
+    _, (_, _, other_lr) = graph(N, host, learning_rate=2e-4)  # a changed setting trains, in a folder of its own
+    assert Path(other_lr).name == "wan22_lora_run2"
+    replacement = make_synthetic_dataset(host.root / "other", n_clips=4, num_frames=5, size=(32, 32), seed=9)
+    first_clip = sorted(p for p in clips.iterdir() if p.suffix == ".mp4")[0]
+    first_clip.write_bytes((replacement / first_clip.name).read_bytes())  # same name, other pixels
+    _, (_, _, other_clip) = graph(N, host)
+    assert Path(other_clip).name == "wan22_lora_run3"
+    # the first run's files and its models/loras copies are untouched; later runs' copies are named by their folders
+    assert {p: p.read_bytes() for p in originals} == originals and {p: p.read_bytes() for p in copies} == copies
+    assert (host.folder("loras") / "wan22_lora_run3_low_noise.safetensors").is_file()
+
+
 @pytest.mark.parametrize("quant", [None, QUANT_FAST], ids=["as_loaded", "4bit_ara"])
 def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips, quant):
     bundle = experts(N, quant)
@@ -765,7 +795,7 @@ def test_gpus_trains_under_torchrun_and_returns_the_pair(N, host, clips):
         assert all(torch.equal(v.float(), pair.tensors[name][k].float()) for k, v in saved.items())
     assert [v for v, _, _ in host.progress][-4:] == [1, 2, 3, 4]
     assert any("on 2 GPUs" in t for _, t in host.texts)
-    assert (Path(run_dir) / "launch_job.yaml").is_file() and curve.shape[-1] == 3
+    assert Path(run_dir).name == "wan22_lora" and (Path(run_dir) / "run.json").is_file() and curve.shape[-1] == 3
 
 
 def test_gpus_cancel_stops_the_child_and_raises_comfyuis_interrupt(N, host, clips, monkeypatch):
@@ -775,7 +805,7 @@ def test_gpus_cancel_stops_the_child_and_raises_comfyuis_interrupt(N, host, clip
     def fake_run(cfg, gpus, on_event, should_stop, **kw):
         seen["gpus"] = gpus
         while not should_stop():
-            on_event({"step": 1, "total": 4, "expert": "high", "loss": 0.5, "lr": 1e-4, "seconds": 0.1})
+            on_event({"event": "step", "step": 1, "total": 4, "expert": "high", "loss": 0.5, "lr": 1e-4, "seconds": 0.1})
         raise mod.LaunchCancelled("cancelled")
 
     monkeypatch.setattr(mod, "run_torchrun", fake_run)

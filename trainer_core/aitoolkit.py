@@ -12,6 +12,10 @@ The mapping follows ai-toolkit's own code (``toolkit/config_modules.py``, ``jobs
 * Every other key is ignored with a warning ``<key> is ignored: <why>``, unless it asks for nothing: an off or
   empty value (``false``, ``null``, ``0``, ``""``, ``[]``, ``{}``) or ai-toolkit's default, a setting that only
   matters while another one (left off) is on, or a setting with no effect on a Wan 2.2 LoRA in ai-toolkit itself.
+* A key ai-toolkit does not have either is a typo or another trainer's name. When it is a misspelling or a known
+  alias (``learning_rate``) of a key this trainer applies, and that key is not given, it raises
+  :class:`ConfigError` with "did you mean ...?": ai-toolkit ignores unknown keys, so the job would silently train
+  with the default of the key meant. Other unknown keys stay warnings, with the closest ai-toolkit key if any.
 
 Previews (``sample``) render as ai-toolkit's Wan 2.2 pipeline does: its flow-matching Euler scheduler with shift 5
 whatever ``sampler`` says, the expert boundary at 0.875, ``guidance_scale`` on both experts (the pipeline's
@@ -34,13 +38,14 @@ learned, so there is no warning. ``model.compile`` is not read: ``train.compile`
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .config import AdvancedConfig, MemoryConfig, QuantConfig, SampleConfig
+from .config import AdvancedConfig, MemoryConfig, QuantConfig, SampleConfig, closest_key
 from .errors import ConfigError
 
 _PROCESS = "config.process[0]"
@@ -227,6 +232,179 @@ _DEFAULTS: dict[str, Any] = {
     "datasets.buckets": True,
     "datasets.bucket_tolerance": 64,
 }
+
+
+def _keys(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+#: Every key ai-toolkit reads, by section: toolkit/config_modules.py (SaveConfig, LoggingConfig, SampleConfig,
+#: SampleItem, NetworkConfig, TrainConfig, ModelConfig, EMAConfig, DatasetConfig), the process keys of
+#: jobs/process/Base*Process.py and the Wan 2.2 model_kwargs; optimizer / scheduler keyword arguments of torch's and
+#: bitsandbytes' AdamW and of toolkit/scheduler.py. A key outside its section's set is unknown to ai-toolkit too.
+_AITOOLKIT_KEYS: dict[str, frozenset[str]] = {
+    "top": _keys("job config meta"),
+    "config": _keys("name process"),
+    "process": _keys(
+        "type name device trigger_word training_folder training_seed network save model train logging datasets "
+        "sample first_sample adapter decorator do_lorm embedding guidance log_dir lorm_extract_mode "
+        "lorm_extract_mode_param performance_log_every sqlite_db_path torch_profiler"
+    ),
+    "save": _keys("dtype hf_private hf_repo_id max_step_saves_to_keep push_to_hub save_every save_format"),
+    "logging": _keys("log_every project_name run_name use_ui_logger use_wandb verbose"),
+    "network": _keys(
+        "all_layers alpha conv conv_alpha dropout layer_offloading linear linear_alpha lokr_factor lokr_full_rank "
+        "lorm network_kwargs old_lokr_format pretrained_lora_path rank split_multistage_loras transformer_only type"
+    ),
+    "model": _keys(
+        "accuracy_recovery_adapter arch assistant_lora_path attn_masking auto_memory block_compile cache_size_limit "
+        "compile compile_dynamic compile_fullgraph compile_mode dtype experimental_xl extras_name_or_path "
+        "ignore_if_contains in_context inference_lora_path is_auraflow is_flux is_lumina2 is_pixart "
+        "is_pixart_sigma is_ssd is_v2 is_v3 is_v_pred is_vega is_xl latent_space_version layer_offloading "
+        "layer_offloading_text_encoder_percent layer_offloading_transformer_percent lora_path low_vram "
+        "model_kwargs model_paths name_or_path only_if_contains qtype qtype_te quantize quantize_kwargs "
+        "quantize_te refiner_name_or_path refiner_start_at split_model_other_module_param_count_scale "
+        "split_model_over_gpus te_device te_dtype te_name_or_path text_encoder_bits unconditional_lora_path "
+        "unet_path unet_sample_size use_flux_cfg use_text_encoder_1 use_text_encoder_2 vae_device vae_dtype vae_path"
+    ),
+    "model.model_kwargs": _keys("train_high_noise train_low_noise vae_tiling"),
+    "train": _keys(
+        "adapter_assist_name_or_path adapter_assist_type adapter_lr adaptive_scaling_factor attention_backend "
+        "audio_loss_multiplier batch_noise_correction_scale batch_size blank_prompt_preservation "
+        "blank_prompt_preservation_multiplier blended_blur_noise bypass_guidance_embedding cache_text_embeddings "
+        "cfg_rescale cfg_scale content_or_style correct_pred_norm correct_pred_norm_multiplier "
+        "diff_output_preservation diff_output_preservation_class diff_output_preservation_multiplier "
+        "differential_guidance_scale diffusion_feature_extractor_path diffusion_feature_extractor_weight "
+        "disable_sampling do_batch_noise_correction do_blank_stabilization do_cfg do_differential_guidance "
+        "do_fft_loss do_fft_velocity_equiv_weight do_guidance_loss do_guidance_loss_cfg_zero do_paramiter_swapping "
+        "do_prior_divergence do_random_cfg do_signal_amplification do_signal_correction_noise dtype "
+        "dynamic_noise_offset ema_config embedding_lr force_consistent_noise force_first_sample free_u "
+        "gradient_accumulation gradient_accumulation_steps gradient_checkpointing guidance_loss_schedule "
+        "guidance_loss_target img_multiplier inverted_mask_prior inverted_mask_prior_multiplier "
+        "latent_feature_extractor_path latent_feature_loss_weight latent_multiplier learnable_snr_gos "
+        "linear_timesteps linear_timesteps2 loss_target loss_type lr lr_scheduler lr_scheduler_params "
+        "match_adapter_assist match_adapter_chance match_noise_norm max_cfg_scale max_denoising_steps max_grad_norm "
+        "max_loss max_loss_debug max_negative_prompts merge_network_on_save merge_network_on_save_strength "
+        "min_denoising_steps min_snr_gamma negative_prompt next_sample_timesteps noise_multiplier noise_offset "
+        "noise_scheduler noisy_latent_multiplier num_train_timesteps optimal_noise_pairing_samples optimizer "
+        "optimizer_params paramiter_swapping_factor pred_scaler prompt_dropout_prob prompt_saturation_chance "
+        "random_noise_multiplier random_noise_shift refiner_lr reg_weight sdp short_and_long_captions "
+        "short_and_long_captions_encoder_split show_turbo_outputs signal_amplification_strength "
+        "signal_correction_noise_scale single_item_batching skip_first_sample snr_gamma standardize_images "
+        "standardize_latents start_step steps switch_boundary_every t0_loss_target t0_velocity_equiv_weight "
+        "target_noise_multiplier target_norm_std target_norm_std_value text_encoder_lr timestep_type train_refiner "
+        "train_text_encoder train_turbo train_unet unconditional_prompt unet_lr unload_text_encoder "
+        "validation_config weight_jitter xformers"
+    ),
+    "train.ema_config": _keys("ema_decay param_multiplier use_ema use_feedback"),
+    "train.optimizer_params": _keys(
+        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused optim_bits args "
+        "min_8bit_size percentile_clipping block_wise is_paged"
+    ),
+    "train.lr_scheduler_params": _keys(
+        "total_iters T_max T_0 T_mult eta_min factor start_factor end_factor num_warmup_steps num_training_steps "
+        "num_cycles power lr_end last_epoch verbose milestones gamma step_size"
+    ),
+    "datasets": _keys(
+        "alpha_mask audio_normalize audio_preserve_pitch augmentations augments auto_frame_count batch_size "
+        "bucket_tolerance buckets cache_clip_vision_to_disk cache_latents cache_latents_num_workers "
+        "cache_latents_to_disk cache_tensors_to_disk cache_text_embeddings caption_dropout_rate caption_ext "
+        "caption_type clip_image_augmentations clip_image_from_same_folder clip_image_path "
+        "clip_image_shuffle_augmentations control_from_same_folder control_path control_path_1 control_path_2 "
+        "control_path_3 control_transparent_color controls dataset_path debug default_caption "
+        "diff_output_preservation diff_output_preservation_class do_audio do_i2v extra_values fast_image_size "
+        "flip_x flip_y folder_path fps full_size_control_images guidance_type inpaint_path invert_mask is_reg "
+        "keep_tokens load_image_when_caching_latents loss_multiplier mask_min_value mask_path network_weight "
+        "num_controls_from_same_folder num_frames num_repeats num_workers poi prefetch_factor prior_reg "
+        "random_crop random_scale random_triggers random_triggers_max replacements replay_transforms resolution "
+        "scale shrink_video_to_frames shuffle_augmentations shuffle_tokens square_crop standardize_images "
+        "token_dropout_rate trigger_word trim_auto_frame_count_tail type unconditional_path use_short_captions"
+    ),
+    "sample": _keys(
+        "adapter_conditioning_scale do_cfg_norm extra_values format fps guidance_rescale guidance_scale height neg "
+        "network_multiplier num_frames prompts refiner_start_at sample_every sample_start_step sample_steps "
+        "sampler samples seed walk_seed width"
+    ),
+    "sample.samples": _keys(
+        "ctrl_idx ctrl_img ctrl_img_1 ctrl_img_2 ctrl_img_3 do_cfg_norm fps guidance_scale height neg "
+        "network_multiplier num_frames prompt sample_steps seed width"
+    ),
+}
+
+#: The keys this trainer reads and applies, by section (a subset of ai-toolkit's): a misspelling of one of these
+#: that is not given itself would silently train with its default, so it is an error.
+_APPLIED_KEYS: dict[str, frozenset[str]] = {
+    "top": _keys("job config"),
+    "config": _keys("name process"),
+    "process": _keys(
+        "type name device trigger_word training_folder training_seed network save model train datasets sample"
+    ),
+    "save": _keys("dtype save_every max_step_saves_to_keep"),
+    "logging": frozenset(),
+    "network": _keys("type linear rank alpha linear_alpha dropout"),
+    "model": _keys(
+        "name_or_path arch quantize quantize_te qtype accuracy_recovery_adapter low_vram layer_offloading "
+        "layer_offloading_transformer_percent model_kwargs"
+    ),
+    "model.model_kwargs": _keys("train_high_noise train_low_noise vae_tiling"),
+    "train": _keys(
+        "noise_scheduler loss_type train_unet timestep_type content_or_style dtype switch_boundary_every steps "
+        "batch_size gradient_accumulation gradient_checkpointing diff_output_preservation "
+        "diff_output_preservation_multiplier diff_output_preservation_class do_differential_guidance "
+        "differential_guidance_scale ema_config optimizer optimizer_params lr max_grad_norm lr_scheduler "
+        "lr_scheduler_params skip_first_sample disable_sampling cache_text_embeddings unload_text_encoder"
+    ),
+    "train.ema_config": _keys("use_ema ema_decay"),
+    "train.optimizer_params": _keys("weight_decay betas"),
+    "train.lr_scheduler_params": _keys("num_warmup_steps start_factor end_factor"),
+    "datasets": _keys(
+        "folder_path caption_ext caption_type resolution is_reg shrink_video_to_frames caption_dropout_rate "
+        "num_frames flip_x flip_y num_repeats cache_latents cache_latents_to_disk fps default_caption "
+        "cache_text_embeddings"
+    ),
+    "sample": _keys(
+        "samples prompts width height num_frames fps sample_steps guidance_scale neg network_multiplier seed "
+        "walk_seed sample_every"
+    ),
+    "sample.samples": _keys(
+        "prompt seed width height num_frames fps sample_steps guidance_scale neg network_multiplier"
+    ),
+}
+
+#: Other trainers' names (kohya, diffusers scripts, this trainer's own schema) -> ai-toolkit's key, by section.
+_ALIASES: dict[str, dict[str, str]] = {
+    "process": {"seed": "training_seed", "output_dir": "training_folder", "output_folder": "training_folder"},
+    "train": {
+        "learning_rate": "lr", "learningrate": "lr", "max_train_steps": "steps", "max_steps": "steps",
+        "num_steps": "steps", "train_steps": "steps", "train_batch_size": "batch_size",
+        "grad_accum": "gradient_accumulation", "optimizer_type": "optimizer", "optim": "optimizer",
+        "scheduler": "lr_scheduler", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+        "gradient_clipping": "max_grad_norm", "mixed_precision": "dtype", "timestep_sampling": "timestep_type",
+    },
+    "network": {
+        "network_dim": "linear", "dim": "linear", "lora_rank": "linear", "network_alpha": "linear_alpha",
+        "lora_alpha": "linear_alpha", "lora_dropout": "dropout",
+    },
+    "save": {
+        "save_every_n_steps": "save_every", "save_dtype": "dtype", "keep_last": "max_step_saves_to_keep",
+        "max_saves": "max_step_saves_to_keep",
+    },
+    "model": {
+        "path": "name_or_path", "model_path": "name_or_path", "pretrained_model_name_or_path": "name_or_path",
+        "source": "name_or_path", "architecture": "arch",
+    },
+    "datasets": {
+        "folder": "folder_path", "path": "folder_path", "image_dir": "folder_path", "train_data_dir": "folder_path",
+        "caption_extension": "caption_ext", "repeats": "num_repeats", "caption_dropout": "caption_dropout_rate",
+        "resolutions": "resolution", "frames": "num_frames",
+    },
+    "sample": {
+        "steps": "sample_steps", "cfg": "guidance_scale", "negative_prompt": "neg", "walk_seeds": "walk_seed",
+    },
+    "sample.samples": {"steps": "sample_steps", "cfg": "guidance_scale", "negative_prompt": "neg", "text": "prompt"},
+    "train.optimizer_params": {"wd": "weight_decay"},
+    "train.ema_config": {"decay": "ema_decay", "ema": "use_ema", "enabled": "use_ema"},
+}  # fmt: skip
 
 
 def is_aitoolkit_config(data: Any) -> bool:
@@ -919,8 +1097,15 @@ def _shared_seed(per_prompt: list[tuple[int, str]], section: dict[str, Any], whe
 
 
 def _leftovers(rest: dict[str, Any], kind: str, where: str, section: dict[str, Any], notes: list[str]) -> None:
-    """Warn about each key of ``rest`` (``section`` minus what was mapped) that asks for something not applied."""
+    """Warn about each key of ``rest`` (``section`` minus what was mapped) that asks for something not applied;
+    refuse a misspelling of a key that this trainer applies (see :func:`_unknown_key`)."""
     for key, value in rest.items():
+        path = f"{where}.{key}" if where else key
+        unknown = _unknown_key(str(key), kind, path, section)
+        if unknown is not None:
+            if not _is_off(value):
+                notes.append(f"{path} is ignored: {unknown}")
+            continue
         name = f"{kind}.{key}"
         if name in _NO_EFFECT:
             continue
@@ -929,8 +1114,27 @@ def _leftovers(rest: dict[str, Any], kind: str, where: str, section: dict[str, A
             continue
         if (value == _DEFAULTS[name]) if name in _DEFAULTS else _is_off(value):
             continue
-        path = f"{where}.{key}" if where else key
         notes.append(f"{path} is ignored: {_REASONS.get(name) or _REASONS.get(kind, _GENERIC)}")
+
+
+def _unknown_key(key: str, kind: str, path: str, section: dict[str, Any]) -> str | None:
+    """None for a key ai-toolkit has (or a section whose keys are not known here); else why it is ignored, with the
+    closest ai-toolkit key. Raises :class:`ConfigError` when the key stands for one this trainer applies that the
+    section does not give: ai-toolkit would silently ignore the typo too and train with that key's default."""
+    known = _AITOOLKIT_KEYS.get(kind)
+    if known is None or key in known:
+        return None
+    near = closest_key(key, known, _ALIASES.get(kind))
+    if near is None:
+        return "ai-toolkit has no such setting either (it ignores it too) - check its spelling or remove it"
+    if near in _APPLIED_KEYS.get(kind, ()) and near not in section:
+        raise ConfigError(
+            f"{path} is not an ai-toolkit setting - did you mean '{near}'? ai-toolkit ignores unknown keys, so as "
+            f"written the job would silently train with the default value of '{near}' - rename the key to '{near}'"
+        )
+    if near in section:
+        return f"ai-toolkit has no such setting (did you mean '{near}'? it is given too, and that one is applied)"
+    return f"ai-toolkit has no such setting (did you mean '{near}'? which is not applied here either)"
 
 
 def _switch_on(section: dict[str, Any], switch: str) -> bool:
@@ -980,9 +1184,15 @@ def _float(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where} must be a number, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(
+            f"{where} must be a finite number, got {value!r} - .inf, .nan and numbers too large for a float are not "
+            "settings; give an ordinary number"
+        )
+    return number
 
 
 def _int(value: Any, where: str) -> int:

@@ -75,8 +75,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             emit("step", step=info.step, total=info.total_steps, expert=info.expert, loss=info.loss, lr=info.lr,
                  seconds=info.seconds)
 
+    def on_run(run) -> None:
+        if args.events:
+            emit("run", run_dir=str(run.path))
+
     stop_file = Path(args.stop_file) if args.stop_file else None
-    result = run_training(cfg, on_step=on_step, progress_bar=not args.events, stop_file=stop_file)
+    result = run_training(cfg, on_run=on_run, on_step=on_step, progress_bar=not args.events, stop_file=stop_file)
     if args.events:
         emit("done", step=result.step, run_dir=str(result.run_dir),
              lora_files={k: str(v) for k, v in result.lora_files.items()})
@@ -131,3 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the loop has logged what it saved and how to resume; a traceback would only bury that line
+        print("stopped", file=sys.stderr)
+        return 130

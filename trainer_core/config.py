@@ -1,22 +1,38 @@
 """The one typed configuration shared by the ComfyUI nodes, the CLI and YAML files.
 
-Every setting is validated here, once. Unknown keys are refused by name (``extra="forbid"``), so a typo in a
-YAML file fails before any model is loaded instead of being silently ignored.
+Every setting is validated here, once. Unknown keys are refused by name (``extra="forbid"``, with the closest
+valid key of that section suggested), so a typo in a YAML file fails before any model is loaded instead of being
+silently ignored. No float setting takes ``.inf`` or ``.nan`` (``allow_inf_nan=False`` on every section), and the
+settings with a sane range (learning rate, Adam's betas and eps, shifts, guidance...) refuse values outside it.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 DType = Literal["bf16", "fp16", "fp32"]
+
+#: Flow shifts beyond this put every timestep at pure noise; Wan 2.2 trains at 5 and samples at 12.
+_MAX_SHIFT = 100.0
+_SHIFT_USUAL = "usual 1 to 12; Wan 2.2 trains with 5 and samples with 12"
 
 #: LoRA targets in original Wan / ComfyUI naming (inside ``blocks.N.``).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
@@ -34,7 +50,21 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float setting of any section takes .inf / .nan (YAML's infinity and not-a-number, or
+    # a number too large for a float such as 1e400); format_validation_error words the refusal.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _in_range(name: str, v: float, lo: float, hi: float, usual: str, *, lo_open: bool = False,
+              hi_open: bool = False) -> float:
+    """``v`` when it lies in the range (closed unless ``*_open``), else a ValueError saying the range and the usual
+    values (format_validation_error adds the value given)."""
+    above = v > lo if lo_open else v >= lo
+    below = v < hi if hi_open else v <= hi
+    if not (above and below):
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {left}{lo:g}, {hi:g}{right} ({usual})")
+    return v
 
 
 class ModelConfig(_Strict):
@@ -142,13 +172,36 @@ class OptimizerConfig(_Strict):
     """Optimizer and learning-rate schedule (one optimizer state per expert)."""
 
     name: Literal["adamw", "adamw8bit"] = "adamw8bit"
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
+    lr: float = Field(default=1e-4, description="learning rate, in (0, 1]; LoRAs train at about 1e-5 to 1e-3")
+    weight_decay: float = Field(default=1e-4, description="decoupled weight decay, in [0, 1]; usual 0 to 0.1")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam's decay rates, each in [0, 1)")
+    eps: float = Field(default=1e-8, description="Adam's epsilon, in (0, 0.01]; usual 1e-8 to 1e-6")
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables gradient clipping")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_ok(cls, v: float) -> float:
+        return _in_range("lr", v, 0.0, 1.0, "a LoRA trains with AdamW at about 1e-5 to 1e-3; 1e-4 is typical",
+                         lo_open=True)
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay_ok(cls, v: float) -> float:
+        return _in_range("weight_decay", v, 0.0, 1.0, "usual 0 to 0.1; 0 turns it off")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for i, b in enumerate(v):
+            _in_range(f"betas[{i}]", b, 0.0, 1.0, "Adam's decay rates; usual (0.9, 0.999)", hi_open=True)
+        return v
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_ok(cls, v: float) -> float:
+        return _in_range("eps", v, 0.0, 0.01, "usual 1e-8 to 1e-6", lo_open=True)
 
 
 class TrainConfig(_Strict):
@@ -174,7 +227,7 @@ class TrainConfig(_Strict):
         ),
     )
     timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = "linear"
-    timestep_shift: float = Field(default=5.0, gt=0, description="shift s for timestep_type=shift")
+    timestep_shift: float = Field(default=5.0, description="shift s for timestep_type=shift, in (0, 100]")
     timestep_bias: Literal["balanced", "high_noise", "low_noise"] = "balanced"
     compute_dtype: DType = Field(default="bf16", description="autocast dtype on GPU (CPU always computes fp32)")
     seed: int = 42
@@ -187,6 +240,11 @@ class TrainConfig(_Strict):
     @classmethod
     def _checkpointing_bool(cls, v: Any) -> Any:
         return {True: "full", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("timestep_shift")
+    @classmethod
+    def _shift_ok(cls, v: float) -> float:
+        return _in_range("timestep_shift", v, 0.0, _MAX_SHIFT, _SHIFT_USUAL, lo_open=True)
 
 
 class SaveConfig(_Strict):
@@ -211,7 +269,7 @@ class DatasetConfig(_Strict):
     default_caption: str = ""
     num_frames: int = 33
     frame_sampling: Literal["uniform", "fps"] = "uniform"
-    fps: float = Field(default=16.0, gt=0, description="model frame rate for frame_sampling=fps")
+    fps: float = Field(default=16.0, description="model frame rate for frame_sampling=fps, in (0, 240]")
     window_start: Literal["random", "start"] = "random"
     short_clip: Literal["pad", "skip"] = "pad"
     resolutions: list[int] = Field(default_factory=lambda: [512])
@@ -233,6 +291,11 @@ class DatasetConfig(_Strict):
         if not ext or any(c in ext for c in "/\\") or ext.lower() in media:
             raise ValueError(f"caption_ext must be a text file extension such as 'txt' or 'caption', got {v!r}")
         return ext
+
+    @field_validator("fps")
+    @classmethod
+    def _fps_ok(cls, v: float) -> float:
+        return _in_range("fps", v, 0.0, 240.0, "Wan 2.2 is trained at 16 frames per second", lo_open=True)
 
     @field_validator("num_frames")
     @classmethod
@@ -272,19 +335,34 @@ class SampleConfig(_Strict):
     height: int = 480
     num_frames: int = 33
     steps: int = Field(default=40, ge=1, description="denoising steps (previews may use fewer)")
-    shift: float = Field(default=12.0, gt=0, description="flow shift of the sampling schedule")
+    shift: float = Field(default=12.0, description="flow shift of the sampling schedule, in (0, 100]")
     sampler: Literal["euler", "unipc"] = "unipc"
-    guidance_high: float = Field(default=4.0, ge=1.0, description="CFG scale on the high-noise expert; 1 = off")
-    guidance_low: float = Field(default=3.0, ge=1.0, description="CFG scale on the low-noise expert; 1 = off")
+    guidance_high: float = Field(default=4.0, description="CFG scale on the high-noise expert, in [1, 30]; 1 = off")
+    guidance_low: float = Field(default=3.0, description="CFG scale on the low-noise expert, in [1, 30]; 1 = off")
     seed: int = Field(default=42, ge=0, le=2**63 - 1)
     walk_seeds: bool = Field(default=True, description="prompt i uses seed + i; off: every prompt uses seed")
-    lora_strength_high: float = Field(default=1.0, allow_inf_nan=False, description="0 = base model")
-    lora_strength_low: float = Field(default=1.0, allow_inf_nan=False, description="0 = base model")
+    lora_strength_high: float = Field(default=1.0, description="in [-10, 10]; 0 = base model")
+    lora_strength_low: float = Field(default=1.0, description="in [-10, 10]; 0 = base model")
     fps: int = Field(default=16, ge=1, le=240, description="frame rate written into the video file")
     format: Literal["mp4", "webm"] = Field(default="mp4", description="mp4 (H.264) or webm (VP9)")
     vae_tiling: bool = Field(default=False, description="decode in spatial tiles (less memory, large sizes)")
     sample_every: int = Field(default=0, ge=0, description="render every N optimizer steps; 0 = off")
     sample_at_start: bool = Field(default=False, description="also render before the first step")
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_ok(cls, v: float) -> float:
+        return _in_range("shift", v, 0.0, _MAX_SHIFT, _SHIFT_USUAL, lo_open=True)
+
+    @field_validator("guidance_high", "guidance_low")
+    @classmethod
+    def _guidance_ok(cls, v: float, info: ValidationInfo) -> float:
+        return _in_range(info.field_name, v, 1.0, 30.0, "usual 3 to 5 for Wan 2.2; 1 turns guidance off")
+
+    @field_validator("lora_strength_high", "lora_strength_low")
+    @classmethod
+    def _strength_ok(cls, v: float, info: ValidationInfo) -> float:
+        return _in_range(info.field_name, v, -10.0, 10.0, "usual 0.5 to 1.5; 0 renders the base model")
 
     @field_validator("prompts")
     @classmethod
@@ -410,7 +488,8 @@ class MemoryConfig(_Strict):
     )
     prefetch: int = Field(default=1, ge=1, le=8, description="offloaded blocks copied ahead of the computation")
     headroom_gib: float = Field(
-        default=1.0, ge=0.0, description="GPU memory the planner leaves free beyond its estimate (other programs)"
+        default=1.0, ge=0.0, le=1024.0,
+        description="GPU memory (GiB) the planner leaves free beyond its estimate (other programs), in [0, 1024]",
     )
     check_vram: bool = Field(default=True, description="refuse settings that the planner says will not fit")
 
@@ -570,15 +649,136 @@ def _loc(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err["loc"]) or "<root>"
 
 
+#: Other trainers' (ai-toolkit, kohya, diffusers scripts) names of settings -> this trainer's name, by section.
+KEY_ALIASES: dict[str, dict[str, str]] = {
+    "optimizer": {
+        "learning_rate": "lr", "learningrate": "lr", "unet_lr": "lr", "optimizer": "name", "optimizer_type": "name",
+        "scheduler": "lr_scheduler", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps",
+        "num_warmup_steps": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+        "gradient_clipping": "max_grad_norm",
+    },
+    "train": {
+        "max_train_steps": "steps", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
+        "train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
+        "grad_accum": "gradient_accumulation", "mixed_precision": "compute_dtype",
+    },
+    "lora": {
+        "network_dim": "rank", "linear": "rank", "dim": "rank", "lora_rank": "rank", "network_alpha": "alpha",
+        "linear_alpha": "alpha", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    },
+    "model": {"name_or_path": "source", "pretrained_model_name_or_path": "source", "path": "source"},
+    "datasets": {
+        "folder_path": "folder", "path": "folder", "train_data_dir": "folder", "caption_extension": "caption_ext",
+        "caption_dropout_rate": "caption_dropout", "num_repeats": "repeats", "resolution": "resolutions",
+    },
+    "save": {
+        "save_every_n_steps": "save_every", "max_step_saves_to_keep": "keep_last", "training_folder": "output_dir",
+    },
+    "sample": {"sample_steps": "steps", "negative": "negative_prompt", "neg": "negative_prompt"},
+}  # fmt: skip
+
+
+def _normalized(key: str) -> str:
+    return re.sub(r"[\s-]+", "_", key.strip()).lower()
+
+
+def closest_key(key: str, known: Iterable[str], aliases: Mapping[str, str] | None = None) -> str | None:
+    """The known key ``key`` most likely stands for: a listed alias of it (other trainers' names), the same key in
+    other case or with '-' for '_', else the closest spelling (difflib, ratio >= 0.75); None when nothing is close."""
+    known = list(known)
+    norm = _normalized(key)
+    target = (aliases or {}).get(norm)
+    if target in known:
+        return target
+    for k in known:
+        if _normalized(k) == norm:
+            return k
+    matches = difflib.get_close_matches(norm, known, n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class holding the settings at ``loc`` (a path of section names and list indexes)."""
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    return {
+        name: model for name, f in JobConfig.model_fields.items() if (model := _model_in(f.annotation)) is not None
+    }
+
+
+def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
+    """' - did you mean ...?' for an unknown key at ``loc``, or the generic advice."""
+    *parent, key = loc
+    key = str(key)
+    section = str(parent[0]) if parent else ""
+    model = _section_model(tuple(parent))
+    if model is not None:
+        near = closest_key(key, model.model_fields, KEY_ALIASES.get(section))
+        if near is not None:
+            return f" - did you mean '{'.'.join(map(str, [*parent, near]))}'? Rename it"
+    # The right key (or another trainer's name for it) in the wrong section, e.g. train.lr, which is optimizer.lr.
+    norm = _normalized(key)
+    for name, other in _sections().items():
+        if name == section:
+            continue
+        target = KEY_ALIASES.get(name, {}).get(norm, norm)
+        if target in other.model_fields:
+            where = f"{name}[...]" if name == "datasets" else name
+            return f" - did you mean '{where}.{target}'? Move it to the '{name}' section"
+    return " - remove it or check its spelling"
+
+
+def _field_default(loc: tuple[Any, ...]) -> Any:
+    """The default of the setting at ``loc`` (list/tuple indexes dropped), or None when there is none."""
+    names = [p for p in loc if not isinstance(p, int)]
+    if not names:
+        return None
+    model = _section_model(tuple(names[:-1]))
+    field = model.model_fields.get(str(names[-1])) if model is not None else None
+    if field is None or field.is_required():
+        return None
+    return field.get_default(call_default_factory=True)
+
+
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    """Turn pydantic's error list into one message naming each bad setting and what to do."""
+    """Turn pydantic's error list into one line per bad setting, naming it and saying what to do."""
     lines = []
     for err in exc.errors():
         where = _loc(err)
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown setting '{where}' - remove it or check its spelling")
+            lines.append(f"{source}: unknown setting '{where}'{_unknown_key_hint(err['loc'])}")
         elif err["type"] == "missing":
             lines.append(f"{source}: required setting '{where}' is missing")
+        elif err["type"] == "finite_number":
+            default = _field_default(err["loc"])
+            fix = f" (the default is {default!r})" if default is not None else ""
+            lines.append(
+                f"{source}: '{where}': must be a finite number, got {err.get('input')!r} - .inf, .nan and numbers "
+                f"too large for a float are not settings; give an ordinary number{fix}"
+            )
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: '{where}': {msg} (got {err.get('input')!r})")
@@ -595,15 +795,77 @@ def job_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+#: Leading bytes of files that are given as a job file by mistake.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a WebP image or WAV/AVI file"),
+    (b"\x1aE\xdf\xa3", "a WebM/MKV video"),
+    (b"PK\x03\x04", "a zip archive (or a PyTorch .pt/.ckpt checkpoint)"),
+    (b"GGUF", "a GGUF model file"),
+    (b"\x80\x02", "a pickle (PyTorch checkpoint)"),
+    (b"%PDF", "a PDF document"),
+)
+
+
+def _binary_kind(head: bytes) -> str | None:
+    """What a file that is not text looks like ('a PNG image', 'a safetensors file'...), None for text."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":
+        return "an MP4/MOV video"
+    if len(head) > 9 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") > 0:
+        return "a safetensors file"
+    if b"\x00" in head:
+        return "binary data"
+    return None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file into a dict with a clear error for missing/invalid files."""
+    """Read a YAML job file into a dict; a missing path, a folder, a binary file, text that is not UTF-8 or broken
+    YAML is refused in one line naming the file and saying what to do."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".yaml", ".yml") and p.is_file())
+        hint = f" (it holds {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''})" if inside else ""
+        raise ConfigError(f"config file {path} is a folder - give the path of the job YAML file inside it{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist - check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ConfigError(f"config file {path} cannot be read ({reason}) - check its permissions") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"config file {path} is saved as UTF-16 - save it as UTF-8 (e.g. Save As, encoding UTF-8)")
+    kind = _binary_kind(raw[:8192])
+    if kind is not None:
+        raise ConfigError(
+            f"config file {path} is not a YAML text file (it looks like {kind}) - give the path of the job .yaml file"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}, probably Latin-1 or "
+            "Windows-1252) - save it as UTF-8 (e.g. Save As, encoding UTF-8)"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
-        raise ConfigError(f"config file {path} is empty")
+        raise ConfigError(f"config file {path} is empty - write the job's settings into it")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where it is."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "") + " - fix the file there"

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from .errors import ConfigError, TrainerError
+
+#: Suffix of the hidden temporary files :func:`atomic_path` writes (``.<final name>.<random>.tmp``); a run removes
+#: those a killed process left in its own folder.
+TMP_SUFFIX = ".tmp"
+
+
+class ArtifactWriteError(TrainerError):
+    """An artifact could not be written (disk full, read-only folder, ...); files written before are intact."""
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the destination folder; rename it onto ``final`` only on success."""
+    """Yield a temporary path in the destination folder; rename it onto ``final`` only on success.
+
+    The file is created with mode 0666 minus the process umask (0644 under umask 022), like any file a program
+    opens: ``mkstemp``'s 0600 would hide LoRAs in ``models/loras`` from other users and containers.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = final.parent / f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = tmp_path.stat().st_mode & 0o777  # 0666 minus the umask, as the OS applied it
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # writers that replace the file (safetensors does) leave their own 0600
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
@@ -31,10 +48,42 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write(final: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Run ``writer(tmp_path)`` and atomically move the result to ``final``."""
-    with atomic_path(final) as tmp:
-        writer(tmp)
+    """Run ``writer(tmp_path)`` and atomically move the result to ``final``.
+
+    A failure of the file system (disk full, read-only, permissions) raises :class:`ArtifactWriteError` naming the
+    file; ``final`` is then untouched.
+    """
+    try:
+        with atomic_path(final) as tmp:
+            writer(tmp)
+    except OSError as exc:
+        raise ArtifactWriteError(f"could not write {final}: {_os_reason(exc)}") from None
+    except SafetensorError as exc:  # safetensors reports its own I/O errors as text ("... (os error 28)")
+        code = errno.ENOSPC if "os error 28" in str(exc) else None
+        raise ArtifactWriteError(f"could not write {final}: {_os_reason(OSError(code, str(exc)))}") from None
     return Path(final)
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "the disk is full - free space (or point save.output_dir at another disk) and resume"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror} - make the folder writable or choose another one"
+    return exc.strerror or str(exc)
+
+
+def check_writable(folder: str | os.PathLike, setting: str) -> None:
+    """Create ``folder`` if needed and write (then remove) a probe file in it, so that a folder the run cannot
+    write is refused before any model loads; ``setting`` names where the folder came from."""
+    folder = Path(folder)
+    probe = folder / f".write_probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot write to {folder} ({exc.strerror or exc}) - choose a writable "
+                          "folder") from None
 
 
 def save_safetensors_atomic(

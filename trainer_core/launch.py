@@ -2,13 +2,14 @@
 streams progress events back, and which can be cancelled into a resumable state.
 
 The child is ``python -m torch.distributed.run --standalone --nproc_per_node=N -m trainer_core train JOB --events``.
-With ``--events`` rank 0 prints one line per event, ``@@wan22 {json}``: ``step`` after each optimizer step and
-``done`` at the end (LoRA files, run folder). Cancelling sends SIGTERM to torchrun, which forwards it to its workers;
-the CLI turns the first SIGTERM into ``KeyboardInterrupt``, so the training loop writes the resumable state of the
-last completed step, exactly as a Ctrl-C would. With ``distributed.expert_groups`` the workers must instead finish
-the round of steps in flight and write the state together, which can take longer than torchrun waits after a
-SIGTERM (30 s before torch 2.12): a cancel then creates the run's stop file (``--stop-file``) and sends no signal;
-SIGTERM and SIGKILL follow only if the workers outlast the grace period.
+With ``--events`` rank 0 prints one line per event, ``@@wan22 {json}``: ``run`` when it has claimed its run
+folder, ``step`` after each optimizer step and ``done`` at the end (LoRA files, run folder). Cancelling sends
+SIGTERM to torchrun, which forwards it to its workers; the CLI turns the first SIGTERM into ``KeyboardInterrupt``,
+so the training loop writes the resumable state of the last completed step, exactly as a Ctrl-C would. With
+``distributed.expert_groups`` the workers must instead finish the round of steps in flight and write the state
+together, which can take longer than torchrun waits after a SIGTERM (30 s before torch 2.12): a cancel then creates
+the stop file (``--stop-file``, in the launch's own folder) and sends no signal; SIGTERM and SIGKILL follow only if
+the workers outlast the grace period.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,18 +115,34 @@ def run_torchrun(
 ) -> dict[str, Any]:
     """Train ``cfg`` on ``gpus`` processes under torchrun; return the ``done`` event.
 
-    ``on_event`` receives every ``step`` event; ``should_stop`` is polled while the child runs and, once true,
+    ``on_event`` receives every other event (``run`` with the run folder the child claimed, ``step``); ``should_stop`` is polled while the child runs and, once true,
     cancels it (:class:`LaunchCancelled` is raised after the workers wrote their state). A failed child raises
     :class:`TrainerError` with the end of its output.
     """
     if gpus < 2:
         raise ValueError("run_torchrun is for 2 or more processes; train in-process otherwise")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    # The job file and stop file live in a folder of this launch's own: the child claims its run folder itself.
+    launch_dir = Path(cfg.save.output_dir) / ".launch" / f"{cfg.name}.{os.getpid()}.{secrets.token_hex(4)}"
     job_file = atomic_write(
-        cfg.run_dir / "launch_job.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        launch_dir / "job.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     )
-    stop_file = cfg.run_dir / STOP_FILE
-    stop_file.unlink(missing_ok=True)  # a request left by an earlier run of this job
+    try:
+        return _supervise(cfg, gpus, job_file, on_event, should_stop, env, poll_s)
+    finally:
+        shutil.rmtree(launch_dir, ignore_errors=True)
+
+
+def _supervise(
+    cfg: JobConfig,
+    gpus: int,
+    job_file: Path,
+    on_event: Callable[[dict[str, Any]], None],
+    should_stop: Callable[[], bool],
+    env: dict[str, str] | None,
+    poll_s: float,
+) -> dict[str, Any]:
+    """Start torchrun on ``job_file``, relay its events, stop it when asked; return its ``done`` event."""
+    stop_file = job_file.parent / STOP_FILE
     proc = subprocess.Popen(
         torchrun_command(job_file, gpus), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         env=_child_env(env), start_new_session=True,
@@ -173,8 +192,6 @@ def run_torchrun(
             stop_file.touch()
         _stop(proc, signal_first=not cfg.distributed.expert_groups)
         raise
-    finally:
-        stop_file.unlink(missing_ok=True)
     code = proc.wait()
     _kill_group(proc)  # any worker torchrun left behind
     if cancelled_at is not None:

@@ -39,7 +39,7 @@ from .loader import BatchRef, ordered_prefetch
 log = logging.getLogger(__name__)
 
 #: Bump when decoding, resizing or cropping changes, so old latents are not reused.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: images of every mode decoded correctly (16-bit grey, alpha composited onto black)
 _CHUNK = 1 << 20
 
 

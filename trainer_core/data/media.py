@@ -6,6 +6,11 @@ honoured: a video's rotation metadata (phones store portrait clips as rotated la
 photo's EXIF orientation. Still images are read with Pillow (a dependency of diffusers), which applies EXIF
 orientation.
 
+Still images go through one set of rules (:func:`read_image`, and the probe): every pixel mode a PNG, JPEG or WebP
+opens as becomes 8-bit RGB, 16-bit grey scaled rather than clipped, transparent pixels composited onto black (the
+scan lists those files); an image above :data:`MAX_IMAGE_PIXELS`, or in a mode that cannot be decoded faithfully, is
+refused with a :class:`DatasetError` naming it, the size check reading only the file's header.
+
 Decoding seeks: frame ``i`` is the one with the ``i``-th smallest timestamp, so :func:`read_frames` jumps to the
 keyframe before the first wanted frame (and again where that skips at least :data:`MIN_SEEK_SKIP` frames) and
 decodes forward from there, matching decoded frames to indices by timestamp. Decoding from a keyframe gives the same
@@ -16,15 +21,18 @@ updates of the previous one).
 
 from __future__ import annotations
 
+import re
+import warnings
 from bisect import bisect_right
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import av
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DatasetError
 from .buckets import resize_crop_plan
@@ -55,7 +63,8 @@ class MediaInfo:
     ``frame_times`` are the frames' presentation times in seconds from the first frame (``(0,)`` for an image).
     ``rotation`` is the counter-clockwise quarter turns needed to show a decoded video frame upright.
     ``pts`` are the frames' raw timestamps in the stream's time base, sorted (empty when the file has none or they
-    repeat, which disables seeking); ``keyframes`` the indices of the frames stored as keyframes.
+    repeat, which disables seeking); ``keyframes`` the indices of the frames stored as keyframes. ``transparent``:
+    an image with transparent pixels, which decode composited onto black.
     """
 
     path: Path
@@ -66,6 +75,7 @@ class MediaInfo:
     rotation: int = 0
     pts: tuple[int, ...] = ()
     keyframes: tuple[int, ...] = ()
+    transparent: bool = False
 
     @property
     def num_frames(self) -> int:
@@ -127,9 +137,124 @@ def probe(path: Path) -> MediaInfo:
 
 
 def _probe_image(path: Path) -> MediaInfo:
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return MediaInfo(path, "image", Fraction(img.width), Fraction(img.height), (Fraction(0),))
+    with _open_image(path) as img:
+        # The EXIF tag exif_transpose turns decoded pixels by; 5-8 are quarter turns, which swap width and height.
+        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        # Only an image that can hold transparency is decoded here, to tell whether any pixel is transparent.
+        transparent = _has_alpha(img) and _pixels(img, path)[1]
+        width, height = (img.height, img.width) if turned else (img.width, img.height)
+    return MediaInfo(path, "image", Fraction(width), Fraction(height), (Fraction(0),), transparent=transparent)
+
+
+#: Still images above this many pixels are refused from their header, before any pixel is decoded. Every common
+#: camera sensor (100 MP medium format included) is below it, a training bucket needs a tiny fraction of it, and one
+#: decoded RGB copy already takes 450 MB in every loader worker. Pillow's own refusal (above twice
+#: ``PIL.Image.MAX_IMAGE_PIXELS``: 179 MP by default) comes earlier, at open, and is reported the same way.
+MAX_IMAGE_PIXELS = 150_000_000
+
+# Modes Pillow's convert("RGB") turns into RGB faithfully (palette, 1-bit, CMYK and YCbCr by their standard formulas).
+_RGB_MODES = frozenset({"1", "L", "P", "RGB", "CMYK", "YCbCr"})
+# Modes with an alpha band; the modes above can carry transparency too, as a transparent colour or palette alpha.
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
+# Grey modes deeper than 8 bits, by the value that is white. convert("RGB") would clip them at 255, so a 16-bit grey
+# PNG (I;16 in recent Pillow, I in older releases) would train near-white. "I" (32-bit) is taken to hold 16-bit
+# samples, as Pillow opens them; float images to be 0-1, the convention of float image files and numpy/torch.
+_DEEP_GREY: dict[str, float] = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _too_large(path: Path, pixels: int | None, limit: int) -> DatasetError:
+    size = f"{pixels / 1e6:.3g} megapixels" if pixels else "its size"
+    return DatasetError(
+        f"{path}: {size}, above the limit of {limit / 1e6:.3g} megapixels - downscale it (training buckets are "
+        "far smaller) or remove it"
+    )
+
+
+@contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """Open a still image lazily (header only), refusing one too large (:data:`MAX_IMAGE_PIXELS`) or in a mode that
+    cannot be decoded faithfully before any pixel is decoded."""
+    with warnings.catch_warnings():
+        # Pillow warns of (and above twice its limit refuses) large images without naming them; report them here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            raise _too_large(path, int(found[1]) if found else None, 2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+    with img:
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise _too_large(path, img.width * img.height, MAX_IMAGE_PIXELS)
+        _check_mode(img, path)
+        yield img
+
+
+def _check_mode(img: Image.Image, path: Path) -> None:
+    """Refuse, from the header, an image whose pixels the rules of :func:`_pixels` cannot turn into RGB faithfully."""
+    if img.mode not in _RGB_MODES | _ALPHA_MODES | _DEEP_GREY.keys():
+        raise DatasetError(
+            f"{path}: pixel mode {img.mode} is not supported - re-save it as 8-bit RGB or RGBA (PNG, JPEG or WebP)"
+        )
+    # Pillow reads 16-bit RGB PNGs as 8-bit but keeps a transparent colour (tRNS) in 16 bits, then masks wrong pixels.
+    if img.mode == "RGB" and "transparency" in img.info and any(";16" in str(tile[3]) for tile in img.tile):
+        raise DatasetError(
+            f"{path}: 16-bit RGB with a transparent colour (tRNS) cannot be decoded faithfully - re-save it as 8-bit "
+            "or as RGBA"
+        )
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    """Whether an image can hold transparent pixels: an alpha band, a transparent colour or a palette with alpha."""
+    palette_alpha = img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+    return img.mode in _ALPHA_MODES or img.info.get("transparency") is not None or palette_alpha
+
+
+def _deep_grey(img: Image.Image, path: Path) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` grey of an image deeper than 8 bits, scaled to 0-255 (see :data:`_DEEP_GREY`); ``[H, W, 4]``
+    with its alpha when it has a transparent value."""
+    white = _DEEP_GREY[img.mode]
+    values = np.asarray(img)
+    if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= white):
+        raise DatasetError(
+            f"{path}: {img.mode} pixel values {values.min()}-{values.max()} lie outside 0-{white:g}, so their "
+            "brightness scale is unknown - re-save it as 8- or 16-bit"
+        )
+    grey = np.rint(values * (255 / white)).astype(np.uint8)
+    key = img.info.get("transparency")
+    alpha = [] if key is None else [np.where(values == key, 0, 255).astype(np.uint8)]
+    return np.stack([grey] * 3 + alpha, axis=-1)
+
+
+def _onto_black(rgba: np.ndarray) -> tuple[np.ndarray, bool]:
+    """RGB of uint8 ``[H, W, 4]`` pixels composited onto black, and whether any pixel was transparent.
+
+    Black, i.e. colour premultiplied by alpha: the colour stored under a transparent pixel is arbitrary (editors leave
+    black, white or stale colours there), so dropping alpha as is (Pillow's convert("RGB"), what musubi-tuner and
+    ai-toolkit do with training images) trains on invisible colours. Black is what those trainers give for the usual
+    export (transparent pixels stored as 0) and ai-toolkit's default fill for transparent control images; the scan
+    lists these files so that a user who wants another background flattens them first.
+    """
+    alpha = rgba[..., 3:].astype(np.uint16)
+    rgb = (rgba[..., :3] * alpha + 127) // 255  # rounded rgb * alpha / 255
+    return rgb.astype(np.uint8), bool((alpha < 255).any())
+
+
+def _pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, bool]:
+    """An opened image turned upright (EXIF) as uint8 RGB ``[H, W, 3]``, and whether it had transparent pixels."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _DEEP_GREY:
+        pixels = _deep_grey(img, path)
+    else:
+        pixels = np.asarray(img.convert("RGBA" if _has_alpha(img) else "RGB"))
+    return _onto_black(pixels) if pixels.shape[-1] == 4 else (pixels, False)
+
+
+def read_image(path: Path, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """The still image at ``path``, upright, as uint8 RGB ``[height, width, 3]`` resized to ``size`` = (width,
+    height) (see the module docstring for the rules); :class:`DatasetError` for an image they refuse."""
+    with _open_image(path) as img:
+        rgb, _ = _pixels(img, path)
+    return np.asarray(Image.fromarray(rgb).resize(size, resample))
 
 
 def _probe_video(path: Path) -> MediaInfo:
@@ -192,9 +317,7 @@ def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int], 
     rw, rh, left, top = resize_crop_plan(info.width, info.height, bw, bh)
     try:
         if info.kind == "image":
-            with Image.open(info.path) as img:
-                img = ImageOps.exif_transpose(img).convert("RGB")
-                arr = np.asarray(img.resize((rw, rh), Image.Resampling.BICUBIC))
+            arr = read_image(info.path, (rw, rh), Image.Resampling.BICUBIC)
             crop = arr[top : top + bh, left : left + bw]
             return np.stack([crop] * len(indices))
         wanted = sorted(set(indices))
@@ -321,9 +444,7 @@ def _thumbnails(info: MediaInfo, looks: int) -> list[np.ndarray]:
     scale = _THUMB_SIDE / max(info.width, info.height)
     tw, th = max(1, round(info.width * scale)), max(1, round(info.height * scale))
     if info.kind == "image":
-        with Image.open(info.path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            return [np.asarray(img.resize((tw, th), Image.Resampling.BILINEAR))]
+        return [read_image(info.path, (tw, th), Image.Resampling.BILINEAR)]
     n = info.num_frames
     spots = sorted({(n - 1) * (k + 1) // (looks + 1) for k in range(looks)})
     out = []

@@ -9,6 +9,9 @@ nothing usable is left in it; with ``strict`` the first bad file (in path order)
 problems always fail: a missing or empty folder, ``[trigger]`` or ``prepend_trigger`` without a trigger word.
 Other files (notes, metadata) are listed as ignored.
 
+Transparency. Images with transparent pixels train composited onto black (see :mod:`~.media`); the report warns
+and lists them, since the LoRA learns that background.
+
 Letterboxing. Each usable file is checked on a few keyframes for black bars (:func:`~.media.black_bars`); bars of
 at least :data:`BAR_SHARE` of the picture on both opposite sides are reported, since the LoRA would learn them.
 """
@@ -195,6 +198,7 @@ class _Scanner:
         self.out = DatasetScan(items=[], kinds=Counter())
         self.grids = {res: bucket_sizes(res) for res in cfg.resolutions}
         self.padded: list[str] = []
+        self.transparent: list[str] = []  # images whose transparent pixels decode composited onto black
         self.upscaled: Counter = Counter()
         self.speeds: list[float] = []
         self.short_skipped = 0
@@ -263,6 +267,8 @@ class _Scanner:
             if cfg.frame_sampling == "uniform" and frames > 1 and not short:
                 self.speeds.append(_uniform_speed(info, frames, cfg.fps))
         name = info.path.relative_to(self.folder).as_posix()
+        if info.transparent:
+            self.transparent.append(name)
         self.out.files.append(
             f"{name}: {size} -> {', '.join(buckets)}; {_frames_used(info, cfg, frames, starts, short)}"
         )
@@ -304,6 +310,12 @@ class _Scanner:
                 f"{where}: ignored {len(ignored)} file(s) that are neither media nor .{cfg.caption_ext} captions: "
                 + ", ".join(ignored[:10])
                 + (" ..." if len(ignored) > 10 else "")
+            )
+        if self.transparent:
+            out.warnings.append(
+                f"{where}: {len(self.transparent)} image(s) have transparent pixels; their alpha channel is dropped "
+                "and they train composited onto black - flatten them onto the background you want:\n"
+                + listing(self.transparent)
             )
         if out.letterboxed:
             out.warnings.append(

@@ -3,12 +3,18 @@
 ``cfg.source`` ("tiny", a diffusers-layout folder or a Hugging Face repo id) supplies every component without an
 explicit ComfyUI file; ``cfg.high_noise`` / ``low_noise`` / ``text_encoder`` / ``vae`` override per component.
 Only requested components are read: an expert that is not trained is never opened.
+
+A repo id is checked before anything loads: with ``HF_HUB_OFFLINE`` set, or when the Hub does not answer within
+:data:`HUB_TIMEOUT_S` (one attempt, no retries), the components come from the local Hugging Face cache only, and a
+repo that is not in the cache is refused at once with a message saying how to point at local files.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -45,6 +51,22 @@ _WHAT = {
     "tokenizer": "tokenizer",
 }
 _FILE_SETTING = {"high": "high_noise", "low": "low_noise", "vae": "vae", "text_encoder": "text_encoder"}
+#: The file of each subfolder that tells whether a repo's component is in the local Hugging Face cache.
+_CACHE_PROBE = {part: f"{sub}/config.json" for part, sub in SUBFOLDERS.items()} | {
+    "tokenizer": "tokenizer/tokenizer_config.json"
+}
+#: Seconds the one look-up of a repo on the Hub may take before the Hub counts as unreachable (no retries).
+HUB_TIMEOUT_S = 5.0
+_LOCAL_FILES = {
+    "model.source": (
+        "download it where there is network (hf download {repo} --local-dir <folder>) and set model.source to that "
+        "folder, or give ComfyUI files in model.high_noise / model.low_noise / model.text_encoder / model.vae"
+    ),
+    "model.tokenizer": (
+        "download it where there is network (hf download {repo} --local-dir <folder>) and set model.tokenizer to "
+        "that folder or to its spiece.model file"
+    ),
+}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _ARCH_KEYS = (
     "patch_size",
@@ -135,7 +157,8 @@ def _from_source(cls, cfg: ModelConfig, part: str, **kwargs):
             )
         where, kwargs = str(root), {**kwargs, "local_files_only": True}
     else:
-        where, kwargs = cfg.source, {**kwargs, "revision": cfg.revision}
+        local_only = _hub_local_only(cfg.source, cfg.revision, [part], "model.source", _source_label(cfg))
+        where, kwargs = cfg.source, {**kwargs, "revision": cfg.revision, "local_files_only": local_only}
     try:
         return cls.from_pretrained(where, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as exc:
@@ -177,7 +200,8 @@ def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
         if path.is_file():
             return tokenizer_from_sentencepiece(path.read_bytes(), source=f"model.tokenizer: {path}")
         if _REPO_ID.match(name):
-            return T5Tokenizer.from_pretrained(name)
+            local_only = _hub_local_only(name, None, ["tokenizer_root"], "model.tokenizer", name)
+            return T5Tokenizer.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.tokenizer: could not load a tokenizer from {name}: {exc}") from None
     raise ModelLoadError(
@@ -247,6 +271,126 @@ def _check_compatible(c: WanComponents) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------------ Hugging Face Hub
+
+#: (repo, revision) -> whether to load from the local cache only; filled by the first check of a load_components call.
+_hub_checked: dict[tuple[str, str | None], bool] = {}
+
+
+def _offline_env() -> bool:
+    """HF_HUB_OFFLINE, read now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _cache_file(part: str) -> str:
+    """The file whose presence tells whether ``part`` is available ('tokenizer_root': a tokenizer-only repo)."""
+    return "tokenizer_config.json" if part == "tokenizer_root" else _CACHE_PROBE[part]
+
+
+def _missing_from_cache(repo: str, revision: str | None, parts: list[str]) -> list[str]:
+    """The probe files of ``parts`` that the local Hugging Face cache lacks for ``repo`` at ``revision``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = []
+    for part in parts:
+        try:
+            found = try_to_load_from_cache(repo, _cache_file(part), revision=revision)
+        except Exception:  # noqa: BLE001 - a malformed cache counts as "not cached"
+            found = None
+        if not isinstance(found, str):
+            missing.append(_cache_file(part))
+    return missing
+
+
+def _hub_unreachable(repo: str, revision: str | None, part: str, setting: str, label: str) -> str | None:
+    """One look-up of ``part``'s file on the Hub (HUB_TIMEOUT_S, no retries): None when the Hub answers, the reason
+    when it cannot be reached. A repo, revision or file the Hub says does not exist raises ModelLoadError."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    try:
+        url = hf_hub_url(repo, _cache_file(part), revision=revision, endpoint=endpoint)
+        once = {"retry_on_errors": False} if "retry_on_errors" in signature(get_hf_file_metadata).parameters else {}
+        get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S, **once)
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{setting}: {label} is a gated Hugging Face repo - accept its license on huggingface.co and log in "
+            "(hf auth login, or set HF_TOKEN), or " + _LOCAL_FILES[setting].format(repo=repo)
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(
+            f"{setting}: the Hugging Face repo {repo} has no revision {revision!r} - check model.revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{setting}: the Hugging Face Hub has no repo {repo} (or it is private: log in with hf auth login) - "
+            "check the spelling, e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+        ) from None
+    except EntryNotFoundError:
+        raise ModelLoadError(
+            f"{setting}: the Hugging Face repo {label} has no {_cache_file(part)}: it is not a diffusers Wan 2.2 "
+            "repo (like Wan-AI/Wan2.2-T2V-A14B-Diffusers) - give one, a diffusers folder or ComfyUI files"
+        ) from None
+    except OfflineModeIsEnabled:
+        return "HF_HUB_OFFLINE is set"
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"the Hub answered HTTP {status}" if status else f"the Hub could not be reached: {_short(exc)}"
+    except Exception as exc:  # noqa: BLE001 - any network failure: DNS, refused, timeout, proxy, TLS...
+        return f"the Hub could not be reached: {_short(exc)}"
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _hub_local_only(repo: str, revision: str | None, parts: list[str], setting: str, label: str) -> bool:
+    """Whether ``repo`` must load from the local cache only (offline, or the Hub unreachable); raises a one-line
+    ModelLoadError at once when it must but the cache lacks the ``parts`` needed. Checked once per load."""
+    key = (repo, revision)
+    if key in _hub_checked:
+        return _hub_checked[key]
+    reason = "HF_HUB_OFFLINE is set" if _offline_env() else _hub_unreachable(repo, revision, parts[0], setting, label)
+    if reason is not None:
+        missing = _missing_from_cache(repo, revision, parts)
+        if missing:
+            from huggingface_hub import constants
+
+            what = "is not in" if len(missing) == len(parts) else f"is only partly in ({', '.join(missing)} missing)"
+            raise ModelLoadError(
+                f"{setting}: {label} is a Hugging Face repo id, but there is no network ({reason}) and it {what} "
+                f"the local Hugging Face cache ({constants.HF_HUB_CACHE}) - " + _LOCAL_FILES[setting].format(repo=repo)
+            )
+    _hub_checked[key] = reason is not None
+    return _hub_checked[key]
+
+
+def _check_hub_sources(cfg: ModelConfig, high: bool, low: bool, vae: bool, text_encoder: bool) -> None:
+    """Before anything loads: when a requested component comes from a repo id, check the Hub / the local cache."""
+    parts = [p for p, on in (("high", high), ("low", low), ("vae", vae), ("text_encoder", text_encoder)) if on]
+    parts = [p for p in parts if not getattr(cfg, _FILE_SETTING[p])]
+    if text_encoder and not cfg.tokenizer and "text_encoder" in parts:
+        parts.append("tokenizer")
+    if cfg.source and parts and _source_kind(cfg.source) == "repo":
+        _hub_local_only(cfg.source, cfg.revision, parts, "model.source", _source_label(cfg))
+    tok = cfg.tokenizer
+    if text_encoder and tok and _REPO_ID.match(tok) and not Path(tok).expanduser().exists():
+        _hub_local_only(tok, None, ["tokenizer_root"], "model.tokenizer", tok)
+
+
 def load_components(
     cfg: ModelConfig, *, high: bool = True, low: bool = True, vae: bool = True, text_encoder: bool = True
 ) -> WanComponents:
@@ -257,6 +401,8 @@ def load_components(
     norms) stay fp32 on every path. The tokenizer is loaded with the text encoder. Components not requested stay
     None and their files are never opened. Raises :class:`ModelLoadError` for missing or wrong files and folders.
     """
+    _hub_checked.clear()
+    _check_hub_sources(cfg, high, low, vae, text_encoder)
     components = WanComponents(None, None, None, None, None, base_model=describe_base_model(cfg))
     if high:
         components.high = _expert(cfg, "high")

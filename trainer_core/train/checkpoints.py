@@ -1,96 +1,33 @@
-"""Run-folder bookkeeping: saving and resuming checkpoints, file names, keep-last-K pruning, the latest state."""
+"""Checkpoints: writing a run's LoRA pairs and resumable states (never a non-finite one), and restoring them."""
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .. import __version__
 from ..config import JobConfig
-from ..errors import ConfigError
+from ..errors import TrainingDiverged
 from ..fileio import atomic_write
 from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora_tensors
 from ..regularizers import ema_lora_file_name, ema_lora_state_dict
 from .experts import Expert
+from .resume import apply_hyperparameters
+from .runs import RunFolder, state_file_name
 from .state_io import load_state, save_state
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-STATE_PREFIX = "training_state_"
-_STATE_RE = re.compile(rf"^{STATE_PREFIX}(\d+)\.safetensors$")
 
 
-def state_file_name(step: int) -> str:
-    """File name of the resumable training state written at ``step``."""
-    return f"{STATE_PREFIX}{step:06d}.safetensors"
-
-
-def list_states(run_dir: Path) -> list[tuple[int, Path]]:
-    """Training-state files in ``run_dir``, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STATE_RE.match(p.name))]
-    return sorted(found)
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """Turn the ``resume`` setting ('latest', a state file, or a run folder) into a state file path."""
-    if resume == "latest":
-        states = list_states(run_dir)
-        if not states:
-            raise ConfigError(
-                f"resume: 'latest' found no {STATE_PREFIX}*.safetensors in {run_dir} - "
-                "train once with save.save_training_state on, or give the path of a state file"
-            )
-        return states[-1][1]
-    path = Path(resume)
-    if path.is_dir():
-        states = list_states(path)
-        if not states:
-            raise ConfigError(f"resume: folder {path} holds no {STATE_PREFIX}*.safetensors - point at a state file")
-        return states[-1][1]
-    if not path.is_file():
-        raise ConfigError(f"resume: {path} does not exist - give a {STATE_PREFIX}*.safetensors file or 'latest'")
-    return path
-
-
-def checkpoint_steps(run_dir: Path, name: str) -> list[int]:
-    """Steps for which this job has LoRA files or states in ``run_dir``, oldest first."""
-    pat = re.compile(rf"^{re.escape(name)}_(\d+)_(?:ema_)?(?:high|low)_noise\.safetensors$")
-    steps = {int(m.group(1)) for p in run_dir.iterdir() if (m := pat.match(p.name))} if run_dir.is_dir() else set()
-    steps |= {s for s, _ in list_states(run_dir)}
-    return sorted(steps)
-
-
-def prune_checkpoints(run_dir: Path, name: str, keep_last: int, protect: set[int] | None = None) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoint steps (LoRA pairs and states together); 0 keeps all."""
-    if keep_last <= 0:
-        return []
-    steps = checkpoint_steps(run_dir, name)
-    doomed = [s for s in steps[:-keep_last] if s not in (protect or set())]
-    removed = []
-    for step in doomed:
-        doomed_files = [run_dir / state_file_name(step)]
-        for expert in ("high", "low"):
-            doomed_files.append(run_dir / lora_file_name(name, step, expert))
-            doomed_files.append(run_dir / ema_lora_file_name(name, step, expert))
-        for p in doomed_files:
-            if p.exists():
-                p.unlink()
-                removed.append(p)
-    return removed
-
-
-def lora_metadata(cfg: JobConfig, base_model: str, step: int, expert: str) -> dict[str, str]:
-    """Safetensors metadata of a saved LoRA: config, step, trigger word, base model, expert."""
+def lora_metadata(cfg: JobConfig, base_model: str, step: int, expert: str, run_id: str = "") -> dict[str, str]:
+    """Safetensors metadata of a saved LoRA: config, step, trigger word, base model, expert, the run's id."""
     return {
         "training_config": cfg.model_dump_json(),
         "step": str(step),
+        "run_id": run_id,
         "trigger_word": cfg.trigger_word or "",
         "base_model": base_model,
         "expert": f"{expert}_noise",
@@ -136,31 +73,51 @@ def _in_dtype(lora: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
     return {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in lora.items()}
 
 
+def _non_finite(snap: ExpertSnapshot) -> str | None:
+    """The first LoRA weight or optimizer moment of ``snap`` that is NaN/Inf, by name, or None."""
+    tensors = [(f"LoRA {k}", v) for k, v in snap.lora.items()]
+    for i, st in snap.state["optimizer"]["state"].items():
+        tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    for name, t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save_checkpoint(
     cfg: JobConfig,
     base_model: str,
     experts: dict[str, ExpertSnapshot],
     progress: dict[str, Any],
-    run_dir: Path,
+    run: RunFolder,
 ) -> tuple[dict[str, Path], Path | None]:
-    """Write each expert's LoRA (and EMA LoRA) in ComfyUI naming, the resumable state if enabled, and prune.
+    """Write each expert's LoRA (and EMA LoRA) in ComfyUI naming, the resumable state if enabled, and
+    ``losses.csv`` into the run's folder, record them in its manifest and prune its older checkpoints.
 
-    ``experts`` are :func:`expert_snapshot` s; ``progress`` holds ``step``, ``epoch``, ``batch_pos`` and ``losses``
-    (list of (step, expert, loss)).
+    ``experts`` are :func:`expert_snapshot` s; ``progress`` holds ``step``, ``epoch``, ``batch_pos``, ``dataset``
+    and ``losses`` (list of (step, expert, loss)). A snapshot holding a NaN/Inf weight or optimizer moment is
+    refused (:class:`TrainingDiverged`) before anything is written.
     """
     step = int(progress["step"])
-    dtype = _DTYPES[cfg.save.dtype]
-    files = {}
     for name, snap in experts.items():
-        meta = lora_metadata(cfg, base_model, step, name)
+        bad = _non_finite(snap)
+        if bad is not None:
+            raise TrainingDiverged(f"the {name}-noise expert's {bad} became NaN/Inf by step {step}; nothing was "
+                                   "saved for it")
+    dtype = _DTYPES[cfg.save.dtype]
+    files, written = {}, []
+    for name, snap in experts.items():
+        meta = lora_metadata(cfg, base_model, step, name, run.run_id)
         files[name] = save_lora_tensors(
-            run_dir / lora_file_name(cfg.name, step, name), _in_dtype(snap.lora, dtype), cfg.lora, meta
+            run.path / lora_file_name(cfg.name, step, name), _in_dtype(snap.lora, dtype), cfg.lora, meta
         )
+        written.append(files[name])
         if snap.ema_lora is not None:
-            save_lora_tensors(
-                run_dir / ema_lora_file_name(cfg.name, step, name), _in_dtype(snap.ema_lora, dtype), cfg.lora,
+            written.append(save_lora_tensors(
+                run.path / ema_lora_file_name(cfg.name, step, name), _in_dtype(snap.ema_lora, dtype), cfg.lora,
                 {**meta, "ema_decay": f"{snap.ema_decay:g}"},
-            )
+            ))
     state_path = None
     if cfg.save.save_training_state:
         state: dict[str, Any] = {
@@ -172,28 +129,13 @@ def save_checkpoint(
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        meta = {"training_config": cfg.model_dump_json(), "step": str(step)}
-        state_path = save_state(run_dir / state_file_name(step), state, meta)
+        meta = {"training_config": cfg.model_dump_json(), "step": str(step), "run_id": run.run_id}
+        state_path = save_state(run.path / state_file_name(step), state, meta)
+        written.append(state_path)
     lines = ["step,expert,loss"] + [f"{s},{e},{v:.8g}" for s, e, v in progress["losses"]]
-    atomic_write(run_dir / "losses.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
-    prune_checkpoints(run_dir, cfg.name, cfg.save.keep_last)
+    atomic_write(run.path / "losses.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+    run.record_checkpoint(step, written, cfg.save.keep_last)
     return files, state_path
-
-
-def check_resume_compatible(path: Path, cfg: JobConfig) -> None:
-    """Refuse a training state made with other LoRA or multi-stage settings (reads metadata only, before loading)."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if "state_skeleton" not in meta:
-        raise ConfigError(f"resume: {path} is not a training-state file of this trainer - point at {STATE_PREFIX}*")
-    saved = json.loads(meta.get("training_config", "{}"))
-    for key in ("lora", "multistage"):
-        current = json.loads(getattr(cfg, key).model_dump_json())
-        if saved.get(key) != current:
-            raise ConfigError(
-                f"resume: {path} was trained with {key} = {saved.get(key)}, but this config has {current} - "
-                f"resume with the original {key} settings (or start a new run without 'resume')"
-            )
 
 
 def load_checkpoint(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> dict[str, Any]:
@@ -202,6 +144,7 @@ def load_checkpoint(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> d
     for name, ex in experts.items():
         load_lora_state(ex.model, state["lora"][name], cfg.lora)
         ex.load_state_dict(state["experts"][name])
+        apply_hyperparameters(ex.optimizer, ex.scheduler, cfg.optimizer, ex.steps_done)
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

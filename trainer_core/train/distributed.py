@@ -87,6 +87,14 @@ class DistContext:
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (picklable objects)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

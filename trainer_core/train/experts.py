@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,16 +31,22 @@ class Expert:
     ema: LoraEMA | None = None
     steps_done: int = 0
 
-    def optimizer_step(self, max_grad_norm: float) -> None:
-        """Clip, step the optimizer and the LR schedule, clear gradients and update the EMA."""
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(lora_parameters(self.model), max_grad_norm)
+    def optimizer_step(self, max_grad_norm: float) -> bool:
+        """Clip, step the optimizer and the LR schedule, clear gradients and update the EMA. Returns False, and
+        changes nothing, when the gradient holds a NaN/Inf (a finite loss can still overflow in the backward pass;
+        stepping would poison the weights and the optimizer's moments)."""
+        # max_norm inf computes the norm without clipping (scaling by exactly 1.0 leaves the gradients as they are)
+        norm = torch.nn.utils.clip_grad_norm_(lora_parameters(self.model), max_grad_norm or math.inf)
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
         self.steps_done += 1
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, schedule, EMA and step count (the LoRA weights are saved separately, in ComfyUI naming)."""

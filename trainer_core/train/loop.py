@@ -26,22 +26,24 @@ from tqdm.auto import tqdm
 from ..config import JobConfig
 from ..data import BatchRef, LatentCache, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
-from ..errors import ConfigError, TrainingDiverged
-from ..fileio import atomic_write
-from ..lora import lora_parameters
+from ..errors import ConfigError, TrainerError, TrainingDiverged
+from ..fileio import atomic_write, check_writable
+from ..lora import lora_file_name, lora_parameters
 from ..memory import ExpertMemory, plan_job
 from ..memory.allocator import use_expandable_segments
 from ..models import WanComponents, encode_video, load_components
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, round_steps, sample_sigmas
-from .checkpoints import check_resume_compatible, expert_snapshot, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import expert_snapshot, load_checkpoint, save_checkpoint
 from .conditioning import setup_conditioning
-from .distributed import expert_groups, init_distributed, shard_frozen_weights
+from .distributed import DistContext, expert_groups, init_distributed, shard_frozen_weights
 from .experts import block_plan_for, prepare_expert
 from .objective import Objective
 from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
+from .resume import check_resume_compatible
+from .runs import RunFolder, find_finished_run, open_run, read_losses, resolve_resume, state_config
 from .stop import stop_at_round_end
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class TrainResult:
     lora_files: dict[str, Path] = field(default_factory=dict)
     state_file: Path | None = None
     losses: list[tuple[int, str, float]] = field(default_factory=list)
+    trained: bool = True  # False: an earlier run's result, returned without training (see finished_result)
 
 
 @dataclass
@@ -105,26 +108,114 @@ def expert_seed(seed: int, expert: str) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def job_dataset(cfg: JobConfig) -> VideoDataset:
+    """The job's dataset (scanned and probed; nothing decoded), as training reads it."""
+    if not cfg.datasets:
+        raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
+    caption_override = unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
+    return build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed, caption_override)
+
+
+def check_output_folders(cfg: JobConfig) -> None:
+    """Refuse an output or cache folder the run could not write, before the text encoder runs (minutes on real
+    weights) rather than when its first file is written."""
+    out = Path(cfg.save.output_dir)
+    check_writable(out, "save.output_dir")
+    if cfg.text_encoder.cache_dir:
+        check_writable(cfg.text_encoder.cache_dir, "text_encoder.cache_dir")
+
+
+def open_run_on_ranks(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> RunFolder:
+    """Rank 0 claims the run folder (:func:`open_run`); every other rank learns it, or rank 0's refusal."""
+    opened, error = None, None
+    if ctx.is_main:
+        try:
+            opened = open_run(cfg, dataset)
+        except TrainerError as exc:
+            error = exc
+    shared = ctx.broadcast_object(str(error) if error is not None else
+                                  (opened.path, opened.manifest, opened.resume_path) if opened is not None else None)
+    if error is not None:
+        raise error
+    if isinstance(shared, str):
+        raise ConfigError(shared)
+    return opened or RunFolder(shared[0], shared[1], resume_path=shared[2])
+
+
 def run_training(
     cfg: JobConfig,
     *,
     components: WanComponents | None = None,
     dataset: VideoDataset | None = None,
+    on_run: Callable[[RunFolder], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
     progress_bar: bool = True,
     stop_file: Path | None = None,
 ) -> TrainResult:
-    """Train the configured experts' LoRAs and write them (and resumable states) into ``cfg.run_dir``.
+    """Train the configured experts' LoRAs and write them (and resumable states) into the run's own folder.
 
-    ``on_step`` is called after each optimizer step; an exception raised there (e.g. a user interrupt) stops
-    training after writing a resumable state for the last completed step. ``on_sample(step, videos)`` receives
-    each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders previews. With expert groups, a
-    ``stop_file`` that appears (or a first SIGINT/SIGTERM) stops every rank at the end of the round in flight, with a
-    resumable state.
+    Everything that needs no model is checked first; then the run claims its folder (``<output_dir>/<name>``,
+    ``<name>_run2``, ...; with ``resume`` the resumed run's) and tells ``on_run``. ``on_step`` is called after each optimizer step; an exception raised there (e.g. a user
+    interrupt) stops training after writing the LoRA pair and resumable state of the last completed step.
+    ``on_sample(step, videos)`` receives each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders
+    previews. With expert groups, a ``stop_file`` that appears (or a first SIGINT/SIGTERM) stops every rank at the
+    end of the round in flight, with a resumable state. A resume of a state at ``train.steps`` loads no model and
+    returns that run's pair.
     """
-    # --- checks that need no model: settings, resume file, dataset folders ---
     ctx = init_distributed(cfg.train.device)
+    resolve_device(cfg.train.device)
+    check_regularizers(cfg)
+    check_ara_source(cfg.quant)
+    check_output_folders(cfg)
+    dataset = dataset or job_dataset(cfg)
+    if ctx.is_main:
+        log.info("%s", dataset.report())
+    if cfg.resume and (done := finished_result(cfg)) is not None:
+        return done
+    with open_run_on_ranks(cfg, dataset, ctx) as run:
+        if on_run is not None:
+            on_run(run)
+        try:
+            result = _train(cfg, ctx, run, dataset, components, on_step, on_sample, progress_bar, stop_file)
+        except TrainingDiverged:
+            run.status = "diverged"
+            raise
+        run.status = "finished"
+        return result
+
+
+def finished_result(cfg: JobConfig, dataset: VideoDataset | None = None) -> TrainResult | None:
+    """A result that needs no training (and no model): with ``dataset``, the newest finished run of this job with
+    the same settings and data; with ``resume``, a state at ``train.steps`` (the pair saved beside it)."""
+    if dataset is not None and (run := find_finished_run(cfg, dataset)) is not None:
+        step = run.manifest.step
+        return TrainResult(run.path, step, run.pair(step), None, read_losses(run.path), trained=False)
+    if not cfg.resume:
+        return None
+    step, state = resolve_resume(cfg)
+    if step != cfg.train.steps:
+        return None
+    saved = state_config(state)
+    check_resume_compatible(saved, step, cfg, str(state))
+    log.info("resume: %s is at train.steps (%d): nothing to train; its LoRA pair is the result", state, step)
+    files = {n: state.parent / lora_file_name(saved.get("name", cfg.name), step, n) for n in cfg.multistage.stages}
+    losses = [row for row in read_losses(state.parent) if row[0] <= step]
+    return TrainResult(state.parent, step, {n: p for n, p in files.items() if p.is_file()}, state, losses,
+                       trained=False)
+
+
+def _train(
+    cfg: JobConfig,
+    ctx: DistContext,
+    run: RunFolder,
+    dataset: VideoDataset,
+    components: WanComponents | None,
+    on_step: Callable[[StepInfo], None] | None,
+    on_sample: Callable[[int, list[torch.Tensor]], None] | None,
+    progress_bar: bool,
+    stop_file: Path | None,
+) -> TrainResult:
     device = resolve_device(cfg.train.device)
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -133,22 +224,12 @@ def run_training(
     groups = expert_groups(ctx, stages) if ctx.active and cfg.distributed.expert_groups else None
     data_ctx = groups.data if groups is not None else ctx
     local_stages = [groups.expert] if groups is not None else stages
-    run_dir = cfg.run_dir
-    check_regularizers(cfg)
-    check_ara_source(cfg.quant)
     # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
     autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
     sharded = ctx.active and cfg.distributed.shard_experts
     objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype, collective=sharded)
-    resume_path = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
-    if resume_path is not None:
-        check_resume_compatible(resume_path, cfg)
-    if not cfg.datasets and dataset is None:
-        raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
-    caption_override = unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
-    dataset = dataset or build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed, caption_override)
-    if ctx.is_main:
-        log.info("%s", dataset.report())
+    resume_path = run.resume_path
+    run_dir = run.path
 
     # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
     plan = plan_job(cfg, device, ctx.world)
@@ -167,7 +248,9 @@ def run_training(
     torch.manual_seed(cfg.train.seed)
     if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
         log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
-    renderer = PreviewRenderer(cfg, components, device, on_sample) if previews and ctx.is_main else None
+    renderer = None
+    if previews and ctx.is_main:
+        renderer = PreviewRenderer(cfg, components, device, run_dir / "samples", on_sample)
     condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
     vae = components.vae.to(device).eval()
     latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
@@ -210,7 +293,6 @@ def run_training(
         if cfg.memory.low_vram and len(local_stages) > 1:
             memory.offload(n)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
 
     prog = _Progress(dataset=dataset.fingerprint())
@@ -224,7 +306,7 @@ def run_training(
         renderer.render(0, models, experts)
     result = TrainResult(run_dir=run_dir, step=prog.step)
     bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not (progress_bar and ctx.is_main), dynamic_ncols=True)
-    saved_step = prog.step if resume_path else -1
+    saved_step, failed_save = (prog.step if resume_path else -1), -1
     start_pos, mid_step = (prog.epoch, prog.batch_pos), False
 
     def checkpoint() -> None:
@@ -233,14 +315,14 @@ def run_training(
             if ctx.is_main:
                 snaps = {n: expert_snapshot(ex, cfg) for n, ex in experts.items()}
                 result.lora_files, result.state_file = save_checkpoint(
-                    cfg, components.base_model, snaps, vars(prog), run_dir
+                    cfg, components.base_model, snaps, vars(prog), run
                 )
             return
         mine = expert_snapshot(experts[groups.expert], cfg, cpu=True) if data_ctx.is_main else None
         collected = groups.collect_on_main(mine)  # both group leaders' snapshots, on rank 0
         if collected is not None:
             result.lora_files, result.state_file = save_checkpoint(
-                cfg, components.base_model, dict(zip(stages, collected)), vars(prog), run_dir
+                cfg, components.base_model, dict(zip(stages, collected)), vars(prog), run
             )
 
     def consume_batches() -> list[tuple[BatchRef, Any, int, bool]]:
@@ -274,6 +356,9 @@ def run_training(
                     generator=gen,
                 )
                 noise = torch.randn((n_global, *x0.shape[1:]), generator=gen, dtype=torch.float32)
+                # LoRA dropout draws from the global generator: seed it per micro-batch too, so that a resume (and
+                # data workers, which consume global draws in the parent) cannot shift its masks
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
                 mine = [data_ctx.rank % n_global] if stand_in else data_ctx.shard(range(n_global))
                 share = 0.0 if stand_in else len(mine) / n_global
                 captions = [p.caption for p in loaded.plans]
@@ -288,8 +373,7 @@ def run_training(
             ex.optimizer.zero_grad(set_to_none=True)
             return step_loss
         data_ctx.all_reduce_grads(lora_parameters(ex.model))
-        ex.optimizer_step(cfg.optimizer.max_grad_norm)
-        return step_loss
+        return step_loss if ex.optimizer_step(cfg.optimizer.max_grad_norm) else math.nan
 
     def share_round(
         steps: list[int], losses: list[float], lrs: list[float], stop: bool
@@ -329,11 +413,7 @@ def run_training(
                 losses, lrs, stop = share_round(steps, losses, lrs, stop_requested())
                 for step, name, loss in zip(steps, names, losses):
                     if not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss became {loss} at step {step} ({name}-noise expert); no checkpoint was written "
-                            "for it and earlier ones are intact - lower optimizer.lr (e.g. 5e-5) or resume from "
-                            "the last good training state"
-                        )
+                        raise _diverged(step, name, loss, run if ctx.is_main else None, cfg)
                 first = prog.step
                 prog.step += len(steps)
                 prog.losses.extend(zip(range(first + 1, prog.step + 1), names, losses))
@@ -348,8 +428,9 @@ def run_training(
                 every = cfg.save.save_every
                 periodic = every and prog.step // every > first // every  # a save step fell into this round
                 if periodic or prog.step == cfg.train.steps or stop:
+                    failed_save = prog.step  # until it succeeds: a save that failed is not tried again on the way out
                     checkpoint()
-                    saved_step = prog.step
+                    saved_step, failed_save = prog.step, -1
                 if renderer is not None and renderer.due(prog.step):
                     renderer.render(prog.step, models, experts)
                 if stop:
@@ -367,12 +448,15 @@ def run_training(
             bar.close()
             if mid_step:  # the half-accumulated step is discarded; its batches will be drawn again on resume
                 prog.epoch, prog.batch_pos = start_pos
-            if prog.step > 0 and prog.step != saved_step and cfg.save.save_training_state:
+            if prog.step > 0 and prog.step not in (saved_step, failed_save):
                 if groups is None:
-                    checkpoint()
+                    checkpoint()  # the LoRA pair so far, and the state unless save_training_state is off
                 elif ctx.is_main:
                     log.warning("expert groups: no state written for step %d; resume from the last saved one",
                                 prog.step)
+            if ctx.is_main:
+                log.warning("training stopped after step %d of %d; %s", prog.step, cfg.train.steps,
+                            run.stop_message())
             raise
         finally:
             stream.close()
@@ -381,6 +465,28 @@ def run_training(
     result.step = prog.step
     result.losses = list(prog.losses)
     return result
+
+
+def _diverged(step: int, expert: str, loss: float, run: RunFolder | None, cfg: JobConfig) -> TrainingDiverged:
+    """The error for a non-finite loss (or gradient) at 0-based ``step``. Every state saved since ``expert`` last
+    updated its weights holds the weights that produced it, and resuming one would replay the same step with the
+    same batch and weights whatever the new lr: ``run`` (rank 0's) sets them aside, and the message names the last
+    good state."""
+    stages, every = cfg.multistage.stages, cfg.multistage.switch_every
+    last_update = next((k + 1 for k in range(step - 1, -1, -1) if active_expert(k, stages, every) == expert), 0)
+    moved = run.set_aside_states(last_update) if run is not None else []
+    what = (f"the loss (or its gradient) became {loss} at step {step + 1} ({expert}-noise expert); nothing was "
+            "saved for it")
+    if moved:
+        what += (f"; the state(s) holding the weights that led to it are set aside as "
+                 f"{', '.join(p.name for p in moved)}")
+    states = run.states() if run is not None else []
+    if states:
+        good_step, good = states[-1]
+        return TrainingDiverged(f"{what} - the last good state is step {good_step} ({good}): lower optimizer.lr "
+                                "(e.g. 5e-5) and resume with --resume latest (Train LoRA: resume = latest)")
+    return TrainingDiverged(f"{what} - lower optimizer.lr (e.g. 5e-5) and resume from an earlier good state, or "
+                            "start again")
 
 
 def losses_summary(losses: list[tuple[int, str, float]], buckets: int = 10) -> str:

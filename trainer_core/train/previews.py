@@ -31,12 +31,13 @@ class PreviewRenderer:
         cfg: JobConfig,
         components: WanComponents,
         device: torch.device,
+        folder: Path,
         on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
     ):
         self.cfg, self.components, self.device, self.on_sample = cfg, components, device, on_sample
         te = components.text_encoder.to(device)
         self.prompts = encode_sample_prompts(te, components.tokenizer, cfg.sample)
-        self.folder = cfg.run_dir / "samples"
+        self.folder = folder
 
     def due(self, step: int) -> bool:
         """True at step 0 when ``sample_at_start``, and every ``sample_every`` completed steps."""

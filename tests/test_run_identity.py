@@ -1,0 +1,201 @@
+"""Run identity: one run, one folder of its own files; nothing a run does touches or returns another run's files.
+
+Driven through the headless CLI as a user runs it (job YAML files, ``--resume latest``, the printed paths), plus the
+core calls where the CLI cannot reach (a held lock, a killed process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import trainer_core.train.loop as loop
+from trainer_core.cli import main
+from trainer_core.config import job_from_dict
+from trainer_core.data import make_synthetic_dataset
+from trainer_core.errors import ConfigError
+from trainer_core.train.runs import LOCK_FILE, MANIFEST, job_runs
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("clips"), n_clips=4, num_frames=5, size=(32, 32), seed=4)
+
+
+def _job(out: Path, clips: Path, steps: int, lr: float = 2e-3, **over) -> dict:
+    job = {
+        "name": "same",
+        "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
+        "lora": {"rank": 4},
+        "multistage": {"switch_every": 2},
+        "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 0.0},
+        "train": {"steps": steps, "batch_size": 2, "gradient_checkpointing": "off", "compute_dtype": "fp32",
+                  "device": "cpu", "seed": 5, "num_workers": 0},
+        "save": {"output_dir": str(out), "save_every": 2, "keep_last": 2},
+        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}],
+    }
+    for section, values in over.items():
+        job[section] = {**job[section], **values} if isinstance(values, dict) else values
+    return job
+
+
+def _cli(tmp_path: Path, job: dict, capsys, *extra: str) -> tuple[int, dict[str, Path], str]:
+    """Run ``python -m trainer_core train`` in-process; return the exit code, the printed pair and stderr."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    code = main(["train", str(path), *extra])
+    out = capsys.readouterr()
+    pair = {line.split("-noise LoRA: ")[0]: Path(line.split(": ", 1)[1])
+            for line in out.out.splitlines() if "-noise LoRA: " in line}
+    return code, pair, out.err
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return fh.metadata()
+
+
+def test_reusing_a_name_never_touches_the_earlier_run_or_foreign_files(tmp_path, clips, capsys):
+    out = tmp_path / "out"
+    code, a_pair, _ = _cli(tmp_path, _job(out, clips, 6), capsys)
+    assert code == 0 and {p.parent.name for p in a_pair.values()} == {"same"}
+    foreign = out / "same" / "same_000000099_high_noise.safetensors"  # ai-toolkit's naming, not ours
+    foreign.write_bytes(b"another tool's checkpoint")
+    before = {p: _sha(p) for p in [*a_pair.values(), foreign]}
+
+    # B: same name, 4 steps, another lr, no resume -> a folder of its own; keep_last prunes only B's files
+    code, b_pair, _ = _cli(tmp_path, _job(out, clips, 4, lr=1e-3), capsys)
+    assert code == 0 and {p.parent.name for p in b_pair.values()} == {"same_run2"}
+    assert all(p.is_file() and "_000004_" in p.name for p in b_pair.values())
+    assert {p: _sha(p) for p in before} == before  # A's final pair and the foreign file, byte for byte
+    b_ids = {_meta(p)["run_id"] for p in b_pair.values()}
+    assert len(b_ids) == 1 and b_ids != {_meta(p)["run_id"] for p in a_pair.values()}
+
+    # B again with resume latest: B's own newest state (step 4 = train.steps) -> B's pair, not A's step-6 pair
+    code, again, err = _cli(tmp_path, {**_job(out, clips, 4, lr=1e-3), "resume": "latest"}, capsys)
+    assert code == 0 and again == b_pair
+    assert {p: _sha(p) for p in before} == before
+    runs = [r.path.name for r in job_runs(job_from_dict(_job(out, clips, 4)))]
+    assert runs == ["same_run2", "same"]  # newest first
+
+
+def test_a_cancelled_rerun_resumes_itself_not_the_earlier_run(tmp_path, clips, monkeypatch):
+    out = tmp_path / "out"
+    loop.run_training(job_from_dict(_job(out, clips, 8, save={"save_every": 4})), progress_bar=False)
+
+    def cancel_at_3(info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    b = job_from_dict(_job(out, clips, 6, lr=1e-3, save={"save_every": 4}))
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_training(b, on_step=cancel_at_3, progress_bar=False)
+    stopped = json.loads((out / "same_run2" / MANIFEST).read_text())
+    assert stopped["status"] == "stopped" and 3 in map(int, stopped["checkpoints"])
+
+    resumed = loop.run_training(job_from_dict({**_job(out, clips, 6, lr=1e-3, save={"save_every": 4}),
+                                               "resume": "latest"}), progress_bar=False)
+    assert resumed.run_dir.name == "same_run2" and resumed.step == 6
+    assert [s for s, _, _ in resumed.losses] == [1, 2, 3, 4, 5, 6]
+    assert all(p.parent.name == "same_run2" for p in resumed.lora_files.values())
+    assert json.loads((out / "same" / MANIFEST).read_text())["step"] == 8  # A untouched
+
+
+def test_pruning_counts_only_the_runs_own_files(tmp_path, clips):
+    out = tmp_path / "out"
+    loop.run_training(job_from_dict(_job(out, clips, 4, save={"keep_last": 1})), progress_bar=False)
+    run = out / "same"
+    foreign = [run / "same_000000099_high_noise.safetensors", run / "same_000001_low_noise.safetensors",
+               run / "notes.txt"]
+    for f in foreign:
+        f.write_bytes(b"not written by this run")
+    leftover = run / ".same_000006_high_noise.safetensors.dead.tmp"  # a save that a SIGKILL cut short
+    leftover.write_bytes(b"partial")
+    job = {**_job(out, clips, 8, save={"keep_last": 1}), "resume": "latest"}
+    result = loop.run_training(job_from_dict(job), progress_bar=False)
+    assert result.run_dir == run
+    assert all(f.read_bytes() == b"not written by this run" for f in foreign)
+    assert not leftover.exists()
+    ours = sorted(p.name for p in run.glob("same_0000*.safetensors") if p not in foreign)
+    assert ours == ["same_000008_high_noise.safetensors", "same_000008_low_noise.safetensors"]
+
+
+def test_files_are_readable_by_others_under_the_usual_umask(tmp_path, clips):
+    old = os.umask(0o022)
+    try:
+        result = loop.run_training(job_from_dict(_job(tmp_path / "out", clips, 2)), progress_bar=False)
+    finally:
+        os.umask(old)
+    written = [*result.lora_files.values(), result.state_file, result.run_dir / "losses.csv",
+               result.run_dir / MANIFEST, result.run_dir / "config.yaml"]
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
+
+
+_HOLDER = """
+import sys
+from trainer_core.config import job_from_dict
+from trainer_core.data import build_dataset
+from trainer_core.train.runs import open_run
+import json
+cfg = job_from_dict(json.loads(sys.argv[1]))
+run = open_run(cfg, build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed))
+print(run.path, flush=True)
+sys.stdin.read()  # hold the run folder until killed
+"""
+
+
+def test_a_live_run_holds_its_folder_and_a_killed_one_does_not(tmp_path, clips):
+    out = tmp_path / "out"
+    loop.run_training(job_from_dict(_job(out, clips, 2)), progress_bar=False)
+    resume = {**_job(out, clips, 4), "resume": str(out / "same")}  # the run folder (its newest state)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, json.dumps(resume)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == str(out / "same")  # it holds the folder now
+        with pytest.raises(ConfigError, match=rf"run folder {out / 'same'} is in use by process {holder.pid}"):
+            loop.run_training(job_from_dict(resume), progress_bar=False)
+        # a fresh run started meanwhile writes into a folder of its own
+        fresh = loop.run_training(job_from_dict(_job(out, clips, 2)), progress_bar=False)
+        assert fresh.run_dir.name == "same_run2"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / "same" / LOCK_FILE).exists()  # the lock file stays; its lock died with the process
+    resumed = loop.run_training(job_from_dict(resume), progress_bar=False)
+    assert resumed.run_dir == out / "same" and resumed.step == 4
+
+
+def test_two_fresh_runs_at_once_get_two_folders(tmp_path, clips):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    jobs = []
+    for i in range(2):
+        path = tmp_path / f"job{i}.yaml"
+        path.write_text(yaml.safe_dump(_job(out, clips, 2)))
+        jobs.append(subprocess.Popen([sys.executable, "-m", "trainer_core", "train", str(path)], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    printed = []
+    for proc in jobs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        printed.append({line.split(": ", 1)[1] for line in stdout.splitlines() if "-noise LoRA: " in line})
+    assert printed[0].isdisjoint(printed[1])
+    assert {Path(p).parent.name for paths in printed for p in paths} == {"same", "same_run2"}
+    assert all(Path(p).is_file() for paths in printed for p in paths)
