@@ -30,7 +30,7 @@ from benchmarks.common import (  # noqa: E402
     tokens,
 )
 from trainer_core.config import SampleConfig  # noqa: E402
-from trainer_core.sample.sampler import _predict, make_scheduler  # noqa: E402
+from trainer_core.sample.sampler import _guided, make_scheduler  # noqa: E402
 
 SAMPLE_SIZES = [(832, 480, 81), (1024, 1024, 81)]
 DEVICE = "cuda"
@@ -44,19 +44,20 @@ def bench_sampler(high, low, width: int, height: int, frames: int, steps: int) -
     shape = latent_shape(width, height, frames)
     cond = torch.randn(1, 512, TEXT_DIM, device=DEVICE, dtype=torch.bfloat16)
     uncond = torch.randn(1, 512, TEXT_DIM, device=DEVICE, dtype=torch.bfloat16)
-    cfg = SampleConfig(prompts=["x"], width=width, height=height, num_frames=frames, steps=steps, sampler="unipc")
+    cfg = SampleConfig(prompts=["x"], width=width, height=height, num_frames=frames, steps=steps,
+                       sampler="diffusers_unipc")
 
     # Ours: the exact per-step work of trainer_core.sample.sample_videos (guided prediction + scheduler step).
     sched = make_scheduler(cfg)
     sched.set_timesteps(steps, device=DEVICE)
     latents = torch.randn(shape, device=DEVICE)
     ts = iter(list(sched.timesteps) * 4)
+    predict = _guided({"high": high, "low": low}, {"high": 4.0, "low": 4.0}, cond, uncond)
 
     def ours_step():
         nonlocal latents
         t = next(ts)
-        model = high if float(t) >= 875 else low
-        pred = _predict(model, latents, t, cond, uncond, 4.0)
+        pred = predict("high" if float(t) >= 875 else "low", latents, t)
         latents = sched.step(pred, t, latents, return_dict=False)[0]
 
     reset_peak()

@@ -10,6 +10,7 @@ from .multistage import ConfigureMultiStage
 from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
 from .save import SaveCheckpoint
+from .split_step import Wan22SplitStep
 from .train import TrainWan22LoRA
 
 NODE_CLASS_MAPPINGS = {
@@ -22,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan22ConfigureTrainingPreviews": ConfigureTrainingPreviews,
     "Wan22PreviewSample": PreviewSample,
     "Wan22ApplyLoraPair": ApplyWan22LoraPair,
+    "Wan22SplitStep": Wan22SplitStep,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -34,6 +36,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
     "Wan22PreviewSample": "Preview Sample",
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
+    "Wan22SplitStep": "Wan22 Split Step",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

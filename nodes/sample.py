@@ -9,13 +9,19 @@ from pydantic import ValidationError
 
 from trainer_core.config import WAN_NEGATIVE_PROMPT, SampleConfig, format_validation_error
 from trainer_core.errors import ConfigError
-from trainer_core.sample import encode_sample_prompts, sample_videos
+from trainer_core.sample import SCHEDULERS, encode_sample_prompts, native_recipe, sample_videos
 
 from . import host
 from .bundle import CATEGORY, EXPERTS, LORA, ExpertsBundle, LoraPair, lora_attached, placed
 
 SAMPLE = "WAN22_SAMPLE"
 _T = "tooltip"
+_SAMPLERS = ("euler", "diffusers_unipc")
+
+
+def _default(name: str) -> Any:
+    """The default of a SampleConfig field: the node and the job file start from the same preview settings."""
+    return SampleConfig.model_fields[name].default
 
 
 def _render_inputs(seed_control: bool) -> dict[str, tuple]:
@@ -25,23 +31,28 @@ def _render_inputs(seed_control: bool) -> dict[str, tuple]:
             "One prompt per line, one video each; use the trigger word as in the captions")}),
         "negative_prompt": ("STRING", {"default": WAN_NEGATIVE_PROMPT, "multiline": True, _T: (
             "What to steer away from (Wan's standard negative prompt by default)")}),
-        "width": ("INT", {"default": 832, "min": 16, "max": 2048, "step": 16, _T: (
+        "width": ("INT", {"default": _default("width"), "min": 16, "max": 2048, "step": 16, _T: (
             "Multiple of 16; render near the training size (24 GB: 512)")}),
-        "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16, _T: "Multiple of 16"}),
-        "num_frames": ("INT", {"default": 33, "min": 1, "max": 257, "step": 4, _T: (
+        "height": ("INT", {"default": _default("height"), "min": 16, "max": 2048, "step": 16, _T: "Multiple of 16"}),
+        "num_frames": ("INT", {"default": _default("num_frames"), "min": 1, "max": 257, "step": 4, _T: (
             "4n+1 frames; as trained (33 on 24 GB, 81 = 5 s at 16 fps)")}),
-        "steps": ("INT", {"default": 40, "min": 1, "max": 200, _T: (
+        "steps": ("INT", {"default": _default("steps"), "min": 1, "max": 200, _T: (
             "Denoising steps: 40 for final quality, 20-30 for quick previews")}),
-        "shift": ("FLOAT", {"default": 12.0, "min": 0.1, "max": 100.0, "step": 0.1, _T: (
-            "Flow shift of the schedule: 12 is Wan 2.2 T2V's (ComfyUI's template uses 8)")}),
-        "sampler": (("unipc", "euler"), {"default": "unipc", _T: (
-            "unipc: Wan's own flow-matching solver; euler: plain flow-matching Euler")}),
-        "guidance_high": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, _T: (
+        "shift": ("FLOAT", {"default": _default("shift"), "min": 0.1, "max": 100.0, "step": 0.01, _T: (
+            "Flow shift of the schedule (ModelSamplingSD3's shift): 12 is Wan 2.2 T2V's (ComfyUI's template uses 8)")}),
+        "sampler": (_SAMPLERS, {"default": _default("sampler"), _T: (
+            "euler: ComfyUI's euler - the native graph renders the same video (recipe in the node text and the "
+            "video's metadata); diffusers_unipc: diffusers UniPC, Wan's own solver, not reproducible natively")}),
+        "scheduler": (SCHEDULERS, {"default": _default("scheduler"), _T: (
+            "ComfyUI scheduler of the euler sampler: normal is also diffusers' flow-match Euler grid; simple is "
+            "what most native workflows use. Set the same one in KSamplerAdvanced")}),
+        "guidance_high": ("FLOAT", {"default": _default("guidance_high"), "min": 1.0, "max": 20.0, "step": 0.01, _T: (
             "CFG on the high-noise expert: 2-4 (Wan: 4); 1 disables CFG and halves the time")}),
-        "guidance_low": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 20.0, "step": 0.1, _T: (
+        "guidance_low": ("FLOAT", {"default": _default("guidance_low"), "min": 1.0, "max": 20.0, "step": 0.01, _T: (
             "CFG on the low-noise expert: 2-4 (Wan: 3)")}),
-        "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": seed_control, _T: (
-            "Noise seed of the first prompt")}),
+        "seed": ("INT", {"default": _default("seed"), "min": 0, "max": 2**63 - 1,
+                         "control_after_generate": seed_control, _T: (
+            "Noise seed of the first prompt; the same seed in KSamplerAdvanced gives the same noise")}),
         "walk_seeds": ("BOOLEAN", {"default": True, _T: (
             "Prompt i uses seed + i; off renders every prompt with the same seed (compare prompts)")}),
         "vae_tiling": ("BOOLEAN", {"default": False, _T: (
@@ -85,7 +96,8 @@ class PreviewSample:
     OUTPUT_TOOLTIPS = ("Frames of every prompt's video, one after another: CreateVideo -> SaveVideo.",)
     FUNCTION = "render"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Render test videos with the base model or a freshly trained LoRA pair, without saving files."
+    DESCRIPTION = ("Render test videos with the base model or a freshly trained LoRA pair, without saving files; the "
+                   "node text gives the native ComfyUI settings that render the same video.")
 
     def render(
         self,
@@ -98,6 +110,7 @@ class PreviewSample:
         steps: int,
         shift: float,
         sampler: str,
+        scheduler: str,
         guidance_high: float,
         guidance_low: float,
         seed: int,
@@ -119,6 +132,7 @@ class PreviewSample:
             steps=steps,
             shift=shift,
             sampler=sampler,
+            scheduler=scheduler,
             guidance_high=guidance_high,
             guidance_low=guidance_low,
             seed=seed,
@@ -133,6 +147,7 @@ class PreviewSample:
         device = host.compute_device()
         comps = experts.components(quantize_on=device)  # with Quantize ARA: the experts training quantized
         progress = host.Progress(cfg.steps * len(cfg.prompts), unique_id)
+        progress.text(native_recipe(cfg, boundary))  # how ComfyUI's native graph renders the same video
 
         def on_step(done: int, total: int) -> None:
             host.check_interrupt()
@@ -180,6 +195,7 @@ class ConfigureTrainingPreviews:
         steps: int,
         shift: float,
         sampler: str,
+        scheduler: str,
         guidance_high: float,
         guidance_low: float,
         seed: int,
@@ -200,6 +216,7 @@ class ConfigureTrainingPreviews:
             steps=steps,
             shift=shift,
             sampler=sampler,
+            scheduler=scheduler,
             guidance_high=guidance_high,
             guidance_low=guidance_low,
             seed=seed,

@@ -17,7 +17,8 @@ from .bundle import CATEGORY, SAVE
 @dataclass(frozen=True)
 class SaveSettings:
     """What Train LoRA needs to save: the core's :class:`SaveConfig` (absolute ``output_dir``) and where the
-    final pair goes in ComfyUI's loras folder (``lora_name`` empty: the job name; ``copy_to_loras`` off: nowhere)."""
+    final pair goes in ComfyUI's loras folder (``lora_name`` empty: the run folder's name; ``copy_to_loras`` off:
+    nowhere)."""
 
     config: SaveConfig
     copy_to_loras: bool
@@ -33,7 +34,8 @@ class SaveCheckpoint:
             "required": {
                 "output_dir": ("STRING", {"default": "wan22_lora", "tooltip": (
                     "Folder for run folders (checkpoints, states, losses.csv), relative to ComfyUI's output "
-                    "folder or absolute; each job writes into <output_dir>/<job name>")}),
+                    "folder or absolute; a job's first run writes into <output_dir>/<job name>, later fresh runs "
+                    "of the same name into <job name>_run2, _run3, ...")}),
                 "save_every": ("INT", {"default": 250, "min": 0, "max": 100000, "tooltip": (
                     "Save a LoRA pair and resumable state every N steps (250-500); 0 = only at the end")}),
                 "keep_last": ("INT", {"default": 4, "min": 0, "max": 1000, "tooltip": (
@@ -47,7 +49,8 @@ class SaveCheckpoint:
                     "Copy the final pair into models/loras so LoraLoaderModelOnly lists it at once")}),
                 "lora_name": ("STRING", {"default": "", "tooltip": (
                     "File name in models/loras: <name>_high_noise / _low_noise.safetensors (may contain a "
-                    "subfolder, e.g. wan22/my_style); empty = the job name. Overwrites a previous copy")}),
+                    "subfolder, e.g. wan22/my_style); empty = the run folder's name (the job name, or job name_run2 "
+                    "for a later run of it). A name given here overwrites its previous copy")}),
             }
         }
 

@@ -76,7 +76,8 @@ class TrainWan22LoRA:
                 "dataset": (DATASET, {_T: "Dataset(s) from Build Video Dataset"}),
                 # JOB
                 "job_name": ("STRING", {"default": "wan22_lora", _T: (
-                    "Run folder and file-name prefix (letters, digits, _ - .); reuse it with resume = latest")}),
+                    "Run folder and file-name prefix (letters, digits, _ - .); a new run of a used name gets its "
+                    "own folder (<name>_run2, ...); resume = latest continues this name's newest run")}),
                 "trigger_word": ("STRING", {"default": "", _T: (
                     "Word that calls the LoRA (e.g. sqz); replaces [trigger] in captions; empty = none")}),
                 # TARGET

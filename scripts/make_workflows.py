@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from trainer_core.config import WAN_NEGATIVE_PROMPT
+from trainer_core.config import SampleConfig
+from trainer_core.sample import split_step
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "example_workflows"
@@ -108,6 +109,11 @@ class Workflow:
         self.nodes.append(node)
         return node["id"]
 
+    def connect_widget(self, src: int, slot: int, dst: int, widget: str, kind: str) -> None:
+        """Feed widget ``widget`` of node ``dst`` from an output (the UI's widget-to-input socket)."""
+        self.nodes[dst - 1]["inputs"].append({"name": widget, "type": kind, "widget": {"name": widget}, "link": None})
+        self.connect(src, slot, dst, widget)
+
     def connect(self, src: int, slot: int, dst: int, input_name: str) -> None:
         s, d = self.nodes[src - 1], self.nodes[dst - 1]
         k = next(i for i, x in enumerate(d["inputs"]) if x["name"] == input_name)
@@ -198,29 +204,37 @@ def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, mu
     return wf
 
 
-def native_render(pack) -> Workflow:
-    """ComfyUI's own Wan 2.2 graph with the trained pair from models/loras (what Save Checkpoint copies there)."""
+def native_render(pack, previews: dict, boundary: float) -> Workflow:
+    """ComfyUI's own Wan 2.2 graph with the trained pair from models/loras (what Save Checkpoint copies there),
+    rendering exactly what the training previews configured by ``previews`` show (the pack's native recipe)."""
+    cfg = SampleConfig(prompts=[previews["prompts"]], **{k: v for k, v in previews.items()
+                                                         if k in SampleConfig.model_fields and k != "prompts"})
+    split = split_step(cfg.steps, cfg.shift, cfg.scheduler, boundary)
     wf = Workflow(pack)
     hi = wf.add("UNETLoader", (0, 0), [HIGH, "default"], (340, 90), title="High-noise expert")
     lo = wf.add("UNETLoader", (0, 130), [LOW, "default"], (340, 90), title="Low-noise expert")
-    lh = wf.add("LoraLoaderModelOnly", (380, 0), ["my_character_high_noise.safetensors", 1.0], (320, 90))
-    ll = wf.add("LoraLoaderModelOnly", (380, 130), ["my_character_low_noise.safetensors", 1.0], (320, 90))
-    sh = wf.add("ModelSamplingSD3", (740, 0), [8.0], (220, 60))
-    sl = wf.add("ModelSamplingSD3", (740, 130), [8.0], (220, 60))
+    lh = wf.add("LoraLoaderModelOnly", (380, 0), ["my_character_high_noise.safetensors", cfg.lora_strength_high],
+                (320, 90))
+    ll = wf.add("LoraLoaderModelOnly", (380, 130), ["my_character_low_noise.safetensors", cfg.lora_strength_low],
+                (320, 90))
+    sh = wf.add("ModelSamplingSD3", (740, 0), [cfg.shift], (220, 60))
+    sl = wf.add("ModelSamplingSD3", (740, 130), [cfg.shift], (220, 60))
+    split_node = wf.add("Wan22SplitStep", (380, 620), wf.widgets(
+        "Wan22SplitStep", steps=cfg.steps, shift=cfg.shift, scheduler=cfg.scheduler, boundary=boundary), (300, 170))
     clip = wf.add("CLIPLoader", (0, 260), [TE, "wan", "default"], (340, 110))
-    pos = wf.add("CLIPTextEncode", (380, 260), ["sqz woman turns her head and smiles at the camera, soft light"],
-                 (320, 140), title="Positive (use the trigger word)")
-    neg = wf.add("CLIPTextEncode", (380, 440), [WAN_NEGATIVE_PROMPT], (320, 140),
-                 title="Negative")
-    latent = wf.add("EmptyHunyuanLatentVideo", (0, 420), [640, 640, 81, 1], (300, 130))
+    pos = wf.add("CLIPTextEncode", (380, 260), [cfg.prompts[0]], (320, 140),
+                 title="Positive (workflow 1's preview prompt)")
+    neg = wf.add("CLIPTextEncode", (380, 440), [cfg.negative_prompt], (320, 140), title="Negative")
+    latent = wf.add("EmptyHunyuanLatentVideo", (0, 420), [cfg.width, cfg.height, cfg.num_frames, 1], (300, 130))
     vae = wf.add("VAELoader", (0, 590), [VAE], (300, 60))
-    k1 = wf.add("KSamplerAdvanced", (1000, 0), ["enable", 42, "fixed", 20, 3.5, "euler", "simple", 0, 10, "enable"],
-                (300, 330), title="High noise: steps 0-10")
-    k2 = wf.add("KSamplerAdvanced", (1000, 370),
-                ["disable", 0, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"], (300, 330),
-                title="Low noise: steps 10-end")
+    k1 = wf.add("KSamplerAdvanced", (1000, 0), ["enable", cfg.seed, "fixed", cfg.steps, cfg.guidance_high,
+                                                cfg.sampler, cfg.scheduler, 0, split, "enable"],
+                (300, 330), title=f"High noise: steps 0-{split} (from Wan22 Split Step)")
+    k2 = wf.add("KSamplerAdvanced", (1000, 370), ["disable", cfg.seed, "fixed", cfg.steps, cfg.guidance_low,
+                                                  cfg.sampler, cfg.scheduler, split, 10000, "disable"],
+                (300, 330), title=f"Low noise: steps {split}-end (from Wan22 Split Step)")
     dec = wf.add("VAEDecode", (1340, 0), [], (200, 50))
-    video = wf.add("CreateVideo", (1340, 90), [16], (220, 80))
+    video = wf.add("CreateVideo", (1340, 90), [cfg.fps], (220, 80))
     out = wf.add("SaveVideo", (1340, 210), ["video/wan22_lora", "auto", "auto"], (260, 120))
     for a, b, name in ((hi, lh, "model"), (lo, ll, "model"), (lh, sh, "model"), (ll, sl, "model"),
                        (sh, k1, "model"), (sl, k2, "model"), (k1, k2, "latent_image"), (latent, k1, "latent_image"),
@@ -230,7 +244,18 @@ def native_render(pack) -> Workflow:
     for k in (k1, k2):
         wf.connect(pos, 0, k, "positive")
         wf.connect(neg, 0, k, "negative")
+    # The split node drives the switch step, both samplers' steps and both shifts: one place to change them.
+    for slot, dst, name, kind in ((0, k1, "end_at_step", "INT"), (1, k2, "start_at_step", "INT"),
+                                  (2, k1, "steps", "INT"), (2, k2, "steps", "INT"),
+                                  (3, sh, "shift", "FLOAT"), (3, sl, "shift", "FLOAT")):
+        wf.connect_widget(split_node, slot, dst, name, kind)
     return wf
+
+
+#: Workflow 1's training previews; workflow 4 renders the same video natively.
+CHARACTER_PREVIEWS = dict(prompts="sqz woman turns her head and smiles at the camera", width=512, height=512,
+                          num_frames=33, steps=30, sample_every=250)
+CHARACTER_BOUNDARY = 0.875  # Configure MultiStage's default in workflow 1
 
 
 def main() -> None:
@@ -241,12 +266,11 @@ def main() -> None:
         quant=dict(transformer="4bit_ara", quantizer="nf4", adapter="compute", ara_rank=16, calibration_samples=8,
                    text_encoder="float8"),
         dataset=dict(folder="my_character", num_frames=33, resolutions="512", caption_dropout=0.05),
-        multistage=dict(switch_every=10),
+        multistage=dict(switch_every=10, boundary=CHARACTER_BOUNDARY),
         save=dict(save_every=250, keep_last=4, lora_name="my_character"),
         train=dict(job_name="my_character", trigger_word="sqz", rank=16, steps=2500, learning_rate=1e-4,
                    timestep_type="sigmoid", text_encoder_mode="cache"),
-        previews=dict(prompts="sqz woman turns her head and smiles at the camera", width=512, height=512,
-                      num_frames=33, steps=30, sample_every=250),
+        previews=CHARACTER_PREVIEWS,
         render=dict(prompts="sqz woman walks through a park at sunset, camera tracking", width=512, height=512,
                     num_frames=33, steps=40),
     )
@@ -293,8 +317,15 @@ def main() -> None:
                "Put 10-40 clips or stills of the style in ComfyUI/input/my_style; the trigger word zxqstyle is put "
                "in front of every caption. DOP (class 'scene') keeps prompts without the trigger in the base "
                "model's look; it costs about three passes per step. The output pair is the EMA of the LoRA.")
-    native_render(pack).dump("wan22_4_render_trained_pair_native", "4 Render a trained pair, native Wan 2.2 graph",
-                             "Uses the pair Save Checkpoint copied into models/loras (my_character_*_noise).")
+    native_render(pack, CHARACTER_PREVIEWS, CHARACTER_BOUNDARY).dump(
+        "wan22_4_render_trained_pair_native", "4 Render a trained pair, native Wan 2.2 graph",
+        "Renders exactly what workflow 1's training previews show, with the pair Save Checkpoint copied into "
+        "models/loras (my_character_*_noise): same prompt, negative prompt, seed, size, frames, steps, shift, "
+        "sampler/scheduler and CFG per expert. Wan22 Split Step computes the expert switch step from steps, shift, "
+        "scheduler and boundary and feeds both KSamplerAdvanced nodes and both ModelSamplingSD3 nodes; to keep this "
+        "graph in step with the previews, set the same steps, shift, scheduler and boundary there as in Configure "
+        "Training Previews / Configure MultiStage, and the same CFG, seed, size and prompts (the preview video's "
+        "metadata and the Train LoRA node text state the recipe).")
 
 
 if __name__ == "__main__":

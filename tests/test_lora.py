@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import trainer_core.fileio
 from trainer_core.config import DEFAULT_LORA_TARGETS, LoraConfig
 from trainer_core.errors import LoraFileError
+from trainer_core.fileio import ArtifactWriteError
 from trainer_core.keys import diffusers_state_dict_to_original
 from trainer_core.lora import (
     attach_lora,
@@ -197,7 +198,7 @@ def test_failed_write_leaves_no_file_and_keeps_previous(base, tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(trainer_core.fileio, "save_file", half_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ArtifactWriteError, match=f"could not write {final}: disk full"):
         save_lora(final, model, CFG, torch.bfloat16, {})
     assert list(tmp_path.iterdir()) == []
 
@@ -205,7 +206,7 @@ def test_failed_write_leaves_no_file_and_keeps_previous(base, tmp_path, monkeypa
     save_lora(final, model, CFG, torch.bfloat16, {})
     before = final.read_bytes()
     monkeypatch.setattr(trainer_core.fileio, "save_file", half_then_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ArtifactWriteError):
         save_lora(final, _trained(base, seed=9), CFG, torch.bfloat16, {})
     assert final.read_bytes() == before
     assert list(tmp_path.iterdir()) == [final]

@@ -42,6 +42,7 @@ DISPLAY_NAMES = {
     "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
     "Wan22PreviewSample": "Preview Sample",
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
+    "Wan22SplitStep": "Wan22 Split Step",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": "off",
@@ -732,7 +733,7 @@ def test_preview_sample_widgets_reach_the_sampler(N, host, monkeypatch):
     base = widgets(cls, prompts="a cat")
     F.call(cls, experts=bundle, **base)
     changes = {"negative_prompt": "blurry", "width": 64, "height": 96, "num_frames": 9, "steps": 20, "shift": 8.0,
-               "sampler": "euler", "guidance_high": 2.0, "guidance_low": 1.0, "seed": 3, "walk_seeds": False,
+               "sampler": "diffusers_unipc", "scheduler": "simple", "guidance_high": 2.0, "guidance_low": 1.0, "seed": 3, "walk_seeds": False,
                "vae_tiling": True, "lora_strength_high": 0.7, "lora_strength_low": 0.3}
     assert set(changes) | {"prompts", "boundary"} == set(widgets(cls))
     for k, v in changes.items():

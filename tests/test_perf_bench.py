@@ -35,7 +35,10 @@ def test_perf_bench_tiny_runs_every_path(tmp_path):
         assert res[key]["loss_rel_diff_vs_plain"] < 0.05 and res[key]["speedup"] > 0
         assert res[key]["speedup"] == pytest.approx(res["plain"]["s"] / res[key]["s"])
     assert res["fp8 fast path"]["losses"] != res["bf16 fast path"]["losses"]  # float8 really ran
-    assert res["dop"]["overhead"] > 1 and math.isfinite(res["low_vram"]["ratio"])
+    # ratios of wall times: present and finite (their size is measured on the device, never asserted here: a loaded
+    # CPU makes any timing comparison flaky)
+    assert res["dop"]["overhead"] > 0 and math.isfinite(res["dop"]["overhead"])
+    assert math.isfinite(res["low_vram"]["ratio"])
     assert len(res["low_vram"]["low_vram"]["switch_copy_s"]) == 1  # 20 steps, switch every 10
 
 

@@ -1,5 +1,6 @@
 """Preview sampler, checked against diffusers' WanPipeline (two experts, boundary_ratio, guidance_scale_2) on the tiny
-preset, with and without LoRAs, plus video files and bad inputs."""
+preset where the settings coincide (euler with scheduler normal = FlowMatchEulerDiscreteScheduler; diffusers UniPC),
+with and without LoRAs, plus video files and bad inputs. ComfyUI's native graph: test_native_sampling.py."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def lora_run(comps, euler_cfg, tmp_path_factory):
 # ---------------------------------------------------------------- 1. equals WanPipeline without LoRA
 
 
-@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+@pytest.mark.parametrize("sampler", ["euler", "diffusers_unipc"])  # euler with its default scheduler, normal
 def test_matches_wan_pipeline_with_both_experts(comps, sampler):
     prompts = PROMPTS if sampler == "euler" else PROMPTS[:1]
     cfg = SampleConfig(prompts=prompts, sampler=sampler, walk_seeds=True, **BASE)
@@ -276,7 +277,9 @@ def test_write_video_decodes_with_frames_size_and_metadata(tmp_path, fmt, codec)
     assert {k: got[k] for k in meta} == meta
     assert got["negative_prompt"] == WAN_NEGATIVE_PROMPT and got["seed"] == "11"
     settings = json.loads(got["settings"])
-    assert settings["boundary"] == BOUNDARY and settings["steps"] == 6 and settings["sampler"] == "unipc"
+    assert settings["boundary"] == BOUNDARY and settings["steps"] == 6
+    assert (settings["sampler"], settings["scheduler"]) == ("euler", "normal")
+    assert got["native_recipe"].startswith("ModelSamplingSD3 12 · KSamplerAdvanced euler/normal 6 · high 0→")
 
 
 def test_write_video_refuses_bad_frames_and_format(tmp_path):
@@ -306,6 +309,7 @@ def test_write_video_refuses_bad_frames_and_format(tmp_path):
         ({"sample_every": 250}, r"'sample'.*prompts is empty"),
         ({"prompts": ["ok", "  "]}, r"sample\.prompts.*index \[1\].*blank"),
         ({"sampler": "ddim"}, r"sample\.sampler"),
+        ({"scheduler": "karras"}, r"sample\.scheduler"),
         ({"guidance_low": 0.5}, r"sample\.guidance_low"),
     ],
 )

@@ -136,6 +136,8 @@ def test_workflow_is_well_formed(pack, path):
                 assert name in node["inputs"] or (node["class_type"], name) in OPTIONAL_LINKS, (node_id, name)
                 continue
             value = node["inputs"][name]
+            if isinstance(value, list):  # a widget fed by a link (workflow 4's split step): the link was checked
+                continue
             if t == MODEL_FILE:
                 assert value.endswith(".safetensors"), (node_id, name, value)
             elif isinstance(t, list):
@@ -265,6 +267,53 @@ def test_native_render_uses_the_files_save_checkpoint_writes(pack):
     name = next(n for n in wf1.values() if n["class_type"] == "Wan22SaveCheckpoint")["inputs"]["lora_name"]
     loras = sorted(n["inputs"]["lora_name"] for n in wf4.values() if n["class_type"] == "LoraLoaderModelOnly")
     assert loras == [f"{name}_high_noise.safetensors", f"{name}_low_noise.safetensors"]
-    samplers = sorted((n["inputs"]["start_at_step"], n["inputs"]["end_at_step"], n["inputs"]["add_noise"])
-                      for n in wf4.values() if n["class_type"] == "KSamplerAdvanced")
-    assert samplers == [(0, 10, "enable"), (10, 10000, "disable")]
+
+
+def _unlinked(workflow: dict) -> dict:
+    """The workflow with every link dropped: to_api then gives the widget values stored for linked widgets too."""
+    copy = json.loads(json.dumps(workflow))
+    for node in copy["nodes"]:
+        node["inputs"] = [i for i in node["inputs"] if "widget" not in i]
+    return copy
+
+
+def test_native_render_renders_what_workflow_1s_previews_show(pack):
+    """Workflow 4 is the native recipe of workflow 1's training previews, its split from Wan22 Split Step."""
+    from trainer_core.sample import native_recipe
+
+    raw1, raw4 = (json.loads(p.read_text(encoding="utf-8")) for p in (WORKFLOWS[0], WORKFLOWS[3]))
+    wf1, wf4, stored = to_api(pack, raw1), to_api(pack, raw4), to_api(pack, _unlinked(raw4))
+    (cfg,) = F.call(pack.NODE_CLASS_MAPPINGS["Wan22ConfigureTrainingPreviews"],
+                    **_inputs(wf1, "Wan22ConfigureTrainingPreviews"))  # fmt: skip
+    boundary = _inputs(wf1, "Wan22ConfigureMultiStage")["boundary"]
+    split_id, split_in = next((i, n["inputs"]) for i, n in wf4.items() if n["class_type"] == "Wan22SplitStep")
+    assert split_in == {"steps": cfg.steps, "shift": cfg.shift, "scheduler": cfg.scheduler, "boundary": boundary}
+    split, _, _, _ = F.call(pack.NODE_CLASS_MAPPINGS["Wan22SplitStep"], **split_in)
+    assert f"high 0→{split} cfg" in native_recipe(cfg, boundary)
+
+    k_ids = sorted((i for i, n in wf4.items() if n["class_type"] == "KSamplerAdvanced"),
+                   key=lambda i: wf4[i]["inputs"]["add_noise"] == "disable")  # fmt: skip
+    expected = [
+        {"add_noise": "enable", "steps": [split_id, 2], "end_at_step": [split_id, 0], "start_at_step": 0,
+         "return_with_leftover_noise": "enable", "cfg": cfg.guidance_high},
+        {"add_noise": "disable", "steps": [split_id, 2], "start_at_step": [split_id, 1], "end_at_step": 10000,
+         "return_with_leftover_noise": "disable", "cfg": cfg.guidance_low},
+    ]  # fmt: skip
+    for k, want in zip(k_ids, expected):
+        got = wf4[k]["inputs"]
+        assert {key: got[key] for key in want} == want
+        assert (got["sampler_name"], got["scheduler"], got["noise_seed"]) == (cfg.sampler, cfg.scheduler, cfg.seed)
+        # the values stored in the linked widgets agree, for anyone reading the file without the links
+        assert (stored[k]["inputs"]["steps"], stored[k]["inputs"]["end_at_step" if want["add_noise"] == "enable"
+                else "start_at_step"]) == (cfg.steps, split)  # fmt: skip
+    assert all(n["inputs"]["shift"] == [split_id, 3] for n in wf4.values() if n["class_type"] == "ModelSamplingSD3")
+    assert all(n["inputs"]["shift"] == cfg.shift for n in stored.values() if n["class_type"] == "ModelSamplingSD3")
+    latent = _inputs(wf4, "EmptyHunyuanLatentVideo")
+    assert (latent["width"], latent["height"], latent["length"], latent["batch_size"]) == (
+        cfg.width, cfg.height, cfg.num_frames, 1)
+    texts = sorted(n["inputs"]["text"] for n in wf4.values() if n["class_type"] == "CLIPTextEncode")
+    assert texts == sorted([cfg.prompts[0], cfg.negative_prompt]) and len(cfg.prompts) == 1
+    strengths = {n["inputs"]["lora_name"].split("_")[-2]: n["inputs"]["strength_model"]
+                 for n in wf4.values() if n["class_type"] == "LoraLoaderModelOnly"}  # fmt: skip
+    assert strengths == {"high": cfg.lora_strength_high, "low": cfg.lora_strength_low}
+    assert _inputs(wf4, "CreateVideo")["fps"] == cfg.fps

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import JobConfig, job_from_dict, load_yaml
-from .errors import TrainerError
+from .errors import ConfigError, TrainerError
 
 
 def load_job(path: str | Path) -> tuple[JobConfig, list[str]]:
@@ -22,7 +22,10 @@ def load_job(path: str | Path) -> tuple[JobConfig, list[str]]:
 
     data = load_yaml(path)
     if is_aitoolkit_config(data):
-        mapped, notes = from_aitoolkit(data)
+        try:
+            mapped, notes = from_aitoolkit(data)
+        except ConfigError as exc:  # name the file, as this trainer's own schema errors do
+            raise ConfigError(f"{path}: {exc}") from None
         return job_from_dict(mapped, source=str(path)), notes
     return job_from_dict(data, source=str(path)), []
 

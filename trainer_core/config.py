@@ -327,7 +327,8 @@ WAN_NEGATIVE_PROMPT = (
 
 class SampleConfig(_Strict):
     """Preview videos rendered with both experts (and their LoRAs). The expert boundary is
-    ``multistage.boundary``; defaults follow the official T2V recipe (40 steps, shift 12, guidance 4 / 3)."""
+    ``multistage.boundary``; defaults follow the official T2V recipe (40 steps, shift 12, guidance 4 / 3) with
+    ComfyUI's euler / normal, so ComfyUI's native Wan 2.2 graph renders the same video (see ``sample.native``)."""
 
     prompts: list[str] = Field(default_factory=list, description="one video per prompt; empty = no sampling")
     negative_prompt: str = WAN_NEGATIVE_PROMPT
@@ -335,8 +336,12 @@ class SampleConfig(_Strict):
     height: int = 480
     num_frames: int = 33
     steps: int = Field(default=40, ge=1, description="denoising steps (previews may use fewer)")
-    shift: float = Field(default=12.0, description="flow shift of the sampling schedule, in (0, 100]")
-    sampler: Literal["euler", "unipc"] = "unipc"
+    shift: float = Field(default=12.0, description="flow shift of the schedule (ModelSamplingSD3), in (0, 100]")
+    sampler: Literal["euler", "diffusers_unipc"] = Field(default="euler", description=(
+        "euler: ComfyUI's euler, reproduced exactly by the native graph; diffusers_unipc: diffusers' UniPC (Wan's "
+        "own solver, own sigma grid), not reproducible natively ('unipc' is read as diffusers_unipc)"))
+    scheduler: Literal["normal", "simple"] = Field(default="normal", description=(
+        "ComfyUI scheduler of the euler sampler; normal is also diffusers' FlowMatchEuler grid (WanPipeline)"))
     guidance_high: float = Field(default=4.0, description="CFG scale on the high-noise expert, in [1, 30]; 1 = off")
     guidance_low: float = Field(default=3.0, description="CFG scale on the low-noise expert, in [1, 30]; 1 = off")
     seed: int = Field(default=42, ge=0, le=2**63 - 1)
@@ -358,6 +363,12 @@ class SampleConfig(_Strict):
     @classmethod
     def _guidance_ok(cls, v: float, info: ValidationInfo) -> float:
         return _in_range(info.field_name, v, 1.0, 30.0, "usual 3 to 5 for Wan 2.2; 1 turns guidance off")
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _legacy_unipc(cls, v: Any) -> Any:
+        # Job files written before the ComfyUI-native samplers name diffusers' UniPC plain 'unipc'.
+        return "diffusers_unipc" if v == "unipc" else v
 
     @field_validator("lora_strength_high", "lora_strength_low")
     @classmethod

@@ -115,9 +115,9 @@ def run_torchrun(
 ) -> dict[str, Any]:
     """Train ``cfg`` on ``gpus`` processes under torchrun; return the ``done`` event.
 
-    ``on_event`` receives every other event (``run`` with the run folder the child claimed, ``step``); ``should_stop`` is polled while the child runs and, once true,
-    cancels it (:class:`LaunchCancelled` is raised after the workers wrote their state). A failed child raises
-    :class:`TrainerError` with the end of its output.
+    ``on_event`` receives every other event (``run`` with the run folder the child claimed, ``step``);
+    ``should_stop`` is polled while the child runs and, once true, cancels it (:class:`LaunchCancelled` is raised
+    after the workers wrote their state). A failed child raises :class:`TrainerError` with the end of its output.
     """
     if gpus < 2:
         raise ValueError("run_torchrun is for 2 or more processes; train in-process otherwise")

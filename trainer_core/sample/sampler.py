@@ -1,11 +1,16 @@
-"""Render preview videos with both Wan 2.2 experts (and their LoRAs), step for step as diffusers' WanPipeline does.
+"""Render preview videos with both Wan 2.2 experts (and their LoRAs) exactly as ComfyUI's native Wan 2.2 graph does.
 
 Prompts are encoded once (:func:`encode_sample_prompts`) into a small :class:`PromptCache`, so the text encoder can be
-freed before any video is rendered. :func:`sample_videos` then denoises and decodes: steps with ``t ≥ boundary·1000``
-run on the high-noise expert with ``guidance_high``, the rest on the low-noise expert with ``guidance_low``, with
-classifier-free guidance against the negative prompt. Sampling leaves training undisturbed: no autograd, the global
-RNG untouched (the initial noise comes from a private CPU generator, as in WanPipeline with a CPU generator), every
-module's train/eval mode and every LoRA scale restored afterwards.
+freed before any video is rendered. :func:`sample_latents` then denoises. With ``sampler: euler`` it runs ComfyUI's
+``ModelSamplingSD3`` + two ``KSamplerAdvanced`` (see :mod:`.native`): ComfyUI's noise for the seed, ComfyUI's sigma
+schedule, the model called at the float timestep 1000·σ, the high-noise expert with ``guidance_high`` on steps
+``0 → split`` and the low-noise one with ``guidance_low`` on ``split → steps``, classifier-free guidance against the
+negative prompt; :func:`native_recipe` states the native settings. Scheduler ``normal`` is also step for step
+diffusers' WanPipeline with ``FlowMatchEulerDiscreteScheduler``. ``diffusers_unipc`` steps diffusers' UniPC scheduler
+as WanPipeline does (no native equivalent). :func:`sample_videos` decodes the latents.
+
+Sampling leaves training undisturbed: no autograd, the global RNG untouched (the noise comes from a private CPU
+generator), every module's train/eval mode and every LoRA scale restored afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from peft.helpers import rescale_adapter_scale
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -26,9 +31,16 @@ from ..config import SampleConfig
 from ..errors import ConfigError
 from ..models import decode_latents, encode_prompts
 from ..schedule import expert_for_timestep
+from .native import comfy_noise, comfy_sigmas, native_recipe, switch_step
 
 #: Called after every denoising step with (steps done, total steps over all prompts); may raise to cancel.
 StepCallback = Callable[[int, int], None]
+
+#: A guided velocity prediction: (expert name, latents, timestep) -> velocity.
+Predictor = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Latent frames and pixels per latent cell of the Wan 2.1 VAE both experts use (ComfyUI's EmptyHunyuanLatentVideo).
+_TEMPORAL, _SPATIAL = 4, 8
 
 #: SampleConfig fields that shape the pixels (written into each video's metadata as JSON).
 _RENDER_SETTINGS = (
@@ -38,6 +50,7 @@ _RENDER_SETTINGS = (
     "steps",
     "shift",
     "sampler",
+    "scheduler",
     "guidance_high",
     "guidance_low",
     "lora_strength_high",
@@ -77,24 +90,25 @@ def encode_sample_prompts(
     return PromptCache(list(cfg.prompts), torch.cat(embeddings), cfg.negative_prompt, negative)
 
 
-def make_scheduler(cfg: SampleConfig) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
-    """A fresh flow-matching scheduler for ``cfg.sampler`` with ``cfg.shift`` (schedulers are stateful: one per video).
-
-    UniPC uses the settings of Wan-AI's diffusers scheduler config (flow prediction, flow sigmas, order 2, bh2).
-    """
-    if cfg.sampler == "euler":
-        return FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
+def make_scheduler(cfg: SampleConfig) -> UniPCMultistepScheduler:
+    """A fresh diffusers UniPC scheduler for ``sampler: diffusers_unipc`` with ``cfg.shift`` (schedulers are
+    stateful: one per video), with the settings of Wan-AI's diffusers scheduler config (flow prediction, flow sigmas,
+    order 2, bh2). The ``euler`` sampler needs none: it steps ComfyUI's schedule itself."""
+    if cfg.sampler != "diffusers_unipc":
+        raise ConfigError(f"make_scheduler is for sampler diffusers_unipc; {cfg.sampler!r} steps ComfyUI's schedule")
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=cfg.shift)
 
 
 def sample_metadata(cfg: SampleConfig, index: int, boundary: float) -> dict[str, str]:
-    """Container metadata for the video of prompt ``index``: prompt, negative prompt, seed and render settings."""
+    """Container metadata for the video of prompt ``index``: prompt, negative prompt, seed, render settings and the
+    native ComfyUI recipe that renders the same video (:func:`native_recipe`)."""
     settings = {k: getattr(cfg, k) for k in _RENDER_SETTINGS} | {"boundary": boundary}
     return {
         "prompt": cfg.prompts[index],
         "negative_prompt": cfg.negative_prompt,
         "seed": str(cfg.seed_for(index)),
         "settings": json.dumps(settings, ensure_ascii=False),
+        "native_recipe": native_recipe(cfg, boundary, index),
     }
 
 
@@ -120,6 +134,14 @@ def _lora_strength(model: nn.Module, strength: float) -> contextlib.AbstractCont
     if strength == 1.0 or not any(isinstance(m, LoraLayer) for m in model.modules()):
         return contextlib.nullcontext()
     return rescale_adapter_scale(model, float(strength))
+
+
+@contextlib.contextmanager
+def _render_state(high: nn.Module, low: nn.Module, cfg: SampleConfig) -> Iterator[None]:
+    """Both experts in eval mode with their LoRAs at the configured strengths, all restored on exit."""
+    with _eval_modes(high, low), _lora_strength(high, cfg.lora_strength_high):
+        with _lora_strength(low, cfg.lora_strength_low):
+            yield
 
 
 @contextlib.contextmanager
@@ -165,28 +187,105 @@ def _check_inputs(
             )
 
 
-def _predict(
-    model: WanTransformer3DModel,
-    latents: torch.Tensor,
-    t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    guidance: float,
+def _guided(
+    experts: dict[str, WanTransformer3DModel], guidance: dict[str, float], cond: torch.Tensor, uncond: torch.Tensor
+) -> Predictor:
+    """The guided velocity of the named expert, as WanPipeline and ComfyUI compute it (separate cond / uncond
+    passes; ComfyUI's CFG on x0 = x − σ·v is the same mix of the velocities)."""
+
+    def predict(name: str, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model, scale = experts[name], guidance[name]
+        device, dtype = _device(model), model.dtype
+        x = latents.to(device, dtype)
+        timestep = t.to(device).expand(x.shape[0])
+
+        def run(text: torch.Tensor) -> torch.Tensor:
+            out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text.to(device, dtype),
+                        return_dict=False)  # fmt: skip
+            return out[0].float()  # ComfyUI guides and steps in float32 whatever the experts' dtype
+
+        pred = run(cond)
+        if scale != 1.0:  # scale 1 is the conditional prediction alone: skip the negative pass (ComfyUI does too)
+            neg = run(uncond)
+            pred = neg + scale * (pred - neg)
+        return pred.to(latents.device)
+
+    return predict
+
+
+def _denoise_euler(
+    predict: Predictor, latents: torch.Tensor, cfg: SampleConfig, boundary: float, tick: Callable[[], None]
 ) -> torch.Tensor:
-    """One guided velocity prediction, as WanPipeline computes it (separate cond / uncond passes)."""
-    device, dtype = _device(model), model.dtype
-    x = latents.to(device, dtype)
-    timestep = t.to(device).expand(x.shape[0])
+    """ComfyUI's euler on its ``cfg.scheduler`` schedule, the experts split as two KSamplerAdvanced split them."""
+    sigmas64 = comfy_sigmas(cfg.scheduler, cfg.steps, cfg.shift)
+    split = switch_step(sigmas64, boundary)
+    sigmas = sigmas64.to(torch.float32)  # ComfyUI holds its schedule, and computes 1000·σ, in float32
+    for i in range(cfg.steps):
+        velocity = predict("high" if i < split else "low", latents, sigmas[i] * 1000)
+        # x + (σ_next − σ)·v: ComfyUI's step with denoised = x − σ·v, written without the round trip.
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+        tick()
+    return latents
 
-    def run(text: torch.Tensor) -> torch.Tensor:
-        out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text.to(device, dtype), return_dict=False)
-        return out[0]
 
-    pred = run(cond)
-    if guidance != 1.0:  # scale 1 is the conditional prediction alone: skip the negative pass
-        neg = run(uncond)
-        pred = neg + guidance * (pred - neg)
-    return pred.to(latents.device)
+def _denoise_diffusers_unipc(
+    predict: Predictor, latents: torch.Tensor, cfg: SampleConfig, boundary: float, tick: Callable[[], None]
+) -> torch.Tensor:
+    """diffusers' UniPC as WanPipeline steps it (integer timesteps, one scheduler across the expert switch)."""
+    scheduler = make_scheduler(cfg)
+    scheduler.set_timesteps(cfg.steps, device=latents.device)
+    scheduler.set_begin_index(0)
+    for t in scheduler.timesteps:
+        velocity = predict(expert_for_timestep(float(t), boundary), latents, t)
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        tick()
+    return latents
+
+
+def _latent_shape(model: WanTransformer3DModel, cfg: SampleConfig) -> tuple[int, ...]:
+    frames = (cfg.num_frames - 1) // _TEMPORAL + 1
+    return (1, model.config.in_channels, frames, cfg.height // _SPATIAL, cfg.width // _SPATIAL)
+
+
+@torch.no_grad()
+def sample_latents(
+    high: WanTransformer3DModel | None,
+    low: WanTransformer3DModel | None,
+    prompts: PromptCache,
+    cfg: SampleConfig,
+    boundary: float,
+    *,
+    on_step: StepCallback | None = None,
+) -> list[torch.Tensor]:
+    """Denoise one latent per prompt of ``prompts`` (which must be ``cfg``'s prompts) with both experts.
+
+    Each model runs where it lives (move the experts to the GPU first); the latents live on the high-noise expert's
+    device. LoRA adapters attached to an expert (peft, e.g. after :func:`attach_lora` or :func:`attach_lora_file`)
+    are applied at ``cfg.lora_strength_high`` / ``cfg.lora_strength_low`` (0 = base model, 1 = as trained); plain
+    experts render the base model. ``boundary`` is ``JobConfig.multistage.boundary``.
+
+    Returns ``[1, 16, T, H/8, W/8]`` float32 latents in the experts' normalized space (ComfyUI's sampling space:
+    its KSamplerAdvanced outputs them as ``latents·std + mean`` with the VAE's ``latents_mean`` / ``latents_std``).
+    """
+    _check_inputs(high, low, prompts, cfg, boundary)
+    experts = {"high": high, "low": low}
+    guidance = {"high": cfg.guidance_high, "low": cfg.guidance_low}
+    denoise = _denoise_diffusers_unipc if cfg.sampler == "diffusers_unipc" else _denoise_euler
+    total, done = cfg.steps * len(prompts.prompts), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, total)
+
+    out = []
+    with _render_state(high, low, cfg):
+        for i in range(len(prompts.prompts)):
+            noise = comfy_noise(_latent_shape(high, cfg), cfg.seed_for(i)).to(_device(high))
+            predict = _guided(experts, guidance, prompts.embeddings[i : i + 1], prompts.negative_embedding)
+            out.append(denoise(predict, noise, cfg, boundary, tick))
+    return out
 
 
 @torch.no_grad()
@@ -200,48 +299,19 @@ def sample_videos(
     *,
     on_step: StepCallback | None = None,
 ) -> list[torch.Tensor]:
-    """Render one video per prompt of ``prompts`` (which must be ``cfg``'s prompts) with both experts.
-
-    Each model runs where it lives (move the experts and the VAE to the GPU first); the latents start on the
-    high-noise expert's device. LoRA adapters attached to an expert (peft, e.g. after :func:`attach_lora` or
-    :func:`attach_lora_file`) are applied at ``cfg.lora_strength_high`` / ``cfg.lora_strength_low`` (0 = base model,
-    1 = as trained); plain experts render the base model. ``boundary`` is ``JobConfig.multistage.boundary``.
+    """Render one video per prompt: :func:`sample_latents`, then the VAE (move it to the GPU first).
 
     Returns a list of ``[F, H, W, 3]`` float32 CPU tensors in 0..1 (ComfyUI's IMAGE layout), one per prompt.
     """
-    _check_inputs(high, low, prompts, cfg, boundary)
-    temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
-    latent_frames = (cfg.num_frames - 1) // temporal + 1
-    shape = (1, high.config.in_channels, latent_frames, cfg.height // spatial, cfg.width // spatial)
-    guidance = {"high": cfg.guidance_high, "low": cfg.guidance_low}
-    experts = {"high": high, "low": low}
-    total, done = cfg.steps * len(prompts.prompts), 0
-    videos = []
     try:
-        with contextlib.ExitStack() as restore:
-            restore.enter_context(_eval_modes(high, low, vae))
-            restore.enter_context(_lora_strength(high, cfg.lora_strength_high))
-            restore.enter_context(_lora_strength(low, cfg.lora_strength_low))
-            restore.enter_context(_vae_tiling(vae, cfg.vae_tiling))
-            for i in range(len(prompts.prompts)):
-                # Noise from a private CPU generator: the same numbers on every device, the global RNG untouched.
-                generator = torch.Generator("cpu").manual_seed(cfg.seed_for(i))
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(_device(high))
-                scheduler = make_scheduler(cfg)
-                scheduler.set_timesteps(cfg.steps, device=latents.device)
-                scheduler.set_begin_index(0)
-                cond, uncond = prompts.embeddings[i : i + 1], prompts.negative_embedding
-                for t in scheduler.timesteps:
-                    name = expert_for_timestep(float(t), boundary)
-                    pred = _predict(experts[name], latents, t, cond, uncond, guidance[name])
-                    latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-                    done += 1
-                    if on_step is not None:
-                        on_step(done, total)
-                pixels = decode_latents(vae, latents)
-                videos.append((pixels[0].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu())
-                del latents, pred, pixels, scheduler
+        latents = sample_latents(high, low, prompts, cfg, boundary, on_step=on_step)
+        with _eval_modes(vae), _vae_tiling(vae, cfg.vae_tiling):
+            return [_frames(decode_latents(vae, x)) for x in latents]
     finally:
-        if any(_device(m).type == "cuda" for m in (high, low, vae)):
+        if any(m is not None and _device(m).type == "cuda" for m in (high, low, vae)):
             torch.cuda.empty_cache()
-    return videos
+
+
+def _frames(pixels: torch.Tensor) -> torch.Tensor:
+    """``[1, 3, F, H, W]`` pixels in [-1, 1] -> ``[F, H, W, 3]`` float32 CPU frames in 0..1."""
+    return (pixels[0].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()

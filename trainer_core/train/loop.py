@@ -156,8 +156,9 @@ def run_training(
     """Train the configured experts' LoRAs and write them (and resumable states) into the run's own folder.
 
     Everything that needs no model is checked first; then the run claims its folder (``<output_dir>/<name>``,
-    ``<name>_run2``, ...; with ``resume`` the resumed run's) and tells ``on_run``. ``on_step`` is called after each optimizer step; an exception raised there (e.g. a user
-    interrupt) stops training after writing the LoRA pair and resumable state of the last completed step.
+    ``<name>_run2``, ...; with ``resume`` the resumed run's) and tells ``on_run``. ``on_step`` is called after each
+    optimizer step; an exception raised there (e.g. a user interrupt) stops training after writing the LoRA pair and
+    resumable state of the last completed step.
     ``on_sample(step, videos)`` receives each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders
     previews. With expert groups, a ``stop_file`` that appears (or a first SIGINT/SIGTERM) stops every rank at the
     end of the round in flight, with a resumable state. A resume of a state at ``train.steps`` loads no model and

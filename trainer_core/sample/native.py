@@ -1,0 +1,134 @@
+"""ComfyUI's native Wan 2.2 sampling, as formulas: the sigma schedules, the expert split step and the recipe text.
+
+The preview sampler's ``euler`` path runs exactly the schedule ComfyUI's native graph runs — ``ModelSamplingSD3
+(shift)`` → ``KSamplerAdvanced`` (euler, scheduler ``simple`` or ``normal``), the high-noise expert on steps
+``0 → split``, the low-noise one on ``split → steps`` — so a preview can be rendered again in ComfyUI from the
+recipe :func:`native_recipe` writes. Everything here is plain math on floats (float64); nothing imports ComfyUI.
+
+ComfyUI's flow model sampling (``ModelSamplingDiscreteFlow``, shift ``s``), in our words:
+
+* the shifted noise level of a time ``u ∈ [0, 1]`` is ``σ(u) = s·u / (1 + (s − 1)·u)``;
+* the model keeps a table of 1000 levels ``σ((i + 1)/1000)``, ``i = 0 … 999`` (σ_min first, σ_max = 1 last);
+* the model is called with the timestep ``1000·σ`` (a float, not rounded);
+* ``simple``: step ``k`` takes the table entry ``999 − ⌊k·1000/steps⌋``; ``normal``: ``steps`` timesteps evenly
+  spaced from ``1000·σ_max`` to ``1000·σ_min``, each mapped through ``σ(t/1000)`` again; both end with σ = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import SampleConfig
+
+#: ComfyUI scheduler names the euler sampler supports (KSamplerAdvanced's ``scheduler`` widget).
+SCHEDULERS: tuple[str, ...] = ("normal", "simple")
+#: ComfyUI's flow sampling keeps this many discrete noise levels (``ModelSamplingDiscreteFlow``'s table).
+_TABLE_SIZE = 1000
+#: ComfyUI's FLOAT widgets for cfg, shift and LoRA strength step by 0.01: finer values do not survive the UI.
+_WIDGET_DECIMALS = 2
+
+
+def shift_sigma(u: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The shifted noise level ``s·u / (1 + (s − 1)·u)`` of time ``u`` (ComfyUI's ``time_snr_shift``)."""
+    if shift == 1.0:  # ComfyUI returns u unchanged here (no rounding through the formula)
+        return u
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def _sigma_table(shift: float) -> torch.Tensor:
+    """The 1000 noise levels of ComfyUI's flow model sampling, lowest first (float64)."""
+    u = torch.arange(1, _TABLE_SIZE + 1, dtype=torch.float64) / _TABLE_SIZE
+    return shift_sigma(u, shift)
+
+
+def _simple(steps: int, shift: float) -> torch.Tensor:
+    table = _sigma_table(shift)
+    stride = _TABLE_SIZE / steps  # a Python float, so the index rounding matches ComfyUI's
+    picked = [float(table[-(1 + int(k * stride))]) for k in range(steps)]
+    return torch.tensor([*picked, 0.0], dtype=torch.float64)
+
+
+def _normal(steps: int, shift: float) -> torch.Tensor:
+    table = _sigma_table(shift)
+    start, end = _TABLE_SIZE * table[-1].item(), _TABLE_SIZE * table[0].item()
+    # ComfyUI: when the last level is already ~0 it spends one more grid point instead of appending 0.
+    ends_at_zero = math.isclose(float(shift_sigma(end / _TABLE_SIZE, shift)), 0.0, abs_tol=1e-5)
+    t = torch.linspace(start, end, steps + 1 if ends_at_zero else steps, dtype=torch.float64)
+    sigmas = shift_sigma(t / _TABLE_SIZE, shift)
+    return sigmas if ends_at_zero else torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def comfy_sigmas(scheduler: str, steps: int, shift: float) -> torch.Tensor:
+    """ComfyUI's sigma schedule (``steps + 1`` float64 values, σ_max = 1 first, 0 last) for ``scheduler``
+    after ``ModelSamplingSD3(shift)``."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if steps < 1 or shift <= 0:
+        raise ValueError(f"steps must be >= 1 and shift > 0, got steps={steps}, shift={shift}")
+    return _simple(steps, shift) if scheduler == "simple" else _normal(steps, shift)
+
+
+def switch_step(sigmas: torch.Tensor, boundary: float) -> int:
+    """How many leading steps of ``sigmas`` (a schedule ending in its final σ) run on the high-noise expert:
+    those with σ ≥ ``boundary`` (Wan's rule t ≥ 1000·boundary). The native graph's high KSamplerAdvanced ends at
+    this step and the low one starts there."""
+    return int((sigmas[:-1] >= boundary).sum())
+
+
+def split_step(steps: int, shift: float, scheduler: str, boundary: float) -> int:
+    """The expert switch step ComfyUI users must set for ``steps``, ``shift``, ``scheduler`` and ``boundary``."""
+    return switch_step(comfy_sigmas(scheduler, steps, shift), boundary)
+
+
+def comfy_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """ComfyUI's initial noise for an empty latent of ``shape`` (``comfy.sample.prepare_noise``): float32 standard
+    normal numbers drawn on the CPU by a generator seeded with ``seed``, so every device gets the same numbers (and
+    the global RNG is left alone)."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _widget_safe(*values: float) -> bool:
+    """Whether ComfyUI's 0.01-step FLOAT widgets can hold every value exactly as the preview used it."""
+    return all(round(v, _WIDGET_DECIMALS) == v for v in values)
+
+
+def _seed_text(cfg: SampleConfig, index: int | None) -> str:
+    if index is not None:
+        return f"seed {cfg.seed_for(index)}"
+    if cfg.walk_seeds and len(cfg.prompts) > 1:
+        return f"seed {cfg.seed} (+i for prompt i)"
+    return f"seed {cfg.seed}"
+
+
+def native_recipe(cfg: SampleConfig, boundary: float, index: int | None = None) -> str:
+    """One line saying how ComfyUI's native Wan 2.2 graph renders what the preview rendered, e.g.
+    ``ModelSamplingSD3 12 · KSamplerAdvanced euler/normal 40 · high 0→25 cfg 4 · low 25→40 cfg 3 · seed 42 · ...``.
+
+    ``index`` names the prompt (its own seed); without it the seed of prompt 0 and the walking rule are given. The
+    ``diffusers_unipc`` sampler has no native equivalent, and the line says so.
+    """
+    tail = (
+        f"{_seed_text(cfg, index)} · EmptyHunyuanLatentVideo {cfg.width}×{cfg.height}×{cfg.num_frames} · "
+        f"LoRA strength {_num(cfg.lora_strength_high)} / {_num(cfg.lora_strength_low)} · boundary {_num(boundary)}"
+    )
+    if cfg.sampler == "diffusers_unipc":
+        return (
+            f"diffusers UniPC, not reproducible natively (shift {_num(cfg.shift)}, {cfg.steps} steps, cfg "
+            f"{_num(cfg.guidance_high)} / {_num(cfg.guidance_low)}, {tail}) - set sampler euler to preview what "
+            "ComfyUI renders"
+        )
+    split = split_step(cfg.steps, cfg.shift, cfg.scheduler, boundary)
+    line = (
+        f"ModelSamplingSD3 {_num(cfg.shift)} · KSamplerAdvanced {cfg.sampler}/{cfg.scheduler} {cfg.steps} · "
+        f"high 0→{split} cfg {_num(cfg.guidance_high)} · low {split}→{cfg.steps} cfg {_num(cfg.guidance_low)} · {tail}"
+    )
+    values = (cfg.shift, cfg.guidance_high, cfg.guidance_low, cfg.lora_strength_high, cfg.lora_strength_low)
+    if not _widget_safe(*values):
+        line += " · not exact natively: ComfyUI's widgets keep 2 decimals of shift, cfg and LoRA strength"
+    return line
