@@ -413,10 +413,10 @@ def test_each_experts_lr_schedule_advances_only_on_its_own_steps(tmp_path, clips
     done = dict.fromkeys(EXPERTS, 0)
     reported, expected = [], []
     for info in seen:
-        done[info.expert] += 1
         reported.append(info.lr)
-        # the lr on_step reports: the expert's schedule after its own step count
+        # the lr on_step reports is the one the step trained with: the schedule at the expert's own steps done
         expected.append(lr * _schedule_factor(kind, done[info.expert], total[info.expert], warmup))
+        done[info.expert] += 1
     assert reported == pytest.approx(expected, rel=1e-9, abs=1e-15), (reported, expected)
 
 

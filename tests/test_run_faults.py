@@ -160,13 +160,14 @@ def test_resume_applies_a_new_lr_and_schedule_and_says_so(tmp_path, clips, caplo
                           progress_bar=False)
     assert "resume: optimizer.lr: 0.002 -> 0.0005 (applied from step 4 on)" in caplog.text
     assert "optimizer.lr_scheduler: 'constant' -> 'cosine'" in caplog.text
-    # each expert's own cosine over its 6 steps (diffusers' formula), continued from its 2 steps done
+    # each expert's own cosine over its 6 steps (diffusers' formula), continued from its 2 steps done; a step
+    # reports the lr it trained with
     expected = []
     done = {"high": 2, "low": 2}
     for step in range(5, 13):
         expert = "high" if (step - 1) // 2 % 2 == 0 else "low"
-        done[expert] += 1
         expected.append((step, expert, 5e-4 * 0.5 * (1 + math.cos(math.pi * done[expert] / 6))))
+        done[expert] += 1
     assert [(s, e) for s, e, _ in lrs] == [(s, e) for s, e, _ in expected]
     assert all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) for (_, _, a), (_, _, b) in zip(lrs, expected))
 

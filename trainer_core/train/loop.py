@@ -409,8 +409,8 @@ def _train(
                     upcoming = active_expert(step + 1, stages, cfg.multistage.switch_every)
                     if upcoming != name and plan.prefetch_next_expert:
                         memory.prefetch(upcoming)  # overlap the next switch's copy with this step
+                    lrs.append(experts[name].scheduler.get_last_lr()[0])  # the lr this step trains with
                     losses.append(train_step(step, name))
-                    lrs.append(experts[name].scheduler.get_last_lr()[0])
                 losses, lrs, stop = share_round(steps, losses, lrs, stop_requested())
                 for step, name, loss in zip(steps, names, losses):
                     if not math.isfinite(loss):
