@@ -22,10 +22,11 @@ from trainer_core.data import VideoDataset
 from trainer_core.errors import ConfigError, TrainerError
 from trainer_core.fileio import atomic_write, check_writable
 from trainer_core.launch import LaunchCancelled, run_torchrun
-from trainer_core.lora import lora_file_name
+from trainer_core.lora import check_lora_init, lora_file_name
 from trainer_core.memory import plan_job
 from trainer_core.quant import check_ara_source
 from trainer_core.regularizers import check_regularizers, ema_lora_file_name
+from trainer_core.sample import native_recipe
 from trainer_core.train.experts import EXPERT_SUFFIX
 from trainer_core.train.loop import (
     StepInfo,
@@ -181,6 +182,9 @@ class TrainWan22LoRA:
                 "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
                 "save": (SAVE, {_T: "From Save Checkpoint; default: its default settings"}),
                 "previews": (SAMPLE, {_T: "From Configure Training Previews: sample videos while training"}),
+                "init_lora": (LORA, {_T: (
+                    "Continue training from this pair (Load Wan22 LoRA Pair, or an earlier Train LoRA): each trained "
+                    "expert's LoRA starts from its file; rank and targets must cover the file's")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -207,13 +211,14 @@ class TrainWan22LoRA:
         multistage: MultiStageConfig | None = None,
         save: SaveSettings | None = None,
         previews: SampleConfig | None = None,
+        init_lora: LoraPair | None = None,
         unique_id: str | None = None,
         gpus: int = 1,
         **widgets: Any,
     ) -> tuple[LoraPair, torch.Tensor, str]:
         """Train, then copy the final pair into models/loras if the save settings ask for it."""
         save = save or SaveCheckpoint().configure(**_defaults(SaveCheckpoint))[0]
-        cfg = build_job(experts, dataset, multistage, save, previews, **widgets)
+        cfg = build_job(experts, dataset, multistage, save, previews, init_lora=init_lora, **widgets)
         _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
         data = job_dataset(cfg)
@@ -284,6 +289,7 @@ def build_job(
     ema_decay: float,
     compile: str,
     gpu_placement: str = "data parallel",
+    init_lora: LoraPair | None = None,
 ) -> JobConfig:
     """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
     if not dataset:
@@ -297,6 +303,7 @@ def build_job(
             "alpha": alpha or None,
             "dropout": lora_dropout,
             "target_modules": [t.strip() for t in target_modules.replace(";", ",").split(",") if t.strip()],
+            **_init_files(init_lora, (multistage or MultiStageConfig()).stages),
         },
         "multistage": (multistage or MultiStageConfig()).model_dump(),
         "optimizer": {
@@ -348,6 +355,18 @@ def build_job(
     return job_from_dict(data, source="Train LoRA")
 
 
+def _init_files(pair: LoraPair | None, stages: list[str]) -> dict[str, str]:
+    """``lora.init_high`` / ``init_low`` from the pair's files of the trained experts (training starts from a
+    file's weights as saved)."""
+    if pair is None:
+        return {}
+    scaled = {e: s for e, s in pair.strength.items() if s != 1.0 and e in stages}
+    if scaled:
+        raise ConfigError(f"Train LoRA: init_lora was loaded with strength {scaled} - training continues from the "
+                          "files' weights as saved: set Load Wan22 LoRA Pair's strengths to 1")
+    return {f"init_{e}": str(path) for e, path in pair.files.items() if e in stages}
+
+
 def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) -> None:
     """The core's checks that need no model, run before the bundle loads its weights (minutes for the real
     experts): regularizer settings, text-encoder mode, adapter file, writable folders, device, GPU count and the
@@ -355,6 +374,7 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     check_regularizers(cfg)
     unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
     check_ara_source(cfg.quant)
+    check_lora_init(cfg)
     check_output_folders(cfg)
     if save is not None and save.copy_to_loras:
         check_writable(host.loras_dir(), "Save Checkpoint copy_to_loras (ComfyUI's models/loras)")
@@ -376,8 +396,8 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
 class _StepReporter:
     """``on_step`` / ``on_sample`` for the core loop: progress bar with a preview, node text, cancel check."""
 
-    def __init__(self, progress: host.Progress):
-        self.progress = progress
+    def __init__(self, progress: host.Progress, cfg: JobConfig):
+        self.progress, self.cfg = progress, cfg
         self.losses: list[tuple[int, str, float]] = []
         self.sample_frame = None
 
@@ -401,7 +421,8 @@ class _StepReporter:
         frames = videos[0]
         middle = (frames[frames.shape[0] // 2].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         self.sample_frame = Image.fromarray(middle)
-        self.progress.text(f"preview rendered at step {step}")
+        recipe = native_recipe(self.cfg.sample, self.cfg.multistage.boundary)
+        self.progress.text(f"preview rendered at step {step} | ComfyUI: {recipe}")
 
 
 def _train(
@@ -414,7 +435,7 @@ def _train(
     # The run moves the text encoder to the GPU, encodes the captions and frees it (quantizing it first with
     # float8); the bundle must not keep it. It reloads when a Preview Sample needs it.
     experts.forget("text_encoder")
-    reporter = _StepReporter(progress)
+    reporter = _StepReporter(progress, cfg)
     runs: list[RunFolder] = []
     if cfg.quant.transformer != "none":
         progress.text(f"quantizing the trained experts ({cfg.quant.transformer}) before the first step")
@@ -441,7 +462,7 @@ def _train_torchrun(
 ) -> tuple[Path, list[tuple[int, str, float]], LoraPair]:
     """Run ``cfg`` on ``gpus`` GPUs under torchrun (a child process that loads the experts from their files) with
     the same progress display; a cancel stops the child after it wrote its resumable state."""
-    reporter = _StepReporter(progress)
+    reporter = _StepReporter(progress, cfg)
     interrupt: list[BaseException] = []
     runs: list[RunFolder] = []
 

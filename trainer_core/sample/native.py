@@ -90,6 +90,7 @@ def comfy_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _num(x: float) -> str:
+    """A setting as a person types it into a widget (12.0 -> 12, 3.5 -> 3.5)."""
     return f"{x:g}"
 
 
