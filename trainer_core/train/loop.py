@@ -28,7 +28,7 @@ from ..data import BatchRef, LatentCache, VideoDataset, batch_refs, build_datase
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import atomic_write, check_writable
-from ..lora import lora_file_name, lora_parameters
+from ..lora import check_lora_init, lora_file_name, lora_parameters
 from ..memory import ExpertMemory, plan_job
 from ..memory.allocator import use_expandable_segments
 from ..models import WanComponents, encode_video, load_components
@@ -168,6 +168,7 @@ def run_training(
     resolve_device(cfg.train.device)
     check_regularizers(cfg)
     check_ara_source(cfg.quant)
+    check_lora_init(cfg)
     check_output_folders(cfg)
     dataset = dataset or job_dataset(cfg)
     if ctx.is_main:
@@ -181,6 +182,10 @@ def run_training(
             result = _train(cfg, ctx, run, dataset, components, on_step, on_sample, progress_bar, stop_file)
         except TrainingDiverged:
             run.status = "diverged"
+            raise
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, a stop request: one line on what is kept and how to go on
+            if ctx.is_main:
+                log.warning("training stopped: %s", run.stop_message())
             raise
         run.status = "finished"
         return result
@@ -455,9 +460,6 @@ def _train(
                 elif ctx.is_main:
                     log.warning("expert groups: no state written for step %d; resume from the last saved one",
                                 prog.step)
-            if ctx.is_main:
-                log.warning("training stopped after step %d of %d; %s", prog.step, cfg.train.steps,
-                            run.stop_message())
             raise
         finally:
             stream.close()
