@@ -6,6 +6,7 @@ Only relative imports inside this package: ComfyUI has a top-level module called
 from .apply_lora import ApplyWan22LoraPair
 from .dataset import BuildVideoDataset
 from .experts import LoadWan22Experts
+from .lora_pair import LoadWan22LoraPair
 from .multistage import ConfigureMultiStage
 from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
@@ -23,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan22ConfigureTrainingPreviews": ConfigureTrainingPreviews,
     "Wan22PreviewSample": PreviewSample,
     "Wan22ApplyLoraPair": ApplyWan22LoraPair,
+    "Wan22LoadLoraPair": LoadWan22LoraPair,
     "Wan22SplitStep": Wan22SplitStep,
 }
 
@@ -36,6 +38,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
     "Wan22PreviewSample": "Preview Sample",
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
+    "Wan22LoadLoraPair": "Load Wan22 LoRA Pair",
     "Wan22SplitStep": "Wan22 Split Step",
 }
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trainer_core.config import JobConfig, LoraConfig, MemoryConfig, ModelConfig, QuantConfig
-from trainer_core.lora import attach_lora, detach_lora, load_lora_state
+from trainer_core.lora import attach_lora, detach_lora, load_lora_tensors
 from trainer_core.models import WanComponents, load_components
 from trainer_core.quant import Float8Linear, NF4Linear, UInt4Linear, quantize_expert, quantize_text_encoder
 from trainer_core.train.quantization import expert_identity
@@ -204,11 +204,13 @@ class ExpertsBundle:
 
 @dataclass
 class LoraPair:
-    """A trained LoRA pair: per-expert tensors in ComfyUI naming (CPU) and the files they were saved to.
+    """A LoRA pair (trained, or loaded by Load Wan22 LoRA Pair): per-expert tensors in ComfyUI naming (CPU) and
+    the files they came from.
 
     ``tensors["high"]`` maps ``diffusion_model.blocks.N.<module>.lora_down.weight`` / ``lora_up.weight`` /
-    ``alpha`` to tensors - the dict ComfyUI's ``comfy.sd.load_lora_for_models`` takes. An expert that was not
-    trained has no entry.
+    ``alpha`` to tensors - the dict ComfyUI's ``comfy.sd.load_lora_for_models`` takes; the rank may differ per
+    module. An expert that was not trained (or picked) has no entry. ``lora`` is the adapter that holds both
+    experts' tensors; ``strength`` the factor already folded into an expert's tensors (1 where absent).
     """
 
     lora: LoraConfig
@@ -216,6 +218,7 @@ class LoraPair:
     files: dict[str, Path] = field(default_factory=dict)
     step: int = 0
     trigger_word: str | None = None
+    strength: dict[str, float] = field(default_factory=dict)
 
 
 def release_expert(model: nn.Module | None) -> None:
@@ -239,7 +242,7 @@ def lora_attached(model: nn.Module, pair: LoraPair | None, expert: str) -> Itera
     try:
         with torch.inference_mode(False):
             attach_lora(model, pair.lora)
-            load_lora_state(model, tensors, pair.lora)
+            load_lora_tensors(model, tensors, pair.lora, source=f"the {expert}-noise LoRA")
         yield
     finally:
         detach_lora(model)

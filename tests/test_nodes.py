@@ -42,6 +42,7 @@ DISPLAY_NAMES = {
     "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
     "Wan22PreviewSample": "Preview Sample",
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
+    "Wan22LoadLoraPair": "Load Wan22 LoRA Pair",
     "Wan22SplitStep": "Wan22 Split Step",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -688,6 +689,10 @@ def test_training_previews_reach_the_progress_preview(N, host, clips):
     # after the first preview, the progress preview is the rendered frame (32x32), before it the loss plot
     sizes = [p[1].size for _, _, p in host.progress]
     assert sizes[0] == (512, 256) and sizes[2:] == [(32, 32), (32, 32)]
+    # each preview states the native ComfyUI recipe that reproduces it
+    rendered = [t for _, t in host.texts if t.startswith("preview rendered at step")]
+    assert len(rendered) == 2 and all("ComfyUI: ModelSamplingSD3" in t and "KSamplerAdvanced euler/" in t
+                                      for t in rendered)
     with pytest.raises(ConfigError, match="prompts is empty"):
         F.call(cls, **widgets(cls))
 

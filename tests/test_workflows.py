@@ -53,7 +53,8 @@ CORE = {
     "PreviewAny": ([("source", "*", None)], []),
 }
 OPTIONAL_LINKS = {("CreateVideo", "audio"), ("Wan22TrainLoRA", "multistage"), ("Wan22TrainLoRA", "save"),
-                  ("Wan22TrainLoRA", "previews"), ("Wan22PreviewSample", "lora"), ("Wan22BuildVideoDataset", "dataset")}
+                  ("Wan22TrainLoRA", "previews"), ("Wan22PreviewSample", "lora"), ("Wan22BuildVideoDataset", "dataset"),
+                  ("Wan22TrainLoRA", "init_lora")}
 
 
 def node_spec(pack, kind):

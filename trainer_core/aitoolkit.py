@@ -429,11 +429,22 @@ def from_aitoolkit(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     data = _expand_env(data)
     name = data["config"].get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigError("config.name is missing: ai-toolkit names the output folder and files after it")
+        raise ConfigError(
+            "config.name is missing: ai-toolkit names the output folder and files after it - add e.g. name: my_lora "
+            "under config"
+        )
     data = _expand_name(data, name)
     processes = data["config"].get("process")
+    if isinstance(processes, dict):
+        raise ConfigError(
+            "config.process is a mapping, but ai-toolkit lists its processes - write it as a list: put '- ' before "
+            "its first key (process:, then '- type: sd_trainer' with the other keys indented below it)"
+        )
     if not isinstance(processes, list) or not processes:
-        raise ConfigError("config.process is missing or empty: it must list one training process")
+        raise ConfigError(
+            "config.process is missing or empty: it must list one training process - add one, as in ai-toolkit's "
+            "config/examples/train_lora_wan22_14b_24gb.yaml (process:, then '- type: sd_trainer' and its settings)"
+        )
     if len(processes) > 1:
         raise ConfigError(
             f"config.process lists {len(processes)} processes: this trainer runs one job at a time - "
@@ -537,7 +548,11 @@ def _map_model(model: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     rest = dict(model)
     source = rest.pop("name_or_path", None)
     if not source:
-        raise ConfigError(f"{where}.name_or_path is missing: give the Wan 2.2 T2V A14B diffusers repo id or folder")
+        typo = closest_key("name_or_path", [str(k) for k in rest])
+        hint = f" ('{typo}' is given: rename it to name_or_path)" if typo else ""
+        raise ConfigError(
+            f"{where}.name_or_path is missing{hint}: give the Wan 2.2 T2V A14B diffusers repo id or folder"
+        )
     job["model"]["source"] = str(source)
     arch = rest.pop("arch", None)
     # ai-toolkit's UI writes a tag after ':' (e.g. 'wan22_14b:t2v') that ai-toolkit drops.
@@ -1011,6 +1026,11 @@ def _sample_prompt(
     return row
 
 
+#: A usual value of each numeric prompt flag's setting, for the error that shows how to write the flag.
+_FLAG_EXAMPLES = {"width": 832, "height": 480, "seed": 42, "guidance_scale": 4, "sample_steps": 30,
+                  "network_multiplier": 1.0, "num_frames": 33, "fps": 16}  # fmt: skip
+
+
 def _parse_prompt_flags(prompt: str, key: str) -> tuple[str, dict[str, tuple[Any, str]]]:
     """ai-toolkit's inline prompt flags (GenerateImageConfig._process_prompt_string): the text before the first
     '--', and the settings of the flags with an effect on Wan 2.2 T2V."""
@@ -1025,7 +1045,8 @@ def _parse_prompt_flags(prompt: str, key: str) -> tuple[str, dict[str, tuple[Any
         try:
             value = content if kind is str else kind(content)
         except ValueError:
-            raise ConfigError(f"{key}: --{flag} needs a number, got {content!r}") from None
+            raise ConfigError(f"{key}: --{flag} needs a number, got {content!r} - write e.g. --{flag} "
+                              f"{_FLAG_EXAMPLES[setting]}") from None
         found[setting] = (value, f"{key} --{flag}")
     return parts[0].strip(), found
 
@@ -1155,14 +1176,20 @@ def _take(rest: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}.{key} must be a mapping of settings, got {type(value).__name__}")
+        raise ConfigError(
+            f"{where}.{key} must be a mapping of settings, got {type(value).__name__} - write its settings as "
+            "'key: value' lines indented under it"
+        )
     return value
 
 
 def _take_item(items: list[Any], index: int, where: str) -> dict[str, Any]:
     value = items[index]
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}[{index}] must be a mapping of settings, got {type(value).__name__}")
+        raise ConfigError(
+            f"{where}[{index}] must be a mapping of settings, got {type(value).__name__} - write the entry's settings "
+            "as 'key: value' lines after its '- '"
+        )
     return value
 
 
@@ -1182,11 +1209,11 @@ def _float(value: Any, where: str) -> float:
     """A number; numeric strings too, because PyYAML reads '1e-4' (no dot) as a string where ai-toolkit's loader
     reads a float."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        raise ConfigError(f"{where} must be a number, got {value!r} - write a number there (e.g. 1e-4)")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        raise ConfigError(f"{where} must be a number, got {value!r} - write a number there (e.g. 1e-4)") from None
     if not math.isfinite(number):
         raise ConfigError(
             f"{where} must be a finite number, got {value!r} - .inf, .nan and numbers too large for a float are not "
@@ -1198,7 +1225,7 @@ def _float(value: Any, where: str) -> float:
 def _int(value: Any, where: str) -> int:
     """A whole number (a float with no fraction too, as YAML may write it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ConfigError(f"{where} must be a whole number, got {value!r}")
+        raise ConfigError(f"{where} must be a whole number, got {value!r} - write digits only there (e.g. 250)")
     return int(value)
 
 

@@ -9,25 +9,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import JobConfig, job_from_dict, load_yaml
+from .config import JobConfig, job_from_dict, job_warnings, load_yaml
 from .errors import ConfigError, TrainerError
 
 
 def load_job(path: str | Path) -> tuple[JobConfig, list[str]]:
     """Read a job YAML (this trainer's schema or ai-toolkit's Wan 2.2 job shape) into a validated JobConfig.
 
-    Returns the config and the warnings about ai-toolkit keys that were not applied.
+    Returns the config and the warnings: ai-toolkit keys that were not applied, and settings that are valid but
+    almost surely not meant (:func:`~trainer_core.config.job_warnings`).
     """
     from .aitoolkit import from_aitoolkit, is_aitoolkit_config
 
     data = load_yaml(path)
+    notes: list[str] = []
     if is_aitoolkit_config(data):
         try:
-            mapped, notes = from_aitoolkit(data)
+            data, notes = from_aitoolkit(data)
         except ConfigError as exc:  # name the file, as this trainer's own schema errors do
             raise ConfigError(f"{path}: {exc}") from None
-        return job_from_dict(mapped, source=str(path)), notes
-    return job_from_dict(data, source=str(path)), []
+    cfg = job_from_dict(data, source=str(path))
+    return cfg, notes + job_warnings(cfg)
 
 
 def demo_config(output_dir: str | Path, steps: int = 40) -> dict[str, Any]:
@@ -108,6 +110,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """Render the job's model with an optional LoRA pair (any common Wan LoRA format) to video files."""
+    from .sample.render import render_job
+    from .train.loop import resolve_device
+
+    cfg, notes = load_job(args.config)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    loras = {"high": args.lora_high, "low": args.lora_low}
+    device = resolve_device(cfg.train.device)
+    for path in render_job(cfg, loras, Path(args.out), args.prompt, device):
+        print(f"video: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__)
@@ -119,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--stop-file", help="expert groups: when this file appears, stop at the end of the round "
                          "with a resumable state")
     p_train.set_defaults(func=_cmd_train)
+    p_sample = sub.add_parser("sample", help="render videos with the job's model, sample settings and any LoRA pair")
+    p_sample.add_argument("config", help="job YAML: model, sample and multistage.boundary are used")
+    p_sample.add_argument("--lora-high", help="high-noise expert's LoRA (.safetensors; ComfyUI, ai-toolkit, kohya/"
+                          "musubi or diffusers format); without it the base model renders")
+    p_sample.add_argument("--lora-low", help="low-noise expert's LoRA; without it the base model renders")
+    p_sample.add_argument("--prompt", action="append", help="prompt (repeat for several videos; default: "
+                          "sample.prompts of the job)")
+    p_sample.add_argument("--out", required=True, help="video file, *.mp4 or *.webm (several prompts: OUT_00.mp4, ...)")
+    p_sample.set_defaults(func=_cmd_sample)
     p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (about a minute on 2 CPU cores)")
     p_demo.add_argument("--output", default="output", help="output folder (default: ./output)")
     p_demo.add_argument("--steps", type=int, default=40)

@@ -33,6 +33,14 @@ DType = Literal["bf16", "fp16", "fp32"]
 #: Flow shifts beyond this put every timestep at pure noise; Wan 2.2 trains at 5 and samples at 12.
 _MAX_SHIFT = 100.0
 _SHIFT_USUAL = "usual 1 to 12; Wan 2.2 trains with 5 and samples with 12"
+#: Upper limits of sizes: far beyond what Wan 2.2 makes (81 frames, 1280x720), low enough that a typo (an extra
+#: digit) is refused at once instead of filling the memory, or the hours, of a run that cannot finish.
+_MAX_FRAMES = 257
+_MAX_SIDE = 2048
+_MAX_RANK = 1024
+_MAX_BATCH = 1024
+_MAX_SEED = 2**63 - 1
+_MAX_NAME = 100  # file names add '_run12', '_000000_high_noise.safetensors' and stay below 255 bytes
 
 #: LoRA targets in original Wan / ComfyUI naming (inside ``blocks.N.``).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
@@ -53,6 +61,34 @@ class _Strict(BaseModel):
     # allow_inf_nan=False: no float setting of any section takes .inf / .nan (YAML's infinity and not-a-number, or
     # a number too large for a float such as 1e400); format_validation_error words the refusal.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true/false as 1/0 for a number, so `rank: yes` (YAML's true) would train a rank-1 LoRA
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, bool) and field is not None and _numeric(field.annotation):
+            default = "" if field.default is None else f", such as the default {field.default!r}"
+            raise ValueError(f"must be a number, not true/false - write a number{default}")
+        return v
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a setting of this type takes a number and never a boolean (``int``, ``float | None``...)."""
+    args = get_args(annotation) or (annotation,)
+    return bool not in args and any(a in (int, float) for a in args)
+
+
+def _frames_ok(v: int, what: str = "num_frames") -> int:
+    """``v`` when it is a frame count Wan can make (4n+1, at most _MAX_FRAMES), else a ValueError saying which
+    counts are."""
+    if v < 1 or (v - 1) % 4:
+        lo = max(1, ((v - 1) // 4) * 4 + 1)
+        raise ValueError(f"{what} must be 4n+1 (1, 5, 9, 17, 33, 81 ...); {v} is not - use {lo} or {lo + 4}")
+    if v > _MAX_FRAMES:
+        raise ValueError(f"{what} must be at most {_MAX_FRAMES} (Wan 2.2 makes up to 81 frames, 5 s at 16 fps) - "
+                         "use 81 or fewer")
+    return v
 
 
 def _in_range(name: str, v: float, lo: float, hi: float, usual: str, *, lo_open: bool = False,
@@ -103,19 +139,26 @@ class LoraConfig(_Strict):
     alpha: float | None = Field(default=None, description="LoRA alpha; scale = alpha / rank; default = rank")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    init_high: str | None = Field(default=None, description=(
+        "LoRA file (.safetensors, any common Wan format) the high-noise expert's LoRA starts from"))
+    init_low: str | None = Field(default=None, description=(
+        "LoRA file (.safetensors, any common Wan format) the low-noise expert's LoRA starts from"))
 
     @field_validator("rank")
     @classmethod
-    def _rank_positive(cls, v: int) -> int:
+    def _rank_ok(cls, v: int) -> int:
         if v <= 0:
-            raise ValueError(f"rank must be a positive integer (typical: 16 or 32), got {v}")
+            raise ValueError("rank must be a positive integer - use 16 or 32 (typical)")
+        if v > _MAX_RANK:
+            # a rank-100000 LoRA of a 14B expert needs more memory than any machine has: refuse it before loading
+            raise ValueError(f"rank must be at most {_MAX_RANK} (LoRAs use 16 to 64; 128 is large) - use 16 or 32")
         return v
 
     @field_validator("alpha")
     @classmethod
     def _alpha_positive(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:
-            raise ValueError(f"alpha must be positive (or omitted to use the rank), got {v}")
+            raise ValueError("alpha must be positive - set it to the rank, or leave it out to use the rank")
         return v
 
     @field_validator("target_modules")
@@ -146,14 +189,14 @@ class MultiStageConfig(_Strict):
     @classmethod
     def _switch_positive(cls, v: int) -> int:
         if v < 1:
-            raise ValueError(f"switch_every must be >= 1 (1 alternates every step), got {v}")
+            raise ValueError("switch_every must be >= 1 - use 1 to alternate every step, or 10 (the default)")
         return v
 
     @field_validator("boundary")
     @classmethod
     def _boundary_open_unit(cls, v: float) -> float:
         if not 0.0 < v < 1.0:
-            raise ValueError(f"boundary must lie strictly between 0 and 1 (Wan 2.2 T2V uses 0.875), got {v}")
+            raise ValueError("boundary must lie strictly between 0 and 1 - use 0.875 (Wan 2.2 T2V's)")
         return v
 
     @model_validator(mode="after")
@@ -208,7 +251,7 @@ class TrainConfig(_Strict):
     """The training run itself."""
 
     steps: int = Field(default=2000, ge=1, description="total optimizer steps (shared by both experts)")
-    batch_size: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1, ge=1, le=_MAX_BATCH)
     gradient_accumulation: int = Field(default=1, ge=1)
     gradient_checkpointing: Literal["auto", "full", "selective", "off"] = Field(
         default="auto",
@@ -230,7 +273,7 @@ class TrainConfig(_Strict):
     timestep_shift: float = Field(default=5.0, description="shift s for timestep_type=shift, in (0, 100]")
     timestep_bias: Literal["balanced", "high_noise", "low_noise"] = "balanced"
     compute_dtype: DType = Field(default="bf16", description="autocast dtype on GPU (CPU always computes fp32)")
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=_MAX_SEED, description="seed of the data order, noise and LoRA init")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     num_workers: int = Field(
         default=2, ge=0, le=32, description="processes decoding clips while the GPU trains; 0 = in the training process"
@@ -245,6 +288,15 @@ class TrainConfig(_Strict):
     @classmethod
     def _shift_ok(cls, v: float) -> float:
         return _in_range("timestep_shift", v, 0.0, _MAX_SHIFT, _SHIFT_USUAL, lo_open=True)
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        # torch.device() would refuse 'gpu' or 'cuda:x' with a traceback, and only once training starts
+        device = v.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N = the GPU's index) - use 'auto'")
+        return device
 
 
 class SaveConfig(_Strict):
@@ -264,7 +316,7 @@ class DatasetConfig(_Strict):
     skipped; the build fails only when a dataset has nothing usable left, or at the first bad file with ``strict``.
     """
 
-    folder: str
+    folder: str = Field(description="the folder of clips/images and their caption files, e.g. folder: /data/clips")
     caption_ext: str = "txt"
     default_caption: str = ""
     num_frames: int = 33
@@ -300,11 +352,13 @@ class DatasetConfig(_Strict):
     @field_validator("num_frames")
     @classmethod
     def _four_n_plus_one(cls, v: int) -> int:
-        if v < 1 or (v - 1) % 4:
-            lo = max(1, ((v - 1) // 4) * 4 + 1)
-            hi = lo + 4
-            raise ValueError(f"num_frames must be 4n+1 (1, 9, 17, 33, 41, 81 ...); {v} is not - use {lo} or {hi}")
-        return v
+        return _frames_ok(v)
+
+    @field_validator("resolutions", mode="before")
+    @classmethod
+    def _one_resolution(cls, v: Any) -> Any:
+        # `resolutions: 512` means [512] (ai-toolkit's `resolution` takes both forms too)
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("resolutions")
     @classmethod
@@ -313,7 +367,12 @@ class DatasetConfig(_Strict):
             raise ValueError("resolutions is empty: give at least one, e.g. [512]")
         bad = [r for r in v if r < 16 or r % 16]
         if bad:
-            raise ValueError(f"resolutions must be multiples of 16 and >= 16, got {bad}")
+            fix = ", ".join(f"{max(16, r // 16 * 16)}" for r in bad)
+            raise ValueError(f"resolutions must be multiples of 16 and >= 16; {bad} are not - use e.g. {fix}")
+        big = [r for r in v if r > _MAX_SIDE]
+        if big:
+            raise ValueError(f"resolutions must be at most {_MAX_SIDE} (Wan 2.2 trains at up to 1280x720, about "
+                             f"960); {big} are not - use e.g. 512 or 768")
         return sorted(set(v))
 
 
@@ -389,15 +448,14 @@ class SampleConfig(_Strict):
         if v < 16 or v % 16:
             lo = max(16, v // 16 * 16)
             raise ValueError(f"must be a multiple of 16 (>= 16); {v} is not - use {lo} or {lo + 16}")
+        if v > _MAX_SIDE:
+            raise ValueError(f"must be at most {_MAX_SIDE} (Wan 2.2 makes up to 1280x720) - use e.g. 832 or 480")
         return v
 
     @field_validator("num_frames")
     @classmethod
     def _frames_four_n_plus_one(cls, v: int) -> int:
-        if v < 1 or (v - 1) % 4:
-            lo = max(1, ((v - 1) // 4) * 4 + 1)
-            raise ValueError(f"num_frames must be 4n+1 (1, 5, 9, ... 33, 81); {v} is not - use {lo} or {lo + 4}")
-        return v
+        return _frames_ok(v)
 
     @model_validator(mode="after")
     def _prompts_when_scheduled(self) -> "SampleConfig":
@@ -508,7 +566,7 @@ class MemoryConfig(_Strict):
     @classmethod
     def _offload_non_negative(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
-            raise ValueError(f"offload_blocks must be 0 (all blocks resident), a positive count or 'auto', got {v}")
+            raise ValueError("offload_blocks must be 0 (all blocks resident), a positive count or 'auto' - use 0")
         return v
 
 
@@ -594,7 +652,10 @@ class JobConfig(_Strict):
 
     name: str = "wan22_lora"
     trigger_word: str | None = None
-    model: ModelConfig
+    model: ModelConfig = Field(description=(
+        "the base weights, e.g. model: {source: tiny}; model.source takes 'tiny', a diffusers folder or a repo id, "
+        "model.high_noise / model.low_noise ComfyUI files"
+    ))
     lora: LoraConfig = Field(default_factory=LoraConfig)
     multistage: MultiStageConfig = Field(default_factory=MultiStageConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -613,8 +674,28 @@ class JobConfig(_Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"name {v!r} must be letters, digits, '_', '-' or '.' (it becomes part of file names)")
+            raise ValueError(f"name {v!r} must start with a letter or digit and hold only letters, digits, '_', '-' "
+                             "or '.' (it becomes part of folder and file names) - rename it, e.g. my_lora")
+        if len(v) > _MAX_NAME:
+            raise ValueError(f"name is {len(v)} characters long; it becomes part of file names, which the file "
+                             f"system limits - shorten it to at most {_MAX_NAME}")
         return v
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _trigger_or_none(cls, v: str | None) -> str | None:
+        # Blank means none, as everywhere it is read (captions, DOP, the LoRA metadata): one answer for all of them.
+        if v is None or not v.strip():
+            return None
+        return v.strip()
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_latest(cls, v: str | None) -> str | None:
+        # 'Latest', 'latest ' (a stray space from a UI field or the shell) all mean the keyword, not a file name.
+        if v is None or not v.strip():
+            return None
+        return "latest" if v.strip().lower() == "latest" else v.strip()
 
     @model_validator(mode="after")
     def _expert_group_combinations(self) -> "JobConfig":
@@ -774,6 +855,70 @@ def _field_default(loc: tuple[Any, ...]) -> Any:
     return field.get_default(call_default_factory=True)
 
 
+def _field_description(loc: tuple[Any, ...]) -> str | None:
+    """The description of the setting at ``loc`` (list indexes dropped), or None."""
+    names = [p for p in loc if not isinstance(p, int)]
+    model = _section_model(tuple(names[:-1])) if names else None
+    field = model.model_fields.get(str(names[-1])) if model is not None else None
+    return field.description if field is not None else None
+
+
+#: pydantic's error types for a value of the wrong kind, and what the setting takes instead.
+_KIND_ERRORS = {
+    "model_type": "a section of settings (indented 'key: value' lines)",
+    "model_attributes_type": "a section of settings (indented 'key: value' lines)",
+    "dict_type": "a section of settings (indented 'key: value' lines)",
+    "list_type": "a list, e.g. [a, b] or one '- item' line per entry",
+    "tuple_type": "a list, e.g. [0.9, 0.999]",
+    "string_type": "a text",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+
+
+#: pydantic's error types for a number out of its bounds, and the comparison they state.
+_BOUND_ERRORS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a pasted paragraph would bury the message)."""
+    text = "nothing (null)" if value is None else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind_problem(err: dict[str, Any]) -> str:
+    """' must be <kind>, got <value> - <what to do>' for a value of the wrong kind."""
+    kind, given = _KIND_ERRORS[err["type"]], err.get("input")
+    if err["type"] == "string_type" and isinstance(given, (int, float)) and not isinstance(given, bool):
+        return f" must be a text, got the number {given!r} - write it in quotes ('{given}')"
+    default, what = _field_default(err["loc"]), _field_description(err["loc"])
+    if kind.startswith("a section"):
+        fix = "write its settings under it" + (", or remove the line to use the defaults" if default else "")
+    elif kind.startswith("a list"):
+        fix = "write it as a list"
+    elif default is not None:
+        fix = f"write {kind} such as the default {default!r}"
+    else:
+        fix = f"write {kind}"
+    if default is None and what:  # a required setting: say what goes there
+        fix += f": {what}"
+    return f" must be {kind}, got {_shown(given)} - {fix}"
+
+
+def _bound_problem(err: dict[str, Any]) -> str:
+    """' must be >= 1, got 0 - <what to do>' for a number out of its bounds."""
+    op = _BOUND_ERRORS[err["type"]]
+    limit = next(iter((err.get("ctx") or {}).values()), "?")
+    default = _field_default(err["loc"])
+    fix = f"use e.g. the default {default!r}" if isinstance(default, (int, float)) else f"use a value {op} {limit}"
+    return f" must be {op} {limit}, got {_shown(err.get('input'))} - {fix}"
+
+
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
     """Turn pydantic's error list into one line per bad setting, naming it and saying what to do."""
     lines = []
@@ -782,7 +927,12 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
         if err["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown setting '{where}'{_unknown_key_hint(err['loc'])}")
         elif err["type"] == "missing":
-            lines.append(f"{source}: required setting '{where}' is missing")
+            what = _field_description(err["loc"])
+            lines.append(f"{source}: required setting '{where}' is missing - add it" + (f": {what}" if what else ""))
+        elif err["type"] in _KIND_ERRORS:
+            lines.append(f"{source}: '{where}'{_kind_problem(err)}")
+        elif err["type"] in _BOUND_ERRORS:
+            lines.append(f"{source}: '{where}'{_bound_problem(err)}")
         elif err["type"] == "finite_number":
             default = _field_default(err["loc"])
             fix = f" (the default is {default!r})" if default is not None else ""
@@ -792,18 +942,45 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
             )
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: '{where}': {msg} (got {err.get('input')!r})")
+            lines.append(f"{source}: '{where}': {msg} (got {_shown(err.get('input'))})")
     return "\n".join(lines)
 
 
 def job_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
     """Validate a plain dict as a :class:`JobConfig`, raising :class:`ConfigError` with readable messages."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of settings at the top level, got {type(data).__name__} - write the job as "
+            "'key: value' lines starting at the left margin (model:, datasets:, train: ...; see the README's Job "
+            "YAML schema)"
+        )
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def job_warnings(cfg: JobConfig) -> list[str]:
+    """Combinations that are valid but almost surely not what was meant, one line each naming the settings and what
+    to do. They are warnings, not errors: the job runs as written (a later resume may raise ``train.steps``)."""
+    from .schedule import expert_step_counts  # imports torch: only once a job is about to run
+
+    ms, steps, warmup = cfg.multistage, cfg.train.steps, cfg.optimizer.warmup_steps
+    out = []
+    for expert, n in expert_step_counts(steps, ms.stages, ms.switch_every).items():
+        if n == 0:
+            out.append(
+                f"the {expert}-noise expert gets no step: train.steps ({steps}) is not above multistage.switch_every "
+                f"({ms.switch_every}), so its LoRA is saved untrained - raise train.steps above {ms.switch_every}, "
+                f"lower switch_every, or set multistage.train_{expert}_noise: false"
+            )
+        elif warmup >= n:
+            out.append(
+                f"optimizer.warmup_steps ({warmup}) is not below the {n} step(s) of the {expert}-noise expert (each "
+                "expert warms up over its own steps), so its learning rate never reaches optimizer.lr - lower "
+                "warmup_steps (about a tenth of them is usual)"
+            )
+    return out
 
 
 #: Leading bytes of files that are given as a job file by mistake.
@@ -865,12 +1042,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             "Windows-1252) - save it as UTF-8 (e.g. Save As, encoding UTF-8)"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         raise ConfigError(f"config file {path} is empty - write the job's settings into it")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping: PyYAML would keep the last value silently,
+    so `steps: 5000` written twice, or an edited copy of a section below the original, would train the other one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' keys may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                again = key in first
+            except TypeError:  # an unhashable key: construct_mapping refuses it in its own words
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    f"first on line {first[key] + 1}; keep one of them", None, f"'{key}' is given twice",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

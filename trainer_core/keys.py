@@ -83,3 +83,56 @@ def lora_target_regex(targets: list[str] | tuple[str, ...]) -> str:
     """A peft ``target_modules`` regex matching the given targets inside every transformer block only."""
     alts = "|".join(re.escape(LORA_TARGET_TO_DIFFUSERS[t]) for t in targets)
     return rf"^blocks\.\d+\.(?:{alts})$"
+
+
+# ----------------------------------------------------------------------------------------------- LoRA file keys
+
+#: Tensor-name suffixes of the LoRA formats ComfyUI reads for Wan (comfy/weight_adapter/lora.py) -> their role.
+LORA_KEY_PARTS: dict[str, str] = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".alpha": "alpha",
+}
+#: Key prefixes of the namings read, -> naming. ComfyUI maps ``diffusion_model.<module>`` and kohya's
+#: ``lora_unet_<module with _>`` (``lora_unet__`` is Wan Fun's variant, which its lora_convert rewrites);
+#: ``transformer.<diffusers module>`` is diffusers' / peft's own Wan naming (ComfyUI maps no Wan key for it).
+LORA_KEY_PREFIXES: dict[str, str] = {
+    "diffusion_model.": "comfyui",
+    "lora_unet__": "kohya",
+    "lora_unet_": "kohya",
+    "transformer.": "diffusers",
+}
+_KOHYA_MODULE = re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$|^blocks_(\d+)_ffn_(0|2)$")
+
+
+def _kohya_module(name: str) -> str:
+    """``blocks_0_self_attn_q`` -> ``blocks.0.self_attn.q``; other names are returned as written (underscores
+    cannot be told apart from dots without the model, and only block layers are ever applied)."""
+    m = _KOHYA_MODULE.match(name)
+    if m is None:
+        return name
+    if m.group(1) is not None:
+        return f"blocks.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    return f"blocks.{m.group(4)}.ffn.{m.group(5)}"
+
+
+def parse_lora_key(key: str) -> tuple[str, str, str] | None:
+    """``(module, part, naming)`` of one LoRA tensor name: the module in original Wan naming (e.g.
+    ``blocks.0.self_attn.q``; a module without an original counterpart keeps the file's spelling), the part
+    (``down`` / ``up`` / ``alpha``) and the naming (``comfyui`` / ``kohya`` / ``diffusers``). ``None`` when the key
+    is in none of the formats read (see :data:`LORA_KEY_PREFIXES` and :data:`LORA_KEY_PARTS`)."""
+    prefix = next((p for p in LORA_KEY_PREFIXES if key.startswith(p)), None)
+    suffix = next((s for s in LORA_KEY_PARTS if key.endswith(s)), None)
+    if prefix is None or suffix is None or len(key) <= len(prefix) + len(suffix):
+        return None
+    module, naming = key[len(prefix) : -len(suffix)], LORA_KEY_PREFIXES[prefix]
+    if naming == "kohya":
+        module = _kohya_module(module)
+    elif naming == "diffusers":
+        try:
+            module = diffusers_module_to_original(module)
+        except KeyError:
+            pass  # named as written; refused later as a module this pack does not adapt
+    return module, LORA_KEY_PARTS[suffix], naming

@@ -147,7 +147,10 @@ def _scan_folder(folder: Path, label: str) -> list[Path]:
     if not folder.exists():
         raise DatasetError(f"{label}.folder: {folder} does not exist - check the path")
     if not folder.is_dir():
-        raise DatasetError(f"{label}.folder: {folder} is a file, not a folder of videos/images")
+        raise DatasetError(
+            f"{label}.folder: {folder} is a file, not a folder of videos/images - give the folder that holds the "
+            f"clips and their captions (e.g. {folder.parent})"
+        )
     # Hidden files and folders (".cache", macOS "._clip.mp4" forks) are not data.
     files = sorted(
         (
@@ -356,4 +359,23 @@ def build_dataset(
                     f"datasets[{d}].prepend_trigger is on but no trigger_word is set - set one or turn it off"
                 )
     scans = [_Scanner(d, cfg, trigger, caption_override).scan() for d, cfg in enumerate(datasets)]
+    for d, first in _repeated_entries(datasets).items():
+        scans[d].warnings.append(
+            f"datasets[{d}] repeats datasets[{first}] (the same folder with the same settings), so its files count "
+            f"twice per epoch - remove it, and raise datasets[{first}].repeats or weight if that was the intent"
+        )
     return VideoDataset(datasets, scans, seed, caption_override)
+
+
+def _repeated_entries(datasets: Sequence[DatasetConfig]) -> dict[int, int]:
+    """Dataset index -> the index of an earlier entry with the same folder (however written) and settings. The same
+    folder with other settings (another num_frames, a regularization copy) is a legitimate second dataset."""
+    seen: dict[str, int] = {}
+    out = {}
+    for d, cfg in enumerate(datasets):
+        key = repr((Path(cfg.folder).expanduser().resolve(), cfg.model_dump(exclude={"folder"})))
+        if key in seen:
+            out[d] = seen[key]
+        else:
+            seen[key] = d
+    return out

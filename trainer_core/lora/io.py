@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -202,3 +203,81 @@ def load_lora_state(
     with torch.no_grad():
         for k, param in targets.items():
             param.copy_(sd[k].to(device=param.device, dtype=param.dtype))
+
+
+_NATIVE = re.compile(re.escape(PREFIX) + r"(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def native_modules(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """ComfyUI-native LoRA tensors -> ``{module: (down, up, alpha)}`` (alpha = rank where missing: scale 1)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _NATIVE.match(key)
+        if m is None:
+            raise LoraFileError(f"LoRA tensor {key} is not in ComfyUI-native naming ({PREFIX}<module>.lora_down."
+                                "weight / lora_up.weight / alpha) - read files with read_lora_file")
+        parts.setdefault(m["module"], {})[m["part"].split(".")[0]] = t
+    out = {}
+    for module, p in parts.items():
+        if "lora_down" not in p or "lora_up" not in p:
+            raise LoraFileError(f"LoRA tensors for {module} lack lora_down or lora_up - pass every tensor "
+                                "read_lora_file returns")
+        down = p["lora_down"]
+        alpha = float(p["alpha"].float().reshape(())) if "alpha" in p else float(down.shape[0])
+        out[module] = (down, p["lora_up"], alpha)
+    return out
+
+
+def _check_fit(
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]], modules: dict[str, nn.Module], cfg: LoraConfig,
+    adapter_name: str, source: str,
+) -> None:
+    """Refuse tensors that the attached adapter cannot hold: modules it does not adapt, larger ranks, shapes."""
+    unknown = sorted(set(entries) - set(modules))
+    if unknown:
+        raise LoraFileError(f"{source} adapts {_listed(unknown)}, which the attached adapter does not (targets "
+                            f"{cfg.target_modules}, {len(modules)} modules) - attach one that covers the file")
+    for module, (down, up, _) in entries.items():
+        a, b = modules[module].lora_A[adapter_name].weight, modules[module].lora_B[adapter_name].weight
+        if down.shape[0] > a.shape[0] or down.shape[1] != a.shape[1] or up.shape[0] != b.shape[0]:
+            raise LoraFileError(
+                f"{source} does not fit {module}: down {list(down.shape)}, up {list(up.shape)} vs the adapter's "
+                f"rank {a.shape[0]} on a {b.shape[0]}x{a.shape[1]} weight - use a LoRA made for this model"
+            )
+
+
+def load_lora_tensors(
+    transformer: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    cfg: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    keep_init: bool = False,
+    source: str = "LoRA",
+) -> None:
+    """Put ComfyUI-native LoRA ``tensors`` of any rank and alpha per module (as :func:`read_lora_file` returns
+    them) into the attached adapter so that its output equals ComfyUI's patch ``W + (alpha / rank) · up @ down``.
+
+    A module of rank r fills the first r rows of ``lora_A`` and columns of ``lora_B`` (``up`` times the ratio of
+    its scale to the adapter layer's, computed in float64 and rounded once; exact when they agree). ``cfg`` is the
+    attached adapter's config (named in errors).
+    With ``keep_init`` (continuing training) the rest of the adapter keeps peft's fresh initialisation (``lora_B``
+    zero: no effect, but the extra directions train); else it is zeroed. Checked before any weight changes.
+    """
+    modules = _adapted_modules(transformer, adapter_name)
+    entries = native_modules(tensors)
+    _check_fit(entries, modules, cfg, adapter_name, source)
+    with torch.no_grad():
+        for module, layer in modules.items():
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            if not keep_init:
+                a.zero_()
+                b.zero_()
+            if module not in entries:
+                continue
+            down, up, alpha = entries[module]
+            rank = down.shape[0]
+            ratio = (alpha / rank) / layer.scaling[adapter_name]  # peft's scale: lora_alpha / r
+            a[:rank].copy_(down)
+            b[:, :rank].copy_(up if ratio == 1.0 else up.double() * ratio)
+            b[:, rank:].zero_()

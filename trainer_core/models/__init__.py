@@ -1,11 +1,12 @@
 """Model loading (tiny preset, diffusers folders, Hugging Face repos, ComfyUI single files), prompt and video coding."""
 
-from .loading import WanComponents, describe_base_model, load_components
+from .loading import WanComponents, check_model_files, describe_base_model, load_components
 from .text import encode_prompts
 from .vae import decode_latents, encode_video
 
 __all__ = [
     "WanComponents",
+    "check_model_files",
     "decode_latents",
     "describe_base_model",
     "encode_prompts",

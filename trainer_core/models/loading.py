@@ -26,6 +26,9 @@ from ..errors import ModelLoadError
 from . import tiny
 from .single_file import (
     cast_keeping_fp32,
+    check_text_encoder_file,
+    check_transformer_file,
+    check_vae_file,
     frozen_eval,
     load_text_encoder_file,
     load_transformer_file,
@@ -144,18 +147,24 @@ def _require_source(cfg: ModelConfig, part: str) -> str:
     return _source_kind(cfg.source)
 
 
+def _source_folder(cfg: ModelConfig, part: str) -> Path:
+    """The diffusers folder ``model.source``, refused when it lacks ``part``'s subfolder."""
+    root = Path(cfg.source).expanduser()
+    subfolder = SUBFOLDERS[part]
+    if not (root / subfolder).is_dir():
+        raise ModelLoadError(
+            f"model.source: folder {root} has no {subfolder}/ subfolder (the {_WHAT[part]}); a diffusers Wan 2.2 "
+            "folder (like Wan-AI/Wan2.2-T2V-A14B-Diffusers) has transformer/, transformer_2/, vae/, "
+            f"text_encoder/ and tokenizer/ - complete it or set model.{_FILE_SETTING.get(part, 'tokenizer')}"
+        )
+    return root
+
+
 def _from_source(cls, cfg: ModelConfig, part: str, **kwargs):
     """``cls.from_pretrained`` on the source's subfolder: local folders never touch the network."""
     subfolder = SUBFOLDERS[part]
     if _source_kind(cfg.source) == "folder":
-        root = Path(cfg.source).expanduser()
-        if not (root / subfolder).is_dir():
-            raise ModelLoadError(
-                f"model.source: folder {root} has no {subfolder}/ subfolder (the {_WHAT[part]}); a diffusers Wan 2.2 "
-                "folder (like Wan-AI/Wan2.2-T2V-A14B-Diffusers) has transformer/, transformer_2/, vae/, "
-                f"text_encoder/ and tokenizer/ - complete it or set model.{_FILE_SETTING.get(part, 'tokenizer')}"
-            )
-        where, kwargs = str(root), {**kwargs, "local_files_only": True}
+        where, kwargs = str(_source_folder(cfg, part)), {**kwargs, "local_files_only": True}
     else:
         local_only = _hub_local_only(cfg.source, cfg.revision, [part], "model.source", _source_label(cfg))
         where, kwargs = cfg.source, {**kwargs, "revision": cfg.revision, "local_files_only": local_only}
@@ -190,23 +199,34 @@ def _vae(cfg: ModelConfig) -> AutoencoderKLWan:
 # look-up of a model config.json, which tokenizer folders do not have and which fails offline.
 
 
-def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
-    """model.tokenizer: a tokenizer folder (or a diffusers root holding tokenizer/), a spiece .model, or a repo id."""
+def _tokenizer_kind(name: str) -> str:
+    """'folder', 'file' or 'repo' for a model.tokenizer setting; anything else is refused."""
     path = Path(name).expanduser()
-    try:
-        if path.is_dir():
-            sub = "tokenizer" if (path / "tokenizer").is_dir() else ""
-            return T5Tokenizer.from_pretrained(str(path), subfolder=sub, local_files_only=True)
-        if path.is_file():
-            return tokenizer_from_sentencepiece(path.read_bytes(), source=f"model.tokenizer: {path}")
-        if _REPO_ID.match(name):
-            local_only = _hub_local_only(name, None, ["tokenizer_root"], "model.tokenizer", name)
-            return T5Tokenizer.from_pretrained(name, local_files_only=local_only)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.tokenizer: could not load a tokenizer from {name}: {exc}") from None
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    if _REPO_ID.match(name):
+        return "repo"
     raise ModelLoadError(
         f"model.tokenizer: {name} does not exist - give a tokenizer folder, a spiece.model or a repo id"
     )
+
+
+def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
+    """model.tokenizer: a tokenizer folder (or a diffusers root holding tokenizer/), a spiece .model, or a repo id."""
+    path = Path(name).expanduser()
+    kind = _tokenizer_kind(name)
+    try:
+        if kind == "folder":
+            sub = "tokenizer" if (path / "tokenizer").is_dir() else ""
+            return T5Tokenizer.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+        if kind == "file":
+            return tokenizer_from_sentencepiece(path.read_bytes(), source=f"model.tokenizer: {path}")
+        local_only = _hub_local_only(name, None, ["tokenizer_root"], "model.tokenizer", name)
+        return T5Tokenizer.from_pretrained(name, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.tokenizer: could not load a tokenizer from {name}: {exc}") from None
 
 
 def _text_encoder(cfg: ModelConfig) -> tuple[UMT5EncoderModel, PreTrainedTokenizerBase]:
@@ -220,11 +240,7 @@ def _text_encoder(cfg: ModelConfig) -> tuple[UMT5EncoderModel, PreTrainedTokeniz
         elif cfg.source:
             tokenizer = _source_tokenizer(cfg)
         else:
-            raise ModelLoadError(
-                f"model.text_encoder: {cfg.text_encoder} carries no tokenizer (no 'spiece_model' tensor); set "
-                "model.tokenizer to a tokenizer folder or repo id (e.g. google/umt5-xxl), or model.source to a "
-                "diffusers Wan 2.2 folder"
-            )
+            raise _no_tokenizer(cfg)
     elif _require_source(cfg, "text_encoder") == "tiny":
         model = frozen_eval(cast_keeping_fp32(tiny.tiny_text_encoder(), dtype))
         tokenizer = _tokenizer_setting(cfg.tokenizer) if cfg.tokenizer else tiny.tiny_tokenizer()
@@ -237,6 +253,14 @@ def _text_encoder(cfg: ModelConfig) -> tuple[UMT5EncoderModel, PreTrainedTokeniz
             "embeddings: they belong to different models - use the UMT5-XXL tokenizer (model.tokenizer)"
         )
     return model, tokenizer
+
+
+def _no_tokenizer(cfg: ModelConfig) -> ModelLoadError:
+    return ModelLoadError(
+        f"model.text_encoder: {cfg.text_encoder} carries no tokenizer (no 'spiece_model' tensor); set "
+        "model.tokenizer to a tokenizer folder or repo id (e.g. google/umt5-xxl), or model.source to a "
+        "diffusers Wan 2.2 folder"
+    )
 
 
 def _source_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -391,6 +415,36 @@ def _check_hub_sources(cfg: ModelConfig, high: bool, low: bool, vae: bool, text_
         _hub_local_only(tok, None, ["tokenizer_root"], "model.tokenizer", tok)
 
 
+#: The header-only check of each component's ComfyUI file.
+_FILE_CHECKS = {
+    "high": check_transformer_file,
+    "low": check_transformer_file,
+    "vae": check_vae_file,
+    "text_encoder": check_text_encoder_file,
+}
+
+
+def check_model_files(
+    cfg: ModelConfig, *, high: bool = True, low: bool = True, vae: bool = True, text_encoder: bool = True
+) -> None:
+    """Refuse every requested component that could not load, before any weight is read: a repo id that is not
+    reachable or cached, a source folder without the component's subfolder, a tokenizer path that does not exist,
+    and each ComfyUI file that is missing, a folder, not safetensors, or another model (keys and shapes, from the
+    header). Seconds on 14B files, so a wrong text-encoder path fails before the experts' minutes of loading."""
+    _check_hub_sources(cfg, high, low, vae, text_encoder)
+    wanted = [p for p, on in (("high", high), ("low", low), ("vae", vae), ("text_encoder", text_encoder)) if on]
+    for part in wanted:
+        file = getattr(cfg, _FILE_SETTING[part])
+        if file:
+            _FILE_CHECKS[part](file, f"model.{_FILE_SETTING[part]}")
+        elif _require_source(cfg, part) == "folder":
+            _source_folder(cfg, part)
+    if text_encoder and cfg.tokenizer:
+        _tokenizer_kind(cfg.tokenizer)
+    elif text_encoder and cfg.text_encoder and not cfg.source and not check_text_encoder_file(cfg.text_encoder):
+        raise _no_tokenizer(cfg)  # the file was checked above: this only asks whether it carries its tokenizer
+
+
 def load_components(
     cfg: ModelConfig, *, high: bool = True, low: bool = True, vae: bool = True, text_encoder: bool = True
 ) -> WanComponents:
@@ -399,10 +453,11 @@ def load_components(
     Experts are stored in ``cfg.dtype``, the text encoder in ``cfg.text_encoder_dtype`` and the VAE in
     ``cfg.vae_dtype``; modules the libraries keep in fp32 (the experts' rope, time_embedder, scale_shift_table and
     norms) stay fp32 on every path. The tokenizer is loaded with the text encoder. Components not requested stay
-    None and their files are never opened. Raises :class:`ModelLoadError` for missing or wrong files and folders.
+    None and their files are never opened. Raises :class:`ModelLoadError` for missing or wrong files and folders,
+    for all of them before any weight is read (:func:`check_model_files`).
     """
     _hub_checked.clear()
-    _check_hub_sources(cfg, high, low, vae, text_encoder)
+    check_model_files(cfg, high=high, low=low, vae=vae, text_encoder=text_encoder)
     components = WanComponents(None, None, None, None, None, base_model=describe_base_model(cfg))
     if high:
         components.high = _expert(cfg, "high")

@@ -323,6 +323,49 @@ def _original_name(diffusers_key: str) -> str:
         return diffusers_key
 
 
+def _transformer_layout(f: SingleFile) -> tuple[WanTransformer3DModel, dict[str, str]]:
+    """The empty (meta) expert an open file fills and the name mapping (diffusers name -> file name), after every
+    check that needs no weight: Wan T2V keys, architecture and each tensor's shape."""
+    shapes = f.shapes()
+    expected_desc = (
+        "a Wan 2.2 T2V transformer (original Wan key names such as blocks.0.self_attn.q.weight, "
+        "as in wan2.2_t2v_high_noise_14B_fp16.safetensors)"
+    )
+    if "condition_embedder.time_embedder.linear_1.weight" in shapes:
+        raise f.fail(
+            "uses diffusers key names; load a diffusers model through model.source (the folder holding "
+            "transformer/ and transformer_2/) instead of as a single file"
+        )
+    if any(("motion_encoder" in k or "face_adapter" in k) for k in shapes):
+        raise f.fail(f"is a Wan Animate model, not {expected_desc}")
+    try:
+        config = infer_transformer_config(shapes)
+    except KeyError as exc:
+        raise f.fail(f"is not {expected_desc}: it has no tensor {exc}") from None
+    dim = shapes["patch_embedding.weight"][0]
+    if dim % _HEAD_DIM:
+        raise f.fail(f"is not {expected_desc}: its width {dim} is not a multiple of the {_HEAD_DIM}-wide heads")
+    if config["in_channels"] != config["out_channels"]:
+        raise f.fail(
+            f"is an image-to-video model ({config['in_channels']} input vs {config['out_channels']} output "
+            "channels); this trainer trains the text-to-video experts (wan2.2_t2v_high/low_noise_14B_*)"
+        )
+    # diffusers' converter only renames keys for T2V checkpoints, so feeding it the names themselves yields
+    # the name mapping (diffusers name -> file name) without reading any tensor.
+    names = convert_wan_transformer_to_diffusers({k: k for k in shapes})
+    with init_empty_weights():
+        model = WanTransformer3DModel(**config)
+    what = f"{expected_desc} with {config['num_layers']} layers of width {dim}"
+    _check_keys(f, _empty_state_shapes(model), names, what, file_name_of=_original_name)
+    return model, names
+
+
+def check_transformer_file(path: str | Path, setting: str) -> None:
+    """Refuse a file :func:`load_transformer_file` would refuse, reading only its header (seconds, not minutes)."""
+    with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
+        _transformer_layout(f)
+
+
 def load_transformer_file(path: str | Path, dtype: torch.dtype, setting: str) -> WanTransformer3DModel:
     """Load a ComfyUI Wan 2.2 T2V expert file (fp16/bf16/fp32, fp8 or fp8_scaled) as a frozen WanTransformer3DModel.
 
@@ -330,37 +373,7 @@ def load_transformer_file(path: str | Path, dtype: torch.dtype, setting: str) ->
     own values. ``setting`` (e.g. ``"model.high_noise"``) is named in errors.
     """
     with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
-        shapes = f.shapes()
-        expected_desc = (
-            "a Wan 2.2 T2V transformer (original Wan key names such as blocks.0.self_attn.q.weight, "
-            "as in wan2.2_t2v_high_noise_14B_fp16.safetensors)"
-        )
-        if "condition_embedder.time_embedder.linear_1.weight" in shapes:
-            raise f.fail(
-                "uses diffusers key names; load a diffusers model through model.source (the folder holding "
-                "transformer/ and transformer_2/) instead of as a single file"
-            )
-        if any(("motion_encoder" in k or "face_adapter" in k) for k in shapes):
-            raise f.fail(f"is a Wan Animate model, not {expected_desc}")
-        try:
-            config = infer_transformer_config(shapes)
-        except KeyError as exc:
-            raise f.fail(f"is not {expected_desc}: it has no tensor {exc}") from None
-        dim = shapes["patch_embedding.weight"][0]
-        if dim % _HEAD_DIM:
-            raise f.fail(f"is not {expected_desc}: its width {dim} is not a multiple of the {_HEAD_DIM}-wide heads")
-        if config["in_channels"] != config["out_channels"]:
-            raise f.fail(
-                f"is an image-to-video model ({config['in_channels']} input vs {config['out_channels']} output "
-                "channels); this trainer trains the text-to-video experts (wan2.2_t2v_high/low_noise_14B_*)"
-            )
-        # diffusers' converter only renames keys for T2V checkpoints, so feeding it the names themselves yields
-        # the name mapping (diffusers name -> file name) without reading any tensor.
-        names = convert_wan_transformer_to_diffusers({k: k for k in shapes})
-        with init_empty_weights():
-            model = WanTransformer3DModel(**config)
-        what = f"{expected_desc} with {config['num_layers']} layers of width {dim}"
-        _check_keys(f, _empty_state_shapes(model), names, what, file_name_of=_original_name)
+        model, names = _transformer_layout(f)
         model.load_state_dict(_read_converted(f, names, WanTransformer3DModel, dtype), strict=True, assign=True)
     return frozen_eval(cast_keeping_fp32(model, dtype))
 
@@ -368,33 +381,45 @@ def load_transformer_file(path: str | Path, dtype: torch.dtype, setting: str) ->
 # ----------------------------------------------------------------------------------------------- VAE
 
 
+def _vae_layout(f: SingleFile) -> tuple[AutoencoderKLWan, dict[str, str]]:
+    """The empty (meta) VAE an open file fills and the name mapping, after every check that needs no weight."""
+    expected_desc = "the Wan 2.1 VAE (original key names such as encoder.conv1.weight, as in wan_2.1_vae.safetensors)"
+    shapes = f.shapes()
+    if "encoder.conv_in.weight" in shapes:
+        raise f.fail("uses diffusers key names; load a diffusers VAE through model.source instead")
+    for key in ("encoder.conv1.weight", "conv2.weight", "decoder.head.2.weight"):
+        if key not in shapes:
+            raise f.fail(f"is not {expected_desc}: it has no tensor '{key}'")
+    z_dim = shapes["conv2.weight"][0]
+    if z_dim != 16:
+        raise f.fail(
+            f"is a VAE with {z_dim} latent channels; Wan 2.2 T2V A14B uses the Wan 2.1 VAE with 16 "
+            "(the 48-channel one belongs to Wan 2.2 TI2V-5B) - use wan_2.1_vae.safetensors"
+        )
+    base_dim, in_channels = shapes["encoder.conv1.weight"][:2]
+    config = {
+        "base_dim": base_dim,
+        "z_dim": z_dim,
+        "in_channels": in_channels,
+        "out_channels": shapes["decoder.head.2.weight"][0],
+    }
+    names = convert_wan_vae_to_diffusers({k: k for k in shapes})
+    with init_empty_weights():
+        model = AutoencoderKLWan(**config)
+    _check_keys(f, _empty_state_shapes(model), names, f"{expected_desc} with base width {base_dim}")
+    return model, names
+
+
+def check_vae_file(path: str | Path, setting: str = "model.vae") -> None:
+    """Refuse a file :func:`load_vae_file` would refuse, reading only its header."""
+    with SingleFile(path, setting) as f:
+        _vae_layout(f)
+
+
 def load_vae_file(path: str | Path, dtype: torch.dtype, setting: str = "model.vae") -> AutoencoderKLWan:
     """Load ComfyUI's ``wan_2.1_vae.safetensors`` (original Wan VAE key names) as a frozen AutoencoderKLWan."""
-    expected_desc = "the Wan 2.1 VAE (original key names such as encoder.conv1.weight, as in wan_2.1_vae.safetensors)"
     with SingleFile(path, setting) as f:
-        shapes = f.shapes()
-        if "encoder.conv_in.weight" in shapes:
-            raise f.fail("uses diffusers key names; load a diffusers VAE through model.source instead")
-        for key in ("encoder.conv1.weight", "conv2.weight", "decoder.head.2.weight"):
-            if key not in shapes:
-                raise f.fail(f"is not {expected_desc}: it has no tensor '{key}'")
-        z_dim = shapes["conv2.weight"][0]
-        if z_dim != 16:
-            raise f.fail(
-                f"is a VAE with {z_dim} latent channels; Wan 2.2 T2V A14B uses the Wan 2.1 VAE with 16 "
-                "(the 48-channel one belongs to Wan 2.2 TI2V-5B) - use wan_2.1_vae.safetensors"
-            )
-        base_dim, in_channels = shapes["encoder.conv1.weight"][:2]
-        config = {
-            "base_dim": base_dim,
-            "z_dim": z_dim,
-            "in_channels": in_channels,
-            "out_channels": shapes["decoder.head.2.weight"][0],
-        }
-        names = convert_wan_vae_to_diffusers({k: k for k in shapes})
-        with init_empty_weights():
-            model = AutoencoderKLWan(**config)
-        _check_keys(f, _empty_state_shapes(model), names, f"{expected_desc} with base width {base_dim}")
+        model, names = _vae_layout(f)
         model.load_state_dict(_read_converted(f, names, AutoencoderKLWan, dtype), strict=True, assign=True)
     return frozen_eval(cast_keeping_fp32(model, dtype))
 
@@ -431,6 +456,34 @@ def infer_umt5_config(shapes: dict[str, tuple[int, ...]]) -> UMT5Config:
     )
 
 
+def _umt5_layout(f: SingleFile) -> UMT5Config:
+    """The config of the UMT5 encoder in an open file (its ``spiece_model`` popped), after every check that needs
+    no weight."""
+    expected_desc = "a UMT5 text encoder (T5 key names such as encoder.block.0.layer.0.SelfAttention.q.weight)"
+    shapes = f.shapes()
+    try:
+        config = infer_umt5_config(shapes)
+    except KeyError as exc:
+        raise f.fail(f"is not {expected_desc}: it has no tensor {exc}") from None
+    if config.num_layers > 1 and "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" not in shapes:
+        raise f.fail("is a T5 encoder (e.g. t5xxl), not UMT5; Wan uses umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled")
+    with init_empty_weights():
+        empty = UMT5EncoderModel(config)
+    what = f"{expected_desc} with {config.num_layers} layers of width {config.d_model}"
+    _check_keys(f, _empty_state_shapes(empty), {k: k for k in shapes}, what, optional=empty._tied_weights_keys)
+    return config
+
+
+def check_text_encoder_file(path: str | Path, setting: str = "model.text_encoder") -> bool:
+    """Refuse a file :func:`load_text_encoder_file` would refuse, reading only its header (and the small tokenizer
+    tensor); returns whether it carries its tokenizer (``spiece_model``)."""
+    with SingleFile(path, setting) as f:
+        has_tokenizer = SPIECE_KEY in f.names
+        f.names.pop(SPIECE_KEY, None)
+        _umt5_layout(f)
+    return has_tokenizer
+
+
 def load_text_encoder_file(
     path: str | Path, dtype: torch.dtype, setting: str = "model.text_encoder"
 ) -> tuple[UMT5EncoderModel, bytes | None]:
@@ -438,24 +491,11 @@ def load_text_encoder_file(
 
     Returns the model and the sentencepiece model bytes the file carries as ``spiece_model`` (None if absent).
     """
-    expected_desc = "a UMT5 text encoder (T5 key names such as encoder.block.0.layer.0.SelfAttention.q.weight)"
     with SingleFile(path, setting) as f:
         spiece = f.pop_bytes(SPIECE_KEY)
-        shapes = f.shapes()
-        try:
-            config = infer_umt5_config(shapes)
-        except KeyError as exc:
-            raise f.fail(f"is not {expected_desc}: it has no tensor {exc}") from None
-        if (
-            config.num_layers > 1
-            and "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" not in shapes
-        ):
-            raise f.fail("is a T5 encoder (e.g. t5xxl), not UMT5; Wan uses umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled")
-        with init_empty_weights():
-            empty = UMT5EncoderModel(config)
-        what = f"{expected_desc} with {config.num_layers} layers of width {config.d_model}"
-        _check_keys(f, _empty_state_shapes(empty), {k: k for k in shapes}, what, optional=empty._tied_weights_keys)
-        state_dict = _read_converted(f, {k: k for k in shapes}, UMT5EncoderModel, dtype)
+        config = _umt5_layout(f)
+        names = {k: k for k in f.names}
+        state_dict = _read_converted(f, names, UMT5EncoderModel, dtype)
     # transformers' own loader ties the embeddings and applies its fp32 rules; the keys were checked above.
     model = UMT5EncoderModel.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
     return frozen_eval(model), spiece

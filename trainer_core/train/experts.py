@@ -12,7 +12,7 @@ from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
 from ..errors import ConfigError
-from ..lora import attach_lora, lora_parameters
+from ..lora import attach_lora, init_expert_lora, lora_parameters
 from ..memory import BlockPlan, ExpertMemory, Plan, install_block_plan
 from ..regularizers import LoraEMA
 from .optim import build_lr_scheduler, build_optimizer
@@ -116,6 +116,7 @@ def prepare_expert(
     low-VRAM swapping) and build this expert's optimizer, schedule and EMA."""
     model.requires_grad_(False)
     attach_lora(model, cfg.lora)
+    init_expert_lora(model, name, cfg)  # lora.init_high / init_low: start from an existing LoRA file
     install_block_plan(model, blocks)
     if shard is not None:
         shard(model)

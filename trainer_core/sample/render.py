@@ -1,0 +1,75 @@
+"""Render videos with the base model and any Wan LoRA pair, headless (``python -m trainer_core sample``).
+
+The model comes from the job's ``model`` section, the sampler settings from its ``sample`` section and the expert
+switch from ``multistage.boundary``; the LoRA files (any format :mod:`trainer_core.lora.formats` reads) are checked
+against the experts from their headers before any weight loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import JobConfig, SampleConfig
+from ..errors import ConfigError
+from ..lora import inspect_lora_file
+from ..lora.formats import expert_arch
+from ..lora.io import EXPERT_SUFFIX
+from ..models import load_components
+from .lora_files import attach_lora_file
+from .sampler import encode_sample_prompts, sample_metadata, sample_videos
+from .video_io import write_video
+
+log = logging.getLogger(__name__)
+
+
+def render_settings(cfg: JobConfig, prompts: list[str] | None, out: Path) -> SampleConfig:
+    """The job's sample settings with ``prompts`` (when given) and the video format of ``out``'s suffix."""
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in ("mp4", "webm"):
+        raise ConfigError(f"--out {out}: name the video *.mp4 or *.webm")
+    settings = cfg.sample.model_dump() | {"format": fmt, "sample_every": 0, "sample_at_start": False}
+    if prompts:
+        settings["prompts"] = prompts
+    sample = SampleConfig(**settings)
+    if not sample.prompts:
+        raise ConfigError("no prompt to render: pass --prompt TEXT or list sample.prompts in the job file")
+    return sample
+
+
+def video_paths(out: Path, count: int) -> list[Path]:
+    """``out`` for one video; ``<stem>_00<suffix>``, ``<stem>_01<suffix>``, ... for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:02d}{out.suffix}") for i in range(count)]
+
+
+def render_job(
+    cfg: JobConfig, loras: dict[str, Path | None], out: Path, prompts: list[str] | None = None,
+    device: torch.device | None = None,
+) -> list[Path]:
+    """Render one video per prompt with both experts, each with its LoRA file from ``loras`` (``high`` / ``low``;
+    ``None`` renders that expert's base model), and write them to ``out`` (see :func:`video_paths`)."""
+    sample = render_settings(cfg, prompts, out)
+    files = {e: Path(p) for e, p in loras.items() if p is not None}
+    for expert, path in files.items():  # before anything loads: minutes for the real experts
+        inspect_lora_file(path, f"--lora-{expert}", arch=expert_arch(cfg.model, expert), expert=expert)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    comps = load_components(cfg.model)
+    with torch.no_grad():
+        prompt_cache = encode_sample_prompts(comps.text_encoder.to(device), comps.tokenizer, sample)
+    comps.text_encoder = None  # freed before the experts move to the device
+    for expert, path in files.items():
+        attach_lora_file(getattr(comps, expert), path, expert=expert, setting=f"--lora-{expert}")
+    for module in (comps.high, comps.low, comps.vae):
+        module.to(device)
+    boundary = cfg.multistage.boundary
+    videos = sample_videos(comps.high, comps.low, comps.vae, prompt_cache, sample, boundary)
+    written = []
+    for i, (frames, path) in enumerate(zip(videos, video_paths(out, len(videos)))):
+        meta = sample_metadata(sample, i, boundary)
+        meta |= {f"lora_{e}": files[e].name if e in files else "none" for e in EXPERT_SUFFIX}
+        written.append(write_video(frames, path, sample.fps, sample.format, meta))
+    return written
