@@ -86,7 +86,9 @@ class PreviewSample:
                     "Noise level where the low-noise expert takes over; 0.875 for Wan 2.2 T2V")}),
             },
             "optional": {
-                "lora": (LORA, {_T: "Trained pair from Train LoRA; without it the base model renders"}),
+                "lora": (LORA, {_T: (
+                    "A LoRA pair: trained by Train LoRA, or any Wan 2.2 pair from Load Wan22 LoRA Pair; without it "
+                    "the base model renders")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

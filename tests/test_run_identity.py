@@ -199,3 +199,27 @@ def test_two_fresh_runs_at_once_get_two_folders(tmp_path, clips):
     assert printed[0].isdisjoint(printed[1])
     assert {Path(p).parent.name for paths in printed for p in paths} == {"same", "same_run2"}
     assert all(Path(p).is_file() for paths in printed for p in paths)
+
+
+def test_the_unchanged_job_key_sees_a_starting_lora_replaced_in_place(tmp_path, clips):
+    from trainer_core.train.runs import config_key
+
+    init = tmp_path / "start_high.safetensors"
+    init.write_bytes(b"first version")
+    job = job_from_dict(_job(tmp_path / "out", clips, 2, lora={"init_high": str(init)}))
+    before = config_key(job)
+    assert config_key(job) == before
+    init.write_bytes(b"another version, longer")
+    assert config_key(job) != before
+
+
+def test_a_resume_may_drop_or_change_the_starting_pair(clips, tmp_path):
+    from trainer_core.train.resume import resume_changes
+
+    saved = job_from_dict(_job(tmp_path, clips, 2, lora={"init_high": "/somewhere/a.safetensors"}))
+    now = job_from_dict(_job(tmp_path, clips, 4))
+    refused, applied = resume_changes(saved.model_dump(mode="json"), now)
+    assert refused == [] and applied == ["train.steps: 2 -> 4"]
+    other_rank = job_from_dict(_job(tmp_path, clips, 4, lora={"rank": 8}))
+    refused, _ = resume_changes(saved.model_dump(mode="json"), other_rank)
+    assert refused == ["lora.rank was 4 in the state, now 8 (the saved LoRA has that shape)"]

@@ -52,8 +52,9 @@ def resume_changes(saved: dict[str, Any], cfg: JobConfig) -> tuple[list[str], li
     refused: dict[str, str] = {}
     applied = []
     for path in sorted(set(current) | set(before)):
-        if path in ("resume", "name") or path.startswith("datasets"):
-            continue  # the dataset has its own check (a changed one only reorders the data)
+        if path in ("resume", "name", "lora.init_high", "lora.init_low") or path.startswith("datasets"):
+            continue  # the dataset has its own check (a changed one only reorders the data); the state's weights
+            # replace any starting pair
         old, new = before.get(path), current.get(path)
         if old == new:
             continue

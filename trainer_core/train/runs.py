@@ -67,10 +67,21 @@ def list_states(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _file_stamp(path: str | None) -> list[Any] | None:
+    """A file's path, size and modification time (a file replaced in place is another input)."""
+    if not path or not os.path.isfile(path):
+        return None if not path else [path]
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
 def config_key(cfg: JobConfig) -> str:
-    """Hash of the resolved settings (everything but ``resume``, which says where to start, not what to train)."""
+    """Hash of the resolved settings (everything but ``resume``, which says where to start, not what to train),
+    with the starting LoRA files stamped by size and modification time."""
     data = cfg.model_dump(mode="json")
     data["resume"] = None
+    for key in ("init_high", "init_low"):
+        data["lora"][key] = _file_stamp(data["lora"].get(key))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
