@@ -65,20 +65,25 @@ def _cli(tmp_path: Path, job: dict, capsys) -> tuple[int, str, str]:
 # --- folders that cannot be written ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting", ["output_dir", "cache_dir"])
+@pytest.mark.parametrize("setting", ["output_dir", "cache_dir", "ara_cache_dir"])
 def test_an_unwritable_folder_is_refused_before_any_model_loads(tmp_path, clips, monkeypatch, capsys, setting):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     job = _job(tmp_path / "out", clips, 2)
     if setting == "output_dir":
         job["save"]["output_dir"] = str(blocker / "runs")
-    else:
+    elif setting == "cache_dir":
         job["text_encoder"] = {"cache_dir": str(blocker / "cache")}
+    else:
+        job["quant"] = {"transformer": "4bit_ara", "ara_cache_dir": str(blocker / "ara")}
     _no_models(monkeypatch)
     code, _, err = _cli(tmp_path, job, capsys)
-    name = "save.output_dir" if setting == "output_dir" else "text_encoder.cache_dir"
+    name = {"output_dir": "save.output_dir", "cache_dir": "text_encoder.cache_dir",
+            "ara_cache_dir": "quant.ara_cache_dir"}[setting]
     assert code == 2 and "Traceback" not in err
-    assert err.startswith(f"error: {name}: cannot write to {blocker}") and "choose a writable folder" in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {name}: cannot write to {blocker}")
+    assert "choose a writable folder" in errors[0]
 
 
 # --- divergence -------------------------------------------------------------------------------------------------------

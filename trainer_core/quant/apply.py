@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import DEFAULT_LORA_TARGETS, QuantConfig
 from ..errors import LoraFileError
+from ..fileio import ArtifactWriteError
 from ..keys import lora_target_regex
 from .ara import low_rank_adapter, relative_output_errors
 from .ara_files import (
@@ -273,7 +274,8 @@ def _write_cache(report: QuantReport, computed: dict, identity: dict[str, str]) 
     }
     try:
         write_adapter_file(report.cache_path, computed, metadata)
-    except OSError as exc:  # a read-only model folder must not stop training; the adapters are already installed
+    except (OSError, ArtifactWriteError) as exc:  # a read-only model folder must not stop training; the adapters
+        # are already installed
         log.warning("could not write the adapter cache %s (%s); set quant.ara_cache_dir", report.cache_path, exc)
         report.cache_path = None
 

@@ -123,6 +123,8 @@ def check_output_folders(cfg: JobConfig) -> None:
     check_writable(out, "save.output_dir")
     if cfg.text_encoder.cache_dir:
         check_writable(cfg.text_encoder.cache_dir, "text_encoder.cache_dir")
+    if cfg.quant.ara_cache_dir and cfg.quant.transformer == "4bit_ara":
+        check_writable(cfg.quant.ara_cache_dir, "quant.ara_cache_dir")
 
 
 def open_run_on_ranks(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> RunFolder:
