@@ -16,6 +16,7 @@ from trainer_core.config import (
     MultiStageConfig,
     SampleConfig,
     job_from_dict,
+    job_warnings,
 )
 from trainer_core.data.text_cache import unload_caption
 from trainer_core.data import VideoDataset
@@ -24,6 +25,7 @@ from trainer_core.fileio import atomic_write, check_writable
 from trainer_core.launch import LaunchCancelled, run_torchrun
 from trainer_core.lora import check_lora_init, lora_file_name
 from trainer_core.memory import plan_job
+from trainer_core.models import check_model_files
 from trainer_core.quant import check_ara_source
 from trainer_core.regularizers import check_regularizers, ema_lora_file_name
 from trainer_core.sample import native_recipe
@@ -221,6 +223,9 @@ class TrainWan22LoRA:
         cfg = build_job(experts, dataset, multistage, save, previews, init_lora=init_lora, **widgets)
         _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
+        for warning in job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training
+            host.log.warning("Train LoRA: %s", warning)
+            progress.text(f"warning: {warning}")
         data = job_dataset(cfg)
         # ComfyUI keeps only the last prompt's outputs: an unchanged job that already finished is not trained again
         done = finished_result(cfg, data)
@@ -383,6 +388,9 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
         raise ConfigError(
             f"Train LoRA: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - lower gpus"
         )
+    if gpus > 1:  # the torchrun child loads the experts from their files: check their headers here
+        check_model_files(cfg.model, high="high" in cfg.multistage.stages or previews_enabled(cfg),
+                          low="low" in cfg.multistage.stages or previews_enabled(cfg))
     placed = cfg.distributed.expert_groups or cfg.distributed.shard_experts
     if placed and gpus == 1:
         raise ConfigError("Train LoRA: gpu_placement other than 'data parallel' needs gpus of 2 or more - raise gpus "

@@ -158,11 +158,7 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_yaml(path)
     msg = str(exc.value)
     assert "'steps' is given twice at line 5" in msg and "first on line 3" in msg and "keep one of them" in msg
-
-
-def test_yaml_merge_keys_may_still_override(tmp_path):
-    path = tmp_path / "job.yaml"
-    path.write_text("base: &b {steps: 2}\ntrain:\n  <<: *b\n  steps: 3\n")
+    path.write_text("base: &b {steps: 2}\ntrain:\n  <<: *b\n  steps: 3\n")  # a merge key may be overridden
     assert load_yaml(path)["train"] == {"steps": 3}
 
 

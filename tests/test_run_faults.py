@@ -291,3 +291,13 @@ def test_lora_dropout_with_data_workers_resumes_exactly(tmp_path, clips):
     resumed = loop.run_training(job_from_dict({**_job(tmp_path / "b", clips, 6, **over), "resume": "latest"}),
                                 progress_bar=False)
     assert resumed.losses == full.losses  # bitwise, every step
+
+
+def test_settings_that_run_but_not_as_written_are_named_before_models_load(tmp_path, clips, monkeypatch, caplog):
+    job = _job(tmp_path / "out", clips, 2, train={"batch_size": 8}, multistage={"switch_every": 1})
+    job["distributed"] = {"expert_groups": True}
+    _no_models(monkeypatch)
+    with caplog.at_level("WARNING"), pytest.raises(pytest.fail.Exception, match="models loaded"):
+        loop.run_training(job_from_dict(job), progress_bar=False)
+    assert "train.batch_size is 8 but an epoch has 4 sample(s)" in caplog.text
+    assert "distributed.expert_groups is on but this is one process" in caplog.text

@@ -31,7 +31,7 @@ from ..fileio import atomic_write, check_writable
 from ..lora import check_lora_init, lora_file_name, lora_parameters
 from ..memory import ExpertMemory, plan_job
 from ..memory.allocator import use_expandable_segments
-from ..models import WanComponents, encode_video, load_components
+from ..models import WanComponents, check_model_files, encode_video, load_components
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, round_steps, sample_sigmas
@@ -127,6 +127,19 @@ def check_output_folders(cfg: JobConfig) -> None:
         check_writable(cfg.quant.ara_cache_dir, "quant.ara_cache_dir")
 
 
+def run_warnings(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> list[str]:
+    """Settings that run, but not as written: a batch larger than the dataset, placements without torchrun."""
+    warnings = []
+    if cfg.train.batch_size > dataset.samples_per_epoch:
+        warnings.append(f"train.batch_size is {cfg.train.batch_size} but an epoch has {dataset.samples_per_epoch} "
+                        "sample(s): every batch holds the whole epoch - lower batch_size or add clips / repeats")
+    placed = [k for k in ("expert_groups", "shard_experts") if getattr(cfg.distributed, k)]
+    if placed and not ctx.active:
+        warnings.append(f"distributed.{placed[0]} is on but this is one process: it trains as a single GPU - launch "
+                        "with torchrun (or Train LoRA's gpus) on 2 or more GPUs, or turn it off")
+    return warnings
+
+
 def open_run_on_ranks(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> RunFolder:
     """Rank 0 claims the run folder (:func:`open_run`); every other rank learns it, or rank 0's refusal."""
     opened, error = None, None
@@ -172,9 +185,15 @@ def run_training(
     check_ara_source(cfg.quant)
     check_lora_init(cfg)
     check_output_folders(cfg)
+    previews = previews_enabled(cfg)
+    if components is None:  # the files' headers: a wrong path or model fails before minutes of loading
+        stages = cfg.multistage.stages
+        check_model_files(cfg.model, high=previews or "high" in stages, low=previews or "low" in stages)
     dataset = dataset or job_dataset(cfg)
     if ctx.is_main:
         log.info("%s", dataset.report())
+        for warning in run_warnings(cfg, dataset, ctx):
+            log.warning("warning: %s", warning)
     if cfg.resume and (done := finished_result(cfg)) is not None:
         return done
     with open_run_on_ranks(cfg, dataset, ctx) as run:
