@@ -81,7 +81,7 @@ def test_official_example_maps_value_by_value():
     assert cfg.train.device == "cuda:0"
     assert cfg.model.source == "ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16"
     assert cfg.model.dtype == "bf16"  # ai-toolkit loads the base weights in train.dtype
-    assert cfg.lora.rank == 32 and cfg.lora.alpha == 32.0
+    assert cfg.lora.rank == 32 and cfg.lora.effective_alpha == 32.0  # scale 1, as ai-toolkit trains Wan LoRAs
     assert cfg.save.dtype == "fp16" and cfg.save.save_every == 250 and cfg.save.keep_last == 4
     assert cfg.train.batch_size == 1 and cfg.train.steps == 2000 and cfg.train.gradient_accumulation == 1
     assert cfg.train.gradient_checkpointing == "auto"  # on: the VRAM planner picks how many blocks recompute
@@ -171,7 +171,8 @@ def test_ui_job_maps_and_stays_quiet_about_settings_that_ask_for_nothing():
 def test_absent_settings_take_ai_toolkit_defaults():
     cfg, notes = _map(_minimal())
     assert notes == []
-    assert cfg.lora.rank == 4 and cfg.lora.alpha == 1.0  # NetworkConfig: linear 4, alpha 1.0
+    # NetworkConfig: linear 4, alpha 1.0, but transformer LoRAs train in peft format with alpha = rank (scale 1)
+    assert cfg.lora.rank == 4 and cfg.lora.effective_alpha == 4.0
     assert cfg.multistage.switch_every == 1 and cfg.multistage.stages == ["high", "low"]
     assert cfg.train.timestep_type == "sigmoid" and cfg.train.timestep_bias == "balanced"
     assert cfg.train.steps == 1000 and cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing == "auto"
@@ -190,11 +191,16 @@ def test_absent_settings_take_ai_toolkit_defaults():
     assert (cfg.advanced.dop, cfg.advanced.diff_guidance, cfg.advanced.ema) == (False, False, False)
 
 
-def test_network_alpha_and_rank_precedence():
-    cfg, _ = _map(_minimal(network={"type": "lora", "linear": 16}))
-    assert cfg.lora.rank == 16 and cfg.lora.alpha == 1.0  # linear_alpha falls back to alpha's default, 1.0
-    cfg, _ = _map(_minimal(network={"type": "lora", "rank": 8, "linear": 16, "alpha": 4, "dropout": 0.1}))
-    assert cfg.lora.rank == 8 and cfg.lora.alpha == 4.0 and cfg.lora.dropout == 0.1
+def test_network_rank_precedence_and_scale_one_as_ai_toolkit_trains_wan():
+    # ai-toolkit 27a03a91, toolkit/lora_special.py: transformer LoRAs use peft format, "no alpha for peft":
+    # self.alpha = self.lora_dim, so the scale is 1 whatever linear_alpha says (a missing one included)
+    cfg, notes = _map(_minimal(network={"type": "lora", "linear": 16}))
+    assert cfg.lora.rank == 16 and cfg.lora.effective_alpha / cfg.lora.rank == 1.0 and not notes
+    cfg, notes = _map(_minimal(network={"type": "lora", "rank": 8, "linear": 16, "alpha": 4, "dropout": 0.1}))
+    assert cfg.lora.rank == 8 and cfg.lora.effective_alpha == 8.0 and cfg.lora.dropout == 0.1
+    assert any("network.alpha is ignored" in n and "scale 1" in n for n in notes)
+    cfg, notes = _map(_minimal(network={"type": "lora", "linear": 32, "linear_alpha": 32}))
+    assert cfg.lora.effective_alpha == 32.0 and not notes  # equal to the rank: nothing to warn about
 
 
 @pytest.mark.parametrize(

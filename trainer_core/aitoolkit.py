@@ -515,15 +515,18 @@ def _map_network(net: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     ntype = str(rest.pop("type", "lora")).lower()
     if ntype != "lora":
         raise ConfigError(f"{where}.type is {ntype!r}: this trainer trains plain LoRAs only - set type: lora")
-    # ai-toolkit: rank wins over linear, neither means 4; linear_alpha falls back to alpha, then to 1.0.
+    # ai-toolkit: rank wins over linear, neither means 4. Transformer LoRAs (Wan included) train in peft format with
+    # alpha = rank, i.e. scale 1, whatever linear_alpha / alpha say (toolkit/lora_special.py, "no alpha for peft").
     linear = rest.pop("linear", None)
     rank = rest.pop("rank", None)
-    alpha = rest.pop("alpha", None)
-    linear_alpha = rest.pop("linear_alpha", None)
     lora = job["lora"]
     lora["rank"] = rank if rank is not None else linear if linear is not None else 4
-    alpha_key, alpha = ("linear_alpha", linear_alpha) if linear_alpha is not None else ("alpha", alpha)
-    lora["alpha"] = _float(alpha if alpha is not None else 1.0, f"{where}.{alpha_key}")
+    lora["alpha"] = None  # = rank: scale 1, as ai-toolkit trains it
+    for key in ("linear_alpha", "alpha"):
+        value = rest.pop(key, None)
+        if value is not None and _float(value, f"{where}.{key}") != float(lora["rank"]):
+            notes.append(f"{where}.{key} is ignored: ai-toolkit trains Wan LoRAs in peft format with alpha = rank "
+                         f"(scale 1) whatever {key} says; so does this import (alpha {lora['rank']})")
     dropout = rest.pop("dropout", None)
     if dropout is not None:
         lora["dropout"] = _float(dropout, f"{where}.dropout")
