@@ -237,7 +237,8 @@ def test_direct_timestep_types(ttype):
 def test_lr_schedulers(sched, params, expected):
     cfg, notes = _map(_minimal(train__lr_scheduler=sched, train__lr_scheduler_params=params))
     assert (cfg.optimizer.lr_scheduler, cfg.optimizer.warmup_steps) == expected
-    assert notes == []
+    # a global warm-up there, one per expert here: named
+    assert _changed(notes) == ([f"{P}.train.lr_scheduler"] if sched == "constant_with_warmup" else [])
 
 
 def test_optimizer_name_case_and_betas():
@@ -794,7 +795,8 @@ def test_dop():
 
 def test_differential_guidance():
     cfg, notes = _map(_minimal(train__do_differential_guidance=True))
-    assert (cfg.advanced.diff_guidance, cfg.advanced.diff_guidance_scale) == (True, 3.0) and notes == []
+    assert (cfg.advanced.diff_guidance, cfg.advanced.diff_guidance_scale) == (True, 3.0)
+    assert _changed(notes) == [f"{P}.train.do_differential_guidance"]  # inert in ai-toolkit without do_guidance_loss
     cfg, _ = _map(_minimal(train__do_differential_guidance=True, train__differential_guidance_scale=2))
     assert cfg.advanced.diff_guidance_scale == 2.0
 
@@ -839,3 +841,16 @@ def test_regularizer_values_this_trainer_refuses_name_the_ai_toolkit_key(over, n
         from_aitoolkit(_minimal(**over))
     for needle in needles:
         assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("train, said", [
+    ({"gradient_accumulation": 2}, "gradient_accumulation is changed: ai-toolkit's switch_boundary_every counts "
+                                   "micro-batches"),
+    ({"lr_scheduler": "constant_with_warmup", "lr_scheduler_params": {"num_warmup_steps": 50}},
+     "each expert warms up over its own first 50 steps"),
+    ({"do_differential_guidance": True}, "no effect unless do_guidance_loss"),
+])
+def test_semantics_that_differ_from_ai_toolkit_are_named(train, said):
+    _, notes = _map(_minimal(train=train))
+    assert any(said in n for n in notes), notes
+    assert all(said not in n for n in _map(_minimal())[1])  # not said when the job does not ask for it

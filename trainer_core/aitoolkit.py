@@ -691,10 +691,17 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     dtype = _dtype(rest.pop("dtype", "fp32"), f"{where}.dtype")
     job["model"]["dtype"] = dtype
     job["multistage"]["switch_every"] = rest.pop("switch_boundary_every", 1)
+    accumulation = rest.pop("gradient_accumulation", 1)
+    if isinstance(accumulation, int) and not isinstance(accumulation, bool) and accumulation > 1:
+        notes.append(
+            f"{where}.gradient_accumulation is changed: ai-toolkit's switch_boundary_every counts micro-batches (with "
+            "both experts one optimizer step can update both); here it counts optimizer steps, each of which "
+            "updates one expert"
+        )
     job["train"].update(
         steps=rest.pop("steps", 1000),
         batch_size=rest.pop("batch_size", 1),
-        gradient_accumulation=rest.pop("gradient_accumulation", 1),
+        gradient_accumulation=accumulation,
         # ai-toolkit's switch (read as truthy, on by default) -> a policy: on lets the VRAM planner choose (full
         # checkpointing where memory is short); recomputing activations does not change what is learned.
         gradient_checkpointing="auto" if rest.pop("gradient_checkpointing", True) else "off",
@@ -746,6 +753,11 @@ def _map_advanced(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -
         scale = _float(_DIFF_GUIDANCE_SCALE if scale is None else scale, key)
         adv.update(diff_guidance=True, diff_guidance_scale=scale)
         sources["diff_guidance_scale"] = key
+        if not rest.get("do_guidance_loss"):
+            notes.append(
+                f"{where}.do_differential_guidance is changed: in ai-toolkit it has no effect unless do_guidance_loss "
+                "is on too (it is nested under that switch, ai-toolkit's open bug, PR #974); here it applies"
+            )
     ema = rest.pop("ema_config", None)
     if isinstance(ema, dict) and ema.get("use_ema"):
         e_rest = dict(ema)
@@ -796,6 +808,11 @@ def _map_optimizer(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) 
     if sched == "constant_with_warmup":
         sched = "constant"
         opt["warmup_steps"] = s_rest.pop("num_warmup_steps", 1000)  # ai-toolkit's fallback
+        notes.append(
+            f"{where}.lr_scheduler is changed: ai-toolkit's constant_with_warmup warms up once over the run's first "
+            f"{opt['warmup_steps']} steps; here each expert warms up over its own first {opt['warmup_steps']} steps "
+            "(with both experts, about twice as many steps of the run are in warm-up)"
+        )
     elif sched == "linear":
         # ai-toolkit's 'linear' is torch's LinearLR: start_factor*lr -> end_factor*lr, by default lr/3 -> lr (a ramp).
         start = _float(s_rest.pop("start_factor", 1.0 / 3.0), f"{where}.lr_scheduler_params.start_factor")
