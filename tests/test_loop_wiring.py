@@ -33,6 +33,9 @@ from trainer_core.lora import lora_file_name, lora_state_dict_comfy
 from trainer_core.models import load_components
 from trainer_core.regularizers import ema_lora_file_name
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_job import tiny_job  # noqa: E402
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BOUNDARY_T = 875.0  # multistage.boundary 0.875: t >= 875 is the high-noise expert's
@@ -54,21 +57,9 @@ def clips(tmp_path_factory) -> Path:
 
 
 def _job(out: Path, clips: Path, steps: int, **over) -> dict:
-    job = {
-        "name": "w",
-        "trigger_word": "sqz",
-        "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
-        "lora": {"rank": 4},
-        "multistage": {"switch_every": 1},
-        "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
-        "train": {"steps": steps, "batch_size": 2, "gradient_checkpointing": "off", "compute_dtype": "fp32",
-                  "device": "cpu", "seed": 7, "num_workers": 0},
-        "save": {"output_dir": str(out), "save_every": 0, "keep_last": 0, "dtype": "fp32"},
-        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.0}],
-    }
-    for section, values in over.items():
-        job[section] = {**job.get(section, {}), **values} if isinstance(values, dict) else values
-    return job
+    over.setdefault("datasets", [{"folder": str(clips), "num_frames": 5, "resolutions": [32], "caption_dropout": 0.0}])
+    return tiny_job(out, clips, steps, name="w", seed=7, switch_every=1, trigger_word="sqz",
+                    saving={"save_every": 0, "keep_last": 0, "dtype": "fp32"}, **over)
 
 
 def _active(step: int, switch_every: int) -> str:

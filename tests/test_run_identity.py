@@ -24,6 +24,9 @@ from trainer_core.data import make_synthetic_dataset
 from trainer_core.errors import ConfigError
 from trainer_core.train.runs import LOCK_FILE, MANIFEST, job_runs
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_job import tiny_job  # noqa: E402
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,20 +37,9 @@ def clips(tmp_path_factory) -> Path:
 
 
 def _job(out: Path, clips: Path, steps: int, lr: float = 2e-3, **over) -> dict:
-    job = {
-        "name": "same",
-        "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
-        "lora": {"rank": 4},
-        "multistage": {"switch_every": 2},
-        "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 0.0},
-        "train": {"steps": steps, "batch_size": 2, "gradient_checkpointing": "off", "compute_dtype": "fp32",
-                  "device": "cpu", "seed": 5, "num_workers": 0},
-        "save": {"output_dir": str(out), "save_every": 2, "keep_last": 2},
-        "datasets": [{"folder": str(clips), "num_frames": 5, "resolutions": [32]}],
-    }
-    for section, values in over.items():
-        job[section] = {**job[section], **values} if isinstance(values, dict) else values
-    return job
+    over["optimizer"] = {"lr": lr, **over.get("optimizer", {})}
+    return tiny_job(out, clips, steps, name="same", seed=5, switch_every=2, saving={"save_every": 2, "keep_last": 2},
+                    **over)
 
 
 def _cli(tmp_path: Path, job: dict, capsys, *extra: str) -> tuple[int, dict[str, Path], str]:
