@@ -24,6 +24,7 @@ from trainer_core.memory.planner import (
     check_plan,
     clip_tokens,
     estimate_peak_vram,
+    experts_load_on_device,
     model_arch,
     plan_job,
 )
@@ -450,3 +451,27 @@ def test_expert_groups_hold_one_expert_per_gpu():
     plan = estimate_peak_vram(job, WAN22_A14B_ARCH, 40 * GIB, side_models=NO_SIDE_MODELS, world=2)
     assert not plan.fits and plan.suggestions
     assert not any(s.startswith("distributed.shard_experts") for s in plan.suggestions)
+
+
+def _load_plan(free_gib: float, **over):
+    cfg = _job(two=True, quant=over.pop("quant", {"transformer": "float8"}), **over)
+    return cfg, estimate_peak_vram(cfg, WAN22_A14B_ARCH, int(free_gib * GIB))
+
+
+def test_experts_load_on_device_only_when_the_unquantized_experts_fit_beside_the_plan():
+    # Planned float8 need 39.4 GiB (two 13.6 GiB experts resident). Loading in bf16 first adds 13 GiB per expert
+    # (26.6 GiB bf16 less its float8 size) and the bf16 text encoder's visit (10.6 GiB): 76.0 GiB for two experts,
+    # which an H200 (139 GiB free) or an 80 GB card holds, and 63.0 GiB for one.
+    cfg, plan = _load_plan(139)
+    assert plan.fits and experts_load_on_device(cfg, plan, 2)
+    cfg, plan = _load_plan(76.5)
+    assert plan.fits and experts_load_on_device(cfg, plan, 2)
+    cfg, plan = _load_plan(75.5)
+    assert plan.fits and not experts_load_on_device(cfg, plan, 2)
+    assert experts_load_on_device(cfg, plan, 1)
+    assert not experts_load_on_device(*_load_plan(62.5), 1)
+    cfg, plan = _load_plan(139, memory={"low_vram": True})
+    assert not experts_load_on_device(cfg, plan, 2)  # Low VRAM keeps the experts in host memory
+    assert not experts_load_on_device(cfg, _load_plan(139)[1], 2, sharded=True)
+    cfg = _job(two=True, quant={"transformer": "float8"})
+    assert not experts_load_on_device(cfg, estimate_peak_vram(cfg, WAN22_A14B_ARCH, None, device_type="cpu"), 2)

@@ -678,6 +678,24 @@ def estimate_peak_vram(
     return plan
 
 
+def experts_load_on_device(cfg: JobConfig, plan: Plan, experts: int, sharded: bool = False) -> bool:
+    """Whether ``experts`` expert files can be read straight onto the GPU rather than into host memory first.
+
+    Reading to the GPU keeps host RAM near the size of the files (a bf16 copy of two 14B experts is 56 GB of host
+    memory) and skips a host-to-device copy. It is chosen only when the experts stay whole on the GPU (no Low VRAM,
+    no streamed blocks, no sharding) and the card holds their unquantized weights beside the planned peak and the
+    text encoder's visit: quantization happens after loading, in place.
+    """
+    if plan.free_bytes is None or cfg.memory.low_vram or plan.offload_blocks or sharded or not experts:
+        return False
+    shapes = ExpertShapes.from_arch(model_arch(cfg.model))
+    head, block = _weight_bytes(shapes, cfg.model.dtype, "none", "", 0)
+    loaded = experts * (head + shapes.num_blocks * block)
+    stored = experts * sum(i.nbytes for i in plan.items if i.label == "active expert")  # whole: no offloading
+    extra = max(0, loaded - stored) + _te_bytes(SideModels.for_model(cfg.model), _knobs(cfg, "cuda"))
+    return plan.required_bytes + extra <= plan.free_bytes
+
+
 def check_plan(plan: Plan) -> Plan:
     """Return ``plan`` if it fits, else raise :class:`ConfigError` naming the settings to change."""
     if plan.fits:

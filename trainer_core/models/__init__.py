@@ -1,6 +1,6 @@
 """Model loading (tiny preset, diffusers folders, Hugging Face repos, ComfyUI single files), prompt and video coding."""
 
-from .loading import WanComponents, check_model_files, describe_base_model, load_components
+from .loading import WanComponents, check_model_files, describe_base_model, load_components, load_expert
 from .text import encode_prompts
 from .vae import decode_latents, encode_video
 
@@ -12,4 +12,5 @@ __all__ = [
     "encode_prompts",
     "encode_video",
     "load_components",
+    "load_expert",
 ]

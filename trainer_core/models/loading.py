@@ -11,6 +11,7 @@ repo that is not in the cache is refused at once with a message saying how to po
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, T5Tokenizer, UMT5EncoderModel
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from ..timing import logged_seconds
 from . import tiny
 from .single_file import (
     cast_keeping_fp32,
@@ -35,6 +37,8 @@ from .single_file import (
     load_vae_file,
     tokenizer_from_sentencepiece,
 )
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -98,6 +102,9 @@ class WanComponents:
     text_encoder: UMT5EncoderModel | None
     tokenizer: PreTrainedTokenizerBase | None
     base_model: str
+    #: width of the loaded text encoder's embeddings, kept after a cached run frees the encoder (checks experts
+    #: loaded later)
+    text_dim: int | None = None
 
 
 def _source_kind(source: str) -> str:
@@ -176,11 +183,11 @@ def _from_source(cls, cfg: ModelConfig, part: str, **kwargs):
         ) from None
 
 
-def _expert(cfg: ModelConfig, part: str) -> WanTransformer3DModel:
+def _expert(cfg: ModelConfig, part: str, device: str | torch.device = "cpu") -> WanTransformer3DModel:
     dtype = DTYPES[cfg.dtype]
     file = getattr(cfg, _FILE_SETTING[part])
     if file:
-        return load_transformer_file(file, dtype, setting=f"model.{_FILE_SETTING[part]}")
+        return load_transformer_file(file, dtype, setting=f"model.{_FILE_SETTING[part]}", device=device)
     if _require_source(cfg, part) == "tiny":
         return frozen_eval(cast_keeping_fp32(tiny.tiny_transformer(part), dtype))
     return frozen_eval(_from_source(WanTransformer3DModel, cfg, part, torch_dtype=dtype))
@@ -288,10 +295,11 @@ def _check_compatible(c: WanComponents) -> None:
             f"the experts take {expert.config.in_channels} latent channels but the VAE makes {c.vae.config.z_dim}: "
             "Wan 2.2 T2V A14B pairs with the Wan 2.1 VAE (wan_2.1_vae.safetensors)"
         )
-    if c.text_encoder is not None and expert.config.text_dim != c.text_encoder.config.d_model:
+    text_dim = c.text_encoder.config.d_model if c.text_encoder is not None else c.text_dim
+    if text_dim is not None and expert.config.text_dim != text_dim:
         raise ModelLoadError(
             f"the experts take {expert.config.text_dim}-wide text embeddings but the text encoder makes "
-            f"{c.text_encoder.config.d_model}: Wan 2.2 uses UMT5-XXL (umt5_xxl_fp16 / fp8_e4m3fn_scaled)"
+            f"{text_dim}: Wan 2.2 uses UMT5-XXL (umt5_xxl_fp16 / fp8_e4m3fn_scaled)"
         )
 
 
@@ -446,9 +454,18 @@ def check_model_files(
 
 
 def load_components(
-    cfg: ModelConfig, *, high: bool = True, low: bool = True, vae: bool = True, text_encoder: bool = True
+    cfg: ModelConfig,
+    *,
+    high: bool = True,
+    low: bool = True,
+    vae: bool = True,
+    text_encoder: bool = True,
+    expert_device: str | torch.device = "cpu",
 ) -> WanComponents:
     """Load the requested components to CPU as frozen modules in eval mode.
+
+    ``expert_device``: where experts given as ComfyUI files are read to instead (a GPU the experts will stay on;
+    see ``memory.planner.experts_load_on_device``), so no host copy of them is made.
 
     Experts are stored in ``cfg.dtype``, the text encoder in ``cfg.text_encoder_dtype`` and the VAE in
     ``cfg.vae_dtype``; modules the libraries keep in fp32 (the experts' rope, time_embedder, scale_shift_table and
@@ -459,13 +476,35 @@ def load_components(
     _hub_checked.clear()
     check_model_files(cfg, high=high, low=low, vae=vae, text_encoder=text_encoder)
     components = WanComponents(None, None, None, None, None, base_model=describe_base_model(cfg))
+    where = "" if str(expert_device) == "cpu" else f" to {expert_device}"
     if high:
-        components.high = _expert(cfg, "high")
+        with logged_seconds(log, f"loaded the high-noise expert{where}"):
+            components.high = _expert(cfg, "high", expert_device)
     if low:
-        components.low = _expert(cfg, "low")
+        with logged_seconds(log, f"loaded the low-noise expert{where}"):
+            components.low = _expert(cfg, "low", expert_device)
     if vae:
-        components.vae = _vae(cfg)
+        with logged_seconds(log, "loaded the VAE"):
+            components.vae = _vae(cfg)
     if text_encoder:
-        components.text_encoder, components.tokenizer = _text_encoder(cfg)
+        with logged_seconds(log, "loaded the text encoder"):
+            components.text_encoder, components.tokenizer = _text_encoder(cfg)
+        components.text_dim = components.text_encoder.config.d_model
     _check_compatible(components)
     return components
+
+
+def load_expert(
+    cfg: ModelConfig, part: str, components: WanComponents, device: str | torch.device = "cpu"
+) -> WanTransformer3DModel:
+    """Load one expert (``'high'`` / ``'low'``) into ``components`` after the others, checked against them.
+
+    Loading the experts one by one, each just before it is quantized and placed, keeps one unquantized expert in
+    memory at a time (28 GB for a 14B expert in bf16) instead of both. Call :func:`check_model_files` first.
+    """
+    where = "" if str(device) == "cpu" else f" to {device}"
+    with logged_seconds(log, f"loaded the {part}-noise expert{where}"):
+        model = _expert(cfg, part, device)
+    setattr(components, part, model)
+    _check_compatible(components)
+    return model

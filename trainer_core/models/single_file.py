@@ -104,17 +104,18 @@ class SingleFile:
     Every consistency problem of the scales is refused when the file is opened, before any weight is read.
     """
 
-    def __init__(self, path: str | Path, setting: str, prefix: str | None = None):
+    def __init__(self, path: str | Path, setting: str, prefix: str | None = None, device: str = "cpu"):
         self.path = Path(path).expanduser()
         self.setting = setting
         self._prefix = prefix
+        self._device = device
         if not self.path.is_file():
             what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
             raise ModelLoadError(f"{setting}: {self.path} {what} - give the path of a .safetensors file")
 
     def __enter__(self) -> SingleFile:
         try:
-            self._ctx = safe_open(str(self.path), framework="pt", device="cpu")
+            self._ctx = safe_open(str(self.path), framework="pt", device=self._device)
             self._handle = self._ctx.__enter__()
             metadata = self._handle.metadata() or {}
         except (SafetensorError, OSError) as exc:
@@ -221,7 +222,7 @@ class SingleFile:
         key = self.names.pop(name, None)
         if key is None:
             return None
-        return self._handle.get_tensor(key).to(torch.uint8).numpy().tobytes()
+        return self._handle.get_tensor(key).to("cpu", torch.uint8).numpy().tobytes()
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name``; fp8 weights are dequantized (fp8.float() * scale) to fp32."""
@@ -366,13 +367,19 @@ def check_transformer_file(path: str | Path, setting: str) -> None:
         _transformer_layout(f)
 
 
-def load_transformer_file(path: str | Path, dtype: torch.dtype, setting: str) -> WanTransformer3DModel:
+def load_transformer_file(
+    path: str | Path, dtype: torch.dtype, setting: str, device: str | torch.device = "cpu"
+) -> WanTransformer3DModel:
     """Load a ComfyUI Wan 2.2 T2V expert file (fp16/bf16/fp32, fp8 or fp8_scaled) as a frozen WanTransformer3DModel.
 
     Weights are stored in ``dtype`` except the modules diffusers keeps in fp32, which are converted from the file's
-    own values. ``setting`` (e.g. ``"model.high_noise"``) is named in errors.
+    own values. ``setting`` (e.g. ``"model.high_noise"``) is named in errors. ``device``: where the weights are read
+    to; a GPU here means no host copy of the expert at all (each tensor goes from the file to the card).
     """
-    with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # safetensors wants the card's number
+        device = torch.device("cuda", torch.cuda.current_device())
+    with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX, device=str(device)) as f:
         model, names = _transformer_layout(f)
         model.load_state_dict(_read_converted(f, names, WanTransformer3DModel, dtype), strict=True, assign=True)
     return frozen_eval(cast_keeping_fp32(model, dtype))

@@ -30,8 +30,10 @@ from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import atomic_write, check_writable
 from ..lora import check_lora_init, lora_file_name, lora_parameters
 from ..memory import ExpertMemory, plan_job
+from ..memory.planner import experts_load_on_device
+from ..timing import logged_seconds
 from ..memory.allocator import use_expandable_segments
-from ..models import WanComponents, check_model_files, encode_video, load_components
+from ..models import WanComponents, check_model_files, encode_video, load_components, load_expert
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts, round_steps, sample_sigmas
@@ -269,21 +271,30 @@ def _train(
 
     # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
     previews = previews_enabled(cfg)
-    components = components or load_components(
-        cfg.model, high=previews or "high" in local_stages, low=previews or "low" in local_stages
-    )
+    wanted = [n for n in ("high", "low") if previews or n in local_stages]
+    # Straight to the GPU only experts that stay there: a preview-only expert waits on the CPU.
+    on_gpu = set(wanted) <= set(local_stages) and experts_load_on_device(cfg, plan, len(wanted), sharded)
+    # The experts come later, one at a time, each just before it is quantized and placed: one unquantized 14B
+    # expert in memory at a time, and the text encoder gone (cached captions) before they arrive.
+    components = components or load_components(cfg.model, high=False, low=False)
     torch.manual_seed(cfg.train.seed)
     if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
         log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
     renderer = None
     if previews and ctx.is_main:
         renderer = PreviewRenderer(cfg, components, device, run_dir / "samples", on_sample)
-    condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
+    with logged_seconds(log, "caption embeddings ready"):
+        condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
     vae = components.vae.to(device).eval()
     latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
 
+    encoded = [0, 0.0]  # clips VAE-encoded in this run, seconds spent
+
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return encode_video(vae, pixels.to(device, vae.dtype))
+        t0 = time.perf_counter()
+        out = encode_video(vae, pixels.to(device, vae.dtype))
+        encoded[0], encoded[1] = encoded[0] + len(pixels), encoded[1] + time.perf_counter() - t0
+        return out
 
     def latents(ids: list[int], epoch: int) -> torch.Tensor:
         return latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
@@ -309,16 +320,21 @@ def _train(
             yield BatchRef(ref.epoch, ref.position, tuple(ids))
 
     counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
-    models = {"high": components.high, "low": components.low}
     experts = {}
     for n in local_stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
+        model = getattr(components, n) or load_expert(cfg.model, n, components, device if on_gpu else "cpu")
         # Each expert's random draws (LoRA init, calibration) from its own seed: the same in every placement.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(expert_seed(cfg.train.seed, n))
-            quantize_experts(cfg, {n: models[n]}, dataset, latents, condition, device)
-            experts[n] = prepare_expert(n, models[n], cfg, counts[n], memory, blocks, shard)
+            with logged_seconds(log, f"{n}-noise expert ready (quantization: {cfg.quant.transformer})"):
+                quantize_experts(cfg, {n: model}, dataset, latents, condition, device)
+                experts[n] = prepare_expert(n, model, cfg, counts[n], memory, blocks, shard)
         if cfg.memory.low_vram and len(local_stages) > 1:
             memory.offload(n)
+    for n in wanted:  # a preview-only expert (not trained here) waits on the CPU
+        if getattr(components, n) is None:
+            load_expert(cfg.model, n, components)
+    models = {"high": components.high, "low": components.low}
     if ctx.is_main:
         atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
 
@@ -341,9 +357,10 @@ def _train(
         if groups is None:
             if ctx.is_main:
                 snaps = {n: expert_snapshot(ex, cfg) for n, ex in experts.items()}
-                result.lora_files, result.state_file = save_checkpoint(
-                    cfg, components.base_model, snaps, vars(prog), run
-                )
+                with logged_seconds(log, f"checkpoint of step {prog.step} written"):
+                    result.lora_files, result.state_file = save_checkpoint(
+                        cfg, components.base_model, snaps, vars(prog), run
+                    )
             return
         mine = expert_snapshot(experts[groups.expert], cfg, cpu=True) if data_ctx.is_main else None
         collected = groups.collect_on_main(mine)  # both group leaders' snapshots, on rank 0
@@ -486,6 +503,11 @@ def _train(
             stream.close()
             memory.close()  # the experts are ordinary resident models again for whoever uses them next
     bar.close()
+    if encoded[0]:
+        log.info("VAE encoding: %d clip(s) in %.1f s", encoded[0], encoded[1])
+    if device.type == "cuda":
+        log.info("GPU memory: peak %.1f GiB allocated (planned %.1f GiB)",
+                 torch.cuda.max_memory_allocated(device) / 2**30, plan.peak_bytes / 2**30)
     result.step = prog.step
     result.losses = list(prog.losses)
     return result

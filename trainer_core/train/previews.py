@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +12,10 @@ import torch
 from ..config import JobConfig
 from ..models import WanComponents
 from ..sample import encode_sample_prompts, sample_metadata, sample_videos, write_video
+from ..timing import logged_seconds
 from .experts import Expert
+
+log = logging.getLogger(__name__)
 
 
 def previews_enabled(cfg: JobConfig) -> bool:
@@ -51,6 +55,7 @@ class PreviewRenderer:
         s = self.cfg.sample
         visiting = [m for m in models.values() if next(m.parameters()).device != self.device]
         with contextlib.ExitStack() as stack:
+            stack.enter_context(logged_seconds(log, f"preview of step {step} ({len(s.prompts)} video(s))"))
             for ex in experts.values():
                 if ex.ema is not None:
                     stack.enter_context(ex.ema.swapped_in())
