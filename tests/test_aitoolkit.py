@@ -9,15 +9,29 @@ extensions_built_in/sd_trainer/SDTrainer.py and jobs/process/BaseSDTrainProcess.
 """
 
 import copy
+import hashlib
+import json
 import re
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
 
 from trainer_core.aitoolkit import from_aitoolkit, is_aitoolkit_config
 from trainer_core.cli import demo_config, load_job
-from trainer_core.config import job_from_dict, load_yaml
+from trainer_core.cli import main as cli_main
+from trainer_core.config import QuantConfig, job_from_dict, load_yaml
+from trainer_core.data import build_dataset, make_synthetic_dataset
+from trainer_core.data.media import write_video
 from trainer_core.errors import ConfigError
+from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG
+from trainer_core.quant import check_ara_source
+from trainer_core.train import loop
 
 DATA = Path(__file__).parent / "data" / "aitoolkit"
 EXAMPLE = DATA / "train_lora_wan22_14b_24gb.yaml"
@@ -344,11 +358,13 @@ def test_dataset_mapping():
     assert main.caption_ext == "caption" and main.resolutions == [768] and main.num_frames == 41
     assert main.frame_sampling == "fps" and main.fps == 24.0 and main.window_start == "random"
     assert main.flip_x is True and main.repeats == 3 and main.cache_latents is True
-    assert main.prepend_trigger is True and main.is_regularization is False
-    # ai-toolkit does not add the trigger word to regularization captions.
-    assert reg.is_regularization is True and reg.prepend_trigger is False
+    assert main.prepend_trigger is True and main.is_regularization is False and main.share is None
+    assert main.trigger_separator == " "  # ai-toolkit joins "sqz caption"
+    # ai-toolkit does not add the trigger word to regularization captions; is_reg is not a prior target.
+    assert reg.is_regularization is False and reg.prepend_trigger is False and reg.share == 0.5
     assert reg.frame_sampling == "uniform" and reg.fps == 12.0
-    assert notes == []
+    # switch_boundary_every defaults to 1: ai-toolkit's even (regularization) steps are all high-noise steps.
+    assert _changed(notes) == [f"{P}.datasets[1].is_reg"] and "its bug" in notes[0]
 
 
 def test_dataset_settings_not_applied_are_named():
@@ -650,14 +666,17 @@ def test_sample_values_this_trainer_refuses_name_the_ai_toolkit_key(sample, need
 def test_float8_quantization(qtype):
     # quantize_te defaults to quantize, and Wan's loader quantizes the text encoder with model.qtype.
     cfg, notes = _map(_minimal(model__quantize=True, model__qtype=qtype, model__qtype_te="qint4"))
-    assert (cfg.quant.transformer, cfg.quant.text_encoder) == ("float8", "float8") and notes == []
+    assert (cfg.quant.transformer, cfg.quant.text_encoder) == ("float8", "float8")
+    # ai-toolkit's qfloat8 is optimum-quanto's weight-only float8 (qtype -> quanto qfloat8 weights, activations left
+    # alone): the gradients go through the dequantized weight as there; the fp8 forward is named.
+    assert cfg.quant.fp8_backward is False
+    assert _changed(notes) == [f"{P}.model.qtype"] and "weight-only" in notes[0] and "float8 matmul" in notes[0]
     cfg, _ = _map(_minimal(model__quantize=True, model__qtype=qtype, model__quantize_te=False))
     assert (cfg.quant.transformer, cfg.quant.text_encoder) == ("float8", "bf16")
 
 
 def test_uint4_with_a_local_adapter_file(tmp_path):
-    ara = tmp_path / "wan22_14b_t2i_torchao_uint4.safetensors"
-    ara.write_bytes(b"")
+    ara = _adapter_file(tmp_path / "wan22_14b_t2i_torchao_uint4.safetensors", rank=16)
     for model in ({"qtype": f"uint4|{ara}"}, {"qtype": "uint4", "accuracy_recovery_adapter": str(ara)}):
         cfg, notes = _map(_minimal(model={**_minimal()["config"]["process"][0]["model"], "quantize": True, **model}))
         assert (cfg.quant.transformer, cfg.quant.quantizer, cfg.quant.ara_source) == ("4bit_ara", "uint4", str(ara))
@@ -744,7 +763,8 @@ def test_text_encoder_modes(over, mode):
 
 def test_unload_mode_matches_ai_toolkits_fixed_embedding():
     datasets = [{"folder_path": "a", "caption_dropout_rate": 0.1}, {"folder_path": "r", "is_reg": True}]
-    cfg, notes = _map(_minimal(trigger_word="sqz", train__unload_text_encoder=True, datasets=datasets))
+    cfg, notes = _map(_minimal(trigger_word="sqz", train__unload_text_encoder=True, train__switch_boundary_every=2,
+                               datasets=datasets))
     # The fixed trigger-word embedding is used whatever the caption, so dropping captions changes nothing there.
     assert [d.caption_dropout for d in cfg.datasets] == [0.0, 0.0]
     assert _changed(notes) == [f"{P}.datasets[1].is_reg"]
@@ -757,9 +777,9 @@ def test_caption_dropout_with_a_trigger_word_is_flagged():
         {"folder_path": "r", "is_reg": True, "caption_dropout_rate": 0.1},
         {"folder_path": "b"},
     ]
-    _, notes = from_aitoolkit(_minimal(trigger_word="sqz", datasets=datasets))
+    _, notes = from_aitoolkit(_minimal(trigger_word="sqz", datasets=datasets, train__switch_boundary_every=2))
     assert _changed(notes) == [f"{P}.datasets[0].caption_dropout_rate"]
-    _, notes = from_aitoolkit(_minimal(datasets=datasets))
+    _, notes = from_aitoolkit(_minimal(datasets=datasets, train__switch_boundary_every=2))
     assert notes == []
 
 
@@ -854,3 +874,253 @@ def test_semantics_that_differ_from_ai_toolkit_are_named(train, said):
     _, notes = _map(_minimal(train=train))
     assert any(said in n for n in notes), notes
     assert all(said not in n for n in _map(_minimal())[1])  # not said when the job does not ask for it
+
+
+# --- issue #16 part 2: regularization data, resuming, qfloat8, stills, trigger joining, ARA rank, [trigger] -------
+
+
+def _adapter_file(path: Path, rank: int, ranks: dict[str, int] | None = None) -> Path:
+    """A small adapter laid out as ai-toolkit saves its Wan 2.2 ARA (both experts, lora_A [r, in], lora_B [out, r])."""
+    sd = {}
+    for group in ("transformer_1", "transformer_2"):
+        for module in ("self_attn.q", "ffn.0"):
+            r = (ranks or {}).get(module, rank)
+            key = f"diffusion_model.{group}.blocks.0.{module}"
+            sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = torch.zeros(r, 8), torch.zeros(8, r)
+    save_file(sd, str(path))
+    return path
+
+
+def _still(path: Path, value: int) -> Path:
+    Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_is_reg_data_trains_as_ordinary_samples_without_the_trigger_on_half_the_samples(tmp_path):
+    """ai-toolkit (jobs/process/BaseSDTrainProcess.py): `if dataset.is_reg: ... self.datasets_reg.append(dataset)`;
+    each step `if batch_step % 2 == 0 and dataloader_reg is not None and not is_save_step and not is_sample_step:`
+    draws the batch from the regularization loader, whatever the datasets' sizes; the prompt gets the trigger word
+    only with `add_if_not_present=not is_reg`, joined by `replace_with + " " + output_prompt`
+    (toolkit/prompt_utils.py). The loss is the ordinary one, weighted (SDTrainer: `loss_multiplier[idx] =
+    loss_multiplier[idx] * self.train_config.reg_weight`); the base-model prior target is the separate `prior_reg`
+    (`do_reg_prior = True` -> calculate_loss: `elif prior_pred is not None ...: target = prior_pred`)."""
+    main, reg = tmp_path / "main", tmp_path / "reg"
+    main.mkdir()
+    reg.mkdir()
+    for i in range(2):
+        _still(main / f"m{i}.png", 40 + i)
+        (main / f"m{i}.txt").write_text("a red square")
+    for i in range(6):
+        _still(reg / f"r{i}.png", 90 + i)
+        (reg / f"r{i}.txt").write_text("a square")
+    datasets = [{"folder_path": str(main), "resolution": 32}, {"folder_path": str(reg), "resolution": 32, "is_reg": 1}]
+    cfg, notes = _map(_minimal(trigger_word="sqz", datasets=datasets, train__switch_boundary_every=2))
+    assert notes == []
+    m, r = cfg.datasets
+    assert (r.is_regularization, r.prepend_trigger, r.share) == (False, False, 0.5)
+    assert (m.is_regularization, m.prepend_trigger, m.share) == (False, True, None)
+    data = build_dataset(cfg.datasets, cfg.trigger_word, 0)
+    assert data.counts == [4, 4]  # 2 training images + 6 regularization images: half the epoch each
+    captions = {it.caption for it in data.items}
+    assert captions == {"sqz a red square", "a square"}
+
+
+def test_reg_weight_becomes_the_regularization_share():
+    # Expected gradient per ai-toolkit step: (w g_reg + g_main) / 2; here share p = w/(1+w): (w g_reg + g_main)/(1+w).
+    datasets = [{"folder_path": "a"}, {"folder_path": "r1", "is_reg": True}, {"folder_path": "r2", "is_reg": True}]
+    cfg, notes = _map(_minimal(datasets=datasets, train__reg_weight=0.5, train__switch_boundary_every=2))
+    assert [d.share for d in cfg.datasets] == [None, pytest.approx(1 / 6), pytest.approx(1 / 6)]
+    reg = sum(d.share for d in cfg.datasets[1:])
+    assert reg / (1 - reg) == pytest.approx(0.5)  # reg : main samples = ai-toolkit's loss weights w : 1
+    assert _changed(notes) == sorted([f"{P}.train.reg_weight", f"{P}.datasets[1].is_reg", f"{P}.datasets[2].is_reg"])
+    assert "0.333 of every epoch" in next(n for n in notes if "reg_weight" in n)
+    cfg, notes = _map(_minimal(datasets=datasets[:2], train__reg_weight=1.0, train__switch_boundary_every=2))
+    assert cfg.datasets[1].share == 0.5 and notes == []
+    # reg_weight without regularization data asks for nothing, as in ai-toolkit
+    assert _map(_minimal(train__reg_weight=0.3))[1] == []
+
+
+@pytest.mark.parametrize("over, needles", [
+    ({"train__reg_weight": 0, "datasets": [{"folder_path": "a"}, {"folder_path": "r", "is_reg": True}]},
+     [f"{P}.train.reg_weight is 0", "weight > 0"]),
+    ({"datasets": [{"folder_path": "r", "is_reg": True}]}, [f"{P}.datasets: every dataset has is_reg"]),
+    ({"trigger_word": "sqz", "train__diff_output_preservation": True, "train__diff_output_preservation_class": "man",
+      "datasets": [{"folder_path": "a"}, {"folder_path": "p", "prior_reg": True}]},
+     [f"{P}.datasets[1].prior_reg", "diff_output_preservation"]),
+])
+def test_regularization_settings_that_cannot_train_are_refused(over, needles):
+    with pytest.raises(ConfigError) as exc:
+        from_aitoolkit(_minimal(**over))
+    assert all(n in str(exc.value) for n in needles) and "\n" not in str(exc.value)
+
+
+def test_ai_toolkits_reg_steps_all_on_the_high_expert_with_switch_every_1_is_not_copied():
+    # Step 0 is a save step (not reg); SDTrainer.hook_train_loop switches expert every micro-batch with
+    # switch_boundary_every 1: high on even steps, low on odd ones - every reg batch lands on the high expert.
+    datasets = [{"folder_path": "a"}, {"folder_path": "r", "is_reg": True}]
+    _, notes = from_aitoolkit(_minimal(datasets=datasets))
+    assert _changed(notes) == [f"{P}.datasets[1].is_reg"] and "low-noise expert never trains on them" in notes[0]
+    for over in ({"train__switch_boundary_every": 2}, {"train__gradient_accumulation": 2},
+                 {"model__model_kwargs": {"train_low_noise": False}}):
+        _, notes = from_aitoolkit(_minimal(datasets=datasets, **over))
+        assert not any("its bug" in n for n in notes), over
+
+
+def test_prior_reg_is_the_base_model_prior_target():
+    datasets = [{"folder_path": "a"}, {"folder_path": "p", "prior_reg": True}]
+    cfg, notes = _map(_minimal(trigger_word="sqz", datasets=datasets))
+    p = cfg.datasets[1]
+    assert (p.is_regularization, p.prepend_trigger, p.share) == (True, True, None) and notes == []
+    # SDTrainer: `if any([batch.file_items[idx].prior_reg ...]): do_reg_prior = True` -> the whole batch's target
+    _, notes = from_aitoolkit(_minimal(trigger_word="sqz", datasets=datasets, train__batch_size=2))
+    assert _changed(notes) == [f"{P}.datasets[1].prior_reg"] and "only the prior_reg samples" in notes[0]
+
+
+def _aitk_lora(folder: Path, name: str, step: int | None, experts=("high", "low"), saved_step: int | None = -1,
+               tensors: dict | None = None) -> list[Path]:
+    """Files as ai-toolkit's BaseSDTrainProcess.save + Wan22Model.save_lora write them: `_{str(step).zfill(9)}` then
+    `_high_noise` / `_low_noise`, metadata `training_info` = json {"step": step, "epoch": ...}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = name if step is None else f"{name}_{str(step).zfill(9)}"
+    meta = {} if saved_step is None else {"training_info": json.dumps(
+        {"step": step if saved_step == -1 else saved_step, "epoch": 0}), "format": "pt"}
+    paths = []
+    for e in experts:
+        path = folder / f"{stem}_{e}_noise.safetensors"
+        save_file(tensors[e] if tensors else {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(1, 1)},
+                  str(path), metadata=meta)
+        paths.append(path)
+    return paths
+
+
+def test_an_output_folder_with_ai_toolkits_pair_resumes_from_the_newest(tmp_path):
+    out = tmp_path / "out"
+    _aitk_lora(out / "run1", "run1", 250)
+    newest = _aitk_lora(out / "run1", "run1", 500)
+    _aitk_lora(out / "run1", "run10", 900)  # another job whose name starts with this one's
+    (out / "run1" / "run1_000700_high_noise.safetensors").write_bytes(b"this trainer's 6-digit naming")
+    data = _minimal(train__steps=2000)
+    data["config"]["process"][0]["training_folder"] = str(out)
+    cfg, notes = _map(data)
+    assert (cfg.lora.init_high, cfg.lora.init_low) == tuple(map(str, newest))
+    # ai-toolkit reads step 500 from the metadata and trains range(500, 2000): 1500 steps are left.
+    assert cfg.train.steps == 1500
+    assert _changed(notes) == [f"{P}.training_folder"]
+    assert (f"resuming from {newest[0]}, {newest[1]} (LoRA weights only; optimizer state and step count start "
+            "fresh)") in notes[0] and "at step 500" in notes[0]
+
+
+def test_resume_step_count_and_a_finished_ai_toolkit_run(tmp_path):
+    out = tmp_path / "out"
+    final = _aitk_lora(out / "run1", "run1", None, saved_step=1000)  # the pair saved after the loop
+    _aitk_lora(out / "run1", "run1", 750)
+    data = _minimal(train__steps=1000, training_folder=str(out))
+    with pytest.raises(ConfigError) as exc:  # ai-toolkit: range(1000, 1000) trains nothing
+        from_aitoolkit(data)
+    assert f"{P}.training_folder" in str(exc.value) and "train.steps above 1000" in str(exc.value)
+    cfg, notes = _map(_minimal(train__steps=1500, training_folder=str(out), train__lr_scheduler="cosine"))
+    assert (cfg.lora.init_high, cfg.lora.init_low, cfg.train.steps) == (str(final[0]), str(final[1]), 500)
+    assert "schedule starting over" in notes[0]
+    # Without training_info ai-toolkit keeps step 0: the whole run again, from the files' weights.
+    bare = tmp_path / "bare"
+    files = _aitk_lora(bare / "run1", "run1", 300, experts=("high",), saved_step=None)
+    cfg, notes = _map(_minimal(train__steps=800, training_folder=str(bare)))
+    assert (cfg.lora.init_high, cfg.lora.init_low, cfg.train.steps) == (str(files[0]), None, 800)
+    assert "low-noise LoRA starts fresh" in notes[0]
+    # One expert trained: ai-toolkit's load_lora loads only that expert's file.
+    cfg, _ = _map(_minimal(train__steps=1500, training_folder=str(out),
+                           model__model_kwargs={"train_high_noise": False}))
+    assert (cfg.lora.init_high, cfg.lora.init_low) == (None, str(final[1]))
+
+
+@pytest.mark.slow
+def test_a_run_from_ai_toolkits_folder_starts_from_its_pair_and_never_touches_its_files(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lora_fixtures import _modules, lora_state_dict
+
+    clips = make_synthetic_dataset(tmp_path / "clips", n_clips=2, num_frames=5, size=(32, 32), seed=1)
+    out = tmp_path / "out"
+    tensors = {e: lora_state_dict("aitoolkit", _modules("aitoolkit", TINY_TRANSFORMER_CONFIG, seed))
+               for e, seed in (("high", 1), ("low", 2))}
+    foreign = [*_aitk_lora(out / "job", "job", 1, tensors=tensors), *_aitk_lora(out / "job", "job", 0)]
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in foreign}
+    job = {"job": "extension", "config": {"name": "job", "process": [{
+        "type": "sd_trainer", "training_folder": str(out), "device": "cpu",
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+        "save": {"save_every": 1, "max_step_saves_to_keep": 1},
+        "datasets": [{"folder_path": str(clips), "resolution": [32], "num_frames": 5, "caption_dropout_rate": 0}],
+        "train": {"steps": 3, "batch_size": 1, "dtype": "fp32", "gradient_checkpointing": False, "lr": 1e-3,
+                  "switch_boundary_every": 1},
+        "model": {"name_or_path": "tiny", "arch": "wan22_14b"},
+    }]}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert cli_main(["train", str(path)]) == 0
+    printed = capsys.readouterr()
+    assert f"resuming from {foreign[0]}, {foreign[1]}" in printed.err
+    pair = [Path(line.split(": ", 1)[1]) for line in printed.out.splitlines() if "-noise LoRA: " in line]
+    # A folder holding another tool's files is not this run's: it writes into job_run2; 2 steps were left (1 of 3).
+    assert {p.parent.name for p in pair} == {"job_run2"} and all("_000002_" in p.name for p in pair)
+    resolved = yaml.safe_load((out / "job_run2" / "config.yaml").read_text())
+    assert (resolved["lora"]["init_high"], resolved["lora"]["init_low"]) == (str(foreign[0]), str(foreign[1]))
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in foreign} == before  # keep_last pruned none
+    assert sorted(p.name for p in (out / "job").iterdir()) == sorted(p.name for p in foreign)
+
+
+def test_stills_with_videos_in_the_folder_are_named(tmp_path):
+    """ai-toolkit (toolkit/data_loader.py): `self.is_video = dataset_config.num_frames > 1 or ...auto_frame_count`;
+    `extensions = image_extensions` (.jpg .jpeg .png .webp) unless is_video - videos are not even listed."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _still(folder / "a.png", 10)
+    write_video(folder / "b.mp4", np.zeros((5, 32, 32, 3), np.uint8), 16)
+    (folder / ".hidden.mp4").write_bytes(b"")
+    _, notes = from_aitoolkit(_minimal(datasets=[{"folder_path": str(folder), "num_frames": 1}]))
+    assert _changed(notes) == [f"{P}.datasets[0].num_frames"] and "skips its 1 video file(s)" in notes[0]
+    assert from_aitoolkit(_minimal(datasets=[{"folder_path": str(folder), "num_frames": 5}]))[1] == []
+    (folder / "b.mp4").unlink()
+    assert from_aitoolkit(_minimal(datasets=[{"folder_path": str(folder)}]))[1] == []  # num_frames defaults to 1
+
+
+def test_adapter_rank_is_read_from_the_file(tmp_path):
+    """ai-toolkit (toolkit/util/quantize.py) sizes the adapter from the file: `if "lora_A" in key: linear_dim =
+    int(value.shape[0])`."""
+    ara = _adapter_file(tmp_path / "wan22_14b_t2i_torchao_uint4.safetensors", rank=32)
+    cfg, _ = _map(_minimal(model__quantize=True, model__qtype=f"uint4|{ara}", model__quantize_te=False))
+    assert (cfg.quant.ara_source, cfg.quant.ara_rank) == (str(ara), 32)
+    check_ara_source(cfg.quant)  # the header check before any model loads agrees
+    # This trainer's own jobs: a rank that differs from quant.ara_rank is refused from the header, in one line.
+    with pytest.raises(ConfigError) as exc:
+        check_ara_source(QuantConfig(transformer="4bit_ara", quantizer="uint4", ara_source=str(ara)))
+    assert "has rank 32 but quant.ara_rank is 16 - set quant.ara_rank: 32" in str(exc.value)
+    mixed = _adapter_file(tmp_path / "m_torchao_uint4.safetensors", rank=16, ranks={"ffn.0": 8})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(P)}\.model\.qtype: .*mixes adapter ranks \[8, 16\]"):
+        from_aitoolkit(_minimal(model__quantize=True, model__qtype=f"uint4|{mixed}"))
+
+
+def test_trigger_placeholder_without_a_trigger_word_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """ai-toolkit deletes [trigger] when there is no trigger word (inject_trigger_into_prompt: `if trigger is None:
+    trigger = ''`); here it is refused, when the job is read (default_caption) or the dataset is built (caption
+    files) - before any model loads, in one line."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(P)}\.datasets\[0\]\.default_caption uses \[trigger\]"):
+        from_aitoolkit(_minimal(datasets=[{"folder_path": "a", "default_caption": "[trigger] walks"}]))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    _still(clips / "a.png", 10)
+    (clips / "a.txt").write_text("[trigger] a dark square")
+    job = _minimal(training_folder=str(tmp_path / "out"), device="cpu",
+                   datasets=[{"folder_path": str(clips), "resolution": 32}])
+    job["config"]["process"][0]["model"]["name_or_path"] = "tiny"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the dataset was checked")
+
+    for loader in ("load_components", "load_expert"):
+        monkeypatch.setattr(loop, loader, no_model, raising=False)
+    assert cli_main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: caption file {clips / 'a.txt'} uses [trigger] but no trigger word is set - set the "
+                       "job's trigger_word or remove [trigger]")
+    assert not any("Traceback" in line for line in err)

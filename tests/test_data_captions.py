@@ -24,6 +24,13 @@ def test_prepend_only_when_missing_as_whole_word():
     assert apply_trigger("[trigger] jumps", "sks", True) == "sks jumps"
 
 
+def test_prepend_with_ai_toolkits_space():
+    # ai-toolkit, toolkit/prompt_utils.py inject_trigger_into_prompt: output_prompt = replace_with + " " + output_prompt
+    assert apply_trigger("a dog running", "sks", True, " ") == "sks a dog running"
+    assert apply_trigger("a sks dog", "sks", True, " ") == "a sks dog"
+    assert apply_trigger("", "sks", True, " ") == "sks"
+
+
 def test_no_prepend_when_off():
     assert apply_trigger("a dog", "sks", False) == "a dog"
 

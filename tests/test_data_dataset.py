@@ -245,6 +245,40 @@ def test_epoch_counts_hand_computed():
     assert epoch_counts([5], [3], [0.1]) == [15]
 
 
+def test_epoch_counts_with_shares_hand_computed():
+    # L = 10 + 200 = 210; share 1/2 -> 105 reg samples whatever the sizes, the other 105 for the dataset without one
+    assert epoch_counts([10, 200], [1, 1], [1.0, 1.0], [None, 0.5]) == [105, 105]
+    # a share ignores its dataset's weight (5 here): 213 x 0.25 = 53.25 -> 53 each, whatever the sizes 200 and 3
+    assert epoch_counts([10, 200, 3], [1, 1, 1], [1.0, 5.0, 1.0], [None, 0.25, 0.25])[1:] == [53, 53]
+    # L = 213: 106.5 fixed, 106.5 split 10:9 -> 56.05, 50.45; the leftover sample to the largest remainder (0.5)
+    assert epoch_counts([10, 3, 200], [1, 1, 1], [1.0, 3.0, 1.0], [None, None, 0.5]) == [56, 50, 107]
+    # every dataset with a share: shares that add up to 1 within rounding are made exact
+    assert epoch_counts([10, 200], [1, 1], [1.0, 1.0], [0.3333333, 0.6666667]) == [70, 140]
+    assert epoch_counts([2, 3], [2, 1], [1.0, 2.0], [None, None]) == epoch_counts([2, 3], [2, 1], [1.0, 2.0])
+
+
+def test_a_share_fixes_a_datasets_part_of_every_epoch(tmp_path):
+    # 2 clips x 2 repeats and 3 images of weight 2: by weight the images get 4 of 7 samples (4.2); with share 0.5,
+    # 3.5 each, and the tie goes to the earlier dataset
+    ds = build_dataset(make_two_datasets(tmp_path, share=0.5), None, 5)
+    assert ds.counts == [4, 3] and ds.samples_per_epoch == 7
+    ds = build_dataset(make_two_datasets(tmp_path / "s", share=0.2), None, 5)
+    assert ds.counts == [6, 1]  # 7 x 0.2 = 1.4 -> 1; the images' weight 2 no longer counts
+    assert "share 0.2: 1 sample(s) per epoch (14.3%)" in ds.report()
+
+
+@pytest.mark.parametrize("shares, needle", [
+    ((0.7, 0.6), "datasets[0].share, datasets[1].share add up to 1.3"),
+    ((0.5, 0.4), "every dataset has a share"),
+    ((None, 1.0), "datasets[1].share is 1, which leaves no sample for datasets[0]"),
+])
+def test_shares_that_do_not_fit_one_epoch_are_refused_before_scanning(tmp_path, shares, needle):
+    configs = [cfg(tmp_path / f"missing{d}", share=s) for d, s in enumerate(shares)]  # folders need not exist
+    with pytest.raises(ConfigError) as exc:
+        build_dataset(configs, None, 0)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
 def make_two_datasets(tmp_path, **kw_b):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(parents=True)

@@ -27,6 +27,16 @@ first step unless ``train.skip_first_sample``. Inline prompt flags (``--n``, ``-
 parsed as ai-toolkit parses them; one value shared by every prompt becomes the section's value, a value that
 differs between prompts is ignored by name (previews here have one setting for all prompts).
 
+Datasets: ``is_reg`` data trains as ai-toolkit trains it, as ordinary samples without the trigger word; ai-toolkit
+draws a regularization batch on every other step, so those datasets get a fixed ``share`` of one half of every epoch
+here (``reg_weight`` w makes it w/(1+w), see :func:`_map_regularization`). ``prior_reg`` (the base model's own
+prediction as the target) is this trainer's ``is_regularization``. A prepended trigger word is joined with a space
+(``trigger_separator: " "``), as ai-toolkit joins it.
+
+Resuming: when ``<training_folder>/<name>/`` already holds this job's ai-toolkit LoRA pair, ai-toolkit continues from
+it; here the newest pair becomes ``lora.init_high`` / ``lora.init_low`` and ``train.steps`` the steps left (see
+:func:`_map_resume`).
+
 Text embeddings: ``cache_text_embeddings`` on or off both map to ``text_encoder.mode: cache`` (the cache restores
 the encoder's output exactly, so training sees the embeddings ai-toolkit's live encoding gives, with the encoder
 freed); ``unload_text_encoder`` maps to ``unload``.
@@ -38,15 +48,18 @@ learned, so there is no warning. ``model.compile`` is not read: ``train.compile`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError, safe_open
 
 from .config import AdvancedConfig, MemoryConfig, QuantConfig, SampleConfig, closest_key
-from .errors import ConfigError
+from .errors import ConfigError, LoraFileError
 
 _PROCESS = "config.process[0]"
 _TRAINER_TYPES = ("sd_trainer", "diffusion_trainer", "ui_trainer")
@@ -84,6 +97,10 @@ _QTYPES_ACCEPTED = "'qfloat8' or 'float8' (float8 weights), 'uint4' or 'uint4|<a
 _DOP_MULTIPLIER = 1.0
 _DIFF_GUIDANCE_SCALE = 3.0
 _EMA_DECAY = 0.999
+#: TrainConfig.reg_weight: the loss multiplier of regularization (is_reg) batches.
+_REG_WEIGHT = 1.0
+#: The images ai-toolkit reads from a dataset folder when num_frames is 1 (toolkit/data_loader.py image_extensions).
+_AITK_IMAGE_EXTS = ".jpg .jpeg .png .webp"
 
 #: ai-toolkit's SampleConfig defaults (its ``neg`` default, False, is not a prompt: it is read as the empty one).
 _SAMPLE_DEFAULTS: dict[str, Any] = {
@@ -155,6 +172,10 @@ _REASONS: dict[str, str] = {
         "a per-dataset LoRA strength during training is not supported (datasets[].weight is not the same thing)"
     ),
     "datasets.auto_frame_count": "clips are always cut to num_frames",
+    "datasets.loss_multiplier": (
+        "per-sample loss weights are not available here (datasets[].weight sets how often samples come, not their "
+        "loss)"
+    ),
 }
 
 #: Keys with no effect on a Wan 2.2 T2V LoRA in ai-toolkit itself, so nothing is lost by ignoring them silently.
@@ -229,6 +250,7 @@ _DEFAULTS: dict[str, Any] = {
     "sample.format": "jpg",
     "datasets.type": "image",
     "datasets.network_weight": 1.0,
+    "datasets.loss_multiplier": 1.0,
     "datasets.buckets": True,
     "datasets.bucket_tolerance": 64,
 }
@@ -352,15 +374,15 @@ _APPLIED_KEYS: dict[str, frozenset[str]] = {
         "batch_size gradient_accumulation gradient_checkpointing diff_output_preservation "
         "diff_output_preservation_multiplier diff_output_preservation_class do_differential_guidance "
         "differential_guidance_scale ema_config optimizer optimizer_params lr max_grad_norm lr_scheduler "
-        "lr_scheduler_params skip_first_sample disable_sampling cache_text_embeddings unload_text_encoder"
+        "lr_scheduler_params skip_first_sample disable_sampling cache_text_embeddings unload_text_encoder reg_weight"
     ),
     "train.ema_config": _keys("use_ema ema_decay"),
     "train.optimizer_params": _keys("weight_decay betas"),
     "train.lr_scheduler_params": _keys("num_warmup_steps start_factor end_factor"),
     "datasets": _keys(
-        "folder_path caption_ext caption_type resolution is_reg shrink_video_to_frames caption_dropout_rate "
-        "num_frames flip_x flip_y num_repeats cache_latents cache_latents_to_disk fps default_caption "
-        "cache_text_embeddings"
+        "folder_path caption_ext caption_type resolution is_reg prior_reg shrink_video_to_frames "
+        "caption_dropout_rate num_frames flip_x flip_y num_repeats cache_latents cache_latents_to_disk fps "
+        "default_caption cache_text_embeddings"
     ),
     "sample": _keys(
         "samples prompts width height num_frames fps sample_steps guidance_scale neg network_multiplier seed "
@@ -503,9 +525,11 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
         raise ConfigError(f"{_PROCESS}.datasets must be a list of dataset entries, got {type(raw).__name__}")
     raw = [_take_item(raw, i, f"{_PROCESS}.datasets") for i in range(len(raw))]
     job["datasets"] = [_map_dataset(ds, i, job.get("trigger_word"), notes) for i, ds in enumerate(raw)]
+    _map_regularization(raw, flags["reg_weight"], job, notes)
     _map_text_encoder(flags, raw, job, notes)
     _map_sample(_take(rest, "sample", _PROCESS), rest.pop("first_sample", None), flags, job, notes)
     _leftovers(rest, "process", _PROCESS, proc, notes)
+    _map_resume(job, notes)
     return job
 
 
@@ -605,7 +629,16 @@ def _map_quant(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -> N
     quant: dict[str, Any] = {"transformer": "none", "text_encoder": "bf16"}
     if quantize:
         if qtype in _FLOAT8_QTYPES and not adapter:
-            quant["transformer"] = "float8"
+            # ai-toolkit's qfloat8 (optimum-quanto) is weight-only; the input gradients here then use the dequantized
+            # weight as there. The forward's float8 activations have no off switch: named below.
+            quant.update(transformer="float8", fp8_backward=False)
+            notes.append(
+                f"{where}.qtype is changed: ai-toolkit's {qtype!r} (optimum-quanto) is weight-only - float8 weights, "
+                "matmuls in the compute dtype; here, on GPUs with float8 matmul (compute capability 8.9 and up), the "
+                "forward also rounds each layer's input to float8 with per-row scales (about 3% relative error per "
+                "element); elsewhere the weights are dequantized as in ai-toolkit, and the input gradients always use "
+                "the dequantized weights (quant.fp8_backward: false)"
+            )
         elif qtype == _UINT4:
             quant.update(transformer="4bit_ara", quantizer="uint4")
             _map_adapter(adapter.strip(), adapter_key, quant, notes)
@@ -647,6 +680,15 @@ def _map_adapter(adapter: str, key: str, quant: dict[str, Any], notes: list[str]
         )
     elif os.path.isfile(adapter):
         quant["ara_source"] = adapter
+        if adapter.lower().endswith(".safetensors"):  # anything else is refused by QuantConfig, naming the key
+            # ai-toolkit sizes its adapter from the file (toolkit/util/quantize.py: linear_dim = lora_A.shape[0]);
+            # a file of another rank than the default 16 then works here too. Imported here: it needs torch.
+            from .quant.ara_files import adapter_file_rank
+
+            try:
+                quant["ara_rank"] = adapter_file_rank(adapter, key)
+            except LoraFileError as exc:
+                raise ConfigError(str(exc)) from None
     elif len(adapter.split("/")) > 3:
         # ai-toolkit refuses this too: a path that does not exist is read as 'user/repo/file' on the Hub.
         raise ConfigError(
@@ -662,8 +704,9 @@ def _map_adapter(adapter: str, key: str, quant: dict[str, Any], notes: list[str]
         )
 
 
-def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> dict[str, bool]:
-    """The train section; returns its switches that other sections need (sampling, text-encoder caching)."""
+def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The train section; returns what other sections need: its switches (sampling, text-encoder caching) and
+    ``reg_weight`` (regularization datasets)."""
     where = f"{_PROCESS}.train"
     rest = dict(train)
     _require(rest.pop("noise_scheduler", "flowmatch"), ("flowmatch",), f"{where}.noise_scheduler")
@@ -713,13 +756,14 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
         job["train"]["timestep_shift"] = _WAN22_SHIFT
     _map_advanced(rest, job, notes)
     _map_optimizer(rest, job, notes)
-    flags = {
+    flags: dict[str, Any] = {
         key: bool(rest.pop(key, False))
         for key in (
             "skip_first_sample", "force_first_sample", "disable_sampling",
             "cache_text_embeddings", "unload_text_encoder",
         )
     }  # fmt: skip
+    flags["reg_weight"] = rest.pop("reg_weight", _REG_WEIGHT)
     _leftovers(rest, "train", where, train, notes)
     return flags
 
@@ -838,7 +882,10 @@ def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: lis
     if legacy_ext:
         caption_ext = legacy_ext
     resolution = rest.pop("resolution", 512)
+    # is_reg: trained like the others but without the trigger word (shares: _map_regularization); prior_reg: the
+    # base model's prediction is the target, this trainer's is_regularization.
     is_reg = bool(rest.pop("is_reg", False))
+    prior_reg = bool(rest.pop("prior_reg", False))
     shrink = rest.pop("shrink_video_to_frames", True)
     out: dict[str, Any] = {
         "folder": str(folder),
@@ -850,12 +897,14 @@ def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: lis
         "frame_sampling": "uniform" if shrink else "fps",
         "flip_x": rest.pop("flip_x", False),
         "flip_y": rest.pop("flip_y", False),
-        "is_regularization": is_reg,
+        "is_regularization": prior_reg,
         "repeats": rest.pop("num_repeats", 1),
         # ai-toolkit caches in memory or on disk; this trainer's cache_latents covers both.
         "cache_latents": bool(rest.pop("cache_latents", False)) | bool(rest.pop("cache_latents_to_disk", False)),
-        # ai-toolkit puts the trigger word in front of captions lacking it, except on regularization data.
+        # ai-toolkit puts the trigger word in front of captions lacking it, except on regularization data, joined
+        # by a space (toolkit/prompt_utils.py inject_trigger_into_prompt: replace_with + " " + output_prompt).
         "prepend_trigger": bool(trigger) and not is_reg,
+        "trigger_separator": " ",
     }
     fps = rest.pop("fps", None if shrink else 24)  # 24 is ai-toolkit's default, used only with shrink off
     if fps is not None:
@@ -864,7 +913,22 @@ def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: lis
         out["window_start"] = "random"
     default_caption = rest.pop("default_caption", None)
     if default_caption is not None:
+        if "[trigger]" in str(default_caption) and not trigger:
+            raise ConfigError(
+                f"{where}.default_caption uses [trigger] but {_PROCESS}.trigger_word is not set: ai-toolkit would "
+                "delete the placeholder; this trainer refuses it (a LoRA trained without its trigger word does not "
+                "answer to it) - set trigger_word, or remove [trigger]"
+            )
         out["default_caption"] = str(default_caption)
+    if out["num_frames"] == 1:
+        videos = _video_count(str(folder))
+        if videos:
+            notes.append(
+                f"{where}.num_frames is changed: with num_frames 1 ai-toolkit reads only the folder's images "
+                f"({_AITK_IMAGE_EXTS}) and skips its {videos} video file(s); here each video trains as its middle "
+                "frame - move the videos out to train as ai-toolkit would, or raise num_frames (e.g. 33) to train "
+                "on their motion"
+            )
     if rest.get("trigger_word") in (None, trigger):
         rest.pop("trigger_word", None)
     rest.pop("cache_text_embeddings", None)  # read by _map_text_encoder
@@ -872,8 +936,88 @@ def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: lis
     return out
 
 
+def _video_count(folder: str) -> int:
+    """Video files under ``folder`` that this trainer reads (hidden ones skipped, as both trainers skip them); 0
+    when the folder cannot be listed (the dataset build names that problem)."""
+    from .data.media import VIDEO_EXTS  # imported here: the data package needs torch
+
+    count = 0
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        count += sum(1 for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in VIDEO_EXTS)
+    return count
+
+
+def _map_regularization(raw: list[dict[str, Any]], reg_weight: Any, job: dict[str, Any], notes: list[str]) -> None:
+    """ai-toolkit's ``is_reg`` datasets as shares of every epoch, and its ``prior_reg`` next to DOP.
+
+    ai-toolkit (jobs/process/BaseSDTrainProcess.py) puts is_reg datasets into a loader of their own and draws every
+    micro-batch of an even step from it (not on save or sample steps), the others' on odd steps; SDTrainer multiplies
+    a reg batch's loss by ``train.reg_weight``. The expected gradient per step is then (w·g_reg + g_main)/2. This
+    trainer has no per-sample loss weight, so the reg datasets get the share w/(1+w) of every epoch's samples
+    instead: (w·g_reg + g_main)/(1+w), the same direction and mix (one half at w = 1); the overall factor
+    2/(1+w) is what Adam's per-parameter normalisation removes.
+    """
+    where = f"{_PROCESS}.datasets"
+    reg = [i for i, ds in enumerate(raw) if ds.get("is_reg")]
+    dop = (job.get("advanced") or {}).get("dop")
+    prior = [i for i, ds in enumerate(raw) if ds.get("prior_reg")]
+    if dop and prior:
+        raise ConfigError(
+            f"{where}[{prior[0]}].prior_reg is on with {_PROCESS}.train.diff_output_preservation: both hold the LoRA "
+            "to the base model's predictions (in ai-toolkit the preservation prompt's prediction then becomes the "
+            "prior target too) - turn one of them off"
+        )
+    batch = job["train"].get("batch_size")
+    mixed = [i for i in prior if i not in reg and any(j not in reg and j not in prior for j in range(len(raw)))]
+    if mixed and isinstance(batch, int) and batch > 1:
+        notes.append(
+            f"{where}[{mixed[0]}].prior_reg is changed: ai-toolkit makes the base model's prediction the target of "
+            "every sample of a batch that holds one prior_reg sample (its own note: 'works for now as regs are not "
+            f"in the same batch'); here only the prior_reg samples get it (batch_size {batch})"
+        )
+    if not reg:
+        return
+    if len(reg) == len(raw):
+        raise ConfigError(
+            f"{where}: every dataset has is_reg: ai-toolkit draws the steps between its regularization steps from "
+            "the datasets without is_reg, and there are none - set is_reg: false on the training data"
+        )
+    weight = _float(reg_weight, f"{_PROCESS}.train.reg_weight")
+    if weight <= 0:
+        raise ConfigError(
+            f"{_PROCESS}.train.reg_weight is {reg_weight!r}: the regularization batches would train nothing (or "
+            "against their data) while ai-toolkit spends every other step on them - give a weight > 0 (1.0 is "
+            "ai-toolkit's default), or remove is_reg"
+        )
+    total = weight / (1.0 + weight)
+    for i in reg:
+        job["datasets"][i]["share"] = total / len(reg)
+    if weight != _REG_WEIGHT:
+        notes.append(
+            f"{_PROCESS}.train.reg_weight is changed: there is no per-sample loss weight here, so the regularization "
+            f"data gets {total:.3g} of every epoch's samples instead of ai-toolkit's every other step with its loss "
+            f"x {weight:g} - the same expected gradient up to one overall factor, which Adam's normalisation removes"
+        )
+    if len(reg) > 1:
+        for i in reg:
+            notes.append(
+                f"{where}[{i}].is_reg is changed: the {len(reg)} regularization datasets split their {total:.3g} of "
+                f"every epoch equally here ({total / len(reg):.3g} each, datasets[].share); ai-toolkit pools them and "
+                "draws from each in proportion to its files x num_repeats"
+            )
+    stages = job["multistage"]
+    both = stages.get("train_high_noise", True) is not False and stages.get("train_low_noise", True) is not False
+    if both and stages.get("switch_every") == 1 and job["train"].get("gradient_accumulation") == 1:
+        notes.append(
+            f"{where}[{reg[0]}].is_reg is changed: ai-toolkit draws regularization batches on even steps, which with "
+            "switch_boundary_every 1 are all high-noise steps (its bug: the low-noise expert never trains on them); "
+            "here both experts train on them"
+        )
+
+
 def _map_text_encoder(
-    flags: dict[str, bool], raw: list[dict[str, Any]], job: dict[str, Any], notes: list[str]
+    flags: dict[str, Any], raw: list[dict[str, Any]], job: dict[str, Any], notes: list[str]
 ) -> None:
     """text_encoder.mode from train.cache_text_embeddings / unload_text_encoder and the datasets' caching flags."""
     where = f"{_PROCESS}.train"
@@ -896,7 +1040,7 @@ def _map_text_encoder(
         job["text_encoder"] = {"mode": "unload"}
         for i, ds in enumerate(job["datasets"]):
             ds["caption_dropout"] = 0.0  # the fixed embedding is used whatever the caption (dropped or not)
-            if ds["is_regularization"]:
+            if raw[i].get("is_reg"):
                 notes.append(
                     f"{_PROCESS}.datasets[{i}].is_reg is changed: with unload_text_encoder, ai-toolkit trains "
                     f"regularization samples on the empty prompt; here they train on the trigger word {trigger!r} "
@@ -905,7 +1049,7 @@ def _map_text_encoder(
         return
     job["text_encoder"] = {"mode": "cache"}
     for i, ds in enumerate(job["datasets"]):
-        if trigger and ds["caption_dropout"] > 0 and not ds["is_regularization"]:
+        if ds["prepend_trigger"] and ds["caption_dropout"] > 0:
             notes.append(
                 f"{_PROCESS}.datasets[{i}].caption_dropout_rate is changed: a dropped caption trains on the empty "
                 f"prompt here; ai-toolkit puts the trigger word back in, so it trains on {trigger!r} alone"
@@ -980,6 +1124,83 @@ def _map_sample(
         notes.append(f"{_PROCESS}.train.force_first_sample is ignored: {_REASONS['train.force_first_sample']}")
     job["sample"] = _validated(SampleConfig, {**job["sample"], **out}, sources)
     _leftovers(rest, "sample", where, sample, notes)
+
+
+#: ai-toolkit's LoRA files of a Wan 2.2 job in ``<training_folder>/<name>``: ``<name>_<step, 9 digits>`` at a save
+#: step or ``<name>`` at the end (BaseSDTrainProcess.save), split per expert by Wan22Model.save_lora.
+_AITK_LORA = r"^{name}(?:_(?P<step>\d{{9}}))?_(?P<expert>high|low)_noise\.safetensors$"
+
+
+def _map_resume(job: dict[str, Any], notes: list[str]) -> None:
+    """Continue from ai-toolkit's newest LoRA pair in the job's output folder, as ai-toolkit itself would.
+
+    ai-toolkit (BaseSDTrainProcess.get_latest_save_path / load_training_state_from_metadata) loads the newest
+    ``<name>*.safetensors`` of ``<training_folder>/<name>`` (Wan22Model.load_lora loads both experts' files), takes
+    the step from its metadata (``training_info.step``) and trains on from there to ``train.steps``, with
+    ``optimizer.pt`` when present. Here the pair becomes ``lora.init_high`` / ``lora.init_low`` (weights only) and
+    ``train.steps`` the steps left; the newest pair is the one of the highest step (ai-toolkit's newest file by time
+    is the same pair unless files were copied around).
+    """
+    name = str(job["name"])
+    folder = Path(str(job["save"].get("output_dir", "output"))) / name
+    pattern = re.compile(_AITK_LORA.format(name=re.escape(name)))
+    pairs: dict[str | None, dict[str, Path]] = {}
+    try:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        entries = []  # an unreadable folder is named when the run tries to write there
+    for path in entries:
+        m = pattern.match(path.name)
+        if m and path.is_file():
+            pairs.setdefault(m.group("step"), {})[m.group("expert")] = path
+    stages = job["multistage"]
+    trained = [e for e in ("high", "low") if stages.get(f"train_{e}_noise", True) is not False]
+    found = {key: {e: p for e, p in pair.items() if e in trained} for key, pair in pairs.items()}
+    found = {key: pair for key, pair in found.items() if pair}
+    if not found:
+        return
+    steps = {key: _saved_step(pair) for key, pair in found.items()}
+    newest = max(found, key=lambda k: (steps[k] if steps[k] is not None else int(k or 0),
+                                       max(p.stat().st_mtime for p in found[k].values())))
+    pair, saved = found[newest], steps[newest] or 0  # no training_info: ai-toolkit starts again at step 0
+    files = ", ".join(str(pair[e]) for e in trained if e in pair)
+    total = job["train"].get("steps")
+    counted = isinstance(total, int) and not isinstance(total, bool)  # anything else is refused by TrainConfig
+    where = f"{_PROCESS}.training_folder"
+    if counted and total - saved < 1:
+        raise ConfigError(
+            f"{where}: {folder} already holds this job's LoRA pair of step {saved} ({files}) and train.steps is "
+            f"{total}: ai-toolkit would resume there and train no further - raise {_PROCESS}.train.steps above "
+            f"{saved} to train on, or use those files as they are"
+        )
+    for expert, path in pair.items():
+        job["lora"][f"init_{expert}"] = str(path)
+    left = f"the {total - saved} steps left of train.steps {total}" if counted else "train.steps"
+    if counted:
+        job["train"]["steps"] = total - saved
+    schedule = job["optimizer"].get("lr_scheduler") != "constant" or job["optimizer"].get("warmup_steps")
+    fresh = [e for e in trained if e not in pair]
+    notes.append(
+        f"{where} is changed: resuming from {files} (LoRA weights only; optimizer state and step count start "
+        f"fresh): ai-toolkit continues that run at step {saved} (from the files' metadata) with its optimizer.pt "
+        f"if there is one; here a new run trains {left} from these weights with a fresh optimizer"
+        + (f", its learning-rate schedule starting over (ai-toolkit's continues at step {saved})" if schedule else "")
+        + (f"; the {' and '.join(fresh)}-noise LoRA starts fresh (no file of it), as in ai-toolkit" if fresh else "")
+        + " - give the job another name to train from scratch"
+    )
+
+
+def _saved_step(pair: dict[str, Path]) -> int | None:
+    """The step ai-toolkit recorded in a pair's metadata (``training_info``: {"step": ...}), if any."""
+    for path in pair.values():
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                info = json.loads((fh.metadata() or {}).get("training_info", "null"))
+        except (SafetensorError, OSError, ValueError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("step"), int) and info["step"] >= 0:
+            return info["step"]
+    return None
 
 
 def _sample_items(rest: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any], str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -314,6 +314,11 @@ class DatasetConfig(_Strict):
 
     Bad files (unreadable, zero-length, unsupported type, caption not UTF-8, no caption at all) are reported and
     skipped; the build fails only when a dataset has nothing usable left, or at the first bad file with ``strict``.
+
+    How often a dataset's items appear: ``repeats`` and ``weight`` scale its part of every epoch with its size;
+    ``share`` fixes that part whatever the size (ai-toolkit trains its ``is_reg`` data on every other step, i.e. a
+    share of one half, however many files either side holds). ``is_regularization`` makes the samples prior data:
+    their target is the base model's own prediction (ai-toolkit's ``prior_reg``).
     """
 
     folder: str = Field(description="the folder of clips/images and their caption files, e.g. folder: /data/clips")
@@ -326,9 +331,14 @@ class DatasetConfig(_Strict):
     short_clip: Literal["pad", "skip"] = "pad"
     resolutions: list[int] = Field(default_factory=lambda: [512])
     weight: float = Field(default=1.0, gt=0)
+    share: float | None = Field(default=None, gt=0.0, le=1.0, description=(
+        "fixed fraction of every epoch's samples for this dataset whatever its size (its weight is then unused); "
+        "unset: by repeats and weight"))
     repeats: int = Field(default=1, ge=1)
     caption_dropout: float = Field(default=0.05, ge=0.0, le=1.0)
     prepend_trigger: bool = False
+    trigger_separator: Literal[", ", " "] = Field(default=", ", description=(
+        "what prepend_trigger puts between the trigger word and the caption: ', ' or ' ' (ai-toolkit's)"))
     flip_x: bool = False
     flip_y: bool = False
     is_regularization: bool = False
@@ -374,6 +384,27 @@ class DatasetConfig(_Strict):
             raise ValueError(f"resolutions must be at most {_MAX_SIDE} (Wan 2.2 trains at up to 1280x720, about "
                              f"960); {big} are not - use e.g. 512 or 768")
         return sorted(set(v))
+
+
+def share_problem(datasets: Sequence[DatasetConfig]) -> str | None:
+    """Why the datasets' ``share`` values cannot all hold (they are fractions of one epoch), or ``None``."""
+    given = [(d, ds.share) for d, ds in enumerate(datasets) if ds.share is not None]
+    if not given:
+        return None
+    keys = ", ".join(f"datasets[{d}].share" for d, _ in given)
+    total = sum(s for _, s in given)
+    whole = math.isclose(total, 1.0, abs_tol=1e-6)
+    sums = "is" if len(given) == 1 else "add up to"
+    if total > 1.0 and not whole:
+        return (f"{keys} {sums} {total:g}: shares are fractions of every epoch, so together they may be 1 at "
+                "most - lower them")
+    if len(given) == len(datasets) and not whole:
+        return (f"every dataset has a share ({keys}), and they come to {total:g}, not 1 - make them add up to 1, "
+                "or unset one dataset's share so that it takes the rest")
+    if len(given) < len(datasets) and whole:
+        rest = ", ".join(f"datasets[{d}]" for d, ds in enumerate(datasets) if ds.share is None)
+        return f"{keys} {sums} 1, which leaves no sample for {rest} (no share) - lower them below 1"
+    return None
 
 
 #: Wan's standard negative prompt (``sample_neg_prompt`` in Wan 2.1/2.2's ``wan/configs/shared_config.py``).
@@ -718,6 +749,13 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _shares_fit(self) -> "JobConfig":
+        problem = share_problem(self.datasets)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _sharding_combinations(self) -> "JobConfig":
         if not self.distributed.shard_experts:
             return self
@@ -940,6 +978,8 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
                 f"{source}: '{where}': must be a finite number, got {err.get('input')!r} - .inf, .nan and numbers "
                 f"too large for a float are not settings; give an ordinary number{fix}"
             )
+        elif not err["loc"]:  # a rule across sections names its settings itself; the input is the whole job
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: '{where}': {msg} (got {_shown(err.get('input'))})")

@@ -12,8 +12,10 @@ Terms:
 Repeats and weights. A dataset with ``n`` items and ``repeats`` r contributes ``n * r`` to the epoch length
 ``L = sum(n * r)``; weights do not change ``L``. Dataset ``d`` then gets ``L * w_d n_d r_d / sum(w n r)`` samples of
 the epoch (rounded by largest remainder, ties to the earlier dataset), so with equal weights every item appears
-exactly ``repeats`` times, and a dataset of weight 2 appears twice as often per item as one of weight 1. A dataset's
-share is spread over its items as evenly as possible: every item ``count // n`` times, plus a seeded, per-epoch
+exactly ``repeats`` times, and a dataset of weight 2 appears twice as often per item as one of weight 1. A dataset
+with a ``share`` gets ``L * share`` samples whatever its size (its weight is unused), and the datasets without one
+split the rest as above (ai-toolkit's ``is_reg`` data, drawn on every other step, is a share of 1/2). A dataset's
+samples are spread over its items as evenly as possible: every item ``count // n`` times, plus a seeded, per-epoch
 random choice of ``count % n`` distinct items once more.
 
 Determinism (exact resume). Everything random is a pure function of ``(seed, epoch, ...)`` through its own
@@ -143,17 +145,36 @@ def collate(samples: Sequence[Sample]) -> Batch:
     )
 
 
-def epoch_counts(sizes: Sequence[int], repeats: Sequence[int], weights: Sequence[float]) -> list[int]:
-    """Samples per epoch for each dataset (see the module docstring for the rule)."""
+def epoch_counts(
+    sizes: Sequence[int],
+    repeats: Sequence[int],
+    weights: Sequence[float],
+    shares: Sequence[float | None] | None = None,
+) -> list[int]:
+    """Samples per epoch for each dataset (see the module docstring for the rule); ``shares[d]``, when not None,
+    fixes dataset ``d``'s fraction of the epoch (the shares are checked by :func:`~trainer_core.config.share_problem`:
+    at most 1 together, exactly 1 when every dataset has one)."""
     base = [n * r for n, r in zip(sizes, repeats)]
     total = sum(base)
-    mass = [Fraction(w) * b for w, b in zip(weights, base)]
-    exact = [total * m / sum(mass) for m in mass]
+    shares = list(shares) if shares is not None else [None] * len(base)
+    fixed = {d: Fraction(s) for d, s in enumerate(shares) if s is not None}
+    if len(fixed) == len(base):  # every dataset has a share: they add up to 1 within rounding; make it exact
+        norm = sum(fixed.values())
+        fixed = {d: s / norm for d, s in fixed.items()}
+    mass = [Fraction(0) if d in fixed else Fraction(w) * b for d, (w, b) in enumerate(zip(weights, base))]
+    rest = total * (1 - sum(fixed.values()))
+    free = sum(mass)
+    exact = [total * fixed[d] if d in fixed else (rest * m / free if free else Fraction(0)) for d, m in enumerate(mass)]
     counts = [math.floor(e) for e in exact]
     by_remainder = sorted(range(len(counts)), key=lambda d: (counts[d] - exact[d], d))
     for d in by_remainder[: total - sum(counts)]:
         counts[d] += 1
     return counts
+
+
+def _how_often(cfg: DatasetConfig) -> str:
+    """The settings that decide a dataset's part of every epoch, for the report."""
+    return f"share {cfg.share:g}" if cfg.share is not None else f"repeats {cfg.repeats}, weight {cfg.weight}"
 
 
 class _EpochView(Dataset):
@@ -210,10 +231,14 @@ class VideoDataset:
         self.uncaptioned = tuple(p for s in scans for p in s.uncaptioned)
         self._by_dataset = [[i for i, it in enumerate(self.items) if it.dataset == d] for d in range(len(configs))]
         self.counts = epoch_counts(
-            [len(ix) for ix in self._by_dataset], [c.repeats for c in configs], [c.weight for c in configs]
+            [len(ix) for ix in self._by_dataset],
+            [c.repeats for c in configs],
+            [c.weight for c in configs],
+            [c.share for c in configs],
         )
         starved = [
-            f"dataset {d + 1} ({c.folder}): weight {c.weight} gives it no sample in an epoch - raise its weight"
+            f"dataset {d + 1} ({c.folder}): {_how_often(c)} gives it no sample in an epoch - raise its "
+            + ("share" if c.share is not None else "weight")
             for d, (c, n) in enumerate(zip(configs, self.counts))
             if n == 0
         ]
@@ -336,7 +361,7 @@ class VideoDataset:
                 f"dataset {d + 1}: {cfg.folder}\n"
                 f"  {scan.kinds['video']} video(s), {scan.kinds['image']} image(s) -> {len(members)} item(s) at "
                 f"resolution(s) {', '.join(map(str, cfg.resolutions))}; {cfg.num_frames} frame(s){sampling}\n"
-                f"  repeats {cfg.repeats}, weight {cfg.weight}: {count} sample(s) per epoch "
+                f"  {_how_often(cfg)}: {count} sample(s) per epoch "
                 f"({100 * count / max(total, 1):.1f}%)" + ("; regularization" if cfg.is_regularization else "")
             )
             if scan.durations:

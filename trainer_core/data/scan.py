@@ -23,7 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-from ..config import DatasetConfig
+from ..config import DatasetConfig, share_problem
 from ..errors import ConfigError, DatasetError
 from .buckets import assign_bucket, bucket_sizes, resize_crop_plan
 from .captions import TRIGGER_TOKEN, apply_trigger, normalize_caption
@@ -70,7 +70,7 @@ def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None
     has_file = cap_path.is_file()
     raw = _read_caption(cap_path) if has_file else cfg.default_caption
     try:
-        caption = apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger)
+        caption = apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger, cfg.trigger_separator)
     except ValueError:
         where = f"caption file {cap_path}" if has_file else f"{label}.default_caption"
         raise _NoTrigger(
@@ -344,11 +344,14 @@ def build_dataset(
 
     Bad files are skipped and reported (see the module docstring). Raises :class:`DatasetError` naming the folder
     or file for a missing or empty folder, ``[trigger]`` without a trigger word, a dataset left with no usable
-    item, or (``strict``) the first bad file; :class:`ConfigError` for no datasets, an empty ``caption_override``
-    or ``prepend_trigger`` without a trigger word.
+    item, or (``strict``) the first bad file; :class:`ConfigError` for no datasets, shares that do not fit in one
+    epoch, an empty ``caption_override`` or ``prepend_trigger`` without a trigger word.
     """
     if not datasets:
         raise ConfigError("no datasets configured - add at least one entry under 'datasets' with a folder")
+    problem = share_problem(datasets)
+    if problem is not None:
+        raise ConfigError(problem)
     if caption_override is not None and not caption_override.strip():
         raise ConfigError("caption_override is empty - pass the fixed caption (e.g. the trigger word) or None")
     trigger = (trigger_word or "").strip() or None

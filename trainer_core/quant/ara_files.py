@@ -109,12 +109,47 @@ def _check_quantizer(path: Path, made_for: str, cfg: QuantConfig) -> None:
         )
 
 
+def adapter_file_rank(path: str | os.PathLike, setting: str = "quant.ara_source") -> int:
+    """The rank of the adapters in ``path``, from the tensor shapes in its header (no weights are read), as
+    ai-toolkit takes it from the file. Raises :class:`LoraFileError` naming ``setting`` for a file that holds no
+    adapter or mixes ranks."""
+    path = Path(path).expanduser()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise LoraFileError(f"{setting}: {path} is not a readable .safetensors file: {exc}") from None
+    ranks: set[int] = set()
+    for key, shape in shapes.items():
+        m = _KEY.match(key)
+        if m is None or len(shape) != 2 or m.group("kind") == "alpha":
+            continue
+        down = m.group("kind").startswith(("lora_A", "lora_down"))
+        ranks.add(int(shape[0] if down else shape[1]))
+    if not ranks:
+        raise LoraFileError(f"{setting}: {path} holds no accuracy recovery adapter (no lora_A/lora_B matrices of "
+                            "Wan's block layers) - give an adapter file such as ai-toolkit's *_torchao_uint4")
+    if len(ranks) > 1:
+        raise LoraFileError(f"{setting}: {path} mixes adapter ranks {sorted(ranks)}; expected one rank for every "
+                            "layer")
+    return ranks.pop()
+
+
 def check_ara_source(cfg: QuantConfig) -> None:
-    """Cheap early check (header only) that ``cfg.ara_source`` exists and fits ``cfg.quantizer``."""
+    """Cheap early check (header only) that ``cfg.ara_source`` exists, fits ``cfg.quantizer`` and has the rank
+    ``cfg.ara_rank`` (refused before any model loads rather than when the adapters are applied)."""
     if cfg.transformer != "4bit_ara" or cfg.ara_source == "compute":
         return
     path = Path(cfg.ara_source).expanduser()
     _check_quantizer(path, file_quantizer(path, _read_metadata(path)), cfg)
+    rank = adapter_file_rank(path)
+    if rank != cfg.ara_rank:
+        raise ConfigError(_rank_mismatch(path, rank, cfg.ara_rank))
+
+
+def _rank_mismatch(path: Path, rank: int, ara_rank: int) -> str:
+    return (f"quant.ara_source: {path.name} has rank {rank} but quant.ara_rank is {ara_rank} - set quant.ara_rank: "
+            f"{rank} to use this file (Quantize ARA node: ara_rank {rank})")
 
 
 def _parse(
@@ -180,10 +215,7 @@ def read_adapter_file(path: str | os.PathLike, expert: str, cfg: QuantConfig) ->
         raise LoraFileError(f"quant.ara_source: {path} mixes adapter ranks {ranks}; expected one rank for every layer")
     rank = ranks[0]
     if rank != cfg.ara_rank:
-        raise ConfigError(
-            f"quant.ara_source: {path.name} has rank {rank} but quant.ara_rank is {cfg.ara_rank} - set "
-            f"quant.ara_rank: {rank} to use this file"
-        )
+        raise ConfigError(_rank_mismatch(path, rank, cfg.ara_rank))
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     nonfinite: list[str] = []
     for name, p in parts.items():
