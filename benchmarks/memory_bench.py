@@ -46,7 +46,7 @@ from trainer_core.lora import attach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
 from trainer_core.memory.planner import WAN22_A14B_ARCH, SideModels, estimate_peak_vram  # noqa: E402
 from trainer_core.models.single_file import cast_keeping_fp32  # noqa: E402
-from trainer_core.train.step import predict_velocity  # noqa: E402
+from trainer_core.flow import predict_velocity  # noqa: E402
 
 GIB = 2**30
 FULL = {"arch": WAN22_A14B_ARCH, "frames": 33, "size": 512, "text": (512, 4096), "offloads": (20, 30), "steps": 3}

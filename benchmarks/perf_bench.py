@@ -16,8 +16,9 @@ the same seeded stream of latents, noise, noise levels and text embeddings:
 
 * ``plain``: what a user writes (and ai-toolkit's Wan path amounts to): diffusers ``WanTransformer3DModel`` bf16,
   peft LoRA in bf16, ``enable_gradient_checkpointing()``, default SDPA, torch AdamW, one expert;
-* the trainer's own step (``trainer_core.train.step.micro_batch_loss``: fp32 LoRA under bf16 autocast, peft's input
-  cast off, a host sync for the loss like the loop's), with the block plan the VRAM planner picks for the card
+* the trainer's own step (``trainer_core.train.step.train_step``, the function the training loop runs: the job's
+  objective with fp32 LoRA under bf16 autocast and peft's input cast off, the loss's host sync, the gradient norm
+  and the finite-gradient check before the optimizer step), with the block plan the VRAM planner picks for the card
   (``gradient_checkpointing: auto``) and ``torch.compile``; ``bf16`` keeps the weights, ``fp8`` quantizes them to
   float8 (``quant.transformer: float8``: fp8 matmuls forward and, with ``fp8_backward``, backward).
 
@@ -56,15 +57,18 @@ from benchmarks.common import (  # noqa: E402
     sync,
     tokens,
 )
-from trainer_core.config import JobConfig, LoraConfig, OptimizerConfig, QuantConfig  # noqa: E402
+from trainer_core.config import JobConfig, LoraConfig, QuantConfig  # noqa: E402
 from trainer_core.lora import attach_lora, detach_lora, lora_parameters  # noqa: E402
 from trainer_core.memory import BlockPlan, ExpertMemory, install_block_plan  # noqa: E402
 from trainer_core.memory.allocator import use_expandable_segments  # noqa: E402
 from trainer_core.memory.planner import estimate_peak_vram  # noqa: E402
 from trainer_core.quant.apply import quantize_expert  # noqa: E402
-from trainer_core.regularizers import dop_step_loss  # noqa: E402
-from trainer_core.train.optim import build_optimizer  # noqa: E402
-from trainer_core.train.step import micro_batch_loss  # noqa: E402
+from trainer_core.train.distributed import DistContext  # noqa: E402
+from trainer_core.train.experts import Expert  # noqa: E402
+from trainer_core.train.objective import MicroBatch, Objective  # noqa: E402
+from trainer_core.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from trainer_core.train.placement import Placement  # noqa: E402
+from trainer_core.train.step import train_step  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 512
@@ -99,13 +103,18 @@ class Bench:
 
     def plan(self, policy: str, quant: str, experts: int, free: int | None, dop: bool = False, low_vram: bool = False):
         """The VRAM planner's plan for this run's settings (no VAE or text encoder in this benchmark)."""
+        cfg = self.job(policy, quant, experts, dop, low_vram)
+        return estimate_peak_vram(cfg, self.arch, free, device_type=self.device, side_models=NO_SIDE_MODELS)
+
+    def job(self, policy: str, quant: str, experts: int, dop: bool = False, low_vram: bool = False) -> JobConfig:
+        """The job these settings stand for: rank-16 LoRA, AdamW at lr 1e-4 without clipping, linear timesteps."""
         w, h, f = self.size
-        cfg = JobConfig.model_validate(
+        return JobConfig.model_validate(
             {
                 "model": {"source": "bench"},
                 "lora": {"rank": 16},
-                "optimizer": {"name": "adamw"},
-                "train": {"gradient_checkpointing": policy},
+                "optimizer": {"name": "adamw", "lr": 1e-4, "max_grad_norm": 0},
+                "train": {"gradient_checkpointing": policy, "timestep_type": "linear"},
                 "quant": {"transformer": quant},
                 "multistage": {"train_low_noise": experts == 2},
                 "datasets": [{"folder": "bench", "resolutions": [max(w, h)], "num_frames": f}],
@@ -114,7 +123,24 @@ class Bench:
                 "trigger_word": "sks" if dop else None,
             }
         )
-        return estimate_peak_vram(cfg, self.arch, free, device_type=self.device, side_models=NO_SIDE_MODELS)
+
+    def step_fn(self, cfg: JobConfig, experts: list[Expert]):
+        """``step(i)``: the trainer's :func:`train_step` on step ``i``'s data for expert ``i % len(experts)``, as the
+        training loop calls it (one process, one micro-batch of the caption ``sks``; with DOP its preservation prompt,
+        the class word, gets an embedding of its own)."""
+        texts: dict[str, torch.Tensor] = {}
+        objective = Objective(cfg, torch.bfloat16 if self.cuda else None, lambda captions: torch.cat(
+            [texts[c] for c in captions]), collective=False)
+        placement = Placement(cfg, DistContext())
+
+        def step(i: int) -> float:
+            x0, noise, sig, text = self.data(i)
+            texts.setdefault(cfg.advanced.dop_class, torch.randn_like(text))
+            texts["sks"] = text
+            micro = MicroBatch(x0, noise, sig, ["sks"])
+            return train_step(experts[i % len(experts)], [micro], objective, placement, cfg.optimizer.max_grad_norm)
+
+        return step
 
 
 def _on_device_bytes(models: list[torch.nn.Module]) -> int:
@@ -194,40 +220,31 @@ def run_trainer(
         off, selective, full = layers // 2, layers - layers // 2, 0
     # as the trainer does (block_plan_for): float8's fully checkpointed blocks stay eager
     blocks = BlockPlan(off=off, selective=selective, full=full, compile=compile, compile_full=quant != "float8")
-    optimizers = []
-    for model in models:
+    cfg = b.job(policy, quant, len(models), dop)
+    experts = []
+    for name, model in zip(("high", "low"), models):
         attach_lora(model, LoraConfig(rank=16))
         if init is not None:
-            for name, p in model.named_parameters():
-                if name in init:
-                    p.data.copy_(init[name].float())
+            for pname, p in model.named_parameters():
+                if pname in init:
+                    p.data.copy_(init[pname].float())
         install_block_plan(model, blocks)
         model.train()
-        optimizers.append(build_optimizer(lora_parameters(model), OptimizerConfig(name="adamw", lr=1e-4)))
-    text_pres = None
-
-    def step(i: int) -> float:
-        nonlocal text_pres
-        k = i % len(models)
-        x0, noise, sig, text = b.data(i)
-        if dop:
-            text_pres = torch.randn_like(text) if text_pres is None else text_pres
-            loss, _ = dop_step_loss(models[k], x0, noise, sig, text, text_pres, "linear", torch.bfloat16, 1.0,
-                                    batched=True)
-        else:
-            loss = micro_batch_loss(models[k], x0, noise, sig, text, "linear", torch.bfloat16 if b.cuda else None)
-        loss.backward()
-        optimizers[k].step()
-        optimizers[k].zero_grad(set_to_none=True)
-        return loss.item()  # the loop's host sync for logging and the NaN check
+        experts.append(_expert(name, model, cfg, n))
 
     reset_peak()
-    out = timed(n, warmup, step)
+    out = timed(n, warmup, b.step_fn(cfg, experts))
     out.update(peak_gib=peak_gib(), planned_gib=plan.phases["training"] / GIB, blocks=blocks.describe(),
                planner_free_gib=(free or 0) / GIB)
     for model in models:
         strip(model)
     return out
+
+
+def _expert(name: str, model: torch.nn.Module, cfg: JobConfig, steps: int) -> Expert:
+    """``model`` as the trainer holds an expert: its LoRA's optimizer and LR schedule from ``cfg``."""
+    optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)
+    return Expert(name, model, optimizer, build_lr_scheduler(optimizer, cfg.optimizer, steps))
 
 
 def strip(model: torch.nn.Module) -> None:
@@ -260,13 +277,15 @@ def run_low_vram(b: Bench, models: list[torch.nn.Module], compile: bool, steps: 
         plan = b.plan("auto", "float8", 2, free, low_vram=low_vram)
         blocks = BlockPlan(*plan.block_split, compile=compile, compile_full=False)  # float8
         memory = ExpertMemory(b.device, low_vram=low_vram, offload_blocks=0)
-        optimizers = {}
+        cfg = b.job("auto", "float8", 2, low_vram=low_vram)
+        experts = {}
         for name, model in zip(("high", "low"), models):
             attach_lora(model, LoraConfig(rank=16))
             install_block_plan(model, blocks)
             model.train()
             memory.place(name, model)
-            optimizers[name] = build_optimizer(lora_parameters(model), OptimizerConfig(name="adamw", lr=1e-4))
+            experts[name] = _expert(name, model, cfg, steps + 2)
+        train = {name: b.step_fn(cfg, [ex]) for name, ex in experts.items()}
         if low_vram:
             memory.offload("low")
         switches = []
@@ -279,12 +298,8 @@ def run_low_vram(b: Bench, models: list[torch.nn.Module], compile: bool, steps: 
             upcoming = ("high", "low")[((i + 1) // every) % 2]
             if upcoming != name and low_vram:
                 memory.prefetch(upcoming)
-            x0, noise, sig, text = b.data(i)
-            loss = micro_batch_loss(memory.model(name), x0, noise, sig, text, "linear", torch.bfloat16)
-            loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            return loss.item()
+            experts[name].model = memory.model(name)
+            return train[name](i)
 
         timed(2, 0, step)  # warm-up: compiled graphs (shared by both experts), optimizer state
         switches.clear()

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trainer_core.train.loop as loop  # noqa: E402
+import trainer_core.train.placement as placement  # noqa: E402
 from trainer_core.cli import main  # noqa: E402
 
 _real_save = loop.save_checkpoint
@@ -19,7 +20,7 @@ def _recording_save(*args, **kwargs):
     return _real_save(*args, **kwargs)
 
 
-_real_shard = loop.shard_frozen_weights
+_real_shard = placement.shard_frozen_weights
 
 
 def _recording_shard(model, ctx, device):
@@ -43,5 +44,5 @@ def _recording_prepare(name, *args, **kwargs):
 
 loop.save_checkpoint = _recording_save
 loop.prepare_expert = _recording_prepare
-loop.shard_frozen_weights = _recording_shard
+placement.shard_frozen_weights = _recording_shard
 sys.exit(main(sys.argv[1:]))

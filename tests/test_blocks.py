@@ -17,7 +17,7 @@ from trainer_core.memory.blocks import ATTENTION_OPS
 from trainer_core.memory.planner import Plan
 from trainer_core.models import load_components
 from trainer_core.train.experts import block_plan_for
-from trainer_core.train.step import predict_velocity
+from trainer_core.flow import predict_velocity
 
 
 class _AttentionCalls(TorchDispatchMode):

@@ -310,7 +310,7 @@ def test_load_lora_state_refuses_foreign_files_before_changing_weights(base, tmp
 
 
 def test_lora_input_casts_are_off_only_inside_an_autocast_forward_and_detach_forgets_the_layers(base):
-    from trainer_core.train.step import predict_velocity
+    from trainer_core.flow import predict_velocity
 
     model = copy.deepcopy(base).bfloat16()
     attach_lora(model, CFG)

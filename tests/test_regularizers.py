@@ -16,10 +16,8 @@ from trainer_core.regularizers import (
     LoraEMA,
     check_regularizers,
     dop_loss,
-    dop_step_loss,
     ema_lora_file_name,
     ema_lora_state_dict,
-    guided_micro_batch_loss,
     guided_target,
     lora_disabled,
     preservation_caption,
@@ -28,7 +26,9 @@ from trainer_core.regularizers import (
     save_ema_lora,
 )
 from trainer_core.train.state_io import load_state, save_state
-from trainer_core.train.step import micro_batch_loss, predict_velocity
+from trainer_core.flow import predict_velocity
+from trainer_core.train.objective import LossInputs, LossSettings, MicroBatchLoss, objective_loss
+from trainer_core.train.step import micro_batch_loss
 
 LORA = LoraConfig(rank=4)
 TEXT_LEN = 8
@@ -65,6 +65,28 @@ def _inputs(batch: int = 2, seed: int = 1):
     text = torch.randn(batch, TEXT_LEN, 64, generator=gen)
     text_pres = torch.randn(batch, TEXT_LEN, 64, generator=gen)
     return x0, noise, sigmas, text, text_pres
+
+
+def dop_step_loss(model, x0, noise, sigmas, text, text_pres, timestep_type, autocast_dtype, multiplier, batched,
+                  preserve=None, guidance_scale=None, backward_scale=None):
+    """The trainer's objective with DOP (``preserve`` None: every sample), read as (loss, parts). With
+    ``backward_scale`` each loss term is backpropagated as it completes, as training does, and the loss is detached."""
+    rows = [] if text_pres is None else list(range(x0.shape[0])) if preserve is None else list(preserve)
+    inputs = LossInputs(x0, noise, sigmas, text, preserve=rows, text_preservation=text_pres)
+    settings = LossSettings(timestep_type, autocast_dtype, guidance_scale, multiplier, dop_batched=batched)
+    if backward_scale is None:
+        loss, parts = objective_loss(model, inputs, settings)
+    else:
+        terms = MicroBatchLoss(model, inputs, settings)
+        for term in terms:
+            (term * backward_scale).backward()
+        loss, parts = terms.parts.total, terms.parts
+    return loss, {"normal": parts.normal, "normal_mse": parts.normal_mse, "dop": parts.dop}
+
+
+def guided_micro_batch_loss(model, x0, noise, sigmas, text, timestep_type, autocast_dtype, scale):
+    """The trainer's objective with differential guidance alone."""
+    return objective_loss(model, LossInputs(x0, noise, sigmas, text), LossSettings(timestep_type, autocast_dtype, scale))[0]
 
 
 def _x_t(x0, noise, sigmas):

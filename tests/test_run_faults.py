@@ -117,6 +117,7 @@ def test_exploding_weights_never_reach_a_resumable_state(tmp_path, clips, monkey
 def test_a_non_finite_gradient_skips_the_update_and_stops(tmp_path, clips, monkeypatch):
     """A finite loss whose backward overflows: the optimizer never steps on it (clipping would turn inf into NaN
     weights and moments), so no state on disk and no weight in memory is ever non-finite."""
+    import trainer_core.train.step as step
     from trainer_core.lora import lora_parameters
     from trainer_core.models import load_components
 
@@ -129,7 +130,7 @@ def test_a_non_finite_gradient_skips_the_update_and_stops(tmp_path, clips, monke
             params[0].grad = torch.full_like(params[0], float("inf"))
         return params
 
-    monkeypatch.setattr(loop, "lora_parameters", overflowing_grads)
+    monkeypatch.setattr(step, "lora_parameters", overflowing_grads)
     cfg = job_from_dict(_job(tmp_path / "out", clips, 6, save={"save_every": 1}))
     components = load_components(cfg.model)
     with pytest.raises(TrainingDiverged, match=r"\(or its gradient\) became nan at step 4"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer_core.config import OptimizerConfig
-from trainer_core.train.losses import flow_matching_loss, noisy_latents, velocity_target
+from trainer_core.flow import flow_matching_loss, noisy_latents, velocity_target
 from trainer_core.train.optim import build_lr_scheduler, build_optimizer
 from trainer_core.train.state_io import load_state, save_state
 

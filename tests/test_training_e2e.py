@@ -15,7 +15,7 @@ from trainer_core.data import build_dataset, make_synthetic_dataset
 from trainer_core.errors import ConfigError, DatasetError, LoraFileError, TrainingDiverged
 from trainer_core.models import encode_video, load_components
 from trainer_core.schedule import sample_sigmas
-from trainer_core.train.losses import flow_matching_loss, noisy_latents, velocity_target
+from trainer_core.flow import flow_matching_loss, noisy_latents, velocity_target
 
 pytestmark = pytest.mark.slow
 
@@ -125,9 +125,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, clips, worker
 
 def test_nan_stops_training_and_keeps_good_checkpoints(tmp_path, clips, monkeypatch):
     cfg = job_from_dict(_cfg(tmp_path, clips, train={"steps": 8}, save={"save_every": 2, "keep_last": 0}))
-    import trainer_core.train.step as step
+    import trainer_core.train.objective as objective
 
-    real = step.flow_matching_loss
+    real = objective.flow_matching_loss
     calls = {"n": 0}
 
     def poisoned(pred, target, weights=None):
@@ -135,7 +135,7 @@ def test_nan_stops_training_and_keeps_good_checkpoints(tmp_path, clips, monkeypa
         out = real(pred, target, weights)
         return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(step, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(objective, "flow_matching_loss", poisoned)
     # the 5th step, numbered as the files and the progress bar number it; the state of step 4 holds the weights
     # that produced it, so it is set aside and step 2 is named as the last good one
     with pytest.raises(TrainingDiverged, match=r"at step 5 .*set aside.*last good state is step 2"):
@@ -245,13 +245,13 @@ def test_text_encoder_modes_give_identical_training(tmp_path, clips):
 
 def test_unload_mode_trains_on_the_trigger_word_only(tmp_path, clips, monkeypatch):
     seen = []
-    real = loop.Objective.__call__
+    real = loop.Objective.backward
 
-    def spy(self, model, x0, noise, sigmas, captions, *rest):
-        seen.extend(captions)
-        return real(self, model, x0, noise, sigmas, captions, *rest)
+    def spy(self, model, micro):
+        seen.extend(micro.captions)
+        return real(self, model, micro)
 
-    monkeypatch.setattr(loop.Objective, "__call__", spy)
+    monkeypatch.setattr(loop.Objective, "backward", spy)
     cfg = job_from_dict({**_cfg(tmp_path, clips, train={"steps": 4}), "text_encoder": {"mode": "unload"}})
     loop.run_training(cfg, progress_bar=False)
     assert set(seen) <= {"sqz", ""} and "sqz" in seen

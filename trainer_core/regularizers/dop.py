@@ -8,9 +8,10 @@ For a caption such as ``"sks walks on a beach"`` (trigger ``sks``, class ``perso
 3. LoRA on, preservation prompt, with grad: the LoRA's prediction for the class;
 
 ``loss = normal + multiplier * MSE(pass 3, prior)``. Passes 1 and 3 share ``x_t`` and ``σ`` and differ only in the
-text, so they can run as one forward over the concatenated batch (``batched=True``): one pass over the weights
+text, so they can run as one forward over the concatenated batch: one pass over the weights
 instead of two, which matters most when weights are streamed (block offloading) or the batch is small, at the price
-of the two passes' activations being alive together. Pass 2 runs without grad, so it stores no activations.
+of the two passes' activations being alive together. Pass 2 runs without grad, so it stores no activations. The
+passes run in :class:`trainer_core.train.objective.MicroBatchLoss`; this module holds the DOP-specific pieces.
 
 Preservation prompts are ordinary captions: with cached text embeddings they are encoded up front together with
 the training captions (see :func:`preservation_captions`), so DOP does not need a live text encoder.
@@ -20,19 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import ConfigError
-from ..schedule import loss_weights
-from ..train.losses import flow_matching_loss, noisy_latents, velocity_target
-from ..train.step import predict_velocity
-from .guidance import guided_target
+from ..flow import flow_matching_loss, predict_velocity
 
-#: ``(model, x_t, sigmas, text, autocast_dtype) -> prediction``, i.e. :func:`trainer_core.train.step.predict_velocity`.
+#: ``(model, x_t, sigmas, text, autocast_dtype) -> prediction``, i.e. :func:`trainer_core.flow.predict_velocity`.
 PredictFn = Callable[..., torch.Tensor]
 
 
@@ -119,102 +117,3 @@ def dop_loss(pred_lora_on_preservation: torch.Tensor, prior: torch.Tensor) -> to
             f"shapes differ: prediction {tuple(pred_lora_on_preservation.shape)}, prior {tuple(prior.shape)}"
         )
     return flow_matching_loss(pred_lora_on_preservation, prior.detach())
-
-
-def _normal_loss(
-    pred: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    timestep_type: str,
-    guidance_scale: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, detached unguided loss) of pass 1, as ``micro_batch_loss`` computes it."""
-    target = velocity_target(x0, noise)
-    weights = loss_weights(sigmas, timestep_type)
-    if guidance_scale is None:
-        loss = flow_matching_loss(pred, target, weights)
-        return loss, loss.detach()
-    loss = flow_matching_loss(pred, guided_target(pred, target, guidance_scale), weights)
-    return loss, flow_matching_loss(pred.detach(), target, weights)
-
-
-def dop_step_loss(
-    model: nn.Module,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    text: torch.Tensor,
-    text_preservation: torch.Tensor | None,
-    timestep_type: str,
-    autocast_dtype: torch.dtype | None,
-    multiplier: float,
-    batched: bool,
-    preserve: Sequence[int] | None = None,
-    guidance_scale: float | None = None,
-    backward_scale: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss with DOP: ``normal + multiplier * MSE(LoRA on, prior)`` on the preservation prompts.
-
-    ``preserve`` lists the batch indices whose caption has a preservation prompt (``text_preservation`` holds their
-    embeddings, in that order); ``None`` means every sample. Samples without one (see :func:`preservation_caption`)
-    get only the normal loss; with none at all (or ``text_preservation`` None) this is the plain loss and only pass 1
-    runs. The DOP term is the mean over the preserved samples. ``guidance_scale`` applies differential guidance
-    (:func:`trainer_core.regularizers.guidance.guided_target`) to the normal loss only, which scales its gradient
-    by that factor and so lowers the DOP term's relative weight by the same factor.
-
-    Memory: ``batched`` runs passes 1 and 3 as one forward over ``B + K`` samples (fastest; both passes'
-    activations alive together). Unbatched, the two graphs are still alive together until the caller's backward,
-    unless ``backward_scale`` is given: then this function backpropagates ``backward_scale * loss`` itself (use
-    ``1 / gradient_accumulation``), pass 1 before pass 3 even runs, so only one pass's graph exists at a time,
-    and the returned loss is detached (do not call backward on it).
-
-    Returns ``(loss, parts)``; ``parts`` holds detached scalars: ``normal`` (the backpropagated normal loss),
-    ``normal_mse`` (the unguided flow-matching loss, comparable across settings, for logging) and ``dop`` (the
-    unscaled preservation MSE, 0 when no sample was preserved).
-    """
-    batch = x0.shape[0]
-    index = list(range(batch)) if preserve is None else list(preserve)
-    if text_preservation is None:
-        index = []
-    elif text_preservation.shape[0] != len(index):
-        raise ValueError(f"text_preservation has {text_preservation.shape[0]} rows for {len(index)} preserved samples")
-    if any(not 0 <= i < batch for i in index):
-        raise ValueError(f"preserve indices {index} fall outside the batch of {batch}")
-
-    x_t = noisy_latents(x0, noise, sigmas)
-    sel = torch.as_tensor(index, dtype=torch.long, device=x_t.device)
-    if not index:
-        pred = predict_velocity(model, x_t, sigmas, text, autocast_dtype)
-        total, normal_mse = _normal_loss(pred, x0, noise, sigmas, timestep_type, guidance_scale)
-        normal, dop = total, torch.zeros((), device=total.device)
-    else:
-        # The prior first: no grad, so nothing of it is alive while the graphs of passes 1 and 3 are built.
-        prior = prior_prediction(model, x_t[sel], sigmas[sel], text_preservation, predict_velocity, autocast_dtype)
-        if batched:
-            both = predict_velocity(
-                model,
-                torch.cat([x_t, x_t[sel]]),
-                torch.cat([sigmas, sigmas[sel]]),
-                torch.cat([text, text_preservation.to(text.dtype)]),
-                autocast_dtype,
-            )
-            normal, normal_mse = _normal_loss(both[:batch], x0, noise, sigmas, timestep_type, guidance_scale)
-            dop = dop_loss(both[batch:], prior)
-            total = normal + multiplier * dop
-        else:
-            pred = predict_velocity(model, x_t, sigmas, text, autocast_dtype)
-            normal, normal_mse = _normal_loss(pred, x0, noise, sigmas, timestep_type, guidance_scale)
-            if backward_scale is not None:
-                (normal * backward_scale).backward()
-                normal, pred = normal.detach(), None  # frees pass 1's graph before pass 3 builds its own
-            dop = dop_loss(predict_velocity(model, x_t[sel], sigmas[sel], text_preservation, autocast_dtype), prior)
-            if backward_scale is not None:
-                (multiplier * dop * backward_scale).backward()
-                dop = dop.detach()
-            total = normal + multiplier * dop
-    if backward_scale is not None:
-        if total.requires_grad:  # one graph left to backpropagate (batched, or nothing preserved)
-            (total * backward_scale).backward()
-        total = total.detach()
-    return total, {"normal": normal.detach(), "normal_mse": normal_mse, "dop": dop.detach()}

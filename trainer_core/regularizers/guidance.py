@@ -28,11 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
-from ..schedule import loss_weights
-from ..train.losses import flow_matching_loss, noisy_latents, velocity_target
-from ..train.step import predict_velocity
 
 
 def guided_target(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,23 +38,3 @@ def guided_target(pred: torch.Tensor, target: torch.Tensor, scale: float) -> tor
     with torch.no_grad():
         p = pred.detach().to(dtype)
         return p + scale * (target.to(dtype) - p)
-
-
-def guided_micro_batch_loss(
-    model: nn.Module,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    text: torch.Tensor,
-    timestep_type: str,
-    autocast_dtype: torch.dtype | None,
-    scale: float,
-) -> torch.Tensor:
-    """:func:`trainer_core.train.step.micro_batch_loss` with the differentially guided target.
-
-    Its value is ``scale²`` times the unguided loss (divide by ``scale**2`` to log a comparable number); its
-    gradient is ``scale`` times the unguided one.
-    """
-    pred = predict_velocity(model, noisy_latents(x0, noise, sigmas), sigmas, text, autocast_dtype)
-    target = guided_target(pred, velocity_target(x0, noise), scale)
-    return flow_matching_loss(pred, target, loss_weights(sigmas, timestep_type))

@@ -1,10 +1,13 @@
-"""The training loop: both Wan 2.2 experts, one LoRA each, multi-stage switching, flow matching.
+"""The training recipe: both Wan 2.2 experts, one LoRA each, multi-stage switching, flow matching.
 
-Reads top to bottom: set up -> (resume) -> for each round of optimizer steps (one step; with expert groups one step
-per expert, run by the two GPU groups at once): pick the active expert, accumulate micro-batches, step its optimizer,
-log, save. Every random draw of a step comes from a generator seeded by (seed, step, micro-batch) and the data order
-from (seed, epoch), so a resumed run reproduces the uninterrupted one exactly, and any number of ranks, in any
-placement, computes what one process would.
+Reads top to bottom: :func:`run_training` runs the pre-flight checks and claims the run folder; :class:`Trainer`
+builds the run (memory plan, conditioning, experts one at a time, resumed progress, the batch stream), then
+:meth:`Trainer.train` runs rounds of optimizer steps (one step; with expert groups one step per expert, run by the
+two GPU groups at once): pick the active expert, run :func:`~.step.train_step` on its micro-batches, exchange the
+round, log, checkpoint. Where the work happens (one process, data parallel, sharded, expert groups) is the
+:class:`~.placement.Placement`'s business; the loop never asks which one it is. Every random draw of a step comes
+from a generator seeded by (seed, step, micro-batch) and the data order from (seed, epoch), so a resumed run
+reproduces the uninterrupted one exactly, and any number of ranks, in any placement, computes what one process would.
 """
 
 from __future__ import annotations
@@ -12,11 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,33 +25,33 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import JobConfig
-from ..data import BatchRef, LatentCache, VideoDataset, batch_refs, build_dataset
+from ..data import LatentCache, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import atomic_write, check_writable
-from ..lora import check_lora_init, lora_file_name, lora_parameters
+from ..lora import check_lora_init, lora_file_name
 from ..memory import ExpertMemory, plan_job
-from ..memory.planner import experts_load_on_device
-from ..timing import logged_seconds
 from ..memory.allocator import use_expandable_segments
+from ..memory.planner import experts_load_on_device
 from ..models import WanComponents, check_model_files, encode_video, load_components, load_expert
+from ..names import DTYPES, EXPERTS
 from ..quant import check_ara_source, quantize_text_encoder
 from ..regularizers import check_regularizers
-from ..schedule import active_expert, expert_step_counts, round_steps, sample_sigmas
+from ..schedule import active_expert, expert_step_counts
+from ..timing import logged_seconds
 from .checkpoints import expert_snapshot, load_checkpoint, save_checkpoint
 from .conditioning import setup_conditioning
-from .distributed import DistContext, expert_groups, init_distributed, shard_frozen_weights
+from .distributed import DistContext, init_distributed
 from .experts import block_plan_for, prepare_expert
-from .objective import Objective
+from .objective import MicroBatch, Objective, check_objective, dop_captions
+from .placement import Placement, RankBatch, make_placement, resolve_device
 from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
 from .resume import check_resume_compatible
 from .runs import RunFolder, find_finished_run, open_run, read_losses, resolve_resume, state_config
-from .stop import stop_at_round_end
+from .step import draw_micro_batch, train_step
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -88,25 +89,9 @@ class _Progress:
     dataset: str = ""
 
 
-def resolve_device(setting: str) -> torch.device:
-    """'auto' -> first CUDA device if present, else CPU; otherwise the named device."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {setting!r} but no CUDA GPU is visible - use 'auto' or 'cpu'")
-    return device
-
-
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """A CPU generator private to one micro-batch of one step (makes resume exact by construction)."""
-    derived = int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device="cpu").manual_seed(derived)
-
-
 def expert_seed(seed: int, expert: str) -> int:
     """The seed of one expert's set-up draws (LoRA initialisation, calibration batches)."""
-    entropy = [seed, 1 + ("high", "low").index(expert)]
+    entropy = [seed, 1 + EXPERTS.index(expert)]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -159,6 +144,22 @@ def open_run_on_ranks(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -
     return opened or RunFolder(shared[0], shared[1], resume_path=shared[2])
 
 
+def preflight(cfg: JobConfig, model_files: bool = True) -> None:
+    """Every check that needs no model and no data, before anything slow: the CLI, the nodes and
+    :func:`run_training` all run it. ``model_files``: also read the model files' headers (a wrong path or model
+    fails before minutes of loading; skipped when the caller brings loaded models)."""
+    resolve_device(cfg.train.device)
+    unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
+    check_regularizers(cfg)
+    check_objective(cfg)
+    check_ara_source(cfg.quant)
+    check_lora_init(cfg)
+    check_output_folders(cfg)
+    if model_files:
+        previews, stages = previews_enabled(cfg), cfg.multistage.stages
+        check_model_files(cfg.model, high=previews or "high" in stages, low=previews or "low" in stages)
+
+
 def run_training(
     cfg: JobConfig,
     *,
@@ -182,15 +183,7 @@ def run_training(
     returns that run's pair.
     """
     ctx = init_distributed(cfg.train.device)
-    resolve_device(cfg.train.device)
-    check_regularizers(cfg)
-    check_ara_source(cfg.quant)
-    check_lora_init(cfg)
-    check_output_folders(cfg)
-    previews = previews_enabled(cfg)
-    if components is None:  # the files' headers: a wrong path or model fails before minutes of loading
-        stages = cfg.multistage.stages
-        check_model_files(cfg.model, high=previews or "high" in stages, low=previews or "low" in stages)
+    preflight(cfg, model_files=components is None)
     dataset = dataset or job_dataset(cfg)
     if ctx.is_main:
         log.info("%s", dataset.report())
@@ -202,7 +195,9 @@ def run_training(
         if on_run is not None:
             on_run(run)
         try:
-            result = _train(cfg, ctx, run, dataset, components, on_step, on_sample, progress_bar, stop_file)
+            trainer = Trainer(cfg, make_placement(cfg, ctx), run, dataset, on_sample)
+            trainer.build(components)
+            result = trainer.train(on_step, progress_bar, stop_file)
         except TrainingDiverged:
             run.status = "diverged"
             raise
@@ -234,283 +229,310 @@ def finished_result(cfg: JobConfig, dataset: VideoDataset | None = None) -> Trai
                        trained=False)
 
 
-def _train(
-    cfg: JobConfig,
-    ctx: DistContext,
-    run: RunFolder,
-    dataset: VideoDataset,
-    components: WanComponents | None,
-    on_step: Callable[[StepInfo], None] | None,
-    on_sample: Callable[[int, list[torch.Tensor]], None] | None,
-    progress_bar: bool,
-    stop_file: Path | None,
-) -> TrainResult:
-    device = resolve_device(cfg.train.device)
-    if ctx.active and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-    stages = cfg.multistage.stages
-    # With expert groups each rank holds one expert and trains its steps, data-parallel within its group.
-    groups = expert_groups(ctx, stages) if ctx.active and cfg.distributed.expert_groups else None
-    data_ctx = groups.data if groups is not None else ctx
-    local_stages = [groups.expert] if groups is not None else stages
-    # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
-    autocast_dtype = _DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
-    sharded = ctx.active and cfg.distributed.shard_experts
-    objective = Objective(cfg, None if autocast_dtype == torch.float32 else autocast_dtype, collective=sharded)
-    resume_path = run.resume_path
-    run_dir = run.path
+class VaeEncoder:
+    """The run's VAE on its device, as the latent cache calls it for clips not cached yet; counts the clips and the
+    seconds it spent (logged at the end of the run)."""
 
-    # --- memory plan before anything loads: refuses settings that cannot fit the GPU ---
-    plan = plan_job(cfg, device, ctx.world)
-    if device.type == "cuda":
-        use_expandable_segments()
-    memory = ExpertMemory.for_plan(cfg.memory, plan, device)
-    blocks = block_plan_for(cfg, plan, device, sharded)
-    shard = (lambda model: shard_frozen_weights(model, ctx, device)) if sharded else None
-    log.info("transformer blocks: %s", blocks.describe())
+    def __init__(self, vae: torch.nn.Module, device: torch.device) -> None:
+        self.vae, self.device = vae, device
+        self.clips, self.seconds = 0, 0.0
 
-    # --- models: previews need both experts; one that is not trained stays on the CPU between previews ---
-    previews = previews_enabled(cfg)
-    wanted = [n for n in ("high", "low") if previews or n in local_stages]
-    # Straight to the GPU only experts that stay there: a preview-only expert waits on the CPU.
-    on_gpu = set(wanted) <= set(local_stages) and experts_load_on_device(cfg, plan, len(wanted), sharded)
-    # The experts come later, one at a time, each just before it is quantized and placed: one unquantized 14B
-    # expert in memory at a time, and the text encoder gone (cached captions) before they arrive.
-    components = components or load_components(cfg.model, high=False, low=False)
-    torch.manual_seed(cfg.train.seed)
-    if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
-        log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
-    renderer = None
-    if previews and ctx.is_main:
-        renderer = PreviewRenderer(cfg, components, device, run_dir / "samples", on_sample)
-    with logged_seconds(log, "caption embeddings ready"):
-        condition = setup_conditioning(cfg, components, dataset, objective.extra_captions(dataset.captions()), device)
-    vae = components.vae.to(device).eval()
-    latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
-
-    encoded = [0, 0.0]  # clips VAE-encoded in this run, seconds spent
-
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = encode_video(vae, pixels.to(device, vae.dtype))
-        encoded[0], encoded[1] = encoded[0] + len(pixels), encoded[1] + time.perf_counter() - t0
+        out = encode_video(self.vae, pixels.to(self.device, self.vae.dtype))
+        self.clips, self.seconds = self.clips + len(pixels), self.seconds + time.perf_counter() - t0
         return out
 
-    def latents(ids: list[int], epoch: int) -> torch.Tensor:
-        return latent_cache.get_or_encode(dataset, ids, epoch, encode).to(device, torch.float32)
 
-    def trains(step: int) -> bool:
-        """Whether this rank computes optimizer step ``step`` (with expert groups: the other group's steps not)."""
-        return groups is None or groups.trains(active_expert(step, stages, cfg.multistage.switch_every))
+class BatchStream:
+    """This rank's slices (:class:`~.placement.RankBatch`) of the run's global batches from a saved position, each
+    loaded ahead with its latents; :attr:`epoch` and :attr:`position` name the batch after the last one taken."""
 
-    global_sizes: deque[int] = deque()
-    stand_ins: deque[bool] = deque()
+    def __init__(self, trainer: Trainer, epoch: int, position: int, first_step: int) -> None:
+        cfg, placement = trainer.cfg, trainer.placement
+        self.epoch, self.position = epoch, position
+        per_step = cfg.train.gradient_accumulation
+        refs = batch_refs(trainer.dataset, cfg.train.batch_size, epoch, position)
+        # the batch of the k-th micro-batch from here belongs to step first_step + k // per_step: a step this rank
+        # does not train (the other expert group's) gets an empty slice, so nothing is loaded for it
+        sliced = (placement.slice(ref, placement.trains(first_step + k // per_step)) for k, ref in enumerate(refs))
+        self._loaded = trainer.latent_cache.prefetch(trainer.dataset, sliced, cfg.train.num_workers)
 
-    def rank_batches(epoch: int, position: int, first_step: int) -> Iterator[BatchRef]:
-        """The global batch sequence from a saved position (the first one belongs to ``first_step``), each reduced
-        to this rank's slice (with sharded weights an empty slice becomes a stand-in sample, trained with weight 0;
-        the other expert group's batches become empty, so nothing is loaded for them)."""
-        refs = batch_refs(dataset, cfg.train.batch_size, epoch, position)
-        for k, ref in enumerate(refs):
-            global_sizes.append(len(ref.sample_ids))
-            ids = data_ctx.shard(ref.sample_ids) if trains(first_step + k // cfg.train.gradient_accumulation) else []
-            stand_ins.append(sharded and not ids)
-            if stand_ins[-1]:
-                ids = [ref.sample_ids[ctx.rank % len(ref.sample_ids)]]
-            yield BatchRef(ref.epoch, ref.position, tuple(ids))
+    def take(self, n: int) -> list[tuple[RankBatch, object]]:
+        """The next ``n`` batches (one step's micro-batches) with their loaded samples."""
+        out = []
+        for _ in range(n):
+            batch, loaded = next(self._loaded)
+            out.append((batch, loaded))
+            self.epoch, self.position = batch.epoch, batch.position + 1
+        return out
 
-    counts = expert_step_counts(cfg.train.steps, stages, cfg.multistage.switch_every)
-    experts = {}
-    for n in local_stages:  # one at a time, so a quantized expert can leave the GPU before the next one arrives
-        model = getattr(components, n) or load_expert(cfg.model, n, components, device if on_gpu else "cpu")
-        # Each expert's random draws (LoRA init, calibration) from its own seed: the same in every placement.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(expert_seed(cfg.train.seed, n))
-            with logged_seconds(log, f"{n}-noise expert ready (quantization: {cfg.quant.transformer})"):
-                quantize_experts(cfg, {n: model}, dataset, latents, condition, device)
-                experts[n] = prepare_expert(n, model, cfg, counts[n], memory, blocks, shard)
-        if cfg.memory.low_vram and len(local_stages) > 1:
-            memory.offload(n)
-    for n in wanted:  # a preview-only expert (not trained here) waits on the CPU
-        if getattr(components, n) is None:
-            load_expert(cfg.model, n, components)
-    models = {"high": components.high, "low": components.low}
-    if ctx.is_main:
-        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"))))
+    def close(self) -> None:
+        self._loaded.close()
 
-    prog = _Progress(dataset=dataset.fingerprint())
-    if resume_path is not None:
-        saved = load_checkpoint(resume_path, cfg, experts)
-        if saved.get("dataset") != prog.dataset:
-            log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
-        prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], prog.dataset)
-    stream = latent_cache.prefetch(dataset, rank_batches(prog.epoch, prog.batch_pos, prog.step), cfg.train.num_workers)
-    if renderer is not None and prog.step == 0 and renderer.due(0):
-        renderer.render(0, models, experts)
-    result = TrainResult(run_dir=run_dir, step=prog.step)
-    bar = tqdm(total=cfg.train.steps, initial=prog.step, disable=not (progress_bar and ctx.is_main), dynamic_ncols=True)
-    saved_step, failed_save = (prog.step if resume_path else -1), -1
-    start_pos, mid_step = (prog.epoch, prog.batch_pos), False
 
-    def checkpoint() -> None:
-        """Write LoRAs and state on rank 0; with expert groups the other group's leader sends its expert there."""
-        if groups is None:
-            if ctx.is_main:
-                snaps = {n: expert_snapshot(ex, cfg) for n, ex in experts.items()}
-                with logged_seconds(log, f"checkpoint of step {prog.step} written"):
-                    result.lora_files, result.state_file = save_checkpoint(
-                        cfg, components.base_model, snaps, vars(prog), run
-                    )
-            return
-        mine = expert_snapshot(experts[groups.expert], cfg, cpu=True) if data_ctx.is_main else None
-        collected = groups.collect_on_main(mine)  # both group leaders' snapshots, on rank 0
-        if collected is not None:
-            result.lora_files, result.state_file = save_checkpoint(
-                cfg, components.base_model, dict(zip(stages, collected)), vars(prog), run
-            )
+@dataclass
+class _Round:
+    """The optimizer steps of one round and what every rank learned of them."""
 
-    def consume_batches() -> list[tuple[BatchRef, Any, int, bool]]:
-        """The next step's micro-batches from the stream (advancing the saved position)."""
-        batches = []
-        for _ in range(cfg.train.gradient_accumulation):
-            ref, loaded = next(stream)
-            batches.append((ref, loaded, global_sizes.popleft(), stand_ins.popleft()))
-            prog.epoch, prog.batch_pos = ref.epoch, ref.position + 1
+    steps: list[int]
+    experts: list[str]
+    losses: list[float]
+    lrs: list[float]
+    stop: bool  # a stop was requested: save and stop after this round
+    switch: object | None  # the expert switch this round made (its copy is logged)
+
+
+class Trainer:
+    """One run of the recipe. :meth:`build` sets it up (memory plan, conditioning, experts, resumed progress, batch
+    stream), :meth:`train` runs it, :meth:`checkpoint` saves it. Extension points: the :class:`Placement` (where the
+    work happens), the :class:`~.objective.Objective` (what a micro-batch optimizes) and
+    :func:`~.step.train_step` (one optimizer step)."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        placement: Placement,
+        run: RunFolder,
+        dataset: VideoDataset,
+        on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
+    ) -> None:
+        self.cfg, self.placement, self.run, self.dataset = cfg, placement, run, dataset
+        self.device = placement.device
+        self.on_sample = on_sample
+        self.result = TrainResult(run_dir=run.path, step=0)
+        self.saved_step, self.failed_save = -1, -1  # the last step saved; a step whose save failed
+
+    # --- build ---------------------------------------------------------------------------------------------------
+
+    def build(self, components: WanComponents | None) -> None:
+        """Everything before the first step, in the order that keeps memory low: plan, captions, experts."""
+        self._setup_memory()
+        self._setup_conditioning(components)
+        self._setup_experts()
+        if self.placement.ctx.is_main:
+            atomic_write(self.run.path / "config.yaml",
+                         lambda p: p.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"))))  # fmt: skip
+        self._setup_progress()
+
+    def _setup_memory(self) -> None:
+        """The memory plan before anything loads: refuses settings that cannot fit the GPU."""
+        cfg, device = self.cfg, self.device
+        self.plan = plan_job(cfg, device, self.placement.ctx.world)
+        if device.type == "cuda":
+            use_expandable_segments()
+        self.memory = ExpertMemory.for_plan(cfg.memory, self.plan, device)
+        self.blocks = block_plan_for(cfg, self.plan, device, self.placement.sharded)
+        log.info("transformer blocks: %s", self.blocks.describe())
+
+    def _setup_conditioning(self, components: WanComponents | None) -> None:
+        """Text encoder, VAE and previews; every caption's embedding ready before any expert arrives. The experts
+        come later, one at a time, each just before it is quantized and placed: one unquantized 14B expert in memory
+        at a time, and the text encoder gone (cached captions) before they arrive."""
+        cfg, device = self.cfg, self.device
+        self.components = components = components or load_components(cfg.model, high=False, low=False)
+        torch.manual_seed(cfg.train.seed)
+        if components.text_encoder is not None and cfg.quant.text_encoder != "bf16":
+            log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
+        self.renderer = None
+        if previews_enabled(cfg) and self.placement.ctx.is_main:
+            self.renderer = PreviewRenderer(cfg, components, device, self.run.path / "samples", self.on_sample)
+        with logged_seconds(log, "caption embeddings ready"):
+            captions = self.dataset.captions()
+            condition = setup_conditioning(cfg, components, self.dataset, dop_captions(cfg, captions), device)
+        # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
+        autocast = DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
+        autocast = None if autocast == torch.float32 else autocast
+        self.objective = Objective(cfg, autocast, condition, collective=self.placement.collective_backward)
+        vae = components.vae.to(device).eval()
+        self.encoder = VaeEncoder(vae, device)
+        self.latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
+
+    def _calibration_latents(self, ids: list[int], epoch: int) -> torch.Tensor:
+        return self.latent_cache.get_or_encode(self.dataset, ids, epoch, self.encoder).to(self.device, torch.float32)
+
+    def _setup_experts(self) -> None:
+        """This rank's experts, one at a time (a quantized expert can leave the GPU before the next one arrives);
+        previews need both experts: one not trained here waits on the CPU between previews."""
+        cfg, components, mine = self.cfg, self.components, self.placement.experts()
+        wanted = [n for n in EXPERTS if previews_enabled(cfg) or n in mine]
+        # Straight to the GPU only experts that stay there: a preview-only expert waits on the CPU.
+        on_gpu = set(wanted) <= set(mine) and experts_load_on_device(cfg, self.plan, len(wanted),
+                                                                     self.placement.sharded)  # fmt: skip
+        counts = expert_step_counts(cfg.train.steps, self.placement.stages, cfg.multistage.switch_every)
+        self.experts = {}
+        for n in mine:
+            model = getattr(components, n) or load_expert(cfg.model, n, components, self.device if on_gpu else "cpu")
+            # Each expert's random draws (LoRA init, calibration) from its own seed: the same in every placement.
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(expert_seed(cfg.train.seed, n))
+                with logged_seconds(log, f"{n}-noise expert ready (quantization: {cfg.quant.transformer})"):
+                    quantize_experts(cfg, {n: model}, self.dataset, self._calibration_latents,
+                                     self.objective.condition, self.device)  # fmt: skip
+                    self.experts[n] = prepare_expert(n, model, cfg, counts[n], self.memory, self.blocks,
+                                                     self.placement.shard_fn())  # fmt: skip
+            if cfg.memory.low_vram and len(mine) > 1:
+                self.memory.offload(n)
+        for n in wanted:
+            if getattr(components, n) is None:
+                load_expert(cfg.model, n, components)
+        self.models = {n: getattr(components, n) for n in EXPERTS}
+
+    def _setup_progress(self) -> None:
+        """Fresh progress, or the resumed state's (weights, optimizers and RNG restored), and the batch stream from
+        that position."""
+        self.prog = _Progress(dataset=self.dataset.fingerprint())
+        resume_path = self.run.resume_path
+        if resume_path is not None:
+            saved = load_checkpoint(resume_path, self.cfg, self.experts)
+            if saved.get("dataset") != self.prog.dataset:
+                log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
+            self.prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], self.prog.dataset)
+            self.saved_step = self.prog.step
+        self.result.step = self.prog.step
+        self.stream = BatchStream(self, self.prog.epoch, self.prog.batch_pos, self.prog.step)
+
+    # --- step ----------------------------------------------------------------------------------------------------
+
+    def _take_batches(self) -> list[tuple[RankBatch, object]]:
+        """The next step's micro-batches from the stream, advancing the position a state would save."""
+        batches = self.stream.take(self.cfg.train.gradient_accumulation)
+        self.prog.epoch, self.prog.batch_pos = self.stream.epoch, self.stream.position
         return batches
 
-    def train_step(step: int, name: str) -> float:
-        """One optimizer step of expert ``name`` on this rank's slices of the step's global batches; returns the
-        step's loss (mean over the global batch). A non-finite loss skips the update (the caller stops training)."""
-        ex = experts[name]
-        step_loss = 0.0
-        for micro, (ref, loaded, n_global, stand_in) in enumerate(consume_batches()):
-            contribution = 0.0
-            if ref.sample_ids:  # a rank can get no sample from a bucket's short last batch
-                x0 = latent_cache.finish(loaded, encode).to(device, torch.float32)
-                # Noise levels and noise are drawn for the whole global batch, then sliced: N ranks see exactly
-                # what one process would.
-                gen = step_generator(cfg.train.seed, step, micro)
-                sigmas = sample_sigmas(
-                    n_global,
-                    expert=name,
-                    boundary=cfg.multistage.boundary,
-                    timestep_type=cfg.train.timestep_type,
-                    timestep_bias=cfg.train.timestep_bias,
-                    shift=cfg.train.timestep_shift,
-                    generator=gen,
-                )
-                noise = torch.randn((n_global, *x0.shape[1:]), generator=gen, dtype=torch.float32)
-                # LoRA dropout draws from the global generator: seed it per micro-batch too, so that a resume (and
-                # data workers, which consume global draws in the parent) cannot shift its masks
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-                mine = [data_ctx.rank % n_global] if stand_in else data_ctx.shard(range(n_global))
-                share = 0.0 if stand_in else len(mine) / n_global
-                captions = [p.caption for p in loaded.plans]
-                regularization = [p.is_regularization for p in loaded.plans]
-                _, logged = objective(
-                    ex.model, x0, noise[mine].to(device), sigmas[mine].to(device), captions, condition, share,
-                    regularization,
-                )
-                contribution = logged * share
-            step_loss += data_ctx.sum(contribution) / cfg.train.gradient_accumulation
-        if not math.isfinite(step_loss):
-            ex.optimizer.zero_grad(set_to_none=True)
-            return step_loss
-        data_ctx.all_reduce_grads(lora_parameters(ex.model))
-        return step_loss if ex.optimizer_step(cfg.optimizer.max_grad_norm) else math.nan
+    def _micro_batches(self, step: int, expert: str) -> Iterator[MicroBatch | None]:
+        """Step ``step``'s micro-batches, each encoded and drawn only when the step asks for it (``None``: this rank
+        got no sample of it, a bucket's short last batch)."""
+        for micro, (batch, loaded) in enumerate(self._take_batches()):
+            if not batch.sample_ids:
+                yield None
+                continue
+            x0 = self.latent_cache.finish(loaded, self.encoder).to(self.device, torch.float32)
+            captions, regularization = [p.caption for p in loaded.plans], [p.is_regularization for p in loaded.plans]
+            yield draw_micro_batch(self.cfg, batch, x0, captions, regularization, expert, step, micro)
 
-    def share_round(
-        steps: list[int], losses: list[float], lrs: list[float], stop: bool
-    ) -> tuple[list[float], list[float], bool]:
-        """With expert groups: every rank learns each step's loss and learning rate (from the group that ran it)
-        and whether any rank asked to stop, in one small collective; otherwise the values as they are."""
-        if groups is None:
-            return losses, lrs, stop
-        lead = data_ctx.is_main  # one rank per group contributes its group's figures
-        values = [v if lead and trains(s) else 0.0 for s, v in zip(steps * 2, losses + lrs)]
-        summed = ctx.sums([*values, float(stop)])
-        n = len(steps)
-        return summed[:n], summed[n : 2 * n], summed[-1] > 0
+    def _run_round(self, stop_requested: Callable[[], bool]) -> _Round:
+        """The optimizer steps of the next round this rank trains (the others' batches pass by unloaded), and the
+        round as every rank learns it; a non-finite loss stops training."""
+        cfg, every, stages = self.cfg, self.cfg.multistage.switch_every, self.placement.stages
+        steps = self.placement.round(self.prog.step)
+        names = [active_expert(s, stages, every) for s in steps]
+        trained = [self.placement.trains(s) for s in steps]
+        losses, lrs, switch = [], [], None
+        for step, name, mine in zip(steps, names, trained):
+            if not mine:
+                self._take_batches()
+                losses.append(0.0)
+                lrs.append(0.0)
+                continue
+            switch = self.memory.activate(name) or switch
+            upcoming = active_expert(step + 1, stages, every)
+            if upcoming != name and self.plan.prefetch_next_expert:
+                self.memory.prefetch(upcoming)  # overlap the next switch's copy with this step
+            lrs.append(self.experts[name].scheduler.get_last_lr()[0])  # the lr this step trains with
+            micro_batches = self._micro_batches(step, name)
+            losses.append(train_step(self.experts[name], micro_batches, self.objective, self.placement,
+                                     cfg.optimizer.max_grad_norm))  # fmt: skip
+        losses, lrs, stop = self.placement.exchange(trained, losses, lrs, stop_requested())
+        for step, name, loss in zip(steps, names, losses):
+            if not math.isfinite(loss):
+                raise _diverged(step, name, loss, self.run if self.placement.ctx.is_main else None, cfg)
+        return _Round(steps, names, losses, lrs, stop, switch)
 
-    with stop_at_round_end(stop_file) if groups is not None else nullcontext(lambda: False) as stop_requested:
-        try:
-            while prog.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                start_pos, mid_step = (prog.epoch, prog.batch_pos), True
-                steps = round_steps(
-                    prog.step, cfg.train.steps, stages, cfg.multistage.switch_every, grouped=groups is not None
-                )
-                names = [active_expert(s, stages, cfg.multistage.switch_every) for s in steps]
-                losses, lrs, switch = [], [], None
-                for step, name in zip(steps, names):
-                    if not trains(step):
-                        consume_batches()
-                        losses.append(0.0)
-                        lrs.append(0.0)
-                        continue
-                    switch = memory.activate(name) or switch
-                    upcoming = active_expert(step + 1, stages, cfg.multistage.switch_every)
-                    if upcoming != name and plan.prefetch_next_expert:
-                        memory.prefetch(upcoming)  # overlap the next switch's copy with this step
-                    lrs.append(experts[name].scheduler.get_last_lr()[0])  # the lr this step trains with
-                    losses.append(train_step(step, name))
-                losses, lrs, stop = share_round(steps, losses, lrs, stop_requested())
-                for step, name, loss in zip(steps, names, losses):
-                    if not math.isfinite(loss):
-                        raise _diverged(step, name, loss, run if ctx.is_main else None, cfg)
-                first = prog.step
-                prog.step += len(steps)
-                prog.losses.extend(zip(range(first + 1, prog.step + 1), names, losses))
-                mid_step = False
+    # --- checkpoint ----------------------------------------------------------------------------------------------
 
-                dt = (time.perf_counter() - t0) / len(steps)
-                if switch is not None:
-                    log.info("switched to the %s-noise expert: %.1f GiB in %.2f s", names[-1],
-                             switch.nbytes / 2**30, switch.copy_seconds())
-                bar.update(len(steps))
-                bar.set_postfix(expert=names[-1], loss=f"{losses[-1]:.4f}", lr=f"{lrs[-1]:.2e}", s_per_step=f"{dt:.2f}")
-                every = cfg.save.save_every
-                periodic = every and prog.step // every > first // every  # a save step fell into this round
-                if periodic or prog.step == cfg.train.steps or stop:
-                    failed_save = prog.step  # until it succeeds: a save that failed is not tried again on the way out
-                    checkpoint()
-                    saved_step, failed_save = prog.step, -1
-                if renderer is not None and renderer.due(prog.step):
-                    renderer.render(prog.step, models, experts)
-                if stop:
-                    raise KeyboardInterrupt(f"stopped after step {prog.step} (resumable state written)")
-                if on_step is not None:
-                    for step, name, loss, lr in zip(range(first + 1, prog.step + 1), names, losses, lrs):
-                        on_step(StepInfo(step, cfg.train.steps, name, loss, lr, dt))
-        except TrainingDiverged:
-            bar.close()
-            raise
-        except BaseException:
-            # Interrupted (Ctrl-C, a UI cancel raised from on_step, an error): keep a resumable state of the last
-            # completed step, unless that step was just saved. Expert groups save only together, at a round's end
-            # (above): a rank that fails alone cannot gather the other group's expert.
-            bar.close()
-            if mid_step:  # the half-accumulated step is discarded; its batches will be drawn again on resume
-                prog.epoch, prog.batch_pos = start_pos
-            if prog.step > 0 and prog.step not in (saved_step, failed_save):
-                if groups is None:
-                    checkpoint()  # the LoRA pair so far, and the state unless save_training_state is off
-                elif ctx.is_main:
-                    log.warning("expert groups: no state written for step %d; resume from the last saved one",
-                                prog.step)
-            raise
-        finally:
-            stream.close()
-            memory.close()  # the experts are ordinary resident models again for whoever uses them next
-    bar.close()
-    if encoded[0]:
-        log.info("VAE encoding: %d clip(s) in %.1f s", encoded[0], encoded[1])
-    if device.type == "cuda":
-        log.info("GPU memory: peak %.1f GiB allocated (planned %.1f GiB)",
-                 torch.cuda.max_memory_allocated(device) / 2**30, plan.peak_bytes / 2**30)
-    result.step = prog.step
-    result.losses = list(prog.losses)
-    return result
+    def checkpoint(self) -> None:
+        """Write the LoRA pair and the resumable state on rank 0, from every expert's snapshot the placement
+        collects there."""
+        cfg = self.cfg
+        snaps = self.placement.collect(lambda n, to_cpu: expert_snapshot(self.experts[n], cfg, cpu=to_cpu))
+        if snaps is None:
+            return
+        with logged_seconds(log, f"checkpoint of step {self.prog.step} written"):
+            self.result.lora_files, self.result.state_file = save_checkpoint(
+                cfg, self.components.base_model, snaps, vars(self.prog), self.run
+            )
+
+    def _save_due(self, first: int, stop: bool) -> None:
+        """Save when a periodic save step fell into the round just run, at the last step, or before a stop."""
+        every, step = self.cfg.save.save_every, self.prog.step
+        if (every and step // every > first // every) or step == self.cfg.train.steps or stop:
+            self.failed_save = step  # until it succeeds: a save that failed is not tried again on the way out
+            self.checkpoint()
+            self.saved_step, self.failed_save = step, -1
+
+    def _save_on_the_way_out(self, start_pos: tuple[int, int] | None) -> None:
+        """Interrupted (Ctrl-C, a UI cancel raised from on_step, an error): keep a resumable state of the last
+        completed step, unless that step was just saved or the placement cannot save alone."""
+        if start_pos is not None:  # the half-accumulated step is discarded; its batches will be drawn again on resume
+            self.prog.epoch, self.prog.batch_pos = start_pos
+        step = self.prog.step
+        if step > 0 and step not in (self.saved_step, self.failed_save) and self.placement.saves_when_interrupted(step):
+            self.checkpoint()  # the LoRA pair so far, and the state unless save_training_state is off
+
+    # --- run -----------------------------------------------------------------------------------------------------
+
+    def _finish_round(self, rnd: _Round, seconds: float, bar: tqdm, on_step: Callable[[StepInfo], None] | None) -> None:
+        """Record the round, report it, save what is due, render due previews; a requested stop ends here."""
+        prog, first = self.prog, self.prog.step
+        prog.step += len(rnd.steps)
+        numbers = range(first + 1, prog.step + 1)
+        prog.losses.extend(zip(numbers, rnd.experts, rnd.losses))
+        dt = seconds / len(rnd.steps)
+        if rnd.switch is not None:
+            log.info("switched to the %s-noise expert: %.1f GiB in %.2f s", rnd.experts[-1],
+                     rnd.switch.nbytes / 2**30, rnd.switch.copy_seconds())  # fmt: skip
+        bar.update(len(rnd.steps))
+        bar.set_postfix(expert=rnd.experts[-1], loss=f"{rnd.losses[-1]:.4f}", lr=f"{rnd.lrs[-1]:.2e}",
+                        s_per_step=f"{dt:.2f}")  # fmt: skip
+        self._save_due(first, rnd.stop)
+        if self.renderer is not None and self.renderer.due(prog.step):
+            self.renderer.render(prog.step, self.models, self.experts)
+        if rnd.stop:
+            raise KeyboardInterrupt(f"stopped after step {prog.step} (resumable state written)")
+        if on_step is not None:
+            for step, name, loss, lr in zip(numbers, rnd.experts, rnd.losses, rnd.lrs):
+                on_step(StepInfo(step, self.cfg.train.steps, name, loss, lr, dt))
+
+    def train(
+        self, on_step: Callable[[StepInfo], None] | None, progress_bar: bool = True, stop_file: Path | None = None
+    ) -> TrainResult:
+        """Run the rounds up to ``train.steps``; on any interruption keep a resumable state (see
+        :meth:`_save_on_the_way_out`) and re-raise."""
+        cfg, prog = self.cfg, self.prog
+        if self.renderer is not None and prog.step == 0 and self.renderer.due(0):
+            self.renderer.render(0, self.models, self.experts)
+        bar = tqdm(total=cfg.train.steps, initial=prog.step, dynamic_ncols=True,
+                   disable=not (progress_bar and self.placement.ctx.is_main))  # fmt: skip
+        with self.placement.stop_requests(stop_file) as stop_requested:
+            start_pos = None  # the position before the step in flight, while one is
+            try:
+                while prog.step < cfg.train.steps:
+                    t0, start_pos = time.perf_counter(), (prog.epoch, prog.batch_pos)
+                    rnd = self._run_round(stop_requested)
+                    start_pos = None
+                    self._finish_round(rnd, time.perf_counter() - t0, bar, on_step)
+            except TrainingDiverged:
+                bar.close()
+                raise
+            except BaseException:
+                bar.close()
+                self._save_on_the_way_out(start_pos)
+                raise
+            finally:
+                self.stream.close()
+                self.memory.close()  # the experts are ordinary resident models again for whoever uses them next
+        bar.close()
+        self._log_totals()
+        self.result.step, self.result.losses = prog.step, list(prog.losses)
+        return self.result
+
+    def _log_totals(self) -> None:
+        if self.encoder.clips:
+            log.info("VAE encoding: %d clip(s) in %.1f s", self.encoder.clips, self.encoder.seconds)
+        if self.device.type == "cuda":
+            log.info("GPU memory: peak %.1f GiB allocated (planned %.1f GiB)",
+                     torch.cuda.max_memory_allocated(self.device) / 2**30, self.plan.peak_bytes / 2**30)
 
 
 def _diverged(step: int, expert: str, loss: float, run: RunFolder | None, cfg: JobConfig) -> TrainingDiverged:
@@ -545,7 +567,7 @@ def losses_summary(losses: list[tuple[int, str, float]], buckets: int = 10) -> s
     for b in range(math.ceil(last / width)):
         lo, hi = b * width + 1, (b + 1) * width
         row = []
-        for expert in ("high", "low"):
+        for expert in EXPERTS:
             vals = [v for s, e, v in losses if e == expert and lo <= s <= hi]
             row.append(f"{sum(vals) / len(vals):8.4f}" if vals else f"{'-':>8}")
         lines.append(f"{lo:>6}-{hi:<6}  {row[0]}  {row[1]}")

@@ -1,129 +1,241 @@
-"""What one micro-batch optimizes: plain flow matching, optionally with DOP and/or differential guidance."""
+"""What one micro-batch optimizes, in one place: prediction -> target -> loss terms -> one backward.
+
+* prediction: the expert with its LoRA on (:func:`trainer_core.flow.predict_velocity`); the base model with the LoRA
+  off for a prior (:func:`trainer_core.regularizers.prior_prediction`, no grad);
+* target: the flow-matching velocity ``noise - x0``; for regularization samples (datasets with ``is_regularization``)
+  the base model's prediction on the same noisy input (:func:`with_prior`); with differential guidance pushed past
+  the data (:func:`trainer_core.regularizers.guided_target`, inside :func:`normal_loss`);
+* loss terms: the normal flow-matching loss (:func:`normal_loss`) and, with DOP, ``multiplier`` times the MSE of the
+  LoRA's prediction for the preservation prompts against the prior (:func:`trainer_core.regularizers.dop_loss`);
+* backward: :meth:`Objective.backward`, the only place the trainer calls ``backward()``.
+
+The tensor functions are pure; :class:`MicroBatchLoss` runs the model passes and hands out each loss term as soon as
+it is complete, so that the low-VRAM variant of DOP can backpropagate pass 1 before pass 3 builds its graph.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
-from diffusers import WanTransformer3DModel
+from torch import nn
 
 from ..config import JobConfig
 from ..errors import ConfigError
-from ..regularizers import (
-    dop_step_loss,
-    guided_micro_batch_loss,
-    guided_target,
-    preservation_caption,
-    prior_prediction,
-)
+from ..flow import flow_matching_loss, noisy_latents, predict_velocity, velocity_target
+from ..regularizers import dop_loss, guided_target, preservation_caption, prior_prediction
 from ..schedule import loss_weights
 from .conditioning import Conditioner
-from .losses import flow_matching_loss, noisy_latents, velocity_target
-from .step import micro_batch_loss, predict_velocity
+
+
+def with_prior(target: torch.Tensor, prior: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``target`` with ``rows`` replaced by the base model's ``prior`` (float32): regularization samples pull the
+    LoRA back towards the base model instead of towards the clip."""
+    out = target.clone()
+    out[list(rows)] = prior.float()
+    return out
+
+
+def normal_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, guidance_scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the flow-matching loss to backpropagate, the detached unguided loss to log). With ``guidance_scale`` the
+    target is guided (``pred + s·(target − pred)``): the loss is ``s²`` times the unguided one, its gradient ``s``
+    times; the logged value stays comparable across settings."""
+    if guidance_scale is None:
+        loss = flow_matching_loss(pred, target, weights)
+        return loss, loss.detach()
+    loss = flow_matching_loss(pred, guided_target(pred, target, guidance_scale), weights)
+    return loss, flow_matching_loss(pred.detach(), target, weights)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How a micro-batch's loss is formed (from ``train``, ``advanced`` and ``memory``)."""
+
+    timestep_type: str
+    autocast_dtype: torch.dtype | None = None
+    guidance_scale: float | None = None  # differential guidance; None: off
+    dop_multiplier: float = 1.0
+    #: DOP's passes 1 and 3 as one forward (fastest); False: one after the other, pass 1 backpropagated before
+    #: pass 3 runs, so only one graph is alive at a time (``memory.low_vram``)
+    dop_batched: bool = True
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch's tensors: clean latents, noise and noise levels (``[B]``), text embeddings; the rows whose
+    target is the base model's prediction (``prior_rows``), and the rows DOP preserves with their preservation
+    prompts' embeddings (``preserve`` / ``text_preservation``, in that order)."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    text: torch.Tensor
+    prior_rows: Sequence[int] = ()
+    preserve: Sequence[int] = ()
+    text_preservation: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        batch = self.x0.shape[0]
+        if self.preserve and (self.text_preservation is None or self.text_preservation.shape[0] != len(self.preserve)):
+            rows = None if self.text_preservation is None else self.text_preservation.shape[0]
+            raise ValueError(f"text_preservation has {rows} rows for {len(self.preserve)} preserved samples")
+        if any(not 0 <= i < batch for i in [*self.preserve, *self.prior_rows]):
+            raise ValueError(f"rows {list(self.preserve) + list(self.prior_rows)} fall outside the batch of {batch}")
+
+
+@dataclass
+class LossParts:
+    """Detached scalars of a computed loss: ``total`` (what was backpropagated, over all terms), ``normal`` (the
+    normal loss, guided if asked), ``normal_mse`` (the unguided flow-matching loss: the value logged) and ``dop``
+    (the unscaled preservation MSE, 0 when nothing was preserved)."""
+
+    total: torch.Tensor
+    normal: torch.Tensor
+    normal_mse: torch.Tensor
+    dop: torch.Tensor
+
+
+class MicroBatchLoss:
+    """The loss terms of one micro-batch, computed pass by pass while iterated; :attr:`parts` holds the detached
+    figures once the iteration ends. Iterate once, backpropagating each term before asking for the next (or sum
+    them, see :func:`objective_loss`)."""
+
+    def __init__(self, model: nn.Module, inputs: LossInputs, settings: LossSettings) -> None:
+        self.model, self.inputs, self.settings = model, inputs, settings
+        self.parts: LossParts | None = None
+
+    def _predict(self, x_t: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return predict_velocity(self.model, x_t, sigmas, text, self.settings.autocast_dtype)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        inp, s = self.inputs, self.settings
+        x_t = noisy_latents(inp.x0, inp.noise, inp.sigmas)
+        weights = loss_weights(inp.sigmas, s.timestep_type)
+        target = velocity_target(inp.x0, inp.noise)
+        if inp.prior_rows:
+            rows = list(inp.prior_rows)
+            prior = prior_prediction(self.model, x_t[rows], inp.sigmas[rows], inp.text[rows],
+                                     autocast_dtype=s.autocast_dtype)  # fmt: skip
+            target = with_prior(target, prior, rows)
+        if not inp.preserve:
+            normal, logged = normal_loss(self._predict(x_t, inp.sigmas, inp.text), target, weights, s.guidance_scale)
+            yield normal
+            self.parts = LossParts(normal.detach(), normal.detach(), logged, torch.zeros((), device=normal.device))
+            return
+        sel = torch.as_tensor(list(inp.preserve), dtype=torch.long, device=x_t.device)
+        # The prior first: no grad, so nothing of it is alive while the graphs of passes 1 and 3 are built.
+        prior = prior_prediction(self.model, x_t[sel], inp.sigmas[sel], inp.text_preservation, predict_velocity,
+                                 s.autocast_dtype)  # fmt: skip
+        if s.dop_batched:
+            batch = x_t.shape[0]
+            both = self._predict(torch.cat([x_t, x_t[sel]]), torch.cat([inp.sigmas, inp.sigmas[sel]]),
+                                 torch.cat([inp.text, inp.text_preservation.to(inp.text.dtype)]))  # fmt: skip
+            normal, logged = normal_loss(both[:batch], target, weights, s.guidance_scale)
+            dop = dop_loss(both[batch:], prior)
+            total = normal + s.dop_multiplier * dop
+            yield total
+        else:
+            normal, logged = normal_loss(self._predict(x_t, inp.sigmas, inp.text), target, weights, s.guidance_scale)
+            yield normal
+            normal = normal.detach()  # backpropagated: pass 1's graph is gone before pass 3 builds its own
+            dop = dop_loss(self._predict(x_t[sel], inp.sigmas[sel], inp.text_preservation), prior)
+            yield s.dop_multiplier * dop
+            total = normal + s.dop_multiplier * dop.detach()
+        self.parts = LossParts(total.detach(), normal.detach(), logged, dop.detach())
+
+
+def objective_loss(
+    model: nn.Module, inputs: LossInputs, settings: LossSettings
+) -> tuple[torch.Tensor, LossParts]:
+    """The whole loss of one micro-batch as one tensor (every term's graph alive until the caller's backward), and
+    its parts: for benchmarks and tests; training backpropagates term by term (:meth:`Objective.backward`)."""
+    terms = MicroBatchLoss(model, inputs, settings)
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+    return total, terms.parts
+
+
+def dop_captions(cfg: JobConfig, captions: set[str]) -> set[str]:
+    """Captions that must be encoded besides the dataset's own: DOP's preservation prompts."""
+    adv = cfg.advanced
+    if not adv.dop:
+        return set()
+    pres = (preservation_caption(c, cfg.trigger_word, adv.dop_class) for c in captions)
+    return {p for p in pres if p is not None}
+
+
+def check_objective(cfg: JobConfig) -> None:
+    """Refuse objectives that contradict each other, before any model loads."""
+    if cfg.advanced.dop and any(d.is_regularization for d in cfg.datasets):
+        raise ConfigError(
+            "advanced.dop is on and a dataset has is_regularization: both hold the LoRA to the base model's "
+            "predictions - use DOP, or regularization datasets, not both"
+        )
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as this rank trains it: clean latents, this rank's rows of the noise and noise levels drawn for
+    the global batch, the captions and regularization flags, the share of the global batch it stands for, and the
+    seed of its LoRA dropout masks."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    captions: Sequence[str]
+    regularization: Sequence[bool] = ()
+    share: float = 1.0
+    dropout_seed: int | None = None
 
 
 @dataclass
 class Objective:
-    """Computes a micro-batch's loss and backpropagates it (scaled for gradient accumulation).
-
-    DOP runs its passes 1 and 3 as one batched forward (fastest) unless ``memory.low_vram`` asks for the
-    lean variant, which backpropagates pass 1 before pass 3 so only one graph is alive at a time.
-    """
+    """The job's objective: turns a :class:`MicroBatch` into :class:`LossInputs` (text conditioning, preservation
+    prompts, regularization rows) and backpropagates its loss terms."""
 
     cfg: JobConfig
     autocast_dtype: torch.dtype | None
+    condition: Conditioner
     #: Every rank must run every backward (sharded weights are gathered there): a non-finite loss is backpropagated
     #: too; the loop stops before the optimizer step either way.
     collective: bool = False
+    settings: LossSettings = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.cfg.advanced.dop and any(d.is_regularization for d in self.cfg.datasets):
-            raise ConfigError(
-                "advanced.dop is on and a dataset has is_regularization: both hold the LoRA to the base model's "
-                "predictions - use DOP, or regularization datasets, not both"
-            )
-
-    def extra_captions(self, captions: set[str]) -> set[str]:
-        """Captions that must be encoded besides the dataset's own: DOP's preservation prompts."""
+        check_objective(self.cfg)
         adv = self.cfg.advanced
-        if not adv.dop:
-            return set()
-        pres = (preservation_caption(c, self.cfg.trigger_word, adv.dop_class) for c in captions)
-        return {p for p in pres if p is not None}
+        self.settings = LossSettings(
+            timestep_type=self.cfg.train.timestep_type,
+            autocast_dtype=self.autocast_dtype,
+            guidance_scale=adv.diff_guidance_scale if adv.diff_guidance else None,
+            dop_multiplier=adv.dop_multiplier,
+            dop_batched=not self.cfg.memory.low_vram,
+        )
 
-    def __call__(
-        self,
-        model: WanTransformer3DModel,
-        x0: torch.Tensor,
-        noise: torch.Tensor,
-        sigmas: torch.Tensor,
-        captions: Sequence[str],
-        condition: Conditioner,
-        weight: float = 1.0,
-        regularization: Sequence[bool] = (),
-    ) -> tuple[torch.Tensor, float]:
-        """Backpropagate this micro-batch; return (the loss that was backpropagated, the plain MSE to log).
+    def inputs(self, micro: MicroBatch) -> LossInputs:
+        """The loss's tensors for ``micro``: its captions' embeddings, and DOP's or regularization's rows."""
+        device = micro.x0.device
+        text = self.condition(micro.captions).to(device)
+        if not self.cfg.advanced.dop:
+            rows = [i for i, r in enumerate(micro.regularization) if r]
+            return LossInputs(micro.x0, micro.noise, micro.sigmas, text, prior_rows=rows)
+        adv = self.cfg.advanced
+        pres = [preservation_caption(c, self.cfg.trigger_word, adv.dop_class) for c in micro.captions]
+        keep = [i for i, p in enumerate(pres) if p is not None]
+        text_pres = self.condition([pres[i] for i in keep]).to(device) if keep else None
+        return LossInputs(micro.x0, micro.noise, micro.sigmas, text, preserve=keep, text_preservation=text_pres)
 
-        ``weight`` is this micro-batch's share of the global batch (data-parallel ranks); the gradient is scaled by
-        ``weight / gradient_accumulation``. Samples flagged in ``regularization`` (datasets with
-        ``is_regularization``) are prior data: their target is the base model's prediction (LoRA off, no grad) on
-        the same noisy input, so they pull the LoRA back towards the base model instead of towards the clip.
-        """
-        cfg, adv = self.cfg, self.cfg.advanced
-        scale = weight / cfg.train.gradient_accumulation
-        device = x0.device
-        text = condition(captions).to(device)
-        gs = adv.diff_guidance_scale if adv.diff_guidance else None
-        if adv.dop:
-            pres = [preservation_caption(c, cfg.trigger_word, adv.dop_class) for c in captions]
-            keep = [i for i, p in enumerate(pres) if p is not None]
-            text_pres = condition([pres[i] for i in keep]).to(device) if keep else None
-            batched = not cfg.memory.low_vram
-            loss, parts = dop_step_loss(
-                model, x0, noise, sigmas, text, text_pres, cfg.train.timestep_type, self.autocast_dtype,
-                adv.dop_multiplier, batched=batched, preserve=keep, guidance_scale=gs,
-                backward_scale=None if batched else scale,
-            )  # fmt: skip
-            if batched:
-                self._backward(loss, scale, self.collective)
-            return loss.detach(), float(parts["normal_mse"])
-        reg = [i for i, r in enumerate(regularization) if r]
-        if reg:
-            loss = self._prior_regularized_loss(model, x0, noise, sigmas, text, reg, gs)
-            self._backward(loss, scale, self.collective)
-            return loss.detach(), float(loss.detach()) / (gs or 1.0) ** 2
-        if gs is not None:
-            loss = guided_micro_batch_loss(
-                model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype, gs
-            )
-            self._backward(loss, scale, self.collective)
-            return loss.detach(), float(loss.detach()) / gs**2
-        loss = micro_batch_loss(model, x0, noise, sigmas, text, cfg.train.timestep_type, self.autocast_dtype)
-        self._backward(loss, scale, self.collective)
-        return loss.detach(), float(loss.detach())
-
-    def _prior_regularized_loss(
-        self,
-        model: WanTransformer3DModel,
-        x0: torch.Tensor,
-        noise: torch.Tensor,
-        sigmas: torch.Tensor,
-        text: torch.Tensor,
-        reg: list[int],
-        gs: float | None,
-    ) -> torch.Tensor:
-        x_t = noisy_latents(x0, noise, sigmas)
-        target = velocity_target(x0, noise).clone()
-        prior = prior_prediction(model, x_t[reg], sigmas[reg], text[reg], autocast_dtype=self.autocast_dtype)
-        target[reg] = prior.float()
-        pred = predict_velocity(model, x_t, sigmas, text, self.autocast_dtype)
-        if gs is not None:
-            target = guided_target(pred, target, gs)
-        return flow_matching_loss(pred, target, loss_weights(sigmas, self.cfg.train.timestep_type))
-
-    @staticmethod
-    def _backward(loss: torch.Tensor, scale: float, always: bool) -> None:
-        # A non-finite loss is not backpropagated (unless ranks must take part); the loop stops before any step.
-        if always or torch.isfinite(loss):
-            (loss * scale).backward()
+    def backward(self, model: nn.Module, micro: MicroBatch) -> float:
+        """Backpropagate ``micro``'s loss, scaled by its share of the global batch over the gradient accumulation;
+        return the unguided flow-matching loss to log."""
+        scale = micro.share / self.cfg.train.gradient_accumulation
+        terms = MicroBatchLoss(model, self.inputs(micro), self.settings)
+        for term in terms:
+            # A non-finite loss is not backpropagated (unless ranks must take part); the loop stops before any step.
+            if self.collective or torch.isfinite(term):
+                (term * scale).backward()
+        return float(terms.parts.normal_mse)

@@ -11,10 +11,10 @@ from diffusers import WanTransformer3DModel
 
 from ..config import JobConfig
 from ..data import VideoDataset
+from ..flow import noisy_latents
 from ..models.loading import SUBFOLDERS
 from ..quant import model_file_identity, quantize_expert
 from ..schedule import sample_sigmas
-from .losses import noisy_latents
 
 log = logging.getLogger(__name__)
 
