@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer_core.api import LoraPair
+
 from . import host
-from .bundle import CATEGORY, LORA, LoraPair
+from .bundle import CATEGORY, LORA
 
 
 class ApplyWan22LoraPair:

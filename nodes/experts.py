@@ -6,11 +6,12 @@ import re
 
 from pydantic import ValidationError
 
+from trainer_core.api import ExpertsBundle
 from trainer_core.config import MemoryConfig, ModelConfig, format_validation_error
 from trainer_core.errors import ConfigError
 
 from . import host
-from .bundle import CATEGORY, EXPERTS, ExpertsBundle
+from .bundle import CATEGORY, EXPERTS
 
 NONE = "none"
 SOURCES = ("comfy files", "diffusers folder", "HF repo id", "tiny")

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
+from trainer_core.api import LoraPair
 from trainer_core.errors import ConfigError
 from trainer_core.lora import adapter_config, read_lora_file
 
 from . import host
-from .bundle import CATEGORY, LORA, LoraPair
+from .bundle import CATEGORY, LORA
 
 NONE = "none"
 _T = "tooltip"

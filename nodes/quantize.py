@@ -6,12 +6,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from trainer_core.api import ExpertsBundle
 from trainer_core.config import QuantConfig, format_validation_error
 from trainer_core.errors import ConfigError
 from trainer_core.quant import check_ara_source
 
 from . import host
-from .bundle import CATEGORY, EXPERTS, ExpertsBundle
+from .bundle import CATEGORY, EXPERTS
 
 COMPUTE = "compute"
 _T = "tooltip"

@@ -7,12 +7,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from trainer_core.api import ExpertsBundle, LoraPair, lora_attached, placed
 from trainer_core.config import WAN_NEGATIVE_PROMPT, SampleConfig, format_validation_error
 from trainer_core.errors import ConfigError
 from trainer_core.sample import SCHEDULERS, encode_sample_prompts, native_recipe, sample_videos
 
 from . import host
-from .bundle import CATEGORY, EXPERTS, LORA, ExpertsBundle, LoraPair, lora_attached, placed
+from .bundle import CATEGORY, EXPERTS, LORA
 
 SAMPLE = "WAN22_SAMPLE"
 _T = "tooltip"

@@ -7,8 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from trainer_core.api import (
+    ExpertsBundle,
+    LoraPair,
+    StepInfo,
+    final_pair,
+    finished_result,
+    has_quantized_layers,
+    job_dataset,
+    job_warnings,
+    preflight,
+    release_expert,
+    resolve_device,
+    run_training,
+)
 from trainer_core.config import (
     DEFAULT_LORA_TARGETS,
     DatasetConfig,
@@ -16,44 +29,19 @@ from trainer_core.config import (
     MultiStageConfig,
     SampleConfig,
     job_from_dict,
-    job_warnings,
 )
-from trainer_core.data.text_cache import unload_caption
 from trainer_core.data import VideoDataset
-from trainer_core.errors import ConfigError, TrainerError
+from trainer_core.errors import ConfigError
 from trainer_core.fileio import atomic_write, check_writable
 from trainer_core.launch import LaunchCancelled, run_torchrun
-from trainer_core.lora import check_lora_init, lora_file_name
 from trainer_core.memory import plan_job
-from trainer_core.models import check_model_files
-from trainer_core.quant import check_ara_source
-from trainer_core.regularizers import check_regularizers, ema_lora_file_name
+from trainer_core.names import EXPERT_SUFFIX
 from trainer_core.sample import native_recipe
-from trainer_core.train.experts import EXPERT_SUFFIX
-from trainer_core.train.loop import (
-    StepInfo,
-    check_output_folders,
-    finished_result,
-    job_dataset,
-    resolve_device,
-    run_training,
-)
-from trainer_core.train.runs import Manifest, RunFolder, read_losses
 from trainer_core.train.previews import previews_enabled
+from trainer_core.train.runs import Manifest, RunFolder, read_losses
 
 from . import host
-from .bundle import (
-    CATEGORY,
-    DATASET,
-    EXPERTS,
-    LORA,
-    MULTISTAGE,
-    SAVE,
-    ExpertsBundle,
-    LoraPair,
-    has_quantized_layers,
-    release_expert,
-)
+from .bundle import CATEGORY, DATASET, EXPERTS, LORA, MULTISTAGE, SAVE
 from .loss_plot import loss_curve, to_image_tensor
 from .sample import SAMPLE
 from .save import SaveCheckpoint, SaveSettings
@@ -232,7 +220,7 @@ class TrainWan22LoRA:
         if done is not None:
             progress.text(f"unchanged since {done.run_dir} finished ({done.step} steps): returned its LoRA pair "
                           "without training (change a setting or a clip to train anew)")
-            run_dir, losses, pair = done.run_dir, done.losses, _pair_from_files(cfg, done.run_dir, done.step)
+            run_dir, losses, pair = done.run_dir, done.losses, final_pair(cfg, done.run_dir, done.step)
         else:
             with torch.inference_mode(False):
                 host.free_host_models()
@@ -256,102 +244,49 @@ def build_job(
     save: SaveSettings,
     previews: SampleConfig | None,
     *,
-    job_name: str,
-    trigger_word: str,
-    rank: int,
-    alpha: float,
-    lora_dropout: float,
-    target_modules: str,
-    steps: int,
-    learning_rate: float,
-    optimizer: str,
-    lr_scheduler: str,
-    warmup_steps: int,
-    batch_size: int,
-    gradient_accumulation: int,
-    timestep_type: str,
-    timestep_bias: str,
-    seed: int,
-    resume: str,
-    gradient_checkpointing: str,
-    timestep_shift: float,
-    weight_decay: float,
-    max_grad_norm: float,
-    adam_beta1: float,
-    adam_beta2: float,
-    adam_eps: float,
-    compute_dtype: str,
-    device: str,
-    num_workers: int,
-    text_encoder_mode: str,
-    text_cache_dir: str,
-    dop: bool,
-    dop_multiplier: float,
-    dop_class: str,
-    diff_guidance: bool,
-    diff_guidance_scale: float,
-    ema: bool,
-    ema_decay: float,
-    compile: str,
+    # JOB, TARGET
+    job_name: str, trigger_word: str, rank: int, alpha: float, lora_dropout: float, target_modules: str,
+    # TRAINING
+    steps: int, learning_rate: float, optimizer: str, lr_scheduler: str, warmup_steps: int, batch_size: int,
+    gradient_accumulation: int, timestep_type: str, timestep_bias: str, seed: int, resume: str,
+    # ADVANCED
+    gradient_checkpointing: str, timestep_shift: float, weight_decay: float, max_grad_norm: float,
+    adam_beta1: float, adam_beta2: float, adam_eps: float, compute_dtype: str, device: str, num_workers: int,
+    text_encoder_mode: str, text_cache_dir: str, dop: bool, dop_multiplier: float, dop_class: str,
+    diff_guidance: bool, diff_guidance_scale: float, ema: bool, ema_decay: float, compile: str,
     gpu_placement: str = "data parallel",
     init_lora: LoraPair | None = None,
 ) -> JobConfig:
     """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
     if not dataset:
         raise ConfigError("Train LoRA: no dataset connected - connect a Build Video Dataset node")
+    multistage = multistage or MultiStageConfig()
+    targets = [t.strip() for t in target_modules.replace(";", ",").split(",") if t.strip()]
+    cache_dir = text_cache_dir.strip()
     data = {
         "name": job_name.strip(),
         "trigger_word": trigger_word.strip() or None,
         "model": experts.model.model_dump(),
-        "lora": {
-            "rank": rank,
-            "alpha": alpha or None,
-            "dropout": lora_dropout,
-            "target_modules": [t.strip() for t in target_modules.replace(";", ",").split(",") if t.strip()],
-            **_init_files(init_lora, (multistage or MultiStageConfig()).stages),
-        },
-        "multistage": (multistage or MultiStageConfig()).model_dump(),
-        "optimizer": {
-            "name": optimizer,
-            "lr": learning_rate,
-            "weight_decay": weight_decay,
-            "betas": (adam_beta1, adam_beta2),
-            "eps": adam_eps,
-            "lr_scheduler": lr_scheduler,
-            "warmup_steps": warmup_steps,
-            "max_grad_norm": max_grad_norm,
-        },
-        "train": {
-            "steps": steps,
-            "batch_size": batch_size,
-            "gradient_accumulation": gradient_accumulation,
-            "gradient_checkpointing": gradient_checkpointing,
-            "compile": compile,
-            "timestep_type": timestep_type,
-            "timestep_shift": timestep_shift,
-            "timestep_bias": timestep_bias,
-            "compute_dtype": compute_dtype,
-            "seed": seed,
-            "device": device.strip() or "auto",
-            "num_workers": num_workers,
-        },
+        "lora": {"rank": rank, "alpha": alpha or None, "dropout": lora_dropout, "target_modules": targets,
+                 **_init_files(init_lora, multistage.stages)},
+        "multistage": multistage.model_dump(),
+        "optimizer": {"name": optimizer, "lr": learning_rate, "weight_decay": weight_decay,
+                      "betas": (adam_beta1, adam_beta2), "eps": adam_eps, "lr_scheduler": lr_scheduler,
+                      "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm},
+        "train": {"steps": steps, "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
+                  "gradient_checkpointing": gradient_checkpointing, "compile": compile,
+                  "timestep_type": timestep_type, "timestep_shift": timestep_shift, "timestep_bias": timestep_bias,
+                  "compute_dtype": compute_dtype, "seed": seed, "device": device.strip() or "auto",
+                  "num_workers": num_workers},
         "save": save.config.model_dump(),
         "datasets": [d.model_dump() for d in dataset],
-        "text_encoder": {
-            "mode": text_encoder_mode,
-            "cache_dir": str(host.output_path(text_cache_dir.strip())) if text_cache_dir.strip() else None,
-        },
+        "text_encoder": {"mode": text_encoder_mode,
+                         "cache_dir": str(host.output_path(cache_dir)) if cache_dir else None},
         "quant": experts.quant.model_dump(),
         "memory": experts.memory.model_dump(),
-        "advanced": {
-            "dop": dop,
-            "dop_multiplier": dop_multiplier,
-            "dop_class": dop_class,
-            "diff_guidance": diff_guidance,
-            "diff_guidance_scale": diff_guidance_scale,
-            "ema": ema,
-            "ema_decay": ema_decay,
-        },
+        "advanced": {"dop": dop, "dop_multiplier": dop_multiplier, "dop_class": dop_class,
+                     "diff_guidance": diff_guidance, "diff_guidance_scale": diff_guidance_scale, "ema": ema,
+                     "ema_decay": ema_decay},
         "resume": resume.strip() or None,
         "distributed": PLACEMENTS[gpu_placement],
     }
@@ -373,14 +308,10 @@ def _init_files(pair: LoraPair | None, stages: list[str]) -> dict[str, str]:
 
 
 def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) -> None:
-    """The core's checks that need no model, run before the bundle loads its weights (minutes for the real
-    experts): regularizer settings, text-encoder mode, adapter file, writable folders, device, GPU count and the
-    VRAM plan."""
-    check_regularizers(cfg)
-    unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
-    check_ara_source(cfg.quant)
-    check_lora_init(cfg)
-    check_output_folders(cfg)
+    """The core's pre-flight (the one the CLI and the training loop run), before the bundle loads its weights
+    (minutes for the real experts), plus what only this node decides: the models/loras copy, the GPU count and
+    placement of ``gpus``, and the VRAM plan on that many GPUs."""
+    preflight(cfg, model_files=gpus > 1)  # the torchrun child loads the experts from their files: check them here
     if save is not None and save.copy_to_loras:
         check_writable(host.loras_dir(), "Save Checkpoint copy_to_loras (ComfyUI's models/loras)")
     device = resolve_device(cfg.train.device)
@@ -388,9 +319,6 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
         raise ConfigError(
             f"Train LoRA: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - lower gpus"
         )
-    if gpus > 1:  # the torchrun child loads the experts from their files: check their headers here
-        check_model_files(cfg.model, high="high" in cfg.multistage.stages or previews_enabled(cfg),
-                          low="low" in cfg.multistage.stages or previews_enabled(cfg))
     placed = cfg.distributed.expert_groups or cfg.distributed.shard_experts
     if placed and gpus == 1:
         raise ConfigError("Train LoRA: gpu_placement other than 'data parallel' needs gpus of 2 or more - raise gpus "
@@ -462,7 +390,7 @@ def _train(
     if result.trained:
         experts.trained(stages, cfg.quant)
     progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")
-    return result.run_dir, result.losses, _pair_from_files(cfg, result.run_dir, result.step)
+    return result.run_dir, result.losses, final_pair(cfg, result.run_dir, result.step)
 
 
 def _train_torchrun(
@@ -499,18 +427,7 @@ def _train_torchrun(
     run_dir = Path(done["run_dir"])
     progress.text(f"done: {done['step']} steps on {gpus} GPUs; LoRA pair in {run_dir}")
     losses = reporter.losses or read_losses(run_dir)
-    return run_dir, losses, _pair_from_files(cfg, run_dir, done["step"])
-
-
-def _pair_from_files(cfg: JobConfig, run_dir: Path, step: int) -> LoraPair:
-    """The run's final pair as saved (the EMA weights with ema on): what the node outputs and copies."""
-    namer = ema_lora_file_name if cfg.advanced.ema else lora_file_name
-    files = {n: run_dir / namer(cfg.name, step, n) for n in cfg.multistage.stages}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise TrainerError(f"Train LoRA: the final LoRA file {missing[0]} is missing - was it moved or deleted?")
-    tensors = {n: load_file(str(p)) for n, p in files.items()}
-    return LoraPair(cfg.lora, tensors, files, step, cfg.trigger_word)
+    return run_dir, losses, final_pair(cfg, run_dir, done["step"])
 
 
 def _stop_message(runs: list[RunFolder]) -> str:

@@ -269,7 +269,7 @@ def test_init_files_that_do_not_fit_are_refused_before_any_model_loads(tmp_path,
 def N(monkeypatch, tmp_path):
     host = F.install(monkeypatch, tmp_path)
     pack = F.load_pack()
-    monkeypatch.setattr(sys.modules[f"{F.PACK_NAME}.nodes.bundle"], "_STORES", weakref.WeakValueDictionary())
+    monkeypatch.setattr(sys.modules["trainer_core.bundle"], "_STORES", weakref.WeakValueDictionary())
     return pack.NODE_CLASS_MAPPINGS, host
 
 

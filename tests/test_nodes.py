@@ -64,7 +64,7 @@ def pack(host):
 @pytest.fixture
 def N(pack, monkeypatch):
     # Every test starts without loaded components (stores are shared by equal model settings within a process).
-    monkeypatch.setattr(sys.modules[f"{F.PACK_NAME}.nodes.bundle"], "_STORES", weakref.WeakValueDictionary())
+    monkeypatch.setattr(sys.modules["trainer_core.bundle"], "_STORES", weakref.WeakValueDictionary())
     return pack.NODE_CLASS_MAPPINGS
 
 

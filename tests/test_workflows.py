@@ -102,7 +102,7 @@ def pack(monkeypatch, tmp_path):
                        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("vae", "wan_2.1_vae.safetensors")):
         (host.folder(kind) / name).write_bytes(b"")
     pack = F.load_pack()
-    monkeypatch.setattr(sys.modules[f"{F.PACK_NAME}.nodes.bundle"], "_STORES", weakref.WeakValueDictionary())
+    monkeypatch.setattr(sys.modules["trainer_core.bundle"], "_STORES", weakref.WeakValueDictionary())
     pack.host = host
     return pack
 

@@ -178,6 +178,35 @@ def _make_layer(linear: nn.Linear, cfg: QuantConfig, fp8: bool) -> nn.Module:
     return NF4Linear(linear, dtype) if cfg.quantizer == "nf4" else UInt4Linear(linear, dtype)
 
 
+def _quantized_layer(
+    name: str,
+    linear: nn.Linear,
+    cfg: QuantConfig,
+    fp8: bool,
+    report: QuantReport,
+    adapters: AdapterSet | None,
+    recorder: CovarianceRecorder | None,
+    computed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> nn.Module:
+    """``linear`` quantized, with its accuracy recovery adapter (from the cache, a file, or computed now and added to
+    ``computed``) and its relative output error recorded in ``report``."""
+    layer = _make_layer(linear, cfg, fp8)
+    if report.ara_source == "cache":  # adapters and their errors were stored with the cache
+        layer.set_ara(*adapters.adapters[name], layer.compute_dtype)
+        return layer
+    cov = recorder.covariance(name) if recorder is not None else None
+    weight = linear.weight.float()
+    residual = weight - layer.dequantize()
+    if cfg.transformer == "4bit_ara":
+        given = adapters.adapters[name] if adapters is not None else None
+        down, up = given or low_rank_adapter(residual, cfg.ara_rank, cov)
+        layer.set_ara(down, up, layer.compute_dtype)
+        if report.ara_source == "computed":
+            computed[name] = (layer.ara_down.cpu(), layer.ara_up.cpu())
+    report.errors[name] = relative_output_errors(weight, residual, layer.ara_down, layer.ara_up, cov)
+    return layer
+
+
 def quantize_expert(
     model: nn.Module,
     cfg: QuantConfig,
@@ -236,24 +265,8 @@ def quantize_expert(
                 recorder = CovarianceRecorder({n: layers[n] for n in names})
                 inputs = run_block(block, inputs, recorder)
             for name in names:
-                linear = layers.pop(name)
-                layer = _make_layer(linear, cfg, fp8)
-                if report.ara_source == "cache":  # adapters and their errors were stored with the cache
-                    layer.set_ara(*adapters.adapters[name], layer.compute_dtype)
-                else:
-                    cov = recorder.covariance(name) if recorder is not None else None
-                    weight = linear.weight.float()
-                    residual = weight - layer.dequantize()
-                    if use_ara:
-                        given = adapters.adapters[name] if adapters is not None else None
-                        down, up = given or low_rank_adapter(residual, cfg.ara_rank, cov)
-                        layer.set_ara(down, up, layer.compute_dtype)
-                        if report.ara_source == "computed":
-                            computed[name] = (layer.ara_down.cpu(), layer.ara_up.cpu())
-                    report.errors[name] = relative_output_errors(weight, residual, layer.ara_down, layer.ara_up, cov)
-                    del weight, residual
+                layer = _quantized_layer(name, layers.pop(name), cfg, fp8, report, adapters, recorder, computed)
                 _replace(model, name, layer)
-                del linear
             if recorder is not None:
                 recorder.close()
     if use_ara and cfg.quantizer == "nf4":
