@@ -9,13 +9,14 @@ from pydantic import ValidationError
 from trainer_core.api import ExpertsBundle
 from trainer_core.config import MemoryConfig, ModelConfig, format_validation_error
 from trainer_core.errors import ConfigError
+from trainer_core.names import DTYPES as DTYPE_NAMES
 
 from . import host
 from .bundle import CATEGORY, EXPERTS
 
 NONE = "none"
 SOURCES = ("comfy files", "diffusers folder", "HF repo id", "tiny")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = tuple(DTYPE_NAMES)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from trainer_core.names import EXPERTS
+
 COLOURS = {"high": (230, 120, 40), "low": (60, 140, 230)}
 _FAINT = {k: tuple(int(c * 0.35 + 255 * 0.65) for c in v) for k, v in COLOURS.items()}
 _BG, _AXIS, _TEXT = (255, 255, 255), (90, 90, 90), (30, 30, 30)
@@ -40,7 +42,7 @@ def loss_curve(losses: list[tuple[int, str, float]], width: int = 768, height: i
         return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (value - lo) / (hi - lo) * (bottom - top))
 
     legend_x = left + 8
-    for expert in ("high", "low"):
+    for expert in EXPERTS:
         rows = [(s, v) for s, e, v in losses if e == expert]
         if not rows:
             continue

@@ -37,7 +37,8 @@ from safetensors import SafetensorError, safe_open
 from ..config import DEFAULT_LORA_TARGETS, LoraConfig, ModelConfig
 from ..errors import LoraFileError
 from ..keys import parse_lora_key
-from .io import EXPERT_SUFFIX, PREFIX, native_modules
+from ..names import EXPERT_SUFFIX
+from .io import PREFIX, native_modules
 
 #: The naming of each format, as error messages and logs describe it.
 NAMINGS = {

@@ -14,7 +14,8 @@ from torch import nn
 from ..config import JobConfig
 from ..errors import ConfigError
 from .formats import check_fits_config, expert_arch, inspect_lora_file, read_lora_file
-from .io import EXPERT_SUFFIX, load_lora_tensors, native_modules
+from ..names import EXPERT_SUFFIX
+from .io import load_lora_tensors, native_modules
 
 
 def init_file(cfg: JobConfig, expert: str) -> str | None:

@@ -27,9 +27,9 @@ from ..config import LoraConfig
 from ..errors import LoraFileError
 from ..fileio import save_safetensors_atomic
 from ..keys import diffusers_module_to_original
+from ..names import EXPERT_SUFFIX
 
 PREFIX = "diffusion_model."
-EXPERT_SUFFIX = {"high": "high_noise", "low": "low_noise"}
 SAVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_LISTED = 5
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, T5Tokenizer, UMT5EncoderModel
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from ..names import DTYPES
 from ..timing import logged_seconds
 from . import tiny
 from .single_file import (
@@ -40,7 +41,6 @@ from .single_file import (
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 #: Subfolders of a diffusers Wan 2.2 folder (like Wan-AI/Wan2.2-T2V-A14B-Diffusers).
 SUBFOLDERS = {

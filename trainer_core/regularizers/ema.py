@@ -20,7 +20,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ..config import LoraConfig
 from ..errors import LoraFileError
 from ..lora import lora_file_name, lora_parameters, lora_state_dict_comfy, save_lora
-from ..lora.io import EXPERT_SUFFIX
+from ..names import EXPERT_SUFFIX
 
 
 def ema_lora_file_name(name: str, step: int, expert: str) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError, LoraFileError
 from ..lora import adapter_config, attach_lora, load_lora_tensors, read_lora_file
-from ..lora.io import EXPERT_SUFFIX
+from ..names import EXPERT_SUFFIX
 
 
 def attach_lora_file(

@@ -16,7 +16,7 @@ from ..config import JobConfig, SampleConfig
 from ..errors import ConfigError
 from ..lora import inspect_lora_file
 from ..lora.formats import expert_arch
-from ..lora.io import EXPERT_SUFFIX
+from ..names import EXPERT_SUFFIX
 from ..models import load_components
 from .lora_files import attach_lora_file
 from .sampler import encode_sample_prompts, sample_metadata, sample_videos

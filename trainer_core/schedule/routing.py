@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-
-_STAGES = ("high", "low")
+from ..names import EXPERTS
 
 
 def expert_for_timestep(t: float, boundary: float) -> str:
@@ -25,7 +24,7 @@ def high_noise_mask(t: torch.Tensor, boundary: float) -> torch.Tensor:
 
 
 def _check_stages(stages: list[str], switch_every: int) -> None:
-    if not stages or len(set(stages)) != len(stages) or any(s not in _STAGES for s in stages):
+    if not stages or len(set(stages)) != len(stages) or any(s not in EXPERTS for s in stages):
         raise ConfigError(f"stages must be a non-empty list of distinct 'high'/'low', got {stages!r}")
     if switch_every < 1:
         raise ConfigError(f"multistage.switch_every must be >= 1 (1 alternates every step), got {switch_every}")

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..names import EXPERTS
 
 TIMESTEP_TYPES = ("linear", "sigmoid", "shift", "weighted")
 TIMESTEP_BIASES = ("balanced", "high_noise", "low_noise")
-EXPERTS = ("high", "low")
 
 # ai-toolkit's "weighted" table (toolkit/timestep_weighing/default_weighing_scheme.py): for each of its 1000
 # training timesteps, the reciprocal of the flow-matching MSE it measured on one image with Flex.1-alpha,

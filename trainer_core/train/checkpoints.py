@@ -13,13 +13,12 @@ from ..config import JobConfig
 from ..errors import TrainingDiverged
 from ..fileio import atomic_write
 from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora_tensors
+from ..names import DTYPES
 from ..regularizers import ema_lora_file_name, ema_lora_state_dict
 from .experts import Expert
 from .resume import apply_hyperparameters
 from .runs import RunFolder, state_file_name
 from .state_io import load_state, save_state
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def lora_metadata(cfg: JobConfig, base_model: str, step: int, expert: str, run_id: str = "") -> dict[str, str]:
@@ -105,7 +104,7 @@ def save_checkpoint(
         if bad is not None:
             raise TrainingDiverged(f"the {name}-noise expert's {bad} became NaN/Inf by step {step}; nothing was "
                                    "saved for it")
-    dtype = _DTYPES[cfg.save.dtype]
+    dtype = DTYPES[cfg.save.dtype]
     files, written = {}, []
     for name, snap in experts.items():
         meta = lora_metadata(cfg, base_model, step, name, run.run_id)

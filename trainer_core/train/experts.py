@@ -17,8 +17,6 @@ from ..memory import BlockPlan, ExpertMemory, Plan, install_block_plan
 from ..regularizers import LoraEMA
 from .optim import build_lr_scheduler, build_optimizer
 
-EXPERT_SUFFIX = {"high": "high_noise", "low": "low_noise"}
-
 
 @dataclass
 class Expert:

@@ -40,6 +40,7 @@ from ..data import VideoDataset
 from ..errors import ConfigError
 from ..fileio import TMP_SUFFIX, atomic_write, check_writable
 from ..lora import lora_file_name
+from ..names import EXPERTS
 from ..regularizers import ema_lora_file_name
 from .resume import check_resume_compatible
 
@@ -171,7 +172,7 @@ class RunFolder:
         """This run's LoRA files of ``step`` (EMA ones with ``ema``) that exist, by expert."""
         recorded = self.manifest.checkpoints.get(step)
         namer = ema_lora_file_name if ema else lora_file_name
-        paths = {n: self.path / namer(self.manifest.name, step, n) for n in ("high", "low")}
+        paths = {n: self.path / namer(self.manifest.name, step, n) for n in EXPERTS}
         return {n: p for n, p in paths.items() if p.is_file() and (recorded is None or p.name in recorded)}
 
     def states(self) -> list[tuple[int, Path]]:
@@ -265,7 +266,7 @@ def _legacy_manifest(folder: Path, cfg: JobConfig) -> Manifest | None:
         return None
     created = min((folder / state_file_name(s)).stat().st_mtime for s in states)
     names = {s: [state_file_name(s)] + [namer(cfg.name, s, n) for namer in (lora_file_name, ema_lora_file_name)
-                                        for n in ("high", "low")] for s in states}
+                                        for n in EXPERTS] for s in states}
     return Manifest(run_id="", name=cfg.name, created=created, checkpoints=names)
 
 
