@@ -1,0 +1,44 @@
+"""CPU smoke run of benchmarks/e2e_fullscale.py: the same script the H200 runs, on the tiny model's files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+from benchmarks import e2e_fullscale
+
+
+def test_tiny_end_to_end_from_comfy_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    res = e2e_fullscale.main(["--tiny", "--root", str(tmp_path / "root"), "--out", str(out), "--phases",
+                              "files,job512,sample", "--steps", "6", "--save-every", "3", "--clips", "4",
+                              "--preview-steps", "2", "--sample-steps", "2"])
+    assert json.loads((out / "e2e_fullscale.json").read_text())["job512"]["rc"] == 0
+    # The files are ComfyUI's fp8_scaled layout: float8 block weights with a scale each, behind the model prefix.
+    with safe_open(str(e2e_fullscale.model_path(_Args(tmp_path), "high")), "pt") as f:
+        keys = set(f.keys())
+        assert "model.diffusion_model.scaled_fp8" in keys
+        q = "model.diffusion_model.blocks.0.self_attn.q"
+        assert f.get_tensor(f"{q}.weight").dtype.itemsize == 1 and f"{q}.scale_weight" in keys
+    with safe_open(str(e2e_fullscale.model_path(_Args(tmp_path), "text_encoder")), "pt") as f:
+        assert "spiece_model" in f.keys()
+    job = res["job512"]
+    assert job["steps"] == 6 and all(math.isfinite(x) for x in job["losses"])
+    for phase in ("loaded the high-noise expert", "loaded the low-noise expert", "loaded the text encoder",
+                  "caption embeddings ready", "checkpoint of step 6 written", "preview of step 3 (1 video(s))"):
+        assert phase in job["phases_s"], phase
+    assert 0 < job["time_to_first_step_s"] < job["wall_s"]
+    assert job["host_gib"]["VmHWM"] > 0
+    assert set(job["lora_files"]) == {"high", "low"} and all(Path(p).is_file() for p in job["lora_files"].values())
+    sample = res["sample"]
+    assert sample["rc"] == 0 and sample["video_bytes"] > 0
+    assert "--lora-high" in sample["cmd"] or "--lora-low" in sample["cmd"]
+
+
+class _Args:
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path / "root"
