@@ -1,9 +1,10 @@
-"""Headless entry point: ``python -m trainer_core train CONFIG.yaml`` and ``python -m trainer_core demo``."""
+"""Headless entry point: ``python -m trainer_core train|check|sample|demo`` (see ``--help``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Folders of at least this many files show a counter on stderr while they are scanned and decoded.
+PROGRESS_FROM = 20
+
+
+class _Counter:
+    """``what: done/total`` on stderr while ``check`` scans and decodes a large dataset (one line rewritten on a
+    terminal; every tenth otherwise, so logs stay short)."""
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if total < PROGRESS_FROM:
+            return
+        if sys.stderr.isatty():
+            print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"{what}: {done}/{total}", file=sys.stderr, flush=True)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Dry-run a job (:func:`~trainer_core.check.check_job`): the report on stdout, each reason it cannot train as
+    an ``error:`` line on stderr; exit status 2 when there is one."""
+    from .check import check_job
+
+    cfg, notes = load_job(args.config)
+    result = check_job(cfg, gpu_gib=args.gpu_gib, decode=not args.no_decode, progress=_Counter())
+    result.warnings = [*notes, *result.warnings]  # the job file's first, as `train` prints them
+    print(f"checked {args.config} (job '{cfg.name}', {cfg.train.steps} steps)\n")
+    print(result.report())
+    for reason in result.reasons:
+        print(f"error: {reason}", file=sys.stderr)
+    return 0 if result.can_train else 2
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size in GiB (e.g. 24 for a 24 GB card)")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .data.synthetic import make_synthetic_dataset
     from .train.loop import losses_summary, run_training
@@ -136,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--stop-file", help="expert groups: when this file appears, stop at the end of the round "
                          "with a resumable state")
     p_train.set_defaults(func=_cmd_train)
+    p_check = sub.add_parser("check", help="dry run: validate a job, scan and decode its dataset, plan its GPU and "
+                             "host memory; loads no model weight, exit status 2 when it cannot train")
+    p_check.add_argument("config", help="path to the job YAML (this trainer's schema or ai-toolkit's)")
+    p_check.add_argument("--gpu-gib", type=_gib, help="plan for a card with this many GiB free (default: this "
+                         "machine's GPU)")
+    p_check.add_argument("--no-decode", action="store_true", help="skip decoding one sample of every file (the scan "
+                         "still opens each file and decodes a few frames)")
+    p_check.set_defaults(func=_cmd_check)
     p_sample = sub.add_parser("sample", help="render videos with the job's model, sample settings and any LoRA pair")
     p_sample.add_argument("config", help="job YAML: model, sample and multistage.boundary are used")
     p_sample.add_argument("--lora-high", help="high-noise expert's LoRA (.safetensors; ComfyUI, ai-toolkit, kohya/"

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..config import DatasetConfig, share_problem
 from ..errors import ConfigError, DatasetError
@@ -190,11 +190,19 @@ def _setting_warnings(where: str, cfg: DatasetConfig) -> list[str]:
     return out
 
 
+#: ``progress(what, files done, files in all)``: called as each file of a dataset folder is scanned, with ``what``
+#: naming the folder's dataset (``scanning datasets[0]``).
+ScanProgress = Callable[[str, int, int], None]
+
+
 class _Scanner:
     """Turns one dataset folder into a :class:`DatasetScan`."""
 
-    def __init__(self, d: int, cfg: DatasetConfig, trigger: str | None, caption_override: str | None) -> None:
-        self.d, self.cfg, self.trigger, self.override = d, cfg, trigger, caption_override
+    def __init__(
+        self, d: int, cfg: DatasetConfig, trigger: str | None, caption_override: str | None,
+        progress: ScanProgress | None = None,
+    ) -> None:
+        self.d, self.cfg, self.trigger, self.override, self.progress = d, cfg, trigger, caption_override, progress
         self.label = f"datasets[{d}]"
         self.folder = Path(cfg.folder).expanduser().resolve()
         self.where = f"dataset {d + 1} ({self.folder})"
@@ -214,7 +222,9 @@ class _Scanner:
     def scan(self) -> DatasetScan:
         files = _scan_folder(self.folder, self.label)
         ignored = []
-        for path in files:
+        for done, path in enumerate(files, 1):
+            if self.progress is not None:
+                self.progress(f"scanning {self.label}", done, len(files))
             if media_kind(path):
                 try:
                     self.add(probe(path))
@@ -336,11 +346,13 @@ def build_dataset(
     trigger_word: str | None,
     seed: int,
     caption_override: str | None = None,
+    progress: ScanProgress | None = None,
 ) -> VideoDataset:
     """Scan every dataset folder (subfolders included), read captions, assign buckets and plan epochs.
 
     ``caption_override`` makes every item's caption that exact text and skips reading caption files (text-encoder
-    ``unload`` mode: see :func:`~trainer_core.data.text_cache.unload_caption`).
+    ``unload`` mode: see :func:`~trainer_core.data.text_cache.unload_caption`). ``progress`` hears of every file
+    scanned (a large folder takes a while: each media file is opened and a few of its frames decoded).
 
     Bad files are skipped and reported (see the module docstring). Raises :class:`DatasetError` naming the folder
     or file for a missing or empty folder, ``[trigger]`` without a trigger word, a dataset left with no usable
@@ -361,7 +373,7 @@ def build_dataset(
                 raise ConfigError(
                     f"datasets[{d}].prepend_trigger is on but no trigger_word is set - set one or turn it off"
                 )
-    scans = [_Scanner(d, cfg, trigger, caption_override).scan() for d, cfg in enumerate(datasets)]
+    scans = [_Scanner(d, cfg, trigger, caption_override, progress).scan() for d, cfg in enumerate(datasets)]
     for d, first in _repeated_entries(datasets).items():
         scans[d].warnings.append(
             f"datasets[{d}] repeats datasets[{first}] (the same folder with the same settings), so its files count "

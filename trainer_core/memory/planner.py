@@ -83,6 +83,7 @@ from ..data.buckets import bucket_sizes
 from ..errors import ConfigError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
 from ..models.single_file import fp32_kept_modules, tensor_dtype
+from ..names import EXPERTS
 from .blocks import choose_block_plan
 
 log = logging.getLogger(__name__)
@@ -695,6 +696,71 @@ def experts_load_on_device(cfg: JobConfig, plan: Plan, experts: int, sharded: bo
     extra = max(0, loaded - stored) + _te_bytes(SideModels.for_model(cfg.model), _knobs(cfg, "cuda"))
     return plan.required_bytes + extra <= plan.free_bytes
 
+
+
+@dataclass
+class HostMemory:
+    """Host (CPU) memory a job needs in each phase of its set-up and training, estimated like the VRAM plan."""
+
+    phases: dict[str, list[PlanItem]]
+
+    @property
+    def phase(self) -> str:
+        """The phase that needs the most host memory."""
+        return max(self.phases, key=lambda name: sum(i.nbytes for i in self.phases[name]))
+
+    @property
+    def peak_bytes(self) -> int:
+        """Host bytes of the heaviest phase."""
+        return sum(i.nbytes for i in self.phases[self.phase])
+
+    def summary(self) -> str:
+        """The peak with what it holds, and the other phases' totals."""
+        lines = [f"host RAM: about {self.peak_bytes / GIB:.1f} GiB at the peak, {self.phase}"]
+        lines += [f"  {i.label}: {i.nbytes / GIB:.2f} GiB" for i in self.phases[self.phase] if i.nbytes]
+        others = [f"{name} {sum(i.nbytes for i in items) / GIB:.1f} GiB" for name, items in self.phases.items()
+                  if name != self.phase]
+        if others:
+            lines.append(f"  other phases: {', '.join(others)}")
+        lines.append("  (plus the Python process and the data workers, a few GiB)")
+        return "\n".join(lines)
+
+
+def estimate_host_memory(cfg: JobConfig, plan: Plan) -> HostMemory:
+    """The job's host memory per phase, from its settings and its VRAM ``plan`` (nothing is loaded).
+
+    Caption encoding: the text encoder (in ``model.text_encoder_dtype``, before any float8) and the VAE are read into
+    host memory. Loading the experts: one at a time, each unquantized in ``model.dtype`` in host memory unless it is
+    a ComfyUI file read straight to the GPU (:func:`experts_load_on_device`), beside the pinned copies of the experts
+    placed before it. Training: the pinned weights Low VRAM and block offloading keep in host memory
+    (``plan.host_bytes``), and any expert rendered in previews but not trained, which waits on the CPU unquantized.
+    """
+    shapes = ExpertShapes.from_arch(model_arch(cfg.model))
+    head, block = _weight_bytes(shapes, cfg.model.dtype, "none", "", 0)
+    expert = head + shapes.num_blocks * block
+    side = SideModels.for_model(cfg.model)
+    trained = cfg.multistage.stages
+    waiting = [n for n in EXPERTS if cfg.sample.during_training and n not in trained]
+    direct = not waiting and experts_load_on_device(cfg, plan, len(trained))
+    files = {"high": cfg.model.high_noise, "low": cfg.model.low_noise}
+    through_host = [n for n in trained if not (direct and files[n])]
+    pinned_before_last = plan.host_bytes * (len(trained) - 1) // max(len(trained), 1)
+    phases = {
+        "caption encoding": [
+            PlanItem("host", "text encoder", side.text_encoder_params * _DTYPE_BYTES[cfg.model.text_encoder_dtype]),
+            PlanItem("host", "VAE", side.vae_params * _DTYPE_BYTES[cfg.model.vae_dtype]),
+        ],
+        "training": [
+            PlanItem("host", "pinned weights (Low VRAM / offloaded blocks)", plan.host_bytes),
+            *(PlanItem("host", f"{n}-noise expert (previews only, waits on the CPU)", expert) for n in waiting),
+        ],
+    }
+    if through_host:
+        phases["loading the experts"] = [
+            PlanItem("host", "pinned copies of the experts loaded before it", pinned_before_last),
+            PlanItem("host", f"one expert as loaded ({cfg.model.dtype}, before quantization)", expert),
+        ]
+    return HostMemory(phases)
 
 def check_plan(plan: Plan) -> Plan:
     """Return ``plan`` if it fits, else raise :class:`ConfigError` naming the settings to change."""

@@ -1,0 +1,215 @@
+"""``python -m trainer_core check``: a job's dry run. Exit 0 when it can train, 2 with one named reason per problem
+(bad model file, missing dataset folder, [trigger] without a trigger word, a card too small, a bad LoRA init file,
+a file that does not decode), the dataset report, VRAM plan and host-RAM estimate; no model weight is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer_core import cli
+from trainer_core.check import decode_failures
+from trainer_core.config import job_from_dict
+from trainer_core.data import build_dataset, make_synthetic_dataset
+from trainer_core.errors import DatasetError
+from trainer_core.memory import WAN22_A14B_ARCH, estimate_host_memory, estimate_peak_vram
+from trainer_core.memory.planner import GIB
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_weights(monkeypatch):
+    """Every loader of model weights fails the test if the check calls it."""
+    import trainer_core.models.loading as loading
+    import trainer_core.models.single_file as single_file
+    import trainer_core.quant.ara_files as ara_files
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check loaded model weights")
+
+    for module, name in ((loading, "_expert"), (loading, "_vae"), (loading, "_text_encoder"),
+                         (single_file, "load_transformer_file"), (single_file, "load_vae_file"),
+                         (single_file, "load_text_encoder_file"), (ara_files, "read_adapter_file")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def _job(tmp_path: Path, **sections) -> Path:
+    """The demo job (tiny preset, 8 synthetic clips) with ``sections`` merged in, written as YAML."""
+    job = cli.demo_config(tmp_path / "out", steps=40)
+    make_synthetic_dataset(job["datasets"][0]["folder"], n_clips=8, num_frames=9, size=(64, 64), seed=0)
+    for key, value in sections.items():
+        job[key] = {**job[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _check(capsys, path: Path, *args: str) -> tuple[int, str, list[str]]:
+    """Exit status, stdout and the ``error:`` lines of ``check``."""
+    status = cli.main(["check", str(path), *args])
+    out, err = capsys.readouterr()
+    return status, out, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_the_demo_job_can_train(tmp_path, capsys):
+    status, out, errors = _check(capsys, _job(tmp_path))
+    assert (status, errors) == (0, [])
+    assert "the job can train" in out
+    assert "8 item(s)" in out and "64x64x9: 8" in out  # the dataset report
+    assert "VRAM plan: peak" in out and "train.device is cpu" in out
+    assert "host RAM: about" in out
+
+
+def test_a_missing_model_file_is_named(tmp_path, capsys):
+    path = _job(tmp_path, model={"high_noise": str(tmp_path / "nope.safetensors")})
+    status, out, errors = _check(capsys, path)
+    assert status == 2 and len(errors) == 1
+    assert "model.high_noise" in errors[0] and "nope.safetensors" in errors[0]
+    assert "the job cannot train (1 reason(s))" in out
+
+
+def test_a_missing_dataset_folder_is_named(tmp_path, capsys):
+    path = _job(tmp_path)
+    job = yaml.safe_load(path.read_text())
+    job["datasets"][0]["folder"] = str(tmp_path / "no_such_clips")
+    path.write_text(yaml.safe_dump(job))
+    status, _, errors = _check(capsys, path)
+    assert status == 2 and len(errors) == 1
+    assert "datasets[0].folder" in errors[0] and "does not exist" in errors[0]
+
+
+def test_trigger_in_a_caption_without_a_trigger_word(tmp_path, capsys):
+    path = _job(tmp_path, trigger_word=None)
+    (tmp_path / "out" / "demo_clips" / "clip003.txt").write_text("[trigger] moves right")
+    status, _, errors = _check(capsys, path)
+    assert status == 2 and len(errors) == 1
+    assert "clip003.txt uses [trigger] but no trigger word is set" in errors[0]
+
+
+def test_a_job_that_does_not_fit_the_card(tmp_path, capsys):
+    path = _job(tmp_path, train={"device": "auto"})
+    status, out, errors = _check(capsys, path, "--gpu-gib", "1")  # the tiny job + memory.headroom_gib's 1 GiB
+    assert status == 2 and len(errors) == 1
+    assert "GiB of GPU memory but only 1.0 GiB are free" in errors[0]
+    assert "planned for a card with 1 GiB free" in out
+    status, out, errors = _check(capsys, path, "--gpu-gib", "24")
+    assert (status, errors) == (0, []) and ": fits" in out
+
+
+def test_a_bad_lora_init_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "init_high.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    status, _, errors = _check(capsys, _job(tmp_path, lora={"init_high": str(bad)}))
+    assert status == 2 and len(errors) == 1
+    assert "lora.init_high" in errors[0] and str(bad) in errors[0]
+
+
+def test_every_stage_reports_its_reason(tmp_path, capsys):
+    """Independent problems are listed together, one line each: fix them all before the next check."""
+    path = _job(tmp_path, model={"vae": str(tmp_path / "vae.safetensors")}, train={"device": "auto"})
+    job = yaml.safe_load(path.read_text())
+    job["datasets"][0]["folder"] = str(tmp_path / "gone")
+    path.write_text(yaml.safe_dump(job))
+    status, out, errors = _check(capsys, path, "--gpu-gib", "1")
+    assert status == 2 and len(errors) == 3
+    assert ["model.vae" in errors[0], "datasets[0].folder" in errors[1], "GPU memory" in errors[2]] == [True] * 3
+    assert all("\n" not in e for e in errors) and "Traceback" not in out
+
+
+def test_a_bad_job_file_exits_2_with_the_setting(tmp_path, capsys):
+    path = _job(tmp_path, multistage={"boundary": 1.5})
+    status, _, errors = _check(capsys, path)
+    assert status == 2 and "multistage.boundary" in errors[0]
+
+
+def test_short_fps_windows_and_uncaptioned_files_are_reported(tmp_path, capsys):
+    path = _job(tmp_path)
+    job = yaml.safe_load(path.read_text())
+    job["datasets"][0].update(frame_sampling="fps", fps=16.0, num_frames=33, default_caption="a square")
+    path.write_text(yaml.safe_dump(job))
+    (tmp_path / "out" / "demo_clips" / "clip005.txt").unlink()
+    status, out, errors = _check(capsys, path)
+    assert (status, errors) == (0, [])  # padded, as short_clip: pad says
+    assert "8 short clip(s) padded" in out and "the 33-frame window at 16 fps needs 2.00 s" in out
+    assert "1 of 8 usable file(s) have no .txt file" in out and "clip005.mp4" in out
+
+
+def test_a_file_that_does_not_decode_is_a_reason(tmp_path, monkeypatch):
+    clips = make_synthetic_dataset(tmp_path / "clips", n_clips=3, num_frames=5, size=(32, 32), seed=0)
+    cfg = job_from_dict({"model": {"source": "tiny"}, "datasets": [{"folder": str(clips), "num_frames": 5,
+                                                                     "resolutions": [32, 48]}]})  # fmt: skip
+    dataset = build_dataset(cfg.datasets, None, 0)
+    original = dataset.frames
+    decoded = []
+
+    def frames(plan):
+        decoded.append(plan.source.name)
+        if plan.source.name == "clip001.mp4":
+            raise DatasetError(f"cannot read media file {plan.source}: broken - re-encode it")
+        return original(plan)
+
+    monkeypatch.setattr(dataset, "frames", frames)
+    failures = decode_failures(dataset)
+    assert sorted(decoded) == ["clip000.mp4", "clip001.mp4", "clip002.mp4"]  # once per file, not per resolution
+    assert len(failures) == 1 and "clip001.mp4" in failures[0] and "training would stop" in failures[0]
+
+
+def test_progress_on_a_large_dataset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "PROGRESS_FROM", 8)
+    status, _, _ = _check(capsys, _job(tmp_path))
+    assert status == 0
+    # _check consumed the output: run again for stderr
+    cli.main(["check", str(tmp_path / "job.yaml")])
+    err = capsys.readouterr().err
+    assert "scanning datasets[0]: 16/16" in err  # 8 clips + 8 captions
+    assert "decoding one sample per file: 8/8" in err
+
+
+def test_an_aitoolkit_job_file(tmp_path, capsys):
+    job = yaml.safe_load((ROOT / "tests/data/aitoolkit/train_lora_wan22_14b_24gb.yaml").read_text())
+    proc = job["config"]["process"][0]
+    proc["training_folder"] = str(tmp_path / "out")
+    proc["device"] = "cpu"
+    proc["model"]["name_or_path"] = "tiny"
+    clips = make_synthetic_dataset(tmp_path / "clips", n_clips=2, num_frames=5, size=(32, 32), seed=1)
+    proc["datasets"][0].update(folder_path=str(clips), num_frames=5, resolution=[32])
+    path = tmp_path / "ait.yaml"
+    path.write_text(yaml.safe_dump(job))
+    status, out, errors = _check(capsys, path)
+    assert (status, errors) == (0, [])
+    assert "warning: config.process[0].model.qtype is changed" in out
+
+
+# ------------------------------------------------------------------------------------------- host-RAM estimate
+
+
+def _a14b(**sections):
+    job = {"model": {"high_noise": "high.safetensors", "low_noise": "low.safetensors"},
+           "datasets": [{"folder": "clips", "num_frames": 33, "resolutions": [512]}]}  # fmt: skip
+    job.update(sections)
+    return job_from_dict(job)
+
+
+def test_host_ram_of_the_24gb_recipe():
+    """Low VRAM, 4-bit experts: the second bf16 expert loads beside the first one's pinned 4-bit copy."""
+    cfg = _a14b(quant={"transformer": "4bit_ara"}, memory={"low_vram": True})
+    plan = estimate_peak_vram(cfg, WAN22_A14B_ARCH, 24 * GIB)
+    host = estimate_host_memory(cfg, plan)
+    expert_bf16 = 26.6 * GIB  # FACTS.md: one expert's bf16 weights
+    assert host.phase == "loading the experts"
+    assert host.peak_bytes == pytest.approx(plan.host_bytes / 2 + expert_bf16, rel=0.01)
+    assert sum(i.nbytes for i in host.phases["training"]) == plan.host_bytes > 0
+
+
+def test_host_ram_when_the_experts_load_straight_to_the_gpu():
+    """The trained expert stays whole on a big card: its ComfyUI file is read to it, and the text encoder is the
+    largest host load."""
+    cfg = _a14b(quant={"transformer": "float8"}, multistage={"train_low_noise": False})
+    plan = estimate_peak_vram(cfg, WAN22_A14B_ARCH, 139 * GIB)
+    host = estimate_host_memory(cfg, plan)
+    assert "loading the experts" not in host.phases and plan.host_bytes == 0
+    assert host.phase == "caption encoding"
+    assert host.peak_bytes == pytest.approx((10.6 + 0.47) * GIB, rel=0.02)  # UMT5-XXL in bf16, the VAE in fp32
