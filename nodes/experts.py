@@ -20,6 +20,15 @@ DTYPES = tuple(DTYPE_NAMES)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
+#: The file combos: the ModelConfig setting each fills and the ComfyUI model folder it lists.
+FILE_INPUTS = {
+    "high_noise_model": ("high_noise", "diffusion_models"),
+    "low_noise_model": ("low_noise", "diffusion_models"),
+    "text_encoder": ("text_encoder", "text_encoders"),
+    "vae": ("vae", "vae"),
+}
+
+
 def _files(kind: str) -> list[str]:
     return [NONE, *host.model_files(kind)]
 
@@ -34,7 +43,7 @@ class LoadWan22Experts:
                 "source": (SOURCES, {"default": "comfy files", "tooltip": (
                     "comfy files: the four files picked below (as ComfyUI's Wan 2.2 template uses). diffusers "
                     "folder / HF repo id: Wan2.2-T2V-A14B-Diffusers layout named in folder_or_repo. tiny: toy "
-                    "model for testing the graph in seconds")}),
+                    "model for testing the graph in seconds (the four files are then ignored)")}),
                 "high_noise_model": (_files("diffusion_models"), {"tooltip": (
                     "High-noise expert from models/diffusion_models, e.g. wan2.2_t2v_high_noise_14B_fp8_scaled; "
                     "'none' takes it from folder_or_repo")}),
@@ -74,6 +83,26 @@ class LoadWan22Experts:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls, source: str, high_noise_model: str, low_noise_model: str, text_encoder: str, vae: str
+    ) -> bool | str:
+        """Check the file combos in place of ComfyUI's "Value not in list", which it skips for the inputs named
+        here: with source tiny they are ignored, so a workflow saved with file names this installation lacks runs
+        with tiny as it is; otherwise each must be 'none' or a file ComfyUI lists."""
+        if source not in SOURCES:
+            return f"source {source!r} is not one of {', '.join(SOURCES)}"
+        if source == "tiny":
+            return True
+        picked = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model,
+                  "text_encoder": text_encoder, "vae": vae}  # fmt: skip
+        for name, value in picked.items():
+            kind = FILE_INPUTS[name][1]
+            if value != NONE and value not in host.model_files(kind):
+                return (f"{name} {value!r} is not in ComfyUI's models/{kind} - put the file there and refresh, pick "
+                        "another one or 'none', or set source to tiny")
+        return True
+
     RETURN_TYPES = (EXPERTS,)
     RETURN_NAMES = ("experts",)
     OUTPUT_TOOLTIPS = (
@@ -104,14 +133,14 @@ class LoadWan22Experts:
         headroom_gib: float,
         check_vram: bool,
     ) -> tuple[ExpertsBundle]:
-        """Validate the choice into a :class:`ModelConfig` and a :class:`MemoryConfig`; nothing is read yet."""
-        files = {
-            "high_noise": ("diffusion_models", high_noise_model),
-            "low_noise": ("diffusion_models", low_noise_model),
-            "text_encoder": ("text_encoders", text_encoder),
-            "vae": ("vae", vae),
+        """Validate the choice into a :class:`ModelConfig` and a :class:`MemoryConfig`; nothing is read yet. With
+        source tiny the four files are ignored."""
+        picked = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model,
+                  "text_encoder": text_encoder, "vae": vae}  # fmt: skip
+        settings = {} if source == "tiny" else {
+            FILE_INPUTS[name][0]: host.model_file_path(FILE_INPUTS[name][1], value)
+            for name, value in picked.items() if value != NONE
         }
-        settings = {k: host.model_file_path(kind, name) for k, (kind, name) in files.items() if name != NONE}
         try:
             model = ModelConfig(
                 source=_source(source, folder_or_repo.strip()),

@@ -103,7 +103,8 @@ class ExpertMemory:
             self.active = self.active or name
 
     def activate(self, name: str, *, wait: bool = False) -> SwitchRecord | None:
-        """Make ``name`` the expert being trained. Returns a record when low VRAM had to copy weights in.
+        """Make ``name`` the expert being trained. Returns a record when low VRAM had to copy weights in; the caller
+        logs it (the training loop, with the copy time it learns after the step), so a switch is logged once.
 
         ``wait=True`` blocks until the copies are done (a switch without overlap, for measurements).
         """
@@ -130,7 +131,6 @@ class ExpertMemory:
             record.copy_seconds()
         record.blocking_seconds = time.perf_counter() - t0
         self.switches.append(record)
-        log.info("switched to the %s-noise expert: %.2f GiB copied in", name, record.nbytes / 2**30)
         return record
 
     def offload(self, name: str) -> None:
@@ -177,5 +177,8 @@ class ExpertMemory:
         return SwitchRecord(expert.name, nbytes, 0.0, _start=start, _end=end)
 
     def _activate_on_use(self, expert: OffloadedExpert) -> None:
-        # A forward pass of an inactive expert (e.g. the sampler going from the high- to the low-noise expert).
-        self.activate(expert.name)
+        # A forward pass of an inactive expert (e.g. the sampler going from the high- to the low-noise expert): no
+        # caller sees this switch's record, so it is logged here.
+        record = self.activate(expert.name)
+        if record is not None:
+            log.info("switched to the %s-noise expert: %.2f GiB copied in", expert.name, record.nbytes / 2**30)
