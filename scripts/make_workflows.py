@@ -22,6 +22,9 @@ HERE = REPO / "example_workflows"
 
 HIGH, LOW = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
 TE, VAE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"
+#: LiteGraph draws a node's title bar above its ``pos`` (NODE_TITLE_HEIGHT): a node placed right below another must
+#: leave this much room for its own title, plus a gap.
+TITLE_HEIGHT, GAP = 30, 10
 
 #: Core nodes used here: link inputs, outputs, widget names (a seed's control value follows it in widgets_values).
 CORE = {
@@ -109,6 +112,11 @@ class Workflow:
         self.nodes.append(node)
         return node["id"]
 
+    def below(self, node_id: int) -> int:
+        """The ``y`` of a node placed under ``node_id``: its title bar clears the other node's body."""
+        node = self.nodes[node_id - 1]
+        return node["pos"][1] + node["size"][1] + TITLE_HEIGHT + GAP
+
     def connect_widget(self, src: int, slot: int, dst: int, widget: str, kind: str) -> None:
         """Feed widget ``widget`` of node ``dst`` from an output (the UI's widget-to-input socket)."""
         self.nodes[dst - 1]["inputs"].append({"name": widget, "type": kind, "widget": {"name": widget}, "link": None})
@@ -173,15 +181,15 @@ def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, mu
     loader = wf.add("Wan22LoadExperts", (0, 0), wf.widgets(
         "Wan22LoadExperts", high_noise_model=HIGH, low_noise_model=LOW, text_encoder=TE, vae=VAE, **experts),
         (340, 420))
-    y, model = 460, loader
+    model = loader
     if quant is not None:
-        model = wf.add("Wan22QuantizeARA", (0, y), wf.widgets("Wan22QuantizeARA", **quant), (340, 320))
+        model = wf.add("Wan22QuantizeARA", (0, wf.below(loader)), wf.widgets("Wan22QuantizeARA", **quant), (340, 320))
         wf.connect(loader, 0, model, "experts")
-        y += 340
-    ds = wf.add("Wan22BuildVideoDataset", (0, y), wf.widgets("Wan22BuildVideoDataset", **dataset), (340, 560))
-    report = wf.add("PreviewAny", (0, y + 600), [], (340, 200), title="Dataset report")
+    ds = wf.add("Wan22BuildVideoDataset", (0, wf.below(model)), wf.widgets("Wan22BuildVideoDataset", **dataset),
+                (340, 560))
+    report = wf.add("PreviewAny", (0, wf.below(ds)), [], (340, 200), title="Dataset report")
     ms = wf.add("Wan22ConfigureMultiStage", (380, 0), wf.widgets("Wan22ConfigureMultiStage", **multistage), (300, 150))
-    sv = wf.add("Wan22SaveCheckpoint", (380, 190), wf.widgets("Wan22SaveCheckpoint", **save), (300, 230))
+    sv = wf.add("Wan22SaveCheckpoint", (380, wf.below(ms)), wf.widgets("Wan22SaveCheckpoint", **save), (300, 230))
     tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 1140))
     wf.connect(ds, 1, report, "source")
     wf.connect(model, 0, tr, "experts")
@@ -189,17 +197,18 @@ def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, mu
     wf.connect(ms, 0, tr, "multistage")
     wf.connect(sv, 0, tr, "save")
     if previews is not None:
-        pv = wf.add("Wan22ConfigureTrainingPreviews", (380, 460),
+        pv = wf.add("Wan22ConfigureTrainingPreviews", (380, wf.below(sv)),
                     wf.widgets("Wan22ConfigureTrainingPreviews", **previews), (300, 480))
         wf.connect(pv, 0, tr, "previews")
     loss = wf.add("PreviewImage", (1120, 0), [], (400, 260), title="Loss curve")
     wf.connect(tr, 1, loss, "images")
-    sample = wf.add("Wan22PreviewSample", (1120, 300), wf.widgets("Wan22PreviewSample", **render), (360, 560))
+    sample = wf.add("Wan22PreviewSample", (1120, wf.below(loss)), wf.widgets("Wan22PreviewSample", **render),
+                    (360, 560))
     wf.connect(model, 0, sample, "experts")
     wf.connect(tr, 0, sample, "lora")
-    video = wf.add("CreateVideo", (1520, 300), [16], (220, 80))
+    video = wf.add("CreateVideo", (1520, wf.below(loss)), [16], (220, 80))
     wf.connect(sample, 0, video, "images")
-    save_video = wf.add("SaveVideo", (1520, 420), ["video/wan22_lora_preview", "auto", "auto"], (260, 120))
+    save_video = wf.add("SaveVideo", (1520, wf.below(video)), ["video/wan22_lora_preview", "auto", "auto"], (260, 120))
     wf.connect(video, 0, save_video, "video")
     return wf
 

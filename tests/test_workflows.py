@@ -4,6 +4,7 @@ classes as ComfyUI would run it, with the workflow's quantization, memory and re
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import weakref
@@ -153,6 +154,20 @@ def test_workflow_is_well_formed(pack, path):
         train = next(n for n in api.values() if n["class_type"] == "Wan22TrainLoRA")["inputs"]
         assert train["job_name"] and train["steps"] >= 1000
 
+
+#: LiteGraph's NODE_TITLE_HEIGHT: a node's title bar is drawn above its ``pos``; ``size`` is the body below it.
+TITLE_HEIGHT = 30
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_nodes_do_not_overlap(path):
+    """No node's rectangle, title bar included, overlaps another's as the ComfyUI canvas draws them."""
+    nodes = json.loads(path.read_text(encoding="utf-8"))["nodes"]
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes}  # fmt: skip
+    for a, b in itertools.combinations(boxes, 2):
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+        assert not (ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1), f"nodes {a} and {b} overlap"
 
 def _run_pack_part(pack, api, patches):
     """Execute the pack's nodes in dependency order as ComfyUI does (outputs of linked nodes as inputs)."""
