@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import JobConfig
-from ..data import LatentCache, VideoDataset, batch_refs, build_dataset
+from ..data import LatentCache, LoadedBatch, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import atomic_write, check_writable
@@ -33,6 +33,7 @@ from ..lora import check_lora_init, lora_file_name
 from ..memory import ExpertMemory, plan_job
 from ..memory.allocator import use_expandable_segments
 from ..memory.planner import experts_load_on_device
+from ..memory.swap import SwitchRecord
 from ..models import WanComponents, check_model_files, encode_video, load_components, load_expert
 from ..names import DTYPES, EXPERTS
 from ..quant import check_ara_source, quantize_text_encoder
@@ -258,7 +259,7 @@ class BatchStream:
         sliced = (placement.slice(ref, placement.trains(first_step + k // per_step)) for k, ref in enumerate(refs))
         self._loaded = trainer.latent_cache.prefetch(trainer.dataset, sliced, cfg.train.num_workers)
 
-    def take(self, n: int) -> list[tuple[RankBatch, object]]:
+    def take(self, n: int) -> list[tuple[RankBatch, LoadedBatch]]:
         """The next ``n`` batches (one step's micro-batches) with their loaded samples."""
         out = []
         for _ in range(n):
@@ -280,7 +281,7 @@ class _Round:
     losses: list[float]
     lrs: list[float]
     stop: bool  # a stop was requested: save and stop after this round
-    switch: object | None  # the expert switch this round made (its copy is logged)
+    switch: SwitchRecord | None  # the expert switch this round made (its copy is logged)
 
 
 class Trainer:
@@ -394,7 +395,7 @@ class Trainer:
 
     # --- step ----------------------------------------------------------------------------------------------------
 
-    def _take_batches(self) -> list[tuple[RankBatch, object]]:
+    def _take_batches(self) -> list[tuple[RankBatch, LoadedBatch]]:
         """The next step's micro-batches from the stream, advancing the position a state would save."""
         batches = self.stream.take(self.cfg.train.gradient_accumulation)
         self.prog.epoch, self.prog.batch_pos = self.stream.epoch, self.stream.position
