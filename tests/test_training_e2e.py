@@ -166,17 +166,25 @@ def test_saved_files_names_metadata_and_keep_last(tmp_path, clips):
 
 
 def test_untrained_expert_is_never_loaded(tmp_path, clips, monkeypatch):
-    seen = {}
-    real = loop.load_components
+    loaded, events = [], []
+    real_components, real_expert = loop.load_components, loop.load_expert
 
-    def spy(model_cfg, **kw):
-        seen.update(kw)
-        return real(model_cfg, **kw)
+    def spy_components(model_cfg, **kw):
+        events.append(("components", kw.get("high", True), kw.get("low", True)))
+        return real_components(model_cfg, **kw)
 
-    monkeypatch.setattr(loop, "load_components", spy)
+    def spy_expert(model_cfg, part, components, device="cpu"):
+        # The captions are cached and the text encoder freed before any expert is read: one big model at a time.
+        events.append(("expert", part, components.text_encoder is None))
+        loaded.append(part)
+        return real_expert(model_cfg, part, components, device)
+
+    monkeypatch.setattr(loop, "load_components", spy_components)
+    monkeypatch.setattr(loop, "load_expert", spy_expert)
     cfg = job_from_dict(_cfg(tmp_path, clips, multistage={"train_low_noise": False}, train={"steps": 2}))
     result = loop.run_training(cfg, progress_bar=False)
-    assert seen["low"] is False and seen["high"] is True
+    assert loaded == ["high"]
+    assert events == [("components", False, False), ("expert", "high", True)]
     assert set(result.lora_files) == {"high"}
 
 
