@@ -326,7 +326,7 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     if cfg.distributed.expert_groups and gpus % 2:
         raise ConfigError(f"Train LoRA: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
                           f"{gpus} - use an even number of GPUs")
-    plan_job(cfg, device, gpus)
+    plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
 
 
 class _StepReporter:

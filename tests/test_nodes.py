@@ -546,11 +546,10 @@ def test_a_run_logs_each_expert_switch_once(N, host, clips, caplog):
     assert [m.split(":")[0].split()[-2] for m in switches] == ["high-noise", "low-noise", "high-noise"]
 
 
-@pytest.mark.xfail(strict=True, reason="Train LoRA's _preflight (nodes/train.py) logs the plan through plan_job and "
-                   "the loop plans and logs it again: for the lead to wire (issue #20 item 5)")
 def test_a_run_logs_the_vram_plan_once(N, host, clips, caplog):
     plans = [m for m in _low_vram_run_log(N, host, caplog) if m.startswith("VRAM plan:")]
     assert len(plans) == 1
+
 
 def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew(N, host, clips, monkeypatch):
     mod = sys.modules[N["Wan22TrainLoRA"].__module__]

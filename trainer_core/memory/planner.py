@@ -794,11 +794,13 @@ def model_arch(cfg: ModelConfig) -> dict:
     return dict(WAN22_A14B_ARCH)
 
 
-def plan_job(cfg: JobConfig, device: torch.device, world: int = 1) -> Plan:
+def plan_job(cfg: JobConfig, device: torch.device, world: int = 1, *, quiet: bool = False) -> Plan:
     """Plan the job for ``device`` (one of ``world`` ranks) before anything is loaded: log the estimate beside the
-    free memory and, with ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit.
-    ``plan.offload_blocks`` is the count to use (``auto`` resolved)."""
+    free memory (unless ``quiet``: a pre-flight that only refuses, the run logs it) and, with
+    ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit. ``plan.offload_blocks`` is the count to
+    use (``auto`` resolved)."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type, world=world)
-    log.info("%s", plan.summary())
+    if not quiet:
+        log.info("%s", plan.summary())
     return check_plan(plan) if cfg.memory.check_vram else plan
