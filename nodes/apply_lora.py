@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from trainer_core.api import LoraPair
+from typing import TYPE_CHECKING, Any
 
 from . import host
 from .bundle import CATEGORY, LORA
+
+if TYPE_CHECKING:
+    from trainer_core.api import LoraPair
 
 
 class ApplyWan22LoraPair:

@@ -9,8 +9,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from trainer_core.config import DatasetConfig, format_validation_error
-from trainer_core.data import build_dataset
-from trainer_core.data.captions import TRIGGER_TOKEN
 from trainer_core.errors import ConfigError
 
 from . import host
@@ -119,6 +117,10 @@ class BuildVideoDataset:
         dataset: tuple[DatasetConfig, ...] | None = None,
     ) -> tuple[tuple[DatasetConfig, ...], str]:
         """Validate this folder's settings, scan the chain of datasets and report on it."""
+        # The decoders (av) load on first use, not at ComfyUI's start.
+        from trainer_core.data import build_dataset
+        from trainer_core.data.captions import TRIGGER_TOKEN
+
         if not folder.strip():
             raise ConfigError("Build Video Dataset: folder is empty - give a folder of clips under ComfyUI's input")
         settings = dict(

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from trainer_core.api import ExpertsBundle
 from trainer_core.config import MemoryConfig, ModelConfig, format_validation_error
 from trainer_core.errors import ConfigError
 from trainer_core.names import DTYPES as DTYPE_NAMES
 
 from . import host
 from .bundle import CATEGORY, EXPERTS
+
+if TYPE_CHECKING:
+    from trainer_core.api import ExpertsBundle
 
 NONE = "none"
 SOURCES = ("comfy files", "diffusers folder", "HF repo id", "tiny")
@@ -158,6 +161,8 @@ class LoadWan22Experts:
             )
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Load Wan22 Experts")) from None
+        from trainer_core.api import ExpertsBundle  # the models' libraries: on first use, not at ComfyUI's start
+
         return (ExpertsBundle(model, memory),)
 
 

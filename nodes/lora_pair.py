@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from trainer_core.api import LoraPair
 from trainer_core.errors import ConfigError
-from trainer_core.lora import adapter_config, read_lora_file
 
 from . import host
 from .bundle import CATEGORY, LORA
+
+if TYPE_CHECKING:
+    from trainer_core.api import LoraPair
 
 NONE = "none"
 _T = "tooltip"
@@ -60,6 +62,9 @@ class LoadWan22LoraPair:
 
     def load(self, lora_high: str, strength_high: float, lora_low: str, strength_low: float) -> tuple[LoraPair]:
         """Read both files (each checked from its header first) into a :class:`LoraPair` in ComfyUI naming."""
+        from trainer_core.api import LoraPair  # peft and the models' libraries: on first use, not at ComfyUI's start
+        from trainer_core.lora import adapter_config, read_lora_file
+
         picked = {e: (name, s) for e, name, s in (("high", lora_high, strength_high), ("low", lora_low, strength_low))
                   if name != NONE}
         if not picked:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from trainer_core.api import ExpertsBundle
 from trainer_core.config import QuantConfig, format_validation_error
 from trainer_core.errors import ConfigError
-from trainer_core.quant import check_ara_source
 
 from . import host
 from .bundle import CATEGORY, EXPERTS
+
+if TYPE_CHECKING:
+    from trainer_core.api import ExpertsBundle
 
 COMPUTE = "compute"
 _T = "tooltip"
@@ -103,5 +105,7 @@ class QuantizeARA:
             )
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Quantize ARA")) from None
+        from trainer_core.quant import check_ara_source  # bitsandbytes: on first use, not at ComfyUI's start
+
         check_ara_source(cfg)
         return (experts.with_quant(cfg),)

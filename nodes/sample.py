@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
 
-from trainer_core.api import ExpertsBundle, LoraPair, lora_attached, placed
 from trainer_core.config import WAN_NEGATIVE_PROMPT, SampleConfig, format_validation_error
 from trainer_core.errors import ConfigError
-from trainer_core.sample import SCHEDULERS, encode_sample_prompts, native_recipe, sample_videos
+from trainer_core.sample import SCHEDULERS, native_recipe
 
 from . import host
 from .bundle import CATEGORY, EXPERTS, LORA
+
+if TYPE_CHECKING:
+    from trainer_core.api import ExpertsBundle, LoraPair
 
 SAMPLE = "WAN22_SAMPLE"
 _T = "tooltip"
@@ -126,6 +128,10 @@ class PreviewSample:
         unique_id: str | None = None,
     ) -> tuple[torch.Tensor]:
         """Encode the prompts, render each video, and return all frames as one IMAGE batch ``[F, H, W, 3]``."""
+        # The sampler's libraries (diffusers, peft, transformers) load on first use, not at ComfyUI's start.
+        from trainer_core.api import lora_attached, placed
+        from trainer_core.sample import encode_sample_prompts, sample_videos
+
         cfg = _sample_config(
             prompts,
             negative_prompt=negative_prompt,

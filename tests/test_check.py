@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def no_weights(monkeypatch):
     """Every loader of model weights fails the test if the check calls it."""
-    import trainer_core.models.loading as loading
-    import trainer_core.models.single_file as single_file
-    import trainer_core.quant.ara_files as ara_files
+    from trainer_core.models import loading, single_file
+    from trainer_core.quant import ara_files
 
     def refuse(*args, **kwargs):
         raise AssertionError("check loaded model weights")

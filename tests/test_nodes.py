@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
 
 from tests.model_fixtures import save_comfy_files, save_diffusers_folder, tiny_components  # noqa: E402
+import trainer_core.bundle  # noqa: E402
+import trainer_core.data  # noqa: E402
+import trainer_core.sample  # noqa: E402
 from trainer_core.config import ModelConfig, MultiStageConfig, QuantConfig, SampleConfig, job_from_dict  # noqa: E402
 from trainer_core.data import make_synthetic_dataset  # noqa: E402
 from trainer_core.errors import ConfigError, DatasetError, LoraFileError  # noqa: E402
@@ -65,7 +68,7 @@ def pack(host):
 @pytest.fixture
 def N(pack, monkeypatch):
     # Every test starts without loaded components (stores are shared by equal model settings within a process).
-    monkeypatch.setattr(sys.modules["trainer_core.bundle"], "_STORES", weakref.WeakValueDictionary())
+    monkeypatch.setattr(trainer_core.bundle, "_STORES", weakref.WeakValueDictionary())
     return pack.NODE_CLASS_MAPPINGS
 
 
@@ -381,9 +384,10 @@ def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clip
     }
     base_ds = widgets(ds_cls, folder="clips", num_frames=5, resolutions="32")
     assert set(changes) | {"folder", "resolutions"} == set(base_ds)
-    # Scanning is the core's (tested there); here only the DatasetConfig handed to it matters.
+    # Scanning is the core's (tested there); here only the DatasetConfig handed to it matters (the node imports it
+    # when it runs).
     scanned = []
-    monkeypatch.setattr(sys.modules[ds_cls.__module__], "build_dataset", lambda cfgs, trig, seed: scanned.append(
+    monkeypatch.setattr(trainer_core.data, "build_dataset", lambda cfgs, trig, seed: scanned.append(
         cfgs) or type("Report", (), {"report": lambda self: "ok"})())
     (base,), report = F.call(ds_cls, **base_ds)
     assert report == "ok" and scanned[-1] == [base]
@@ -773,10 +777,9 @@ def test_preview_sample_matches_the_core_sampler_with_the_saved_files(N, host, c
 
 def test_preview_sample_widgets_reach_the_sampler(N, host, monkeypatch):
     cls = N["Wan22PreviewSample"]
-    mod = sys.modules[cls.__module__]
-    seen = []
-    monkeypatch.setattr(mod, "sample_videos", lambda h, lo, v, cache, cfg, boundary, on_step: seen.append(
-        (cfg, boundary)) or [torch.zeros(1, 16, 16, 3)])
+    seen = []  # the node imports the sampler when it runs
+    monkeypatch.setattr(trainer_core.sample, "sample_videos", lambda h, lo, v, cache, cfg, boundary, on_step:
+                        seen.append((cfg, boundary)) or [torch.zeros(1, 16, 16, 3)])
     (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
     base = widgets(cls, prompts="a cat")
     F.call(cls, experts=bundle, **base)

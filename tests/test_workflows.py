@@ -17,6 +17,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
 
+import trainer_core.bundle  # noqa: E402
 from trainer_core.data import make_synthetic_dataset  # noqa: E402
 
 WORKFLOWS = sorted((F.REPO / "example_workflows").glob("*.json"))
@@ -103,7 +104,7 @@ def pack(monkeypatch, tmp_path):
                        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("vae", "wan_2.1_vae.safetensors")):
         (host.folder(kind) / name).write_bytes(b"")
     pack = F.load_pack()
-    monkeypatch.setattr(sys.modules["trainer_core.bundle"], "_STORES", weakref.WeakValueDictionary())
+    monkeypatch.setattr(trainer_core.bundle, "_STORES", weakref.WeakValueDictionary())
     pack.host = host
     return pack
 
@@ -168,6 +169,7 @@ def test_nodes_do_not_overlap(path):
     for a, b in itertools.combinations(boxes, 2):
         (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
         assert not (ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1), f"nodes {a} and {b} overlap"
+
 
 def _run_pack_part(pack, api, patches):
     """Execute the pack's nodes in dependency order as ComfyUI does (outputs of linked nodes as inputs)."""
