@@ -11,6 +11,7 @@ from .multistage import ConfigureMultiStage
 from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
 from .save import SaveCheckpoint
+from .settings import ConfigureHardware, ConfigureOptimizer, ConfigureRegularizers
 from .split_step import Wan22SplitStep
 from .train import TrainWan22LoRA
 
@@ -21,6 +22,9 @@ NODE_CLASS_MAPPINGS = {
     "Wan22ConfigureMultiStage": ConfigureMultiStage,
     "Wan22SaveCheckpoint": SaveCheckpoint,
     "Wan22TrainLoRA": TrainWan22LoRA,
+    "Wan22ConfigureOptimizer": ConfigureOptimizer,
+    "Wan22ConfigureRegularizers": ConfigureRegularizers,
+    "Wan22ConfigureHardware": ConfigureHardware,
     "Wan22ConfigureTrainingPreviews": ConfigureTrainingPreviews,
     "Wan22PreviewSample": PreviewSample,
     "Wan22ApplyLoraPair": ApplyWan22LoraPair,
@@ -35,6 +39,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22ConfigureMultiStage": "Configure MultiStage",
     "Wan22SaveCheckpoint": "Save Checkpoint",
     "Wan22TrainLoRA": "Train LoRA",
+    "Wan22ConfigureOptimizer": "Configure Optimizer",
+    "Wan22ConfigureRegularizers": "Configure Regularizers",
+    "Wan22ConfigureHardware": "Configure Hardware",
     "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
     "Wan22PreviewSample": "Preview Sample",
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",

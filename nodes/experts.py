@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from trainer_core.config import MemoryConfig, ModelConfig, format_validation_error
 from trainer_core.errors import ConfigError
-from trainer_core.names import DTYPES as DTYPE_NAMES
 
 from . import host
 from .bundle import CATEGORY, EXPERTS
+from .widgets import inputs, partial_config
 
 if TYPE_CHECKING:
     from trainer_core.api import ExpertsBundle
 
 NONE = "none"
 SOURCES = ("comfy files", "diffusers folder", "HF repo id", "tiny")
-DTYPES = tuple(DTYPE_NAMES)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -38,6 +37,18 @@ def _files(kind: str) -> list[str]:
 
 class LoadWan22Experts:
     """Describe the base model; components load on first use and are shared by every node the bundle feeds."""
+
+    #: The widgets that are ModelConfig / MemoryConfig settings (defaults, limits and tooltips are the config's).
+    FIELDS = {
+        "dtype": "model.dtype",
+        "text_encoder_dtype": "model.text_encoder_dtype",
+        "vae_dtype": "model.vae_dtype",
+        "low_vram": "memory.low_vram",
+        "offload_blocks": "memory.offload_blocks",
+        "prefetch": "memory.prefetch",
+        "headroom_gib": "memory.headroom_gib",
+        "check_vram": "memory.check_vram",
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -62,27 +73,7 @@ class LoadWan22Experts:
                 "folder_or_repo": ("STRING", {"default": "", "tooltip": (
                     "diffusers folder: a folder under models/diffusers or an absolute path; HF repo id: e.g. "
                     "Wan-AI/Wan2.2-T2V-A14B-Diffusers. Ignored for comfy files and tiny")}),
-                "dtype": (DTYPES, {"default": "bf16", "tooltip": (
-                    "Storage dtype of the frozen experts: bf16 (26.6 GiB per expert) is the usual choice; fp8 "
-                    "files are dequantized to it")}),
-                "text_encoder_dtype": (DTYPES, {"default": "bf16", "tooltip": (
-                    "UMT5 dtype: bf16 (10.6 GiB); it encodes the captions, then leaves memory (unless text "
-                    "encoder mode is live)")}),
-                "vae_dtype": (DTYPES, {"default": "fp32", "tooltip": (
-                    "VAE dtype: fp32 is exact and the VAE is small; bf16 saves memory at large sizes")}),
-                "low_vram": ("BOOLEAN", {"default": False, "tooltip": (
-                    "24 GB: on (only the expert being trained sits on the GPU, swapped at each switch); "
-                    "H100/H200: off")}),
-                "offload_blocks": ("STRING", {"default": "0", "tooltip": (
-                    "Transformer blocks (of 40) streamed from RAM every pass: 0 = all on the GPU; 'auto' = the "
-                    "fewest that fit the card; a count such as 20 for bf16 on 24 GB")}),
-                "prefetch": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": (
-                    "Offloaded blocks copied ahead of the computation: 1-2; more hides copy time but uses VRAM")}),
-                "headroom_gib": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 64.0, "step": 0.5, "tooltip": (
-                    "GPU memory (GiB) left free for other programs; raise it if the card also drives a display")}),
-                "check_vram": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Refuse settings the VRAM planner says will not fit (it suggests what to change); off = try "
-                    "anyway")}),
+                **inputs(cls.FIELDS),
             }
         }
 
@@ -127,14 +118,7 @@ class LoadWan22Experts:
         text_encoder: str,
         vae: str,
         folder_or_repo: str,
-        dtype: str,
-        text_encoder_dtype: str,
-        vae_dtype: str,
-        low_vram: bool,
-        offload_blocks: str,
-        prefetch: int,
-        headroom_gib: float,
-        check_vram: bool,
+        **values: Any,
     ) -> tuple[ExpertsBundle]:
         """Validate the choice into a :class:`ModelConfig` and a :class:`MemoryConfig`; nothing is read yet. With
         source tiny the four files are ignored."""
@@ -144,21 +128,10 @@ class LoadWan22Experts:
             FILE_INPUTS[name][0]: host.model_file_path(FILE_INPUTS[name][1], value)
             for name, value in picked.items() if value != NONE
         }
+        chosen = partial_config(self.FIELDS, {**values, "offload_blocks": _offload_blocks(values["offload_blocks"])})
         try:
-            model = ModelConfig(
-                source=_source(source, folder_or_repo.strip()),
-                dtype=dtype,
-                text_encoder_dtype=text_encoder_dtype,
-                vae_dtype=vae_dtype,
-                **settings,
-            )
-            memory = MemoryConfig(
-                low_vram=low_vram,
-                offload_blocks=_offload_blocks(offload_blocks),
-                prefetch=prefetch,
-                headroom_gib=headroom_gib,
-                check_vram=check_vram,
-            )
+            model = ModelConfig(source=_source(source, folder_or_repo.strip()), **chosen["model"], **settings)
+            memory = MemoryConfig(**chosen["memory"])
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Load Wan22 Experts")) from None
         from trainer_core.api import ExpertsBundle  # the models' libraries: on first use, not at ComfyUI's start

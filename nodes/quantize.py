@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -12,6 +12,7 @@ from trainer_core.errors import ConfigError
 
 from . import host
 from .bundle import CATEGORY, EXPERTS
+from .widgets import inputs, partial_config
 
 if TYPE_CHECKING:
     from trainer_core.api import ExpertsBundle
@@ -27,34 +28,39 @@ def _adapter_files() -> list[str]:
 class QuantizeARA:
     """Quantization settings on the experts bundle; Train LoRA quantizes the experts before attaching the LoRA."""
 
+    #: The widgets that are QuantConfig settings (defaults, limits and tooltips are the config's).
+    FIELDS = {
+        "transformer": "quant.transformer",
+        "quantizer": "quant.quantizer",
+        "ara_rank": "quant.ara_rank",
+        "calibration_samples": "quant.ara_calibration_samples",
+        "text_encoder": "quant.text_encoder",
+        "adapter_cache_dir": "quant.ara_cache_dir",
+        "fp8_backward": "quant.fp8_backward",
+    }
+    # A Quantize ARA node is there to quantize: 4bit_ara and a float8 text encoder (the 24 GB recipe) rather than
+    # the job file's 'none' / 'bf16'; computed adapters go under ComfyUI's models folder, where no loader lists them.
+    UI = {
+        "transformer": {"default": "4bit_ara"},
+        "text_encoder": {"default": "float8"},
+        "adapter_cache_dir": {"default": "wan22_ara_cache"},
+    }
+
     @classmethod
     def INPUT_TYPES(cls):
+        settings = inputs(cls.FIELDS, cls.UI)
         return {
             "required": {
                 "experts": (EXPERTS, {_T: "Base model from Load Wan22 Experts"}),
-                "transformer": (("4bit_ara", "float8", "none"), {"default": "4bit_ara", _T: (
-                    "24 GB: 4bit_ara (~7 GiB per expert); H100/H200: 4bit_ara or float8 (13 GiB, fp8 matmuls); "
-                    "none keeps the experts as loaded")}),
-                "quantizer": (("nf4", "uint4"), {"default": "nf4", _T: (
-                    "4-bit format: nf4 for computed adapters; uint4 for ai-toolkit's *_torchao_uint4 adapter files")}),
+                "transformer": settings.pop("transformer"),
+                "quantizer": settings.pop("quantizer"),
+                # the adapter's source as ComfyUI offers files: a list of models/loras, or a path
                 "adapter": (_adapter_files(), {"default": COMPUTE, _T: (
                     "compute: build the adapters from the weights, tuned on your clips and cached; or an adapter "
                     ".safetensors from models/loras")}),
                 "adapter_path": ("STRING", {"default": "", _T: (
                     "Absolute path of an adapter .safetensors; overrides the adapter list when set")}),
-                "ara_rank": ("INT", {"default": 16, "min": 1, "max": 1024, _T: (
-                    "Adapter rank: 16 recovers most of the 4-bit error; an adapter file's rank must match")}),
-                "calibration_samples": ("INT", {"default": 8, "min": 0, "max": 256, _T: (
-                    "Training clips whose activations tune computed adapters: 8; 0 = from the weights alone "
-                    "(faster)")}),
-                "text_encoder": (("float8", "bf16"), {"default": "float8", _T: (
-                    "UMT5 weights: float8 halves its memory (fine on every card); bf16 keeps it as loaded")}),
-                "adapter_cache_dir": ("STRING", {"default": "wan22_ara_cache", _T: (
-                    "Folder that keeps computed adapters for the next run; relative to ComfyUI's models folder, "
-                    "where no loader lists them")}),
-                "fp8_backward": ("BOOLEAN", {"default": True, _T: (
-                    "float8 on Ada/Hopper GPUs (RTX 40xx, L40, H100/H200): also compute the backward pass through "
-                    "the frozen layers in fp8 (faster, slightly less exact); off uses the bf16 weight there")}),
+                **settings,
             }
         }
 
@@ -69,19 +75,7 @@ class QuantizeARA:
         "attaching the LoRA; Preview Sample renders with the quantized experts."
     )
 
-    def quantize(
-        self,
-        experts: ExpertsBundle,
-        transformer: str,
-        quantizer: str,
-        adapter: str,
-        adapter_path: str,
-        ara_rank: int,
-        calibration_samples: int,
-        text_encoder: str,
-        adapter_cache_dir: str,
-        fp8_backward: bool,
-    ) -> tuple[ExpertsBundle]:
+    def quantize(self, experts: ExpertsBundle, adapter: str, adapter_path: str, **values: Any) -> tuple[ExpertsBundle]:
         """Validate the settings into a :class:`QuantConfig` (an adapter file is checked now) on a new bundle."""
         source = adapter_path.strip() or (adapter if adapter == COMPUTE else host.model_file_path("loras", adapter))
         if adapter_path.strip() and not Path(source).expanduser().is_absolute():
@@ -89,20 +83,12 @@ class QuantizeARA:
                 f"Quantize ARA: adapter_path {source!r} must be an absolute path - or put the file in models/loras "
                 "and pick it from the adapter list"
             )
-        if not adapter_cache_dir.strip():
+        cache_dir = values["adapter_cache_dir"].strip()
+        if not cache_dir:
             raise ConfigError("Quantize ARA: adapter_cache_dir is empty - give a folder such as wan22_ara_cache")
+        values = {**values, "adapter_cache_dir": str(host.models_path(cache_dir))}
         try:
-            cfg = QuantConfig(
-                transformer=transformer,
-                quantizer=quantizer,
-                ara_source=source,
-                ara_rank=ara_rank,
-                ara_calibration_samples=calibration_samples,
-                # Not the core's default (beside the model files): there ComfyUI would list them as diffusion models.
-                ara_cache_dir=str(host.models_path(adapter_cache_dir.strip())),
-                text_encoder=text_encoder,
-                fp8_backward=fp8_backward,
-            )
+            cfg = QuantConfig(ara_source=source, **partial_config(self.FIELDS, values)["quant"])
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Quantize ARA")) from None
         from trainer_core.quant import check_ara_source  # bitsandbytes: on first use, not at ComfyUI's start

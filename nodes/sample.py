@@ -7,72 +7,63 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import ValidationError
 
-from trainer_core.config import WAN_NEGATIVE_PROMPT, SampleConfig, format_validation_error
+from trainer_core.config import SampleConfig, format_validation_error
 from trainer_core.errors import ConfigError
-from trainer_core.sample import SCHEDULERS, native_recipe
+from trainer_core.sample import native_recipe
 
 from . import host
 from .bundle import CATEGORY, EXPERTS, LORA
+from .widgets import inputs, partial_config, widget
 
 if TYPE_CHECKING:
     from trainer_core.api import ExpertsBundle, LoraPair
 
 SAMPLE = "WAN22_SAMPLE"
 _T = "tooltip"
-_SAMPLERS = ("euler", "diffusers_unipc")
+#: The render widgets both nodes share -> SampleConfig settings (defaults, limits and tooltips are the config's).
+RENDER_FIELDS = {
+    "negative_prompt": "sample.negative_prompt",
+    "width": "sample.width",
+    "height": "sample.height",
+    "num_frames": "sample.num_frames",
+    "steps": "sample.steps",
+    "shift": "sample.shift",
+    "sampler": "sample.sampler",
+    "scheduler": "sample.scheduler",
+    "guidance_high": "sample.guidance_high",
+    "guidance_low": "sample.guidance_low",
+    "seed": "sample.seed",
+    "walk_seeds": "sample.walk_seeds",
+    "vae_tiling": "sample.vae_tiling",
+}
+_RENDER_UI = {"negative_prompt": {"multiline": True}}
 
 
-def _default(name: str) -> Any:
-    """The default of a SampleConfig field: the node and the job file start from the same preview settings."""
-    return SampleConfig.model_fields[name].default
+def _prompts_input() -> dict[str, tuple]:
+    # prompts is a list in the config; the widget holds one prompt per line (_sample_config splits them)
+    return {"prompts": widget("sample.prompts", multiline=True)}
 
 
-def _render_inputs(seed_control: bool) -> dict[str, tuple]:
-    """Widgets shared by Preview Sample and Configure Training Previews (the render settings of SampleConfig)."""
-    return {
-        "prompts": ("STRING", {"default": "", "multiline": True, _T: (
-            "One prompt per line, one video each; use the trigger word as in the captions")}),
-        "negative_prompt": ("STRING", {"default": WAN_NEGATIVE_PROMPT, "multiline": True, _T: (
-            "What to steer away from (Wan's standard negative prompt by default)")}),
-        "width": ("INT", {"default": _default("width"), "min": 16, "max": 2048, "step": 16, _T: (
-            "Multiple of 16; render near the training size (24 GB: 512)")}),
-        "height": ("INT", {"default": _default("height"), "min": 16, "max": 2048, "step": 16, _T: "Multiple of 16"}),
-        "num_frames": ("INT", {"default": _default("num_frames"), "min": 1, "max": 257, "step": 4, _T: (
-            "4n+1 frames; as trained (33 on 24 GB, 81 = 5 s at 16 fps)")}),
-        "steps": ("INT", {"default": _default("steps"), "min": 1, "max": 200, _T: (
-            "Denoising steps: 40 for final quality, 20-30 for quick previews")}),
-        "shift": ("FLOAT", {"default": _default("shift"), "min": 0.1, "max": 100.0, "step": 0.01, _T: (
-            "Flow shift of the schedule (ModelSamplingSD3's shift): 12 is Wan 2.2 T2V's (ComfyUI's template uses 8)")}),
-        "sampler": (_SAMPLERS, {"default": _default("sampler"), _T: (
-            "euler: ComfyUI's euler - the native graph renders the same video (recipe in the node text and the "
-            "video's metadata); diffusers_unipc: diffusers UniPC, Wan's own solver, not reproducible natively")}),
-        "scheduler": (SCHEDULERS, {"default": _default("scheduler"), _T: (
-            "ComfyUI scheduler of the euler sampler: normal is also diffusers' flow-match Euler grid; simple is "
-            "what most native workflows use. Set the same one in KSamplerAdvanced")}),
-        "guidance_high": ("FLOAT", {"default": _default("guidance_high"), "min": 1.0, "max": 20.0, "step": 0.01, _T: (
-            "CFG on the high-noise expert: 2-4 (Wan: 4); 1 disables CFG and halves the time")}),
-        "guidance_low": ("FLOAT", {"default": _default("guidance_low"), "min": 1.0, "max": 20.0, "step": 0.01, _T: (
-            "CFG on the low-noise expert: 2-4 (Wan: 3)")}),
-        "seed": ("INT", {"default": _default("seed"), "min": 0, "max": 2**63 - 1,
-                         "control_after_generate": seed_control, _T: (
-            "Noise seed of the first prompt; the same seed in KSamplerAdvanced gives the same noise")}),
-        "walk_seeds": ("BOOLEAN", {"default": True, _T: (
-            "Prompt i uses seed + i; off renders every prompt with the same seed (compare prompts)")}),
-        "vae_tiling": ("BOOLEAN", {"default": False, _T: (
-            "Decode in tiles: needed for 1024 px / 81 frames on 24 GB, slower")}),
-    }
-
-
-def _sample_config(prompts: str, **settings: Any) -> SampleConfig:
+def _sample_config(node: type, prompts: str, values: dict[str, Any], source: str) -> SampleConfig:
+    """``prompts`` (one per line) and the node's widget values (``node.FIELDS``) as a :class:`SampleConfig`."""
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     try:
-        return SampleConfig(prompts=lines, **settings)
+        return SampleConfig(prompts=lines, **partial_config(node.FIELDS, values)["sample"])
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, "sample settings")) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 class PreviewSample:
     """Render videos with both experts and (optionally) a trained pair; output frames for CreateVideo."""
+
+    #: The widgets -> the settings they set; boundary is multistage's, the experts' hand-over.
+    FIELDS = {
+        **RENDER_FIELDS,
+        "lora_strength_high": "sample.lora_strength_high",
+        "lora_strength_low": "sample.lora_strength_low",
+        "boundary": "multistage.boundary",
+    }
+    UI = {**_RENDER_UI, "seed": {"control_after_generate": True}}  # a test render: a new seed per queue when asked
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -80,13 +71,8 @@ class PreviewSample:
             "required": {
                 "experts": (EXPERTS, {_T: (
                     "Base model from Load Wan22 Experts, or Quantize ARA to render with the quantized experts")}),
-                **_render_inputs(seed_control=True),
-                "lora_strength_high": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, _T: (
-                    "Strength of the high-noise LoRA: 1 as trained, 0 = base model")}),
-                "lora_strength_low": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, _T: (
-                    "Strength of the low-noise LoRA: 1 as trained, 0 = base model")}),
-                "boundary": ("FLOAT", {"default": 0.875, "min": 0.01, "max": 0.99, "step": 0.005, _T: (
-                    "Noise level where the low-noise expert takes over; 0.875 for Wan 2.2 T2V")}),
+                **_prompts_input(),
+                **inputs(cls.FIELDS, cls.UI),
             },
             "optional": {
                 "lora": (LORA, {_T: (
@@ -108,48 +94,17 @@ class PreviewSample:
         self,
         experts: ExpertsBundle,
         prompts: str,
-        negative_prompt: str,
-        width: int,
-        height: int,
-        num_frames: int,
-        steps: int,
-        shift: float,
-        sampler: str,
-        scheduler: str,
-        guidance_high: float,
-        guidance_low: float,
-        seed: int,
-        walk_seeds: bool,
-        vae_tiling: bool,
-        lora_strength_high: float,
-        lora_strength_low: float,
-        boundary: float,
         lora: LoraPair | None = None,
         unique_id: str | None = None,
+        **values: Any,
     ) -> tuple[torch.Tensor]:
         """Encode the prompts, render each video, and return all frames as one IMAGE batch ``[F, H, W, 3]``."""
         # The sampler's libraries (diffusers, peft, transformers) load on first use, not at ComfyUI's start.
         from trainer_core.api import lora_attached, placed
         from trainer_core.sample import encode_sample_prompts, sample_videos
 
-        cfg = _sample_config(
-            prompts,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            num_frames=num_frames,
-            steps=steps,
-            shift=shift,
-            sampler=sampler,
-            scheduler=scheduler,
-            guidance_high=guidance_high,
-            guidance_low=guidance_low,
-            seed=seed,
-            walk_seeds=walk_seeds,
-            vae_tiling=vae_tiling,
-            lora_strength_high=lora_strength_high,
-            lora_strength_low=lora_strength_low,
-        )
+        cfg = _sample_config(PreviewSample, prompts, values, "Preview Sample")
+        boundary = values["boundary"]
         if not cfg.prompts:
             raise ConfigError("Preview Sample: prompts is empty - write at least one prompt (one per line)")
         host.free_host_models()
@@ -173,19 +128,21 @@ class PreviewSample:
 class ConfigureTrainingPreviews:
     """Preview videos Train LoRA renders every N steps (saved in the run folder's samples/, shown as progress)."""
 
+    #: The widgets -> the settings they set.
+    FIELDS = {
+        **RENDER_FIELDS,
+        "sample_every": "sample.sample_every",
+        "sample_at_start": "sample.sample_at_start",
+        "fps": "sample.fps",
+        "format": "sample.format",
+    }
+    # A previews node exists to preview: every 250 steps rather than the job file's 'none'; a training seed never
+    # randomizes after a queue (that would retrain).
+    UI = {**_RENDER_UI, "sample_every": {"default": 250}, "seed": {"control_after_generate": False}}
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **_render_inputs(seed_control=False),
-                "sample_every": ("INT", {"default": 250, "min": 0, "max": 100000, _T: (
-                    "Render every N steps (250-500); 0 = only at the start if sample_at_start")}),
-                "sample_at_start": ("BOOLEAN", {"default": False, _T: (
-                    "Also render before the first step: the base model's look, for comparison")}),
-                "fps": ("INT", {"default": 16, "min": 1, "max": 120, _T: "Frame rate of the saved preview videos"}),
-                "format": (("mp4", "webm"), {"default": "mp4", _T: "mp4 (H.264) or webm (VP9) preview files"}),
-            }
-        }
+        return {"required": {**_prompts_input(), **inputs(cls.FIELDS, cls.UI)}}
 
     RETURN_TYPES = (SAMPLE,)
     RETURN_NAMES = ("previews",)
@@ -194,48 +151,9 @@ class ConfigureTrainingPreviews:
     CATEGORY = CATEGORY
     DESCRIPTION = "Sample videos during training with the LoRAs so far, to watch a run and pick a checkpoint."
 
-    def configure(
-        self,
-        prompts: str,
-        negative_prompt: str,
-        width: int,
-        height: int,
-        num_frames: int,
-        steps: int,
-        shift: float,
-        sampler: str,
-        scheduler: str,
-        guidance_high: float,
-        guidance_low: float,
-        seed: int,
-        walk_seeds: bool,
-        vae_tiling: bool,
-        sample_every: int,
-        sample_at_start: bool,
-        fps: int,
-        format: str,
-    ) -> tuple[SampleConfig]:
+    def configure(self, prompts: str, **values: Any) -> tuple[SampleConfig]:
         """Validate the settings into a :class:`SampleConfig` (at least one prompt)."""
-        cfg = _sample_config(
-            prompts,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            num_frames=num_frames,
-            steps=steps,
-            shift=shift,
-            sampler=sampler,
-            scheduler=scheduler,
-            guidance_high=guidance_high,
-            guidance_low=guidance_low,
-            seed=seed,
-            walk_seeds=walk_seeds,
-            vae_tiling=vae_tiling,
-            sample_every=sample_every,
-            sample_at_start=sample_at_start,
-            fps=fps,
-            format=format,
-        )
+        cfg = _sample_config(ConfigureTrainingPreviews, prompts, values, "Configure Training Previews")
         if not cfg.prompts:
             raise ConfigError("Configure Training Previews: prompts is empty - write at least one prompt per line")
         return (cfg,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -12,6 +13,9 @@ from trainer_core.errors import ConfigError
 
 from . import host
 from .bundle import CATEGORY, SAVE
+from .widgets import inputs, partial_config
+
+_T = "tooltip"
 
 
 @dataclass(frozen=True)
@@ -28,26 +32,26 @@ class SaveSettings:
 class SaveCheckpoint:
     """Saving is done by Train LoRA while it trains; this node only says how (connect it to Train LoRA's save)."""
 
+    #: The widgets that are SaveConfig settings (defaults, limits and tooltips are the config's).
+    FIELDS = {
+        "output_dir": "save.output_dir",
+        "save_every": "save.save_every",
+        "keep_last": "save.keep_last",
+        "dtype": "save.dtype",
+        "save_training_state": "save.save_training_state",
+    }
+    #: A folder named after the trainer inside ComfyUI's output folder rather than the core's generic "output".
+    UI = {"output_dir": {"default": "wan22_lora"}}
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "output_dir": ("STRING", {"default": "wan22_lora", "tooltip": (
-                    "Folder for run folders (checkpoints, states, losses.csv), relative to ComfyUI's output "
-                    "folder or absolute; a job's first run writes into <output_dir>/<job name>, later fresh runs "
-                    "of the same name into <job name>_run2, _run3, ...")}),
-                "save_every": ("INT", {"default": 250, "min": 0, "max": 100000, "tooltip": (
-                    "Save a LoRA pair and resumable state every N steps (250-500); 0 = only at the end")}),
-                "keep_last": ("INT", {"default": 4, "min": 0, "max": 1000, "tooltip": (
-                    "Checkpoints kept in the run folder, older ones deleted (4-6 is plenty); 0 keeps all")}),
-                "dtype": (("bf16", "fp16", "fp32"), {"default": "bf16", "tooltip": (
-                    "LoRA file dtype: bf16 (what ComfyUI loads everywhere); fp32 doubles the size")}),
-                "save_training_state": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Write optimizer/scheduler state beside each checkpoint so a run can resume (and a cancel "
-                    "keeps the progress); off saves disk")}),
-                "copy_to_loras": ("BOOLEAN", {"default": True, "tooltip": (
+                **inputs(cls.FIELDS, cls.UI),
+                # ComfyUI's side of saving: the final pair in models/loras, where LoraLoaderModelOnly lists it
+                "copy_to_loras": ("BOOLEAN", {"default": True, _T: (
                     "Copy the final pair into models/loras so LoraLoaderModelOnly lists it at once")}),
-                "lora_name": ("STRING", {"default": "", "tooltip": (
+                "lora_name": ("STRING", {"default": "", _T: (
                     "File name in models/loras: <name>_high_noise / _low_noise.safetensors (may contain a "
                     "subfolder, e.g. wan22/my_style); empty = the run folder's name (the job name, or job name_run2 "
                     "for a later run of it). A name given here overwrites its previous copy")}),
@@ -61,18 +65,10 @@ class SaveCheckpoint:
     CATEGORY = CATEGORY
     DESCRIPTION = "How Train LoRA saves checkpoints during training and where the final LoRA pair goes."
 
-    def configure(
-        self,
-        output_dir: str,
-        save_every: int,
-        keep_last: int,
-        dtype: str,
-        save_training_state: bool,
-        copy_to_loras: bool,
-        lora_name: str,
-    ) -> tuple[SaveSettings]:
+    def configure(self, copy_to_loras: bool, lora_name: str, **values: Any) -> tuple[SaveSettings]:
         """Validate the settings; ``output_dir`` is resolved against ComfyUI's output folder."""
-        if not output_dir.strip():
+        output_dir = values["output_dir"].strip()
+        if not output_dir:
             raise ConfigError("Save Checkpoint: output_dir is empty - give a folder name such as wan22_lora")
         name = lora_name.strip().replace("\\", "/").strip("/")
         if name and not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) or ".." in name.split("/"):
@@ -80,14 +76,9 @@ class SaveCheckpoint:
                 f"Save Checkpoint: lora_name {lora_name!r} may use letters, digits, '_', '-', '.' and '/' for "
                 "subfolders inside models/loras"
             )
+        values = {**values, "output_dir": str(host.output_path(output_dir))}
         try:
-            cfg = SaveConfig(
-                output_dir=str(host.output_path(output_dir.strip())),
-                save_every=save_every,
-                keep_last=keep_last,
-                dtype=dtype,
-                save_training_state=save_training_state,
-            )
+            cfg = SaveConfig(**partial_config(self.FIELDS, values)["save"])
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "Save Checkpoint")) from None
         return (SaveSettings(cfg, copy_to_loras, name),)

@@ -1,8 +1,9 @@
-"""Train LoRA (JOB, TARGET, TRAINING and ADVANCED panels): trains both experts' LoRAs inside ComfyUI."""
+"""Train LoRA (JOB, TARGET and TRAINING panels): trains both experts' LoRAs inside ComfyUI."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from trainer_core.api import (
     run_training,
 )
 from trainer_core.config import (
-    DEFAULT_LORA_TARGETS,
     DatasetConfig,
     JobConfig,
     MultiStageConfig,
@@ -41,23 +41,56 @@ from trainer_core.train.previews import previews_enabled
 from trainer_core.train.runs import Manifest, RunFolder, read_losses
 
 from . import host
-from .bundle import CATEGORY, DATASET, EXPERTS, LORA, MULTISTAGE, SAVE
+from .bundle import CATEGORY, DATASET, EXPERTS, HARDWARE, LORA, MULTISTAGE, OPTIMIZER, REGULARIZERS, SAVE
 from .loss_plot import loss_curve, to_image_tensor
 from .sample import SAMPLE
 from .save import SaveCheckpoint, SaveSettings
+from .settings import SETTINGS_NODES, JobSettings
+from .widgets import inputs, partial_config
 
 _T = "tooltip"
-#: The gpu_placement widget's choices -> JobConfig.distributed.
-PLACEMENTS = {
-    "data parallel": {},
-    "expert groups": {"expert_groups": True},
-    "shard experts": {"shard_experts": True},
-}
 PREVIEW_SIZE = 512
+#: The values an older UI workflow puts in text_encoder_mode: its gradient_checkpointing's (saved values map to
+#: widgets by position, and text_encoder_mode took that place).
+_OLD_CHECKPOINTING = ("auto", "full", "selective", "off", True, False)
 
 
 class TrainWan22LoRA:
-    """Widgets -> :class:`JobConfig` -> ``run_training``; outputs the pair, the loss curve and the run folder."""
+    """Widgets and settings nodes -> :class:`JobConfig` -> ``run_training``; outputs the pair, the loss curve and the
+    run folder."""
+
+    #: The widgets -> the settings they set, in widget order. The first 17 are the node's widgets from before the
+    #: settings nodes, in their order: ComfyUI maps a saved UI workflow's values to widgets by position, so an
+    #: older workflow keeps them (VALIDATE_INPUTS says what else to do).
+    FIELDS = {
+        # JOB, TARGET
+        "job_name": "name",
+        "trigger_word": "trigger_word",
+        "rank": "lora.rank",
+        "alpha": "lora.alpha",
+        "lora_dropout": "lora.dropout",
+        "target_modules": "lora.target_modules",
+        # TRAINING
+        "steps": "train.steps",
+        "learning_rate": "optimizer.lr",
+        "optimizer": "optimizer.name",
+        "lr_scheduler": "optimizer.lr_scheduler",
+        "warmup_steps": "optimizer.warmup_steps",
+        "batch_size": "train.batch_size",
+        "gradient_accumulation": "train.gradient_accumulation",
+        "timestep_type": "train.timestep_type",
+        "timestep_bias": "train.timestep_bias",
+        "seed": "train.seed",
+        "resume": "resume",
+        "text_encoder_mode": "text_encoder.mode",
+        "timestep_shift": "train.timestep_shift",
+    }
+    #: alpha 0 stands for unset (the rank); a training seed never randomizes after a queue (that would retrain).
+    UI = {"alpha": {"none": 0.0}, "seed": {"control_after_generate": False}}
+    #: The widgets that moved to a settings node -> its input here. An API-format prompt (inputs by name) written
+    #: for the older node still sends them: ComfyUI passes hidden inputs through unchecked, and train() applies them
+    #: through the node that owns them now.
+    LEGACY = {name: link for link, node in SETTINGS_NODES.items() for name in node.INPUT_TYPES()["required"]}
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -65,108 +98,7 @@ class TrainWan22LoRA:
             "required": {
                 "experts": (EXPERTS, {_T: "Base model from Load Wan22 Experts"}),
                 "dataset": (DATASET, {_T: "Dataset(s) from Build Video Dataset"}),
-                # JOB
-                "job_name": ("STRING", {"default": "wan22_lora", _T: (
-                    "Run folder and file-name prefix (letters, digits, _ - .); a new run of a used name gets its "
-                    "own folder (<name>_run2, ...); resume = latest continues this name's newest run")}),
-                "trigger_word": ("STRING", {"default": "", _T: (
-                    "Word that calls the LoRA (e.g. sqz); replaces [trigger] in captions; empty = none")}),
-                # TARGET
-                "rank": ("INT", {"default": 16, "min": 1, "max": 256, _T: (
-                    "LoRA rank: 16 for most LoRAs, 32 for large or detailed datasets (H100/H200)")}),
-                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 1.0, _T: (
-                    "LoRA alpha (scale = alpha / rank); 0 = same as rank (scale 1), the usual choice")}),
-                "lora_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9, "step": 0.01, _T: (
-                    "Dropout inside the LoRA; 0 is standard, 0.05-0.1 against overfitting tiny datasets")}),
-                "target_modules": ("STRING", {"default": ", ".join(DEFAULT_LORA_TARGETS), _T: (
-                    "Layers inside each block that get a LoRA (ComfyUI names); the default list is all attention "
-                    "and feed-forward layers")}),
-                # TRAINING
-                "steps": ("INT", {"default": 2000, "min": 1, "max": 1000000, _T: (
-                    "Total optimizer steps, shared by the trained experts. Motion 1500-2500, character/style "
-                    "2000-3000")}),
-                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-2, "step": 1e-6, _T: (
-                    "1e-4 is the usual choice; 5e-5 if the loss jumps or samples fall apart")}),
-                "optimizer": (("adamw8bit", "adamw"), {"default": "adamw8bit", _T: (
-                    "adamw8bit keeps optimizer state in 8 bit (less memory, same results); adamw is full precision")}),
-                "lr_scheduler": (("constant", "cosine", "linear"), {"default": "constant", _T: (
-                    "Learning-rate schedule per expert; constant is standard for LoRAs")}),
-                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, _T: (
-                    "Steps of linear LR warm-up per expert; 0-100")}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, _T: (
-                    "Clips per step: 1 on 24 GB, 1-2 on H100/H200")}),
-                "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 256, _T: (
-                    "Micro-batches summed per step: a larger effective batch without more memory")}),
-                "timestep_type": (("linear", "sigmoid", "shift", "weighted"), {"default": "linear", _T: (
-                    "Noise-level sampling within each expert's range: motion linear; style linear or shift; "
-                    "character sigmoid or linear")}),
-                "timestep_bias": (("balanced", "high_noise", "low_noise"), {"default": "balanced", _T: (
-                    "Favour noisier (composition, motion) or cleaner (detail) levels; balanced for most, "
-                    "high_noise for pure camera moves or style")}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": False, _T: (
-                    "Seed for noise, timesteps and data order; a given seed and settings train identically")}),
-                "resume": ("STRING", {"default": "", _T: (
-                    "Continue a run: 'latest' (this job's newest training state), a training_state_*.safetensors "
-                    "path or a run folder; empty starts fresh")}),
-                # ADVANCED
-                "gradient_checkpointing": (("auto", "full", "selective", "off"), {"default": "auto", _T: (
-                    "Recompute activations in the backward pass: auto picks the fastest mix that fits the card "
-                    "(full on the CPU); full recomputes each block (least memory); selective keeps self-attention "
-                    "outputs and recomputes the rest; off keeps everything (fastest, most memory)")}),
-                "timestep_shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 100.0, "step": 0.1, _T: (
-                    "Shift s for timestep_type = shift (higher pushes toward noisier levels); 5 is usual")}),
-                "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, _T: (
-                    "AdamW weight decay on the LoRA weights; 1e-4 is usual")}),
-                "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, _T: (
-                    "Gradient clipping norm; 1.0 is usual, 0 disables")}),
-                "adam_beta1": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.9999, "step": 0.001, _T: (
-                    "AdamW beta1 (momentum); leave at 0.9")}),
-                "adam_beta2": ("FLOAT", {"default": 0.999, "min": 0.0, "max": 0.99999, "step": 0.0001, _T: (
-                    "AdamW beta2; leave at 0.999")}),
-                "adam_eps": ("FLOAT", {"default": 1e-8, "min": 1e-12, "max": 1e-3, "step": 1e-9, _T: (
-                    "AdamW epsilon; leave at 1e-8")}),
-                "compute_dtype": (("bf16", "fp16", "fp32"), {"default": "bf16", _T: (
-                    "Autocast dtype on the GPU: bf16 on H100/H200 and RTX 30xx or newer")}),
-                "device": ("STRING", {"default": "auto", _T: (
-                    "auto (first GPU, else CPU), cuda, cuda:1, cpu")}),
-                "num_workers": ("INT", {"default": 2, "min": 0, "max": 32, _T: (
-                    "Processes decoding clips while the GPU trains; 2 is plenty, 0 decodes in ComfyUI's process")}),
-                "text_encoder_mode": (("cache", "unload", "live"), {"default": "cache", _T: (
-                    "cache: encode every caption once, then free UMT5 (24-32 GB); unload: train on the trigger word "
-                    "alone; live: keep UMT5 loaded and encode each step (big cards)")}),
-                "text_cache_dir": ("STRING", {"default": "", _T: (
-                    "Folder of cached caption embeddings (relative = ComfyUI output); empty = <save output_dir>/"
-                    "text_cache, shared by runs")}),
-                "dop": ("BOOLEAN", {"default": False, _T: (
-                    "DOP keeps the base model's look for the class word: character/style on, motion off; needs a "
-                    "trigger word (~3 passes per step)")}),
-                "dop_multiplier": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05, _T: (
-                    "Weight of DOP's preservation loss: 1 is usual; lower if the LoRA learns too weakly")}),
-                "dop_class": ("STRING", {"default": "person", _T: (
-                    "Word that replaces the trigger in DOP's prompt: person, woman, man for characters; scene or "
-                    "style for styles")}),
-                "diff_guidance": ("BOOLEAN", {"default": False, _T: (
-                    "Differential guidance: aim past the target; with AdamW it changes almost nothing - usually off")}),
-                "diff_guidance_scale": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.1, _T: (
-                    "Differential guidance strength: 3 is typical, 1 = off")}),
-                "ema": ("BOOLEAN", {"default": False, _T: (
-                    "Keep a moving average of the LoRA: smoother results; the output pair and the models/loras copy "
-                    "are the EMA weights")}),
-                "ema_decay": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 0.9999, "step": 0.0005, _T: (
-                    "EMA decay per step of an expert: 0.99 for short runs, 0.999 for 3000+ steps")}),
-                "compile": (("auto", "on", "off"), {"default": "auto", _T: (
-                    "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a "
-                    "CUDA GPU with Triton, without block offloading or a 4-bit base, eager if compiling fails; on "
-                    "forces it; off never")}),
-                "gpus": ("INT", {"default": 1, "min": 1, "max": 16, _T: (
-                    "GPUs to train on: above 1 the job runs under torchrun as a child process (placed as "
-                    "gpu_placement says; the experts load there from their files), with progress and cancel as "
-                    "usual")}),
-                "gpu_placement": (tuple(PLACEMENTS), {"default": "data parallel", _T: (
-                    "With several GPUs: data parallel = every GPU holds the experts and takes a share of each batch; "
-                    "expert groups = half the GPUs train the high-noise expert, half the low-noise one, at once "
-                    "(even GPU count, switch every 1: no swapping); shard experts = FSDP2 splits the bf16 weights "
-                    "over the GPUs (when they do not fit one)")}),
+                **inputs(cls.FIELDS, cls.UI),
             },
             "optional": {
                 "multistage": (MULTISTAGE, {_T: "From Configure MultiStage; default: both experts, switch every 10"}),
@@ -175,9 +107,36 @@ class TrainWan22LoRA:
                 "init_lora": (LORA, {_T: (
                     "Continue training from this pair (Load Wan22 LoRA Pair, or an earlier Train LoRA): each trained "
                     "expert's LoRA starts from its file; rank and targets must cover the file's")}),
+                "optimizer_settings": (OPTIMIZER, {_T: (
+                    "From Configure Optimizer: weight decay, gradient clipping, Adam's betas and epsilon; default: "
+                    "theirs")}),
+                "regularizers": (REGULARIZERS, {_T: (
+                    "From Configure Regularizers: DOP, differential guidance, EMA; default: all off")}),
+                "hardware": (HARDWARE, {_T: (
+                    "From Configure Hardware: GPUs and placement, device, compute dtype, gradient checkpointing, "
+                    "compile, data workers, caption cache folder; default: one GPU (or the CPU), chosen "
+                    "automatically")}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", **dict.fromkeys(cls.LEGACY, "WAN22_LEGACY_INPUT")},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, text_encoder_mode: Any) -> bool | str:
+        """text_encoder_mode checked here instead of by ComfyUI's "Value not in list" (skipped for the inputs named
+        here), to say what happened when a UI workflow saved before the settings nodes put its
+        gradient_checkpointing value there."""
+        choices = cls.INPUT_TYPES()["required"]["text_encoder_mode"][0]
+        if text_encoder_mode in choices:
+            return True
+        if text_encoder_mode in _OLD_CHECKPOINTING:
+            return (
+                "this Train LoRA was saved before its advanced settings moved to Configure Optimizer, Configure "
+                "Regularizers and Configure Hardware: its job, target and training settings loaded as saved, the "
+                "advanced ones are at their defaults now. Set text_encoder_mode again (cache is usual) and connect "
+                "those nodes for any advanced setting the workflow had changed (README: workflows saved before the "
+                "settings nodes)"
+            )
+        return f"text_encoder_mode {text_encoder_mode!r} is not one of {', '.join(choices)}"
 
     RETURN_TYPES = (LORA, "IMAGE", "STRING")
     RETURN_NAMES = ("lora", "loss_curve", "run_dir")
@@ -190,8 +149,9 @@ class TrainWan22LoRA:
     FUNCTION = "train"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Train LoRAs for both Wan 2.2 experts. Cancelling stops after the current step and keeps a resumable "
-        "state: queue again with resume = latest to continue."
+        "Train LoRAs for both Wan 2.2 experts. Less common settings come from Configure Optimizer, Configure "
+        "Regularizers and Configure Hardware (optional inputs). Cancelling stops after the current step and keeps a "
+        "resumable state: queue again with resume = latest to continue."
     )
 
     def train(
@@ -202,15 +162,24 @@ class TrainWan22LoRA:
         save: SaveSettings | None = None,
         previews: SampleConfig | None = None,
         init_lora: LoraPair | None = None,
+        optimizer_settings: JobSettings | None = None,
+        regularizers: JobSettings | None = None,
+        hardware: JobSettings | None = None,
         unique_id: str | None = None,
-        gpus: int = 1,
         **widgets: Any,
     ) -> tuple[LoraPair, torch.Tensor, str]:
         """Train, then copy the final pair into models/loras if the save settings ask for it."""
+        links = {"optimizer_settings": optimizer_settings, "regularizers": regularizers, "hardware": hardware}
+        old = {name: widgets.pop(name) for name in list(widgets) if name in self.LEGACY}
+        note = _apply_legacy(old, links) if old else None
         save = save or SaveCheckpoint().configure(**_defaults(SaveCheckpoint))[0]
-        cfg = build_job(experts, dataset, multistage, save, previews, init_lora=init_lora, **widgets)
+        cfg = build_job(experts, dataset, widgets, multistage=multistage, save=save, previews=previews,
+                        init_lora=init_lora, settings=[s for s in links.values() if s is not None])
+        gpus = links["hardware"].gpus if links["hardware"] is not None else 1
         _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
+        if note:
+            progress.text(f"note: {note}")
         for warning in job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training
             host.log.warning("Train LoRA: %s", warning)
             progress.text(f"warning: {warning}")
@@ -237,61 +206,58 @@ def _defaults(node: type) -> dict[str, Any]:
     return {k: opts["default"] for k, (_, opts) in node.INPUT_TYPES()["required"].items()}
 
 
+def _apply_legacy(old: dict[str, Any], links: dict[str, JobSettings | None]) -> str:
+    """Fill ``links`` with the settings an older prompt gave Train LoRA by name, made through the nodes that own them
+    now (each group over that node's defaults); returns the note that says so (also logged)."""
+    for link, node in SETTINGS_NODES.items():
+        given = {name: value for name, value in old.items() if TrainWan22LoRA.LEGACY[name] == link}
+        if not given:
+            continue
+        if links[link] is not None:
+            raise ConfigError(f"Train LoRA: {', '.join(given)} come both as Train LoRA inputs of an older prompt "
+                              f"and from {node.TITLE} - remove them from Train LoRA's inputs")
+        links[link] = node().configure(**{**_defaults(node), **given})[0]
+    note = (f"this prompt gives {', '.join(old)} to Train LoRA as before the settings nodes: applied as "
+            "Configure Optimizer / Regularizers / Hardware would (connect those nodes instead)")
+    host.log.warning("Train LoRA: %s", note)
+    return note
+
+
 def build_job(
     experts: ExpertsBundle,
     dataset: tuple[DatasetConfig, ...],
-    multistage: MultiStageConfig | None,
-    save: SaveSettings,
-    previews: SampleConfig | None,
+    widgets: dict[str, Any],
     *,
-    # JOB, TARGET
-    job_name: str, trigger_word: str, rank: int, alpha: float, lora_dropout: float, target_modules: str,
-    # TRAINING
-    steps: int, learning_rate: float, optimizer: str, lr_scheduler: str, warmup_steps: int, batch_size: int,
-    gradient_accumulation: int, timestep_type: str, timestep_bias: str, seed: int, resume: str,
-    # ADVANCED
-    gradient_checkpointing: str, timestep_shift: float, weight_decay: float, max_grad_norm: float,
-    adam_beta1: float, adam_beta2: float, adam_eps: float, compute_dtype: str, device: str, num_workers: int,
-    text_encoder_mode: str, text_cache_dir: str, dop: bool, dop_multiplier: float, dop_class: str,
-    diff_guidance: bool, diff_guidance_scale: float, ema: bool, ema_decay: float, compile: str,
-    gpu_placement: str = "data parallel",
+    multistage: MultiStageConfig | None = None,
+    save: SaveSettings,
+    previews: SampleConfig | None = None,
     init_lora: LoraPair | None = None,
+    settings: Sequence[JobSettings] = (),
 ) -> JobConfig:
-    """The node's inputs as one validated :class:`JobConfig` (errors name the node and the setting)."""
+    """Train LoRA's inputs as one validated :class:`JobConfig`: its widgets (``widgets``, by name, exactly
+    ``TrainWan22LoRA.FIELDS``), the sections its links carry and the settings nodes' parts (errors name the node
+    and the setting)."""
     if not dataset:
         raise ConfigError("Train LoRA: no dataset connected - connect a Build Video Dataset node")
+    if set(widgets) != set(TrainWan22LoRA.FIELDS):  # as a signature refuses a missing or an unknown argument
+        raise TypeError(f"build_job: {sorted(set(widgets) ^ set(TrainWan22LoRA.FIELDS))} are not Train LoRA's widgets")
     multistage = multistage or MultiStageConfig()
-    targets = [t.strip() for t in target_modules.replace(";", ",").split(",") if t.strip()]
-    cache_dir = text_cache_dir.strip()
-    data = {
-        "name": job_name.strip(),
-        "trigger_word": trigger_word.strip() or None,
+    data: dict[str, Any] = {
         "model": experts.model.model_dump(),
-        "lora": {"rank": rank, "alpha": alpha or None, "dropout": lora_dropout, "target_modules": targets,
-                 **_init_files(init_lora, multistage.stages)},
-        "multistage": multistage.model_dump(),
-        "optimizer": {"name": optimizer, "lr": learning_rate, "weight_decay": weight_decay,
-                      "betas": (adam_beta1, adam_beta2), "eps": adam_eps, "lr_scheduler": lr_scheduler,
-                      "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm},
-        "train": {"steps": steps, "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
-                  "gradient_checkpointing": gradient_checkpointing, "compile": compile,
-                  "timestep_type": timestep_type, "timestep_shift": timestep_shift, "timestep_bias": timestep_bias,
-                  "compute_dtype": compute_dtype, "seed": seed, "device": device.strip() or "auto",
-                  "num_workers": num_workers},
-        "save": save.config.model_dump(),
-        "datasets": [d.model_dump() for d in dataset],
-        "text_encoder": {"mode": text_encoder_mode,
-                         "cache_dir": str(host.output_path(cache_dir)) if cache_dir else None},
         "quant": experts.quant.model_dump(),
         "memory": experts.memory.model_dump(),
-        "advanced": {"dop": dop, "dop_multiplier": dop_multiplier, "dop_class": dop_class,
-                     "diff_guidance": diff_guidance, "diff_guidance_scale": diff_guidance_scale, "ema": ema,
-                     "ema_decay": ema_decay},
-        "resume": resume.strip() or None,
-        "distributed": PLACEMENTS[gpu_placement],
+        "datasets": [d.model_dump() for d in dataset],
+        "multistage": multistage.model_dump(),
+        "save": save.config.model_dump(),
     }
     if previews is not None:
         data["sample"] = previews.model_dump()
+    node = TrainWan22LoRA
+    own = partial_config(node.FIELDS, {**widgets, "job_name": widgets["job_name"].strip()}, node.UI, "Train LoRA")
+    for part in (own, *(s.job for s in settings)):
+        for section, values in part.items():
+            data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    data["lora"].update(_init_files(init_lora, multistage.stages))
     return job_from_dict(data, source="Train LoRA")
 
 
@@ -315,16 +281,16 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     if save is not None and save.copy_to_loras:
         check_writable(host.loras_dir(), "Save Checkpoint copy_to_loras (ComfyUI's models/loras)")
     device = resolve_device(cfg.train.device)
+    where = "Train LoRA (Configure Hardware)"
     if gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < gpus:
-        raise ConfigError(
-            f"Train LoRA: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - lower gpus"
-        )
+        raise ConfigError(f"{where}: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - "
+                          "lower gpus")
     placed = cfg.distributed.expert_groups or cfg.distributed.shard_experts
     if placed and gpus == 1:
-        raise ConfigError("Train LoRA: gpu_placement other than 'data parallel' needs gpus of 2 or more - raise gpus "
+        raise ConfigError(f"{where}: gpu_placement other than 'data parallel' needs gpus of 2 or more - raise gpus "
                           "or set gpu_placement to 'data parallel'")
     if cfg.distributed.expert_groups and gpus % 2:
-        raise ConfigError(f"Train LoRA: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
+        raise ConfigError(f"{where}: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
                           f"{gpus} - use an even number of GPUs")
     plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
 

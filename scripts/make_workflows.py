@@ -173,10 +173,19 @@ def thumbnail(wf: Workflow, title: str) -> Image.Image:
     return img
 
 
+#: Train LoRA's settings nodes: the input each feeds and the node's size.
+SETTINGS_NODES = {
+    "Wan22ConfigureOptimizer": ("optimizer_settings", (360, 150)),
+    "Wan22ConfigureRegularizers": ("regularizers", (360, 200)),
+    "Wan22ConfigureHardware": ("hardware", (360, 220)),
+}
+
+
 def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, multistage: dict, save: dict,
-                   train: dict, previews: dict | None, render: dict) -> Workflow:
-    """Experts (+ Quantize ARA) + dataset (+ report) + multistage + save (+ previews) -> Train LoRA -> loss plot,
-    and a render with the trained pair."""
+                   train: dict, previews: dict | None, render: dict, settings: dict | None = None) -> Workflow:
+    """Experts (+ Quantize ARA) + dataset (+ report) + multistage + save (+ previews) (+ the settings nodes in
+    ``settings``: node type -> widget values, for a workflow that changes their defaults) -> Train LoRA -> loss
+    plot, and a render with the trained pair."""
     wf = Workflow(pack)
     loader = wf.add("Wan22LoadExperts", (0, 0), wf.widgets(
         "Wan22LoadExperts", high_noise_model=HIGH, low_noise_model=LOW, text_encoder=TE, vae=VAE, **experts),
@@ -190,7 +199,7 @@ def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, mu
     report = wf.add("PreviewAny", (0, wf.below(ds)), [], (340, 200), title="Dataset report")
     ms = wf.add("Wan22ConfigureMultiStage", (380, 0), wf.widgets("Wan22ConfigureMultiStage", **multistage), (300, 150))
     sv = wf.add("Wan22SaveCheckpoint", (380, wf.below(ms)), wf.widgets("Wan22SaveCheckpoint", **save), (300, 230))
-    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 1140))
+    tr = wf.add("Wan22TrainLoRA", (720, 0), wf.widgets("Wan22TrainLoRA", **train), (360, 690))
     wf.connect(ds, 1, report, "source")
     wf.connect(model, 0, tr, "experts")
     wf.connect(ds, 0, tr, "dataset")
@@ -200,6 +209,11 @@ def training_graph(pack, *, experts: dict, quant: dict | None, dataset: dict, mu
         pv = wf.add("Wan22ConfigureTrainingPreviews", (380, wf.below(sv)),
                     wf.widgets("Wan22ConfigureTrainingPreviews", **previews), (300, 480))
         wf.connect(pv, 0, tr, "previews")
+    above = tr
+    for kind, values in (settings or {}).items():
+        link, size = SETTINGS_NODES[kind]
+        above = wf.add(kind, (720, wf.below(above)), wf.widgets(kind, **values), size)
+        wf.connect(above, 0, tr, link)
     loss = wf.add("PreviewImage", (1120, 0), [], (400, 260), title="Loss curve")
     wf.connect(tr, 1, loss, "images")
     sample = wf.add("Wan22PreviewSample", (1120, wf.below(loss)), wf.widgets("Wan22PreviewSample", **render),
@@ -314,8 +328,9 @@ def main() -> None:
         multistage=dict(switch_every=1),
         save=dict(save_every=250, keep_last=6, lora_name="my_style"),
         train=dict(job_name="my_style", trigger_word="zxqstyle", rank=16, steps=3000, learning_rate=1e-4,
-                   timestep_type="linear", timestep_bias="high_noise", dop=True, dop_multiplier=1.0,
-                   dop_class="scene", ema=True, ema_decay=0.999),
+                   timestep_type="linear", timestep_bias="high_noise"),
+        settings={"Wan22ConfigureRegularizers": dict(dop=True, dop_multiplier=1.0, dop_class="scene", ema=True,
+                                                     ema_decay=0.999)},
         previews=dict(prompts="zxqstyle, a lighthouse on a cliff at dusk, waves crashing", width=768, height=768,
                       num_frames=41, steps=30, sample_every=250),
         render=dict(prompts="zxqstyle, a busy market street in the rain, people with umbrellas", width=832,
@@ -324,8 +339,9 @@ def main() -> None:
     style.dump("wan22_3_style_lora_dop",
                "3 Style LoRA with DOP, H100/H200: float8 experts, 768 px, 41 frames, favor high noise, EMA",
                "Put 10-40 clips or stills of the style in ComfyUI/input/my_style; the trigger word zxqstyle is put "
-               "in front of every caption. DOP (class 'scene') keeps prompts without the trigger in the base "
-               "model's look; it costs about three passes per step. The output pair is the EMA of the LoRA.")
+               "in front of every caption. DOP (class 'scene', on Configure Regularizers) keeps prompts without the "
+               "trigger in the base model's look; it costs about three passes per step. The output pair is the EMA "
+               "of the LoRA.")
     native_render(pack, CHARACTER_PREVIEWS, CHARACTER_BOUNDARY).dump(
         "wan22_4_render_trained_pair_native", "4 Render a trained pair, native Wan 2.2 graph",
         "Renders exactly what workflow 1's training previews show, with the pair Save Checkpoint copied into "

@@ -7,15 +7,19 @@ adapters), ComfyUI's LoRA key-mapping rule, and float64 arithmetic for the loss 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import shutil
 import sys
 import weakref
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,7 +29,15 @@ from tests.model_fixtures import save_comfy_files, save_diffusers_folder, tiny_c
 import trainer_core.bundle  # noqa: E402
 import trainer_core.data  # noqa: E402
 import trainer_core.sample  # noqa: E402
-from trainer_core.config import ModelConfig, MultiStageConfig, QuantConfig, SampleConfig, job_from_dict  # noqa: E402
+from trainer_core.config import (  # noqa: E402
+    DatasetConfig,
+    JobConfig,
+    ModelConfig,
+    MultiStageConfig,
+    QuantConfig,
+    SampleConfig,
+    job_from_dict,
+)
 from trainer_core.data import make_synthetic_dataset  # noqa: E402
 from trainer_core.errors import ConfigError, DatasetError, LoraFileError  # noqa: E402
 from trainer_core.keys import diffusers_state_dict_to_original  # noqa: E402
@@ -43,6 +55,9 @@ DISPLAY_NAMES = {
     "Wan22ConfigureMultiStage": "Configure MultiStage",
     "Wan22SaveCheckpoint": "Save Checkpoint",
     "Wan22TrainLoRA": "Train LoRA",
+    "Wan22ConfigureOptimizer": "Configure Optimizer",
+    "Wan22ConfigureRegularizers": "Configure Regularizers",
+    "Wan22ConfigureHardware": "Configure Hardware",
     "Wan22ConfigureTrainingPreviews": "Configure Training Previews",
     "Wan22PreviewSample": "Preview Sample",
     "Wan22ApplyLoraPair": "Apply Wan22 LoRA Pair",
@@ -50,8 +65,12 @@ DISPLAY_NAMES = {
     "Wan22SplitStep": "Wan22 Split Step",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+#: Train LoRA's and its settings nodes' widgets for a fast CPU run (train_inputs puts each on its node).
 TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradient_checkpointing": "off",
               "num_workers": 0}
+#: Train LoRA's optional input of each settings node.
+SETTINGS = {"optimizer_settings": "Wan22ConfigureOptimizer", "regularizers": "Wan22ConfigureRegularizers",
+            "hardware": "Wan22ConfigureHardware"}
 QUANT_FAST = {"calibration_samples": 2}  # Quantize ARA's defaults (4bit_ara, nf4, float8 text encoder), 2 clips
 
 
@@ -90,6 +109,20 @@ def experts(N, quant=None):
     return bundle
 
 
+def train_inputs(N, **values):
+    """Train LoRA's inputs for widget ``values``, each set on the node that has the widget: Train LoRA's own (its
+    defaults where not given), a settings node's on that node (its other widgets at their defaults) linked to Train
+    LoRA; a settings node none of whose widgets is given stays unconnected."""
+    out = F.defaults(N["Wan22TrainLoRA"])
+    for link, node_id in SETTINGS.items():
+        cls = N[node_id]
+        given = {k: values.pop(k) for k in list(values) if k in F.defaults(cls)}
+        if given:
+            (out[link],) = F.call(cls, **widgets(cls, **given))
+    assert set(values) <= set(out), f"no widget {set(values) - set(out)} on Train LoRA or a settings node"
+    return {**out, **values}
+
+
 def graph(N, host, *, bundle=None, quant=None, dataset=None, multistage=None, save=None, previews=None, **train):
     """``bundle`` or experts(quant) -> Build Video Dataset -> [MultiStage, Save] -> Train LoRA; returns (bundle,
     outputs)."""
@@ -100,7 +133,7 @@ def graph(N, host, *, bundle=None, quant=None, dataset=None, multistage=None, sa
                                                             **(multistage or {})))
     (sv,) = F.call(N["Wan22SaveCheckpoint"], **widgets(N["Wan22SaveCheckpoint"], **(save or {})))
     out = F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, multistage=ms, save=sv, previews=previews,
-                 unique_id="5", **widgets(N["Wan22TrainLoRA"], **{**TRAIN_FAST, **train}))
+                 unique_id="5", **train_inputs(N, **{**TRAIN_FAST, **train}))
     return bundle, out
 
 
@@ -133,15 +166,18 @@ def test_node_contract(N, node_id):
             assert isinstance(opts["default"], int if kind == "INT" else float), name
         elif kind in ("STRING", "BOOLEAN"):
             assert isinstance(opts["default"], str if kind == "STRING" else bool), name
-    # The FUNCTION takes exactly the inputs (Train LoRA forwards its widgets to build_job's keyword arguments).
+    # The FUNCTION takes exactly the inputs: as parameters, or as keyword arguments the node declares in its FIELDS
+    # (widget -> setting) and, for Train LoRA, LEGACY (its widgets from before the settings nodes, hidden inputs of
+    # older prompts: test_a_prompt_written_for_the_older_train_lora_*).
     fn = getattr(cls, cls.FUNCTION)
     params = inspect.signature(fn).parameters
     named = {n for n, p in params.items() if n != "self" and p.kind != p.VAR_KEYWORD}
+    keywords = set()
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        named |= set(inspect.signature(sys.modules[cls.__module__].build_job).parameters)
-        named -= {"experts", "dataset", "multistage", "save", "previews"} - set(inputs)
-    assert named == set(inputs) | set(spec.get("hidden", {}))
-    for name in {**spec.get("optional", {}), **spec.get("hidden", {})}:
+        keywords = set(cls.FIELDS) | set(getattr(cls, "LEGACY", {}))
+        assert not keywords & named, node_id
+    assert named | keywords == set(inputs) | set(spec.get("hidden", {}))
+    for name in {**spec.get("optional", {}), **spec.get("hidden", {})}.keys() - keywords:
         assert params[name].default is None, f"optional input {name} needs a default"
 
 
@@ -167,9 +203,10 @@ def _job(N, host, clips, experts=None, quant=None, **train):
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
                                                           num_frames=5, resolutions="32"))
     (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
-    w = widgets(N["Wan22TrainLoRA"], **train)
-    w.pop("gpus")  # taken by the node itself (launches torchrun), not part of the job (tests: test_gpus_*)
-    return mod.build_job(bundle, ds, None, sv, None, **w)
+    w = train_inputs(N, **train)
+    # the settings nodes' parts; their gpus launches torchrun instead of changing the job (tests: test_gpus_*)
+    links = [w.pop(link) for link in SETTINGS if link in w]
+    return mod.build_job(bundle, ds, w, save=sv, settings=links)
 
 
 TRAIN_WIDGETS = [
@@ -244,8 +281,9 @@ def _get(cfg, path):
 
 def test_every_train_widget_reaches_the_job_config(N, host, clips):
     base = _job(N, host, clips)
-    spec = N["Wan22TrainLoRA"].INPUT_TYPES()["required"]
-    # every widget but gpus (which launches torchrun instead of changing the job: test_gpus_*)
+    spec = {k: v for node in ("Wan22TrainLoRA", *SETTINGS.values()) for k, v in N[node].INPUT_TYPES()["required"].items()}
+    # every widget of Train LoRA and its settings nodes but gpus (which launches torchrun instead of changing the
+    # job: test_gpus_*)
     assert {w for w, *_ in TRAIN_WIDGETS} | {"gpus"} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
                                                        isinstance(t, tuple)}
     for widget, value, path, expected in TRAIN_WIDGETS:
@@ -255,6 +293,132 @@ def test_every_train_widget_reaches_the_job_config(N, host, clips):
     assert base.lora.effective_alpha == base.lora.rank and base.trigger_word is None and base.resume is None
     assert (base.advanced, base.text_encoder) == (type(base.advanced)(), type(base.text_encoder)())
     assert _job(N, host, clips, text_cache_dir="te").text_encoder.cache_dir == str(host.root / "output" / "te")
+
+
+# ------------------------------------------------------------------------------------------ settings declared once
+
+#: Widgets that start elsewhere than their setting's default, each for a reason given at the node.
+UI_DEFAULTS = {
+    ("Wan22TrainLoRA", "alpha"): 0.0,  # 0 = unset: the rank
+    ("Wan22SaveCheckpoint", "output_dir"): "wan22_lora",
+    ("Wan22QuantizeARA", "transformer"): "4bit_ara",
+    ("Wan22QuantizeARA", "text_encoder"): "float8",
+    ("Wan22QuantizeARA", "adapter_cache_dir"): "wan22_ara_cache",
+    ("Wan22ConfigureTrainingPreviews", "sample_every"): 250,
+}
+#: What a section needs besides the setting under test to validate on its own.
+_REQUIRED = {DatasetConfig: {"folder": "clips"}, SampleConfig: {"prompts": ["a prompt"]},
+             ModelConfig: {"source": "tiny"}, JobConfig: {"model": {"source": "tiny"}}}
+
+
+def _setting(path):
+    """(config class, field name, index in a pair or None) of a setting path, read from the config's classes."""
+    parts = path.split(".")
+    index = int(parts.pop()) if parts[-1].isdigit() else None
+    model = JobConfig
+    if len(parts) == 2:
+        annotation = JobConfig.model_fields[parts[0]].annotation
+        model = get_args(annotation)[0] if get_args(annotation) else annotation  # datasets: each dataset's
+    return model, parts[-1], index
+
+
+def _accepts(path, value):
+    """Whether the config takes ``value`` for the setting at ``path`` (the rest of its section at defaults)."""
+    model, key, index = _setting(path)
+    if index is not None:
+        pair = list(model.model_fields[key].default)
+        pair[index] = value
+        value = tuple(pair)
+    try:
+        model.model_validate({**_REQUIRED.get(model, {}), key: value})
+    except ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("node_id", sorted(DISPLAY_NAMES))
+def test_widgets_show_their_settings_as_the_config_declares_them(N, node_id):
+    """Every widget that sets a config field shows that field's description, starts at its default (UI_DEFAULTS
+    aside) and offers what the config takes: all of a combo's choices, and number ranges whose ends are the config's
+    limits (an open end refused just past it by the config's own message), or, where the config has no upper limit,
+    the widget's largest value; read here from the config's classes, not through the nodes' helper."""
+    cls = N[node_id]
+    spec = cls.INPUT_TYPES()["required"]
+    for name, path in getattr(cls, "FIELDS", {}).items():
+        kind, opts = spec[name]
+        model, key, index = _setting(path)
+        field = model.model_fields[key]
+        assert field.description and opts["tooltip"].startswith(field.description), (node_id, name)
+        default = field.get_default(call_default_factory=True)
+        default = default[index] if index is not None else default
+        default = "" if default in (None, PydanticUndefined) else default
+        default = ", ".join(map(str, default)) if isinstance(default, list) else default
+        expected = UI_DEFAULTS.get((node_id, name), str(default) if kind == "STRING" else default)
+        assert opts["default"] == expected, (node_id, name)
+        if isinstance(kind, tuple):
+            assert all(_accepts(path, choice) for choice in kind) and not _accepts(path, "no such choice"), name
+        elif kind in ("INT", "FLOAT"):
+            tiny = 1 if kind == "INT" else 1e-9
+            lo, hi = opts["min"], opts["max"]
+            unbounded = "widget_max" in (field.json_schema_extra or {})
+            assert _accepts(path, lo) or _accepts(path, lo + tiny), (node_id, name)
+            assert _accepts(path, hi) or _accepts(path, hi - tiny), (node_id, name)
+            assert not _accepts(path, lo - tiny) and _accepts(path, hi + tiny) == unbounded, (node_id, name)
+
+
+# ------------------------------------------------------------------------ workflows from before the settings nodes
+
+#: Train LoRA as example workflow 3 saved it before the settings nodes: widget names in order, and the node.
+OLD_TRAIN = json.loads((Path(__file__).parent / "data" / "train_lora_before_settings_nodes.json").read_text())
+
+
+def test_a_ui_workflow_from_before_the_settings_nodes_keeps_its_training_settings_and_says_what_to_do(N):
+    """ComfyUI's frontend hands a saved node's widgets_values to its widgets by position and drops the rest
+    (LGraphNode.configure). Train LoRA kept its first widgets in their order, so an older workflow keeps them; the
+    value that lands in text_encoder_mode (the old gradient_checkpointing's) makes the node say, when queued, what
+    happened and what to do."""
+    cls = N["Wan22TrainLoRA"]
+    old = dict(zip(OLD_TRAIN["widget_names"], OLD_TRAIN["node"]["widgets_values"]))
+    names = [n for n, (t, *_) in cls.INPUT_TYPES()["required"].items() if isinstance(t, tuple) or t in WIDGET_TYPES]
+    loaded = dict(zip(names, OLD_TRAIN["node"]["widgets_values"]))  # as the frontend sets them
+    assert {n for n in names if loaded[n] == old[n]} == set(names) - {"text_encoder_mode"}
+    message = cls.VALIDATE_INPUTS(text_encoder_mode=loaded["text_encoder_mode"])
+    assert "saved before" in message and "Set text_encoder_mode again" in message
+    assert all(node in message for node in ("Configure Optimizer", "Configure Regularizers", "Configure Hardware"))
+    assert cls.VALIDATE_INPUTS(text_encoder_mode=old["text_encoder_mode"]) is True
+    assert "is not one of cache, unload, live" in cls.VALIDATE_INPUTS(text_encoder_mode="keep")
+
+
+def test_a_prompt_written_for_the_older_train_lora_gives_the_job_it_gave(N, host, clips, monkeypatch, caplog):
+    """An API-format prompt names its inputs: the older node's advanced widgets reach Train LoRA as hidden inputs
+    (ComfyUI validates only required and optional inputs and passes hidden ones through: execution.py) and make the
+    job the settings nodes make with those values, with a note; given both ways, they are refused."""
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    jobs = []
+
+    def stop(cfg, gpus, save):  # the job as Train LoRA built it, before anything loads
+        jobs.append((cfg, gpus))
+        raise InterruptedError
+
+    monkeypatch.setattr(mod, "_preflight", stop)
+    old = dict(zip(OLD_TRAIN["widget_names"], OLD_TRAIN["node"]["widgets_values"]))
+    bundle = experts(N)
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips", num_frames=5,
+                                                          resolutions="32"))
+    with caplog.at_level(logging.WARNING), pytest.raises(InterruptedError):
+        F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, **old)
+    with pytest.raises(InterruptedError):
+        F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, **train_inputs(N, **old))
+    (as_before, gpus), (through_nodes, node_gpus) = jobs
+    assert as_before == through_nodes and gpus == node_gpus == old["gpus"]
+    assert (as_before.advanced.dop, as_before.advanced.dop_class, as_before.advanced.ema,
+            as_before.advanced.ema_decay) == (True, "scene", True, 0.999)  # fmt: skip
+    notes = [r.getMessage() for r in caplog.records if "before the settings nodes" in r.getMessage()]
+    assert len(notes) == 1 and "dop, " in notes[0]
+    (regularizers,) = F.call(N["Wan22ConfigureRegularizers"], **widgets(N["Wan22ConfigureRegularizers"]))
+    with pytest.raises(ConfigError, match="come both as Train LoRA inputs of an older prompt and from Configure "
+                                          "Regularizers"):
+        F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, regularizers=regularizers, **old)
 
 
 def _adapter_file(path, quantizer="nf4"):
@@ -369,7 +533,7 @@ def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips", num_frames=5,
                                                           resolutions="32"))
     with pytest.raises(LoraFileError, match="does not exist"):
-        F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, **widgets(N["Wan22TrainLoRA"], **TRAIN_FAST))
+        F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, **train_inputs(N, **TRAIN_FAST))
     assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
 
 
@@ -528,7 +692,7 @@ def test_second_run_on_the_same_bundle_and_single_expert(N, host, clips):
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
                                                           num_frames=5, resolutions="32"))
     pair2, _, run_dir = F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, multistage=ms,
-                               **widgets(N["Wan22TrainLoRA"], **{**TRAIN_FAST, "steps": 2, "job_name": "low_only"}))
+                               **train_inputs(N, **{**TRAIN_FAST, "steps": 2, "job_name": "low_only"}))
     assert set(pair2.tensors) == set(pair2.files) == {"low"}
     assert Path(run_dir).name == "low_only"  # default save settings: <ComfyUI output>/wan22_lora/<job>
     assert sorted(p.name for p in host.folder("loras").iterdir()) == [
@@ -876,9 +1040,9 @@ def test_gpu_placement_expert_groups_needs_switch_every_1_and_an_even_gpu_count(
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
                                                           num_frames=5, resolutions="32"))
     (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
-    w = widgets(N["Wan22TrainLoRA"], gpu_placement="expert groups", device="cpu")
-    w.pop("gpus")
-    cfg = mod.build_job(bundle, ds, MultiStageConfig(switch_every=1), sv, None, **w)
+    w = train_inputs(N, gpu_placement="expert groups", device="cpu")
+    hardware = w.pop("hardware")
+    cfg = mod.build_job(bundle, ds, w, multistage=MultiStageConfig(switch_every=1), save=sv, settings=[hardware])
     assert cfg.distributed.expert_groups and not cfg.distributed.shard_experts
     monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
     for gpus, message in ((1, "needs gpus of 2 or more"), (3, "but gpus is 3 - use an even number")):

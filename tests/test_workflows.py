@@ -56,7 +56,8 @@ CORE = {
 }
 OPTIONAL_LINKS = {("CreateVideo", "audio"), ("Wan22TrainLoRA", "multistage"), ("Wan22TrainLoRA", "save"),
                   ("Wan22TrainLoRA", "previews"), ("Wan22PreviewSample", "lora"), ("Wan22BuildVideoDataset", "dataset"),
-                  ("Wan22TrainLoRA", "init_lora")}
+                  ("Wan22TrainLoRA", "init_lora"), ("Wan22TrainLoRA", "optimizer_settings"),
+                  ("Wan22TrainLoRA", "regularizers"), ("Wan22TrainLoRA", "hardware")}
 
 
 def node_spec(pack, kind):
@@ -198,12 +199,20 @@ def _inputs(api, class_type):
     return next(n["inputs"] for n in api.values() if n["class_type"] == class_type)
 
 
+def _settings(pack, api, class_type):
+    """A settings node's inputs, or its defaults where the workflow leaves it out (Train LoRA then uses them)."""
+    if any(n["class_type"] == class_type for n in api.values()):
+        return _inputs(api, class_type)
+    return F.defaults(pack.NODE_CLASS_MAPPINGS[class_type])
+
+
 #: What each training workflow promises (its title), as settings of its nodes: {class_type: {input: value}}.
 RECIPES = {
     "wan22_1_character_lora_24gb": {
         "Wan22QuantizeARA": {"transformer": "4bit_ara", "adapter": "compute", "text_encoder": "float8"},
         "Wan22LoadExperts": {"low_vram": True},
-        "Wan22TrainLoRA": {"text_encoder_mode": "cache", "dop": False},
+        "Wan22TrainLoRA": {"text_encoder_mode": "cache"},
+        "Wan22ConfigureRegularizers": {"dop": False},
         "Wan22ConfigureMultiStage": {"switch_every": 10},
         "Wan22ConfigureTrainingPreviews": {"sample_every": 250},
         "Wan22BuildVideoDataset": {"resolutions": "512", "num_frames": 33},
@@ -212,10 +221,11 @@ RECIPES = {
         "Wan22LoadExperts": {"low_vram": False, "offload_blocks": "0"},
         "Wan22ConfigureMultiStage": {"switch_every": 1},
         "Wan22BuildVideoDataset": {"num_frames": 81, "frame_sampling": "fps"},
-        "Wan22TrainLoRA": {"dop": False},
+        "Wan22ConfigureRegularizers": {"dop": False},
     },
     "wan22_3_style_lora_dop": {
-        "Wan22TrainLoRA": {"dop": True, "dop_class": "scene", "timestep_bias": "high_noise", "ema": True},
+        "Wan22TrainLoRA": {"timestep_bias": "high_noise"},
+        "Wan22ConfigureRegularizers": {"dop": True, "dop_class": "scene", "ema": True},
         "Wan22BuildVideoDataset": {"prepend_trigger": True},
     },
 }
@@ -225,10 +235,10 @@ RECIPES = {
 def test_workflow_follows_its_recipe(pack, path):
     api = to_api(pack, json.loads(path.read_text(encoding="utf-8")))
     for class_type, expected in RECIPES[path.stem].items():
-        inputs = _inputs(api, class_type)
+        inputs = _settings(pack, api, class_type)
         assert {k: inputs[k] for k in expected} == expected, class_type
     train = _inputs(api, "Wan22TrainLoRA")
-    assert not train["dop"] or train["trigger_word"]  # DOP needs a trigger word
+    assert not _settings(pack, api, "Wan22ConfigureRegularizers")["dop"] or train["trigger_word"]  # DOP needs one
     has_quant = any(n["class_type"] == "Wan22QuantizeARA" for n in api.values())
     assert has_quant == (path.stem != "wan22_2_motion_lora_h100")
     if has_quant:  # Train LoRA and Preview Sample both take the quantized bundle
@@ -248,7 +258,8 @@ def test_pack_part_runs_on_the_tiny_preset(pack, path):
                              "text_encoder": "none", "vae": "none"},
         "Wan22BuildVideoDataset": {"folder": "clips", "num_frames": 5, "resolutions": "32"},
         "Wan22ConfigureTrainingPreviews": {**small, "sample_every": 2},
-        "Wan22TrainLoRA": {"steps": 4, "optimizer": "adamw", "gradient_checkpointing": "off"},
+        "Wan22TrainLoRA": {"steps": 4, "optimizer": "adamw"},
+        "Wan22ConfigureHardware": {"gradient_checkpointing": "off"},  # where a workflow has one
         "Wan22PreviewSample": small,
     }
     outputs, order = _run_pack_part(pack, api, patches)
@@ -273,7 +284,8 @@ def test_pack_part_runs_on_the_tiny_preset(pack, path):
     assert ran["quant"]["transformer"] == (api[quant_id]["inputs"]["transformer"] if quant_id else "none")
     assert ran["memory"]["low_vram"] == _inputs(api, "Wan22LoadExperts")["low_vram"]
     assert ran["text_encoder"]["mode"] == train["text_encoder_mode"]
-    assert (ran["advanced"]["dop"], ran["advanced"]["ema"]) == (train["dop"], train["ema"])
+    regularizers = _settings(pack, api, "Wan22ConfigureRegularizers")
+    assert (ran["advanced"]["dop"], ran["advanced"]["ema"]) == (regularizers["dop"], regularizers["ema"])
     if quant_id:  # the experts the pair was trained on (and Preview Sample rendered with) are quantized
         layers = {type(m).__name__ for m in outputs[quant_id][0].loaded.high.modules()}
         assert layers & {"NF4Linear", "Float8Linear"}

@@ -12,8 +12,9 @@ import difflib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
 
@@ -33,6 +35,8 @@ DType = Literal["bf16", "fp16", "fp32"]
 #: Flow shifts beyond this put every timestep at pure noise; Wan 2.2 trains at 5 and samples at 12.
 _MAX_SHIFT = 100.0
 _SHIFT_USUAL = "usual 1 to 12; Wan 2.2 trains with 5 and samples with 12"
+_GUIDANCE_USUAL = "usual 3 to 5 for Wan 2.2; 1 turns guidance off"
+_STRENGTH_USUAL = "usual 0.5 to 1.5; 0 renders the base model"
 #: Upper limits of sizes: far beyond what Wan 2.2 makes (81 frames, 1280x720), low enough that a typo (an extra
 #: digit) is refused at once instead of filling the memory, or the hours, of a run that cannot finish.
 _MAX_FRAMES = 257
@@ -57,10 +61,55 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
 )
 
 
+# A setting's description is also its ComfyUI tooltip. What only a widget needs sits in the setting's
+# Field(json_schema_extra=...): "step" (the widget's increment, and the precision the UI rounds to) and "widget_max"
+# (the largest value a widget offers where the setting has no upper limit). nodes/widgets.py reads them beside the
+# Range and pydantic's own limits.
+@dataclass(frozen=True)
+class Range:
+    """The limits of a number setting (of each number of a pair such as ``betas``), declared beside the setting in
+    its ``Annotated`` type: every section refuses a value outside them (``_Strict._within_range``) with ``message``
+    or, by default, the range and the ``usual`` values, and the ComfyUI widgets take their min and max from here.
+    ``hi=None``: no upper limit. ``checked=False``: the setting's own validator refuses with a more precise message
+    (4n+1 frames, multiples of 16); the limits are still these."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    usual: str = ""
+    message: str = ""
+    checked: bool = True
+
+    def check(self, name: str, v: float) -> None:
+        """Raise a ValueError naming ``name`` when ``v`` lies outside the limits."""
+        hi = math.inf if self.hi is None else self.hi
+        if self.message:
+            if not _inside(v, self.lo, hi, self.lo_open, self.hi_open):
+                raise ValueError(self.message)
+        else:
+            _in_range(name, v, self.lo, hi, self.usual, lo_open=self.lo_open, hi_open=self.hi_open)
+
+
+def range_of(field: FieldInfo) -> Range | None:
+    """The :class:`Range` declared for a setting, if any."""
+    return next((m for m in field.metadata if isinstance(m, Range)), None)
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: no float setting of any section takes .inf / .nan (YAML's infinity and not-a-number, or
     # a number too large for a float such as 1e400); format_validation_error words the refusal.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _within_range(cls, v: Any, info: ValidationInfo) -> Any:
+        limits = range_of(cls.model_fields[info.field_name or ""])
+        if limits is None or not limits.checked or v is None:
+            return v
+        for i, x in enumerate(v) if isinstance(v, tuple) else [(None, v)]:
+            limits.check(info.field_name if i is None else f"{info.field_name}[{i}]", x)
+        return v
 
     @field_validator("*", mode="before")
     @classmethod
@@ -95,12 +144,14 @@ def _in_range(name: str, v: float, lo: float, hi: float, usual: str, *, lo_open:
               hi_open: bool = False) -> float:
     """``v`` when it lies in the range (closed unless ``*_open``), else a ValueError saying the range and the usual
     values (format_validation_error adds the value given)."""
-    above = v > lo if lo_open else v >= lo
-    below = v < hi if hi_open else v <= hi
-    if not (above and below):
+    if not _inside(v, lo, hi, lo_open, hi_open):
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"{name} must lie in {left}{lo:g}, {hi:g}{right} ({usual})")
     return v
+
+
+def _inside(v: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> bool:
+    return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
 
 
 class ModelConfig(_Strict):
@@ -118,9 +169,14 @@ class ModelConfig(_Strict):
     vae: str | None = Field(default=None, description="ComfyUI Wan 2.1 VAE .safetensors")
     tokenizer: str | None = Field(default=None, description="tokenizer folder or repo id (if not in the TE file)")
     revision: str | None = Field(default=None, description="Hugging Face revision when source is a repo id")
-    dtype: DType = Field(default="bf16", description="storage dtype of the frozen base weights")
-    text_encoder_dtype: DType = "bf16"
-    vae_dtype: DType = "fp32"
+    dtype: DType = Field(default="bf16", description=(
+        "Storage dtype of the frozen experts: bf16 (26.6 GiB per expert) is the usual choice; fp8 files are "
+        "dequantized to it"))
+    text_encoder_dtype: DType = Field(default="bf16", description=(
+        "UMT5 dtype: bf16 (10.6 GiB); it encodes the captions, then leaves memory (unless the text-encoder mode is "
+        "live)"))
+    vae_dtype: DType = Field(default="fp32", description=(
+        "VAE dtype: fp32 is exact and the VAE is small; bf16 saves memory at large sizes"))
 
     @model_validator(mode="after")
     def _has_some_source(self) -> "ModelConfig":
@@ -135,31 +191,24 @@ class ModelConfig(_Strict):
 class LoraConfig(_Strict):
     """The trainable adapter, one per expert."""
 
-    rank: int = Field(default=16, description="LoRA rank (linear dim)")
-    alpha: float | None = Field(default=None, description="LoRA alpha; scale = alpha / rank; default = rank")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # a rank-100000 LoRA of a 14B expert needs more memory than any machine has: refused before loading
+    rank: Annotated[int, Range(1, _MAX_RANK, message=(
+        f"rank must be a positive integer of at most {_MAX_RANK} (LoRAs use 16 to 64; 128 is large) - use 16 or "
+        "32"))] = Field(default=16, description=(
+            "LoRA rank: 16 for most LoRAs, 32 for large or detailed datasets (H100/H200)"))
+    alpha: Annotated[float | None, Range(0.0, lo_open=True, message=(
+        "alpha must be positive - set it to the rank, or leave it out to use the rank"))] = Field(
+        default=None, json_schema_extra={"widget_max": float(_MAX_RANK)}, description=(
+            "LoRA alpha (scale = alpha / rank); unset = the rank (scale 1), the usual choice"))
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "Dropout inside the LoRA: 0 is standard, 0.05-0.1 against overfitting tiny datasets"))
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), description=(
+        "Layers inside each transformer block that get a LoRA (ComfyUI names); the default is every attention and "
+        "feed-forward layer"))
     init_high: str | None = Field(default=None, description=(
         "LoRA file (.safetensors, any common Wan format) the high-noise expert's LoRA starts from"))
     init_low: str | None = Field(default=None, description=(
         "LoRA file (.safetensors, any common Wan format) the low-noise expert's LoRA starts from"))
-
-    @field_validator("rank")
-    @classmethod
-    def _rank_ok(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("rank must be a positive integer - use 16 or 32 (typical)")
-        if v > _MAX_RANK:
-            # a rank-100000 LoRA of a 14B expert needs more memory than any machine has: refuse it before loading
-            raise ValueError(f"rank must be at most {_MAX_RANK} (LoRAs use 16 to 64; 128 is large) - use 16 or 32")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_positive(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("alpha must be positive - set it to the rank, or leave it out to use the rank")
-        return v
 
     @field_validator("target_modules")
     @classmethod
@@ -180,24 +229,20 @@ class LoraConfig(_Strict):
 class MultiStageConfig(_Strict):
     """Which experts train, how often training switches between them, and where the boundary lies."""
 
-    train_high_noise: bool = True
-    train_low_noise: bool = True
-    switch_every: int = Field(default=10, description="optimizer steps before switching expert (1 = alternate)")
-    boundary: float = Field(default=0.875, description="t >= boundary*1000 goes to the high-noise expert")
-
-    @field_validator("switch_every")
-    @classmethod
-    def _switch_positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("switch_every must be >= 1 - use 1 to alternate every step, or 10 (the default)")
-        return v
-
-    @field_validator("boundary")
-    @classmethod
-    def _boundary_open_unit(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
-            raise ValueError("boundary must lie strictly between 0 and 1 - use 0.875 (Wan 2.2 T2V's)")
-        return v
+    train_high_noise: bool = Field(default=True, description=(
+        "Train the high-noise expert (layout, motion, camera): needed for motion LoRAs"))
+    train_low_noise: bool = Field(default=True, description=(
+        "Train the low-noise expert (detail, texture, identity): needed for character/style LoRAs"))
+    switch_every: Annotated[int, Range(1, message=(
+        "switch_every must be >= 1 - use 1 to alternate every step, or 10 (the default)"))] = Field(
+        default=10, json_schema_extra={"widget_max": 10_000}, description=(
+            "Optimizer steps per expert before switching to the other: 10 on 24 GB (one expert on the GPU at a "
+            "time), 1 on H100/H200 (both resident)"))
+    boundary: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True, message=(
+        "boundary must lie strictly between 0 and 1 - use 0.875 (Wan 2.2 T2V's)"))] = Field(
+        default=0.875, json_schema_extra={"step": 0.001}, description=(
+            "Noise level where the experts hand over: t >= boundary*1000 goes to the high-noise expert; Wan 2.2 "
+            "T2V: 0.875"))
 
     @model_validator(mode="after")
     def _one_stage_on(self) -> "MultiStageConfig":
@@ -214,80 +259,75 @@ class MultiStageConfig(_Strict):
 class OptimizerConfig(_Strict):
     """Optimizer and learning-rate schedule (one optimizer state per expert)."""
 
-    name: Literal["adamw", "adamw8bit"] = "adamw8bit"
-    lr: float = Field(default=1e-4, description="learning rate, in (0, 1]; LoRAs train at about 1e-5 to 1e-3")
-    weight_decay: float = Field(default=1e-4, description="decoupled weight decay, in [0, 1]; usual 0 to 0.1")
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam's decay rates, each in [0, 1)")
-    eps: float = Field(default=1e-8, description="Adam's epsilon, in (0, 0.01]; usual 1e-8 to 1e-6")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables gradient clipping")
-
-    @field_validator("lr")
-    @classmethod
-    def _lr_ok(cls, v: float) -> float:
-        return _in_range("lr", v, 0.0, 1.0, "a LoRA trains with AdamW at about 1e-5 to 1e-3; 1e-4 is typical",
-                         lo_open=True)
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _weight_decay_ok(cls, v: float) -> float:
-        return _in_range("weight_decay", v, 0.0, 1.0, "usual 0 to 0.1; 0 turns it off")
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
-        for i, b in enumerate(v):
-            _in_range(f"betas[{i}]", b, 0.0, 1.0, "Adam's decay rates; usual (0.9, 0.999)", hi_open=True)
-        return v
-
-    @field_validator("eps")
-    @classmethod
-    def _eps_ok(cls, v: float) -> float:
-        return _in_range("eps", v, 0.0, 0.01, "usual 1e-8 to 1e-6", lo_open=True)
+    name: Literal["adamw", "adamw8bit"] = Field(default="adamw8bit", description=(
+        "adamw8bit keeps the optimizer state in 8 bits (less memory, same results); adamw is full precision"))
+    lr: Annotated[float, Range(0.0, 1.0, lo_open=True, usual=(
+        "a LoRA trains with AdamW at about 1e-5 to 1e-3; 1e-4 is typical"))] = Field(
+        default=1e-4, json_schema_extra={"step": 1e-6}, description=(
+            "Learning rate: 1e-4 is the usual choice; 5e-5 if the loss jumps or samples fall apart"))
+    weight_decay: Annotated[float, Range(0.0, 1.0, usual="usual 0 to 0.1; 0 turns it off")] = Field(
+        default=1e-4, json_schema_extra={"step": 1e-5}, description=(
+            "AdamW's decoupled weight decay on the LoRA weights: 1e-4 is usual; 0 turns it off"))
+    betas: Annotated[tuple[float, float], Range(0.0, 1.0, hi_open=True, usual=(
+        "Adam's decay rates; usual (0.9, 0.999)"))] = Field(
+        default=(0.9, 0.999), json_schema_extra={"step": 1e-4}, description=(
+            "Adam's decay rates of the gradient's mean (beta1) and square (beta2): leave them at 0.9 and 0.999"))
+    eps: Annotated[float, Range(0.0, 0.01, lo_open=True, usual="usual 1e-8 to 1e-6")] = Field(
+        default=1e-8, json_schema_extra={"step": 1e-9}, description="Adam's epsilon: leave it at 1e-8")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(default="constant", description=(
+        "Learning-rate schedule, per expert: constant is standard for LoRAs"))
+    warmup_steps: int = Field(default=0, ge=0, json_schema_extra={"widget_max": 100_000}, description=(
+        "Steps of linear learning-rate warm-up, per expert: 0-100"))
+    max_grad_norm: float = Field(default=1.0, ge=0, json_schema_extra={"widget_max": 100.0}, description=(
+        "Gradient clipping norm: 1.0 is usual; 0 disables clipping"))
 
 
 class TrainConfig(_Strict):
     """The training run itself."""
 
-    steps: int = Field(default=2000, ge=1, description="total optimizer steps (shared by both experts)")
-    batch_size: int = Field(default=1, ge=1, le=_MAX_BATCH)
-    gradient_accumulation: int = Field(default=1, ge=1)
+    steps: int = Field(default=2000, ge=1, json_schema_extra={"widget_max": 1_000_000}, description=(
+        "Total optimizer steps, shared by the trained experts: motion 1500-2500, character/style 2000-3000"))
+    batch_size: int = Field(default=1, ge=1, le=_MAX_BATCH, description="Clips per step: 1 on 24 GB, 1-2 on H100/H200")
+    gradient_accumulation: int = Field(default=1, ge=1, json_schema_extra={"widget_max": 256}, description=(
+        "Micro-batches summed per step: a larger effective batch (batch size x this) without more memory"))
     gradient_checkpointing: Literal["auto", "full", "selective", "off"] = Field(
         default="auto",
         description=(
-            "activation checkpointing per transformer block: 'full' recomputes each block in backward (least "
-            "memory), 'selective' keeps the self-attention outputs and recomputes the rest, 'off' keeps everything "
-            "(fastest); 'auto' lets the VRAM planner give as many blocks the faster policies as the card fits "
-            "(on the CPU: full). true/false mean full/off"
+            "Recompute activations in the backward pass, per transformer block: full recomputes each block (least "
+            "memory); selective keeps the self-attention outputs and recomputes the rest; off keeps everything "
+            "(fastest, most memory); auto lets the VRAM planner give as many blocks the faster policies as the card "
+            "fits (on the CPU: full). true/false mean full/off"
         ),
     )
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
         description=(
-            "torch.compile the transformer blocks; 'auto' = on for CUDA with Triton, unless blocks are offloaded, the "
-            "base is 4-bit or the weights are sharded, and eager if compiling fails; 'on' = always, errors raised"
+            "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a CUDA GPU "
+            "with Triton, unless blocks are offloaded, the base is 4-bit or the weights are sharded, and eager if "
+            "compiling fails; on = always, errors raised; off = never"
         ),
     )
-    timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = "linear"
-    timestep_shift: float = Field(default=5.0, description="shift s for timestep_type=shift, in (0, 100]")
-    timestep_bias: Literal["balanced", "high_noise", "low_noise"] = "balanced"
-    compute_dtype: DType = Field(default="bf16", description="autocast dtype on GPU (CPU always computes fp32)")
-    seed: int = Field(default=42, ge=0, le=_MAX_SEED, description="seed of the data order, noise and LoRA init")
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    num_workers: int = Field(
-        default=2, ge=0, le=32, description="processes decoding clips while the GPU trains; 0 = in the training process"
-    )
+    timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = Field(default="linear", description=(
+        "Noise-level sampling within each expert's range: motion linear; style linear or shift; character sigmoid "
+        "or linear"))
+    timestep_shift: Annotated[float, Range(0.0, _MAX_SHIFT, lo_open=True, usual=_SHIFT_USUAL)] = Field(
+        default=5.0, json_schema_extra={"step": 0.1}, description=(
+            "Shift s for timestep type shift (higher pushes toward noisier levels): 5 is usual"))
+    timestep_bias: Literal["balanced", "high_noise", "low_noise"] = Field(default="balanced", description=(
+        "Favour noisier (composition, motion) or cleaner (detail) levels: balanced for most, high_noise for pure "
+        "camera moves or style"))
+    compute_dtype: DType = Field(default="bf16", description=(
+        "Autocast dtype on the GPU: bf16 on H100/H200 and RTX 30xx or newer (the CPU always computes fp32)"))
+    seed: int = Field(default=42, ge=0, le=_MAX_SEED, description=(
+        "Seed of the data order, noise, timesteps and LoRA init: a given seed and settings train identically"))
+    device: str = Field(default="auto", description="auto (the first GPU, else the CPU), cuda, cuda:1, cpu")
+    num_workers: int = Field(default=2, ge=0, le=32, description=(
+        "Processes decoding clips while the GPU trains: 2 is plenty; 0 decodes in the training process"))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _checkpointing_bool(cls, v: Any) -> Any:
         return {True: "full", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
-    @field_validator("timestep_shift")
-    @classmethod
-    def _shift_ok(cls, v: float) -> float:
-        return _in_range("timestep_shift", v, 0.0, _MAX_SHIFT, _SHIFT_USUAL, lo_open=True)
 
     @field_validator("device")
     @classmethod
@@ -302,11 +342,19 @@ class TrainConfig(_Strict):
 class SaveConfig(_Strict):
     """Where and how LoRAs and training states are written."""
 
-    output_dir: str = "output"
-    save_every: int = Field(default=250, ge=0, description="0 saves only at the end")
-    keep_last: int = Field(default=4, ge=0, description="checkpoints to keep; 0 keeps all")
-    dtype: DType = "bf16"
-    save_training_state: bool = True
+    output_dir: str = Field(default="output", description=(
+        "Folder of the run folders (checkpoints, states, losses.csv; in ComfyUI relative to its output folder): a "
+        "job's first run writes into <output_dir>/<job name>, later fresh runs of the same name into <job "
+        "name>_run2, _run3, ..."))
+    save_every: int = Field(default=250, ge=0, json_schema_extra={"widget_max": 100_000}, description=(
+        "Save a LoRA pair and a resumable state every N steps (250-500); 0 = only at the end"))
+    keep_last: int = Field(default=4, ge=0, json_schema_extra={"widget_max": 1000}, description=(
+        "Checkpoints kept in the run folder, older ones deleted (4-6 is plenty); 0 keeps all"))
+    dtype: DType = Field(default="bf16", description=(
+        "LoRA file dtype: bf16 (what ComfyUI loads everywhere); fp32 doubles the size"))
+    save_training_state: bool = Field(default=True, description=(
+        "Write the optimizer and scheduler state beside each checkpoint so a run can resume (and a cancel keeps its "
+        "progress); off saves disk"))
 
 
 class DatasetConfig(_Strict):
@@ -321,29 +369,51 @@ class DatasetConfig(_Strict):
     their target is the base model's own prediction (ai-toolkit's ``prior_reg``).
     """
 
-    folder: str = Field(description="the folder of clips/images and their caption files, e.g. folder: /data/clips")
-    caption_ext: str = "txt"
-    default_caption: str = ""
-    num_frames: int = 33
-    frame_sampling: Literal["uniform", "fps"] = "uniform"
-    fps: float = Field(default=16.0, description="model frame rate for frame_sampling=fps, in (0, 240]")
-    window_start: Literal["random", "start"] = "random"
-    short_clip: Literal["pad", "skip"] = "pad"
-    resolutions: list[int] = Field(default_factory=lambda: [512])
-    weight: float = Field(default=1.0, gt=0)
+    folder: str = Field(description=(
+        "the folder of clips (mp4 webm mov mkv gif) and images with their caption files, e.g. folder: /data/clips "
+        "(in ComfyUI relative to its input folder); 10-30 clips of 3-8 s is typical"))
+    caption_ext: str = Field(default="txt", description="Caption file extension: clip01.mp4 + clip01.txt")
+    default_caption: str = Field(default="", description=(
+        "Caption for files without a caption file; [trigger] is replaced by the trigger word"))
+    num_frames: Annotated[int, Range(1, _MAX_FRAMES, checked=False)] = Field(
+        default=33, json_schema_extra={"step": 4}, description=(
+            "Frames per sample (4n+1): 33 at 512 px on 24 GB; 41-81 at 768-1024 px on H100/H200; 1 = stills"))
+    frame_sampling: Literal["uniform", "fps"] = Field(default="uniform", description=(
+        "uniform: spread the frames over the whole clip; fps: a window at 'fps', motion at real speed (pick this "
+        "for motion LoRAs)"))
+    fps: Annotated[float, Range(0.0, 240.0, lo_open=True, usual="Wan 2.2 is trained at 16 frames per second")] = Field(
+        default=16.0, json_schema_extra={"step": 0.5}, description=(
+            "Frame rate of the window for frame sampling fps; Wan 2.2 is trained at 16"))
+    window_start: Literal["random", "start"] = Field(default="random", description=(
+        "fps sampling: a random window each epoch (more variety) or always the clip's start"))
+    short_clip: Literal["pad", "skip"] = Field(default="pad", description=(
+        "Clips shorter than the window: pad by repeating the last frame, or skip them (listed in the report)"))
+    resolutions: list[int] = Field(default_factory=lambda: [512], description=(
+        "Training sizes, multiples of 16 (e.g. 512, 768); aspect ratios are bucketed. 24 GB: 512; H100/H200: "
+        "768-1024"))
+    weight: float = Field(default=1.0, gt=0, json_schema_extra={"step": 0.05, "widget_max": 100.0}, description=(
+        "Relative share of this dataset per epoch when several are trained together"))
     share: float | None = Field(default=None, gt=0.0, le=1.0, description=(
         "fixed fraction of every epoch's samples for this dataset whatever its size (its weight is then unused); "
         "unset: by repeats and weight"))
-    repeats: int = Field(default=1, ge=1)
-    caption_dropout: float = Field(default=0.05, ge=0.0, le=1.0)
-    prepend_trigger: bool = False
+    repeats: int = Field(default=1, ge=1, json_schema_extra={"widget_max": 1000}, description=(
+        "Times each item appears per epoch; raise it for small datasets mixed with large ones"))
+    caption_dropout: float = Field(default=0.05, ge=0.0, le=1.0, description=(
+        "Share of samples trained with an empty caption: about 0.05 keeps prompts without the trigger working"))
+    prepend_trigger: bool = Field(default=False, description=(
+        "Put the trigger word in front of captions that lack it (needs a trigger word)"))
     trigger_separator: Literal[", ", " "] = Field(default=", ", description=(
         "what prepend_trigger puts between the trigger word and the caption: ', ' or ' ' (ai-toolkit's)"))
-    flip_x: bool = False
-    flip_y: bool = False
-    is_regularization: bool = False
-    cache_latents: bool = False
-    strict: bool = Field(default=False, description="fail on the first bad file instead of skipping and reporting it")
+    flip_x: bool = Field(default=False, description=(
+        "Mirror half the samples left-right; keep off for video (it reverses directional motion)"))
+    flip_y: bool = Field(default=False, description="Flip half the samples upside down; almost always off")
+    is_regularization: bool = Field(default=False, description=(
+        "Regularization data: generic clips whose target is the base model's own prediction (keeps its look)"))
+    cache_latents: bool = Field(default=False, description=(
+        "Encode each clip once and cache it on disk; pays off with fixed windows and no flips (usually off for "
+        "video)"))
+    strict: bool = Field(default=False, description=(
+        "Stop at the first unreadable or uncaptioned file; off skips such files and lists them in the report"))
 
     @field_validator("caption_ext")
     @classmethod
@@ -353,11 +423,6 @@ class DatasetConfig(_Strict):
         if not ext or any(c in ext for c in "/\\") or ext.lower() in media:
             raise ValueError(f"caption_ext must be a text file extension such as 'txt' or 'caption', got {v!r}")
         return ext
-
-    @field_validator("fps")
-    @classmethod
-    def _fps_ok(cls, v: float) -> float:
-        return _in_range("fps", v, 0.0, 240.0, "Wan 2.2 is trained at 16 frames per second", lo_open=True)
 
     @field_validator("num_frames")
     @classmethod
@@ -420,50 +485,60 @@ class SampleConfig(_Strict):
     ``multistage.boundary``; defaults follow the official T2V recipe (40 steps, shift 12, guidance 4 / 3) with
     ComfyUI's euler / normal, so ComfyUI's native Wan 2.2 graph renders the same video (see ``sample.native``)."""
 
-    prompts: list[str] = Field(default_factory=list, description="one video per prompt; empty = no sampling")
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    width: int = 832
-    height: int = 480
-    num_frames: int = 33
-    steps: int = Field(default=40, ge=1, description="denoising steps (previews may use fewer)")
-    shift: float = Field(default=12.0, description="flow shift of the schedule (ModelSamplingSD3), in (0, 100]")
+    prompts: list[str] = Field(default_factory=list, description=(
+        "Prompts, one video each (one per line in ComfyUI); use the trigger word as in the captions; empty = no "
+        "sampling"))
+    negative_prompt: str = Field(default=WAN_NEGATIVE_PROMPT, description=(
+        "What to steer away from (Wan's standard negative prompt by default)"))
+    width: Annotated[int, Range(16, _MAX_SIDE, checked=False)] = Field(
+        default=832, json_schema_extra={"step": 16}, description=(
+            "Multiple of 16; render near the training size (24 GB: 512)"))
+    height: Annotated[int, Range(16, _MAX_SIDE, checked=False)] = Field(
+        default=480, json_schema_extra={"step": 16}, description="Multiple of 16")
+    num_frames: Annotated[int, Range(1, _MAX_FRAMES, checked=False)] = Field(
+        default=33, json_schema_extra={"step": 4}, description=(
+            "4n+1 frames: as trained (33 on 24 GB; 81 = 5 s at 16 fps)"))
+    steps: int = Field(default=40, ge=1, json_schema_extra={"widget_max": 200}, description=(
+        "Denoising steps: 40 for final quality, 20-30 for quick previews"))
+    shift: Annotated[float, Range(0.0, _MAX_SHIFT, lo_open=True, usual=_SHIFT_USUAL)] = Field(
+        default=12.0, description=(
+            "Flow shift of the schedule (ModelSamplingSD3's shift): 12 is Wan 2.2 T2V's (ComfyUI's template uses "
+            "8)"))
     sampler: Literal["euler", "diffusers_unipc"] = Field(default="euler", description=(
-        "euler: ComfyUI's euler, reproduced exactly by the native graph; diffusers_unipc: diffusers' UniPC (Wan's "
-        "own solver, own sigma grid), not reproducible natively ('unipc' is read as diffusers_unipc)"))
+        "euler: ComfyUI's euler - the native graph renders the same video (the recipe is in the node text and the "
+        "video's metadata); diffusers_unipc: diffusers' UniPC, Wan's own solver and sigma grid, not reproducible "
+        "natively ('unipc' is read as diffusers_unipc)"))
     scheduler: Literal["normal", "simple"] = Field(default="normal", description=(
-        "ComfyUI scheduler of the euler sampler; normal is also diffusers' FlowMatchEuler grid (WanPipeline)"))
-    guidance_high: float = Field(default=4.0, description="CFG scale on the high-noise expert, in [1, 30]; 1 = off")
-    guidance_low: float = Field(default=3.0, description="CFG scale on the low-noise expert, in [1, 30]; 1 = off")
-    seed: int = Field(default=42, ge=0, le=2**63 - 1)
-    walk_seeds: bool = Field(default=True, description="prompt i uses seed + i; off: every prompt uses seed")
-    lora_strength_high: float = Field(default=1.0, description="in [-10, 10]; 0 = base model")
-    lora_strength_low: float = Field(default=1.0, description="in [-10, 10]; 0 = base model")
-    fps: int = Field(default=16, ge=1, le=240, description="frame rate written into the video file")
-    format: Literal["mp4", "webm"] = Field(default="mp4", description="mp4 (H.264) or webm (VP9)")
-    vae_tiling: bool = Field(default=False, description="decode in spatial tiles (less memory, large sizes)")
-    sample_every: int = Field(default=0, ge=0, description="render every N optimizer steps; 0 = off")
-    sample_at_start: bool = Field(default=False, description="also render before the first step")
-
-    @field_validator("shift")
-    @classmethod
-    def _shift_ok(cls, v: float) -> float:
-        return _in_range("shift", v, 0.0, _MAX_SHIFT, _SHIFT_USUAL, lo_open=True)
-
-    @field_validator("guidance_high", "guidance_low")
-    @classmethod
-    def _guidance_ok(cls, v: float, info: ValidationInfo) -> float:
-        return _in_range(info.field_name, v, 1.0, 30.0, "usual 3 to 5 for Wan 2.2; 1 turns guidance off")
+        "ComfyUI scheduler of the euler sampler: normal is also diffusers' flow-match Euler grid (WanPipeline); "
+        "simple is what most native workflows use. Set the same one in KSamplerAdvanced"))
+    guidance_high: Annotated[float, Range(1.0, 30.0, usual=_GUIDANCE_USUAL)] = Field(default=4.0, description=(
+        "CFG on the high-noise expert: 2-4 (Wan: 4); 1 disables CFG and halves the time"))
+    guidance_low: Annotated[float, Range(1.0, 30.0, usual=_GUIDANCE_USUAL)] = Field(default=3.0, description=(
+        "CFG on the low-noise expert: 2-4 (Wan: 3); 1 disables CFG"))
+    seed: int = Field(default=42, ge=0, le=_MAX_SEED, description=(
+        "Noise seed of the first prompt; the same seed in KSamplerAdvanced gives the same noise"))
+    walk_seeds: bool = Field(default=True, description=(
+        "Prompt i uses seed + i; off renders every prompt with the same seed (compare prompts)"))
+    lora_strength_high: Annotated[float, Range(-10.0, 10.0, usual=_STRENGTH_USUAL)] = Field(
+        default=1.0, json_schema_extra={"step": 0.05}, description=(
+            "Strength of the high-noise LoRA: 1 as trained, 0 = base model"))
+    lora_strength_low: Annotated[float, Range(-10.0, 10.0, usual=_STRENGTH_USUAL)] = Field(
+        default=1.0, json_schema_extra={"step": 0.05}, description=(
+            "Strength of the low-noise LoRA: 1 as trained, 0 = base model"))
+    fps: int = Field(default=16, ge=1, le=240, description="Frame rate written into the preview video files")
+    format: Literal["mp4", "webm"] = Field(default="mp4", description="mp4 (H.264) or webm (VP9) preview files")
+    vae_tiling: bool = Field(default=False, description=(
+        "Decode in spatial tiles: needed for 1024 px / 81 frames on 24 GB, slower"))
+    sample_every: int = Field(default=0, ge=0, json_schema_extra={"widget_max": 100_000}, description=(
+        "Render previews every N optimizer steps (250-500); 0 = none, or only at the start with sample_at_start"))
+    sample_at_start: bool = Field(default=False, description=(
+        "Also render before the first step: the base model's look, for comparison"))
 
     @field_validator("sampler", mode="before")
     @classmethod
     def _legacy_unipc(cls, v: Any) -> Any:
         # Job files written before the ComfyUI-native samplers name diffusers' UniPC plain 'unipc'.
         return "diffusers_unipc" if v == "unipc" else v
-
-    @field_validator("lora_strength_high", "lora_strength_low")
-    @classmethod
-    def _strength_ok(cls, v: float, info: ValidationInfo) -> float:
-        return _in_range(info.field_name, v, -10.0, 10.0, "usual 0.5 to 1.5; 0 renders the base model")
 
     @field_validator("prompts")
     @classmethod
@@ -515,8 +590,12 @@ class TextEncoderConfig(_Strict):
     encoder. ``live``: keep the encoder loaded and encode each batch's captions at every step.
     """
 
-    mode: Literal["cache", "unload", "live"] = "cache"
-    cache_dir: str | None = Field(default=None, description="embeddings folder; default <save.output_dir>/text_cache")
+    mode: Literal["cache", "unload", "live"] = Field(default="cache", description=(
+        "cache: encode every caption once, then free UMT5 (24-32 GB); unload: train on the trigger word alone; "
+        "live: keep UMT5 loaded and encode each step (big cards)"))
+    cache_dir: str | None = Field(default=None, description=(
+        "Folder of the cached caption embeddings, shared by runs (in ComfyUI relative to its output folder); unset "
+        "= <save output_dir>/text_cache"))
 
 
 class QuantConfig(_Strict):
@@ -530,27 +609,30 @@ class QuantConfig(_Strict):
     needs ``quantizer: uint4``).
     """
 
-    transformer: Literal["none", "float8", "4bit_ara"] = "none"
-    quantizer: Literal["nf4", "uint4"] = Field(
-        default="nf4",
-        description="4-bit format: 'nf4' (bitsandbytes NF4) or 'uint4' (asymmetric, groups of 64, ai-toolkit's ARAs)",
-    )
+    transformer: Literal["none", "float8", "4bit_ara"] = Field(default="none", description=(
+        "24 GB: 4bit_ara (~7 GiB per expert); H100/H200: 4bit_ara or float8 (13 GiB, fp8 matmuls); none keeps "
+        "the experts as loaded"))
+    quantizer: Literal["nf4", "uint4"] = Field(default="nf4", description=(
+        "4-bit format: nf4 (bitsandbytes NF4) for computed adapters; uint4 (asymmetric, groups of 64) for "
+        "ai-toolkit's *_torchao_uint4 adapter files"))
     ara_source: str = Field(default="compute", description="'compute' or an adapter .safetensors file")
-    ara_rank: int = Field(default=16, ge=1, le=1024, description="rank of the accuracy recovery adapters")
-    ara_calibration_samples: int = Field(
-        default=8, ge=0, le=256, description="training samples whose activations calibrate computed adapters; 0 = none"
-    )
-    ara_cache_dir: str | None = Field(
-        default=None, description="computed-adapter cache; default: the diffusers folder, else <output_dir>/ara_cache"
-    )
-    text_encoder: Literal["bf16", "float8"] = Field(
-        default="bf16", description="text encoder Linear weights: as loaded, or float8 e4m3 with per-row scales"
-    )
+    ara_rank: int = Field(default=16, ge=1, le=1024, description=(
+        "Rank of the accuracy recovery adapters: 16 recovers most of the 4-bit error; an adapter file's rank must "
+        "match"))
+    ara_calibration_samples: int = Field(default=8, ge=0, le=256, description=(
+        "Training clips whose activations tune computed adapters: 8; 0 = from the weights alone (faster)"))
+    ara_cache_dir: str | None = Field(default=None, description=(
+        "Folder that keeps computed adapters for the next run (in ComfyUI relative to its models folder, where no "
+        "loader lists them); unset: the diffusers folder, else <output_dir>/ara_cache"))
+    text_encoder: Literal["bf16", "float8"] = Field(default="bf16", description=(
+        "UMT5 weights: float8 (e4m3, per-row scales) halves its memory and is fine on every card; bf16 keeps them "
+        "as loaded"))
     fp8_backward: bool = Field(
         default=True,
         description=(
-            "float8 experts on fp8 GPUs: compute the input gradients through the frozen layers in fp8 too (faster; "
-            "about 3% relative error per element, like the forward) instead of with the bf16-dequantized weight"
+            "float8 experts on fp8 GPUs (RTX 40xx, L40, H100/H200): compute the backward pass through the frozen "
+            "layers in fp8 too (faster; about 3% relative error per element, like the forward); off uses the "
+            "bf16-dequantized weight there"
         ),
     )
 
@@ -582,16 +664,18 @@ class MemoryConfig(_Strict):
     planner checks the settings against the card's free memory before any model is loaded.
     """
 
-    low_vram: bool = Field(default=False, description="keep only the active expert on the GPU (swap at switches)")
-    offload_blocks: int | Literal["auto"] = Field(
-        default=0, description="transformer blocks streamed from host memory; 0 = all resident; 'auto' = fit the card"
-    )
-    prefetch: int = Field(default=1, ge=1, le=8, description="offloaded blocks copied ahead of the computation")
-    headroom_gib: float = Field(
-        default=1.0, ge=0.0, le=1024.0,
-        description="GPU memory (GiB) the planner leaves free beyond its estimate (other programs), in [0, 1024]",
-    )
-    check_vram: bool = Field(default=True, description="refuse settings that the planner says will not fit")
+    low_vram: bool = Field(default=False, description=(
+        "Keep only the expert being trained on the GPU, swapped at each switch: on for 24 GB, off for H100/H200"))
+    offload_blocks: int | Literal["auto"] = Field(default=0, description=(
+        "Transformer blocks (of 40) streamed from host memory every pass: 0 = all on the GPU; auto = the fewest "
+        "that fit the card; a count such as 20 for bf16 on 24 GB"))
+    prefetch: int = Field(default=1, ge=1, le=8, description=(
+        "Offloaded blocks copied ahead of the computation: 1-2; more hides copy time but uses VRAM"))
+    headroom_gib: float = Field(default=1.0, ge=0.0, le=1024.0, json_schema_extra={"step": 0.5}, description=(
+        "GPU memory (GiB) left free beyond the planner's estimate, for other programs; raise it if the card also "
+        "drives a display"))
+    check_vram: bool = Field(default=True, description=(
+        "Refuse settings the VRAM planner says will not fit (it suggests what to change); off = try anyway"))
 
     @field_validator("offload_blocks")
     @classmethod
@@ -612,20 +696,30 @@ class AdvancedConfig(_Strict):
     used for previews.
     """
 
-    dop: bool = Field(default=False, description="Differential Output Preservation (needs trigger_word)")
-    dop_multiplier: float = Field(default=1.0, description="weight of the preservation loss")
-    dop_class: str = Field(default="person", description="word that replaces the trigger word, e.g. person, scene")
-    diff_guidance: bool = Field(default=False, description="differential guidance of the regression target")
-    diff_guidance_scale: float = Field(default=3.0, description="target = pred + scale·(target − pred)")
-    ema: bool = Field(default=False, description="save an EMA of each expert's LoRA beside the live one")
-    ema_decay: float = Field(default=0.99, description="EMA decay per optimizer step of the expert, in (0, 1)")
-
-    @field_validator("dop_multiplier")
-    @classmethod
-    def _dop_multiplier_ok(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 < v <= 100.0):
-            raise ValueError("dop_multiplier must be > 0 and <= 100 (typical 1.0; to disable DOP set dop: false)")
-        return v
+    dop: bool = Field(default=False, description=(
+        "Differential Output Preservation keeps the base model's look for the class word: character/style on, "
+        "motion off; needs a trigger word (about three passes per step)"))
+    dop_multiplier: Annotated[float, Range(0.0, 100.0, lo_open=True, message=(
+        "dop_multiplier must be > 0 and <= 100 (typical 1.0; to disable DOP set dop: false)"))] = Field(
+        default=1.0, json_schema_extra={"step": 0.05}, description=(
+            "Weight of DOP's preservation loss: 1 is usual; lower it if the LoRA learns too weakly"))
+    dop_class: str = Field(default="person", description=(
+        "Word that replaces the trigger word in DOP's prompt: person, woman, man for characters; scene or style for "
+        "styles"))
+    diff_guidance: bool = Field(default=False, description=(
+        "Differential guidance: regress toward pred + scale·(target − pred), past the target; with AdamW it "
+        "changes almost nothing - usually off"))
+    diff_guidance_scale: Annotated[float, Range(0.0, 100.0, lo_open=True, message=(
+        "diff_guidance_scale must be > 0 and <= 100 (typical 3; 1 changes nothing)"))] = Field(
+        default=3.0, json_schema_extra={"step": 0.1}, description=(
+            "Differential guidance strength: 3 is typical, 1 = off"))
+    ema: bool = Field(default=False, description=(
+        "Keep a moving average of each expert's LoRA, saved beside it (..._ema_<expert>) and used for previews: "
+        "smoother results; Train LoRA outputs and copies the EMA pair"))
+    ema_decay: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True, message=(
+        "ema_decay must lie strictly between 0 and 1 (typical 0.99 to 0.999)"))] = Field(
+        default=0.99, json_schema_extra={"step": 1e-4}, description=(
+            "EMA decay per step of an expert: 0.99 for short runs, 0.999 for 3000+ steps"))
 
     @field_validator("dop_class")
     @classmethod
@@ -635,19 +729,6 @@ class AdvancedConfig(_Strict):
             raise ValueError("dop_class must be a plain class word such as 'person', 'woman' or 'scene'")
         return v
 
-    @field_validator("diff_guidance_scale")
-    @classmethod
-    def _guidance_scale_ok(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 < v <= 100.0):
-            raise ValueError("diff_guidance_scale must be > 0 and <= 100 (typical 3; 1 changes nothing)")
-        return v
-
-    @field_validator("ema_decay")
-    @classmethod
-    def _ema_decay_ok(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 < v < 1.0):
-            raise ValueError("ema_decay must lie strictly between 0 and 1 (typical 0.99 to 0.999)")
-        return v
 
 
 class DistributedConfig(_Strict):
@@ -681,8 +762,12 @@ def _refuse_clashes(setting: str, clashes: list[str]) -> None:
 class JobConfig(_Strict):
     """A complete training job."""
 
-    name: str = "wan22_lora"
-    trigger_word: str | None = None
+    name: str = Field(default="wan22_lora", description=(
+        "Run folder and file-name prefix (letters, digits, _ - .); a new run of a used name gets a folder of its "
+        "own (<name>_run2, ...), and resume 'latest' continues this name's newest run"))
+    trigger_word: str | None = Field(default=None, description=(
+        "Word that calls the LoRA (e.g. sqz): replaces [trigger] in captions; needed by DOP and the unload "
+        "text-encoder mode; empty = none"))
     model: ModelConfig = Field(description=(
         "the base weights, e.g. model: {source: tiny}; model.source takes 'tiny', a diffusers folder or a repo id, "
         "model.high_noise / model.low_noise ComfyUI files"
@@ -699,7 +784,9 @@ class JobConfig(_Strict):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-    resume: str | None = Field(default=None, description="training-state file/folder, or 'latest' in output_dir")
+    resume: str | None = Field(default=None, description=(
+        "Continue a run: 'latest' (this job's newest training state), a training_state_*.safetensors file or a "
+        "run folder; empty starts fresh"))
 
     @field_validator("name")
     @classmethod
