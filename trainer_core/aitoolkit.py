@@ -60,16 +60,18 @@ from safetensors import SafetensorError, safe_open
 
 from .config import AdvancedConfig, MemoryConfig, QuantConfig, SampleConfig, closest_key
 from .errors import ConfigError, LoraFileError
+from .names import DTYPES, EXPERTS
 
 _PROCESS = "config.process[0]"
 _TRAINER_TYPES = ("sd_trainer", "diffusion_trainer", "ui_trainer")
 _ARCH = "wan22_14b"
 
-#: ai-toolkit's dtype spellings (toolkit/train_tools.get_torch_dtype) -> ours.
+#: ai-toolkit's dtype spellings (toolkit/train_tools.get_torch_dtype) -> ours: our names, torch's (float32, ...) and
+#: its aliases.
 _DTYPES = {
-    "float": "fp32", "fp32": "fp32", "single": "fp32", "float32": "fp32",
-    "fp16": "fp16", "half": "fp16", "float16": "fp16",
-    "bf16": "bf16", "bfloat16": "bf16",
+    **{name: name for name in DTYPES},
+    **{str(dtype).removeprefix("torch."): name for name, dtype in DTYPES.items()},
+    "float": "fp32", "single": "fp32", "half": "fp16",
 }  # fmt: skip
 _OPTIMIZERS = ("adamw8bit", "adamw")
 #: flux_shift / lumina2_shift run the same code as shift when the scheduler has no dynamic shifting (Wan's has none).
@@ -1154,7 +1156,7 @@ def _map_resume(job: dict[str, Any], notes: list[str]) -> None:
         if m and path.is_file():
             pairs.setdefault(m.group("step"), {})[m.group("expert")] = path
     stages = job["multistage"]
-    trained = [e for e in ("high", "low") if stages.get(f"train_{e}_noise", True) is not False]
+    trained = [e for e in EXPERTS if stages.get(f"train_{e}_noise", True) is not False]
     found = {key: {e: p for e, p in pair.items() if e in trained} for key, pair in pairs.items()}
     found = {key: pair for key, pair in found.items() if pair}
     if not found:

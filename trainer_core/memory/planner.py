@@ -83,7 +83,7 @@ from ..data.buckets import bucket_sizes
 from ..errors import ConfigError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
 from ..models.single_file import fp32_kept_modules, tensor_dtype
-from ..names import EXPERTS
+from ..names import DTYPES, EXPERTS
 from .blocks import choose_block_plan
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,6 @@ VAE_DECODE_PER_PIXEL = 5750
 DEQUANT_BYTES = {"float8": 6, "nf4": 2, "uint4": 9}
 #: The caching allocator reserves somewhat more than it hands out.
 FRAGMENTATION = 0.03
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ADAMW8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 
 
@@ -253,7 +251,7 @@ def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
         experts=1 if cfg.distributed.expert_groups and world > 1 else len(cfg.multistage.stages),
         shards=world if cfg.distributed.shard_experts else 1,
         grouped=cfg.distributed.expert_groups and world > 1,
-        autocast_bytes=_DTYPE_BYTES[cfg.train.compute_dtype] if autocast else None,
+        autocast_bytes=DTYPES[cfg.train.compute_dtype].itemsize if autocast else None,
         device_type=device_type,
         text_mode=cfg.text_encoder.mode,
         text_quant=cfg.quant.text_encoder,
@@ -415,7 +413,7 @@ def _expert_bytes(shapes: ExpertShapes, k: _Knobs) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def _weight_bytes(shapes: ExpertShapes, model_dtype: str, quant: str, quantizer: str, ara_rank: int) -> tuple[int, int]:
-    dtype = _TORCH_DTYPES[model_dtype]
+    dtype = DTYPES[model_dtype]
     kept = fp32_kept_modules(WanTransformer3DModel, dtype)
     quantized = {f"{LORA_TARGET_TO_DIFFUSERS[t]}.weight": (i, o) for t, i, o in shapes.block_linears}
     head = block = 0
@@ -444,7 +442,7 @@ def _lora_bytes(shapes: ExpertShapes, k: _Knobs) -> tuple[int, int, int]:
 
 
 def _te_bytes(side: SideModels, k: _Knobs) -> int:
-    b = _DTYPE_BYTES[k.te_dtype]
+    b = DTYPES[k.te_dtype].itemsize
     if k.text_quant == "float8":
         other = side.text_encoder_params - side.text_encoder_linear_params
         return side.text_encoder_linear_params + 4 * side.text_encoder_linear_rows + b * other
@@ -469,7 +467,7 @@ def _activation_bytes(k: _Knobs) -> tuple[int, int, int]:
     in the compute dtype anyway), so the inputs are shared; without autocast peft casts them unless the activations
     are fp32 too. PyTorch's CPU RMSNorm saves its input upcast to fp32.
     """
-    s = k.autocast_bytes or _DTYPE_BYTES[k.model_dtype]
+    s = k.autocast_bytes or DTYPES[k.model_dtype].itemsize
     if k.autocast_bytes:
         copy_bytes = 0
     else:
@@ -494,7 +492,7 @@ def _phases(
     active = _working_set(k, shapes, offload)
     others = (k.experts - 1) * (0 if k.low_vram else head + math.ceil((L - offload) * block / k.shards))
     weights = [PlanItem("weights", "active expert", active), PlanItem("weights", "other expert", others)]
-    vae_b = _DTYPE_BYTES[k.vae_dtype]
+    vae_b = DTYPES[k.vae_dtype].itemsize
     vae_w = PlanItem("weights", "VAE", side.vae_params * vae_b)
     te = _te_bytes(side, k)
     lw, ls, lg = _lora_bytes(shapes, k)
@@ -747,8 +745,9 @@ def estimate_host_memory(cfg: JobConfig, plan: Plan) -> HostMemory:
     pinned_before_last = plan.host_bytes * (len(trained) - 1) // max(len(trained), 1)
     phases = {
         "caption encoding": [
-            PlanItem("host", "text encoder", side.text_encoder_params * _DTYPE_BYTES[cfg.model.text_encoder_dtype]),
-            PlanItem("host", "VAE", side.vae_params * _DTYPE_BYTES[cfg.model.vae_dtype]),
+            PlanItem("host", "text encoder",
+                     side.text_encoder_params * DTYPES[cfg.model.text_encoder_dtype].itemsize),
+            PlanItem("host", "VAE", side.vae_params * DTYPES[cfg.model.vae_dtype].itemsize),
         ],
         "training": [
             PlanItem("host", "pinned weights (Low VRAM / offloaded blocks)", plan.host_bytes),

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from ..names import EXPERTS, HIGH, LOW
 from .single_file import tokenizer_from_sentencepiece
 
 TINY_TEXT_DIM = 64
@@ -56,7 +57,7 @@ TINY_TEXT_ENCODER_CONFIG: dict = {
 }
 
 TINY_SPIECE_VOCAB = 96
-_SEEDS = {"high": 1001, "low": 1002, "vae": 1003, "text_encoder": 1004}
+_SEEDS = {HIGH: 1001, LOW: 1002, "vae": 1003, "text_encoder": 1004}
 
 # Fixed training text for the tiny sentencepiece model (caption-like, so test prompts tokenize into real pieces).
 _SPIECE_TEXT = (
@@ -89,8 +90,8 @@ def _seeded(seed: int, build):
 
 def tiny_transformer(expert: str) -> WanTransformer3DModel:
     """The tiny high-noise (``expert="high"``) or low-noise (``"low"``) expert, float32, eval mode."""
-    if expert not in ("high", "low"):
-        raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
     return _seeded(_SEEDS[expert], lambda: WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG))
 
 
