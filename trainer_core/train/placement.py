@@ -47,13 +47,28 @@ class RankBatch(BatchRef):
 
 
 def resolve_device(setting: str) -> torch.device:
-    """'auto' -> first CUDA device if present, else CPU; otherwise the named device."""
+    """'auto' -> the current CUDA device if present, else CPU; otherwise the named device. A CUDA device always
+    carries its index (``cuda:0``, never bare ``cuda``), so it compares equal to the device of the tensors on it."""
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {setting!r} but no CUDA GPU is visible - use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether ``a`` and ``b`` are one device; a CUDA device without an index means the current one (torch.device
+    ``cuda`` != ``cuda:0`` although a tensor moved to the first lands on the second)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    index = [d.index if d.index is not None else torch.cuda.current_device() for d in (a, b)]
+    return index[0] == index[1]
 
 
 class Placement:

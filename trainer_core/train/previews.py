@@ -14,6 +14,7 @@ from ..models import WanComponents
 from ..sample import encode_sample_prompts, sample_metadata, sample_videos, write_video
 from ..timing import logged_seconds
 from .experts import Expert
+from .placement import same_device
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class PreviewRenderer:
     def render(self, step: int, models: dict[str, torch.nn.Module], experts: dict[str, Expert]) -> list[Path]:
         """Render every prompt with both experts (trained ones carry their LoRAs, EMA weights when enabled)."""
         s = self.cfg.sample
-        visiting = [m for m in models.values() if next(m.parameters()).device != self.device]
+        # Only an expert kept elsewhere (e.g. not trained here) visits and goes back; moving a resident one back to
+        # the CPU would break the next training step.
+        visiting = [m for m in models.values() if not same_device(next(m.parameters()).device, self.device)]
         with contextlib.ExitStack() as stack:
             stack.enter_context(logged_seconds(log, f"preview of step {step} ({len(s.prompts)} video(s))"))
             for ex in experts.values():
