@@ -344,6 +344,7 @@ def test_sample_cli_renders_any_pair_and_the_base_model(tmp_path, monkeypatch, c
     assert {"base_00.webm", "base_01.webm"} <= set(written)
     # a LoRA for another model is refused by name before any model loads (exit status 2)
     monkeypatch.setattr(render, "load_components", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(render, "load_expert", lambda *a, **k: pytest.fail("an expert loaded"))
     other = _save_raw(tmp_path / "wan13b.safetensors", BAD_FILES["wan21_1_3b"][0])
     assert main(["sample", str(path), "--lora-high", str(other), "--prompt", "a", "--out", str(out)]) == 2
     assert "--lora-high: " in capsys.readouterr().err
