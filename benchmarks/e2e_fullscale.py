@@ -264,7 +264,8 @@ def step_figures(r: dict, epoch_steps: int, noisy: set[int]) -> dict:
         return {}
     gaps = {b["step"]: b["t"] - a["t"] for a, b in zip(steps, steps[1:])}
     steady = [g for s, g in gaps.items() if s > epoch_steps + 1 and s not in noisy and s - 1 not in noisy]
-    return {"time_to_first_step_s": steps[0]["t"], "steps": len(steps),
+    return {"time_to_first_step_s": steps[0]["t"], "steps": len(steps), "step_gaps_s": list(gaps.values()),
+            "step_seconds": [e.get("seconds") for e in steps],
             "s_per_step_all": statistics.median(gaps.values()) if gaps else None,
             "s_per_step_steady": statistics.median(steady) if steady else None,
             "steady_steps": len(steady), "losses": [e["loss"] for e in steps]}
