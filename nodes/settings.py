@@ -33,7 +33,7 @@ class JobSettings:
     gpus: int = 1
 
 
-def checked(job: dict[str, dict[str, Any]], source: str) -> dict[str, dict[str, Any]]:
+def _checked(job: dict[str, dict[str, Any]], source: str) -> dict[str, dict[str, Any]]:
     """``job`` with each section validated on its own (its other settings at their defaults) and normalized as the
     config does (a device in lower case, a pair as a tuple); a bad value raises ConfigError naming ``source``."""
     out = {}
@@ -62,7 +62,7 @@ class _SettingsNode:
 
     def configure(self, **values: Any) -> tuple[JobSettings]:
         """Check the settings now (an error names this node) and hand them to Train LoRA."""
-        return (JobSettings(checked(partial_config(self.FIELDS, values, self.UI, self.TITLE), self.TITLE)),)
+        return (JobSettings(_checked(partial_config(self.FIELDS, values, self.UI, self.TITLE), self.TITLE)),)
 
 
 class ConfigureOptimizer(_SettingsNode):
@@ -150,7 +150,7 @@ class ConfigureHardware(_SettingsNode):
         values = {**values, "device": values["device"].strip() or "auto",
                   "text_cache_dir": str(host.output_path(cache_dir)) if cache_dir else ""}
         job = {**partial_config(self.FIELDS, values, self.UI, self.TITLE), "distributed": PLACEMENTS[gpu_placement]}
-        return (JobSettings(checked(job, self.TITLE), gpus),)
+        return (JobSettings(_checked(job, self.TITLE), gpus),)
 
 
 #: Train LoRA's optional input of each settings node.

@@ -25,8 +25,7 @@ from pydantic_core import PydanticUndefined
 from trainer_core.config import JobConfig, range_of
 from trainer_core.errors import ConfigError
 
-_NUMBER_KINDS = {int: "INT", float: "FLOAT"}
-_KINDS = {bool: "BOOLEAN", str: "STRING", **_NUMBER_KINDS}
+_KINDS = {bool: "BOOLEAN", str: "STRING", int: "INT", float: "FLOAT"}
 
 
 def setting(path: str) -> tuple[FieldInfo, Any, Any]:

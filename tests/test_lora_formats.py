@@ -302,12 +302,11 @@ def test_load_pair_node_renders_as_comfyui_patched_experts_and_inits_training(N,
         F.call(load, lora_high="none", strength_high=1.0, lora_low="none", strength_low=1.0)
     train = nodes["Wan22TrainLoRA"]
     job = sys.modules[train.__module__].build_job
-    widgets = {k: v for k, v in F.defaults(train).items() if k not in ("gpus",)}
-    kwargs = dict(experts=bundle, dataset=(_dataset_cfg(tmp_path),), multistage=None, previews=None, **widgets)
     save = nodes["Wan22SaveCheckpoint"]().configure(**F.defaults(nodes["Wan22SaveCheckpoint"]))[0]
+    args = (bundle, (_dataset_cfg(tmp_path),), F.defaults(train))
     with pytest.raises(ConfigError, match=r"init_lora was loaded with strength \{'high': 0\.7\}"):
-        job(save=save, init_lora=pair, **kwargs)
-    cfg = job(save=save, init_lora=only_low, **kwargs)
+        job(*args, save=save, init_lora=pair)
+    cfg = job(*args, save=save, init_lora=only_low)
     assert (cfg.lora.init_high, cfg.lora.init_low) == (None, str(host.folder("loras") / "tk/x_low_noise.safetensors"))
 
 

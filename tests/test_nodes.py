@@ -281,7 +281,8 @@ def _get(cfg, path):
 
 def test_every_train_widget_reaches_the_job_config(N, host, clips):
     base = _job(N, host, clips)
-    spec = {k: v for node in ("Wan22TrainLoRA", *SETTINGS.values()) for k, v in N[node].INPUT_TYPES()["required"].items()}
+    spec = {k: v for node in ("Wan22TrainLoRA", *SETTINGS.values())
+            for k, v in N[node].INPUT_TYPES()["required"].items()}
     # every widget of Train LoRA and its settings nodes but gpus (which launches torchrun instead of changing the
     # job: test_gpus_*)
     assert {w for w, *_ in TRAIN_WIDGETS} | {"gpus"} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
