@@ -38,7 +38,7 @@ from trainer_core.memory import plan_job
 from trainer_core.names import EXPERT_SUFFIX
 from trainer_core.sample import native_recipe
 from trainer_core.train.previews import previews_enabled
-from trainer_core.train.runs import Manifest, RunFolder, read_losses
+from trainer_core.train.runs import Manifest, RunFolder, read_losses, read_validation
 
 from . import host
 from .bundle import CATEGORY, DATASET, EXPERTS, HARDWARE, LORA, MULTISTAGE, OPTIMIZER, REGULARIZERS, SAVE
@@ -199,7 +199,7 @@ class TrainWan22LoRA:
                     run_dir, losses, pair = _train(cfg, experts, data, progress)
         if save.copy_to_loras:
             _copy_to_loras(pair.files, save.lora_name or run_dir.name)
-        return (pair, to_image_tensor(loss_curve(losses)), str(run_dir))
+        return (pair, to_image_tensor(loss_curve(losses, validation=read_validation(run_dir))), str(run_dir))
 
 
 def _defaults(node: type) -> dict[str, Any]:

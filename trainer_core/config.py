@@ -323,6 +323,11 @@ class TrainConfig(_Strict):
     device: str = Field(default="auto", description="auto (the first GPU, else the CPU), cuda, cuda:1, cpu")
     num_workers: int = Field(default=2, ge=0, le=32, description=(
         "Processes decoding clips while the GPU trains: 2 is plenty; 0 decodes in the training process"))
+    validate_every: int | None = Field(
+        default=None, ge=0, description=(
+            "steps between validation losses on the held-out clips (datasets[].validation / validation_split); "
+            "unset: at every save; 0 = off; always also before the first step and at the end"),
+    )
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -355,6 +360,20 @@ class SaveConfig(_Strict):
     save_training_state: bool = Field(default=True, description=(
         "Write the optimizer and scheduler state beside each checkpoint so a run can resume (and a cancel keeps its "
         "progress); off saves disk"))
+    tensorboard: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "TensorBoard event files in the run folder's 'tensorboard' subfolder (losses, validation, learning "
+            "rates, s/step, preview frames): 'auto' = when the tensorboard package is installed, 'on' = refuse to "
+            "start without it, 'off' = never. true/false mean on/off"
+        ),
+    )
+
+    @field_validator("tensorboard", mode="before")
+    @classmethod
+    def _tensorboard_bool(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class DatasetConfig(_Strict):
@@ -414,6 +433,11 @@ class DatasetConfig(_Strict):
         "video)"))
     strict: bool = Field(default=False, description=(
         "Stop at the first unreadable or uncaptioned file; off skips such files and lists them in the report"))
+    validation: bool = Field(default=False, description=(
+        "a held-out folder: never trained on; its clips give the validation loss (train.validate_every)"))
+    validation_split: float = Field(default=0.0, description=(
+        "fraction of this folder's files held out for the validation loss (at least one file; chosen from "
+        "train.seed), in [0, 1); 0 = none"))
 
     @field_validator("caption_ext")
     @classmethod
@@ -428,6 +452,12 @@ class DatasetConfig(_Strict):
     @classmethod
     def _four_n_plus_one(cls, v: int) -> int:
         return _frames_ok(v)
+
+    @field_validator("validation_split")
+    @classmethod
+    def _split_ok(cls, v: float) -> float:
+        return _in_range("validation_split", v, 0.0, 1.0, "0.1 holds out a tenth of the files; 0 = none",
+                         hi_open=True)
 
     @field_validator("resolutions", mode="before")
     @classmethod
@@ -450,10 +480,36 @@ class DatasetConfig(_Strict):
                              f"960); {big} are not - use e.g. 512 or 768")
         return sorted(set(v))
 
+    @model_validator(mode="after")
+    def _validation_combinations(self) -> "DatasetConfig":
+        if not self.validation:
+            if self.validation_split and self.is_regularization:
+                raise ValueError("validation_split cannot be combined with is_regularization (a regularization "
+                                 "clip's target is the base model, not the clip) - hold out clips of a training "
+                                 "folder, or give a validation folder (validation: true)")
+            return self
+        clashes = [f"{k} ({why})" for k, on, why in (
+            ("validation_split", self.validation_split > 0, "the whole folder is held out already"),
+            ("is_regularization", self.is_regularization, "validation folders are never trained on"),
+            ("share", self.share is not None, "validation folders take no part of an epoch"),
+        ) if on]  # fmt: skip
+        _refuse_clashes("validation", clashes)
+        return self
+
+
+def all_held_out(datasets: Sequence[DatasetConfig]) -> str | None:
+    """The refusal of datasets that are all validation folders (nothing to train on), or ``None``."""
+    if datasets and all(d.validation for d in datasets):
+        return ("every dataset is a validation folder (datasets[].validation: true), so there is nothing to train "
+                "on - add a training folder, or set validation: false on one")
+    return None
+
 
 def share_problem(datasets: Sequence[DatasetConfig]) -> str | None:
-    """Why the datasets' ``share`` values cannot all hold (they are fractions of one epoch), or ``None``."""
-    given = [(d, ds.share) for d, ds in enumerate(datasets) if ds.share is not None]
+    """Why the datasets' ``share`` values cannot all hold (they are fractions of one epoch), or ``None``. Validation
+    folders take no part of an epoch and are left out."""
+    trained = [(d, ds) for d, ds in enumerate(datasets) if not ds.validation]
+    given = [(d, ds.share) for d, ds in trained if ds.share is not None]
     if not given:
         return None
     keys = ", ".join(f"datasets[{d}].share" for d, _ in given)
@@ -463,11 +519,11 @@ def share_problem(datasets: Sequence[DatasetConfig]) -> str | None:
     if total > 1.0 and not whole:
         return (f"{keys} {sums} {total:g}: shares are fractions of every epoch, so together they may be 1 at "
                 "most - lower them")
-    if len(given) == len(datasets) and not whole:
+    if len(given) == len(trained) and not whole:
         return (f"every dataset has a share ({keys}), and they come to {total:g}, not 1 - make them add up to 1, "
                 "or unset one dataset's share so that it takes the rest")
-    if len(given) < len(datasets) and whole:
-        rest = ", ".join(f"datasets[{d}]" for d, ds in enumerate(datasets) if ds.share is None)
+    if len(given) < len(trained) and whole:
+        rest = ", ".join(f"datasets[{d}]" for d, ds in trained if ds.share is None)
         return f"{keys} {sums} 1, which leaves no sample for {rest} (no share) - lower them below 1"
     return None
 
@@ -836,6 +892,13 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _something_to_train_on(self) -> "JobConfig":
+        problem = all_held_out(self.datasets)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _shares_fit(self) -> "JobConfig":
         problem = share_problem(self.datasets)
         if problem is not None:
@@ -1107,6 +1170,12 @@ def job_warnings(cfg: JobConfig) -> list[str]:
                 "expert warms up over its own steps), so its learning rate never reaches optimizer.lr - lower "
                 "warmup_steps (about a tenth of them is usual)"
             )
+    held_out = any(d.validation or d.validation_split for d in cfg.datasets)
+    if cfg.train.validate_every and not held_out:
+        out.append(
+            f"train.validate_every is {cfg.train.validate_every} but no clip is held out, so there is no validation "
+            "loss - add a validation folder (datasets[].validation: true) or set a datasets[].validation_split"
+        )
     return out
 
 

@@ -54,7 +54,7 @@ from .frames import fps_indices, padded_indices, uniform_indices
 from .media import MediaInfo, read_frames
 
 # Independent random streams (first word of each generator's seed).
-_RNG_SUBSET, _RNG_ORDER, _RNG_BATCH_ORDER, _RNG_SAMPLE = 1, 2, 3, 4
+_RNG_SUBSET, _RNG_ORDER, _RNG_BATCH_ORDER, _RNG_SAMPLE, _RNG_HOLDOUT = 1, 2, 3, 4, 5
 _MAX_LISTED = 10  # file names listed in one message before "... and N more"
 _MAX_FILES_LISTED = 50  # per-file lines in the report, per dataset
 
@@ -211,7 +211,9 @@ class DatasetScan:
 class VideoDataset:
     """Scanned, bucketed items of one or more dataset folders. Build it with :func:`build_dataset`.
 
-    ``caption_override``, when set, is the caption of every item (caption files were not read).
+    ``caption_override``, when set, is the caption of every item (caption files were not read). ``validation``: the
+    clips held out for the validation loss (see :mod:`~.holdout`), never part of an epoch of this dataset; sample
+    id ``i`` of its epoch 0 is its item ``i``.
     """
 
     def __init__(
@@ -220,7 +222,9 @@ class VideoDataset:
         scans: Sequence[DatasetScan],
         seed: int,
         caption_override: str | None = None,
+        validation: VideoDataset | None = None,
     ) -> None:
+        self.validation = validation
         self.configs = tuple(configs)
         self.scans = tuple(scans)
         self.items = tuple(it for s in scans for it in s.items)
@@ -376,6 +380,9 @@ class VideoDataset:
         buckets = Counter(it.bucket_key for it in self.items)
         lines.append("buckets (width x height x frames: items):")
         lines += [f"  {w}x{h}x{f}: {n}" for (w, h, f), n in sorted(buckets.items())]
+        if self.validation is not None:
+            held = [f"{c.folder}: {n} file(s)" for c, n in zip(self.validation.configs, self.validation.file_counts())]
+            lines.append(f"validation (held out, never trained on): {len(self.validation)} item(s)\n" + listing(held))
         letterboxed = [m for s in self.scans for m in s.letterboxed]
         for title, entries in (
             ("skipped", self.skipped),
@@ -387,6 +394,10 @@ class VideoDataset:
                 lines.append(f"{title} ({len(entries)}):")
                 lines += [f"  {e}" for e in entries]
         return "\n".join(lines)
+
+    def file_counts(self) -> list[int]:
+        """Distinct media files per dataset."""
+        return [len({self.items[i].media.path for i in members}) for members in self._by_dataset]
 
     def _caption_summary(self, cfg: DatasetConfig, scan: DatasetScan) -> str:
         if self.caption_override is not None:

@@ -23,12 +23,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import DatasetConfig, share_problem
+from ..config import DatasetConfig, all_held_out, share_problem
 from ..errors import ConfigError, DatasetError
 from .buckets import assign_bucket, bucket_sizes, resize_crop_plan
 from .captions import TRIGGER_TOKEN, apply_trigger, normalize_caption
 from .dataset import DatasetScan, Item, VideoDataset, listing
 from .frames import fps_start_count
+from .holdout import split_validation
 from .media import (
     IMAGE_EXTS,
     UNSUPPORTED_MEDIA_EXTS,
@@ -356,12 +357,14 @@ def build_dataset(
 
     Bad files are skipped and reported (see the module docstring). Raises :class:`DatasetError` naming the folder
     or file for a missing or empty folder, ``[trigger]`` without a trigger word, a dataset left with no usable
-    item, or (``strict``) the first bad file; :class:`ConfigError` for no datasets, shares that do not fit in one
-    epoch, an empty ``caption_override`` or ``prepend_trigger`` without a trigger word.
+    item, a ``validation_split`` that leaves nothing to train on, or (``strict``) the first bad file;
+    :class:`ConfigError` for no datasets, shares that do not fit in one epoch, an empty ``caption_override`` or
+    ``prepend_trigger`` without a trigger word. Validation folders and held-out files (:mod:`~.holdout`) make the
+    returned dataset's ``validation``.
     """
     if not datasets:
         raise ConfigError("no datasets configured - add at least one entry under 'datasets' with a folder")
-    problem = share_problem(datasets)
+    problem = all_held_out(datasets) or share_problem(datasets)
     if problem is not None:
         raise ConfigError(problem)
     if caption_override is not None and not caption_override.strip():
@@ -379,7 +382,11 @@ def build_dataset(
             f"datasets[{d}] repeats datasets[{first}] (the same folder with the same settings), so its files count "
             f"twice per epoch - remove it, and raise datasets[{first}].repeats or weight if that was the intent"
         )
-    return VideoDataset(datasets, scans, seed, caption_override)
+    train, held = split_validation(datasets, scans, seed)
+    validation = None
+    if held:
+        validation = VideoDataset([c for c, _ in held], [s for _, s in held], seed, caption_override)
+    return VideoDataset([c for c, _ in train], [s for _, s in train], seed, caption_override, validation)
 
 
 def _repeated_entries(datasets: Sequence[DatasetConfig]) -> dict[int, int]:

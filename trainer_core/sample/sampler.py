@@ -117,7 +117,7 @@ def _device(module: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _eval_modes(*models: nn.Module) -> Iterator[None]:
+def eval_modes(*models: nn.Module) -> Iterator[None]:
     """Put every module in eval mode (no dropout: deterministic, no RNG draws) and restore each one's own mode."""
     modes = {m: m.training for model in models for m in model.modules()}
     try:
@@ -139,7 +139,7 @@ def _lora_strength(model: nn.Module, strength: float) -> contextlib.AbstractCont
 @contextlib.contextmanager
 def _render_state(high: nn.Module, low: nn.Module, cfg: SampleConfig) -> Iterator[None]:
     """Both experts in eval mode with their LoRAs at the configured strengths, all restored on exit."""
-    with _eval_modes(high, low), _lora_strength(high, cfg.lora_strength_high):
+    with eval_modes(high, low), _lora_strength(high, cfg.lora_strength_high):
         with _lora_strength(low, cfg.lora_strength_low):
             yield
 
@@ -305,7 +305,7 @@ def sample_videos(
     """
     try:
         latents = sample_latents(high, low, prompts, cfg, boundary, on_step=on_step)
-        with _eval_modes(vae), _vae_tiling(vae, cfg.vae_tiling):
+        with eval_modes(vae), _vae_tiling(vae, cfg.vae_tiling):
             return [_frames(decode_latents(vae, x)) for x in latents]
     finally:
         if any(m is not None and _device(m).type == "cuda" for m in (high, low, vae)):

@@ -11,13 +11,12 @@ import torch
 from .. import __version__
 from ..config import JobConfig
 from ..errors import TrainingDiverged
-from ..fileio import atomic_write
 from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora_tensors
 from ..names import DTYPES
 from ..regularizers import ema_lora_file_name, ema_lora_state_dict
 from .experts import Expert
 from .resume import apply_hyperparameters
-from .runs import RunFolder, state_file_name
+from .runs import RunFolder, state_file_name, write_losses
 from .state_io import load_state, save_state
 
 
@@ -94,9 +93,10 @@ def save_checkpoint(
     """Write each expert's LoRA (and EMA LoRA) in ComfyUI naming, the resumable state if enabled, and
     ``losses.csv`` into the run's folder, record them in its manifest and prune its older checkpoints.
 
-    ``experts`` are :func:`expert_snapshot` s; ``progress`` holds ``step``, ``epoch``, ``batch_pos``, ``dataset``
-    and ``losses`` (list of (step, expert, loss)). A snapshot holding a NaN/Inf weight or optimizer moment is
-    refused (:class:`TrainingDiverged`) before anything is written.
+    ``experts`` are :func:`expert_snapshot` s; ``progress`` holds ``step``, ``epoch``, ``batch_pos``, ``dataset``,
+    ``losses`` (list of (step, expert, loss)) and optionally ``validation`` (the same, of validation losses). A
+    snapshot holding a NaN/Inf weight or optimizer moment is refused (:class:`TrainingDiverged`) before anything is
+    written.
     """
     step = int(progress["step"])
     for name, snap in experts.items():
@@ -122,6 +122,7 @@ def save_checkpoint(
         state: dict[str, Any] = {
             "progress": {k: progress[k] for k in ("step", "epoch", "batch_pos", "dataset")},
             "losses": [list(x) for x in progress["losses"]],
+            "validation": [list(x) for x in progress.get("validation", [])],
             "experts": {n: snap.state for n, snap in experts.items()},
             "lora": {n: snap.lora for n, snap in experts.items()},
             "rng": {"torch": torch.get_rng_state()},
@@ -131,8 +132,7 @@ def save_checkpoint(
         meta = {"training_config": cfg.model_dump_json(), "step": str(step), "run_id": run.run_id}
         state_path = save_state(run.path / state_file_name(step), state, meta)
         written.append(state_path)
-    lines = ["step,expert,loss"] + [f"{s},{e},{v:.8g}" for s, e, v in progress["losses"]]
-    atomic_write(run.path / "losses.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+    write_losses(run.path, progress["losses"], progress.get("validation", []))
     run.record_checkpoint(step, written, cfg.save.keep_last)
     return files, state_path
 
@@ -148,5 +148,6 @@ def load_checkpoint(path: Path, cfg: JobConfig, experts: dict[str, Expert]) -> d
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     progress = dict(state["progress"])
-    progress["losses"] = [(int(s), str(e), float(v)) for s, e, v in state["losses"]]
+    for key in ("losses", "validation"):  # a state from before validation losses has none
+        progress[key] = [(int(s), str(e), float(v)) for s, e, v in state.get(key, [])]
     return progress

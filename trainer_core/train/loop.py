@@ -41,16 +41,18 @@ from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts
 from ..timing import logged_seconds
 from .checkpoints import expert_snapshot, load_checkpoint, save_checkpoint
-from .conditioning import setup_conditioning
+from .conditioning import Conditioner, setup_conditioning
 from .distributed import DistContext, init_distributed
+from .event_log import EventLog, check_tensorboard, open_event_log
 from .experts import block_plan_for, prepare_expert
 from .objective import MicroBatch, Objective, check_objective, dop_captions
 from .placement import Placement, RankBatch, make_placement, resolve_device
 from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
 from .resume import check_resume_compatible
-from .runs import RunFolder, find_finished_run, open_run, read_losses, resolve_resume, state_config
+from .runs import RunFolder, find_finished_run, open_run, read_losses, read_validation, resolve_resume, state_config
 from .step import draw_micro_batch, train_step
+from .validation import Validator, validation_captions, validation_set
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ class StepInfo:
 
 @dataclass
 class TrainResult:
-    """Where a run left its files, and its loss history as (step, expert, loss)."""
+    """Where a run left its files, and its loss history as (step, expert, loss): training losses and validation
+    losses."""
 
     run_dir: Path
     step: int
@@ -77,6 +80,7 @@ class TrainResult:
     state_file: Path | None = None
     losses: list[tuple[int, str, float]] = field(default_factory=list)
     trained: bool = True  # False: an earlier run's result, returned without training (see finished_result)
+    validation: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class _Progress:
     batch_pos: int = 0
     losses: list[tuple[int, str, float]] = field(default_factory=list)
     dataset: str = ""
+    validation: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 def expert_seed(seed: int, expert: str) -> int:
@@ -156,6 +161,7 @@ def preflight(cfg: JobConfig, model_files: bool = True) -> None:
     check_ara_source(cfg.quant)
     check_lora_init(cfg)
     check_output_folders(cfg)
+    check_tensorboard(cfg)
     if model_files:
         previews, stages = previews_enabled(cfg), cfg.multistage.stages
         check_model_files(cfg.model, high=previews or "high" in stages, low=previews or "low" in stages)
@@ -215,7 +221,8 @@ def finished_result(cfg: JobConfig, dataset: VideoDataset | None = None) -> Trai
     the same settings and data; with ``resume``, a state at ``train.steps`` (the pair saved beside it)."""
     if dataset is not None and (run := find_finished_run(cfg, dataset)) is not None:
         step = run.manifest.step
-        return TrainResult(run.path, step, run.pair(step), None, read_losses(run.path), trained=False)
+        return TrainResult(run.path, step, run.pair(step), None, read_losses(run.path), trained=False,
+                           validation=read_validation(run.path))
     if not cfg.resume:
         return None
     step, state = resolve_resume(cfg)
@@ -226,8 +233,9 @@ def finished_result(cfg: JobConfig, dataset: VideoDataset | None = None) -> Trai
     log.info("resume: %s is at train.steps (%d): nothing to train; its LoRA pair is the result", state, step)
     files = {n: state.parent / lora_file_name(saved.get("name", cfg.name), step, n) for n in cfg.multistage.stages}
     losses = [row for row in read_losses(state.parent) if row[0] <= step]
+    validation = [row for row in read_validation(state.parent) if row[0] <= step]
     return TrainResult(state.parent, step, {n: p for n, p in files.items() if p.is_file()}, state, losses,
-                       trained=False)
+                       trained=False, validation=validation)
 
 
 class VaeEncoder:
@@ -301,6 +309,7 @@ class Trainer:
         self.cfg, self.placement, self.run, self.dataset = cfg, placement, run, dataset
         self.device = placement.device
         self.on_sample = on_sample
+        self.board = EventLog()  # TensorBoard's, once train() opens it
         self.result = TrainResult(run_dir=run.path, step=0)
         self.saved_step, self.failed_save = -1, -1  # the last step saved; a step whose save failed
 
@@ -337,10 +346,11 @@ class Trainer:
             log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
         self.renderer = None
         if previews_enabled(cfg) and self.placement.ctx.is_main:
-            self.renderer = PreviewRenderer(cfg, components, device, self.run.path / "samples", self.on_sample)
+            self.renderer = PreviewRenderer(cfg, components, device, self.run.path / "samples", self._on_sample)
+        held = validation_set(cfg, self.dataset)
         with logged_seconds(log, "caption embeddings ready"):
-            captions = self.dataset.captions()
-            condition = setup_conditioning(cfg, components, self.dataset, dop_captions(cfg, captions), device)
+            extra = dop_captions(cfg, self.dataset.captions()) | validation_captions(held)
+            condition = setup_conditioning(cfg, components, self.dataset, extra, device)
         # Autocast only on CUDA: on CPU the weights' own dtype is used (bf16 autocast on CPU is slow and inexact).
         autocast = DTYPES[cfg.train.compute_dtype] if device.type == "cuda" else None
         autocast = None if autocast == torch.float32 else autocast
@@ -348,6 +358,16 @@ class Trainer:
         vae = components.vae.to(device).eval()
         self.encoder = VaeEncoder(vae, device)
         self.latent_cache = LatentCache(Path(cfg.save.output_dir) / "latent_cache", f"{components.base_model}|{vae.dtype}")
+        self.validator = self._setup_validation(held, condition)
+
+    def _setup_validation(self, held: VideoDataset | None, condition: Conditioner) -> Validator | None:
+        """The validation loss on the held-out clips ``held`` (their latents read or encoded now, while no expert
+        takes memory), or ``None`` when there are none."""
+        if held is None:
+            return None
+        with logged_seconds(log, f"{len(held)} held-out clip(s) ready for the validation loss"):
+            return Validator(self.cfg, held, lambda i: self.latent_cache.get_or_encode(held, [i], 0, self.encoder),
+                             condition, self.objective.settings, self.placement)  # fmt: skip
 
     def _calibration_latents(self, ids: list[int], epoch: int) -> torch.Tensor:
         return self.latent_cache.get_or_encode(self.dataset, ids, epoch, self.encoder).to(self.device, torch.float32)
@@ -388,7 +408,8 @@ class Trainer:
             saved = load_checkpoint(resume_path, self.cfg, self.experts)
             if saved.get("dataset") != self.prog.dataset:
                 log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
-            self.prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], self.prog.dataset)
+            self.prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], self.prog.dataset,
+                                  saved["validation"])
             self.saved_step = self.prog.step
         self.result.step = self.prog.step
         self.stream = BatchStream(self, self.prog.epoch, self.prog.batch_pos, self.prog.step)
@@ -486,6 +507,9 @@ class Trainer:
         bar.update(len(rnd.steps))
         bar.set_postfix(expert=rnd.experts[-1], loss=f"{rnd.losses[-1]:.4f}", lr=f"{rnd.lrs[-1]:.2e}",
                         s_per_step=f"{dt:.2f}")  # fmt: skip
+        self.board.steps(numbers, rnd.experts, rnd.losses, rnd.lrs, dt)
+        if self.validator is not None and self.validator.due(first, prog.step):
+            self._validate()  # before the save that is due with it, which keeps its figures
         self._save_due(first, rnd.stop)
         if self.renderer is not None and self.renderer.due(prog.step):
             self.renderer.render(prog.step, self.models, self.experts)
@@ -501,13 +525,14 @@ class Trainer:
         """Run the rounds up to ``train.steps``; on any interruption keep a resumable state (see
         :meth:`_save_on_the_way_out`) and re-raise."""
         cfg, prog = self.cfg, self.prog
-        if self.renderer is not None and prog.step == 0 and self.renderer.due(0):
-            self.renderer.render(0, self.models, self.experts)
+        self.board = open_event_log(cfg, self.run.path, self.placement.ctx.is_main, prog.step)
         bar = tqdm(total=cfg.train.steps, initial=prog.step, dynamic_ncols=True,
                    disable=not (progress_bar and self.placement.ctx.is_main))  # fmt: skip
         with self.placement.stop_requests(stop_file) as stop_requested:
             start_pos = None  # the position before the step in flight, while one is
             try:
+                if prog.step == 0:
+                    self._before_first_step()
                 while prog.step < cfg.train.steps:
                     t0, start_pos = time.perf_counter(), (prog.epoch, prog.batch_pos)
                     rnd = self._run_round(stop_requested)
@@ -522,11 +547,35 @@ class Trainer:
                 raise
             finally:
                 self.stream.close()
+                self.board.close()
                 self.memory.close()  # the experts are ordinary resident models again for whoever uses them next
         bar.close()
         self._log_totals()
         self.result.step, self.result.losses = prog.step, list(prog.losses)
+        self.result.validation = list(prog.validation)
         return self.result
+
+    def _before_first_step(self) -> None:
+        """A fresh run's step 0: the validation loss's starting point, and previews if ``sample_at_start``."""
+        if self.validator is not None:
+            self._validate()
+        if self.renderer is not None and self.renderer.due(0):
+            self.renderer.render(0, self.models, self.experts)
+
+    def _validate(self) -> None:
+        """The validation loss of every trained expert now, kept with the progress (the next state and losses.csv
+        hold it) and reported to TensorBoard."""
+        step = self.prog.step
+        order = sorted(self.experts, key=lambda n: n != self.memory.active)  # the expert on the GPU first: one swap
+        values = self.validator.evaluate(step, {n: self.experts[n].model for n in order}, self.memory.activate)
+        self.prog.validation.extend((step, n, v) for n, v in values.items())
+        self.board.validation(step, values)
+
+    def _on_sample(self, step: int, videos: list[torch.Tensor]) -> None:
+        """A rendered preview: to TensorBoard, then to the caller's ``on_sample``."""
+        self.board.previews(step, videos)
+        if self.on_sample is not None:
+            self.on_sample(step, videos)
 
     def _log_totals(self) -> None:
         if self.encoder.clips:

@@ -88,9 +88,11 @@ def config_key(cfg: JobConfig) -> str:
 
 def dataset_key(dataset: VideoDataset) -> str:
     """Hash of the dataset's sample plan plus each media file's size and modification time (a clip replaced by
-    another of the same name and length is a different dataset)."""
+    another of the same name and length is a different dataset), held-out clips included (their validation losses
+    are part of a finished run's result)."""
+    held = dataset.validation.items if dataset.validation is not None else ()
     stats = []
-    for path in sorted({str(it.media.path) for it in dataset.items}):
+    for path in sorted({str(it.media.path) for it in (*dataset.items, *held)}):
         st = os.stat(path)
         stats.append([path, st.st_size, st.st_mtime_ns])
     blob = json.dumps([dataset.fingerprint(), stats])
@@ -223,13 +225,40 @@ class RunFolder:
         self.close()
 
 
-def read_losses(folder: Path) -> list[tuple[int, str, float]]:
-    """The (step, expert, loss) rows of a run folder's ``losses.csv`` (empty when there is none)."""
+LOSSES = "losses.csv"
+
+
+def write_losses(folder: Path, losses: list[tuple[int, str, float]], validation: list[tuple[int, str, float]]) -> None:
+    """Write ``losses.csv``: one row per (step, expert) with the step's training ``loss`` and, at a validation
+    point, the expert's ``validation`` loss; a figure not measured there is left empty (the expert that did not
+    train at a validation point's step has a row with only its validation loss)."""
+    rows: dict[tuple[int, int], list[str]] = {}
+    for column, entries in enumerate((losses, validation)):
+        for step, expert, value in entries:
+            rows.setdefault((step, EXPERTS.index(expert)), ["", ""])[column] = f"{value:.8g}"
+    lines = ["step,expert,loss,validation"]
+    lines += [f"{step},{EXPERTS[e]},{loss},{val}" for (step, e), (loss, val) in sorted(rows.items())]
+    atomic_write(folder / LOSSES, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def _read_column(folder: Path, column: str) -> list[tuple[int, str, float]]:
+    """The (step, expert, value) rows of ``losses.csv`` that hold a ``column`` figure (empty when there is none;
+    files written before the validation column hold training losses only)."""
     try:
-        with open(folder / "losses.csv", newline="", encoding="utf-8") as fh:
-            return [(int(r["step"]), r["expert"], float(r["loss"])) for r in csv.DictReader(fh)]
+        with open(folder / LOSSES, newline="", encoding="utf-8") as fh:
+            return [(int(r["step"]), r["expert"], float(r[column])) for r in csv.DictReader(fh) if r.get(column)]
     except (OSError, KeyError, ValueError):
         return []
+
+
+def read_losses(folder: Path) -> list[tuple[int, str, float]]:
+    """The (step, expert, training loss) rows of a run folder's ``losses.csv``."""
+    return _read_column(folder, "loss")
+
+
+def read_validation(folder: Path) -> list[tuple[int, str, float]]:
+    """The (step, expert, validation loss) rows of a run folder's ``losses.csv``."""
+    return _read_column(folder, "validation")
 
 
 # --- finding a job's runs -------------------------------------------------------------------------------------------
