@@ -2,11 +2,12 @@
 
 What is measured. Every held-out clip (``dataset.validation``, see :mod:`trainer_core.data.holdout`) is noised at a
 fixed grid of noise levels inside the expert's range (:func:`validation_sigmas`) with noise drawn from (seed,
-expert, clip, grid point); the expert (LoRA on, eval mode: no LoRA dropout, no gradients) predicts its velocity, and
-the loss is the training loss's own unguided flow-matching MSE (:func:`~.objective.objective_loss`, weighted as
-``train.timestep_type`` weights it), with the same cached caption embeddings and latents, averaged over clips and
-grid points. Only the LoRA changes between validation points, so the curve is free of the sampling noise that makes
-the training loss jump from step to step: a rise is overfitting, not bad luck.
+expert, clip, grid point); the expert (its live LoRA on, not the EMA; eval mode: no LoRA dropout; no gradients)
+predicts its velocity, and the loss is the training loss's own unguided flow-matching MSE
+(:func:`~.objective.objective_loss`, weighted as ``train.timestep_type`` weights it), with the same cached caption
+embeddings and latents, averaged over clips and grid points. Only the LoRA changes between validation points, so the
+curve is free of the sampling noise that makes the training loss jump from step to step: a rise is overfitting, not
+bad luck.
 
 When (:meth:`Validator.due`): before the first step (the starting point), every ``train.validate_every`` steps
 (unset: at every checkpoint save) and at the last step; ``validate_every: 0`` turns it off.
