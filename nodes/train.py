@@ -5,24 +5,10 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer_core.api import (
-    ExpertsBundle,
-    LoraPair,
-    StepInfo,
-    final_pair,
-    finished_result,
-    has_quantized_layers,
-    job_dataset,
-    job_warnings,
-    preflight,
-    release_expert,
-    resolve_device,
-    run_training,
-)
 from trainer_core.config import (
     DatasetConfig,
     JobConfig,
@@ -30,18 +16,28 @@ from trainer_core.config import (
     SampleConfig,
     job_from_dict,
 )
-from trainer_core.data import VideoDataset
 from trainer_core.errors import ConfigError
 from trainer_core.fileio import atomic_write, check_writable
 from trainer_core.launch import LaunchCancelled, run_torchrun
-from trainer_core.memory import plan_job
 from trainer_core.names import EXPERT_SUFFIX
 from trainer_core.sample import native_recipe
-from trainer_core.train.previews import previews_enabled
-from trainer_core.train.runs import Manifest, RunFolder, read_losses, read_validation
+
+if TYPE_CHECKING:
+    from trainer_core.api import ExpertsBundle, LoraPair, RunFolder, StepInfo
+    from trainer_core.data import VideoDataset
 
 from . import host
-from .bundle import CATEGORY, DATASET, EXPERTS, HARDWARE, LORA, MULTISTAGE, OPTIMIZER, REGULARIZERS, SAVE
+from .bundle import (
+    CATEGORY,
+    DATASET,
+    EXPERTS,
+    HARDWARE,
+    LORA,
+    MULTISTAGE,
+    OPTIMIZER,
+    REGULARIZERS,
+    SAVE,
+)
 from .loss_plot import loss_curve, to_image_tensor
 from .sample import SAMPLE
 from .save import SaveCheckpoint, SaveSettings
@@ -53,6 +49,14 @@ PREVIEW_SIZE = 512
 #: The values an older UI workflow puts in text_encoder_mode: its gradient_checkpointing's (saved values map to
 #: widgets by position, and text_encoder_mode took that place).
 _OLD_CHECKPOINTING = ("auto", "full", "selective", "off", True, False)
+
+
+def _api():
+    """The training core, imported when Train LoRA first runs: it pulls in the models' libraries (seconds), which
+    ComfyUI's start must not wait for."""
+    from trainer_core import api
+
+    return api
 
 
 class TrainWan22LoRA:
@@ -169,6 +173,7 @@ class TrainWan22LoRA:
         **widgets: Any,
     ) -> tuple[LoraPair, torch.Tensor, str]:
         """Train, then copy the final pair into models/loras if the save settings ask for it."""
+        api = _api()
         links = {"optimizer_settings": optimizer_settings, "regularizers": regularizers, "hardware": hardware}
         old = {name: widgets.pop(name) for name in list(widgets) if name in self.LEGACY}
         note = _apply_legacy(old, links) if old else None
@@ -180,16 +185,16 @@ class TrainWan22LoRA:
         progress = host.Progress(cfg.train.steps, unique_id)
         if note:
             progress.text(f"note: {note}")
-        for warning in job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training
+        for warning in api.job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training
             host.log.warning("Train LoRA: %s", warning)
             progress.text(f"warning: {warning}")
-        data = job_dataset(cfg)
+        data = api.job_dataset(cfg)
         # ComfyUI keeps only the last prompt's outputs: an unchanged job that already finished is not trained again
-        done = finished_result(cfg, data)
+        done = api.finished_result(cfg, data)
         if done is not None:
             progress.text(f"unchanged since {done.run_dir} finished ({done.step} steps): returned its LoRA pair "
                           "without training (change a setting or a clip to train anew)")
-            run_dir, losses, pair = done.run_dir, done.losses, final_pair(cfg, done.run_dir, done.step)
+            run_dir, losses, pair = done.run_dir, done.losses, api.final_pair(cfg, done.run_dir, done.step)
         else:
             with torch.inference_mode(False):
                 host.free_host_models()
@@ -199,7 +204,7 @@ class TrainWan22LoRA:
                     run_dir, losses, pair = _train(cfg, experts, data, progress)
         if save.copy_to_loras:
             _copy_to_loras(pair.files, save.lora_name or run_dir.name)
-        return (pair, to_image_tensor(loss_curve(losses, validation=read_validation(run_dir))), str(run_dir))
+        return (pair, to_image_tensor(loss_curve(losses, validation=api.read_validation(run_dir))), str(run_dir))
 
 
 def _defaults(node: type) -> dict[str, Any]:
@@ -277,10 +282,11 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     """The core's pre-flight (the one the CLI and the training loop run), before the bundle loads its weights
     (minutes for the real experts), plus what only this node decides: the models/loras copy, the GPU count and
     placement of ``gpus``, and the VRAM plan on that many GPUs."""
-    preflight(cfg, model_files=gpus > 1)  # the torchrun child loads the experts from their files: check them here
+    api = _api()
+    api.preflight(cfg, model_files=gpus > 1)  # the torchrun child loads the experts from their files: check them here
     if save is not None and save.copy_to_loras:
         check_writable(host.loras_dir(), "Save Checkpoint copy_to_loras (ComfyUI's models/loras)")
-    device = resolve_device(cfg.train.device)
+    device = api.resolve_device(cfg.train.device)
     where = "Train LoRA (Configure Hardware)"
     if gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < gpus:
         raise ConfigError(f"{where}: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - "
@@ -292,7 +298,7 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     if cfg.distributed.expert_groups and gpus % 2:
         raise ConfigError(f"{where}: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
                           f"{gpus} - use an even number of GPUs")
-    plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
+    api.plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
 
 
 class _StepReporter:
@@ -330,8 +336,9 @@ class _StepReporter:
 def _train(
     cfg: JobConfig, experts: ExpertsBundle, dataset: VideoDataset, progress: host.Progress
 ) -> tuple[Path, list[tuple[int, str, float]], LoraPair]:
+    api = _api()
     stages = cfg.multistage.stages
-    with_previews = previews_enabled(cfg)  # previews render with both experts, trained or not
+    with_previews = api.previews_enabled(cfg)  # previews render with both experts, trained or not
     # As loaded: the core quantizes the trained experts itself, in place, before attaching the LoRA.
     comps = experts.components(high=with_previews or "high" in stages, low=with_previews or "low" in stages)
     # The run moves the text encoder to the GPU, encodes the captions and frees it (quantizing it first with
@@ -342,21 +349,21 @@ def _train(
     if cfg.quant.transformer != "none":
         progress.text(f"quantizing the trained experts ({cfg.quant.transformer}) before the first step")
     try:
-        result = run_training(cfg, components=comps, dataset=dataset, on_run=runs.append, on_step=reporter.on_step,
+        result = api.run_training(cfg, components=comps, dataset=dataset, on_run=runs.append, on_step=reporter.on_step,
                               on_sample=reporter.on_sample, progress_bar=False)
     except BaseException:
         # An expert the run quantized (wholly or, if it failed midway, partly) cannot serve as loaded again.
-        experts.forget(*(n for n in stages if has_quantized_layers(getattr(comps, n))))
+        experts.forget(*(n for n in stages if api.has_quantized_layers(getattr(comps, n))))
         progress.text(_stop_message(runs))
         raise
     finally:
-        release_expert(comps.high)
-        release_expert(comps.low)
+        api.release_expert(comps.high)
+        api.release_expert(comps.low)
         comps.vae.to("cpu")
     if result.trained:
         experts.trained(stages, cfg.quant)
     progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")
-    return result.run_dir, result.losses, final_pair(cfg, result.run_dir, result.step)
+    return result.run_dir, result.losses, api.final_pair(cfg, result.run_dir, result.step)
 
 
 def _train_torchrun(
@@ -364,6 +371,7 @@ def _train_torchrun(
 ) -> tuple[Path, list[tuple[int, str, float]], LoraPair]:
     """Run ``cfg`` on ``gpus`` GPUs under torchrun (a child process that loads the experts from their files) with
     the same progress display; a cancel stops the child after it wrote its resumable state."""
+    api = _api()
     reporter = _StepReporter(progress, cfg)
     interrupt: list[BaseException] = []
     runs: list[RunFolder] = []
@@ -376,9 +384,10 @@ def _train_torchrun(
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "run":
-            runs.append(RunFolder(Path(event["run_dir"]), Manifest.read(Path(event["run_dir"]))))
+            runs.append(api.RunFolder(Path(event["run_dir"]), api.Manifest.read(Path(event["run_dir"]))))
             return
-        info = StepInfo(event["step"], event["total"], event["expert"], event["loss"], event["lr"], event["seconds"])
+        info = api.StepInfo(event["step"], event["total"], event["expert"], event["loss"], event["lr"],
+                            event["seconds"])
         reporter.show(info)
 
     progress.text(f"starting torchrun with {gpus} processes; the experts load in each")
@@ -392,15 +401,16 @@ def _train_torchrun(
         raise
     run_dir = Path(done["run_dir"])
     progress.text(f"done: {done['step']} steps on {gpus} GPUs; LoRA pair in {run_dir}")
-    losses = reporter.losses or read_losses(run_dir)
-    return run_dir, losses, final_pair(cfg, run_dir, done["step"])
+    losses = reporter.losses or api.read_losses(run_dir)
+    return run_dir, losses, api.final_pair(cfg, run_dir, done["step"])
 
 
 def _stop_message(runs: list[RunFolder]) -> str:
+    api = _api()
     if not runs:
         return "training stopped before its run folder was set up; nothing to resume from"
     run = runs[-1]
-    run.manifest = Manifest.read(run.path) or run.manifest  # what the run recorded until it stopped
+    run.manifest = api.Manifest.read(run.path) or run.manifest  # what the run recorded until it stopped
     return f"training stopped; {run.stop_message()}"
 
 

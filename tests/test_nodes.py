@@ -25,10 +25,15 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
 
-from tests.model_fixtures import save_comfy_files, save_diffusers_folder, tiny_components  # noqa: E402
+import trainer_core.api  # noqa: E402
 import trainer_core.bundle  # noqa: E402
 import trainer_core.data  # noqa: E402
 import trainer_core.sample  # noqa: E402
+from tests.model_fixtures import (  # noqa: E402
+    save_comfy_files,
+    save_diffusers_folder,
+    tiny_components,
+)
 from trainer_core.config import (  # noqa: E402
     DatasetConfig,
     JobConfig,
@@ -43,7 +48,12 @@ from trainer_core.errors import ConfigError, DatasetError, LoraFileError  # noqa
 from trainer_core.keys import diffusers_state_dict_to_original  # noqa: E402
 from trainer_core.lora import lora_state_dict_comfy  # noqa: E402
 from trainer_core.models import load_components  # noqa: E402
-from trainer_core.quant import NF4Linear, quantize_expert, quantize_text_encoder, write_adapter_file  # noqa: E402
+from trainer_core.quant import (  # noqa: E402
+    NF4Linear,
+    quantize_expert,
+    quantize_text_encoder,
+    write_adapter_file,
+)
 from trainer_core.regularizers import ema_lora_file_name  # noqa: E402
 from trainer_core.sample import attach_lora_file, encode_sample_prompts, sample_videos  # noqa: E402
 from trainer_core.train.loop import run_training  # noqa: E402
@@ -721,13 +731,13 @@ def test_a_run_logs_the_vram_plan_once(N, host, clips, caplog):
 
 
 def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew(N, host, clips, monkeypatch):
-    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
     _, (first, curve, run_dir) = graph(N, host)
     assert Path(run_dir).name == "wan22_lora"
     copies = {p: p.read_bytes() for p in host.folder("loras").iterdir()}
     originals = {p: p.read_bytes() for p in first.files.values()}
-    real = mod.run_training
-    monkeypatch.setattr(mod, "run_training", lambda *a, **k: pytest.fail("an unchanged job was trained again"))
+    real = trainer_core.api.run_training
+    monkeypatch.setattr(trainer_core.api, "run_training",
+                        lambda *a, **k: pytest.fail("an unchanged job was trained again"))
     # ComfyUI's cache is gone (another graph ran, or the server restarted): a new bundle, the same job
     host.texts.clear()
     _, (again, curve_again, run_again) = graph(N, host, bundle=experts(N), resume="latest")
@@ -737,7 +747,7 @@ def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew
     assert any(t.startswith("unchanged since") for _, t in host.texts)
     assert (host.folder("loras") / "wan22_lora_high_noise.safetensors").is_file()
 
-    monkeypatch.setattr(mod, "run_training", real)
+    monkeypatch.setattr(trainer_core.api, "run_training", real)
     _, (_, _, other_lr) = graph(N, host, learning_rate=2e-4)  # a changed setting trains, in a folder of its own
     assert Path(other_lr).name == "wan22_lora_run2"
     replacement = make_synthetic_dataset(host.root / "other", n_clips=4, num_frames=5, size=(32, 32), seed=9)
@@ -1054,7 +1064,7 @@ def test_gpu_placement_expert_groups_needs_switch_every_1_and_an_even_gpu_count(
 
 def test_gpus_beyond_the_machine_are_refused_before_loading(N, host, clips, monkeypatch):
     mod = sys.modules[N["Wan22TrainLoRA"].__module__]
-    monkeypatch.setattr(mod, "resolve_device", lambda setting: torch.device("cuda"))
+    monkeypatch.setattr(trainer_core.api, "resolve_device", lambda setting: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
     with pytest.raises(ConfigError, match="gpus is 2 but this machine has 1 CUDA GPU"):

@@ -9,8 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 #: Libraries a node loads when it first runs, never at ComfyUI's start.
 HEAVY = ("diffusers", "peft", "transformers", "bitsandbytes", "av", "accelerate")
@@ -35,9 +33,6 @@ def _loaded_heavy(out: subprocess.CompletedProcess) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/train.py imports trainer_core.api (the training loop, models, peft, "
-                   "bitsandbytes) at module level; moving those imports into its functions is the lead's to wire "
-                   "(issue #20 item 4)")
 def test_the_pack_imports_without_the_models_libraries_and_quietly():
     out = _run(f"""
         spec = importlib.util.spec_from_file_location("wan22_pack", {str(REPO / "__init__.py")!r},

@@ -2,17 +2,39 @@
 it, read its result back and keep models loaded between runs. Hosts import from here; the names live in the modules
 listed, which hold their documentation."""
 
-from .bundle import AS_LOADED, ComponentStore, ExpertsBundle, LoraPair, final_pair, has_quantized_layers
-from .bundle import lora_attached, placed, release_expert, shared_store
+from .bundle import (
+    AS_LOADED,
+    ComponentStore,
+    ExpertsBundle,
+    LoraPair,
+    final_pair,
+    has_quantized_layers,
+    lora_attached,
+    placed,
+    release_expert,
+    shared_store,
+)
 from .config import job_warnings
-from .train.loop import StepInfo, TrainResult, finished_result, job_dataset, preflight, run_training
+from .memory import plan_job
+from .train.loop import (
+    StepInfo,
+    TrainResult,
+    finished_result,
+    job_dataset,
+    preflight,
+    run_training,
+)
 from .train.placement import resolve_device
+from .train.previews import previews_enabled
+from .train.runs import Manifest, RunFolder, read_losses, read_validation
 
 __all__ = [
     "AS_LOADED",
     "ComponentStore",
     "ExpertsBundle",
     "LoraPair",
+    "Manifest",
+    "RunFolder",
     "StepInfo",
     "TrainResult",
     "final_pair",
@@ -22,7 +44,11 @@ __all__ = [
     "job_warnings",
     "lora_attached",
     "placed",
+    "plan_job",
     "preflight",
+    "previews_enabled",
+    "read_losses",
+    "read_validation",
     "release_expert",
     "resolve_device",
     "run_training",
