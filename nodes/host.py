@@ -126,9 +126,11 @@ class Progress:
         if self._bar is not None:
             self._bar.update_absolute(value, total, preview)
 
-    def text(self, message: str) -> None:
-        """Show ``message`` under the node (ComfyUI's progress text) and log it."""
-        log.info(message)
+    def text(self, message: str, *, logged: bool = True) -> None:
+        """Show ``message`` under the node (ComfyUI's progress text) and log it (unless ``logged`` is off: the core
+        logs it itself)."""
+        if logged:
+            log.info(message)
         server = _optional("server")
         instance = getattr(getattr(server, "PromptServer", None), "instance", None)
         if instance is not None and self.node_id is not None:

@@ -23,7 +23,7 @@ from trainer_core.names import EXPERT_SUFFIX
 from trainer_core.sample import native_recipe
 
 if TYPE_CHECKING:
-    from trainer_core.api import ExpertsBundle, LoraPair, RunFolder, StepInfo
+    from trainer_core.api import ExpertsBundle, LoraPair, Plan, RunFolder, StepInfo
     from trainer_core.data import VideoDataset
 
 from . import host
@@ -181,8 +181,10 @@ class TrainWan22LoRA:
         cfg = build_job(experts, dataset, widgets, multistage=multistage, save=save, previews=previews,
                         init_lora=init_lora, settings=[s for s in links.values() if s is not None])
         gpus = links["hardware"].gpus if links["hardware"] is not None else 1
-        _preflight(cfg, gpus, save)
+        plan = _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
+        # what `python -m trainer_core check` prints, shown before any weight moves: the GPU plan and the host memory
+        progress.text(f"{plan.summary()}\n{api.estimate_host_memory(cfg, plan).summary()}", logged=False)
         if note:
             progress.text(f"note: {note}")
         for warning in api.job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training
@@ -278,10 +280,10 @@ def _init_files(pair: LoraPair | None, stages: list[str]) -> dict[str, str]:
     return {f"init_{e}": str(path) for e, path in pair.files.items() if e in stages}
 
 
-def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) -> None:
+def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) -> Plan:
     """The core's pre-flight (the one the CLI and the training loop run), before the bundle loads its weights
     (minutes for the real experts), plus what only this node decides: the models/loras copy, the GPU count and
-    placement of ``gpus``, and the VRAM plan on that many GPUs."""
+    placement of ``gpus``, and the VRAM plan on that many GPUs, which it returns."""
     api = _api()
     api.preflight(cfg, model_files=gpus > 1)  # the torchrun child loads the experts from their files: check them here
     if save is not None and save.copy_to_loras:
@@ -298,7 +300,7 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     if cfg.distributed.expert_groups and gpus % 2:
         raise ConfigError(f"{where}: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
                           f"{gpus} - use an even number of GPUs")
-    api.plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
+    return api.plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
 
 
 class _StepReporter:

@@ -730,6 +730,16 @@ def test_a_run_logs_the_vram_plan_once(N, host, clips, caplog):
     assert len(plans) == 1
 
 
+def test_train_lora_shows_the_plan_and_host_memory_before_training(N, host, clips):
+    # what `python -m trainer_core check` prints, on the node before its first step
+    graph(N, host)
+    texts = [t for _, t in host.texts]
+    shown = next(i for i, t in enumerate(texts) if t.startswith("VRAM plan:"))
+    assert "host RAM: about" in texts[shown] and "no GPU to compare with" in texts[shown]
+    first_step = next(i for i, t in enumerate(texts) if t.startswith("step "))
+    assert shown < first_step
+
+
 def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew(N, host, clips, monkeypatch):
     _, (first, curve, run_dir) = graph(N, host)
     assert Path(run_dir).name == "wan22_lora"

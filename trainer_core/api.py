@@ -16,6 +16,7 @@ from .bundle import (
 )
 from .config import job_warnings
 from .memory import plan_job
+from .memory.planner import Plan, estimate_host_memory
 from .train.loop import (
     StepInfo,
     TrainResult,
@@ -34,9 +35,11 @@ __all__ = [
     "ExpertsBundle",
     "LoraPair",
     "Manifest",
+    "Plan",
     "RunFolder",
     "StepInfo",
     "TrainResult",
+    "estimate_host_memory",
     "final_pair",
     "finished_result",
     "has_quantized_layers",
