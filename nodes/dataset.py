@@ -42,6 +42,8 @@ class BuildVideoDataset:
         "is_regularization": "datasets.is_regularization",
         "cache_latents": "datasets.cache_latents",
         "strict": "datasets.strict",
+        "validation": "datasets.validation",
+        "validation_split": "datasets.validation_split",
     }
     UI = {"default_caption": {"multiline": True}}
 

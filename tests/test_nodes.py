@@ -555,7 +555,7 @@ def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clip
         "caption_ext": "caption", "default_caption": "a clip", "num_frames": 1, "frame_sampling": "fps",
         "fps": 24.0, "window_start": "start", "short_clip": "skip", "weight": 2.0, "repeats": 3,
         "caption_dropout": 0.0, "prepend_trigger": True, "flip_x": True, "flip_y": True, "is_regularization": True,
-        "cache_latents": True, "strict": True,
+        "cache_latents": True, "strict": True, "validation": True, "validation_split": 0.2,
     }
     base_ds = widgets(ds_cls, folder="clips", num_frames=5, resolutions="32")
     assert set(changes) | {"folder", "resolutions"} == set(base_ds)

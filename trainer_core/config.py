@@ -435,7 +435,8 @@ class DatasetConfig(_Strict):
         "Stop at the first unreadable or uncaptioned file; off skips such files and lists them in the report"))
     validation: bool = Field(default=False, description=(
         "a held-out folder: never trained on; its clips give the validation loss (train.validate_every)"))
-    validation_split: float = Field(default=0.0, description=(
+    validation_split: Annotated[float, Range(0.0, 1.0, hi_open=True, usual=(
+        "0.1 holds out a tenth of the files; 0 = none"))] = Field(default=0.0, description=(
         "fraction of this folder's files held out for the validation loss (at least one file; chosen from "
         "train.seed), in [0, 1); 0 = none"))
 
@@ -452,12 +453,6 @@ class DatasetConfig(_Strict):
     @classmethod
     def _four_n_plus_one(cls, v: int) -> int:
         return _frames_ok(v)
-
-    @field_validator("validation_split")
-    @classmethod
-    def _split_ok(cls, v: float) -> float:
-        return _in_range("validation_split", v, 0.0, 1.0, "0.1 holds out a tenth of the files; 0 = none",
-                         hi_open=True)
 
     @field_validator("resolutions", mode="before")
     @classmethod
