@@ -181,6 +181,8 @@ class TrainWan22LoRA:
         cfg = build_job(experts, dataset, widgets, multistage=multistage, save=save, previews=previews,
                         init_lora=init_lora, settings=[s for s in links.values() if s is not None])
         gpus = links["hardware"].gpus if links["hardware"] is not None else 1
+        if cfg.train.device == "auto" and host.compute_device().type == "cpu":
+            cfg.train.device = "cpu"  # ComfyUI runs with --cpu (or has no GPU): train where it computes
         plan = _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
         # what `python -m trainer_core check` prints, shown before any weight moves: the GPU plan and the host memory

@@ -730,6 +730,27 @@ def test_a_run_logs_the_vram_plan_once(N, host, clips, caplog):
     assert len(plans) == 1
 
 
+def test_train_lora_follows_comfyuis_cpu_device(N, host, clips, monkeypatch):
+    """``device: auto`` trains on the CPU when ComfyUI computes there (``--cpu``), even with a GPU present."""
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    jobs = []
+
+    def stop(cfg, gpus, save):
+        jobs.append(cfg)
+        raise InterruptedError
+
+    monkeypatch.setattr(mod, "_preflight", stop)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips", num_frames=5,
+                                                          resolutions="32"))
+    for comfy_device, expected in (("cpu", "cpu"), ("cuda:0", "auto")):
+        monkeypatch.setattr(sys.modules[mod.__name__.rsplit(".", 1)[0] + ".host"], "compute_device",
+                            lambda d=comfy_device: torch.device(d))
+        with pytest.raises(InterruptedError):
+            F.call(N["Wan22TrainLoRA"], experts=experts(N), dataset=ds, **train_inputs(N))
+        assert jobs[-1].train.device == expected
+
+
 def test_train_lora_shows_the_plan_and_host_memory_before_training(N, host, clips):
     # what `python -m trainer_core check` prints, on the node before its first step
     graph(N, host)
