@@ -476,13 +476,8 @@ def load_components(
     _hub_checked.clear()
     check_model_files(cfg, high=high, low=low, vae=vae, text_encoder=text_encoder)
     components = WanComponents(None, None, None, None, None, base_model=describe_base_model(cfg))
-    where = "" if str(expert_device) == "cpu" else f" to {expert_device}"
-    if high:
-        with logged_seconds(log, f"loaded the high-noise expert{where}"):
-            components.high = _expert(cfg, "high", expert_device)
-    if low:
-        with logged_seconds(log, f"loaded the low-noise expert{where}"):
-            components.low = _expert(cfg, "low", expert_device)
+    for part in [p for p, wanted in (("high", high), ("low", low)) if wanted]:
+        load_expert(cfg, part, components, expert_device)
     if vae:
         with logged_seconds(log, "loaded the VAE"):
             components.vae = _vae(cfg)
