@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import TINY, full_expert  # noqa: E402
 
 GIB = 2**30
+COMPONENTS = ("high", "low", "text_encoder", "vae")
 PHASES = ("files", "job512", "sample", "perf", "joblarge", "tier24")
 PROMPT = "a red square slides across a white wall, camera still"
 #: UMT5-XXL as Wan 2.2 uses it (google/umt5-xxl's encoder).
@@ -139,7 +140,7 @@ def phase_files(args, res: dict) -> None:
         ("vae", lambda p: write_vae(p, device, args.tiny)),
     ):
         t0 = time.perf_counter()
-        write(model_path(args, name))
+        write(model_path(args.root, name))
         t[name] = time.perf_counter() - t0
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -151,19 +152,20 @@ def phase_files(args, res: dict) -> None:
     t["clips"] = time.perf_counter() - t0
     res["files"] = {
         "write_s": t,
-        "bytes": {n: model_path(args, n).stat().st_size for n in ("high", "low", "text_encoder", "vae")},
+        "bytes": {n: model_path(args.root, n).stat().st_size for n in COMPONENTS},
         "dropped_caches": drop_page_cache(),
     }
 
 
-def model_path(args, name: str) -> Path:
+def model_path(root: Path, name: str) -> Path:
+    """Where the files phase writes component ``name`` (high, low, text_encoder, vae) under ``root``."""
     files = {
         "high": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
         "low": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
         "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
         "vae": "wan_2.1_vae.safetensors",
     }
-    return args.root / "models" / files[name]
+    return root / "models" / files[name]
 
 
 # ----------------------------------------------------------------------------------------------- jobs
@@ -175,8 +177,8 @@ def job(args, name: str, size: tuple[int, int, int], steps: int, **over: Any) ->
     gpu = not args.tiny
     base: dict[str, Any] = {
         "name": name,
-        "model": {"high_noise": str(model_path(args, "high")), "low_noise": str(model_path(args, "low")),
-                  "text_encoder": str(model_path(args, "text_encoder")), "vae": str(model_path(args, "vae")),
+        "model": {"high_noise": str(model_path(args.root, "high")), "low_noise": str(model_path(args.root, "low")),
+                  "text_encoder": str(model_path(args.root, "text_encoder")), "vae": str(model_path(args.root, "vae")),
                   "dtype": "bf16" if gpu else "fp32", "text_encoder_dtype": "bf16" if gpu else "fp32",
                   "vae_dtype": "bf16" if gpu else "fp32"},
         "lora": {"rank": 16},
@@ -282,7 +284,7 @@ def train_job(args, res: dict, key: str, cfg: dict, prefix: list[str] | None = N
     done = [e for e in r.pop("events") if e.get("event") == "done"]
     if done:
         r["lora_files"] = done[-1]["lora_files"]
-    r["files_gib"] = sum(model_path(args, n).stat().st_size for n in ("high", "low", "text_encoder", "vae")) / GIB
+    r["files_gib"] = sum(model_path(args.root, n).stat().st_size for n in COMPONENTS) / GIB
     res[key] = r
     return r
 
@@ -380,7 +382,8 @@ def summary(res: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True, help="folder for the files, clips and runs (~36 GB)")
-    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}, run in the order given")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"comma-separated subset of {','.join(PHASES)}, run in the order given")
     ap.add_argument("--steps", type=int, default=24, help="steps of the 512x512x33 job")
     ap.add_argument("--save-every", type=int, default=12, help="checkpoint and preview every N steps")
     ap.add_argument("--preview-steps", type=int, default=8, help="denoising steps of the previews")

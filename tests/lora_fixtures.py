@@ -8,14 +8,16 @@ alpha), so :func:`comfy_patch` states ``LoraLoaderModelOnly``'s result independe
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from trainer_core.config import DEFAULT_LORA_TARGETS
+from trainer_core.config import DEFAULT_LORA_TARGETS, LoraConfig
 from trainer_core.keys import LORA_TARGET_TO_DIFFUSERS
+from trainer_core.lora import attach_lora, lora_parameters
 
 #: format -> what it imitates.
 FORMATS: dict[str, str] = {
@@ -104,3 +106,14 @@ def comfy_patch(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scal
                 ) -> torch.Tensor:
     """LoraLoaderModelOnly's patched weight, written out in float64: W + strength · scale · up @ down."""
     return weight.double() + strength * scale * (up.double() @ down.double())
+
+
+def with_random_lora(base: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``base`` with a LoRA of ``cfg`` whose weights are all random (a fresh LoRA is a no-op)."""
+    model = copy.deepcopy(base)
+    attach_lora(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model

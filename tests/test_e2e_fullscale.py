@@ -19,12 +19,12 @@ def test_tiny_end_to_end_from_comfy_files(tmp_path):
                               "--preview-steps", "2", "--sample-steps", "2"])
     assert json.loads((out / "e2e_fullscale.json").read_text())["job512"]["rc"] == 0
     # The files are ComfyUI's fp8_scaled layout: float8 block weights with a scale each, behind the model prefix.
-    with safe_open(str(e2e_fullscale.model_path(_Args(tmp_path), "high")), "pt") as f:
+    with safe_open(str(e2e_fullscale.model_path(tmp_path / "root", "high")), "pt") as f:
         keys = set(f.keys())
         assert "model.diffusion_model.scaled_fp8" in keys
         q = "model.diffusion_model.blocks.0.self_attn.q"
         assert f.get_tensor(f"{q}.weight").dtype.itemsize == 1 and f"{q}.scale_weight" in keys
-    with safe_open(str(e2e_fullscale.model_path(_Args(tmp_path), "text_encoder")), "pt") as f:
+    with safe_open(str(e2e_fullscale.model_path(tmp_path / "root", "text_encoder")), "pt") as f:
         assert "spiece_model" in f.keys()
     job = res["job512"]
     assert job["steps"] == 6 and all(math.isfinite(x) for x in job["losses"])
@@ -38,7 +38,3 @@ def test_tiny_end_to_end_from_comfy_files(tmp_path):
     assert sample["rc"] == 0 and sample["video_bytes"] > 0
     assert "--lora-high" in sample["cmd"] or "--lora-low" in sample["cmd"]
 
-
-class _Args:
-    def __init__(self, tmp_path: Path):
-        self.root = tmp_path / "root"

@@ -23,9 +23,9 @@ from peft.tuners.lora import LoraLayer
 
 import trainer_core.sample
 
+from tests.lora_fixtures import with_random_lora
 from tests.model_fixtures import tiny_components
 from trainer_core.config import LoraConfig, SampleConfig
-from trainer_core.lora import attach_lora, lora_parameters
 from trainer_core.sample import (
     comfy_sigmas,
     encode_sample_prompts,
@@ -139,16 +139,6 @@ def comps():
     return tiny_components()
 
 
-def _with_random_lora(base, seed: int):
-    model = copy.deepcopy(base)
-    attach_lora(model, LORA)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
 def _merged_float64(base, lora_model, strength: float):
     """What LoraLoaderModelOnly hands the sampler: W + strength·(alpha/rank)·up·down merged into a float64 copy."""
     ref = copy.deepcopy(base).double().eval()
@@ -220,7 +210,7 @@ def test_sampler_equals_comfyuis_euler_graph(comps, scheduler, steps, shift, gui
     assert 0 < split < steps  # both experts (and both guidance scales) take part
     high, low = comps.high, comps.low
     if with_lora:
-        high, low = _with_random_lora(comps.high, 1), _with_random_lora(comps.low, 2)
+        high, low = with_random_lora(comps.high, LORA, 1), with_random_lora(comps.low, LORA, 2)
     cache = encode_sample_prompts(comps.text_encoder, comps.tokenizer, cfg)
     got = sample_latents(high, low, cache, cfg, BOUNDARY)[0]
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.lora_fixtures import with_random_lora
 from trainer_core.config import LoraConfig, ModelConfig, job_from_dict
 from trainer_core.errors import ConfigError, LoraFileError
-from trainer_core.lora import attach_lora, load_lora_state, lora_file_name, lora_parameters, lora_state_dict_comfy
+from trainer_core.lora import load_lora_state, lora_file_name, lora_parameters, lora_state_dict_comfy
 from trainer_core.models import load_components
 from trainer_core.regularizers import (
     LoraEMA,
@@ -41,20 +42,9 @@ def base_model():
     return comps.high.requires_grad_(False)
 
 
-def _lora_model(base, seed: int = 0):
-    """A copy of ``base`` with a LoRA whose up-weights are random (a fresh LoRA is a no-op)."""
-    model = copy.deepcopy(base)
-    attach_lora(model, LORA)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
 @pytest.fixture
 def lora_model(base_model):
-    return _lora_model(base_model)
+    return with_random_lora(base_model, LORA)
 
 
 def _inputs(batch: int = 2, seed: int = 1):
@@ -241,7 +231,7 @@ def test_dop_batched_equals_unbatched(base_model, preserve, checkpointing):
         text_pres = text_pres[preserve]
     results = {}
     for mode in ("unbatched", "batched", "sequential"):
-        model = _lora_model(base_model)
+        model = with_random_lora(base_model, LORA)
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -292,7 +282,7 @@ def test_guided_target_scales_the_gradient_exactly_float64():
 def test_guided_loss_on_the_model_changes_gradient_and_sgd_update_by_scale(base_model):
     x0, noise, sigmas, text, _ = _inputs()
     scale = 3.0
-    plain_model, guided_model = _lora_model(base_model), _lora_model(base_model)
+    plain_model, guided_model = with_random_lora(base_model, LORA), with_random_lora(base_model, LORA)
     plain = micro_batch_loss(plain_model, x0, noise, sigmas, text, "weighted", None)
     guided = guided_micro_batch_loss(guided_model, x0, noise, sigmas, text, "weighted", None, scale)
     plain.backward()
@@ -324,7 +314,7 @@ def test_dop_step_loss_applies_guidance_to_the_normal_part_only(base_model):
     x0, noise, sigmas, text, text_pres = _inputs()
     scale, multiplier = 2.0, 0.5
     loss, parts = dop_step_loss(
-        _lora_model(base_model), x0, noise, sigmas, text, text_pres, "linear", None, multiplier, False,
+        with_random_lora(base_model, LORA), x0, noise, sigmas, text, text_pres, "linear", None, multiplier, False,
         guidance_scale=scale,
     )
     torch.testing.assert_close(parts["normal"], scale**2 * parts["normal_mse"], rtol=1e-6, atol=0)
@@ -358,7 +348,7 @@ def test_ema_matches_a_float64_hand_loop(lora_model):
 
 
 def test_ema_resume_through_a_training_state_file(base_model, tmp_path):
-    a, b = _lora_model(base_model), _lora_model(base_model)
+    a, b = with_random_lora(base_model, LORA), with_random_lora(base_model, LORA)
     ema_a = LoraEMA(a, 0.95)
     for step in range(3):
         _perturb(a, step)
@@ -422,7 +412,7 @@ def test_ema_lora_files(lora_model, base_model, tmp_path):
     path = save_ema_lora(tmp_path / ema_lora_file_name("run", 250, "high"), ema, LORA, torch.float32, {"step": "250"})
     with safe_open(str(path), framework="pt") as fh:
         assert fh.metadata()["ema_decay"] == "0.5"
-    fresh = _lora_model(base_model, seed=9)
+    fresh = with_random_lora(base_model, LORA, seed=9)
     load_lora_state(fresh, path, LORA)
     for p, s in zip(lora_parameters(fresh), ema.state_dict().values()):
         assert torch.equal(p.detach(), s)

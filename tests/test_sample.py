@@ -14,10 +14,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, 
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from tests.lora_fixtures import with_random_lora
 from tests.model_fixtures import tiny_components
 from trainer_core.config import WAN_NEGATIVE_PROMPT, LoraConfig, SampleConfig, job_from_dict
 from trainer_core.errors import ConfigError, LoraFileError
-from trainer_core.lora import attach_lora, lora_file_name, lora_parameters, save_lora
+from trainer_core.lora import attach_lora, lora_file_name, save_lora
 from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG
 from trainer_core.sample import (
     attach_lora_file,
@@ -86,21 +87,11 @@ def base_reference(comps, euler_cfg) -> torch.Tensor:
     return _reference(_pipeline(comps, comps.high, comps.low, "euler"), euler_cfg, PROMPTS[0], euler_cfg.seed)
 
 
-def _with_random_lora(base, seed: int):
-    model = copy.deepcopy(base)
-    attach_lora(model, LORA)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
 @pytest.fixture(scope="module")
 def lora_run(comps, euler_cfg, tmp_path_factory):
     """Experts with trained-looking LoRAs (random A and B), their saved files, and WanPipeline's render on fresh
     base copies after load_lora_weights of those files."""
-    high, low = _with_random_lora(comps.high, 1), _with_random_lora(comps.low, 2)
+    high, low = with_random_lora(comps.high, LORA, 1), with_random_lora(comps.low, LORA, 2)
     root = tmp_path_factory.mktemp("loras")
     files = {
         name: save_lora(root / lora_file_name("t", 10, name), model, LORA, torch.float32, {"expert": f"{name}_noise"})

@@ -887,17 +887,11 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _something_to_train_on(self) -> "JobConfig":
-        problem = all_held_out(self.datasets)
-        if problem is not None:
-            raise ValueError(problem)
-        return self
-
-    @model_validator(mode="after")
-    def _shares_fit(self) -> "JobConfig":
-        problem = share_problem(self.datasets)
-        if problem is not None:
-            raise ValueError(problem)
+    def _datasets_fit_together(self) -> "JobConfig":
+        # something left to train on, and shares that fit in one epoch
+        for problem in (all_held_out(self.datasets), share_problem(self.datasets)):
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
