@@ -15,9 +15,10 @@ Phases (``--phases``, run in the order given; ``sample`` and ``perf`` use ``job5
   (``dropped_caches`` in the JSON), so loading reads the disk as a user's first run does.
 * ``job512``: ``python -m trainer_core train`` on those files: float8, both experts resident, switch every step,
   512x512x33, text cache, data workers, ``save_every``, previews of both experts at 832x480x33.
-* ``sample``: ``python -m trainer_core sample`` with the trained pair.
-* ``perf``: ``benchmarks/perf_bench.py``'s float8 fast-path step for the same settings (two experts, same size), so
-  the loop's own overhead is its steady s/step against this one.
+* ``sample``: ``python -m trainer_core sample`` with the trained pair (``job512``'s, else ``joblarge``'s).
+* ``perf``: ``benchmarks/perf_bench.py``'s float8 fast-path step for the same settings (two experts, the job's two
+  buckets 512x512x33 and 672x384x33 alternating), so the loop's own overhead is its steady s/step against this one;
+  also the same step with torch.compile's automatic dynamic shapes instead of a graph per shape.
 * ``joblarge``: the same job at ``--large`` (default 832x480x81), a few steps.
 * ``tier24``: the 24 GB recipe (4bit_ara, Low VRAM, switch every 10) from the same files, with the process capped
   at ``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``, and the card's free memory reported as the cap so
@@ -62,7 +63,8 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 use_cache=False)
 TINY_UMT5 = dict(UMT5_XXL, vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 _TIMING = re.compile(r"^(?P<what>[^:]+(?:\([^)]*\))?[^:]*): (?P<s>[0-9.]+) s$")
-_GPU_PEAK = re.compile(r"GPU memory: peak (?P<peak>[0-9.]+) GiB allocated \(planned (?P<plan>[0-9.]+) GiB\)")
+_GPU_PEAK = re.compile(r"GPU memory: peak (?P<peak>[0-9.]+) GiB allocated \(planned (?P<plan>[0-9.]+) GiB\), "
+                       r"(?P<reserved>[0-9.]+) GiB reserved, (?P<retries>[0-9]+) allocator retries")
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -201,39 +203,69 @@ def job(args, name: str, size: tuple[int, int, int], steps: int, **over: Any) ->
 
 
 class HostMemory(threading.Thread):
-    """Polls a process's peak resident memory (VmHWM) and its pinned/locked memory until it exits."""
+    """Polls a process's peak resident memory (VmHWM), its pinned/locked memory, and a timeline of its resident
+    memory split into anonymous and file-backed (mapped file) pages, until it exits."""
 
-    def __init__(self, pid: int):
+    KEYS = ("VmHWM", "VmRSS", "VmPin", "VmLck", "RssAnon", "RssFile")
+
+    def __init__(self, pid: int, t0: float):
         super().__init__(daemon=True)
-        self.pid, self.peak = pid, {"VmHWM": 0, "VmRSS": 0, "VmPin": 0, "VmLck": 0}
+        self.pid, self.t0, self.peak = pid, t0, dict.fromkeys(self.KEYS, 0)
+        self.timeline: list[tuple[float, float, float]] = []  # (s since start, RssAnon GiB, RssFile GiB)
+        self.at_peak: dict[str, float] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
         status = Path(f"/proc/{self.pid}/status")
         while not self.done.is_set():
             try:
+                now = {}
                 for line in status.read_text().splitlines():
                     key, _, value = line.partition(":")
                     if key in self.peak:
-                        self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
-            except (OSError, ValueError, IndexError):
+                        now[key] = int(value.split()[0]) * 1024
+                        self.peak[key] = max(self.peak[key], now[key])
+                t = time.perf_counter() - self.t0
+                self.timeline.append((round(t, 1), round(now["RssAnon"] / GIB, 2), round(now["RssFile"] / GIB, 2)))
+                if now["VmRSS"] >= self.peak["VmRSS"]:
+                    self.at_peak = {"t": t, "RssAnon": now["RssAnon"] / GIB, "RssFile": now["RssFile"] / GIB}
+            except (OSError, ValueError, IndexError, KeyError):
                 pass
             self.done.wait(0.5)
 
-    def gib(self) -> dict[str, float]:
-        return {k: v / GIB for k, v in self.peak.items()}
+    def gib(self) -> dict[str, Any]:
+        """The peaks in GiB, where the resident peak fell, and the timeline thinned to at most 200 points."""
+        thin = self.timeline[:: max(1, len(self.timeline) // 200)]
+        return {**{k: v / GIB for k, v in self.peak.items()}, "at_rss_peak": self.at_peak, "timeline": thin}
 
 
-def run_process(args, cmd: list[str], log_name: str) -> dict:
-    """Run ``cmd``; returns its exit code, wall time, arrival time of each ``@@wan22`` event, host memory peaks and
-    the stderr log's ``<what>: <seconds> s`` lines."""
+def _copy_stderr(stream, log, t0: float, ends: dict[str, float]) -> None:
+    """Copy a child's stderr to ``log``, noting when each ``<what>: <seconds> s`` line arrived (its phase's end)."""
+    for line in stream:
+        log.write(line)
+        log.flush()
+        if m := _TIMING.match(line.strip()):
+            ends.setdefault(m["what"], round(time.perf_counter() - t0, 1))
+
+
+def run_process(args, cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd``; returns its exit code, wall time, arrival time of each ``@@wan22`` event, host memory peaks (and
+    the phase that held the resident peak) and the stderr log's ``<what>: <seconds> s`` lines."""
     log_path = Path(args.out) / log_name
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+           **(env or {})}
     t0 = time.perf_counter()
+    ends: dict[str, float] = {}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-        mem = HostMemory(proc.pid)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        mem = HostMemory(proc.pid, t0)
         mem.start()
+        copier = threading.Thread(target=_copy_stderr, args=(proc.stderr, log, t0, ends), daemon=True)
+        copier.start()
+        # past --deadline-s the process is killed: what it reported until then is kept (the call's time limit)
+        killed = threading.Event()
+        killer = threading.Timer(max(0.0, args.deadline - time.monotonic()), lambda: (killed.set(), proc.kill()))
+        killer.start()
         events, stdout = [], []
         for line in proc.stdout:
             now = time.perf_counter() - t0
@@ -242,6 +274,8 @@ def run_process(args, cmd: list[str], log_name: str) -> dict:
             else:
                 stdout.append(line.rstrip("\n"))
         rc = proc.wait()
+        killer.cancel()
+        copier.join()
         mem.done.set()
         mem.join()
     text = log_path.read_text()
@@ -249,10 +283,17 @@ def run_process(args, cmd: list[str], log_name: str) -> dict:
     for line in text.splitlines():
         if m := _TIMING.match(line.strip()):
             timings[m["what"]] = timings.get(m["what"], 0.0) + float(m["s"])
-    out = {"cmd": " ".join(cmd[-4:]), "rc": rc, "wall_s": time.perf_counter() - t0, "host_gib": mem.gib(),
-           "phases_s": timings, "stdout_tail": stdout[-5:]}
+    host = mem.gib()
+    if host["at_rss_peak"]:  # the first phase that ended after the peak held it
+        t = host["at_rss_peak"]["t"]
+        host["at_rss_peak"]["during"] = next((w for w, e in sorted(ends.items(), key=lambda kv: kv[1]) if e >= t),
+                                             "after the last timed phase")  # fmt: skip
+    out = {"cmd": " ".join(cmd[-4:]), "rc": rc, "killed_at_deadline": killed.is_set(),
+           "wall_s": time.perf_counter() - t0, "host_gib": host,
+           "phases_s": timings, "phase_ends_s": ends, "stdout_tail": stdout[-5:]}
     if m := _GPU_PEAK.search(text):
         out["gpu_peak_gib"], out["gpu_planned_gib"] = float(m["peak"]), float(m["plan"])
+        out["gpu_reserved_gib"], out["gpu_alloc_retries"] = float(m["reserved"]), int(m["retries"])
     if rc:
         out["stderr_tail"] = text.splitlines()[-15:]
     return out | {"events": events}
@@ -277,7 +318,7 @@ def train_job(args, res: dict, key: str, cfg: dict, prefix: list[str] | None = N
     path = args.root / f"{key}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [*(prefix or [sys.executable, "-m", "trainer_core"]), "train", str(path), "--events"]
-    r = run_process(args, cmd, f"{key}.log")
+    r = run_process(args, cmd, f"{key}.log", env={"TORCH_LOGS": "recompiles"})  # each recompile's reason, logged
     every = cfg["save"]["save_every"]
     noisy = {s for s in range(1, cfg["train"]["steps"] + 1) if every and s % every == 0}
     r.update(step_figures(r, args.clips, noisy))
@@ -295,7 +336,7 @@ def phase_job512(args, res: dict) -> None:
 
 
 def phase_sample(args, res: dict) -> None:
-    lora = res.get("job512", {}).get("lora_files") or {}
+    lora = res.get("job512", {}).get("lora_files") or res.get("joblarge", {}).get("lora_files") or {}
     cfg = job(args, "e2e512", (64, 64, 5) if args.tiny else (512, 512, 33), args.steps)
     cfg["sample"]["steps"] = args.sample_steps
     path = args.root / "sample.yaml"
@@ -316,7 +357,8 @@ def phase_perf(args, res: dict) -> None:
     perf_out = args.root / "perf"
     perf_out.mkdir(exist_ok=True)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "perf_bench.py"), "--size", size, "--experts", "2",
-           "--no-bf16", "--steps", str(args.perf_steps), "--plain-steps", "0", "--out", str(perf_out)]
+           "--no-bf16", "--steps", str(args.perf_steps), "--plain-steps", "0", "--out", str(perf_out),
+           "--mix", "48x32x5" if args.tiny else "672x384x33", "--compile-dynamic", "both"]  # job512's two buckets
     if args.tiny:
         cmd += ["--tiny", "--no-fp8"]
     r = run_process(args, cmd, "perf.log")
@@ -324,8 +366,12 @@ def phase_perf(args, res: dict) -> None:
     files = sorted(perf_out.glob("perf_*.json"))
     if files:
         sizes = json.loads(files[-1].read_text())["sizes"][0]
-        fast = sizes.get("fp8 fast path") or sizes.get("plain")
-        r["bench_s_per_step"], r["bench_peak_gib"] = fast["s"], fast["peak_gib"]
+        fast = sizes.get("fp8 fast path") or sizes.get("plain")  # compiled as the trainer compiles
+        r["bench_s_per_step"], r["bench_peak_gib"] = fast["s"], fast.get("peak_gib")
+        r["bench_planned_gib"] = fast.get("planned_gib")
+        dynamic = sizes.get("fp8 fast path, automatic dynamic shapes")
+        if dynamic:
+            r["bench_dynamic_shapes_s_per_step"] = dynamic["s"]
     loop = res.get("job512", {}).get("s_per_step_steady")
     if loop and r.get("bench_s_per_step"):
         r["loop_overhead"] = loop / r["bench_s_per_step"] - 1
@@ -395,9 +441,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--large-steps", type=int, default=4)
     ap.add_argument("--tier24-steps", type=int, default=12)
     ap.add_argument("--cap-gib", type=float, default=22.0)
+    ap.add_argument("--deadline-s", type=float, default=1e9,
+                    help="kill a phase's process this many seconds after the start (keeps what it reported)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
+    args.deadline = time.monotonic() + args.deadline_s
     if args.tiny:
         args.clip_frames, args.clips = min(args.clip_frames, 9), min(args.clips, 4)
     phases = [p for p in args.phases.split(",") if p]
@@ -408,8 +457,11 @@ def main(argv: list[str] | None = None) -> dict:
     out_json = Path(args.out) / "e2e_fullscale.json"
     res: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                            "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
-    if out_json.is_file():  # phases run in an earlier call (files reused) keep their figures
-        res = {**json.loads(out_json.read_text()), **{k: v for k, v in res.items() if k != "args"}}
+    # phases run in an earlier call on the same machine (files reused) keep their figures; --root keeps a copy for
+    # a next call whose --out starts empty
+    earlier = next((p for p in (out_json, args.root / out_json.name) if p.is_file()), None)
+    if earlier is not None:
+        res = {**json.loads(earlier.read_text()), **{k: v for k, v in res.items() if k != "args"}}
     runners = {"files": phase_files, "job512": phase_job512, "sample": phase_sample, "perf": phase_perf,
                "joblarge": phase_joblarge, "tier24": phase_tier24}
     for name in phases:  # in the order given: the most wanted first, in case the call runs out of time
@@ -421,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
             res[name] = {**res.get(name, {}), "error": f"{type(exc).__name__}: {exc}"}
         res.setdefault(name, {})["phase_wall_s"] = time.perf_counter() - t0
         res["summary"] = summary(res)
-        out_json.write_text(json.dumps(res, indent=1, default=str))
+        for path in (out_json, args.root / out_json.name):
+            path.write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps({k: v for k, v in res[name].items() if k not in ("losses", "stdout_tail")}, default=str),
               flush=True)
     print(json.dumps(res["summary"], indent=1), flush=True)

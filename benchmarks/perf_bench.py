@@ -4,6 +4,7 @@
     python benchmarks/perf_bench.py --size 768x768x41 --eager-full --steps 3
     python benchmarks/perf_bench.py --size 1024x1024x81 --experts 2 --fp8-first --no-bf16 --steps 2 --plain-steps 1
     python benchmarks/perf_bench.py --size 1024x1024x81 --experts 2 --no-fp8 --steps 2 --plain-steps 0
+    python benchmarks/perf_bench.py --experts 2 --no-bf16 --mix 672x384x33 --compile-dynamic both  # two buckets
     python benchmarks/perf_bench.py --tiny                                                    # CPU smoke run
 
 Each call should fit the GPU tool's 10-minute limit: at 1024x1024x81 a plain step takes about 64 s (H200), a float8
@@ -27,6 +28,10 @@ selective, the planner's split, compile, fp8 forward, fp8 backward). ``--parity 
 paths against the plain loop (same data, same LoRA initialisation). ``--experts 2``: the fast paths train both
 experts resident, switching every step. ``--low-vram``: 20 steps with both experts and low VRAM (switch every 10)
 against 20 resident steps. ``--dop``: a step with Differential Output Preservation against one without.
+``--mix WxHxF``: the fast paths' steps alternate between ``--size`` and this second bucket, as a job whose clips
+fall into two buckets does (each expert sees both shapes before the timing starts); ``--compile-dynamic`` then picks
+torch.compile's handling of the second shape: ``static`` (one graph per shape, as the trainer compiles), ``auto``
+(torch's automatic dynamic shapes: one graph with symbolic sizes from the second shape on) or ``both``.
 
 MFU counts model FLOPs (forward + activation-gradient backward of the linears and attention, recompute not counted)
 against the bf16 matmul rate measured at the start of the run.
@@ -72,23 +77,28 @@ from trainer_core.train.step import train_step  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 512
+#: ``--compile-dynamic``: the float8 fast path's runs as (label suffix, ``BlockPlan.compile_dynamic``)
+DYNAMIC = {"static": [("", False)], "auto": [(", automatic dynamic shapes", None)],
+           "both": [("", False), (", automatic dynamic shapes", None)]}
 PLAIN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
 
 
 class Bench:
     """Device, model shape and the seeded data stream shared by every run."""
 
-    def __init__(self, device: str, arch: dict, size: tuple[int, int, int]):
+    def __init__(self, device: str, arch: dict, size: tuple[int, int, int], mix: tuple[int, int, int] | None = None):
         self.device, self.arch, self.size = device, arch, size
-        self.shape = latent_shape(*size)
+        self.shapes = [latent_shape(*s) for s in (size, mix) if s is not None]
         self.tokens = tokens(*size)
         self.cuda = device == "cuda"
 
     def data(self, i: int) -> tuple[torch.Tensor, ...]:
-        """Step ``i``'s clean latents, noise, noise level and text embedding (identical for every run)."""
+        """Step ``i``'s clean latents, noise, noise level and text embedding (identical for every run). With a second
+        bucket, steps 2k and 2k+1 (one per expert when both train) take shape ``k % 2``."""
         gen = torch.Generator(self.device).manual_seed(1000 + i)
-        x0 = torch.randn(self.shape, generator=gen, device=self.device)
-        noise = torch.randn(self.shape, generator=gen, device=self.device)
+        shape = self.shapes[(i // 2) % len(self.shapes)]
+        x0 = torch.randn(shape, generator=gen, device=self.device)
+        noise = torch.randn(shape, generator=gen, device=self.device)
         sigma = torch.rand(1, generator=gen, device=self.device) * 0.9 + 0.05
         text = torch.randn(1, TEXT_TOKENS, self.arch["text_dim"], generator=gen, device=self.device)
         return x0, noise, sigma, text.to(torch.bfloat16)
@@ -210,6 +220,7 @@ def run_trainer(
     warmup: int,
     init: dict[str, torch.Tensor] | None = None,
     dop: bool = False,
+    dynamic: bool | None = False,
 ) -> dict:
     """The trainer's step on ``models`` (switching every step), with the planner's block plan for ``policy``."""
     free = free_for_plan(b, models)
@@ -219,7 +230,8 @@ def run_trainer(
         layers = len(models[0].blocks)
         off, selective, full = layers // 2, layers - layers // 2, 0
     # as the trainer does (block_plan_for): float8's fully checkpointed blocks stay eager
-    blocks = BlockPlan(off=off, selective=selective, full=full, compile=compile, compile_full=quant != "float8")
+    blocks = BlockPlan(off=off, selective=selective, full=full, compile=compile, compile_full=quant != "float8",
+                       compile_dynamic=dynamic)
     cfg = b.job(policy, quant, len(models), dop)
     experts = []
     for name, model in zip(("high", "low"), models):
@@ -340,8 +352,10 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
     n_plain = max(args.parity, (args.steps if args.plain_steps is None else args.plain_steps) + 1)
     plain, init = run_plain(b, high, n_plain, warmup=1)
     _report(res, "plain", plain, save)
-    n_fast = max(args.parity, args.steps + 1)
-    fast = dict(policy=args.fast_policy, compile=args.compile, warmup=1, init=init if len(models) == 1 else None)
+    # with a second bucket the timing starts once every expert has run both shapes (their compiles done)
+    warmup = 2 * len(b.shapes) if len(b.shapes) > 1 else 1
+    n_fast = max(args.parity, args.steps + warmup)
+    fast = dict(policy=args.fast_policy, compile=args.compile, warmup=warmup, init=init if len(models) == 1 else None)
 
     def bf16_runs() -> None:
         runs: list[tuple[str, dict]] = []
@@ -362,7 +376,9 @@ def bench_size(b: Bench, args, ceiling: float, save) -> dict:
             r = run_trainer(b, [high], quant="float8", n=args.steps + 1, **{**fast, "init": init})
             _report(res, "fp8 forward only", r, save)
             set_fp8_backward(models, True)
-        _report(res, "fp8 fast path", run_trainer(b, models, quant="float8", n=n_fast, **fast), save)
+        for label, dynamic in DYNAMIC[args.compile_dynamic]:
+            r = run_trainer(b, models, quant="float8", n=n_fast, dynamic=dynamic, **fast)
+            _report(res, f"fp8 fast path{label}", r, save)
 
     if args.fp8_first:  # the float8 runs first; then fresh bf16 experts (same seeds)
         if args.fp8:
@@ -437,6 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--fast-policy", default="auto", choices=("auto", "off", "selective", "full", "mixed"),
                     help="checkpointing of the fast paths: the planner's choice (default) or forced")
+    ap.add_argument("--mix", help="WxHxF: a second bucket the fast paths' steps alternate with")
+    ap.add_argument("--compile-dynamic", choices=tuple(DYNAMIC), default="static",
+                    help="the float8 fast path's torch.compile shapes with --mix: static (as the trainer), auto or both")
     ap.add_argument("--layers", type=int, help="fewer transformer blocks (quick checks; numbers not comparable)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -461,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         def save(res: dict, name: str = name) -> None:
             Path(args.out, name).write_text(json.dumps(results | {"sizes": [res]}, indent=2))
 
-        results["sizes"].append(bench_size(Bench(device, arch, (w, h, f)), args, ceiling, save))
+        mix = tuple(int(v) for v in args.mix.split("x")) if args.mix else None
+        results["sizes"].append(bench_size(Bench(device, arch, (w, h, f), mix), args, ceiling, save))
     print(table(results), flush=True)
     return results
 

@@ -180,7 +180,7 @@ def test_block_plan_for_resolves_compile(monkeypatch, compile, device, offload, 
 def test_full_blocks_of_float8_experts_run_eagerly_when_compiling(expert, monkeypatch):
     compiled = []
 
-    def recording(policy):
+    def recording(policy, dynamic=False):
         def run(block, *args):
             compiled.append(policy)
             return blocks_module._RUNNERS[policy](block, *args)
@@ -212,7 +212,7 @@ def test_compile_on_with_offloading_is_refused_by_name():
 def test_a_compile_failure_falls_back_to_eager_blocks_or_raises(expert, monkeypatch, caplog, fallback):
     calls = []
 
-    def broken(policy):
+    def broken(policy, dynamic=False):
         def run(block, *args):
             calls.append(policy)
             raise torch._dynamo.exc.Unsupported("no compiler here")

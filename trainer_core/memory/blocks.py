@@ -62,6 +62,9 @@ class BlockPlan:
     #: Compile the ``full`` blocks too. Off for float8 weights: there the compiled checkpoint kept the block's
     #: activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager; H100).
     compile_full: bool = True
+    #: ``False``: one graph specialized to each input shape (each bucket's first step compiles); ``None``: torch's
+    #: automatic dynamic shapes (the second shape compiles one graph with symbolic sizes that serves every later one).
+    compile_dynamic: bool | None = False
 
     def policy(self, index: int) -> BlockPolicy:
         """The policy of block ``index``."""
@@ -127,12 +130,12 @@ _RUNNERS: dict[BlockPolicy, Callable[..., torch.Tensor]] = {"off": _run, "select
 
 
 @functools.cache
-def _compiled(policy: BlockPolicy) -> Callable[..., torch.Tensor]:
+def _compiled(policy: BlockPolicy, dynamic: bool | None = None) -> Callable[..., torch.Tensor]:
     # Identical blocks share one compiled graph per policy and shape: the modules are graph inputs, not constants.
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
-    return torch.compile(_RUNNERS[policy])
+    return torch.compile(_RUNNERS[policy], dynamic=dynamic)
 
 
 def install_block_plan(model: torch.nn.Module, plan: BlockPlan) -> None:
@@ -149,7 +152,7 @@ def install_block_plan(model: torch.nn.Module, plan: BlockPlan) -> None:
         policy = plan.policy(index[id(block)])
         if compiled[0] and (policy != "full" or plan.compile_full):
             try:
-                return _compiled(policy)(block, *args)
+                return _compiled(policy, plan.compile_dynamic)(block, *args)
             except torch._dynamo.exc.TorchDynamoException as exc:
                 # Raised while tracing/compiling, before the block computed anything: eager gives the same result.
                 if not plan.fallback:

@@ -581,8 +581,11 @@ class Trainer:
         if self.encoder.clips:
             log.info("VAE encoding: %d clip(s) in %.1f s", self.encoder.clips, self.encoder.seconds)
         if self.device.type == "cuda":
-            log.info("GPU memory: peak %.1f GiB allocated (planned %.1f GiB)",
-                     torch.cuda.max_memory_allocated(self.device) / 2**30, self.plan.peak_bytes / 2**30)
+            # retries: allocations that first failed and freed cached blocks (a synchronizing slowdown near the limit)
+            stats = torch.cuda.memory_stats(self.device)
+            log.info("GPU memory: peak %.1f GiB allocated (planned %.1f GiB), %.1f GiB reserved, %d allocator retries",
+                     stats.get("allocated_bytes.all.peak", 0) / 2**30, self.plan.peak_bytes / 2**30,
+                     stats.get("reserved_bytes.all.peak", 0) / 2**30, stats.get("num_alloc_retries", 0))
 
 
 def _diverged(step: int, expert: str, loss: float, run: RunFolder | None, cfg: JobConfig) -> TrainingDiverged:
