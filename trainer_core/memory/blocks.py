@@ -59,8 +59,9 @@ class BlockPlan:
     #: On a torch.compile failure (no working compiler, an unsupported construct) run the blocks eagerly instead
     #: of failing the run (``train.compile: auto``); ``False`` lets the error through (``on``).
     fallback: bool = True
-    #: Compile the ``full`` blocks too. Off for float8 weights: there the compiled checkpoint kept the block's
-    #: activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager; H100).
+    #: Compile the ``full`` blocks' checkpoint with them. Off for float8 weights: there the compiled checkpoint kept
+    #: the block's activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager;
+    #: H100), so a full block runs the compiled plain block inside an eager checkpoint instead.
     compile_full: bool = True
     #: ``False``: one graph specialized to each input shape (each bucket's first step compiles); ``None``: torch's
     #: automatic dynamic shapes (the second shape compiles one graph with symbolic sizes that serves every later one).
@@ -83,7 +84,8 @@ class BlockPlan:
         """E.g. ``'12 off / 28 selective / 0 full checkpointing, compiled'``."""
         compiled = ""
         if self.compile:
-            compiled = ", compiled" if self.compile_full or not self.full else ", compiled (full blocks eager)"
+            eager_checkpoint = self.full and not self.compile_full
+            compiled = ", compiled (full blocks checkpointed eagerly)" if eager_checkpoint else ", compiled"
         return f"{self.off} off / {self.selective} selective / {self.full} full checkpointing{compiled}"
 
 
@@ -114,16 +116,22 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(_save_self_attention)
 
 
+def _forward(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    # The block's own computation without its module hooks: run_block runs those (block offloading's loads) around
+    # it, eagerly, so that no compiled graph or checkpoint recompute contains them.
+    return type(block).forward(block, *args)
+
+
 def _run(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    return block(*args)
+    return _forward(block, *args)
 
 
 def _run_full(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    return checkpoint(block, *args, use_reentrant=False)
+    return checkpoint(_forward, block, *args, use_reentrant=False)
 
 
 def _run_selective(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts)
+    return checkpoint(_forward, block, *args, use_reentrant=False, context_fn=_selective_contexts)
 
 
 _RUNNERS: dict[BlockPolicy, Callable[..., torch.Tensor]] = {"off": _run, "selective": _run_selective, "full": _run_full}
@@ -138,6 +146,25 @@ def _compiled(policy: BlockPolicy, dynamic: bool | None = None) -> Callable[...,
     return torch.compile(_RUNNERS[policy], dynamic=dynamic)
 
 
+def _compiled_runner(policy: BlockPolicy, plan: "BlockPlan") -> Callable[..., torch.Tensor]:
+    """The compiled runner of a ``policy`` block: with ``compile_full`` off, a full block is the compiled plain block
+    inside an eager checkpoint (its forward and its recompute both compiled, nothing of it kept)."""
+    if policy == "full" and not plan.compile_full:
+        return functools.partial(checkpoint, _compiled("off", plan.compile_dynamic), use_reentrant=False)
+    return _compiled(policy, plan.compile_dynamic)
+
+
+def _call_hooked(block: torch.nn.Module, runner: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
+    """``runner(block, *args)`` with the block's forward hooks run around it, as calling the block would."""
+    if not (block._forward_pre_hooks or block._forward_hooks):
+        return runner(block, *args)
+    block.forward = functools.partial(runner, block)  # Module.__call__ runs the hooks, then this
+    try:
+        return block(*args)
+    finally:
+        del block.forward
+
+
 def install_block_plan(model: torch.nn.Module, plan: BlockPlan) -> None:
     """Make ``model`` (a diffusers ``WanTransformer3DModel``) run its blocks as ``plan`` says whenever gradients are
     enabled (training); forward passes without gradients (previews, DOP's prior) run the plain blocks."""
@@ -150,16 +177,16 @@ def install_block_plan(model: torch.nn.Module, plan: BlockPlan) -> None:
 
     def run_block(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
         policy = plan.policy(index[id(block)])
-        if compiled[0] and (policy != "full" or plan.compile_full):
+        if compiled[0]:
             try:
-                return _compiled(policy, plan.compile_dynamic)(block, *args)
+                return _call_hooked(block, _compiled_runner(policy, plan), args)
             except torch._dynamo.exc.TorchDynamoException as exc:
                 # Raised while tracing/compiling, before the block computed anything: eager gives the same result.
                 if not plan.fallback:
                     raise
                 log.warning("torch.compile failed, the transformer blocks run without it: %s", str(exc)[:500])
                 compiled[0] = False
-        return _RUNNERS[policy](block, *args)
+        return _call_hooked(block, _RUNNERS[policy], args)
 
     # diffusers calls this for every block when gradients are enabled and checkpointing is switched on.
     model.enable_gradient_checkpointing(gradient_checkpointing_func=run_block)
