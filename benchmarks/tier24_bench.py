@@ -15,7 +15,7 @@ runs) and the JSON is rewritten after each:
 * ``planner``: the VRAM planner's plans (CPU arithmetic) for a 24 GB card at 22 GiB (the cap) and 23.5 GiB free (a
   headless 24 GB card) and for 31 GiB (a 32 GB card): every transformer quantization with Low VRAM and
   ``offload_blocks: auto``, at the main size and the probe sizes, and what it suggests for the default bf16 job.
-  The planner has no compute-capability input: it plans the same for an Ampere and an Ada/Blackwell card.
+  The default job's advice is given for a card without fp8 matmuls (Ampere) and for one with them (Ada/Blackwell).
 * ``reference_bf16``: both bf16 experts resident (no cap), the planner's split for the card, eager; ``--steps``
   steps switching expert every ``--every`` steps (the losses every other section is compared with).
 * ``float8_low_vram``: both experts quantized to float8 (fp8 matmuls forward and backward), Low VRAM, capped with
@@ -243,17 +243,20 @@ def section_planner(args) -> dict:
                              every=args.every)
         plan = estimate_peak_vram(default, A14B_CONFIG, int(free * GIB), device_type="cuda",
                                   side_models=NO_SIDE_MODELS)
+        ada = estimate_peak_vram(default, A14B_CONFIG, int(free * GIB), device_type="cuda",
+                                 side_models=NO_SIDE_MODELS, fp8_matmul=True)
         fp8 = job_config("float8", args.size, args.experts, args.optimizer, low_vram=True, offload=0,
                          every=args.every)
         fp8_plan = estimate_peak_vram(fp8, A14B_CONFIG, int(free * GIB), device_type="cuda",
                                       side_models=NO_SIDE_MODELS)
         suggestions[key] = {"default bf16 job": plan.suggestions,
+                            "default bf16 job, card with fp8 matmuls (compute capability >= 8.9)": ada.suggestions,
                             "float8 + low_vram, offload_blocks 0": {**plan_row(fp8_plan),
                                                                     "suggestions": fp8_plan.suggestions}}
     return {
-        "note": ("estimate_peak_vram has no compute-capability input: it plans float8 the same on every card, and "
-                 "its suggestions list float8 before 4bit_ara only as a single change; combined changes skip float8 "
-                 "for 4bit_ara ('saves more'). supports_fp8_matmul (quant/float8.py) alone looks at the card."),
+        "note": ("estimate_peak_vram(fp8_matmul=...) (plan_job passes supports_fp8_matmul(device)): on a card with fp8 "
+                 "matmuls its advice leads with float8 + Low VRAM (+ the fewest streamed blocks that fit); without, "
+                 "combined changes take 4bit_ara ('saves more') and float8 appears only as a single change."),
         "rows": rows,
         "suggestions": suggestions,
     }

@@ -475,3 +475,26 @@ def test_experts_load_on_device_only_when_the_unquantized_experts_fit_beside_the
     assert not experts_load_on_device(cfg, _load_plan(139)[1], 2, sharded=True)
     cfg = _job(two=True, quant={"transformer": "float8"})
     assert not experts_load_on_device(cfg, estimate_peak_vram(cfg, WAN22_A14B_ARCH, None, device_type="cpu"), 2)
+
+
+@pytest.mark.parametrize("free_gib", [22.0, 23.5, 31.0])
+def test_a_card_with_fp8_matmuls_is_advised_float8_first(free_gib):
+    # The default bf16 job with both experts on a 24/32 GB card: an Ada/Blackwell card (fp8 matmuls) is advised
+    # float8 with Low VRAM (and as few streamed blocks as fit) first, and that advice fits; an Ampere card is not.
+    card = int(free_gib * GIB)
+    job = _job(two=True)
+    ampere = estimate_peak_vram(job, WAN22_A14B_ARCH, card)
+    ada = estimate_peak_vram(job, WAN22_A14B_ARCH, card, fp8_matmul=True)
+    assert not ampere.fits and not any("float8" in s for s in ampere.suggestions)
+    first = ada.suggestions[0]
+    assert first.startswith("all of quant.transformer: float8; memory.low_vram: true")
+    assert ada.suggestions[1:] == ampere.suggestions  # the single changes follow, as on any card
+    advised = copy.deepcopy(job)
+    advised.quant.transformer, advised.memory.low_vram = "float8", True
+    if "offload_blocks" in first:
+        advised.memory.offload_blocks = "auto"
+    plan = estimate_peak_vram(advised, WAN22_A14B_ARCH, card)
+    assert plan.fits and f"{plan.peak_bytes / GIB:.1f} GiB" in first
+    assert ("offload_blocks" in first) == (free_gib < 30)  # a 32 GB card holds a float8 expert whole
+    with pytest.raises(ConfigError, match="change one of:\n  - all of quant.transformer: float8"):
+        check_plan(ada)

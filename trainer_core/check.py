@@ -29,6 +29,7 @@ from .data.text_cache import unload_caption
 from .errors import ConfigError, TrainerError
 from .memory import check_plan, estimate_host_memory, estimate_peak_vram, model_arch
 from .memory.planner import GIB
+from .quant.float8 import supports_fp8_matmul
 from .train.distributed import DistContext
 from .train.loop import preflight, run_warnings
 from .train.placement import resolve_device
@@ -147,6 +148,7 @@ class PlanTarget:
     device_type: str
     free_bytes: int | None
     description: str
+    fp8_matmul: bool = False  # the card multiplies in fp8 (known for the card here, not for --gpu-gib)
 
 
 def plan_target(cfg: JobConfig, gpu_gib: float | None) -> PlanTarget:
@@ -162,7 +164,8 @@ def plan_target(cfg: JobConfig, gpu_gib: float | None) -> PlanTarget:
                                         "a card with N GiB free (24 for a 24 GB card)")
     device = resolve_device(cfg.train.device)
     free = torch.cuda.mem_get_info(device)[0]
-    return PlanTarget("cuda", free, f"{torch.cuda.get_device_name(device)} ({device}), {free / GIB:.1f} GiB free")
+    return PlanTarget("cuda", free, f"{torch.cuda.get_device_name(device)} ({device}), {free / GIB:.1f} GiB free",
+                      supports_fp8_matmul(device))
 
 
 def _check_memory(cfg: JobConfig, gpu_gib: float | None, result: JobCheck) -> None:
@@ -170,7 +173,8 @@ def _check_memory(cfg: JobConfig, gpu_gib: float | None, result: JobCheck) -> No
     and the host-RAM estimate."""
     try:
         target = plan_target(cfg, gpu_gib)
-        plan = estimate_peak_vram(cfg, model_arch(cfg.model), target.free_bytes, device_type=target.device_type)
+        plan = estimate_peak_vram(cfg, model_arch(cfg.model), target.free_bytes, device_type=target.device_type,
+                                  fp8_matmul=target.fp8_matmul)
     except TrainerError as exc:
         result.fail("VRAM plan", exc)
         return

@@ -84,6 +84,7 @@ from ..errors import ConfigError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
 from ..models.single_file import fp32_kept_modules, tensor_dtype
 from ..names import DTYPES, EXPERTS
+from ..quant.float8 import supports_fp8_matmul
 from .blocks import choose_block_plan
 
 log = logging.getLogger(__name__)
@@ -601,9 +602,12 @@ def _smaller_clips(
 
 
 def _suggestions(
-    k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, headroom: int, world: int = 1
+    k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int, headroom: int, world: int = 1,
+    fp8_matmul: bool = False,
 ) -> list[str]:
-    """Single setting changes that make the plan fit (with their estimate), else one combination that does."""
+    """Single setting changes that make the plan fit (with their estimate), else one combination that does. On a
+    card with fp8 matmuls (``fp8_matmul``) a combination with float8 weights comes first when it fits: faster than
+    4-bit there and closer to bf16, and faster than streaming most blocks of a bf16 expert."""
     changes: list[tuple[str, dict]] = []
     if world > 1 and k.shards == 1 and not k.grouped and k.quant == "none" and not k.low_vram and k.offload_blocks == 0:
         changes.append(("distributed.shard_experts: true", {"shards": world}))
@@ -631,23 +635,41 @@ def _suggestions(
         if plan.fits:
             detail = f", offload_blocks {plan.offload_blocks}" if knobs.offload_blocks == "auto" else ""
             fitting.append(f"{text} (-> {plan.peak_bytes / GIB:.1f} GiB{detail})")
+    if fp8_matmul and k.quant == "none":
+        # float8 first, then what lets it fit: one expert on the GPU at a time, then as few streamed blocks as needed
+        rank = {"quant": 0, "low_vram": 1, "offload_blocks": 2}
+        order = sorted((c for c in changes if c[1].get("quant") != "4bit_ara"),
+                       key=lambda c: rank.get(next(iter(c[1])), 3))
+        with_float8 = _combination(k, order, shapes, side, free, headroom, shrink=False)
+        if with_float8 is not None:
+            return [with_float8, *fitting]
     if fitting:
         return fitting
+    order = [c for c in changes if not (c[1].get("quant") == "float8" and k.quant == "none")]  # 4bit_ara saves more
+    combination = _combination(k, order, shapes, side, free, headroom)
+    return [combination] if combination is not None else []
+
+
+def _combination(
+    k: _Knobs, changes: list[tuple[str, dict]], shapes: ExpertShapes, side: SideModels, free: int, headroom: int,
+    shrink: bool = True,
+) -> str | None:
+    """``changes`` added in order until the plan fits, then smaller clips if ``shrink`` allows; ``None`` when
+    nothing fits."""
     combined, texts = k, []
-    for text, c in changes:  # greedy: keep adding changes until the plan fits
-        if c.get("quant") == "float8" and k.quant == "none":
-            continue  # 4bit_ara comes next and saves more
+    for text, c in changes:
         combined, texts = replace(combined, **c), [*texts, text]
         if _plan(combined, shapes, side, free, headroom).fits:
             break
     else:
-        smaller = _smaller_clips(combined, shapes, side, free, headroom)
+        smaller = _smaller_clips(combined, shapes, side, free, headroom) if shrink else []
         if not smaller:
-            return []
+            return None
         text, combined = smaller[0]
         texts.append(text)
     plan = _plan(combined, shapes, side, free, headroom)
-    return ["all of " + "; ".join(texts) + f" (-> {plan.peak_bytes / GIB:.1f} GiB)"]
+    detail = f", offload_blocks {plan.offload_blocks}" if combined.offload_blocks == "auto" else ""
+    return "all of " + "; ".join(texts) + f" (-> {plan.peak_bytes / GIB:.1f} GiB{detail})"
 
 
 def estimate_peak_vram(
@@ -658,6 +680,7 @@ def estimate_peak_vram(
     device_type: str = "cuda",
     side_models: SideModels | None = None,
     world: int = 1,
+    fp8_matmul: bool = False,
 ) -> Plan:
     """Estimate the job's peak GPU memory from its settings alone (nothing is loaded).
 
@@ -666,6 +689,7 @@ def estimate_peak_vram(
     ``memory.offload_blocks: auto`` resolves to the smallest count that fits (``plan.offload_blocks``). When the
     plan does not fit, ``plan.suggestions`` lists settings that would make it fit. ``world``: GPUs of a
     ``torchrun`` job (with ``distributed.shard_experts`` each holds 1/world of the frozen weights).
+    ``fp8_matmul``: the card multiplies in fp8 (Ada, Hopper, Blackwell), so suggestions lead with float8 weights.
     """
     shapes = ExpertShapes.from_arch(model_arch)
     side = side_models or SideModels.for_model(cfg.model)
@@ -673,7 +697,7 @@ def estimate_peak_vram(
     headroom = int(cfg.memory.headroom_gib * GIB)
     plan = _plan(k, shapes, side, device_free_bytes, headroom)
     if not plan.fits:
-        plan.suggestions = _suggestions(k, shapes, side, device_free_bytes, headroom, world)
+        plan.suggestions = _suggestions(k, shapes, side, device_free_bytes, headroom, world, fp8_matmul)
     return plan
 
 
@@ -767,7 +791,7 @@ def check_plan(plan: Plan) -> Plan:
         return plan
     if plan.suggestions:
         advice = "change one of:\n  - " + "\n  - ".join(plan.suggestions)
-        if plan.suggestions[0].startswith("all of "):
+        if len(plan.suggestions) == 1 and plan.suggestions[0].startswith("all of "):
             advice = "no single setting is enough; change " + plan.suggestions[0]
     else:
         advice = "no combination of memory, quantization, batch, resolution or frame settings fits this card"
@@ -799,7 +823,8 @@ def plan_job(cfg: JobConfig, device: torch.device, world: int = 1, *, quiet: boo
     ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit. ``plan.offload_blocks`` is the count to
     use (``auto`` resolved)."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type, world=world)
+    plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type, world=world,
+                              fp8_matmul=supports_fp8_matmul(device))
     if not quiet:
         log.info("%s", plan.summary())
     return check_plan(plan) if cfg.memory.check_vram else plan
