@@ -38,10 +38,11 @@ class QuantizeARA:
         "adapter_cache_dir": "quant.ara_cache_dir",
         "fp8_backward": "quant.fp8_backward",
     }
-    # A Quantize ARA node is there to quantize: 4bit_ara and a float8 text encoder (the 24 GB recipe) rather than
-    # the job file's 'none' / 'bf16'; computed adapters go under ComfyUI's models folder, where no loader lists them.
+    # A Quantize ARA node is there to quantize: auto (float8 on cards with fp8 matmuls, else 4bit_ara) and a float8
+    # text encoder (the 24 GB recipe) rather than the job file's 'none' / 'bf16'; computed adapters go under
+    # ComfyUI's models folder, where no loader lists them.
     UI = {
-        "transformer": {"default": "4bit_ara"},
+        "transformer": {"default": "auto"},
         "text_encoder": {"default": "float8"},
         "adapter_cache_dir": {"default": "wan22_ara_cache"},
     }
@@ -70,7 +71,8 @@ class QuantizeARA:
     FUNCTION = "quantize"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Store the frozen experts in 4 bits with accuracy recovery adapters (or float8) while training; the LoRA "
+        "Store the frozen experts in float8 or in 4 bits with accuracy recovery adapters while training (auto: "
+        "float8 on cards with fp8 matmuls, RTX 40xx/50xx and newer, else 4 bits); the LoRA "
         "itself stays full precision and works on the unquantized model. Train LoRA quantizes the experts before "
         "attaching the LoRA; Preview Sample renders with the quantized experts."
     )

@@ -183,6 +183,8 @@ class TrainWan22LoRA:
         gpus = links["hardware"].gpus if links["hardware"] is not None else 1
         if cfg.train.device == "auto" and host.compute_device().type == "cpu":
             cfg.train.device = "cpu"  # ComfyUI runs with --cpu (or has no GPU): train where it computes
+        if cfg.quant.transformer == "auto":  # float8 or 4bit_ara: this card decides
+            cfg = api.resolve_transformer_quant(cfg, api.resolve_device(cfg.train.device))
         plan = _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
         # what `python -m trainer_core check` prints, shown before any weight moves: the GPU plan and the host memory

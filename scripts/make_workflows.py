@@ -285,8 +285,8 @@ def main() -> None:
     pack = load_pack()
     character = training_graph(
         pack,
-        experts=dict(low_vram=True),
-        quant=dict(transformer="4bit_ara", quantizer="nf4", adapter="compute", ara_rank=16, calibration_samples=8,
+        experts=dict(low_vram=True, offload_blocks="auto"),
+        quant=dict(transformer="auto", quantizer="nf4", adapter="compute", ara_rank=16, calibration_samples=8,
                    text_encoder="float8"),
         dataset=dict(folder="my_character", num_frames=33, resolutions="512", caption_dropout=0.05),
         multistage=dict(switch_every=10, boundary=CHARACTER_BOUNDARY),
@@ -298,12 +298,13 @@ def main() -> None:
                     num_frames=33, steps=40),
     )
     character.dump("wan22_1_character_lora_24gb",
-                   "1 Character LoRA, 24 GB: 4-bit ARA, Low VRAM, 512 px, 33 frames, switch every 10",
+                   "1 Character LoRA, 24 GB: float8 or 4-bit ARA, Low VRAM, 512 px, 33 frames, switch every 10",
                    "Put 10-30 captioned clips in ComfyUI/input/my_character (use the trigger word sqz in the captions "
-                   "or [trigger]). The 24 GB recipe: experts in 4 bits with accuracy recovery adapters (computed on "
-                   "the first run from your clips, cached beside the model files), float8 text encoder, captions "
-                   "encoded once and cached, only the expert being trained on the GPU. DOP (class person) is worth "
-                   "a try for characters: see workflow 3.")
+                   "or [trigger]). The 24 GB recipe: experts in float8 on cards with fp8 matmuls (RTX 40xx/50xx), "
+                   "else in 4 bits with accuracy recovery adapters (RTX 30xx, A6000: computed on the first run from "
+                   "your clips, cached beside the model files), float8 text encoder, captions encoded once and "
+                   "cached, only the expert being trained on the GPU, and as few blocks streamed from host memory as "
+                   "the card needs. DOP (class person) is worth a try for characters: see workflow 3.")
     motion = training_graph(
         pack,
         experts={},

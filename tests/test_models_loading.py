@@ -603,3 +603,30 @@ def test_base_model_description():
         == "wan2.2_t2v_high_noise_14B_fp16.safetensors + wan2.2_t2v_low_noise_14B_fp16.safetensors"
     )
     assert describe_base_model(ModelConfig(source="tiny", low_noise="/m/low.safetensors")) == "tiny + low.safetensors"
+
+
+def test_reading_a_file_keeps_at_most_remap_bytes_of_it_mapped(tmp_path, monkeypatch):
+    # safetensors reads float8 tensors through a memory map whose pages stay resident while it is open: a 14 GB
+    # expert read tensor by tensor would otherwise add its whole size to host memory beside the converted copy.
+    import re
+
+    from safetensors.torch import save_file
+
+    import trainer_core.models.single_file as single_file
+
+    def mapped_file_bytes() -> int:
+        return int(re.search(r"RssFile:\s+(\d+)", Path("/proc/self/status").read_text())[1]) * 1024
+
+    path = tmp_path / "fp8.safetensors"
+    names = [f"blocks.{i}.ffn.net.0.proj.weight" for i in range(12)]
+    save_file({n: torch.randn(2048, 4096).to(torch.float8_e4m3fn) for n in names}, str(path))  # 8 MiB each
+    grown = {}
+    for remap in (1 << 40, 16 << 20):
+        monkeypatch.setattr(single_file, "REMAP_BYTES", remap)
+        with single_file.SingleFile(path, "model.high_noise") as f:
+            base, grown[remap] = mapped_file_bytes(), 0
+            for n in names:
+                assert f.get(n).dtype == torch.float32
+                grown[remap] = max(grown[remap], mapped_file_bytes() - base)
+    assert grown[1 << 40] > 80 << 20  # without remapping, the whole file stays resident
+    assert grown[16 << 20] <= 24 << 20  # with it, at most REMAP_BYTES plus one tensor

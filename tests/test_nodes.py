@@ -81,7 +81,9 @@ TRAIN_FAST = {"steps": 4, "optimizer": "adamw", "compute_dtype": "fp32", "gradie
 #: Train LoRA's optional input of each settings node.
 SETTINGS = {"optimizer_settings": "Wan22ConfigureOptimizer", "regularizers": "Wan22ConfigureRegularizers",
             "hardware": "Wan22ConfigureHardware"}
-QUANT_FAST = {"calibration_samples": 2}  # Quantize ARA's defaults (4bit_ara, nf4, float8 text encoder), 2 clips
+# Quantize ARA's defaults (nf4, float8 text encoder) with 4bit_ara, which its default auto picks on a GPU without fp8
+# matmuls (on the CPU auto is none), and 2 calibration clips
+QUANT_FAST = {"transformer": "4bit_ara", "calibration_samples": 2}
 
 
 @pytest.fixture
@@ -312,7 +314,7 @@ def test_every_train_widget_reaches_the_job_config(N, host, clips):
 UI_DEFAULTS = {
     ("Wan22TrainLoRA", "alpha"): 0.0,  # 0 = unset: the rank
     ("Wan22SaveCheckpoint", "output_dir"): "wan22_lora",
-    ("Wan22QuantizeARA", "transformer"): "4bit_ara",
+    ("Wan22QuantizeARA", "transformer"): "auto",
     ("Wan22QuantizeARA", "text_encoder"): "float8",
     ("Wan22QuantizeARA", "adapter_cache_dir"): "wan22_ara_cache",
     ("Wan22ConfigureTrainingPreviews", "sample_every"): 250,
@@ -454,7 +456,7 @@ def test_memory_and_quantization_widgets_reach_the_job_config(N, host, clips):
     assert {w for w, *_ in QUANT_WIDGETS} | {"experts", "adapter", "adapter_path"} == set(q_spec)
     q_base = _job(N, host, clips, quant={})
     assert q_base.quant == QuantConfig(  # the node's defaults; computed adapters kept where no loader lists them
-        transformer="4bit_ara", text_encoder="float8", ara_cache_dir=str(host.root / "models" / "wan22_ara_cache"))
+        transformer="auto", text_encoder="float8", ara_cache_dir=str(host.root / "models" / "wan22_ara_cache"))
     for widget, value, path, expected in QUANT_WIDGETS:
         cfg = _job(N, host, clips, quant={widget: value})
         assert _get(cfg, path) == expected != _get(q_base, path), widget
@@ -463,10 +465,11 @@ def test_memory_and_quantization_widgets_reach_the_job_config(N, host, clips):
     # adapter source: 'compute', a file from models/loras (listed by the node), or an absolute path
     listed = _adapter_file(host.folder("loras") / "wan22" / "ara_nf4.safetensors")
     assert N["Wan22QuantizeARA"].INPUT_TYPES()["required"]["adapter"][0] == ["compute", "wan22/ara_nf4.safetensors"]
-    cfg = _job(N, host, clips, quant={"adapter": "wan22/ara_nf4.safetensors"})
+    cfg = _job(N, host, clips, quant={"adapter": "wan22/ara_nf4.safetensors", "transformer": "4bit_ara"})
     assert cfg.quant.ara_source == str(listed) != q_base.quant.ara_source
     elsewhere = _adapter_file(host.root / "elsewhere" / "mine.safetensors")
-    cfg = _job(N, host, clips, quant={"adapter": "wan22/ara_nf4.safetensors", "adapter_path": str(elsewhere)})
+    cfg = _job(N, host, clips, quant={"adapter": "wan22/ara_nf4.safetensors", "adapter_path": str(elsewhere),
+                                      "transformer": "4bit_ara"})
     assert cfg.quant.ara_source == str(elsewhere)
 
 
@@ -476,14 +479,17 @@ def test_quantize_node_refuses_what_cannot_work(N, host):
     _adapter_file(host.folder("loras") / "ara_nf4.safetensors")
     _adapter_file(host.folder("loras") / "wan22_14b_t2i_torchao_uint4.safetensors", quantizer=None)
     with pytest.raises(ConfigError, match="absolute path"):
-        F.call(q, experts=bundle, **widgets(q, adapter_path="relative/ara.safetensors"))
+        F.call(q, experts=bundle, **widgets(q, transformer="4bit_ara", adapter_path="relative/ara.safetensors"))
     with pytest.raises(LoraFileError, match="does not exist"):
-        F.call(q, experts=bundle, **widgets(q, adapter_path=str(host.root / "missing.safetensors")))
-    with pytest.raises(ConfigError, match="only apply to transformer: 4bit_ara"):
-        F.call(q, experts=bundle, **widgets(q, transformer="float8", adapter="ara_nf4.safetensors"))
+        F.call(q, experts=bundle, **widgets(q, transformer="4bit_ara",
+                                            adapter_path=str(host.root / "missing.safetensors")))
+    for transformer in ("float8", "auto"):  # auto may become float8: an adapter file needs 4bit_ara named
+        with pytest.raises(ConfigError, match="only apply to transformer: 4bit_ara"):
+            F.call(q, experts=bundle, **widgets(q, transformer=transformer, adapter="ara_nf4.safetensors"))
     with pytest.raises(ConfigError, match="set quant.quantizer: uint4"):  # ai-toolkit's adapters pair with uint4
-        F.call(q, experts=bundle, **widgets(q, adapter="wan22_14b_t2i_torchao_uint4.safetensors"))
-    (ok,) = F.call(q, experts=bundle, **widgets(q, quantizer="uint4",
+        F.call(q, experts=bundle, **widgets(q, transformer="4bit_ara",
+                                            adapter="wan22_14b_t2i_torchao_uint4.safetensors"))
+    (ok,) = F.call(q, experts=bundle, **widgets(q, transformer="4bit_ara", quantizer="uint4",
                                                 adapter="wan22_14b_t2i_torchao_uint4.safetensors"))
     assert ok.quant.ara_source.endswith("torchao_uint4.safetensors") and bundle.quant.transformer == "none"
     assert ok.store is bundle.store and ok.model == bundle.model  # same components, other settings
@@ -539,7 +545,8 @@ def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
     # an adapter file that vanished after Quantize ARA checked it
     path = _adapter_file(host.folder("loras") / "ara_nf4.safetensors")
     (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
-    (bundle,) = F.call(N["Wan22QuantizeARA"], experts=bundle, **widgets(N["Wan22QuantizeARA"], adapter=path.name))
+    (bundle,) = F.call(N["Wan22QuantizeARA"], experts=bundle, **widgets(N["Wan22QuantizeARA"], adapter=path.name,
+                                                                           transformer="4bit_ara"))
     path.unlink()
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips", num_frames=5,
                                                           resolutions="32"))
@@ -921,7 +928,7 @@ def test_adapter_file_from_models_loras_is_what_training_installs(N, host, clips
     cfg = QuantConfig(transformer="4bit_ara", ara_calibration_samples=0, ara_cache_dir=str(host.root / "made"))
     report = quantize_expert(model, cfg, expert="high", cache_key="made", device="cpu")
     shutil.copy(report.cache_path, host.folder("loras") / "tiny_ara.safetensors")
-    bundle = experts(N, {"adapter": "tiny_ara.safetensors", "calibration_samples": 0})
+    bundle = experts(N, {"transformer": "4bit_ara", "adapter": "tiny_ara.safetensors", "calibration_samples": 0})
     assert bundle.quant.ara_source == str(host.folder("loras") / "tiny_ara.safetensors")
     graph(N, host, bundle=bundle, steps=2)
     for name in ("high", "low"):  # the file holds shared adapters: both experts get them

@@ -390,3 +390,13 @@ def test_checkpointing_policies_and_compiled_blocks_train_alike(tmp_path, clips)
         runs[policy, compile] = [x[2] for x in loop.run_training(job_from_dict(raw), progress_bar=False).losses]
     assert runs["off", "off"] == runs["selective", "off"] == runs["full", "off"]
     assert runs["selective", "on"] == pytest.approx(runs["off", "off"], rel=1e-4)
+
+
+def test_quant_auto_resolves_for_the_device_before_the_run_starts(tmp_path, clips, caplog):
+    # On the CPU auto means no quantization: the same losses as quant none.
+    plain = loop.run_training(job_from_dict(_cfg(tmp_path / "none", clips, train={"steps": 3})), progress_bar=False)
+    cfg = job_from_dict({**_cfg(tmp_path / "auto", clips, train={"steps": 3}), "quant": {"transformer": "auto"}})
+    with caplog.at_level("INFO", logger="trainer_core.quant.choice"):
+        auto = loop.run_training(cfg, progress_bar=False)
+    assert "quant.transformer: auto -> none on cpu" in caplog.text
+    assert auto.losses == plain.losses

@@ -25,6 +25,7 @@ from .train.loop import (
     preflight,
     run_training,
 )
+from .quant.choice import resolve_transformer_quant
 from .train.placement import resolve_device
 from .train.previews import previews_enabled
 from .train.runs import Manifest, RunFolder, read_losses, read_validation
@@ -54,6 +55,7 @@ __all__ = [
     "read_validation",
     "release_expert",
     "resolve_device",
+    "resolve_transformer_quant",
     "run_training",
     "shared_store",
 ]

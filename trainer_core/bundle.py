@@ -33,6 +33,7 @@ from .lora import attach_lora, detach_lora, load_lora_tensors, lora_file_name
 from .models import WanComponents, load_components
 from .names import EXPERTS
 from .quant import Float8Linear, NF4Linear, UInt4Linear, quantize_expert, quantize_text_encoder
+from .quant.choice import resolved_quant
 from .regularizers import ema_lora_file_name
 from .train.quantization import expert_identity
 
@@ -186,8 +187,9 @@ class ExpertsBundle:
         """The requested components: as loaded (what training takes: the core quantizes them itself), or with
         ``quantize_on`` in this bundle's quantized form, quantizing there what is not yet."""
         wanted = [p for p, on in zip(_PARTS, (high, low, vae, text_encoder)) if on]
-        forms = {p: component_form(p, self.quant) if quantize_on is not None else AS_LOADED for p in wanted}
-        return self.store.provide(forms, self.quant, quantize_on)
+        quant = resolved_quant(self.quant, quantize_on) if quantize_on is not None else self.quant
+        forms = {p: component_form(p, quant) if quantize_on is not None else AS_LOADED for p in wanted}
+        return self.store.provide(forms, quant, quantize_on)
 
     def trained(self, experts: list[str], quant: QuantConfig) -> None:
         """Record that a finished training run quantized ``experts`` in place per ``quant``."""

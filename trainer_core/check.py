@@ -29,6 +29,7 @@ from .data.text_cache import unload_caption
 from .errors import ConfigError, TrainerError
 from .memory import check_plan, estimate_host_memory, estimate_peak_vram, model_arch
 from .memory.planner import GIB
+from .quant.choice import resolve_transformer_quant
 from .quant.float8 import supports_fp8_matmul
 from .train.distributed import DistContext
 from .train.loop import preflight, run_warnings
@@ -87,6 +88,11 @@ def check_job(
     hears of every file scanned and decoded, as ``(what, done, total)``.
     """
     result = JobCheck()
+    if gpu_gib is None and cfg.quant.transformer == "auto":  # this card decides; for --gpu-gib the plan assumes no fp8
+        try:
+            cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
+        except TrainerError:
+            pass  # a device that cannot be had here: the preflight names it
     _check_preflight(cfg, gpu_gib, result)
     dataset = _check_dataset(cfg, decode, progress, result)
     if dataset is not None:

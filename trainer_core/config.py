@@ -654,15 +654,16 @@ class QuantConfig(_Strict):
 
     ``transformer``: ``none`` keeps the experts as loaded; ``float8`` stores the block Linear weights as float8 e4m3
     with one scale per output row; ``4bit_ara`` stores them in 4 bits (``quantizer``) with a frozen low-rank
-    accuracy recovery adapter (ARA) beside each layer. Embeddings, norms, modulation and the head are never touched.
+    accuracy recovery adapter (ARA) beside each layer; ``auto`` picks float8 or 4bit_ara for the card
+    (:mod:`.quant.choice`). Embeddings, norms, modulation and the head are never touched.
     ``ara_source`` is ``compute`` (derived locally from the weights, calibrated on activations of the training data,
     cached on disk) or an adapter ``.safetensors`` file (e.g. ai-toolkit's ``wan22_14b_t2i_torchao_uint4``, which
     needs ``quantizer: uint4``).
     """
 
-    transformer: Literal["none", "float8", "4bit_ara"] = Field(default="none", description=(
-        "24 GB: 4bit_ara (~7 GiB per expert); H100/H200: 4bit_ara or float8 (13 GiB, fp8 matmuls); none keeps "
-        "the experts as loaded"))
+    transformer: Literal["none", "float8", "4bit_ara", "auto"] = Field(default="none", description=(
+        "24-32 GB: auto = float8 on cards with fp8 matmuls (RTX 40xx/50xx, L4/L40, H100/H200; ~13 GiB per expert), "
+        "4bit_ara on the others (RTX 30xx, A6000; ~7 GiB); none keeps the experts as loaded"))
     quantizer: Literal["nf4", "uint4"] = Field(default="nf4", description=(
         "4-bit format: nf4 (bitsandbytes NF4) for computed adapters; uint4 (asymmetric, groups of 64) for "
         "ai-toolkit's *_torchao_uint4 adapter files"))

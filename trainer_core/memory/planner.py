@@ -84,6 +84,7 @@ from ..errors import ConfigError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
 from ..models.single_file import fp32_kept_modules, tensor_dtype
 from ..names import DTYPES, EXPERTS
+from ..quant.choice import auto_transformer_quant
 from ..quant.float8 import supports_fp8_matmul
 from .blocks import choose_block_plan
 
@@ -229,14 +230,14 @@ class _Knobs:
     sample: tuple[int, int, int] | None  # (width, height, frames) of previews, None = no sampling
 
 
-def _knobs(cfg: JobConfig, device_type: str, world: int = 1) -> _Knobs:
+def _knobs(cfg: JobConfig, device_type: str, world: int = 1, fp8_matmul: bool = False) -> _Knobs:
     if not cfg.datasets:
         raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
     autocast = device_type == "cuda" and cfg.train.compute_dtype != "fp32"
-    s = cfg.sample
+    s, quant = cfg.sample, cfg.quant.transformer
     return _Knobs(
         model_dtype=cfg.model.dtype,
-        quant=cfg.quant.transformer,
+        quant=auto_transformer_quant(device_type, fp8_matmul) if quant == "auto" else quant,
         quantizer=cfg.quant.quantizer,
         ara_rank=cfg.quant.ara_rank,
         rank=cfg.lora.rank,
@@ -689,11 +690,12 @@ def estimate_peak_vram(
     ``memory.offload_blocks: auto`` resolves to the smallest count that fits (``plan.offload_blocks``). When the
     plan does not fit, ``plan.suggestions`` lists settings that would make it fit. ``world``: GPUs of a
     ``torchrun`` job (with ``distributed.shard_experts`` each holds 1/world of the frozen weights).
-    ``fp8_matmul``: the card multiplies in fp8 (Ada, Hopper, Blackwell), so suggestions lead with float8 weights.
+    ``fp8_matmul``: the card multiplies in fp8 (Ada, Hopper, Blackwell): suggestions lead with float8 weights, and
+    ``quant.transformer: auto`` plans float8 (else 4bit_ara on a GPU).
     """
     shapes = ExpertShapes.from_arch(model_arch)
     side = side_models or SideModels.for_model(cfg.model)
-    k = _knobs(cfg, device_type, world)
+    k = _knobs(cfg, device_type, world, fp8_matmul)
     headroom = int(cfg.memory.headroom_gib * GIB)
     plan = _plan(k, shapes, side, device_free_bytes, headroom)
     if not plan.fits:

@@ -113,10 +113,23 @@ class SingleFile:
             what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
             raise ModelLoadError(f"{setting}: {self.path} {what} - give the path of a .safetensors file")
 
+    def _open(self) -> None:
+        self._ctx = safe_open(str(self.path), framework="pt", device=self._device)
+        self._handle = self._ctx.__enter__()
+        self._mapped_bytes = 0
+
+    def _count_mapped(self, t: torch.Tensor) -> None:
+        # safetensors reads through a memory map: every page read stays in this process's resident memory until the
+        # map closes, so a 14 GB expert read tensor by tensor would add 14 GB of host memory beside its converted
+        # copy. Reopening every REMAP_BYTES keeps at most that much of the file mapped.
+        self._mapped_bytes += t.numel() * t.element_size()
+        if self._mapped_bytes >= REMAP_BYTES:
+            self._ctx.__exit__(None, None, None)
+            self._open()
+
     def __enter__(self) -> SingleFile:
         try:
-            self._ctx = safe_open(str(self.path), framework="pt", device=self._device)
-            self._handle = self._ctx.__enter__()
+            self._open()
             metadata = self._handle.metadata() or {}
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{self.setting}: {self.path} is not a readable .safetensors file ({exc})") from None
@@ -227,12 +240,17 @@ class SingleFile:
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name``; fp8 weights are dequantized (fp8.float() * scale) to fp32."""
         t = self._handle.get_tensor(self.names[name])
+        self._count_mapped(t)
         if name in self._scales:
             scale = self._handle.get_tensor(self._scales[name]).float()
             if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                 raise self.fail(f"has a non-positive or non-finite scale for {name}; the file is damaged")
             return t.float() * (scale.reshape(()) if scale.numel() == 1 else scale)
         return t.float() if t.dtype in _FP8_DTYPES else t
+
+
+#: Bytes read from one memory map of a file before it is closed and reopened (see ``SingleFile._count_mapped``).
+REMAP_BYTES = 1 << 30
 
 
 def _scale_fits(scale: tuple[int, ...], weight: tuple[int, ...]) -> bool:

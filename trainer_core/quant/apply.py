@@ -35,6 +35,7 @@ from .ara_files import (
     write_adapter_file,
 )
 from .calibration import CovarianceRecorder, capture_block_inputs, move_except_blocks, run_block
+from .choice import resolved_quant
 from .float8 import Float8Linear, supports_fp8_matmul
 from .nf4 import NF4Linear
 from .uint4 import UInt4Linear
@@ -220,7 +221,7 @@ def quantize_expert(
     """Quantize ``model``'s (a ``WanTransformer3DModel``, unquantized, no LoRA yet) block Linears in place.
 
     The whole model ends on ``device``. ``expert`` ('high' / 'low') selects the adapters of a two-expert file.
-    ``cfg.transformer == 'none'`` changes nothing. For ``4bit_ara`` with ``ara_source: compute``, adapters are
+    ``cfg.transformer == 'none'`` changes nothing; ``auto`` is resolved for ``device``. For ``4bit_ara`` with ``ara_source: compute``, adapters are
     read from the cache (``cfg.ara_cache_dir``, else ``cache_dir``; ``None`` for both = no caching) when a file for
     (``cache_key``, quantizer, rank, method, samples) exists, else computed and cached. Activations are needed, and
     ``calibration`` consumed (first ``cfg.ara_calibration_samples`` batches), only when computing calibrated
@@ -229,6 +230,7 @@ def quantize_expert(
     start = time.perf_counter()
     if expert not in _EXPERT_LABEL:
         raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
+    cfg = resolved_quant(cfg, torch.device(device))
     report = QuantReport(mode=cfg.transformer, label=_EXPERT_LABEL[expert])
     if cfg.transformer == "none":
         return report

@@ -37,6 +37,7 @@ from ..memory.swap import SwitchRecord
 from ..models import WanComponents, check_model_files, encode_video, load_components, load_expert
 from ..names import DTYPES, EXPERTS
 from ..quant import check_ara_source, quantize_text_encoder
+from ..quant.choice import resolve_transformer_quant
 from ..regularizers import check_regularizers
 from ..schedule import active_expert, expert_step_counts
 from ..timing import logged_seconds
@@ -190,6 +191,7 @@ def run_training(
     returns that run's pair.
     """
     ctx = init_distributed(cfg.train.device)
+    cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
     preflight(cfg, model_files=components is None)
     dataset = dataset or job_dataset(cfg)
     if ctx.is_main:
