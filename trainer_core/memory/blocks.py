@@ -59,9 +59,8 @@ class BlockPlan:
     #: On a torch.compile failure (no working compiler, an unsupported construct) run the blocks eagerly instead
     #: of failing the run (``train.compile: auto``); ``False`` lets the error through (``on``).
     fallback: bool = True
-    #: Compile the ``full`` blocks' checkpoint with them. Off for float8 weights: there the compiled checkpoint kept
-    #: the block's activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager;
-    #: H100), so a full block runs the compiled plain block inside an eager checkpoint instead.
+    #: Compile the ``full`` blocks too. Off for float8 weights: there the compiled checkpoint kept the block's
+    #: activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager; H100).
     compile_full: bool = True
     #: ``False``: one graph specialized to each input shape (each bucket's first step compiles); ``None``: torch's
     #: automatic dynamic shapes (the second shape compiles one graph with symbolic sizes that serves every later one).
@@ -85,7 +84,7 @@ class BlockPlan:
         compiled = ""
         if self.compile:
             eager_checkpoint = self.full and not self.compile_full
-            compiled = ", compiled (full blocks checkpointed eagerly)" if eager_checkpoint else ", compiled"
+            compiled = ", compiled (full blocks eager)" if eager_checkpoint else ", compiled"
         return f"{self.off} off / {self.selective} selective / {self.full} full checkpointing{compiled}"
 
 
@@ -147,10 +146,11 @@ def _compiled(policy: BlockPolicy, dynamic: bool | None = None) -> Callable[...,
 
 
 def _compiled_runner(policy: BlockPolicy, plan: "BlockPlan") -> Callable[..., torch.Tensor]:
-    """The compiled runner of a ``policy`` block: with ``compile_full`` off, a full block is the compiled plain block
-    inside an eager checkpoint (its forward and its recompute both compiled, nothing of it kept)."""
+    """The runner of a ``policy`` block in a compiled plan: with ``compile_full`` off a full block runs eagerly
+    (checkpointing around the compiled plain block failed its recompute check with float8 weights on an H200:
+    the recompute saved other tensors than the forward)."""
     if policy == "full" and not plan.compile_full:
-        return functools.partial(checkpoint, _compiled("off", plan.compile_dynamic), use_reentrant=False)
+        return _RUNNERS["full"]
     return _compiled(policy, plan.compile_dynamic)
 
 
