@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from tests.model_fixtures import (
     FAKE_REPO_ID,
     FP8,
     comfy_transformer_tensors,
+    fp8_transformer_targets,
     make_fake_hf_cache,
+    quantize_fp8_scaled,
     save_comfy_files,
     save_comfy_text_encoder,
     save_comfy_transformer,
@@ -34,6 +37,7 @@ from trainer_core.config import ModelConfig
 from trainer_core.errors import ModelLoadError
 from trainer_core.keys import diffusers_state_dict_to_original
 from trainer_core.models import describe_base_model, load_components
+from trainer_core.models.single_file import DIFFUSION_MODEL_PREFIX, load_transformer_file
 from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG, tiny_spiece_model
 
 ONLY_HIGH = {"low": False, "vae": False, "text_encoder": False}
@@ -605,17 +609,15 @@ def test_base_model_description():
     assert describe_base_model(ModelConfig(source="tiny", low_noise="/m/low.safetensors")) == "tiny + low.safetensors"
 
 
+def _mapped_file_bytes() -> int:
+    """Resident bytes of files this process has memory-mapped (Linux)."""
+    return int(re.search(r"RssFile:\s+(\d+)", Path("/proc/self/status").read_text())[1]) * 1024
+
+
 def test_reading_a_file_keeps_at_most_remap_bytes_of_it_mapped(tmp_path, monkeypatch):
-    # safetensors reads float8 tensors through a memory map whose pages stay resident while it is open: a 14 GB
-    # expert read tensor by tensor would otherwise add its whole size to host memory beside the converted copy.
-    import re
-
-    from safetensors.torch import save_file
-
+    # safetensors returns views of a memory map whose pages stay resident while it is open: a 14 GB expert read
+    # tensor by tensor would otherwise add its whole size to host memory beside the converted copy.
     import trainer_core.models.single_file as single_file
-
-    def mapped_file_bytes() -> int:
-        return int(re.search(r"RssFile:\s+(\d+)", Path("/proc/self/status").read_text())[1]) * 1024
 
     path = tmp_path / "fp8.safetensors"
     names = [f"blocks.{i}.ffn.net.0.proj.weight" for i in range(12)]
@@ -624,9 +626,25 @@ def test_reading_a_file_keeps_at_most_remap_bytes_of_it_mapped(tmp_path, monkeyp
     for remap in (1 << 40, 16 << 20):
         monkeypatch.setattr(single_file, "REMAP_BYTES", remap)
         with single_file.SingleFile(path, "model.high_noise") as f:
-            base, grown[remap] = mapped_file_bytes(), 0
+            base, grown[remap] = _mapped_file_bytes(), 0
             for n in names:
                 assert f.get(n).dtype == torch.float32
-                grown[remap] = max(grown[remap], mapped_file_bytes() - base)
+                grown[remap] = max(grown[remap], _mapped_file_bytes() - base)
     assert grown[1 << 40] > 80 << 20  # without remapping, the whole file stays resident
     assert grown[16 << 20] <= 24 << 20  # with it, at most REMAP_BYTES plus one tensor
+
+
+def test_a_loaded_expert_keeps_no_view_of_its_file(tmp_path):
+    # Tensors the file already holds in the wanted dtype (norms, biases, embeddings beside the fp8 weights) are
+    # copied: a view would keep the whole memory map, with every page read, alive as long as the model.
+    model = WanTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": 4, "ffn_dim": 2048,
+                                     "attention_head_dim": 64, "num_attention_heads": 8}).to(torch.bfloat16)
+    tensors = comfy_transformer_tensors(model, torch.bfloat16, prefix=True)
+    tensors, _ = quantize_fp8_scaled(tensors, fp8_transformer_targets(tensors), "scale_weight",
+                                     prefix=DIFFUSION_MODEL_PREFIX)
+    path = tmp_path / "expert_fp8_scaled.safetensors"
+    save_file(tensors, str(path))
+    base = _mapped_file_bytes()
+    loaded = load_transformer_file(path, torch.bfloat16, "model.high_noise")
+    assert _mapped_file_bytes() - base < path.stat().st_size // 8
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in loaded.parameters())

@@ -119,9 +119,10 @@ class SingleFile:
         self._mapped_bytes = 0
 
     def _count_mapped(self, t: torch.Tensor) -> None:
-        # safetensors reads through a memory map: every page read stays in this process's resident memory until the
-        # map closes, so a 14 GB expert read tensor by tensor would add 14 GB of host memory beside its converted
-        # copy. Reopening every REMAP_BYTES keeps at most that much of the file mapped.
+        # safetensors returns views of a memory map of the file: every page read stays in this process's resident
+        # memory until the map is gone, so a 14 GB expert read tensor by tensor would add 14 GB of host memory
+        # beside its converted copy. Reopening every REMAP_BYTES (and returning no view: see get) keeps at most
+        # that much of the file mapped.
         self._mapped_bytes += t.numel() * t.element_size()
         if self._mapped_bytes >= REMAP_BYTES:
             self._ctx.__exit__(None, None, None)
@@ -240,13 +241,17 @@ class SingleFile:
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name``; fp8 weights are dequantized (fp8.float() * scale) to fp32."""
         t = self._handle.get_tensor(self.names[name])
-        self._count_mapped(t)
         if name in self._scales:
             scale = self._handle.get_tensor(self._scales[name]).float()
             if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                 raise self.fail(f"has a non-positive or non-finite scale for {name}; the file is damaged")
-            return t.float() * (scale.reshape(()) if scale.numel() == 1 else scale)
-        return t.float() if t.dtype in _FP8_DTYPES else t
+            out = t.float() * (scale.reshape(()) if scale.numel() == 1 else scale)
+        else:
+            out = t.float() if t.dtype in _FP8_DTYPES else t
+        if out.data_ptr() == t.data_ptr():  # a view of the map would keep all of it mapped: own the values
+            out = out.clone()
+        self._count_mapped(t)
+        return out
 
 
 #: Bytes read from one memory map of a file before it is closed and reopened (see ``SingleFile._count_mapped``).
