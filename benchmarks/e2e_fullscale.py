@@ -18,7 +18,7 @@ Phases (``--phases``, run in the order given; ``sample`` and ``perf`` use ``job5
 * ``sample``: ``python -m trainer_core sample`` with the trained pair (``job512``'s, else ``joblarge``'s).
 * ``perf``: ``benchmarks/perf_bench.py``'s float8 fast-path step for the same settings (two experts, the job's two
   buckets 512x512x33 and 672x384x33 alternating), so the loop's own overhead is its steady s/step against this one;
-  also the same step with torch.compile's automatic dynamic shapes instead of a graph per shape.
+  also the same step compiled with one graph per shape instead of torch's automatic dynamic shapes.
 * ``joblarge``: the same job at ``--large`` (default 832x480x81), a few steps.
 * ``tier24``: the 24 GB recipe (4bit_ara, Low VRAM, switch every 10) from the same files, with the process capped
   at ``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``, and the card's free memory reported as the cap so
@@ -63,6 +63,7 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 use_cache=False)
 TINY_UMT5 = dict(UMT5_XXL, vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 _TIMING = re.compile(r"^(?P<what>[^:]+(?:\([^)]*\))?[^:]*): (?P<s>[0-9.]+) s$")
+_VAE = re.compile(r"VAE encoding: (?P<clips>\d+) clip\(s\) in (?P<s>[0-9.]+) s")
 _GPU_PEAK = re.compile(r"GPU memory: peak (?P<peak>[0-9.]+) GiB allocated \(planned (?P<plan>[0-9.]+) GiB\), "
                        r"(?P<reserved>[0-9.]+) GiB reserved, (?P<retries>[0-9]+) allocator retries")
 
@@ -194,8 +195,10 @@ def job(args, name: str, size: tuple[int, int, int], steps: int, **over: Any) ->
         "sample": {"prompts": [PROMPT], "width": 832 if gpu else 64, "height": 480 if gpu else 48,
                    "num_frames": 33 if gpu else 5, "steps": args.preview_steps, "sample_every": args.save_every},
         # a bucket's area is at most resolution**2: the smallest resolution whose bucket holds w x h
+        # fixed uniform windows, no flips: each clip's latents are encoded once and cached, as such a user would set
+        # (the steady steps then train without the VAE, like perf_bench's step)
         "datasets": [{"folder": str(args.root / f"clips_{s}"), "resolutions": [math.ceil(math.sqrt(w * h) / 16) * 16],
-                      "num_frames": f} for s in ("a", "b")],
+                      "num_frames": f, "cache_latents": True} for s in ("a", "b")],
     }
     for section, values in over.items():
         base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
@@ -291,6 +294,8 @@ def run_process(args, cmd: list[str], log_name: str, env: dict[str, str] | None 
     out = {"cmd": " ".join(cmd[-4:]), "rc": rc, "killed_at_deadline": killed.is_set(),
            "wall_s": time.perf_counter() - t0, "host_gib": host,
            "phases_s": timings, "phase_ends_s": ends, "stdout_tail": stdout[-5:]}
+    if m := _VAE.search(text):
+        out["vae_encoding"] = {"clips": int(m["clips"]), "s": float(m["s"])}
     if m := _GPU_PEAK.search(text):
         out["gpu_peak_gib"], out["gpu_planned_gib"] = float(m["peak"]), float(m["plan"])
         out["gpu_reserved_gib"], out["gpu_alloc_retries"] = float(m["reserved"]), int(m["retries"])
@@ -369,9 +374,9 @@ def phase_perf(args, res: dict) -> None:
         fast = sizes.get("fp8 fast path") or sizes.get("plain")  # compiled as the trainer compiles
         r["bench_s_per_step"], r["bench_peak_gib"] = fast["s"], fast.get("peak_gib")
         r["bench_planned_gib"] = fast.get("planned_gib")
-        dynamic = sizes.get("fp8 fast path, automatic dynamic shapes")
-        if dynamic:
-            r["bench_dynamic_shapes_s_per_step"] = dynamic["s"]
+        static = sizes.get("fp8 fast path, static shapes")
+        if static:
+            r["bench_static_shapes_s_per_step"] = static["s"]
     loop = res.get("job512", {}).get("s_per_step_steady")
     if loop and r.get("bench_s_per_step"):
         r["loop_overhead"] = loop / r["bench_s_per_step"] - 1
@@ -416,6 +421,11 @@ def summary(res: dict) -> dict:
     if "loop_overhead" in res.get("perf", {}):
         out["loop_overhead"] = res["perf"]["loop_overhead"]
         out["loop_overhead_goal_met"] = res["perf"]["loop_overhead"] <= 0.05
+        vae = j.get("vae_encoding", {})
+        if vae.get("clips", 0) >= j.get("steps", 1 << 30):  # latents not cached: every step also VAE-encoded its clip
+            loop = j["s_per_step_steady"] - vae["s"] / vae["clips"]
+            out["vae_s_per_step"] = vae["s"] / vae["clips"]
+            out["loop_overhead_without_vae"] = loop / res["perf"]["bench_s_per_step"] - 1
     if "host_gib" in j and j.get("files_gib"):
         out["host_peak_over_files"] = j["host_gib"]["VmHWM"] / j["files_gib"]
         out["host_goal_met"] = out["host_peak_over_files"] <= 1.2

@@ -30,8 +30,8 @@ experts resident, switching every step. ``--low-vram``: 20 steps with both exper
 against 20 resident steps. ``--dop``: a step with Differential Output Preservation against one without.
 ``--mix WxHxF``: the fast paths' steps alternate between ``--size`` and this second bucket, as a job whose clips
 fall into two buckets does (each expert sees both shapes before the timing starts); ``--compile-dynamic`` then picks
-torch.compile's handling of the second shape: ``static`` (one graph per shape, as the trainer compiles), ``auto``
-(torch's automatic dynamic shapes: one graph with symbolic sizes from the second shape on) or ``both``.
+torch.compile's handling of the second shape: ``auto`` (torch's automatic dynamic shapes, as the trainer compiles:
+one graph with symbolic sizes from the second shape on), ``static`` (one graph per shape) or ``both``.
 
 MFU counts model FLOPs (forward + activation-gradient backward of the linears and attention, recompute not counted)
 against the bf16 matmul rate measured at the start of the run.
@@ -78,8 +78,8 @@ from trainer_core.train.step import train_step  # noqa: E402
 GIB = 2**30
 TEXT_TOKENS = 512
 #: ``--compile-dynamic``: the float8 fast path's runs as (label suffix, ``BlockPlan.compile_dynamic``)
-DYNAMIC = {"static": [("", False)], "auto": [(", automatic dynamic shapes", None)],
-           "both": [("", False), (", automatic dynamic shapes", None)]}
+DYNAMIC = {"auto": [("", None)], "static": [(", static shapes", False)],
+           "both": [("", None), (", static shapes", False)]}
 PLAIN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
 
 
@@ -220,7 +220,7 @@ def run_trainer(
     warmup: int,
     init: dict[str, torch.Tensor] | None = None,
     dop: bool = False,
-    dynamic: bool | None = False,
+    dynamic: bool | None = None,
 ) -> dict:
     """The trainer's step on ``models`` (switching every step), with the planner's block plan for ``policy``."""
     free = free_for_plan(b, models)
@@ -454,8 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fast-policy", default="auto", choices=("auto", "off", "selective", "full", "mixed"),
                     help="checkpointing of the fast paths: the planner's choice (default) or forced")
     ap.add_argument("--mix", help="WxHxF: a second bucket the fast paths' steps alternate with")
-    ap.add_argument("--compile-dynamic", choices=tuple(DYNAMIC), default="static",
-                    help="the float8 fast path's torch.compile shapes with --mix: static (as the trainer), auto or both")
+    ap.add_argument("--compile-dynamic", choices=tuple(DYNAMIC), default="auto",
+                    help="the float8 fast path's torch.compile shapes with --mix: auto (as the trainer), static or both")
     ap.add_argument("--layers", type=int, help="fewer transformer blocks (quick checks; numbers not comparable)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

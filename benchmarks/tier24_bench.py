@@ -21,8 +21,7 @@ runs) and the JSON is rewritten after each:
 * ``float8_low_vram``: both experts quantized to float8 (fp8 matmuls forward and backward), Low VRAM, capped with
   ``torch.cuda.set_per_process_memory_fraction`` at ``--cap-gib``; the planner's plan for a card with that much
   free memory, ``offload_blocks: auto`` (the smallest block offload that fits), the trainer's compile decision
-  (``block_plan_for``: compiled, the streamed blocks' load hooks outside the graph). Same steps as the reference.
-* ``float8_low_vram_eager``: the same, not compiled (what compiling brings under the cap).
+  (``block_plan_for``). Same steps as the reference.
 * ``peer_musubi``: musubi-tuner's WanModel (t2v-A14B config) with random bf16 weights turned into its
   ``--fp8_base --fp8_scaled`` weights by its own ``optimize_state_dict_with_fp8`` + ``apply_fp8_monkey_patch``
   (block-wise e4m3, dequantized per matmul), its ``networks.lora_wan`` network (rank 16 on every block Linear,
@@ -53,7 +52,6 @@ fits_24gb_h100.json): planner ~10 s, reference ~50 s, float8 ~70 s, peer ~80 s, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import importlib.util
 import json
@@ -84,12 +82,11 @@ from trainer_core.train.step import micro_batch_loss  # noqa: E402
 
 GIB = 2**30
 NAMES = ("high", "low")
-SECTIONS = ("planner", "reference_bf16", "float8_low_vram", "float8_low_vram_eager", "peer_musubi", "nf4_ara_low_vram",
-            "float8_probes", "low_vram_vs_resident")
+SECTIONS = ("planner", "reference_bf16", "float8_low_vram", "peer_musubi", "nf4_ara_low_vram", "float8_probes",
+            "low_vram_vs_resident")
 #: Pessimistic seconds per section on an H200 at the defaults (estimated from results/perf_512x512x33_h200.json and
 #: fits_24gb_h100.json): a section that would end after --deadline-s is skipped, with the reason, not started.
-EXPECTED_S = {"planner": 15, "reference_bf16": 70, "float8_low_vram": 130, "float8_low_vram_eager": 100,
-              "peer_musubi": 120,
+EXPECTED_S = {"planner": 15, "reference_bf16": 70, "float8_low_vram": 100, "peer_musubi": 120,
               "nf4_ara_low_vram": 120, "float8_probes": 70, "low_vram_vs_resident": 120}
 
 
@@ -308,9 +305,8 @@ def build_capped_experts(b: Bench, args, cfg: JobConfig, blocks: BlockPlan, memo
     return models, optimizers, info
 
 
-def capped_run(b: Bench, args, quant: str, compile: bool = True) -> dict:
-    """Both experts quantized with ``quant``, Low VRAM, the planner's plan for ``--cap-gib`` free, under the cap;
-    compiled as the trainer decides, or eager (``compile=False``, to show what compiling brings)."""
+def capped_run(b: Bench, args, quant: str) -> dict:
+    """Both experts quantized with ``quant``, Low VRAM, the planner's plan for ``--cap-gib`` free, under the cap."""
     names = NAMES[: args.experts]
     offload = args.fp8_offload if quant == "float8" else "auto"
     cfg = job_config(quant, b.size, args.experts, args.optimizer, low_vram=True, offload=offload, every=args.every,
@@ -319,8 +315,6 @@ def capped_run(b: Bench, args, quant: str, compile: bool = True) -> dict:
     plan = estimate_peak_vram(cfg, b.arch, cap, device_type=b.device, side_models=NO_SIDE_MODELS)
     print(plan.summary(), flush=True)
     blocks = block_plan_for(cfg, plan, torch.device(b.device))
-    if not compile:
-        blocks = dataclasses.replace(blocks, compile=False)
     memory = ExpertMemory.for_plan(cfg.memory, plan, b.device)
     calibration = None
     if quant == "4bit_ara":
@@ -555,7 +549,7 @@ def summarize(results: dict) -> dict:
     s = results["sections"]
     ref = s.get("reference_bf16", {})
     summary: dict = {}
-    for key in ("float8_low_vram", "float8_low_vram_eager", "nf4_ara_low_vram"):
+    for key in ("float8_low_vram", "nf4_ara_low_vram"):
         r = s.get(key, {})
         if r.get("losses") and "s_per_step" in r:
             summary[key] = {"s_per_step": r["s_per_step"], "s_per_step_without_switch": r["s_per_step_without_switch"],
@@ -565,9 +559,6 @@ def summarize(results: dict) -> dict:
         summary["reference_bf16"] = {"s_per_step": ref["s_per_step"], "peak_gib": ref["peak_gib"],
                                      "blocks": ref["blocks"]}
     f8, nf4 = summary.get("float8_low_vram"), summary.get("nf4_ara_low_vram")
-    eager = summary.get("float8_low_vram_eager")
-    if f8 and eager:
-        summary["float8_compile_speedup"] = eager["s_per_step_without_switch"] / f8["s_per_step_without_switch"]
     if f8 and nf4:
         summary["float8_speedup_vs_nf4"] = nf4["s_per_step_without_switch"] / f8["s_per_step_without_switch"]
     best = s.get("peer_musubi", {}).get("best")
@@ -587,7 +578,6 @@ def table(results: dict) -> str:
              "| loss vs bf16 (mean / max) |", "|---|---|---|---|---|---|"]
     labels = {"reference_bf16": "bf16, both experts resident (no cap)",
               "float8_low_vram": f"float8 + Low VRAM, cap {cap:g} GiB",
-              "float8_low_vram_eager": f"float8 + Low VRAM, eager (not compiled), cap {cap:g} GiB",
               "nf4_ara_low_vram": f"4bit_ara nf4 + Low VRAM, cap {cap:g} GiB"}
     ref = s.get("reference_bf16", {}).get("losses", [])
     for key, label in labels.items():
@@ -689,7 +679,6 @@ def main(argv: list[str] | None = None) -> dict:
         "planner": lambda: section_planner(args),
         "reference_bf16": lambda: section_reference(b, args),
         "float8_low_vram": lambda: capped_run(b, args, "float8"),
-        "float8_low_vram_eager": lambda: capped_run(b, args, "float8", compile=False),
         "peer_musubi": lambda: section_peer(b, args),
         "nf4_ara_low_vram": lambda: capped_run(b, args, "4bit_ara"),
         "float8_probes": lambda: section_probes(b, args),

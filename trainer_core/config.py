@@ -302,9 +302,9 @@ class TrainConfig(_Strict):
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
         description=(
-            "torch.compile the transformer blocks (faster steps after a slow first one per clip shape): auto = on "
-            "for a CUDA GPU with Triton, unless the base is 4-bit or the weights are sharded, and eager if compiling "
-            "fails; on = always, errors raised; off = never"
+            "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a CUDA GPU "
+            "with Triton, unless blocks are offloaded, the base is 4-bit or the weights are sharded, and eager if "
+            "compiling fails; on = always, errors raised; off = never"
         ),
     )
     timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = Field(default="linear", description=(

@@ -62,9 +62,10 @@ class BlockPlan:
     #: Compile the ``full`` blocks too. Off for float8 weights: there the compiled checkpoint kept the block's
     #: activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager; H100).
     compile_full: bool = True
-    #: ``False``: one graph specialized to each input shape (each bucket's first step compiles); ``None``: torch's
-    #: automatic dynamic shapes (the second shape compiles one graph with symbolic sizes that serves every later one).
-    compile_dynamic: bool | None = False
+    #: ``None``: torch's automatic dynamic shapes (a second clip shape compiles one graph with symbolic sizes that
+    #: serves every later one); ``False``: one graph per shape (each bucket's first step compiles). Equally fast:
+    #: 1.098 / 1.107 s/step with two buckets (benchmarks/results/e2e_fullscale_h200.json, perf).
+    compile_dynamic: bool | None = None
 
     def policy(self, index: int) -> BlockPolicy:
         """The policy of block ``index``."""
