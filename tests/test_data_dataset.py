@@ -513,3 +513,16 @@ def test_report_of_a_one_frame_clip(tmp_path):
     report = build_dataset([cfg(tmp_path, num_frames=1)], None, 0).report()
     assert "clips: 1, 0.00-0.00 s (median 0.00 s)\n" in report
     assert "one.mp4: 32x32 -> 32x32 (32); the middle frame of 1" in report
+
+
+@pytest.mark.parametrize("settings,noted", [
+    ({}, True),  # uniform sampling: the same frames every epoch
+    ({"frame_sampling": "fps", "window_start": "start"}, True),
+    ({"frame_sampling": "fps"}, False),  # a random window each epoch: nothing to reuse
+    ({"flip_x": True}, False),
+    ({"cache_latents": True}, False),
+])
+def test_the_report_suggests_caching_latents_when_every_epoch_trains_the_same_frames(tmp_path, settings, noted):
+    level_clip(tmp_path / "a.mp4", 20)
+    report = build_dataset([cfg(tmp_path, **settings)], "sks", 0).report()
+    assert ("cache_latents: true would VAE-encode each clip once" in report) == noted

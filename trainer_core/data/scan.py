@@ -313,6 +313,13 @@ class _Scanner:
                 f"{where}: uniform sampling plays {len(far)} clip(s) far from real speed "
                 f"({min(far):.2g}x-{max(far):.2g}x) - frame_sampling=fps keeps motion at its real speed"
             )
+        fixed = cfg.frame_sampling == "uniform" or cfg.window_start == "start"
+        if out.kinds["video"] and fixed and not (cfg.flip_x or cfg.flip_y) and not cfg.cache_latents:
+            out.notes.append(
+                f"{where}: every epoch trains the same frames of each clip ({cfg.frame_sampling} sampling, no flips), "
+                "so cache_latents: true would VAE-encode each clip once instead of at every step (0.37 of 1.50 s per "
+                "step at 512x512x33 on an H200)"
+            )
         stems = {p.with_suffix("") for p in files if media_kind(p)}
         orphans = [p.name for p in files if p.suffix == "." + cfg.caption_ext and p.with_suffix("") not in stems]
         if orphans and self.override is None:
