@@ -3,6 +3,7 @@
     python benchmarks/e2e_fullscale.py --root /tmp/e2e                        # GPU (an H200): every phase
     python benchmarks/e2e_fullscale.py --root /tmp/e2e --phases files,job512  # some phases (files are reused)
     python benchmarks/e2e_fullscale.py --tiny --root /tmp/e2e_tiny            # CPU smoke run, tiny model
+    python benchmarks/e2e_fullscale.py --root /tmp/e2e --phases files,comfy --comfy ComfyUI  # through a server
 
 Phases (``--phases``, run in the order given; ``sample`` and ``perf`` use ``job512``'s results):
 
@@ -23,6 +24,11 @@ Phases (``--phases``, run in the order given; ``sample`` and ``perf`` use ``job5
 * ``tier24``: the 24 GB recipe (4bit_ara, Low VRAM, switch every 10) from the same files, with the process capped
   at ``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``, and the card's free memory reported as the cap so
   the planner plans for that card).
+* ``comfy``: workflow 2 through a real ComfyUI server (``--comfy``: a checkout, fetched, not in this repository;
+  started with ``--base-directory`` under ``--root`` holding this pack, the written files and the clips, and an
+  empty frontend): its nodes as saved, the files above, float8 experts (a Quantize ARA node), ``--comfy-steps``
+  steps at 512x33 and a render, queued with ``POST /prompt``; server start, prompt time, the server's host memory
+  and the trainer's logged phases.
 
 Each job runs as its own process; the parent reads its progress events as they arrive (time to first step, s/step),
 polls its peak resident host memory (``VmHWM``) and pinned/locked memory, and reads the phase times the trainer logs
@@ -55,7 +61,7 @@ from benchmarks.common import TINY, full_expert  # noqa: E402
 
 GIB = 2**30
 COMPONENTS = ("high", "low", "text_encoder", "vae")
-PHASES = ("files", "job512", "sample", "perf", "joblarge", "tier24")
+PHASES = ("files", "job512", "sample", "perf", "joblarge", "tier24", "comfy")
 PROMPT = "a red square slides across a white wall, camera still"
 #: UMT5-XXL as Wan 2.2 uses it (google/umt5-xxl's encoder).
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -281,27 +287,34 @@ def run_process(args, cmd: list[str], log_name: str, env: dict[str, str] | None 
         copier.join()
         mem.done.set()
         mem.join()
-    text = log_path.read_text()
-    timings: dict[str, float] = {}
-    for line in text.splitlines():
-        if m := _TIMING.match(line.strip()):
-            timings[m["what"]] = timings.get(m["what"], 0.0) + float(m["s"])
     host = mem.gib()
     if host["at_rss_peak"]:  # the first phase that ended after the peak held it
         t = host["at_rss_peak"]["t"]
         host["at_rss_peak"]["during"] = next((w for w, e in sorted(ends.items(), key=lambda kv: kv[1]) if e >= t),
                                              "after the last timed phase")  # fmt: skip
+    text = log_path.read_text()
     out = {"cmd": " ".join(cmd[-4:]), "rc": rc, "killed_at_deadline": killed.is_set(),
-           "wall_s": time.perf_counter() - t0, "host_gib": host,
-           "phases_s": timings, "phase_ends_s": ends, "stdout_tail": stdout[-5:]}
+           "wall_s": time.perf_counter() - t0, "host_gib": host, **parse_log(text), "phase_ends_s": ends,
+           "stdout_tail": stdout[-5:]}
+    if rc:
+        out["stderr_tail"] = text.splitlines()[-15:]
+    return out | {"events": events}
+
+
+def parse_log(text: str) -> dict:
+    """The trainer's logged phase times (``<what>: <seconds> s``, summed per phase), its VAE encoding total and its
+    end-of-run GPU memory line."""
+    timings: dict[str, float] = {}
+    for line in text.splitlines():
+        if m := _TIMING.match(line.strip()):
+            timings[m["what"]] = timings.get(m["what"], 0.0) + float(m["s"])
+    out: dict[str, Any] = {"phases_s": timings}
     if m := _VAE.search(text):
         out["vae_encoding"] = {"clips": int(m["clips"]), "s": float(m["s"])}
     if m := _GPU_PEAK.search(text):
         out["gpu_peak_gib"], out["gpu_planned_gib"] = float(m["peak"]), float(m["plan"])
         out["gpu_reserved_gib"], out["gpu_alloc_retries"] = float(m["reserved"]), int(m["retries"])
-    if rc:
-        out["stderr_tail"] = text.splitlines()[-15:]
-    return out | {"events": events}
+    return out
 
 
 def step_figures(r: dict, epoch_steps: int, noisy: set[int]) -> dict:
@@ -411,6 +424,79 @@ def phase_tier24(args, res: dict) -> None:
     r["cap_gib"] = args.cap_gib
 
 
+def _comfy_base(args) -> Path:
+    """ComfyUI's folders for the comfy phase under ``--root``: this pack as its custom node, the written files as
+    its models, the 832x480 clips as its input."""
+    base = args.root / "comfy_base"
+    links = {base / "custom_nodes" / "wan22-lora-trainer": ROOT, base / "input" / "clips_a": args.root / "clips_a"}
+    kinds = {"high": "diffusion_models", "low": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
+    for name, kind in kinds.items():
+        links[base / "models" / kind / model_path(args.root, name).name] = model_path(args.root, name)
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=target.is_dir())
+    return base
+
+
+def comfy_prompt(args, info: dict) -> dict:
+    """Workflow 2 (the H100/H200 motion recipe) as a prompt for this run: the written files, the 832x480 clips at
+    the 512 bucket x 33 frames (latents cached), ``--comfy-steps`` rank-16 steps with AdamW, a render at 832x480x33
+    after training, and a Quantize ARA node (float8 experts, as job512) between Load Wan22 Experts and its users."""
+    from benchmarks.comfy_client import node_defaults, to_api
+
+    w, h, f = (64, 48, 5) if args.tiny else (832, 480, 33)
+    files = {k: model_path(args.root, n).name for k, n in (("high_noise_model", "high"), ("low_noise_model", "low"),
+                                                            ("text_encoder", "text_encoder"), ("vae", "vae"))}
+    dtypes = {"dtype": "fp32", "text_encoder_dtype": "fp32", "vae_dtype": "fp32"} if args.tiny else {}
+    overrides = {
+        "Wan22LoadExperts": {"source": "comfy files", **files, **dtypes},
+        "Wan22BuildVideoDataset": {"folder": "clips_a", "num_frames": f, "frame_sampling": "uniform",
+                                   "resolutions": "64" if args.tiny else "512", "cache_latents": True},
+        "Wan22TrainLoRA": {"job_name": "e2e_comfy", "rank": 16, "steps": args.comfy_steps, "optimizer": "adamw"},
+        "Wan22SaveCheckpoint": {"save_every": args.comfy_steps, "copy_to_loras": False},
+        "Wan22PreviewSample": {"width": w, "height": h, "num_frames": f, "steps": args.preview_steps},
+    }
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_2_motion_lora_h100.json").read_text())
+    prompt = to_api(workflow, info, overrides)
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "Wan22LoadExperts")
+    quant = {**node_defaults(info, "Wan22QuantizeARA"), "transformer": "none" if args.tiny else "float8",
+             "text_encoder": "bf16", "adapter": "compute", "adapter_path": "", "experts": [loader, 0]}
+    for node in prompt.values():
+        if node["inputs"].get("experts") == [loader, 0]:
+            node["inputs"]["experts"] = ["quant", 0]
+    return prompt | {"quant": {"class_type": "Wan22QuantizeARA", "inputs": quant}}
+
+
+def phase_comfy(args, res: dict) -> None:
+    from benchmarks.comfy_client import ComfyServer
+
+    if not args.comfy:
+        raise RuntimeError("--comfy: give the folder of a ComfyUI checkout (fetched, not part of this repository)")
+    t0 = time.perf_counter()
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    server = ComfyServer(Path(args.comfy), _comfy_base(args), args.comfy_python, Path(args.out) / "comfy.log",
+                         cpu=args.tiny, env=env)
+    mem = HostMemory(server.proc.pid, t0)
+    mem.start()
+    out: dict[str, Any] = {}
+    try:
+        out["server_ready_s"] = server.wait_ready(args.deadline)
+        history = server.run(comfy_prompt(args, server.get("/object_info")), args.deadline)
+        out["status"] = history["status"].get("status_str")
+        out["prompt_s"] = time.perf_counter() - t0 - out["server_ready_s"]
+        out["outputs"] = sorted(history.get("outputs", {}))
+        if out["status"] != "success":
+            out["messages"] = str(history["status"].get("messages"))[-3000:]
+    finally:
+        server.stop()
+        mem.done.set()
+        mem.join()
+        out["host_gib"] = mem.gib()
+        out.update(parse_log((Path(args.out) / "comfy.log").read_text()))
+        res["comfy"] = out
+
+
 def summary(res: dict) -> dict:
     """The issue's goals against this run's figures."""
     out: dict[str, Any] = {}
@@ -438,8 +524,8 @@ def summary(res: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True, help="folder for the files, clips and runs (~36 GB)")
-    ap.add_argument("--phases", default=",".join(PHASES),
-                    help=f"comma-separated subset of {','.join(PHASES)}, run in the order given")
+    ap.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}, run in the order given "
+                                     "(default: all; comfy only with --comfy)")
     ap.add_argument("--steps", type=int, default=24, help="steps of the 512x512x33 job")
     ap.add_argument("--save-every", type=int, default=12, help="checkpoint and preview every N steps")
     ap.add_argument("--preview-steps", type=int, default=8, help="denoising steps of the previews")
@@ -451,6 +537,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--large-steps", type=int, default=4)
     ap.add_argument("--tier24-steps", type=int, default=12)
     ap.add_argument("--cap-gib", type=float, default=22.0)
+    ap.add_argument("--comfy", help="a ComfyUI checkout for the comfy phase (fetched, not in this repository)")
+    ap.add_argument("--comfy-python", default=sys.executable, help="the Python that runs ComfyUI (its dependencies)")
+    ap.add_argument("--comfy-steps", type=int, default=8, help="training steps of the comfy phase")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="kill a phase's process this many seconds after the start (keeps what it reported)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes")
@@ -459,7 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.deadline = time.monotonic() + args.deadline_s
     if args.tiny:
         args.clip_frames, args.clips = min(args.clip_frames, 9), min(args.clips, 4)
-    phases = [p for p in args.phases.split(",") if p]
+    default = [p for p in PHASES if p != "comfy" or args.comfy]
+    phases = [p for p in args.phases.split(",") if p] if args.phases else default
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         ap.error(f"unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
@@ -473,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
     if earlier is not None:
         res = {**json.loads(earlier.read_text()), **{k: v for k, v in res.items() if k != "args"}}
     runners = {"files": phase_files, "job512": phase_job512, "sample": phase_sample, "perf": phase_perf,
-               "joblarge": phase_joblarge, "tier24": phase_tier24}
+               "joblarge": phase_joblarge, "tier24": phase_tier24, "comfy": phase_comfy}
     for name in phases:  # in the order given: the most wanted first, in case the call runs out of time
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
