@@ -212,3 +212,15 @@ def test_host_ram_when_the_experts_load_straight_to_the_gpu():
     assert "loading the experts" not in host.phases and plan.host_bytes == 0
     assert host.phase == "caption encoding"
     assert host.peak_bytes == pytest.approx((10.6 + 0.47) * GIB, rel=0.02)  # UMT5-XXL in bf16, the VAE in fp32
+
+
+def test_quant_auto_is_planned_for_the_card_checked(tmp_path, capsys):
+    path = _job(tmp_path, train={"device": "auto"})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "quant": {"transformer": "auto"}}))
+    status, out, errors = _check(capsys, path, "--gpu-gib", "24")
+    assert (status, errors) == (0, []) and "quant.transformer: auto -> 4bit_ara on a card with 24 GiB free" in out
+    status, out, errors = _check(capsys, path, "--gpu-gib", "24", "--gpu-fp8")
+    assert (status, errors) == (0, []) and "auto -> float8 on a card with 24 GiB free (--gpu-gib) with fp8" in out
+    status, _, errors = _check(capsys, path, "--gpu-fp8")
+    assert status == 2 and errors == ["error: check: --gpu-fp8 describes the card of --gpu-gib - give --gpu-gib N "
+                                      "too (a card here is asked directly)"]

@@ -29,7 +29,7 @@ from .data.text_cache import unload_caption
 from .errors import ConfigError, TrainerError
 from .memory import check_plan, estimate_host_memory, estimate_peak_vram, model_arch
 from .memory.planner import GIB
-from .quant.choice import resolve_transformer_quant
+from .quant.choice import auto_transformer_quant
 from .quant.float8 import supports_fp8_matmul
 from .train.distributed import DistContext
 from .train.loop import preflight, run_warnings
@@ -77,6 +77,7 @@ def check_job(
     cfg: JobConfig,
     *,
     gpu_gib: float | None = None,
+    gpu_fp8: bool = False,
     decode: bool = True,
     progress: ScanProgress | None = None,
 ) -> JobCheck:
@@ -84,20 +85,27 @@ def check_job(
 
     ``gpu_gib``: plan for a CUDA card with that many GiB free (the job runs elsewhere: the visibility of the job's
     device here is not checked); without it, for the device the job resolves to here (see :func:`plan_target`).
+    ``gpu_fp8``: that card multiplies in fp8 (RTX 40xx/50xx, L40S, H100), which decides ``quant.transformer: auto``
+    and the plan's advice; a card here is asked instead.
     ``decode``: decode one sample of every dataset file (off: the scan's probe and keyframes only). ``progress``
     hears of every file scanned and decoded, as ``(what, done, total)``.
     """
     result = JobCheck()
-    if gpu_gib is None and cfg.quant.transformer == "auto":  # this card decides; for --gpu-gib the plan assumes no fp8
-        try:
-            cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
-        except TrainerError:
-            pass  # a device that cannot be had here: the preflight names it
+    target = None
+    try:
+        target = plan_target(cfg, gpu_gib, gpu_fp8)
+    except TrainerError as exc:  # a device that cannot be had here: the preflight names it
+        result.fail("VRAM plan", exc)
+    if target is not None and cfg.quant.transformer == "auto":
+        quant = auto_transformer_quant(target.device_type, target.fp8_matmul)
+        cfg = cfg.model_copy(update={"quant": cfg.quant.model_copy(update={"transformer": quant})})
+        result.sections.append(("quantization", f"quant.transformer: auto -> {quant} on {target.description}"))
     _check_preflight(cfg, gpu_gib, result)
     dataset = _check_dataset(cfg, decode, progress, result)
     if dataset is not None:
         result.warnings += run_warnings(cfg, dataset, DistContext())  # this check is one process, as `train` is
-    _check_memory(cfg, gpu_gib, result)
+    if target is not None:
+        _check_memory(cfg, target, gpu_gib, result)
     return result
 
 
@@ -157,12 +165,13 @@ class PlanTarget:
     fp8_matmul: bool = False  # the card multiplies in fp8 (known for the card here, not for --gpu-gib)
 
 
-def plan_target(cfg: JobConfig, gpu_gib: float | None) -> PlanTarget:
+def plan_target(cfg: JobConfig, gpu_gib: float | None, gpu_fp8: bool = False) -> PlanTarget:
     """Where the job's memory is planned: a card with ``gpu_gib`` free when given; else the GPU ``train.device``
     resolves to here, with its free memory; ``device: cpu`` on the CPU (no GPU memory to plan); and a job meant for a
     GPU on a machine without one as a CUDA card with no verdict (the plan says what it would need)."""
     if gpu_gib is not None:
-        return PlanTarget("cuda", int(gpu_gib * GIB), f"a card with {gpu_gib:g} GiB free (--gpu-gib)")
+        fp8 = " with fp8 matmuls (--gpu-fp8)" if gpu_fp8 else ""
+        return PlanTarget("cuda", int(gpu_gib * GIB), f"a card with {gpu_gib:g} GiB free (--gpu-gib){fp8}", gpu_fp8)
     if cfg.train.device == "cpu":
         return PlanTarget("cpu", None, "train.device is cpu: the job trains on the CPU")
     if not torch.cuda.is_available():
@@ -174,11 +183,10 @@ def plan_target(cfg: JobConfig, gpu_gib: float | None) -> PlanTarget:
                       supports_fp8_matmul(device))
 
 
-def _check_memory(cfg: JobConfig, gpu_gib: float | None, result: JobCheck) -> None:
-    """The VRAM plan against the target's free memory (:func:`~.memory.planner.check_plan`'s verdict and advice),
-    and the host-RAM estimate."""
+def _check_memory(cfg: JobConfig, target: PlanTarget, gpu_gib: float | None, result: JobCheck) -> None:
+    """The VRAM plan against ``target``'s free memory (:func:`~.memory.planner.check_plan`'s verdict and advice),
+    and the host-RAM estimate (against this machine's RAM unless the job runs elsewhere: ``gpu_gib``)."""
     try:
-        target = plan_target(cfg, gpu_gib)
         plan = estimate_peak_vram(cfg, model_arch(cfg.model), target.free_bytes, device_type=target.device_type,
                                   fp8_matmul=target.fp8_matmul)
     except TrainerError as exc:

@@ -119,7 +119,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .check import check_job
 
     cfg, notes = load_job(args.config)
-    result = check_job(cfg, gpu_gib=args.gpu_gib, decode=not args.no_decode, progress=_Counter())
+    if args.gpu_fp8 and args.gpu_gib is None:
+        raise ConfigError("check: --gpu-fp8 describes the card of --gpu-gib - give --gpu-gib N too (a card here "
+                          "is asked directly)")
+    result = check_job(cfg, gpu_gib=args.gpu_gib, gpu_fp8=args.gpu_fp8, decode=not args.no_decode,
+                       progress=_Counter())
     result.warnings = [*notes, *result.warnings]  # the job file's first, as `train` prints them
     print(f"checked {args.config} (job '{cfg.name}', {cfg.train.steps} steps)\n")
     print(result.report())
@@ -184,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("config", help="path to the job YAML (this trainer's schema or ai-toolkit's)")
     p_check.add_argument("--gpu-gib", type=_gib, help="plan for a card with this many GiB free (default: this "
                          "machine's GPU)")
+    p_check.add_argument("--gpu-fp8", action="store_true", help="the --gpu-gib card multiplies in fp8 (RTX 40xx/50xx, "
+                         "L40S, H100): decides quant.transformer auto (float8, else 4bit_ara) and the plan's advice")
     p_check.add_argument("--no-decode", action="store_true", help="skip decoding one sample of every file (the scan "
                          "still opens each file and decodes a few frames)")
     p_check.set_defaults(func=_cmd_check)
