@@ -105,3 +105,18 @@ def test_out_of_memory_under_the_cap_is_a_result_not_a_crash(tmp_path):
     r = results["sections"]["float8_low_vram"]
     assert r["error"].startswith("OutOfMemoryError at step 1") and len(r["losses"]) == 1
     assert r["offload_blocks"] == 0 and "blocks" in r  # the plan is still reported
+
+
+def test_float8_blocks_compiled_experiment_compiles_the_streamed_blocks(tmp_path):
+    # Inductor's CPU backend: every block compiled, the streamed one too; same losses as the trainer's blocks
+    # (eager here) up to compile's rounding.
+    bench, runs = _bench(), {}
+    for mode in ("planner", "compiled"):
+        out = tmp_path / mode
+        out.mkdir()
+        runs[mode] = bench.main(["--tiny", "--only", "float8_low_vram", "--steps", "2", "--every", "1",
+                                 "--fp8-offload", "1", "--float8-blocks", mode, "--out", str(out)])
+    planner, compiled = (runs[m]["sections"]["float8_low_vram"] for m in ("planner", "compiled"))
+    assert compiled["blocks"].endswith(", compiled") and not planner["blocks"].endswith("compiled")
+    assert compiled["offload_blocks"] == planner["offload_blocks"] == 1
+    assert compiled["losses"] == pytest.approx(planner["losses"], rel=1e-3)
