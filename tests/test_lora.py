@@ -17,6 +17,7 @@ import trainer_core.fileio
 from trainer_core.config import DEFAULT_LORA_TARGETS, LoraConfig
 from trainer_core.errors import LoraFileError
 from trainer_core.fileio import ArtifactWriteError
+from tests.lora_fixtures import with_random_lora
 from trainer_core.keys import diffusers_state_dict_to_original
 from trainer_core.lora import (
     attach_lora,
@@ -44,13 +45,7 @@ def base() -> diffusers.WanTransformer3DModel:
 
 def _trained(base: torch.nn.Module, cfg: LoraConfig = CFG, seed: int = 1) -> torch.nn.Module:
     """A copy of ``base`` with an attached adapter whose A and B are random (as after some training)."""
-    model = copy.deepcopy(base)
-    attach_lora(model, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return with_random_lora(base, cfg, seed)
 
 
 INPUTS = dict(

@@ -248,8 +248,8 @@ class SingleFile:
             out = t.float() * (scale.reshape(()) if scale.numel() == 1 else scale)
         else:
             out = t.float() if t.dtype in _FP8_DTYPES else t
-        if out.data_ptr() == t.data_ptr():  # a view of the map would keep all of it mapped: own the values
-            out = out.clone()
+        if out.device.type == "cpu" and out.data_ptr() == t.data_ptr():  # a view of the map keeps it all mapped
+            out = out.clone()  # (a tensor read to a GPU is a copy already)
         self._count_mapped(t)
         return out
 
