@@ -229,9 +229,7 @@ def run_trainer(
     if policy == "mixed":  # a quick check of both fast policies in one model
         layers = len(models[0].blocks)
         off, selective, full = layers // 2, layers - layers // 2, 0
-    # as the trainer does (block_plan_for): float8's fully checkpointed blocks stay eager
-    blocks = BlockPlan(off=off, selective=selective, full=full, compile=compile, compile_full=quant != "float8",
-                       compile_dynamic=dynamic)
+    blocks = BlockPlan(off=off, selective=selective, full=full, compile=compile, compile_dynamic=dynamic)
     cfg = b.job(policy, quant, len(models), dop)
     experts = []
     for name, model in zip(("high", "low"), models):
@@ -287,7 +285,7 @@ def run_low_vram(b: Bench, models: list[torch.nn.Module], compile: bool, steps: 
     for low_vram in (False, True):
         free = free_for_plan(b, models)
         plan = b.plan("auto", "float8", 2, free, low_vram=low_vram)
-        blocks = BlockPlan(*plan.block_split, compile=compile, compile_full=False)  # float8
+        blocks = BlockPlan(*plan.block_split, compile=compile)
         memory = ExpertMemory(b.device, low_vram=low_vram, offload_blocks=0)
         cfg = b.job("auto", "float8", 2, low_vram=low_vram)
         experts = {}

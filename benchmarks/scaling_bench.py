@@ -71,7 +71,7 @@ def run(args) -> dict:
     optimizers = []
     for model in models:
         attach_lora(model, LoraConfig(rank=16))
-        install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled, compile_full=not args.fp8))
+        install_block_plan(model, BlockPlan(*plan.block_split, compile=compiled))
         if args.shard and ctx.active:
             shard_frozen_weights(model, ctx, device)
         model.train()

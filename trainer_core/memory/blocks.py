@@ -59,8 +59,8 @@ class BlockPlan:
     #: On a torch.compile failure (no working compiler, an unsupported construct) run the blocks eagerly instead
     #: of failing the run (``train.compile: auto``); ``False`` lets the error through (``on``).
     fallback: bool = True
-    #: Compile the ``full`` blocks too. Off for float8 weights: there the compiled checkpoint kept the block's
-    #: activations (8 blocks at 1024x1024x81 ran out of 79 GiB compiled, peaked at 45.8 GiB eager; H100).
+    #: Compile the ``full`` blocks too. Off for NF4 weights: bitsandbytes' matmul is an autograd.Function, whose
+    #: outputs a compiled checkpoint keeps (torch 2.11; the float8 and uint4 layers' custom op is recomputed).
     compile_full: bool = True
     #: ``None``: torch's automatic dynamic shapes (a second clip shape compiles one graph with symbolic sizes that
     #: serves every later one); ``False``: one graph per shape (each bucket's first step compiles). Equally fast:
@@ -148,8 +148,8 @@ def _compiled(policy: BlockPolicy, dynamic: bool | None = None) -> Callable[...,
 
 def _compiled_runner(policy: BlockPolicy, plan: "BlockPlan") -> Callable[..., torch.Tensor]:
     """The runner of a ``policy`` block in a compiled plan: with ``compile_full`` off a full block runs eagerly
-    (checkpointing around the compiled plain block failed its recompute check with float8 weights on an H200:
-    the recompute saved other tensors than the forward)."""
+    (not as the compiled plain block inside an eager checkpoint: with float8 weights on an H200 that failed its
+    recompute check, the recompute saving other tensors than the forward)."""
     if policy == "full" and not plan.compile_full:
         return _RUNNERS["full"]
     return _compiled(policy, plan.compile_dynamic)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FrozenQuantLinear
+from .base import FORMATS, FrozenFormat, FrozenQuantLinear
 
 GROUP_SIZE = 64
 _QMAX = 15
@@ -71,6 +71,8 @@ class UInt4Linear(FrozenQuantLinear):
     The weight is dequantized (in the original weight dtype, as torchao did) for each matmul.
     """
 
+    format = "uint4"
+
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
         super().__init__(linear, compute_dtype)
         codes, scale, zero = quantize_uint4(linear.weight)
@@ -78,5 +80,10 @@ class UInt4Linear(FrozenQuantLinear):
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_uint4(unpack_uint4(self.qweight), self.scale, self.zero_point).to(dtype)
+    def frozen_state(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scale, self.zero_point]
+
+
+FORMATS["uint4"] = FrozenFormat(
+    dequantize=lambda state, dtype: dequantize_uint4(unpack_uint4(state[0]), state[1], state[2]).to(dtype)
+)

@@ -96,7 +96,7 @@ def block_plan_for(cfg: JobConfig, plan: Plan, device: torch.device, sharded: bo
     off, selective, full = plan.block_split
     return BlockPlan(
         off=off, selective=selective, full=full, compile=compiled, fallback=cfg.train.compile == "auto",
-        compile_full=cfg.quant.transformer != "float8",
+        compile_full=not (cfg.quant.transformer == "4bit_ara" and cfg.quant.quantizer == "nf4"),
     )
 
 
