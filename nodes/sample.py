@@ -53,6 +53,14 @@ def _sample_config(node: type, prompts: str, values: dict[str, Any], source: str
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def _checked_config(prompts: str, values: dict[str, Any]) -> SampleConfig:
+    """Preview Sample's settings as a :class:`SampleConfig` with at least one prompt."""
+    cfg = _sample_config(PreviewSample, prompts, values, "Preview Sample")
+    if not cfg.prompts:
+        raise ConfigError("Preview Sample: prompts is empty - write at least one prompt (one per line)")
+    return cfg
+
+
 class PreviewSample:
     """Render videos with both experts and (optionally) a trained pair; output frames for CreateVideo."""
 
@@ -82,6 +90,22 @@ class PreviewSample:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    #: Checked when the prompt is queued (VALIDATE_INPUTS) rather than when the node runs, after a training upstream:
+    #: the widgets whose setting has rules beyond the widget's own limits (ComfyUI skips its range check for them).
+    CHECKED_EARLY = ("prompts", "width", "height", "num_frames", "shift")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompts: Any, width: Any, height: Any, num_frames: Any, shift: Any) -> bool | str:
+        """Refuse a render that cannot work before the graph runs (one fed by Train LoRA would otherwise fail only
+        once training is done). Inputs fed by a link are checked when the node runs."""
+        given = {k: v for k, v in zip(cls.CHECKED_EARLY, (prompts, width, height, num_frames, shift)) if v is not None}
+        values = {**{name: cls.INPUT_TYPES()["required"][name][1]["default"] for name in cls.FIELDS}, **given}
+        try:
+            _checked_config(values.pop("prompts", "x"), values)
+        except ConfigError as exc:
+            return str(exc)
+        return True
+
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
     OUTPUT_TOOLTIPS = ("Frames of every prompt's video, one after another: CreateVideo -> SaveVideo.",)
@@ -103,10 +127,8 @@ class PreviewSample:
         from trainer_core.api import lora_attached, placed
         from trainer_core.sample import encode_sample_prompts, sample_videos
 
-        cfg = _sample_config(PreviewSample, prompts, values, "Preview Sample")
+        cfg = _checked_config(prompts, values)
         boundary = values["boundary"]
-        if not cfg.prompts:
-            raise ConfigError("Preview Sample: prompts is empty - write at least one prompt (one per line)")
         host.free_host_models()
         device = host.compute_device()
         comps = experts.components(quantize_on=device)  # with Quantize ARA: the experts training quantized

@@ -54,7 +54,9 @@ class SaveCheckpoint:
                 "lora_name": ("STRING", {"default": "", _T: (
                     "File name in models/loras: <name>_high_noise / _low_noise.safetensors (may contain a "
                     "subfolder, e.g. wan22/my_style); empty = the run folder's name (the job name, or job name_run2 "
-                    "for a later run of it). A name given here overwrites its previous copy")}),
+                    "for a later run of it), with _2, _3, ... added where another run's copy holds that name. A "
+                    "name given here replaces this trainer's earlier copy of it (that run keeps its pair in its run "
+                    "folder); a file from elsewhere with that name refuses the job before it trains")}),
             }
         }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +16,9 @@ from trainer_core.config import (
     job_from_dict,
 )
 from trainer_core.errors import ConfigError
-from trainer_core.fileio import atomic_write, check_writable
+from trainer_core.fileio import check_writable
+from trainer_core.publish import check_fixed_name, publish_pair
 from trainer_core.launch import LaunchCancelled, run_torchrun
-from trainer_core.names import EXPERT_SUFFIX
 from trainer_core.sample import native_recipe
 
 if TYPE_CHECKING:
@@ -209,7 +208,7 @@ class TrainWan22LoRA:
                 else:
                     run_dir, losses, pair = _train(cfg, experts, data, progress)
         if save.copy_to_loras:
-            _copy_to_loras(pair.files, save.lora_name or run_dir.name)
+            _copy_to_loras(pair.files, save.lora_name or run_dir.name, fixed=bool(save.lora_name), progress=progress)
         return (pair, to_image_tensor(loss_curve(losses, validation=api.read_validation(run_dir))), str(run_dir))
 
 
@@ -292,6 +291,8 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
     api.preflight(cfg, model_files=gpus > 1)  # the torchrun child loads the experts from their files: check them here
     if save is not None and save.copy_to_loras:
         check_writable(host.loras_dir(), "Save Checkpoint copy_to_loras (ComfyUI's models/loras)")
+        if save.lora_name:
+            check_fixed_name(host.loras_dir(), save.lora_name, cfg.multistage.stages, "Save Checkpoint lora_name")
     device = api.resolve_device(cfg.train.device)
     where = "Train LoRA (Configure Hardware)"
     if gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < gpus:
@@ -420,11 +421,11 @@ def _stop_message(runs: list[RunFolder]) -> str:
     return f"training stopped; {run.stop_message()}"
 
 
-def _copy_to_loras(files: dict[str, Path], name: str) -> list[Path]:
-    """Copy the final pair to ``models/loras/<name>_high_noise.safetensors`` / ``_low_noise`` (atomically)."""
-    copies = []
-    for expert, src in files.items():
-        dest = host.loras_dir() / f"{name}_{EXPERT_SUFFIX[expert]}.safetensors"
-        copies.append(atomic_write(dest, lambda tmp, src=src: shutil.copyfile(src, tmp)))
-        host.log.info("copied %s to %s", src, dest)
-    return copies
+def _copy_to_loras(files: dict[str, Path], name: str, fixed: bool, progress: host.Progress) -> None:
+    """The final pair in ``models/loras`` as ``<name>_high_noise`` / ``_low_noise`` (or, for a name derived from the
+    run that another file holds, ``<name>_2``, ...: :func:`trainer_core.publish.publish_pair`)."""
+    used, copies = publish_pair(files, host.loras_dir(), name, fixed)
+    for expert, dest in copies.items():
+        host.log.info("copied %s to %s", files[expert], dest)
+    taken = "" if used == name else f" ({name} holds another run's LoRA)"
+    progress.text(f"LoRA pair in models/loras: {used}_high_noise / _low_noise{taken}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import shutil
 import sys
 import weakref
@@ -798,6 +799,37 @@ def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew
     assert (host.folder("loras") / "wan22_lora_run3_low_noise.safetensors").is_file()
 
 
+def test_models_loras_copies_never_replace_another_runs_or_a_foreign_file(N, host, clips):
+    loras = host.folder("loras")
+    graph(N, host, save={"output_dir": "a"})
+    first = {p.name: p.read_bytes() for p in loras.iterdir()}
+    # the same job name in another output folder gets the same run folder name: its copy moves on to _2
+    _, (second, _, run_b) = graph(N, host, save={"output_dir": "b"}, learning_rate=2e-4)
+    assert Path(run_b).name == "wan22_lora"
+    assert {p.name: p.read_bytes() for p in loras.iterdir() if p.name in first} == first
+    assert (loras / "wan22_lora_2_low_noise.safetensors").read_bytes() == second.files["low"].read_bytes()
+    assert any("models/loras: wan22_lora_2_high_noise" in t and "another run" in t for _, t in host.texts)
+    # a fixed lora_name replaces this trainer's earlier copy (that run keeps its pair in its own folder) ...
+    graph(N, host, save={"output_dir": "c", "lora_name": "mine"})
+    _, (newer, _, _) = graph(N, host, save={"output_dir": "c", "lora_name": "mine"}, learning_rate=3e-4)
+    assert (loras / "mine_high_noise.safetensors").read_bytes() == newer.files["high"].read_bytes()
+    # ... but a file from elsewhere with that name refuses the job before any weight loads
+    (loras / "theirs_high_noise.safetensors").write_bytes(b"someone else's LoRA")
+    bundle = experts(N)
+    with pytest.raises(ConfigError, match="lora_name: .*theirs_high_noise.safetensors exists and was not written"):
+        graph(N, host, bundle=bundle, save={"output_dir": "c", "lora_name": "theirs"}, learning_rate=4e-4)
+    assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
+    assert (loras / "theirs_high_noise.safetensors").read_bytes() == b"someone else's LoRA"
+
+
+def test_a_resume_the_state_cannot_continue_is_refused_before_any_weight_loads(N, host, clips):
+    graph(N, host)
+    bundle = experts(N)
+    with pytest.raises(ConfigError, match="resume: .*lora.rank was 16 in the state, now 8"):
+        graph(N, host, bundle=bundle, resume="latest", steps=6, rank=8)
+    assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
+
+
 @pytest.mark.parametrize("quant", [None, QUANT_FAST], ids=["as_loaded", "4bit_ara"])
 def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips, quant):
     bundle = experts(N, quant)
@@ -1009,6 +1041,21 @@ def test_preview_sample_widgets_reach_the_sampler(N, host, monkeypatch):
         F.call(cls, experts=bundle, **widgets(cls))
     with pytest.raises(ConfigError, match="multiple of 16"):
         F.call(cls, experts=bundle, **{**base, "width": 50})
+
+
+def test_preview_sample_refuses_a_render_that_cannot_work_when_queued(N):
+    # ComfyUI calls VALIDATE_INPUTS when the prompt is queued, before anything upstream (a training) runs; it skips
+    # its own range check for the inputs the function takes, so the function checks every rule of those.
+    cls = N["Wan22PreviewSample"]
+    early = inspect.getfullargspec(cls.VALIDATE_INPUTS).args[1:]
+    good = {k: v for k, v in widgets(cls, prompts="a cat").items() if k in early}
+    assert cls.VALIDATE_INPUTS(**good) is True
+    for change, message in [({"shift": 0.0}, "shift"), ({"width": 50}, "multiple of 16"),
+                            ({"num_frames": 6}, "4n\\+1|4 n \\+ 1|num_frames"), ({"prompts": " \n "}, "prompts is empty"),
+                            ({"height": 99984}, "at most")]:
+        result = cls.VALIDATE_INPUTS(**{**good, **change})
+        assert isinstance(result, str) and re.search(message, result) and result.startswith("Preview Sample"), change
+    assert cls.VALIDATE_INPUTS(**{**good, "width": None}) is True  # fed by a link: checked when the node runs
 
 
 def test_apply_pair_patches_comfyui_models_with_mappable_keys(N, host, clips):

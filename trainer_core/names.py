@@ -14,5 +14,8 @@ EXPERTS: tuple[str, str] = (HIGH, LOW)
 #: How file names, ComfyUI and ai-toolkit spell each expert (``<name>_<step>_high_noise.safetensors``).
 EXPERT_SUFFIX: dict[str, str] = {HIGH: "high_noise", LOW: "low_noise"}
 
+#: The ``trainer`` metadata of every LoRA file this trainer writes begins with this name (then its version).
+TRAINER = "wan22-lora-trainer"
+
 #: The dtype names of ``model.dtype``, ``train.compute_dtype`` and ``save.dtype``.
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -12,7 +12,7 @@ from .. import __version__
 from ..config import JobConfig
 from ..errors import TrainingDiverged
 from ..lora import load_lora_state, lora_file_name, lora_state_dict_comfy, save_lora_tensors
-from ..names import DTYPES
+from ..names import DTYPES, TRAINER
 from ..regularizers import ema_lora_file_name, ema_lora_state_dict
 from .experts import Expert
 from .resume import apply_hyperparameters
@@ -29,7 +29,7 @@ def lora_metadata(cfg: JobConfig, base_model: str, step: int, expert: str, run_i
         "trigger_word": cfg.trigger_word or "",
         "base_model": base_model,
         "expert": f"{expert}_noise",
-        "trainer": f"wan22-lora-trainer {__version__}",
+        "trainer": f"{TRAINER} {__version__}",
     }
 
 

@@ -51,7 +51,16 @@ from .placement import Placement, RankBatch, make_placement, resolve_device
 from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
 from .resume import check_resume_compatible
-from .runs import RunFolder, find_finished_run, open_run, read_losses, read_validation, resolve_resume, state_config
+from .runs import (
+    RunFolder,
+    check_resume,
+    find_finished_run,
+    open_run,
+    read_losses,
+    read_validation,
+    resolve_resume,
+    state_config,
+)
 from .step import draw_micro_batch, train_step
 from .validation import Validator, validation_captions, validation_set
 
@@ -163,6 +172,7 @@ def preflight(cfg: JobConfig, model_files: bool = True) -> None:
     check_lora_init(cfg)
     check_output_folders(cfg)
     check_tensorboard(cfg)
+    check_resume(cfg)
     if model_files:
         previews, stages = previews_enabled(cfg), cfg.multistage.stages
         check_model_files(cfg.model, high=previews or "high" in stages, low=previews or "low" in stages)

@@ -466,6 +466,14 @@ def _continue_run(cfg: JobConfig, keys: tuple[str, str], step: int, state: Path)
     return run
 
 
+def check_resume(cfg: JobConfig) -> None:
+    """Refuse a ``resume`` this job cannot continue (no readable state, settings the state cannot go on with) from
+    the state's header alone, before any model or data loads."""
+    if cfg.resume:
+        step, state = resolve_resume(cfg)
+        check_resume_compatible(state_config(state), step, cfg, str(state))
+
+
 def open_run(cfg: JobConfig, dataset: VideoDataset) -> RunFolder:
     """Claim this run's folder (checks that it can be written, before any model loads): a new one, or with
     ``resume`` the resumed run's (the state is checked against this job's settings first)."""
