@@ -197,6 +197,15 @@ def test_a_warmup_longer_than_an_experts_steps_is_named():
     assert len(notes) == 2 and all("optimizer.warmup_steps (10) is not below the 10 step(s)" in n for n in notes)
 
 
+def test_a_timestep_shift_its_timestep_type_does_not_use_is_named():
+    cfg = job_from_dict(_job(train__steps=20, multistage__switch_every=1, train__timestep_shift=8.0))
+    assert job_warnings(cfg) == [
+        "train.timestep_shift is 8 but only timestep_type: shift uses it, and it is linear - set timestep_type to "
+        "shift, or leave timestep_shift at 5"]
+    cfg.train.timestep_type = "shift"
+    assert job_warnings(cfg) == []
+
+
 def test_cli_prints_the_warnings(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_job(train__steps=2)))  # switch_every 10 by default

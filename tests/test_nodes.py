@@ -785,6 +785,9 @@ def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew
     assert torch.equal(curve_again, curve)  # the loss curve from the run's losses.csv
     assert any(t.startswith("unchanged since") for _, t in host.texts)
     assert (host.folder("loras") / "wan22_lora_high_noise.safetensors").is_file()
+    # what only says how to save or where to compute is not a change of the job
+    _, (same, _, run_same) = graph(N, host, save={"keep_last": 1, "save_every": 1}, gradient_checkpointing="full")
+    assert run_same == run_dir and same.files == first.files
 
     monkeypatch.setattr(trainer_core.api, "run_training", real)
     _, (_, _, other_lr) = graph(N, host, learning_rate=2e-4)  # a changed setting trains, in a folder of its own

@@ -205,6 +205,27 @@ def test_the_unchanged_job_key_sees_a_starting_lora_replaced_in_place(tmp_path, 
     assert config_key(job) != before
 
 
+@pytest.mark.parametrize("change, same", [
+    ({"memory": {"low_vram": True, "offload_blocks": 3, "headroom_gib": 4.0, "check_vram": False}}, True),
+    ({"save": {"save_every": 1, "keep_last": 0, "save_training_state": False, "tensorboard": "off"}}, True),
+    ({"train": {"gradient_checkpointing": "full", "compile": "off"}}, True),
+    ({"quant": {"ara_cache_dir": "/elsewhere"}, "text_encoder": {"cache_dir": "/elsewhere"}}, True),
+    ({"train": {"timestep_shift": 8.0}}, True),  # timestep_type linear does not use it
+    ({"train": {"timestep_type": "shift", "timestep_shift": 8.0}}, False),
+    ({"optimizer": {"lr": 2e-4}}, False),
+    ({"save": {"dtype": "fp32"}}, False),
+    ({"sample": {"prompts": ["a cat"], "sample_every": 1}}, False),  # previews are part of what a run shows
+])
+def test_the_unchanged_job_key_ignores_only_what_cannot_change_the_result(tmp_path, clips, change, same):
+    from trainer_core.train.runs import config_key
+
+    base = _job(tmp_path / "out", clips, 2)
+    changed = {k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in change.items()}
+    if "timestep_type" not in change.get("train", {}):
+        assert job_from_dict(base).train.timestep_type == "linear"
+    assert (config_key(job_from_dict({**base, **changed})) == config_key(job_from_dict(base))) is same
+
+
 def test_a_resume_may_drop_or_change_the_starting_pair(clips, tmp_path):
     from trainer_core.train.resume import resume_changes
 

@@ -1160,6 +1160,12 @@ def job_warnings(cfg: JobConfig) -> list[str]:
                 "expert warms up over its own steps), so its learning rate never reaches optimizer.lr - lower "
                 "warmup_steps (about a tenth of them is usual)"
             )
+    shift_default = TrainConfig.model_fields["timestep_shift"].default
+    if cfg.train.timestep_type != "shift" and cfg.train.timestep_shift != shift_default:
+        out.append(
+            f"train.timestep_shift is {cfg.train.timestep_shift:g} but only timestep_type: shift uses it, and it is "
+            f"{cfg.train.timestep_type} - set timestep_type to shift, or leave timestep_shift at {shift_default:g}"
+        )
     held_out = any(d.validation or d.validation_split for d in cfg.datasets)
     if cfg.train.validate_every and not held_out:
         out.append(

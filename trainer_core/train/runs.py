@@ -76,11 +76,35 @@ def _file_stamp(path: str | None) -> list[Any] | None:
     return [path, st.st_size, st.st_mtime_ns]
 
 
+#: Settings that say how or where a run computes, or what it keeps besides its final pair, never what it learns
+#: (checkpointing and memory placement change no number; compiling changes float rounding only): a finished run
+#: with other values of these is the same result.
+RESULT_NEUTRAL: tuple[tuple[str, str | None], ...] = (
+    ("memory", None),
+    ("save", "save_every"),
+    ("save", "keep_last"),
+    ("save", "save_training_state"),
+    ("save", "tensorboard"),
+    ("train", "gradient_checkpointing"),
+    ("train", "compile"),
+    ("quant", "ara_cache_dir"),
+    ("text_encoder", "cache_dir"),
+)
+
+
 def config_key(cfg: JobConfig) -> str:
-    """Hash of the resolved settings (everything but ``resume``, which says where to start, not what to train),
-    with the starting LoRA files stamped by size and modification time."""
+    """Hash of the resolved settings that decide what a run learns: all but ``resume`` (where to start, not what to
+    train), :data:`RESULT_NEUTRAL` and a ``timestep_shift`` its timestep type does not use, with the starting LoRA
+    files stamped by size and modification time."""
     data = cfg.model_dump(mode="json")
     data["resume"] = None
+    for section, key in RESULT_NEUTRAL:
+        if key is None:
+            data[section] = None
+        else:
+            data[section][key] = None
+    if data["train"]["timestep_type"] != "shift":
+        data["train"]["timestep_shift"] = None
     for key in ("init_high", "init_low"):
         data["lora"][key] = _file_stamp(data["lora"].get(key))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
