@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from trainer_core.errors import ConfigError
+
 log = logging.getLogger("wan22_lora_trainer")
 
 
@@ -53,10 +55,17 @@ def input_path(path: str) -> Path:
     return p if p.is_absolute() else Path(_folder_paths().get_input_directory()) / p
 
 
-def output_path(path: str) -> Path:
-    """``path`` as given when absolute, else relative to ComfyUI's output directory."""
+def output_path(path: str, setting: str = "output_dir") -> Path:
+    """``path`` as given when absolute, else relative to ComfyUI's output directory, which a relative path may not
+    leave (as ComfyUI's own save nodes refuse to)."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(_folder_paths().get_output_directory()) / p
+    if p.is_absolute():
+        return p
+    base = Path(_folder_paths().get_output_directory())
+    if ".." in p.parts and not (base / p).resolve().is_relative_to(base.resolve()):
+        raise ConfigError(f"{setting} {path!r} leads out of ComfyUI's output folder - give a folder inside it, or an "
+                          "absolute path")
+    return base / p
 
 
 def models_path(path: str) -> Path:

@@ -72,13 +72,16 @@ class SaveCheckpoint:
         output_dir = values["output_dir"].strip()
         if not output_dir:
             raise ConfigError("Save Checkpoint: output_dir is empty - give a folder name such as wan22_lora")
-        name = lora_name.strip().replace("\\", "/").strip("/")
+        name = lora_name.strip().replace("\\", "/").rstrip("/")
+        if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+            raise ConfigError(f"Save Checkpoint: lora_name {lora_name!r} is a name inside models/loras, not a path - "
+                              "give e.g. my_style or wan22/my_style")
         if name and not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) or ".." in name.split("/"):
             raise ConfigError(
                 f"Save Checkpoint: lora_name {lora_name!r} may use letters, digits, '_', '-', '.' and '/' for "
                 "subfolders inside models/loras"
             )
-        values = {**values, "output_dir": str(host.output_path(output_dir))}
+        values = {**values, "output_dir": str(host.output_path(output_dir, "Save Checkpoint: output_dir"))}
         try:
             cfg = SaveConfig(**partial_config(self.FIELDS, values)["save"])
         except ValidationError as exc:

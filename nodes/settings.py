@@ -147,8 +147,9 @@ class ConfigureHardware(_SettingsNode):
         """Check the settings; a blank device means auto, and the cache folder is resolved against ComfyUI's
         output folder."""
         cache_dir = values["text_cache_dir"].strip()
-        values = {**values, "device": values["device"].strip() or "auto",
-                  "text_cache_dir": str(host.output_path(cache_dir)) if cache_dir else ""}
+        if cache_dir:
+            cache_dir = str(host.output_path(cache_dir, f"{self.TITLE}: text_cache_dir"))
+        values = {**values, "device": values["device"].strip() or "auto", "text_cache_dir": cache_dir}
         job = {**partial_config(self.FIELDS, values, self.UI, self.TITLE), "distributed": PLACEMENTS[gpu_placement]}
         return (JobSettings(_checked(job, self.TITLE), gpus),)
 

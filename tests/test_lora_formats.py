@@ -145,6 +145,11 @@ BAD_FILES = {
     "mixed": ({**_lora("diffusion_model.blocks.0.self_attn.q", 256, 256),
                **_lora("lora_unet_blocks_0_self_attn_k", 256, 256)}, r"mixes key namings"),
     "unknown": ({"some.tensor": torch.zeros(2)}, r"not a Wan LoRA in a format ComfyUI reads"),
+    "diff": ({"diffusion_model.blocks.0.ffn.0.diff": torch.zeros(512, 256),
+              "diffusion_model.blocks.0.ffn.0.diff_b": torch.zeros(512)}, r"full-weight difference"),
+    # 'diffusion_model' inside an unknown prefix is no '.diff' tensor
+    "prefixed": (_lora("s.lora.high.diffusion_model.blocks.0.ffn.0", 512, 256),
+                 r"is not a Wan LoRA in a format ComfyUI reads"),
 }
 
 
@@ -174,6 +179,14 @@ def test_a_file_for_another_model_is_refused_by_name_from_its_header(case, tmp_p
 
     monkeypatch.setattr(formats_module, "safe_open", HeaderOnly)
     with pytest.raises(LoraFileError, match=rf"^lora_high: .*{case}\.safetensors .*{message}"):
+        read_lora_file(path, "lora_high", arch=ARCH)
+
+
+def test_a_training_state_given_as_a_lora_names_the_files_to_pick(tmp_path):
+    path = tmp_path / "training_state_000040.safetensors"
+    save_file({"s.lora.high.diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(4, 256)}, str(path),
+              metadata={"state_skeleton": "{}", "training_config": "{}"})
+    with pytest.raises(LoraFileError, match=r"lora_high: .* is a training state of this trainer, not a LoRA - pick"):
         read_lora_file(path, "lora_high", arch=ARCH)
 
 
@@ -269,7 +282,7 @@ def test_init_files_that_do_not_fit_are_refused_before_any_model_loads(tmp_path,
 def N(monkeypatch, tmp_path):
     host = F.install(monkeypatch, tmp_path)
     pack = F.load_pack()
-    monkeypatch.setattr(sys.modules["trainer_core.bundle"], "_STORES", weakref.WeakValueDictionary())
+    monkeypatch.setattr("trainer_core.bundle._STORES", weakref.WeakValueDictionary())
     return pack.NODE_CLASS_MAPPINGS, host
 
 

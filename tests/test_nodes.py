@@ -597,6 +597,14 @@ def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clip
     assert (s.copy_to_loras, s.lora_name, base_sv.copy_to_loras, base_sv.lora_name) == (False, "wan22/my_style", True, "")
     with pytest.raises(ConfigError, match="lora_name"):
         F.call(sv_cls, **{**widgets(sv_cls), "lora_name": "../escape"})
+    for path in ("/tmp/x", "C:/loras/x"):  # a name, not a path: never silently moved under models/loras
+        with pytest.raises(ConfigError, match="is a name inside models/loras, not a path"):
+            F.call(sv_cls, **{**widgets(sv_cls), "lora_name": path})
+    # a relative output folder stays inside ComfyUI's output folder, as ComfyUI's own save nodes do
+    with pytest.raises(ConfigError, match="output_dir '../escaped' leads out of ComfyUI's output folder"):
+        F.call(sv_cls, **{**widgets(sv_cls), "output_dir": "../escaped"})
+    (inside,) = F.call(sv_cls, **{**widgets(sv_cls), "output_dir": "runs/../wan22"})
+    assert inside.config.output_dir == str(host.root / "output" / "runs/../wan22")
 
     for name in ("a.safetensors", "b.safetensors"):
         for kind in ("diffusion_models", "text_encoders", "vae"):

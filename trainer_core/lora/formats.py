@@ -53,11 +53,12 @@ FORMATS_HELP = (
 _BLOCK_MODULE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 #: Layers only image-to-video Wan models have (Wan 2.1 I2V's image cross-attention, in both namings).
 _I2V_MARKERS = ("k_img", "v_img", "img_emb", "add_k_proj", "add_v_proj")
-#: Tensor-name pieces of adapters ComfyUI applies but this pack does not, -> what they are.
+#: Tensor-name endings of adapters ComfyUI applies but this pack does not, -> what they are.
 _OTHER_ADAPTERS = {
-    "hada_": "LoHa", "lokr_": "LoKr", ".dora_scale": "DoRA", ".lora_mid.": "LoCon mid weights",
-    ".diff": "full-weight difference (.diff/.diff_b)", ".set_weight": "weight replacement (.set_weight)",
-    ".w_norm": "norm weights (.w_norm)", ".b_norm": "norm biases (.b_norm)",
+    r"\.hada_\w+$": "LoHa", r"\.lokr_\w+$": "LoKr", r"\.dora_scale$": "DoRA",
+    r"\.lora_mid\.weight$": "LoCon mid weights",
+    r"\.diff(_b)?$": "full-weight difference (.diff/.diff_b)", r"\.set_weight$": "weight replacement (.set_weight)",
+    r"\.w_norm$": "norm weights (.w_norm)", r"\.b_norm$": "norm biases (.b_norm)",
 }
 #: Transformer widths of the published Wan models, for naming the model a LoRA was made for.
 _WIDTHS = {1536: "Wan 2.1 T2V 1.3B", 3072: "Wan 2.2 TI2V 5B", 5120: "a 14B Wan model (Wan 2.1 14B, Wan 2.2 A14B)"}
@@ -109,7 +110,7 @@ def _header(path: Path, where: str) -> tuple[dict[str, tuple[int, ...]], dict[st
 
 
 def _refuse_unknown(unknown: list[str], where: str) -> None:
-    kinds = sorted({kind for k in unknown for piece, kind in _OTHER_ADAPTERS.items() if piece in k})
+    kinds = sorted({kind for k in unknown for suffix, kind in _OTHER_ADAPTERS.items() if re.search(suffix, k)})
     if kinds:
         raise LoraFileError(
             f"{where} holds {', '.join(kinds)} tensors ({_listed(unknown)}), which this pack does not apply - "
@@ -246,6 +247,9 @@ def inspect_lora_file(
     path = Path(path).expanduser()
     where = f"{setting}: {path}"
     shapes, metadata = _header(path, where)
+    if "state_skeleton" in metadata:
+        raise LoraFileError(f"{where} is a training state of this trainer, not a LoRA - pick the "
+                            "<name>_<step>_high_noise / _low_noise.safetensors files beside it")
     made_for = metadata.get("expert", "").removesuffix("_noise")
     if expert is not None and made_for in EXPERT_SUFFIX and made_for != expert:
         raise LoraFileError(f"{where} was trained for the {made_for}-noise expert, not the {expert}-noise one - swap "
