@@ -554,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         ap.error(f"unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
     args.root.mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     out_json = Path(args.out) / "e2e_fullscale.json"
     res: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                            "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}

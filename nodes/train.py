@@ -407,7 +407,8 @@ def _train_torchrun(
         progress.text(_stop_message(runs))
         raise
     run_dir = Path(done["run_dir"])
-    progress.text(f"done: {done['step']} steps on {gpus} GPUs; LoRA pair in {run_dir}")
+    where = f"{gpus} GPUs" if api.resolve_device(cfg.train.device).type == "cuda" else f"{gpus} CPU processes"
+    progress.text(f"done: {done['step']} steps on {where}; LoRA pair in {run_dir}")
     losses = reporter.losses or api.read_losses(run_dir)
     return run_dir, losses, api.final_pair(cfg, run_dir, done["step"])
 

@@ -12,8 +12,7 @@ from benchmarks import e2e_fullscale
 
 
 def test_tiny_end_to_end_from_comfy_files(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "out"  # made by the script
     res = e2e_fullscale.main(["--tiny", "--root", str(tmp_path / "root"), "--out", str(out), "--phases",
                               "files,job512,sample", "--steps", "6", "--save-every", "3", "--clips", "4",
                               "--preview-steps", "2", "--sample-steps", "2"])
