@@ -5,8 +5,9 @@ Only relative imports inside this package: ComfyUI has a top-level module called
 
 from .apply_lora import ApplyWan22LoraPair
 from .dataset import BuildVideoDataset
-from .experts import LoadWan22Experts
+from .experts import FILE_INPUTS, LoadWan22Experts
 from .lora_pair import LoadWan22LoraPair
+from .messages import speaking_widgets, widget_labels
 from .multistage import ConfigureMultiStage
 from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
@@ -48,5 +49,24 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan22LoadLoraPair": "Load Wan22 LoRA Pair",
     "Wan22SplitStep": "Wan22 Split Step",
 }
+
+
+def _speak_widgets() -> None:
+    """Wrap every node's function so the settings its errors name read as widgets (:mod:`.messages`)."""
+    # the nodes that feed Train LoRA first: their widget is the one to set for a job's setting
+    order = [*(k for k in NODE_CLASS_MAPPINGS if k != "Wan22PreviewSample"), "Wan22PreviewSample"]
+    fields = {NODE_DISPLAY_NAME_MAPPINGS[k]: (k, getattr(NODE_CLASS_MAPPINGS[k], "FIELDS", {})) for k in order}
+    load = NODE_DISPLAY_NAME_MAPPINGS["Wan22LoadExperts"]
+    files = {widget: f"model.{key}" for widget, (key, _) in FILE_INPUTS.items()}
+    fields[load] = (fields[load][0], {**fields[load][1], **files, "source": "model.source"})
+    quantize = NODE_DISPLAY_NAME_MAPPINGS["Wan22QuantizeARA"]
+    fields[quantize] = (fields[quantize][0], {**fields[quantize][1], "adapter": "quant.ara_source"})
+    labels = widget_labels(fields)
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        wrapped = speaking_widgets(getattr(cls, cls.FUNCTION), labels, NODE_DISPLAY_NAME_MAPPINGS[node_id])
+        setattr(cls, cls.FUNCTION, wrapped)
+
+
+_speak_widgets()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

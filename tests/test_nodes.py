@@ -487,7 +487,7 @@ def test_quantize_node_refuses_what_cannot_work(N, host):
     for transformer in ("float8", "auto"):  # auto may become float8: an adapter file needs 4bit_ara named
         with pytest.raises(ConfigError, match="only apply to transformer: 4bit_ara"):
             F.call(q, experts=bundle, **widgets(q, transformer=transformer, adapter="ara_nf4.safetensors"))
-    with pytest.raises(ConfigError, match="set quant.quantizer: uint4"):  # ai-toolkit's adapters pair with uint4
+    with pytest.raises(ConfigError, match="adapter: .* - set quantizer: uint4"):  # ai-toolkit's adapters pair with uint4
         F.call(q, experts=bundle, **widgets(q, transformer="4bit_ara",
                                             adapter="wan22_14b_t2i_torchao_uint4.safetensors"))
     (ok,) = F.call(q, experts=bundle, **widgets(q, transformer="4bit_ara", quantizer="uint4",
@@ -534,7 +534,7 @@ def test_source_tiny_accepts_file_names_this_installation_lacks(N, host):
     assert "is not one of" in ex.VALIDATE_INPUTS(source="toy", **listed)
 
 def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
-    cases = [({"dop": True}, "advanced.dop needs trigger_word"),
+    cases = [({"dop": True}, r"dop \(Configure Regularizers\) needs trigger_word"),  # the widget, not advanced.dop
              ({"text_encoder_mode": "unload"}, "trigger_word is not set")]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "no CUDA GPU is visible"))
@@ -554,6 +554,25 @@ def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
     with pytest.raises(LoraFileError, match="does not exist"):
         F.call(N["Wan22TrainLoRA"], experts=bundle, dataset=ds, **train_inputs(N, **TRAIN_FAST))
     assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
+
+
+def test_errors_name_the_widget_and_its_node_not_the_job_file_setting(N):
+    messages = sys.modules[N["Wan22TrainLoRA"].__module__.rsplit(".", 1)[0] + ".messages"]
+    labels = messages.widget_labels({"Load Wan22 Experts": ("", {"vae": "model.vae", "source": "model.source",
+                                                                  "offload_blocks": "memory.offload_blocks"}),
+                                     "Build Video Dataset": ("", {"prepend_trigger": "datasets.prepend_trigger"}),
+                                     "Train LoRA": ("", {"job_name": "name", "steps": "train.steps"})})
+    say = messages.in_widget_terms
+    assert say("no VAE given: set model.vae to a ComfyUI file, or model.source to 'tiny'", labels, "Train LoRA") == (
+        "no VAE given: set vae (Load Wan22 Experts) to a ComfyUI file, or source (Load Wan22 Experts) to 'tiny'")
+    assert say("Train LoRA: 'name': name '' must not be empty (got '')", labels, "Train LoRA") == (
+        "Train LoRA: 'job_name': name '' must not be empty (got '')")
+    assert say("datasets[1].prepend_trigger needs trigger_word", labels, "Train LoRA") == (
+        "prepend_trigger (Build Video Dataset #2) needs trigger_word")
+    assert say("memory.offload_blocks is 99", labels, "Load Wan22 Experts") == "offload_blocks is 99"
+    # file paths, unknown settings and plain words stay as they are
+    untouched = "read /data/model.vae/x.safetensors; lora.rank 4; the name of train.stepsize"
+    assert say(untouched, labels, "Train LoRA") == untouched
 
 
 def test_dataset_multistage_save_and_expert_widgets_reach_the_core(N, host, clips, monkeypatch):
@@ -836,7 +855,7 @@ def test_models_loras_copies_never_replace_another_runs_or_a_foreign_file(N, hos
 def test_a_resume_the_state_cannot_continue_is_refused_before_any_weight_loads(N, host, clips):
     graph(N, host)
     bundle = experts(N)
-    with pytest.raises(ConfigError, match="resume: .*lora.rank was 16 in the state, now 8"):
+    with pytest.raises(ConfigError, match="resume: .* cannot continue with these settings: rank was 16 in the state, now 8"):
         graph(N, host, bundle=bundle, resume="latest", steps=6, rank=8)
     assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
 
