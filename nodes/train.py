@@ -17,8 +17,8 @@ from trainer_core.config import (
 )
 from trainer_core.errors import ConfigError
 from trainer_core.fileio import check_writable
-from trainer_core.publish import check_fixed_name, publish_pair
 from trainer_core.launch import LaunchCancelled, run_torchrun
+from trainer_core.publish import check_fixed_name, publish_pair
 from trainer_core.sample import native_recipe
 
 if TYPE_CHECKING:
