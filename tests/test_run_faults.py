@@ -241,6 +241,57 @@ def test_ctrl_c_on_the_cli_ends_with_one_line_saying_how_to_resume(tmp_path, cli
     assert "--resume latest" in err
 
 
+def _signal_during_save(monkeypatch, at_call: int, signum: int) -> dict:
+    """Send ``signum`` to this process in the middle of the ``at_call``-th training state write."""
+    import trainer_core.train.checkpoints as checkpoints
+
+    real, calls = checkpoints.save_state, {"n": 0}
+
+    def interrupted(path, state, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signum)  # Python runs the handler at once, here: mid-save
+        return real(path, state, metadata)
+
+    monkeypatch.setattr(checkpoints, "save_state", interrupted)
+    return calls
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_save_stops_the_run_once_that_save_is_written(tmp_path, clips, monkeypatch, signum):
+    from trainer_core.launch import interrupt_on_sigterm
+
+    whole = loop.run_training(job_from_dict(_job(tmp_path / "a", clips, 6)), progress_bar=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt_on_sigterm()  # as the CLI does: SIGTERM stops a run like Ctrl-C
+    try:
+        calls = _signal_during_save(monkeypatch, 2, signum)  # the save of step 4
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_training(job_from_dict(_job(tmp_path / "b", clips, 6)), progress_bar=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run = tmp_path / "b" / "f"
+    assert calls["n"] == 2 and [s for s, _ in list_states(run)] == [2, 4]  # step 4 kept, nothing written twice
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.undo()
+    resumed = loop.run_training(job_from_dict({**_job(tmp_path / "b", clips, 6), "resume": "latest"}),
+                                progress_bar=False)
+    assert resumed.losses == whole.losses
+
+
+def test_a_second_ctrl_c_during_the_save_on_the_way_out_does_not_cut_it_short(tmp_path, clips, monkeypatch, caplog):
+    def stop_at_3(info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    _signal_during_save(monkeypatch, 2, signal.SIGINT)  # the save of step 3, on the way out
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_training(job_from_dict(_job(tmp_path / "b", clips, 6)), on_step=stop_at_3, progress_bar=False)
+    run = tmp_path / "b" / "f"
+    assert [s for s, _ in list_states(run)] == [2, 3] and not list(run.glob(".*.tmp"))
+    assert "SIGINT during the save of step 3: the save was finished first" in caplog.text
+
+
 def test_a_full_disk_ends_with_one_line_and_the_earlier_state_intact(tmp_path, clips, monkeypatch, capsys):
     import trainer_core.train.checkpoints as checkpoints
 

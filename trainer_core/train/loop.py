@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ from .runs import (
     state_config,
 )
 from .step import draw_micro_batch, train_step
+from .stop import signals_held
 from .validation import Validator, validation_captions, validation_set
 
 log = logging.getLogger(__name__)
@@ -492,7 +494,8 @@ class Trainer:
         every, step = self.cfg.save.save_every, self.prog.step
         if (every and step // every > first // every) or step == self.cfg.train.steps or stop:
             self.failed_save = step  # until it succeeds: a save that failed is not tried again on the way out
-            self.checkpoint()
+            with signals_held(redeliver=True):  # a Ctrl-C now stops the run once this step is saved
+                self.checkpoint()
             self.saved_step, self.failed_save = step, -1
 
     def _save_on_the_way_out(self, start_pos: tuple[int, int] | None) -> None:
@@ -502,7 +505,11 @@ class Trainer:
             self.prog.epoch, self.prog.batch_pos = start_pos
         step = self.prog.step
         if step > 0 and step not in (self.saved_step, self.failed_save) and self.placement.saves_when_interrupted(step):
-            self.checkpoint()  # the LoRA pair so far, and the state unless save_training_state is off
+            with signals_held(redeliver=False) as held:  # a second Ctrl-C must not cut this save short
+                self.checkpoint()  # the LoRA pair so far, and the state unless save_training_state is off
+            if held:
+                log.warning("%s during the save of step %d: the save was finished first",
+                            signal.Signals(held[0]).name, step)
 
     # --- run -----------------------------------------------------------------------------------------------------
 

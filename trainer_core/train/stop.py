@@ -43,3 +43,24 @@ def stop_at_round_end(stop_file: Path | None = None, repeat_after_s: float = 2.0
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def signals_held(redeliver: bool) -> Iterator[list[int]]:
+    """While active (a checkpoint being written), SIGINT and SIGTERM are held instead of cutting the write short:
+    an interrupted save would leave the previous state as the newest, losing every step since. On exit the handlers
+    return and, with ``redeliver``, a held signal is raised again, so it stops the run as it would have; without (the
+    save on the way out of an already interrupted run) it is dropped. Yields the list of held signal numbers. Outside
+    the main thread signals cannot be caught, and nothing changes."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if held and redeliver:
+            signal.raise_signal(held[0])
