@@ -10,6 +10,7 @@ own UNETLoader + LoraLoaderModelOnly (README: LoRA files in).
 
 from __future__ import annotations
 
+import re
 import sys
 import weakref
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import torch
 import yaml
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
@@ -273,6 +274,12 @@ def test_init_files_that_do_not_fit_are_refused_before_any_model_loads(tmp_path,
     other = _save_raw(tmp_path / "wan13b.safetensors", BAD_FILES["wan21_1_3b"][0])
     with pytest.raises(LoraFileError, match=r"lora\.init_high: .*wan13b\.safetensors was made for a model of anoth"):
         loop_module.run_training(job_from_dict({**_job(tmp_path), "lora": {"rank": 8, "init_high": str(other)}}))
+    tensors = load_file(str(tk))
+    next(v for k, v in tensors.items() if k.endswith(("lora_up.weight", "lora_B.weight")))[0, 0] = float("inf")
+    save_file(tensors, str(tmp_path / "inf.safetensors"))
+    with pytest.raises(LoraFileError, match=r"lora\.init_high: .*inf\.safetensors holds NaN/Inf values"):
+        loop_module.preflight(job_from_dict({**_job(tmp_path), "lora": {"rank": 8,
+                                                                         "init_high": str(tmp_path / "inf.safetensors")}}))
 
 
 # ------------------------------------------------------------------------------------------------ node and CLI
@@ -360,6 +367,21 @@ def test_sample_cli_renders_any_pair_and_the_base_model(tmp_path, monkeypatch, c
     other = _save_raw(tmp_path / "wan13b.safetensors", BAD_FILES["wan21_1_3b"][0])
     assert main(["sample", str(path), "--lora-high", str(other), "--prompt", "a", "--out", str(out)]) == 2
     assert "--lora-high: " in capsys.readouterr().err
+    # so are a LoRA holding NaN, a blank prompt and a folder the video cannot be written to: one line each
+    write_lora("comfyui", tmp_path / "nan.safetensors", ARCH)
+    tensors = load_file(str(tmp_path / "nan.safetensors"))
+    next(v for k, v in tensors.items() if k.endswith("lora_down.weight"))[0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    blocked = tmp_path / "a_file"  # a folder that cannot be made, even by root
+    blocked.write_text("")
+    cases = [(["--lora-low", str(tmp_path / "nan.safetensors")], out, r"--lora-low: .*nan\.safetensors holds NaN/Inf"),
+             (["--prompt", ""], out, r"sample .*'prompts'.* blank"),
+             ([], blocked / "v.mp4", r"--out: cannot write to .*a_file")]
+    for extra, target, message in cases:
+        prompt = [] if "--prompt" in extra else ["--prompt", "a"]
+        assert main(["sample", str(path), *extra, *prompt, "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
 
 
 def test_trained_pairs_load_unchanged(tmp_path):

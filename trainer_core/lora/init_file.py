@@ -13,8 +13,8 @@ from torch import nn
 
 from ..config import JobConfig
 from ..errors import ConfigError
-from .formats import check_fits_config, expert_arch, inspect_lora_file, read_lora_file
 from ..names import EXPERT_SUFFIX
+from .formats import check_fits_config, expert_arch, read_lora_file
 from .io import load_lora_tensors, native_modules
 
 
@@ -24,8 +24,9 @@ def init_file(cfg: JobConfig, expert: str) -> str | None:
 
 
 def check_lora_init(cfg: JobConfig) -> None:
-    """Check the init files before any model loads, from their headers: readable, a LoRA for these experts, within
-    ``lora.rank`` and ``lora.target_modules``, and given only for experts that train."""
+    """Check the init files before any model loads (read whole: LoRA files are small): readable, a LoRA for these
+    experts with finite values, within ``lora.rank`` and ``lora.target_modules``, and given only for experts that
+    train."""
     for expert in EXPERT_SUFFIX:
         path = init_file(cfg, expert)
         if path is None:
@@ -36,8 +37,9 @@ def check_lora_init(cfg: JobConfig) -> None:
                 f"{setting} is set but the {expert}-noise expert is not trained (multistage.train_"
                 f"{EXPERT_SUFFIX[expert]}: false) - remove {setting} or train that expert"
             )
-        info = inspect_lora_file(path, setting, arch=expert_arch(cfg.model, expert), expert=expert)
-        check_fits_config({m: mod.rank for m, mod in info.modules.items()}, cfg.lora, info.where)
+        tensors = read_lora_file(path, setting, arch=expert_arch(cfg.model, expert), expert=expert)
+        ranks = {m: down.shape[0] for m, (down, _, _) in native_modules(tensors).items()}
+        check_fits_config(ranks, cfg.lora, f"{setting}: {path}")
 
 
 def init_expert_lora(model: nn.Module, expert: str, cfg: JobConfig, adapter_name: str = "default") -> None:

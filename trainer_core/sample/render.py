@@ -11,13 +11,15 @@ import logging
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
-from ..config import JobConfig, SampleConfig
+from ..config import JobConfig, SampleConfig, format_validation_error
 from ..errors import ConfigError
-from ..lora import inspect_lora_file
+from ..fileio import check_writable
+from ..lora import read_lora_file
 from ..lora.formats import expert_arch
-from ..names import EXPERT_SUFFIX
 from ..models import check_model_files, load_components, load_expert
+from ..names import EXPERT_SUFFIX
 from .lora_files import attach_lora_file
 from .sampler import encode_sample_prompts, sample_metadata, sample_videos
 from .video_io import write_video
@@ -31,9 +33,12 @@ def render_settings(cfg: JobConfig, prompts: list[str] | None, out: Path) -> Sam
     if fmt not in ("mp4", "webm"):
         raise ConfigError(f"--out {out}: name the video *.mp4 or *.webm")
     settings = cfg.sample.model_dump() | {"format": fmt, "sample_every": 0, "sample_at_start": False}
-    if prompts:
+    if prompts is not None:
         settings["prompts"] = prompts
-    sample = SampleConfig(**settings)
+    try:
+        sample = SampleConfig(**settings)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "sample (--prompt and the job's sample section)")) from None
     if not sample.prompts:
         raise ConfigError("no prompt to render: pass --prompt TEXT or list sample.prompts in the job file")
     return sample
@@ -53,9 +58,10 @@ def render_job(
     """Render one video per prompt with both experts, each with its LoRA file from ``loras`` (``high`` / ``low``;
     ``None`` renders that expert's base model), and write them to ``out`` (see :func:`video_paths`)."""
     sample = render_settings(cfg, prompts, out)
+    check_writable(out.parent, "--out")
     files = {e: Path(p) for e, p in loras.items() if p is not None}
-    for expert, path in files.items():  # before anything loads: minutes for the real experts
-        inspect_lora_file(path, f"--lora-{expert}", arch=expert_arch(cfg.model, expert), expert=expert)
+    for expert, path in files.items():  # before anything loads (minutes for the real experts); LoRAs are small
+        read_lora_file(path, f"--lora-{expert}", arch=expert_arch(cfg.model, expert), expert=expert)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_model_files(cfg.model)
     comps = load_components(cfg.model, high=False, low=False)
