@@ -47,6 +47,8 @@ def _job(**datasets_and_more) -> dict:
 
 @pytest.mark.parametrize("job, words", [
     (_job(datasets=[{"folder": "a", "validation": True}]), "nothing to train on"),
+    (_job(datasets=[{"folder": "r", "is_regularization": True}, {"folder": "v", "validation": True}]),
+     "every training dataset is regularization data"),  # its target is the base model: the LoRA would stay zero
     (_job(datasets=[{"folder": "a"}, {"folder": "v", "validation": True, "share": 0.5}]), "validation cannot be "
      "combined with share"),
     (_job(datasets=[{"folder": "a"}, {"folder": "v", "validation": True, "validation_split": 0.2}]),

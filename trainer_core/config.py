@@ -492,11 +492,16 @@ class DatasetConfig(_Strict):
         return self
 
 
-def all_held_out(datasets: Sequence[DatasetConfig]) -> str | None:
-    """The refusal of datasets that are all validation folders (nothing to train on), or ``None``."""
+def nothing_to_learn(datasets: Sequence[DatasetConfig]) -> str | None:
+    """The refusal of datasets none of which teaches the LoRA anything (all validation folders, or all
+    regularization data, whose target is the base model's own prediction: the LoRA would stay zero), or ``None``."""
     if datasets and all(d.validation for d in datasets):
         return ("every dataset is a validation folder (datasets[].validation: true), so there is nothing to train "
                 "on - add a training folder, or set validation: false on one")
+    if datasets and all(d.validation or d.is_regularization for d in datasets):
+        return ("every training dataset is regularization data (datasets[].is_regularization: true), whose target is "
+                "the base model's own prediction, so the LoRA would learn nothing - add a folder of the clips to "
+                "learn, or set is_regularization: false on one")
     return None
 
 
@@ -890,7 +895,7 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _datasets_fit_together(self) -> "JobConfig":
         # something left to train on, and shares that fit in one epoch
-        for problem in (all_held_out(self.datasets), share_problem(self.datasets)):
+        for problem in (nothing_to_learn(self.datasets), share_problem(self.datasets)):
             if problem is not None:
                 raise ValueError(problem)
         return self

@@ -23,7 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import DatasetConfig, all_held_out, share_problem
+from ..config import DatasetConfig, nothing_to_learn, share_problem
 from ..errors import ConfigError, DatasetError
 from .buckets import assign_bucket, bucket_sizes, resize_crop_plan
 from .captions import TRIGGER_TOKEN, apply_trigger, normalize_caption
@@ -371,7 +371,7 @@ def build_dataset(
     """
     if not datasets:
         raise ConfigError("no datasets configured - add at least one entry under 'datasets' with a folder")
-    problem = all_held_out(datasets) or share_problem(datasets)
+    problem = nothing_to_learn(datasets) or share_problem(datasets)
     if problem is not None:
         raise ConfigError(problem)
     if caption_override is not None and not caption_override.strip():
