@@ -36,7 +36,7 @@ from tests.model_fixtures import (
 from trainer_core.config import ModelConfig
 from trainer_core.errors import ModelLoadError
 from trainer_core.keys import diffusers_state_dict_to_original
-from trainer_core.models import describe_base_model, load_components
+from trainer_core.models import check_model_files, describe_base_model, load_components
 from trainer_core.models.single_file import DIFFUSION_MODEL_PREFIX, load_transformer_file
 from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG, tiny_spiece_model
 
@@ -553,6 +553,14 @@ def test_wrong_text_encoder_and_vae_files_are_refused(src, tmp_path):
             text_encoder=False,
         )
     assert "wan2.2_vae.safetensors" in str(err.value)
+    # An intact fp8_scaled expert file in the VAE or text encoder slot is named as the wrong kind of file, not as a
+    # damaged one (its scaled_fp8 marker sits behind the model prefix, which those readers do not strip).
+    expert = save_comfy_transformer(src.high, tmp_path / "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+                                    prefix=True, fp8="scale_weight")
+    for slot, message in (("vae", "is not the Wan 2.1 VAE"), ("text_encoder", "")):
+        with pytest.raises(ModelLoadError) as err:
+            check_model_files(ModelConfig(source="tiny", **{slot: str(expert)}))
+        assert "no scale" not in str(err.value) and message in str(err.value), str(err.value)
 
 
 def test_mismatched_experts_are_refused(src, tmp_path):

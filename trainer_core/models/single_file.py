@@ -157,7 +157,7 @@ class SingleFile:
             name = key
             if self._prefix and key.startswith(self._prefix):
                 name = key[len(self._prefix) :]
-            if name == _SCALED_MARKER:
+            if name.rsplit(".", 1)[-1] == _SCALED_MARKER:  # behind any prefix: the file in another slot is intact
                 marker = True
             elif name.endswith(_WEIGHT_SCALE_SUFFIXES):
                 weight = name.rsplit(".", 1)[0] + ".weight"
