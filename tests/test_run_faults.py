@@ -114,6 +114,20 @@ def test_exploding_weights_never_reach_a_resumable_state(tmp_path, clips, monkey
     assert [s for s, _, _ in resumed.losses] == list(range(1, 9))
 
 
+def test_a_non_finite_loss_before_any_update_names_the_model_not_the_learning_rate(tmp_path, clips):
+    from trainer_core.models import load_components
+
+    cfg = job_from_dict(_job(tmp_path / "out", clips, 4))
+    components = load_components(cfg.model)
+    with torch.no_grad():
+        components.low.blocks[0].ffn.net[2].weight[0, 0] = float("nan")  # a damaged base weight
+    with pytest.raises(TrainingDiverged) as info:
+        loop.run_training(cfg, components=components, progress_bar=False)
+    message = str(info.value)
+    assert "at step 3, the low-noise expert's first, before any LoRA update" in message  # steps 1-2 were high's
+    assert "the low-noise expert's weights (tiny)" in message and "lower optimizer.lr" not in message
+
+
 def test_a_non_finite_gradient_skips_the_update_and_stops(tmp_path, clips, monkeypatch):
     """A finite loss whose backward overflows: the optimizer never steps on it (clipping would turn inf into NaN
     weights and moments), so no state on disk and no weight in memory is ever non-finite."""

@@ -614,6 +614,8 @@ def _diverged(step: int, expert: str, loss: float, run: RunFolder | None, cfg: J
     good state."""
     stages, every = cfg.multistage.stages, cfg.multistage.switch_every
     last_update = next((k + 1 for k in range(step - 1, -1, -1) if active_expert(k, stages, every) == expert), 0)
+    if last_update == 0:
+        return _diverged_before_any_update(step, expert, loss, cfg)
     moved = run.set_aside_states(last_update) if run is not None else []
     what = (f"the loss (or its gradient) became {loss} at step {step + 1} ({expert}-noise expert); nothing was "
             "saved for it")
@@ -627,6 +629,19 @@ def _diverged(step: int, expert: str, loss: float, run: RunFolder | None, cfg: J
                                 "(e.g. 5e-5) and resume with --resume latest (Train LoRA: resume = latest)")
     return TrainingDiverged(f"{what} - lower optimizer.lr (e.g. 5e-5) and resume from an earlier good state, or "
                             "start again")
+
+
+def _diverged_before_any_update(step: int, expert: str, loss: float, cfg: JobConfig) -> TrainingDiverged:
+    """The error for a non-finite loss at ``expert``'s first step: its LoRA has not been updated yet, so no learning
+    rate caused it - the base model's prediction (or the starting LoRA, or the data) is not finite."""
+    model = getattr(cfg.model, f"{expert}_noise") or cfg.model.source or "the base model"
+    start = cfg.lora.init_high if expert == "high" else cfg.lora.init_low
+    suspects = f"the {expert}-noise expert's weights ({model})" + (f" or its starting LoRA ({start})" if start else "")
+    return TrainingDiverged(
+        f"the loss (or its gradient) became {loss} at step {step + 1}, the {expert}-noise expert's first, before any "
+        f"LoRA update, so no learning rate caused it: {suspects} or the clips give non-finite values - check that "
+        "the model file is an unmodified download (its size and checksum against the source)"
+    )
 
 
 def losses_summary(losses: list[tuple[int, str, float]], buckets: int = 10) -> str:
