@@ -169,6 +169,7 @@ def test_resume_applies_a_new_lr_and_schedule_and_says_so(tmp_path, clips, caplo
     with caplog.at_level("INFO"):
         loop.run_training(job_from_dict(job), on_step=lambda i: lrs.append((i.step, i.expert, i.lr)),
                           progress_bar=False)
+    assert f"resume: from {out / 'f' / 'training_state_000004.safetensors'}, step 4 of 12" in caplog.text
     assert "resume: optimizer.lr: 0.002 -> 0.0005 (applied from step 4 on)" in caplog.text
     assert "optimizer.lr_scheduler: 'constant' -> 'cosine'" in caplog.text
     # each expert's own cosine over its 6 steps (diffusers' formula), continued from its 2 steps done; a step

@@ -506,6 +506,7 @@ def open_run(cfg: JobConfig, dataset: VideoDataset) -> RunFolder:
     if not cfg.resume:
         return claim_new_run(cfg, keys)
     step, state = resolve_resume(cfg)
+    log.info("resume: from %s, step %d of %d", state, step, cfg.train.steps)
     for change in check_resume_compatible(state_config(state), step, cfg, str(state)):
         log.info("resume: %s (applied from step %d on)", change, step)
     return _continue_run(cfg, keys, step, state)
