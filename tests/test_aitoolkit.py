@@ -715,6 +715,32 @@ def test_quantization_refusals(model, needles):
         assert needle in str(exc.value)
 
 
+@pytest.mark.parametrize("adapter", ["/nonexist/ara.safetensors", "./ara.safetensors", "../a/ara.safetensors",
+                                     "~/ara.safetensors", "C:\\loras\\ara.safetensors", "ara.safetensors"])
+def test_a_missing_local_adapter_is_refused_not_taken_for_a_hub_file(adapter):
+    """ai-toolkit (toolkit/util/quantize.py) downloads a path that does not exist as 'user/repo/file' from the Hub:
+    repo_id = parts[0]/parts[1], which for a local path is no repo id (hf_hub_download refuses it when the model
+    loads). A path that is not 'user/repo/file' is a local file that is missing: refused when the job is read."""
+    with pytest.raises(ConfigError) as exc:
+        from_aitoolkit(_minimal(model__quantize=True, model__qtype=f"uint4|{adapter}"))
+    assert str(exc.value) == (
+        f"{P}.model.qtype: the accuracy recovery adapter {adapter!r} is neither an existing file nor a Hugging Face "
+        "Hub file 'user/repo/file.safetensors' - give the path of the adapter file")
+
+
+def test_a_folder_given_as_adapter_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(P)}\.model\.qtype: the accuracy recovery adapter .* is a "
+                                          "folder - give the adapter .safetensors file inside it"):
+        from_aitoolkit(_minimal(model__quantize=True, model__qtype=f"uint4|{tmp_path}"))
+
+
+def test_a_hub_adapter_is_named_and_computed_locally():
+    hub = "ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors"
+    cfg, notes = _map(_minimal(model__quantize=True, model__qtype=f"uint4|{hub}", model__quantize_te=False))
+    assert cfg.quant.ara_source == "compute"
+    assert _changed(notes) == [f"{P}.model.qtype"] and "is a Hugging Face Hub file" in notes[0]
+
+
 def test_adapter_that_is_not_safetensors_names_the_key(tmp_path):
     ara = tmp_path / "ara.bin"
     ara.write_bytes(b"")

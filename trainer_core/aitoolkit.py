@@ -94,6 +94,8 @@ _WAN_BLOCKS = 40
 _FLOAT8_QTYPES = ("qfloat8", "qfloat8_e4m3fn", "float8")
 #: The 4-bit qtype ai-toolkit's accuracy recovery adapters are made for.
 _UINT4 = "uint4"
+#: A Hugging Face Hub file as ai-toolkit names an adapter: 'user/repo/file' (repo ids: letters, digits, '-', '_', '.').
+_HUB_FILE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*/[^/\\]+")
 _QTYPES_ACCEPTED = "'qfloat8' or 'float8' (float8 weights), 'uint4' or 'uint4|<adapter .safetensors>' (4-bit + ARA)"
 #: ai-toolkit's TrainConfig / EMAConfig defaults of the regularizers.
 _DOP_MULTIPLIER = 1.0
@@ -691,8 +693,14 @@ def _map_adapter(adapter: str, key: str, quant: dict[str, Any], notes: list[str]
                 quant["ara_rank"] = adapter_file_rank(adapter, key)
             except LoraFileError as exc:
                 raise ConfigError(str(exc)) from None
-    elif len(adapter.split("/")) > 3:
-        # ai-toolkit refuses this too: a path that does not exist is read as 'user/repo/file' on the Hub.
+    elif os.path.isdir(adapter):
+        raise ConfigError(
+            f"{key}: the accuracy recovery adapter {adapter!r} is a folder - give the adapter .safetensors file "
+            "inside it"
+        )
+    elif not _HUB_FILE.fullmatch(adapter):
+        # ai-toolkit downloads a path that does not exist as parts[0]/parts[1] (repo) + parts[-1] (file): a local path
+        # ('/data/ara.safetensors' is repo '/data') or one of other than three parts has no such repo - a missing file.
         raise ConfigError(
             f"{key}: the accuracy recovery adapter {adapter!r} is neither an existing file nor a Hugging Face Hub "
             "file 'user/repo/file.safetensors' - give the path of the adapter file"
