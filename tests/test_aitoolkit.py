@@ -315,19 +315,44 @@ def test_whole_job_errors():
 
 
 @pytest.mark.parametrize(
-    "over, needle",
+    "over, line",
     [
-        ({"datasets__0__num_frames": 32}, "datasets.0.num_frames"),
-        ({"datasets__0__resolution": 500}, "datasets.0.resolutions"),
-        ({"train__switch_boundary_every": 0}, "multistage.switch_every"),
-        ({"model__model_kwargs": {"train_high_noise": False, "train_low_noise": False}}, "both off"),
-        ({"network": {"type": "lora", "linear": 0}}, "lora.rank"),
+        ({"train__switch_boundary_every": 0}, f"{P}.train.switch_boundary_every: switch_boundary_every must be >= 1"),
+        ({"network": {"type": "lora", "linear": 0}}, f"{P}.network.linear: linear must be a positive integer"),
+        ({"network": {"type": "lora", "linear": 16, "rank": 0}}, f"{P}.network.rank: rank must be a positive"),
+        ({"datasets__0__caption_dropout_rate": 2.0}, f"{P}.datasets[0].caption_dropout_rate must be <= 1.0, got 2.0"),
+        ({"train__batch_size": 0}, f"{P}.train.batch_size must be >= 1, got 0"),
+        ({"train__batch_size": "two"}, f"{P}.train.batch_size must be a whole number, got 'two'"),
+        ({"datasets__0__resolution": [60]}, f"{P}.datasets[0].resolution: resolution must be multiples of 16"),
+        ({"datasets__0__resolution": 500}, f"{P}.datasets[0].resolution: resolution must be multiples of 16"),
+        ({"datasets__0__num_frames": 32}, f"{P}.datasets[0].num_frames: num_frames must be"),
+        ({"save__max_step_saves_to_keep": -1}, f"{P}.save.max_step_saves_to_keep must be >= "),
+        ({"model__model_kwargs": {"train_high_noise": False, "train_low_noise": False}},
+         f"{P}.model.model_kwargs: train_high_noise and train_low_noise are both off"),
+        ({"name": "my lora"}, f"{P}.name: name 'my lora' must start with a letter or digit"),
+        ({"datasets": [{"folder_path": "clips", "prior_reg": True}]}, f"{P}.datasets: every dataset has prior_reg"),
     ],
 )
-def test_values_our_config_refuses_surface_as_config_error(over, needle):
-    mapped, _ = from_aitoolkit(_minimal(**over))
-    with pytest.raises(ConfigError, match=needle):
-        job_from_dict(mapped)
+def test_values_our_config_refuses_name_the_ai_toolkit_key(tmp_path, over, line):
+    """The refusal names the key as the user's file spells it, not the setting of this trainer it maps to."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_minimal(**over)))
+    with pytest.raises(ConfigError) as exc:
+        load_job(path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: {line}"), message
+    assert "\n" not in message
+    ours = ("multistage.", "lora.", "'train.", "datasets.0", "save.keep_last", "'name'")
+    assert not any(key in message for key in ours), message
+
+
+def test_the_job_name_is_named_where_the_file_gives_it(tmp_path):
+    data = _minimal()
+    data["config"]["name"] = "my lora"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: config\.name: name 'my lora' must start"):
+        load_job(path)
 
 
 def test_single_expert_from_model_kwargs():

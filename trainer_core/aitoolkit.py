@@ -58,7 +58,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError, safe_open
 
-from .config import AdvancedConfig, MemoryConfig, QuantConfig, SampleConfig, closest_key
+from .config import (
+    AdvancedConfig,
+    JobConfig,
+    MemoryConfig,
+    QuantConfig,
+    SampleConfig,
+    closest_key,
+    format_validation_error,
+)
 from .errors import ConfigError, LoraFileError
 from .names import DTYPES, EXPERTS
 
@@ -482,6 +490,115 @@ def from_aitoolkit(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     _leftovers(config_rest, "config", "config", data["config"], notes)
     _leftovers({k: v for k, v in data.items() if k not in ("job", "config")}, "top", "", data, notes)
     return job, notes
+
+
+def job_from_aitoolkit(data: dict[str, Any], source: str) -> tuple[JobConfig, list[str]]:
+    """Read an ai-toolkit job (:func:`from_aitoolkit`) into a validated :class:`JobConfig`, with its warnings.
+
+    Every refusal names the file ``source`` and the key as the file spells it, also where only this trainer's
+    schema refuses the value: ``job.yaml: config.process[0].train.switch_boundary_every: switch_boundary_every must
+    be >= 1 ...``, not the setting it maps to (``multistage.switch_every``).
+    """
+    try:
+        job, notes = from_aitoolkit(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        return JobConfig.model_validate(job), notes
+    except ValidationError as exc:
+        message = format_validation_error(exc, source)
+        proc = data["config"]["process"][0]
+        for err in exc.errors():
+            message = _in_aitoolkit_terms(message, err["loc"], proc)
+        raise ConfigError(message) from None
+
+
+#: This trainer's settings that :func:`from_aitoolkit` passes on unchecked -> the keys of ``config.process[0]`` they
+#: come from; of several, the first the file gives is the one read (ai-toolkit's precedence), else the last.
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "trigger_word": ("trigger_word",),
+    "save.output_dir": ("training_folder",),
+    "lora.init_high": ("training_folder",),
+    "lora.init_low": ("training_folder",),
+    "train.device": ("device",),
+    "train.seed": ("training_seed",),
+    "lora.rank": ("network.rank", "network.linear"),
+    "lora.dropout": ("network.dropout",),
+    "save.dtype": ("save.dtype",),
+    "save.save_every": ("save.save_every",),
+    "save.keep_last": ("save.max_step_saves_to_keep",),
+    "model.source": ("model.name_or_path",),
+    "model.dtype": ("train.dtype",),
+    "multistage": ("model.model_kwargs",),  # its own rule: at least one expert trains
+    "multistage.train_high_noise": ("model.model_kwargs.train_high_noise",),
+    "multistage.train_low_noise": ("model.model_kwargs.train_low_noise",),
+    "multistage.switch_every": ("train.switch_boundary_every",),
+    "train.steps": ("train.steps",),
+    "train.batch_size": ("train.batch_size",),
+    "train.gradient_accumulation": ("train.gradient_accumulation",),
+    "train.compute_dtype": ("train.dtype",),
+    "optimizer.name": ("train.optimizer",),
+    "optimizer.lr": ("train.lr",),
+    "optimizer.weight_decay": ("train.optimizer_params.weight_decay",),
+    "optimizer.betas": ("train.optimizer_params.betas",),
+    "optimizer.max_grad_norm": ("train.max_grad_norm",),
+    "optimizer.warmup_steps": ("train.lr_scheduler_params.num_warmup_steps",),
+    "optimizer.lr_scheduler": ("train.lr_scheduler",),
+}
+#: The same for each ``datasets[i]`` setting -> the keys of that dataset entry.
+_DATASET_SOURCES: dict[str, tuple[str, ...]] = {
+    "folder": ("folder_path",),
+    "caption_ext": ("caption_type", "caption_ext"),
+    "caption_dropout": ("caption_dropout_rate",),
+    "resolutions": ("resolution",),
+    "num_frames": ("num_frames",),
+    "fps": ("fps",),
+    "flip_x": ("flip_x",),
+    "flip_y": ("flip_y",),
+    "repeats": ("num_repeats",),
+    "default_caption": ("default_caption",),
+    "is_regularization": ("prior_reg",),
+    "cache_latents": ("cache_latents", "cache_latents_to_disk"),
+}
+
+
+def _source_key(loc: tuple[Any, ...], proc: dict[str, Any]) -> str | None:
+    """The ai-toolkit key (``config.process[0]....``) that the mapped setting at ``loc`` (a pydantic error location,
+    or a dotted path split) was read from, as ``proc`` (the file's process) spells it; None when no key holds it."""
+    if loc == ("name",):
+        return f"{_PROCESS}.name" if proc.get("name") else "config.name"
+    if loc[:1] == ("datasets",) and len(loc) > 1 and isinstance(loc[1], int):
+        where = f"{_PROCESS}.datasets[{loc[1]}]"
+        if len(loc) == 2:
+            return where
+        keys = _DATASET_SOURCES.get(str(loc[2]))
+        return f"{where}.{_given(proc['datasets'][loc[1]], keys)}" if keys else None
+    for path in (".".join(map(str, loc)), ".".join(map(str, loc[:2]))):  # betas[0] is named by betas
+        if path in _SOURCES:
+            return f"{_PROCESS}.{_given(proc, _SOURCES[path])}"
+    return None
+
+
+def _given(section: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The first of ``keys`` (dotted, inside ``section``) that is given, else the last."""
+    for key in keys[:-1]:
+        node: Any = section
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return key
+    return keys[-1]
+
+
+def _in_aitoolkit_terms(message: str, loc: tuple[Any, ...], proc: dict[str, Any]) -> str:
+    """``message`` with the setting at ``loc`` ('lora.rank', quoted as :func:`format_validation_error` writes it)
+    replaced by its ai-toolkit key, and its name where the explanation starts with it ('rank must be ...')."""
+    key = _source_key(loc, proc)
+    if key is None:
+        return message
+    ours, theirs = ".".join(map(str, loc)), key.rsplit(".", 1)[-1]
+    leaf = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
+    return message.replace(f"'{ours}': {leaf} ", f"{key}: {theirs} ").replace(f"'{ours}'", key)
 
 
 def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[str, Any]:
@@ -977,6 +1094,11 @@ def _map_regularization(raw: list[dict[str, Any]], reg_weight: Any, job: dict[st
             f"{where}[{prior[0]}].prior_reg is on with {_PROCESS}.train.diff_output_preservation: both hold the LoRA "
             "to the base model's predictions (in ai-toolkit the preservation prompt's prediction then becomes the "
             "prior target too) - turn one of them off"
+        )
+    if prior and len(prior) == len(raw):
+        raise ConfigError(
+            f"{where}: every dataset has prior_reg: their samples train toward the base model's own prediction, so "
+            "the LoRA would learn nothing - set prior_reg: false on the data to learn"
         )
     batch = job["train"].get("batch_size")
     mixed = [i for i in prior if i not in reg and any(j not in reg and j not in prior for j in range(len(raw)))]

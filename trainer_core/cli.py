@@ -20,16 +20,13 @@ def load_job(path: str | Path) -> tuple[JobConfig, list[str]]:
     Returns the config and the warnings: ai-toolkit keys that were not applied, and settings that are valid but
     almost surely not meant (:func:`~trainer_core.config.job_warnings`).
     """
-    from .aitoolkit import from_aitoolkit, is_aitoolkit_config
+    from .aitoolkit import is_aitoolkit_config, job_from_aitoolkit
 
     data = load_yaml(path)
-    notes: list[str] = []
     if is_aitoolkit_config(data):
-        try:
-            data, notes = from_aitoolkit(data)
-        except ConfigError as exc:  # name the file, as this trainer's own schema errors do
-            raise ConfigError(f"{path}: {exc}") from None
-    cfg = job_from_dict(data, source=str(path))
+        cfg, notes = job_from_aitoolkit(data, str(path))  # its errors name the keys of the file
+    else:
+        cfg, notes = job_from_dict(data, source=str(path)), []
     return cfg, notes + job_warnings(cfg)
 
 
