@@ -11,6 +11,8 @@ extensions_built_in/sd_trainer/SDTrainer.py and jobs/process/BaseSDTrainProcess.
 import copy
 import hashlib
 import json
+import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -1116,6 +1118,115 @@ def test_a_run_from_ai_toolkits_folder_starts_from_its_pair_and_never_touches_it
     assert (resolved["lora"]["init_high"], resolved["lora"]["init_low"]) == (str(foreign[0]), str(foreign[1]))
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in foreign} == before  # keep_last pruned none
     assert sorted(p.name for p in (out / "job").iterdir()) == sorted(p.name for p in foreign)
+
+
+def _state_header(run: Path, step: int, cfg) -> Path:
+    """A training state as resume reads it before any model loads (runs.state_unreadable / state_config: the
+    metadata only), saved with job ``cfg``, in ``run`` (a folder named after the job is one of its runs)."""
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / f"training_state_{step:06d}.safetensors"
+    meta = {"state_skeleton": "{}", "step": str(step), "training_config": json.dumps(cfg.model_dump(mode="json"))}
+    save_file({"step": torch.zeros(1)}, str(path), metadata=meta)
+    return path
+
+
+def _job_file(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_job_run_again_continues_from_its_newest_training_state(tmp_path, caplog):
+    """ai-toolkit (BaseSDTrainProcess.get_latest_save_path / load_training_state_from_metadata) continues a job
+    from the newest save in <training_folder>/<name> whenever the job is run again; here from the newest training
+    state of the job's runs, as resume: latest finds it."""
+    from trainer_core.train.runs import resolve_resume
+
+    out = tmp_path / "out"
+    path = _job_file(tmp_path, _minimal(training_folder=str(out), train__steps=30))
+    cfg, _ = load_job(path, continue_run=True)
+    assert cfg.resume is None  # nothing saved yet: a fresh run
+    _state_header(out / "run1", 4, cfg)
+    newest = _state_header(out / "run1", 9, cfg)
+    for e in ("high", "low"):  # this trainer's own pair beside its state (6-digit steps): not an ai-toolkit save
+        (out / "run1" / f"run1_000009_{e}_noise.safetensors").write_bytes(b"this trainer's pair")
+    with caplog.at_level(logging.INFO, logger="trainer_core.cli"):
+        cfg, notes = load_job(path, continue_run=True)
+    assert cfg.resume == "latest" and resolve_resume(cfg) == (9, newest)
+    assert (cfg.lora.init_high, cfg.lora.init_low, cfg.train.steps) == (None, None, 30) and notes == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resume: continuing from {newest} (step 9), the newest training state of job 'run1', as ai-toolkit "
+        "continues a job from the newest save in its training folder - give the job another name (config.name) "
+        "to train from scratch"]
+    assert load_job(path)[0].resume is None  # `sample` renders; it continues nothing
+    explicit = str(out / "run1" / "training_state_000004.safetensors")
+    assert load_job(path, explicit, continue_run=True)[0].resume == explicit  # --resume wins
+
+
+def test_a_state_the_changed_job_cannot_continue_names_the_ai_toolkit_keys(tmp_path):
+    out = tmp_path / "out"
+    path = _job_file(tmp_path, _minimal(training_folder=str(out), train__steps=30))
+    state = _state_header(out / "run1", 9, load_job(path)[0])
+    path = _job_file(tmp_path, _minimal(training_folder=str(out), train__steps=30, train__batch_size=2,
+                                        network={"type": "lora", "linear": 8}))
+    with pytest.raises(ConfigError) as exc:
+        load_job(path, continue_run=True)
+    assert str(exc.value) == (
+        f"{path}: {P}.training_folder: this job continues from {state} (step 9), as ai-toolkit continues a job "
+        "from the newest save in its training folder, but that state cannot go on with these settings: "
+        f"{P}.network.linear was 4 in the state, now 8 (the saved LoRA has that shape); {P}.train.batch_size was 1 "
+        "in the state, now 2 (the saved data position counts batches) - set them back to continue it, or give "
+        "the job another name (config.name) to train from scratch")
+    path = _job_file(tmp_path, _minimal(training_folder=str(out), train__steps=5))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {re.escape(P)}\.train\.steps: this job "
+                                          rf"continues from {re.escape(str(state))} \(step 9\), .* past the steps "
+                                          "this job trains - raise train.steps"):
+        load_job(path, continue_run=True)
+    assert load_job(path, str(state), continue_run=True)[0].resume == str(state)  # explicit: checked when training
+
+
+def test_an_ai_toolkit_save_newer_than_the_state_is_the_one_continued(tmp_path):
+    """ai-toolkit takes the newest save by time; a pair it wrote after this trainer's state wins over the state."""
+    out = tmp_path / "out"
+    older = _aitk_lora(out / "run1", "run1", 500)
+    path = _job_file(tmp_path, _minimal(training_folder=str(out), train__steps=2000))
+    cfg, _ = load_job(path, continue_run=True)
+    assert (cfg.lora.init_high, cfg.train.steps, cfg.resume) == (str(older[0]), 1500, None)
+    state = _state_header(out / "run1", 20, cfg)  # the run that continued it, 20 steps in
+    assert load_job(path, continue_run=True)[0].resume == "latest"
+    newer = _aitk_lora(out / "run1", "run1", 750)
+    later = state.stat().st_mtime + 10
+    for f in newer:
+        os.utime(f, (later, later))
+    cfg, notes = load_job(path, continue_run=True)
+    assert (cfg.lora.init_high, cfg.train.steps, cfg.resume) == (str(newer[0]), 1250, None)
+    assert _changed(notes) == [f"{P}.training_folder"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_ai_toolkit_job_run_again_continues_in_its_folder(tmp_path, capsys, caplog):
+    clips = make_synthetic_dataset(tmp_path / "clips", n_clips=2, num_frames=5, size=(32, 32), seed=1)
+    out = tmp_path / "out"
+    job = _minimal(training_folder=str(out), device="cpu", network={"type": "lora", "linear": 4},
+                   save={"save_every": 1, "max_step_saves_to_keep": 2},
+                   datasets=[{"folder_path": str(clips), "resolution": [32], "num_frames": 5}],
+                   train={"steps": 2, "dtype": "fp32", "gradient_checkpointing": False, "lr": 1e-3})
+    job["config"]["process"][0]["model"]["name_or_path"] = "tiny"
+    path = _job_file(tmp_path, job)
+    assert cli_main(["train", str(path)]) == 0
+    capsys.readouterr()
+    job["config"]["process"][0]["train"]["steps"] = 3  # as if the first run had been stopped at step 2 of 3
+    path = _job_file(tmp_path, job)
+    with caplog.at_level(logging.INFO):
+        assert cli_main(["train", str(path)]) == 0
+    pair = [Path(line.split(": ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "-noise LoRA: " in line]
+    assert {p.parent for p in pair} == {out / "run1"} and all("_000003_" in p.name for p in pair)
+    assert [p.name for p in out.iterdir() if p.name.startswith("run1")] == ["run1"]  # it went on in its folder
+    state = out / "run1" / "training_state_000002.safetensors"
+    assert json.loads((out / "run1" / "run.json").read_text())["resumed_from"] == [str(state)]
+    assert any(r.getMessage().startswith(f"resume: continuing from {state} (step 2)") for r in caplog.records)
+    losses = (out / "run1" / "losses.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in losses] == [1, 2, 3]  # steps 1-2 from the first run, 3 from this one
 
 
 def test_stills_with_videos_in_the_folder_are_named(tmp_path):

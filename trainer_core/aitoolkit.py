@@ -33,9 +33,10 @@ here (``reg_weight`` w makes it w/(1+w), see :func:`_map_regularization`). ``pri
 prediction as the target) is this trainer's ``is_regularization``. A prepended trigger word is joined with a space
 (``trigger_separator: " "``), as ai-toolkit joins it.
 
-Resuming: when ``<training_folder>/<name>/`` already holds this job's ai-toolkit LoRA pair, ai-toolkit continues from
-it; here the newest pair becomes ``lora.init_high`` / ``lora.init_low`` and ``train.steps`` the steps left (see
-:func:`_map_resume`).
+Resuming: ai-toolkit continues a job run again from the newest save in ``<training_folder>/<name>/``. A job this
+trainer has run continues from its newest training state, as ``resume: latest`` would (:func:`continue_from_latest`);
+when the folder holds this job's ai-toolkit LoRA pair instead (9-digit steps; this trainer writes 6), the newest pair
+becomes ``lora.init_high`` / ``lora.init_low`` and ``train.steps`` the steps left (see :func:`_map_resume`).
 
 Text embeddings: ``cache_text_embeddings`` on or off both map to ``text_encoder.mode: cache`` (the cache restores
 the encoder's output exactly, so training sees the embeddings ai-toolkit's live encoding gives, with the encoder
@@ -1320,6 +1321,47 @@ def _map_resume(job: dict[str, Any], notes: list[str]) -> None:
         + (f"; the {' and '.join(fresh)}-noise LoRA starts fresh (no file of it), as in ai-toolkit" if fresh else "")
         + " - give the job another name to train from scratch"
     )
+
+
+_FRESH = "give the job another name (config.name) to train from scratch"
+
+
+def continue_from_latest(cfg: JobConfig, data: dict[str, Any], source: str) -> str | None:
+    """The line saying that this ai-toolkit job, run again, continues from its newest training state; None when it
+    starts fresh.
+
+    ai-toolkit continues a job whenever it is run again, from the newest save (by time) in ``<training_folder>/
+    <name>`` (BaseSDTrainProcess.get_latest_save_path, load_training_state_from_metadata). Here that save is the
+    newest readable training state of the job's runs, as ``resume: latest`` finds it, unless the ai-toolkit pair
+    that :func:`_map_resume` starts from is newer. A state the job as now written cannot continue is refused by the
+    keys of ``data`` (the job file, ``source``), before any work.
+    """
+    from .train.resume import resume_changes  # imported here: they need torch
+    from .train.runs import resolve_resume, state_config
+
+    try:
+        step, state = resolve_resume(cfg.model_copy(update={"resume": "latest"}))
+    except ConfigError:  # no readable state of this job: nothing to continue, as in ai-toolkit
+        return None
+    pair = [Path(p) for p in (cfg.lora.init_high, cfg.lora.init_low) if p]
+    if pair and max(p.stat().st_mtime for p in pair) > state.stat().st_mtime:
+        return None  # ai-toolkit's own pair is the newer save
+    how = (f"this job continues from {state} (step {step}), as ai-toolkit continues a job from the newest save in its "
+           "training folder")
+    refused, _ = resume_changes(state_config(state), cfg)
+    if refused:
+        proc = data["config"]["process"][0]
+        named = []
+        for line in refused:  # '<setting> was <old> in the state, now <new> (why)'
+            setting, rest = line.split(" ", 1)
+            named.append(f"{_source_key(tuple(setting.split('.')), proc) or setting} {rest}")
+        raise ConfigError(f"{source}: {_PROCESS}.training_folder: {how}, but that state cannot go on with these "
+                          f"settings: {'; '.join(named)} - set them back to continue it, or {_FRESH}")
+    if step > cfg.train.steps:
+        raise ConfigError(f"{source}: {_PROCESS}.train.steps: {how}, and that state is past the steps this job "
+                          f"trains - raise train.steps to train on, or {_FRESH}")
+    return (f"resume: continuing from {state} (step {step}), the newest training state of job '{cfg.name}', as "
+            f"ai-toolkit continues a job from the newest save in its training folder - {_FRESH}")
 
 
 def _saved_step(pair: dict[str, Path]) -> int | None:

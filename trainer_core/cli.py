@@ -13,20 +13,32 @@ from typing import Any
 from .config import JobConfig, job_from_dict, job_warnings, load_yaml
 from .errors import ConfigError, TrainerError
 
+log = logging.getLogger(__name__)
 
-def load_job(path: str | Path) -> tuple[JobConfig, list[str]]:
+
+def load_job(path: str | Path, resume: str | None = None, *, continue_run: bool = False
+             ) -> tuple[JobConfig, list[str]]:
     """Read a job YAML (this trainer's schema or ai-toolkit's Wan 2.2 job shape) into a validated JobConfig.
+
+    ``resume`` (the command line's ``--resume``) replaces the file's. With ``continue_run`` (train, check), an
+    ai-toolkit job given no ``resume`` continues from its newest training state, as ai-toolkit continues a job that
+    is run again (:func:`~trainer_core.aitoolkit.continue_from_latest`); the log says so.
 
     Returns the config and the warnings: ai-toolkit keys that were not applied, and settings that are valid but
     almost surely not meant (:func:`~trainer_core.config.job_warnings`).
     """
-    from .aitoolkit import is_aitoolkit_config, job_from_aitoolkit
+    from .aitoolkit import continue_from_latest, is_aitoolkit_config, job_from_aitoolkit
 
     data = load_yaml(path)
     if is_aitoolkit_config(data):
         cfg, notes = job_from_aitoolkit(data, str(path))  # its errors name the keys of the file
+        if continue_run and resume is None and (line := continue_from_latest(cfg, data, str(path))) is not None:
+            cfg.resume = "latest"
+            log.info("%s", line)
     else:
         cfg, notes = job_from_dict(data, source=str(path)), []
+    if resume is not None:
+        cfg.resume = resume
     return cfg, notes + job_warnings(cfg)
 
 
@@ -65,11 +77,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .launch import emit, interrupt_on_sigterm
     from .train.loop import losses_summary, run_training
 
-    cfg, notes = load_job(args.config)
+    cfg, notes = load_job(args.config, args.resume, continue_run=True)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    if args.resume:
-        cfg.resume = args.resume
     interrupt_on_sigterm()  # a scheduler's or torchrun's SIGTERM leaves a resumable state, like Ctrl-C
     on_step = None
     if args.events:
@@ -115,7 +125,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     an ``error:`` line on stderr; exit status 2 when there is one."""
     from .check import check_job
 
-    cfg, notes = load_job(args.config)
+    cfg, notes = load_job(args.config, continue_run=True)
     if args.gpu_fp8 and args.gpu_gib is None:
         raise ConfigError("check: --gpu-fp8 describes the card of --gpu-gib - give --gpu-gib N too (a card here "
                           "is asked directly)")
