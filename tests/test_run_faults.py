@@ -170,6 +170,9 @@ def test_resume_applies_a_new_lr_and_schedule_and_says_so(tmp_path, clips, caplo
         loop.run_training(job_from_dict(job), on_step=lambda i: lrs.append((i.step, i.expert, i.lr)),
                           progress_bar=False)
     assert f"resume: from {out / 'f' / 'training_state_000004.safetensors'}, step 4 of 12" in caplog.text
+    # the run's config.yaml says what it trains with now; what steps 1-4 trained with is kept beside it
+    assert yaml.safe_load((out / "f" / "config.yaml").read_text())["optimizer"]["lr"] == 5e-4
+    assert yaml.safe_load((out / "f" / "config_until_000004.yaml").read_text())["optimizer"]["lr"] == 2e-3
     assert "resume: optimizer.lr: 0.002 -> 0.0005 (applied from step 4 on)" in caplog.text
     assert "optimizer.lr_scheduler: 'constant' -> 'cosine'" in caplog.text
     # each expert's own cosine over its 6 steps (diffusers' formula), continued from its 2 steps done; a step

@@ -22,14 +22,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from ..config import JobConfig
 from ..data import LatentCache, LoadedBatch, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainerError, TrainingDiverged
-from ..fileio import atomic_write, check_writable
+from ..fileio import check_writable
 from ..lora import check_lora_init, lora_file_name
 from ..memory import ExpertMemory, plan_job
 from ..memory.allocator import use_expandable_segments
@@ -61,6 +60,7 @@ from .runs import (
     read_validation,
     resolve_resume,
     state_config,
+    write_run_config,
 )
 from .step import draw_micro_batch, train_step
 from .stop import signals_held
@@ -334,10 +334,9 @@ class Trainer:
         self._setup_memory()
         self._setup_conditioning(components)
         self._setup_experts()
-        if self.placement.ctx.is_main:
-            atomic_write(self.run.path / "config.yaml",
-                         lambda p: p.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"))))  # fmt: skip
         self._setup_progress()
+        if self.placement.ctx.is_main:
+            write_run_config(self.run, self.cfg, self.prog.step)
 
     def _setup_memory(self) -> None:
         """The memory plan before anything loads: refuses settings that cannot fit the GPU."""

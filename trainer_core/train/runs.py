@@ -32,6 +32,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
@@ -58,6 +59,18 @@ _BOOKKEEPING = frozenset({MANIFEST, LOCK_FILE, "config.yaml"})
 def state_file_name(step: int) -> str:
     """File name of the resumable training state written at ``step``."""
     return f"{STATE_PREFIX}{step:06d}.safetensors"
+
+
+def write_run_config(run: RunFolder, cfg: JobConfig, step: int) -> None:
+    """``config.yaml``: the settings the run trains with from ``step`` on. A resume that changes settings keeps the
+    ones the earlier steps trained with as ``config_until_<step>.yaml``."""
+    path = run.path / "config.yaml"
+    current = cfg.model_dump(mode="json")
+    if run.resume_path is not None and path.is_file():
+        before = yaml.safe_load(path.read_text()) or {}
+        if {k: v for k, v in before.items() if k != "resume"} != {k: v for k, v in current.items() if k != "resume"}:
+            os.replace(path, run.path / f"config_until_{step:06d}.yaml")
+    atomic_write(path, lambda p: p.write_text(yaml.safe_dump(current)))
 
 
 def list_states(folder: Path) -> list[tuple[int, Path]]:
