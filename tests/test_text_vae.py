@@ -48,6 +48,18 @@ def test_encode_prompts_default_length_and_bf16(src):
     assert torch.equal(got, want)
 
 
+def test_a_prompt_longer_than_the_token_limit_is_cut_as_the_pipeline_cuts_it_and_named(src, caplog):
+    long = "a cat walks across a sunny garden " * 20  # well past 32 tokens
+    with caplog.at_level("WARNING"):
+        got = encode_prompts(src.text_encoder, src.tokenizer, [long, "a dog"], max_length=32)
+    want = make_pipeline(src)._get_t5_prompt_embeds([long, "a dog"], max_sequence_length=32, device=torch.device("cpu"))
+    assert torch.equal(got, want)
+    assert "1 prompt(s)/caption(s) longer than 32 tokens are cut at 32" in caplog.text and "'a cat walks" in caplog.text
+    caplog.clear()
+    encode_prompts(src.text_encoder, src.tokenizer, ["a dog"], max_length=32)
+    assert "longer than" not in caplog.text
+
+
 def test_positions_past_the_prompt_are_zero(src):
     sp = spm.SentencePieceProcessor(model_proto=tiny_spiece_model())
     prompt = "A cat walks across a sunny garden"

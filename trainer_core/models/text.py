@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 #: Wan is trained with 512 text tokens.
 MAX_TEXT_TOKENS = 512
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -26,8 +29,15 @@ def encode_prompts(
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not a single string")
     model_device = next(text_encoder.parameters()).device
+    cleaned = [prompt_clean(p) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(cleaned, add_special_tokens=True)["input_ids"]]
+    cut = [(p, n) for p, n in zip(cleaned, lengths) if n > max_length]
+    if cut:  # the pipeline cuts them too; only the user can decide what to keep
+        log.warning("%d prompt(s)/caption(s) longer than %d tokens are cut at %d, as Wan's pipeline cuts them "
+                    "(e.g. %r..., %d tokens) - shorten them to keep their end", len(cut), max_length, max_length,
+                    cut[0][0][:60], cut[0][1])  # fmt: skip
     inputs = tokenizer(
-        [prompt_clean(p) for p in prompts],
+        cleaned,
         padding="max_length",
         max_length=max_length,
         truncation=True,
