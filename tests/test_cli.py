@@ -74,3 +74,66 @@ def test_bad_config_exits_2_with_a_named_setting(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"model": {"source": "tiny"}, "multistage": {"boundary": 1.5}}))
     assert main(["train", str(path)]) == 2
     assert "multistage.boundary" in capsys.readouterr().err
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the demo starts writing clips or training."""
+    from trainer_core.data import synthetic
+    from trainer_core.train import loop
+
+    def work(*args, **kwargs):
+        raise AssertionError("the demo started work before refusing its input")
+
+    monkeypatch.setattr(synthetic, "make_synthetic_dataset", work)
+    monkeypatch.setattr(loop, "run_training", work)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not any("Traceback" in line for line in err), err
+    return err[0]
+
+
+def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--output", str(afile)]) == 2
+    assert _one_error_line(capsys) == (f"error: demo --output: {afile} is a file - give a folder (it is made if "
+                                       "missing)")
+    assert main(["demo", "--output", str(afile / "sub")]) == 2
+    assert _one_error_line(capsys).startswith(f"error: demo --output: cannot write to {afile / 'sub'} (")
+
+
+def _read_only(folder: Path) -> bool:
+    """Make ``folder`` refuse new files, also for root (the immutable flag), if this machine allows it."""
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return True
+    return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+
+
+def test_demo_refuses_a_read_only_output_folder(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _read_only(ro):
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        assert main(["demo", "--output", str(ro)]) == 2
+        line = _one_error_line(capsys)
+    finally:
+        subprocess.run(["chattr", "-i", str(ro)], capture_output=True)
+        ro.chmod(0o755)
+    assert line.startswith(f"error: demo --output: cannot write to {ro} (") and "choose a writable folder" in line
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_demo_steps_below_one_name_the_demos_default(tmp_path, capsys, monkeypatch, steps):
+    _no_work(monkeypatch)
+    assert main(["demo", "--steps", steps, "--output", str(tmp_path / "out")]) == 2
+    assert _one_error_line(capsys) == f"error: demo --steps is {steps}: the demo trains at least 1 step - use e.g. " \
+                                      "the default 40"
+    assert not (tmp_path / "out").exists()
+

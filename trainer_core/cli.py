@@ -42,7 +42,11 @@ def load_job(path: str | Path, resume: str | None = None, *, continue_run: bool 
     return cfg, notes + job_warnings(cfg)
 
 
-def demo_config(output_dir: str | Path, steps: int = 40) -> dict[str, Any]:
+#: The demo's steps when ``--steps`` is not given.
+DEMO_STEPS = 40
+
+
+def demo_config(output_dir: str | Path, steps: int = DEMO_STEPS) -> dict[str, Any]:
     """The demo job: tiny preset, synthetic clips, both experts alternating every 5 steps."""
     out = Path(output_dir)
     return {
@@ -151,9 +155,17 @@ def _gib(text: str) -> float:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .data.synthetic import make_synthetic_dataset
+    from .fileio import check_writable
     from .train.loop import losses_summary, run_training
 
-    cfg = job_from_dict(demo_config(args.output, args.steps), source="demo")
+    if args.steps < 1:
+        raise ConfigError(f"demo --steps is {args.steps}: the demo trains at least 1 step - use e.g. the default "
+                          f"{DEMO_STEPS}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo --output: {out} is a file - give a folder (it is made if missing)")
+    check_writable(out, "demo --output")  # before any clip is written
+    cfg = job_from_dict(demo_config(out, args.steps), source="demo")
     make_synthetic_dataset(cfg.datasets[0].folder, n_clips=8, num_frames=9, size=(64, 64), seed=0)
     t0 = time.perf_counter()
     result = run_training(cfg)
@@ -211,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sample.set_defaults(func=_cmd_sample)
     p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (about a minute on 2 CPU cores)")
     p_demo.add_argument("--output", default="output", help="output folder (default: ./output)")
-    p_demo.add_argument("--steps", type=int, default=40)
+    p_demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})")
     p_demo.set_defaults(func=_cmd_demo)
     return parser
 
