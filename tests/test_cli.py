@@ -137,3 +137,12 @@ def test_demo_steps_below_one_name_the_demos_default(tmp_path, capsys, monkeypat
                                       "the default 40"
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("resume", ["", "  "])
+def test_an_empty_resume_is_refused(tmp_path, capsys, resume):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(demo_config(tmp_path / "out", steps=2)))
+    assert main(["train", str(path), "--resume", resume]) == 2
+    assert _one_error_line(capsys) == ("error: --resume is empty - give latest, a run folder or a state file, or "
+                                       "leave --resume out")
+    assert not (tmp_path / "out").exists()

@@ -81,6 +81,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .launch import emit, interrupt_on_sigterm
     from .train.loop import losses_summary, run_training
 
+    if args.resume is not None and not args.resume.strip():  # e.g. an unset shell variable: never a fresh run
+        raise ConfigError("--resume is empty - give latest, a run folder or a state file, or leave --resume out")
     cfg, notes = load_job(args.config, args.resume, continue_run=True)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
