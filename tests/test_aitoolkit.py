@@ -1154,10 +1154,10 @@ def test_a_job_run_again_continues_from_its_newest_training_state(tmp_path, capl
         cfg, notes = load_job(path, continue_run=True)
     assert cfg.resume == "latest" and resolve_resume(cfg) == (9, newest)
     assert (cfg.lora.init_high, cfg.lora.init_low, cfg.train.steps) == (None, None, 30) and notes == []
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records] == [(
         f"resume: continuing from {newest} (step 9), the newest training state of job 'run1', as ai-toolkit "
         "continues a job from the newest save in its training folder - give the job another name (config.name) "
-        "to train from scratch"]
+        "to train from scratch")]
     assert load_job(path)[0].resume is None  # `sample` renders; it continues nothing
     explicit = str(out / "run1" / "training_state_000004.safetensors")
     assert load_job(path, explicit, continue_run=True)[0].resume == explicit  # --resume wins

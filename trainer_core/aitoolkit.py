@@ -1260,7 +1260,8 @@ def _map_sample(
 
 
 #: ai-toolkit's LoRA files of a Wan 2.2 job in ``<training_folder>/<name>``: ``<name>_<step, 9 digits>`` at a save
-#: step or ``<name>`` at the end (BaseSDTrainProcess.save), split per expert by Wan22Model.save_lora.
+#: step or ``<name>`` at the end (BaseSDTrainProcess.save), split per expert by Wan22Model.save_lora. This trainer's
+#: own pairs (6-digit steps) never match: its runs continue from their training states (:func:`continue_from_latest`).
 _AITK_LORA = r"^{name}(?:_(?P<step>\d{{9}}))?_(?P<expert>high|low)_noise\.safetensors$"
 
 
