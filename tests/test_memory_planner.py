@@ -398,6 +398,12 @@ def test_model_arch_is_read_without_loading_weights(tmp_path):
     arch = model_arch(ModelConfig(source=str(tmp_path)))
     assert arch == TINY_TRANSFORMER_CONFIG
     assert model_arch(ModelConfig(high_noise="wan2.2_t2v_high_noise_14B_fp16.safetensors")) == WAN22_A14B_ARCH
+    # a ComfyUI expert file (fp8_scaled, behind the model prefix) is planned at its own size, from its header
+    from tests.model_fixtures import save_comfy_transformer
+
+    path = save_comfy_transformer(_tiny_expert(), tmp_path / "small_fp8_scaled.safetensors", prefix=True,
+                                  fp8="scale_weight")
+    assert model_arch(ModelConfig(high_noise=str(path), low_noise=str(path))) == TINY_TRANSFORMER_CONFIG
 
 
 def test_plan_job_without_a_gpu_plans_the_tiny_preset(caplog):

@@ -82,7 +82,7 @@ from ..config import DEFAULT_LORA_TARGETS, JobConfig, ModelConfig
 from ..data.buckets import bucket_sizes
 from ..errors import ConfigError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
-from ..models.single_file import fp32_kept_modules, tensor_dtype
+from ..models.single_file import fp32_kept_modules, tensor_dtype, transformer_file_config
 from ..names import DTYPES, EXPERTS
 from ..quant.choice import auto_transformer_quant
 from ..quant.float8 import supports_fp8_matmul
@@ -806,8 +806,11 @@ def check_plan(plan: Plan) -> Plan:
 
 def model_arch(cfg: ModelConfig) -> dict:
     """The experts' ``WanTransformer3DModel`` config without loading any weight: the tiny preset's for
-    ``source: tiny``, ``transformer/config.json`` of a diffusers folder, else Wan 2.2 T2V A14B's (ComfyUI files and
-    repo ids of that model)."""
+    ``source: tiny``, a ComfyUI expert file's from its header, ``transformer/config.json`` of a diffusers folder,
+    else Wan 2.2 T2V A14B's (repo ids of that model, and files that cannot be read)."""
+    for path in (cfg.high_noise, cfg.low_noise):
+        if path and (config := transformer_file_config(path)) is not None:
+            return {k: v for k, v in config.items() if k in WAN22_A14B_ARCH}
     if cfg.source == "tiny" and not (cfg.high_noise or cfg.low_noise):
         from ..models.tiny import TINY_TRANSFORMER_CONFIG
 

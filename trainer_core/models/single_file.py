@@ -384,6 +384,16 @@ def _transformer_layout(f: SingleFile) -> tuple[WanTransformer3DModel, dict[str,
     return model, names
 
 
+def transformer_file_config(path: str | Path) -> dict | None:
+    """The WanTransformer3DModel config of a ComfyUI expert file, from its header; ``None`` if it cannot be read as
+    one (the pre-flight names what is wrong with it)."""
+    try:
+        with SingleFile(path, "expert file", prefix=DIFFUSION_MODEL_PREFIX) as f:
+            return infer_transformer_config(f.shapes())
+    except (ModelLoadError, KeyError):
+        return None
+
+
 def check_transformer_file(path: str | Path, setting: str) -> None:
     """Refuse a file :func:`load_transformer_file` would refuse, reading only its header (seconds, not minutes)."""
     with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
