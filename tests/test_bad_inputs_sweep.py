@@ -186,6 +186,11 @@ def test_an_expert_that_gets_no_step_is_named():
     cfg = job_from_dict(_job(train__steps=2, multistage__switch_every=10))
     [note] = job_warnings(cfg)
     assert "low-noise expert gets no step" in note and "multistage.train_low_noise: false" in note
+    assert "its LoRA is saved untrained" in note
+    # with a starting LoRA (e.g. an ai-toolkit pair resumed) it is saved as it started, not untrained
+    cfg.lora.init_low = "/runs/x_000000500_low_noise.safetensors"
+    assert "its LoRA is saved as it starts (lora.init_low: /runs/x_000000500_low_noise.safetensors)" in (
+        job_warnings(cfg)[0])
     assert job_warnings(job_from_dict(_job(train__steps=2, multistage__switch_every=1))) == []
     one = job_from_dict(_job(train__steps=2, multistage={"switch_every": 10, "train_low_noise": False}))
     assert job_warnings(one) == []

@@ -1154,9 +1154,11 @@ def job_warnings(cfg: JobConfig) -> list[str]:
     out = []
     for expert, n in expert_step_counts(steps, ms.stages, ms.switch_every).items():
         if n == 0:
+            start = cfg.lora.init_high if expert == "high" else cfg.lora.init_low
+            saved = f"saved as it starts (lora.init_{expert}: {start})" if start else "saved untrained"
             out.append(
                 f"the {expert}-noise expert gets no step: train.steps ({steps}) is not above multistage.switch_every "
-                f"({ms.switch_every}), so its LoRA is saved untrained - raise train.steps above {ms.switch_every}, "
+                f"({ms.switch_every}), so its LoRA is {saved} - raise train.steps above {ms.switch_every}, "
                 f"lower switch_every, or set multistage.train_{expert}_noise: false"
             )
         elif warmup >= n:
