@@ -330,14 +330,9 @@ def expert_arch(model: ModelConfig, expert: str) -> dict:
     """The ``WanTransformer3DModel`` config of one expert without loading a weight: inferred from its ComfyUI
     file's header when the job names one, else the planner's (tiny preset, diffusers folder, Wan 2.2 A14B)."""
     from ..memory.planner import model_arch
-    from ..models.single_file import DIFFUSION_MODEL_PREFIX, SingleFile, infer_transformer_config
+    from ..models.single_file import transformer_file_config
 
-    setting = f"model.{EXPERT_SUFFIX[expert]}"
     file = model.high_noise if expert == "high" else model.low_noise
-    if file:
-        with SingleFile(file, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
-            try:
-                return infer_transformer_config(f.shapes())
-            except KeyError:
-                pass  # not a Wan transformer: the model loader refuses it by name
+    if file and (config := transformer_file_config(file, f"model.{EXPERT_SUFFIX[expert]}")) is not None:
+        return config
     return model_arch(model)

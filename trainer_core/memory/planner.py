@@ -80,7 +80,7 @@ from diffusers import WanTransformer3DModel
 
 from ..config import DEFAULT_LORA_TARGETS, JobConfig, ModelConfig
 from ..data.buckets import bucket_sizes
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelLoadError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
 from ..models.single_file import fp32_kept_modules, tensor_dtype, transformer_file_config
 from ..names import DTYPES, EXPERTS
@@ -809,8 +809,12 @@ def model_arch(cfg: ModelConfig) -> dict:
     ``source: tiny``, a ComfyUI expert file's from its header, ``transformer/config.json`` of a diffusers folder,
     else Wan 2.2 T2V A14B's (repo ids of that model, and files that cannot be read)."""
     for path in (cfg.high_noise, cfg.low_noise):
-        if path and (config := transformer_file_config(path)) is not None:
-            return {k: v for k, v in config.items() if k in WAN22_A14B_ARCH}
+        try:
+            config = transformer_file_config(path, "expert file") if path else None
+        except ModelLoadError:  # the pre-flight names what is wrong with it
+            config = None
+        if config is not None:
+            return config
     if cfg.source == "tiny" and not (cfg.high_noise or cfg.low_noise):
         from ..models.tiny import TINY_TRANSFORMER_CONFIG
 

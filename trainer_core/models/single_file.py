@@ -384,14 +384,15 @@ def _transformer_layout(f: SingleFile) -> tuple[WanTransformer3DModel, dict[str,
     return model, names
 
 
-def transformer_file_config(path: str | Path) -> dict | None:
-    """The WanTransformer3DModel config of a ComfyUI expert file, from its header; ``None`` if it cannot be read as
-    one (the pre-flight names what is wrong with it)."""
-    try:
-        with SingleFile(path, "expert file", prefix=DIFFUSION_MODEL_PREFIX) as f:
+def transformer_file_config(path: str | Path, setting: str) -> dict | None:
+    """The WanTransformer3DModel config of a ComfyUI expert file, from its header; ``None`` for a file that is not a
+    Wan transformer (the model loader refuses it by name). A missing or unreadable file raises
+    :class:`ModelLoadError` naming ``setting``."""
+    with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
+        try:
             return infer_transformer_config(f.shapes())
-    except (ModelLoadError, KeyError):
-        return None
+        except KeyError:
+            return None
 
 
 def check_transformer_file(path: str | Path, setting: str) -> None:

@@ -221,9 +221,10 @@ def quantize_expert(
     """Quantize ``model``'s (a ``WanTransformer3DModel``, unquantized, no LoRA yet) block Linears in place.
 
     The whole model ends on ``device``. ``expert`` ('high' / 'low') selects the adapters of a two-expert file.
-    ``cfg.transformer == 'none'`` changes nothing; ``auto`` is resolved for ``device``. For ``4bit_ara`` with ``ara_source: compute``, adapters are
-    read from the cache (``cfg.ara_cache_dir``, else ``cache_dir``; ``None`` for both = no caching) when a file for
-    (``cache_key``, quantizer, rank, method, samples) exists, else computed and cached. Activations are needed, and
+    ``cfg.transformer == 'none'`` changes nothing; ``auto`` is resolved for ``device``. For ``4bit_ara`` with
+    ``ara_source: compute``, adapters are read from the cache (``cfg.ara_cache_dir``, else ``cache_dir``; ``None``
+    for both = no caching) when a file for (``cache_key``, quantizer, rank, method, samples) exists, else computed
+    and cached. Activations are needed, and
     ``calibration`` consumed (first ``cfg.ara_calibration_samples`` batches), only when computing calibrated
     adapters, or to measure a file's adapters. Returns the per-layer relative output errors.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from ..config import LoraConfig
@@ -36,10 +37,18 @@ def attach_lora_file(
     if adapter_name in (getattr(transformer, "peft_config", None) or {}):
         raise ConfigError(f"{setting}: the expert already has a LoRA adapter named {adapter_name!r}; use another name")
     tensors = read_lora_file(path, setting, arch=dict(transformer.config), expert=expert)
+    return attach_lora_tensors(transformer, tensors, f"{setting}: {path}", adapter_name)
+
+
+def attach_lora_tensors(
+    transformer: nn.Module, tensors: dict[str, torch.Tensor], source: str, adapter_name: str = "default"
+) -> LoraConfig:
+    """Attach a LoRA already read by :func:`trainer_core.lora.read_lora_file` (for this transformer's shapes) as
+    ``adapter_name``; returns the adapter's config. ``source`` names the file in error messages."""
     cfg = adapter_config(tensors)
     attach_lora(transformer, cfg, adapter_name)
     try:
-        load_lora_tensors(transformer, tensors, cfg, adapter_name, source=f"{setting}: {path}")
+        load_lora_tensors(transformer, tensors, cfg, adapter_name, source=source)
     except LoraFileError:
         transformer.delete_adapters(adapter_name)
         raise

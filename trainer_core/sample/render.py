@@ -20,7 +20,7 @@ from ..lora import read_lora_file
 from ..lora.formats import expert_arch
 from ..models import check_model_files, load_components, load_expert
 from ..names import EXPERT_SUFFIX
-from .lora_files import attach_lora_file
+from .lora_files import attach_lora_tensors
 from .sampler import encode_sample_prompts, sample_metadata, sample_videos
 from .video_io import write_video
 
@@ -60,8 +60,8 @@ def render_job(
     sample = render_settings(cfg, prompts, out)
     check_writable(out.parent, "--out")
     files = {e: Path(p) for e, p in loras.items() if p is not None}
-    for expert, path in files.items():  # before anything loads (minutes for the real experts); LoRAs are small
-        read_lora_file(path, f"--lora-{expert}", arch=expert_arch(cfg.model, expert), expert=expert)
+    # read and checked before anything loads (minutes for the real experts); LoRA files are small
+    tensors = {e: read_lora_file(p, f"--lora-{e}", arch=expert_arch(cfg.model, e), expert=e) for e, p in files.items()}
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_model_files(cfg.model)
     comps = load_components(cfg.model, high=False, low=False)
@@ -73,7 +73,7 @@ def render_job(
     for expert in EXPERT_SUFFIX:
         load_expert(cfg.model, expert, comps, device)
     for expert, path in files.items():
-        attach_lora_file(getattr(comps, expert), path, expert=expert, setting=f"--lora-{expert}")
+        attach_lora_tensors(getattr(comps, expert), tensors[expert], f"--lora-{expert}: {path}")
     for module in (comps.high, comps.low, comps.vae):
         module.to(device)
     boundary = cfg.multistage.boundary
