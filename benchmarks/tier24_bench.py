@@ -35,6 +35,10 @@ runs) and the JSON is rewritten after each:
   ``--calibration`` batches, Low VRAM) under the same cap, same steps.
 * ``float8_probes``: one float8 expert under the cap at each ``--probe`` size with that size's plan, a few steps;
   an out-of-memory error is a result, not a crash.
+* ``float8_sweep``: one float8 expert under the cap at the main size for each ``--sweep`` variant
+  ``OFFLOAD:eager|compiled[:PREFETCH]`` (that many streamed blocks, the planner's checkpointing split for them,
+  blocks eager or all compiled, streamed ones too): s/step, peak, prefetch misses. It maps what streaming more blocks
+  (to afford less recompute) and compiling buy under the cap, for the trainer's block-plan choice.
 * ``low_vram_vs_resident`` (only with ``--resident-ratio``): ``perf_bench.run_low_vram`` with two float8 experts
   (H200 memory, compiled): Low VRAM switching every 10 against both resident. Off by default: measured 1.013x in
   ``results/perf_512x512x33_h200.json``. Without it the capped sections report ``switch_overhead``: their s/step
@@ -85,11 +89,11 @@ from trainer_core.train.step import micro_batch_loss  # noqa: E402
 GIB = 2**30
 NAMES = ("high", "low")
 SECTIONS = ("planner", "reference_bf16", "float8_low_vram", "peer_musubi", "nf4_ara_low_vram", "float8_probes",
-            "low_vram_vs_resident")
+            "float8_sweep", "low_vram_vs_resident")
 #: Pessimistic seconds per section on an H200 at the defaults (estimated from results/perf_512x512x33_h200.json and
 #: fits_24gb_h100.json): a section that would end after --deadline-s is skipped, with the reason, not started.
 EXPECTED_S = {"planner": 15, "reference_bf16": 70, "float8_low_vram": 100, "peer_musubi": 120,
-              "nf4_ara_low_vram": 120, "float8_probes": 70, "low_vram_vs_resident": 120}
+              "nf4_ara_low_vram": 120, "float8_probes": 70, "float8_sweep": 300, "low_vram_vs_resident": 120}
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -387,6 +391,66 @@ def section_probes(b: Bench, args) -> dict:
     return out
 
 
+def parse_variant(text: str) -> tuple[int, str, int]:
+    """``'N:MODE[:P]'`` -> (offload_blocks N, ``eager`` or ``compiled``, prefetch P, default 1)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[1] not in ("eager", "compiled") or not parts[0].isdigit():
+        raise ValueError(f"--sweep variant {text!r}: write OFFLOAD:eager|compiled[:PREFETCH], e.g. 12:compiled")
+    return int(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 1
+
+
+def section_sweep(b: Bench, args) -> dict:
+    """One float8 expert under the cap at the main size for each ``--sweep`` variant: that many streamed blocks
+    (the planner picks the checkpointing split that fits them), blocks eager or compiled (streamed ones too), that
+    prefetch depth. Maps speed against streaming and recompute for the block-plan choice; OOM is a result."""
+    out: dict = {}
+    model = full_expert(b.device, seed=0, **args.overrides)
+    base = job_config("float8", b.size, args.experts, args.optimizer, low_vram=True, offload=0, every=args.every)
+    quantize_expert(model, base.quant, expert="high", cache_key="bench", device=b.device)
+    attach_lora(model, base.lora)
+    seeded_lora_init(model, 0)
+    model.train()
+    optimizer = build_optimizer(lora_parameters(model), base.optimizer)
+    for text in args.sweep:
+        offload, mode, prefetch = parse_variant(text)
+        cfg = base.model_copy(update={"memory": base.memory.model_copy(update={"offload_blocks": offload,
+                                                                                "prefetch": prefetch})})
+        plan = estimate_peak_vram(cfg, b.arch, int(args.cap_gib * GIB) if b.cuda else None, device_type=b.device,
+                                  side_models=NO_SIDE_MODELS)
+        blocks = dataclasses.replace(block_plan_for(cfg, plan, torch.device(b.device)), compile=mode == "compiled",
+                                     fallback=False)
+        row: dict = {"plan": plan_row(plan), "blocks": blocks.describe(), "prefetch": prefetch}
+        out[text] = row
+        print(f"[sweep {text}] {plan.summary()}", flush=True)
+        install_block_plan(model, blocks)
+        memory = ExpertMemory.for_plan(cfg.memory, plan, b.device)
+        memory.place("high", model)
+
+        def step(i: int, memory: ExpertMemory = memory) -> float:
+            x0, noise, sig, text_emb = b.data(i)
+            loss = micro_batch_loss(memory.model("high"), x0, noise, sig, text_emb, "linear",
+                                    torch.bfloat16 if b.cuda else None)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        set_cap(args.cap_gib if b.cuda else None)
+        reset_peak()
+        try:
+            row.update(timed(args.sweep_steps, 1, step))
+        except Exception as exc:  # OOM or a compile/recompute failure of this variant: a result, the next one runs
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        row.update(peak_gib=peak_gib(), reserved_peak_gib=reserved_peak_gib(),
+                   prefetch_misses=memory.experts["high"].misses() if memory.managed else 0)
+        set_cap(None)
+        optimizer.zero_grad(set_to_none=True)
+        memory.close()
+        gc.collect()
+        print(f"[sweep {text}] {({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
+    return {"variants": out}
+
+
 def section_resident_ratio(b: Bench, args) -> dict:
     """perf_bench.run_low_vram: two float8 experts, Low VRAM switching every 10 against both resident (no cap)."""
     from benchmarks.perf_bench import quantize_float8, run_low_vram
@@ -598,6 +662,12 @@ def table(results: dict) -> str:
             t = f"{r['s']:.3f}" if "s" in r else "out of memory"
             lines.append(f"| float8 + Low VRAM at {size}, cap {cap:g} GiB | {t} | | {r.get('peak_gib', 0):.2f} | "
                          f"{r['blocks']}, {r['plan']['offload_blocks']} offloaded | |")
+    for variant, r in s.get("float8_sweep", {}).get("variants", {}).items():
+        if isinstance(r, dict) and ("s" in r or "error" in r):
+            t = f"{r['s']:.3f}" if "s" in r else r["error"].split(":")[0]
+            lines.append(f"| float8 sweep {variant} (one expert), cap {cap:g} GiB | {t} | | {r.get('peak_gib', 0):.2f} | "
+                         f"{r['blocks']}, {r['plan']['offload_blocks']} offloaded, prefetch {r['prefetch']}, "
+                         f"{r.get('prefetch_misses', 0)} misses | |")
     peer = s.get("peer_musubi", {})
     for mode in ("classic", "h2d"):
         for r in peer.get(mode, []):
@@ -623,6 +693,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--probe", action="append", help="WxHxF float8 probe size, repeatable "
                     "(default 768x768x33 and 512x512x81; 'none' for no probe)")
     ap.add_argument("--probe-steps", type=int, default=3, help="steps per probe (the first is not timed)")
+    ap.add_argument("--sweep", default=None,
+                    help="float8_sweep variants OFFLOAD:eager|compiled[:PREFETCH], comma-separated (default "
+                    "7:eager,7:compiled,12:compiled,16:compiled,16:compiled:2,24:compiled; tiny 1:eager,1:compiled,0:compiled)")
+    ap.add_argument("--sweep-steps", type=int, default=4, help="steps per sweep variant (the first is not timed)")
     ap.add_argument("--peer", default=".peer/musubi", help="folder holding musubi_tuner/ (kohya-ss/musubi-tuner)")
     ap.add_argument("--peer-swap", default="12,16,20,26",
                     help="blocks_to_swap values to try in order; the first that runs under the cap counts")
@@ -648,6 +722,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.size = parse_size(args.size or ("32x32x5" if args.tiny else "512x512x33"))
     probes = args.probe or (["48x48x5"] if args.tiny else ["768x768x33", "512x512x81"])
     args.probes = [parse_size(p) for p in probes if p != "none"]
+    sweep = args.sweep or ("1:eager,1:compiled,0:compiled" if args.tiny else
+                           "7:eager,7:compiled,12:compiled,16:compiled,16:compiled:2,24:compiled")
+    args.sweep = [v for v in sweep.split(",") if v]
+    for variant in args.sweep:
+        try:
+            parse_variant(variant)
+        except ValueError as exc:
+            ap.error(str(exc))
     args.fp8_offload = args.fp8_offload if args.fp8_offload == "auto" else int(args.fp8_offload)
     args.peer_swap = [int(v) for v in args.peer_swap.split(",") if v]
     args.peer_modes = [m for m in args.peer_modes.split(",") if m]
@@ -689,6 +771,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peer_musubi": lambda: section_peer(b, args),
         "nf4_ara_low_vram": lambda: capped_run(b, args, "4bit_ara"),
         "float8_probes": lambda: section_probes(b, args),
+        "float8_sweep": lambda: section_sweep(b, args),
         "low_vram_vs_resident": lambda: section_resident_ratio(b, args),
     }
     print(f"{results['device']} (capability {results['capability']}, fp8 matmul {results['fp8_matmul']}), "

@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tier24")
     bench = _bench()
     results = bench.main(["--tiny", "--steps", "2", "--every", "1", "--fp8-offload", "1", "--probe-steps", "2",
-                          "--planner-free", "22", "--peer", str(PEER), "--out", str(out)])
+                          "--planner-free", "22", "--sweep-steps", "2", "--peer", str(PEER), "--out", str(out)])
     return bench, results, out
 
 
@@ -51,6 +51,14 @@ def test_every_section_runs_and_trains_with_finite_losses(tiny_run):
     assert sections["float8_low_vram"]["losses"] != sections["reference_bf16"]["losses"]  # float8 really ran
     probe = sections["float8_probes"]["48x48x5"]
     assert len(probe["losses"]) == 2 and probe["plan"]["offload_blocks"] == 1
+    sweep = sections["float8_sweep"]["variants"]
+    assert list(sweep) == ["1:eager", "1:compiled", "0:compiled"]  # the tiny default variants, in order
+    for variant, row in sweep.items():
+        assert "error" not in row and len(row["losses"]) == 2, (variant, row.get("error"))
+        assert row["plan"]["offload_blocks"] == int(variant.split(":")[0])
+        assert row["blocks"].endswith("compiled") == variant.endswith("compiled")
+    # streamed and compiled or not, the same seeded step: same losses up to compiled float rounding
+    assert sweep["1:compiled"]["losses"] == pytest.approx(sweep["1:eager"]["losses"], rel=1e-3)
     rows = sections["planner"]["rows"]
     assert {r["quant"] for r in rows} == {"none", "float8", "4bit_ara"} and all(r["free_gib"] == 22 for r in rows)
     assert json.loads((out / "tier24_bench.json").read_text())["sections"]["reference_bf16"]["losses"] == \
@@ -120,3 +128,11 @@ def test_float8_blocks_compiled_experiment_compiles_the_streamed_blocks(tmp_path
     assert compiled["blocks"].endswith(", compiled") and not planner["blocks"].endswith("compiled")
     assert compiled["offload_blocks"] == planner["offload_blocks"] == 1
     assert compiled["losses"] == pytest.approx(planner["losses"], rel=1e-3)
+
+
+def test_a_malformed_sweep_variant_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench().main(["--tiny", "--sweep", "12:fast", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "OFFLOAD:eager|compiled[:PREFETCH]" in capsys.readouterr().err
+    assert not (tmp_path / "tier24_bench.json").exists()
