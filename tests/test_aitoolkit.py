@@ -190,7 +190,9 @@ def test_absent_settings_take_ai_toolkit_defaults():
     # NetworkConfig: linear 4, alpha 1.0, but transformer LoRAs train in peft format with alpha = rank (scale 1)
     assert cfg.lora.rank == 4 and cfg.lora.effective_alpha == 4.0
     assert cfg.multistage.switch_every == 1 and cfg.multistage.stages == ["high", "low"]
-    assert cfg.train.timestep_type == "sigmoid" and cfg.train.timestep_bias == "balanced"
+    # TrainConfig.noise_scheduler defaults to 'ddpm': on Wan 2.2 that is the model's shift-5 grid (set_timesteps)
+    assert cfg.train.timestep_type == "shift" and cfg.train.timestep_shift == 5.0
+    assert cfg.train.timestep_bias == "balanced"
     assert cfg.train.steps == 1000 and cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing == "auto"
     assert cfg.train.compute_dtype == "fp32" and cfg.model.dtype == "fp32"
     assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == 1e-6
@@ -236,7 +238,7 @@ def test_shift_timesteps_use_wan22_training_shift(ttype):
 
 @pytest.mark.parametrize("ttype", ["linear", "sigmoid", "weighted"])
 def test_direct_timestep_types(ttype):
-    cfg, _ = _map(_minimal(train__timestep_type=ttype))
+    cfg, _ = _map(_minimal(train__timestep_type=ttype, train__noise_scheduler="flowmatch"))
     assert cfg.train.timestep_type == ttype
 
 
@@ -271,13 +273,14 @@ def test_optimizer_name_case_and_betas():
     [
         ({"train__optimizer": "prodigy"}, [f"{P}.train.optimizer", "'prodigy'", "'adamw8bit'", "'adamw'"]),
         ({"train__optimizer": "adamw8"}, [f"{P}.train.optimizer", "'adamw8'"]),
-        ({"train__timestep_type": "lognorm_blend"}, [f"{P}.train.timestep_type", "'lognorm_blend'", "'linear'"]),
-        ({"train__timestep_type": "next_sample"}, [f"{P}.train.timestep_type", "'next_sample'"]),
-        ({"train__timestep_type": "one_step"}, [f"{P}.train.timestep_type", "'one_step'"]),
+        ({"train__timestep_type": "lognorm_blend", "train__noise_scheduler": "flowmatch"}, [f"{P}.train.timestep_type", "'lognorm_blend'", "'linear'"]),
+        ({"train__timestep_type": "next_sample", "train__noise_scheduler": "flowmatch"}, [f"{P}.train.timestep_type", "'next_sample'"]),
+        ({"train__timestep_type": "one_step", "train__noise_scheduler": "flowmatch"}, [f"{P}.train.timestep_type", "'one_step'"]),
         ({"train__content_or_style": "high_noise"}, [f"{P}.train.content_or_style", "'content'", "'style'"]),
         ({"train__lr_scheduler": "cosine_with_restarts"}, [f"{P}.train.lr_scheduler", "'cosine_with_restarts'"]),
         ({"train__lr_scheduler": "linear"}, [f"{P}.train.lr_scheduler", "0.333333*lr to 1*lr"]),
-        ({"train__noise_scheduler": "ddpm"}, [f"{P}.train.noise_scheduler", "'ddpm'"]),
+        ({"train__noise_scheduler": "lcm"}, [f"{P}.train.noise_scheduler", "'lcm'", "'flowmatch'", "'ddpm'"]),
+        ({"train__timestep_type": "weighted"}, [f"{P}.train.timestep_type", "'weighted'", "noise_scheduler"]),
         ({"train__loss_type": "mae"}, [f"{P}.train.loss_type", "'mae'"]),
         ({"train__train_unet": False}, [f"{P}.train.train_unet"]),
         ({"train__gradient_accumulation_steps": 4}, [f"{P}.train.gradient_accumulation_steps", "gradient_accumulation"]),
@@ -1286,3 +1289,122 @@ def test_trigger_placeholder_without_a_trigger_word_is_refused_before_any_model_
     assert err[-1] == (f"error: caption file {clips / 'a.txt'} uses [trigger] but no trigger word is set - set the "
                        "job's trigger_word or remove [trigger]")
     assert not any("Traceback" in line for line in err)
+
+
+# --- audit C: keys ai-toolkit reads differently from how they look ---------------------------------------------
+
+
+@pytest.mark.parametrize("train", [{}, {"noise_scheduler": "ddpm"}, {"noise_scheduler": "ddpm", "timestep_type": "shift"}])
+def test_ddpm_or_no_noise_scheduler_trains_on_wan22s_shift_5_grid(train):
+    # BaseSDTrainProcess: a noise_scheduler other than flowmatch calls the Wan 2.2 scheduler's set_timesteps(1000),
+    # the shift-5 flow-matching grid (wan22_5b_model.scheduler_config), whatever timestep_type says.
+    cfg, notes = _map(_minimal(train=train))
+    assert (cfg.train.timestep_type, cfg.train.timestep_shift) == ("shift", 5.0) and notes == []
+
+
+def test_timestep_type_without_flowmatch_is_named_as_having_no_effect():
+    cfg, notes = _map(_minimal(train__timestep_type="sigmoid"))
+    assert cfg.train.timestep_type == "shift"
+    assert _ignored(notes) == [f"{P}.train.timestep_type"] and "noise_scheduler: flowmatch" in notes[0]
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("model__model_kwargs__train_high_noise", "false"), ("datasets", [{"folder_path": "clips", "flip_x": "false"}]),
+    ("train__gradient_checkpointing", "no"), ("model__quantize", "False"), ("datasets", [{"folder_path": "c", "is_reg": "true"}]),
+])
+def test_quoted_booleans_are_refused_in_one_line(dotted, value):
+    # ai-toolkit tests switches for truth: the text 'false' is true there.
+    with pytest.raises(ConfigError) as exc:
+        from_aitoolkit(_minimal(**{dotted: value}))
+    msg = str(exc.value)
+    assert "\n" not in msg and "without quotes" in msg and "as true" in msg
+
+
+def test_a_list_of_trigger_words_is_refused():
+    with pytest.raises(ConfigError, match=r"config\.process\[0\]\.trigger_word is a list"):
+        from_aitoolkit(_minimal(trigger_word=["a", "b"]))
+
+
+@pytest.mark.parametrize("dotted, value, home", [
+    ("model__train_low_noise", False, "model.model_kwargs"), ("train__train_low_noise", False, "model.model_kwargs"),
+    ("model__gradient_checkpointing", False, "train"), ("train__shrink_video_to_frames", False, "datasets[]"),
+    ("lr", 1e-4, "train"), ("steps", 10, "train"), ("train__trigger_word", "sks", "config.process[0]`"),
+])
+def test_a_key_in_the_wrong_section_says_where_it_belongs(dotted, value, home):
+    # ai-toolkit reads each key in its own section only; elsewhere it is ignored, whatever its value.
+    with pytest.raises(ConfigError) as exc:
+        from_aitoolkit(_minimal(**{dotted: value}))
+    assert "move it under" in str(exc.value) and home in str(exc.value)
+
+
+def test_a_misplaced_key_also_given_in_its_section_is_named():
+    _, notes = from_aitoolkit(_minimal(train__lr=1e-4, lr=0))
+    assert _ignored(notes) == [f"{P}.lr"] and "`config.process[0].train`" in notes[0]
+
+
+def test_sample_typos_are_caught_without_prompts():
+    with pytest.raises(ConfigError, match="did you mean 'prompts'"):
+        from_aitoolkit(_minimal(sample={"prompt": ["a cat"], "sample_every": 10}))
+
+
+def test_pretrained_lora_path_loads_both_experts_of_the_pair(tmp_path):
+    high, low = tmp_path / "x_high_noise.safetensors", tmp_path / "x_low_noise.safetensors"
+    for f in (high, low):
+        f.write_bytes(b"")
+    job, _ = from_aitoolkit(_minimal(network__pretrained_lora_path=str(low)))
+    assert (job["lora"]["init_high"], job["lora"]["init_low"]) == (str(high), str(low))
+    with pytest.raises(ConfigError, match="does not exist"):
+        from_aitoolkit(_minimal(network__pretrained_lora_path=str(tmp_path / "y_high_noise.safetensors")))
+
+
+@pytest.mark.parametrize("key", ["only_if_contains", "ignore_if_contains"])
+def test_layer_filters_are_refused_not_dropped(key):
+    with pytest.raises(ConfigError, match=f"network_kwargs.{key} is not supported"):
+        from_aitoolkit(_minimal(network__network_kwargs={key: ["attn1"]}))
+
+
+def test_ema_config_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="ema_config is True, not a mapping"):
+        from_aitoolkit(_minimal(train__ema_config=True))
+
+
+def test_dataset_path_is_the_folder_as_in_ai_toolkit():
+    job, notes = from_aitoolkit(_minimal(datasets=[{"dataset_path": "clips"}]))
+    assert job["datasets"][0]["folder"] == "clips" and notes == []
+
+
+def test_a_list_folder_path_is_refused():
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.folder_path is a list"):
+        from_aitoolkit(_minimal(datasets=[{"folder_path": ["a", "b"]}]))
+
+
+def test_job_shape_errors():
+    data = _minimal()
+    del data["job"]
+    assert is_aitoolkit_config(data)
+    with pytest.raises(ConfigError, match="job: extension"):
+        from_aitoolkit(data)
+    data = _minimal()
+    data["config"]["name"] = 123
+    with pytest.raises(ConfigError, match="not text"):
+        from_aitoolkit(data)
+    data = _minimal()
+    data["config"]["process"][0]["netwrok"] = data["config"]["process"][0].pop("network")
+    with pytest.raises(ConfigError, match="did you mean 'network'"):
+        from_aitoolkit(data)
+
+
+@pytest.mark.parametrize("over", [
+    {"train__max_denoising_steps": 999},
+    {"datasets": [{"folder_path": "clips", "keep_tokens": 2}]},
+    {"datasets": [{"folder_path": "clips", "token_dropout_rate": 0.2, "cache_text_embeddings": True}]},
+    {"datasets": [{"folder_path": "clips", "token_dropout_rate": 0.2}], "train__cache_text_embeddings": True},
+])
+def test_values_without_effect_in_ai_toolkit_get_no_warning(over):
+    _, notes = from_aitoolkit(_minimal(**over))
+    assert notes == []
+
+
+def test_tilde_in_training_folder_is_expanded():
+    job, _ = from_aitoolkit(_minimal(training_folder="~/runs"))
+    assert job["save"]["output_dir"] == os.path.expanduser("~/runs")

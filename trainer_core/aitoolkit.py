@@ -83,6 +83,8 @@ _DTYPES = {
     "float": "fp32", "single": "fp32", "half": "fp16",
 }  # fmt: skip
 _OPTIMIZERS = ("adamw8bit", "adamw")
+#: 'ddpm' is TrainConfig's default; for Wan 2.2 it only picks the timestep grid (see _other_scheduler_timesteps).
+_NOISE_SCHEDULERS = ("flowmatch", "ddpm")
 #: flux_shift / lumina2_shift run the same code as shift when the scheduler has no dynamic shifting (Wan's has none).
 _TIMESTEP_TYPES = {
     "linear": "linear", "sigmoid": "sigmoid", "weighted": "weighted",
@@ -162,8 +164,6 @@ _REASONS: dict[str, str] = {
     "logging.use_ui_logger": "ai-toolkit's UI logger is not available; progress goes to the console",
     "network.transformer_only": "LoRAs always go on the Linear layers of the transformer blocks only",
     "network.split_multistage_loras": "one LoRA file per expert is always written",
-    "network.network_kwargs.ignore_if_contains": "use lora.target_modules to choose the layers",
-    "network.network_kwargs.only_if_contains": "use lora.target_modules to choose the layers",
     "save.push_to_hub": "uploading to the Hugging Face Hub is not supported",
     "save.hf_repo_id": "uploading to the Hugging Face Hub is not supported",
     "save.hf_private": "uploading to the Hugging Face Hub is not supported",
@@ -252,6 +252,8 @@ _ONLY_WITH: dict[str, str] = {
     "datasets.replay_transforms": "control_path",
     "datasets.num_controls_from_same_folder": "control_from_same_folder",
     "datasets.trim_auto_frame_count_tail": "auto_frame_count",
+    # dataloader_mixins.py: the first keep_tokens tokens are spared by token dropout only (shuffling ignores it).
+    "datasets.keep_tokens": "token_dropout_rate",
 }
 
 #: Keys whose ai-toolkit default is not an "off" value: silent only at that default.
@@ -259,6 +261,7 @@ _DEFAULTS: dict[str, Any] = {
     "network.transformer_only": True,
     "network.split_multistage_loras": True,
     "train.reg_weight": 1.0,
+    "train.max_denoising_steps": 999,
     "train.ema_config.param_multiplier": 1.0,
     "sample.format": "jpg",
     "datasets.type": "image",
@@ -442,12 +445,107 @@ _ALIASES: dict[str, dict[str, str]] = {
 }  # fmt: skip
 
 
+#: The sections of a process that :func:`_misplaced` looks through, and the words that tell where one is.
+_SECTIONS = ("process", "network", "save", "model", "model.model_kwargs", "train", "logging", "sample", "datasets")
+#: Each ai-toolkit key -> the sections of a process that read it.
+_HOMES: dict[str, tuple[str, ...]] = {}
+for _kind in _SECTIONS:
+    for _key in _AITOOLKIT_KEYS[_kind]:
+        _HOMES[_key] = (*_HOMES.get(_key, ()), _kind)
+
+
+def _section_path(kind: str) -> str:
+    """Where a section lives in the file, as the user writes it."""
+    if kind == "process":
+        return _PROCESS
+    return f"{_PROCESS}.datasets[] (each dataset entry)" if kind == "datasets" else f"{_PROCESS}.{kind}"
+
+
+def _process_sections(proc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, key path, settings) of every section of ``proc`` written as a mapping."""
+    found = [("process", _PROCESS, proc)]
+    for kind in _SECTIONS[1:-1]:
+        node: Any = proc
+        for part in kind.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            found.append((kind, f"{_PROCESS}.{kind}", node))
+    datasets = proc.get("datasets")
+    for i, ds in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(ds, dict):
+            found.append(("datasets", f"{_PROCESS}.datasets[{i}]", ds))
+    return found
+
+
+def _given_in(proc: dict[str, Any], kind: str, key: str) -> bool:
+    """Whether ``key`` is given in the section ``kind`` of ``proc`` (in any dataset entry for datasets)."""
+    return any(key in node for k, _, node in _process_sections(proc) if k == kind)
+
+
+def _misplaced(proc: dict[str, Any], notes: list[str]) -> None:
+    """Name every key written in a section that does not read it but another one does, whatever its value (ai-toolkit
+    ignores it there), and remove it from the section. Refuses one that stands for a key this trainer applies and
+    that section does not give: the job would silently train with that key's default."""
+    for kind, where, section in _process_sections(proc):
+        for key in [k for k in section if isinstance(k, str) and k not in _AITOOLKIT_KEYS[kind]]:
+            homes = [h for h in _HOMES.get(key, ()) if h != kind]
+            if not homes:
+                continue
+            path, places = f"{where}.{key}", " or ".join(f"`{_section_path(h)}`" for h in homes)
+            missing = [h for h in homes if key in _APPLIED_KEYS[h] and not _given_in(proc, h, key)]
+            if missing:
+                raise ConfigError(
+                    f"{path} is in the wrong section: ai-toolkit reads {key} under {places} and ignores it here, so "
+                    f"the job would silently train with its default - move it under `{_section_path(missing[0])}`"
+                )
+            given = " (it is given there too, and that one is read)" if any(_given_in(proc, h, key) for h in homes) else ""
+            notes.append(f"{path} is ignored: ai-toolkit reads {key} under {places}, not here{given} - move it there")
+            del section[key]
+
+
+#: ai-toolkit's switches (read by truthiness, so any non-empty text is on) and the words that look like a boolean.
+_BOOL_KEYS = _keys(
+    "quantize quantize_te low_vram layer_offloading vae_tiling train_high_noise train_low_noise train_unet "
+    "gradient_checkpointing skip_first_sample force_first_sample disable_sampling cache_text_embeddings "
+    "unload_text_encoder diff_output_preservation do_differential_guidance do_guidance_loss use_ema is_reg prior_reg "
+    "shrink_video_to_frames cache_latents cache_latents_to_disk flip_x flip_y walk_seed buckets linear_timesteps "
+    "linear_timesteps2 split_multistage_loras transformer_only push_to_hub use_wandb compile auto_frame_count"
+)
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+#: Keys whose values are free text, where a word like 'no' is meant as written.
+_TEXT_KEYS = _keys(
+    "name trigger_word default_caption prompt prompts neg diff_output_preservation_class folder_path dataset_path "
+    "training_folder name_or_path caption_ext caption_type"
+)
+
+
+def _quoted_bools(node: Any, where: str) -> None:
+    """Refuse a switch written as text ('false', "no"): ai-toolkit tests it for truth, and any non-empty text is
+    true there, while YAML's own false/no are not - so the quotes silently turn the switch on."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}"
+        if isinstance(value, (dict, list)):
+            _quoted_bools(value, path)
+        elif isinstance(value, str) and isinstance(key, str) and key not in _TEXT_KEYS:
+            meant = _BOOL_WORDS.get(value.strip().lower())
+            if key in _BOOL_KEYS or meant is not None:
+                word = "true" if meant or (meant is None and value) else "false"
+                raise ConfigError(
+                    f"{path} is the text {value!r}: write {word} without quotes - ai-toolkit reads the text "
+                    f"{value!r} as {str(bool(value)).lower()}"
+                )
+
+
 def is_aitoolkit_config(data: Any) -> bool:
     """True when ``data`` has ai-toolkit's job shape (top-level ``job`` and ``config`` keys, which it requires).
 
     This trainer's own schema has neither key, so the two cannot be confused.
     """
-    return isinstance(data, dict) and "job" in data and isinstance(data.get("config"), dict)
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        return False
+    # A file with ai-toolkit's config.process but no job line is ai-toolkit's too: from_aitoolkit names the gap.
+    return "job" in data or "process" in data["config"]
 
 
 def from_aitoolkit(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -459,16 +557,27 @@ def from_aitoolkit(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """
     if not is_aitoolkit_config(data):
         raise ConfigError("not an ai-toolkit job: expected top-level 'job' and 'config' sections")
+    if "job" not in data:
+        raise ConfigError(
+            "job is missing: the file looks like an ai-toolkit job (config.process) without its first line - add "
+            "job: extension at the top"
+        )
     if data["job"] != "extension":
         raise ConfigError(f"job is {data['job']!r}: only ai-toolkit training jobs ('job: extension') can be read")
     data = _expand_env(data)
     name = data["config"].get("name")
-    if not isinstance(name, str) or not name:
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(
+            f"config.name is {name!r}, not text: ai-toolkit names the output folder and files after it - write it "
+            f"in quotes, e.g. name: '{name}'"
+        )
+    if not name:
         raise ConfigError(
             "config.name is missing: ai-toolkit names the output folder and files after it - add e.g. name: my_lora "
             "under config"
         )
     data = _expand_name(data, name)
+    _quoted_bools(data["config"], "config")
     processes = data["config"].get("process")
     if isinstance(processes, dict):
         raise ConfigError(
@@ -548,7 +657,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
 }
 #: The same for each ``datasets[i]`` setting -> the keys of that dataset entry.
 _DATASET_SOURCES: dict[str, tuple[str, ...]] = {
-    "folder": ("folder_path",),
+    "folder": ("folder_path", "dataset_path"),
     "caption_ext": ("caption_type", "caption_ext"),
     "caption_dropout": ("caption_dropout_rate",),
     "resolutions": ("resolution",),
@@ -611,10 +720,13 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
             f"({', '.join(map(repr, _TRAINER_TYPES))})"
         )
     if rest.get("network") is None:
+        typo = closest_key("network", [str(k) for k in rest if k != "network"])
+        hint = f" ('{typo}' is given - did you mean 'network'? rename it)" if typo else ""
         raise ConfigError(
-            f"{_PROCESS}.network is missing: ai-toolkit would fine-tune the whole model; this trainer trains LoRAs - "
-            "add network: {type: lora, linear: 16, linear_alpha: 16}"
+            f"{_PROCESS}.network is missing{hint}: ai-toolkit would fine-tune the whole model; this trainer trains "
+            "LoRAs - add network: {type: lora, linear: 16, linear_alpha: 16}"
         )
+    _misplaced(rest, notes)
     job: dict[str, Any] = {
         "name": rest.pop("name", None) or job_name,  # a process may override the job's name, as in ai-toolkit
         "model": {},
@@ -626,10 +738,15 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
         "sample": {},
     }
     trigger = rest.pop("trigger_word", None)
+    if isinstance(trigger, (list, tuple, dict)):
+        raise ConfigError(
+            f"{_PROCESS}.trigger_word is a {type(trigger).__name__}: ai-toolkit takes one trigger word as text - "
+            "write one, e.g. trigger_word: sks"
+        )
     if trigger is not None:
         job["trigger_word"] = str(trigger)
     if rest.get("training_folder") is not None:
-        job["save"]["output_dir"] = str(rest.pop("training_folder"))
+        job["save"]["output_dir"] = os.path.expanduser(str(rest.pop("training_folder")))
     if rest.get("device") is not None:
         job["train"]["device"] = str(rest.pop("device"))
     if rest.get("training_seed") is not None:
@@ -646,7 +763,7 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
     if not isinstance(raw, list):
         raise ConfigError(f"{_PROCESS}.datasets must be a list of dataset entries, got {type(raw).__name__}")
     raw = [_take_item(raw, i, f"{_PROCESS}.datasets") for i in range(len(raw))]
-    job["datasets"] = [_map_dataset(ds, i, job.get("trigger_word"), notes) for i, ds in enumerate(raw)]
+    job["datasets"] = [_map_dataset(ds, i, job.get("trigger_word"), flags["cache_text_embeddings"], notes) for i, ds in enumerate(raw)]
     _map_regularization(raw, flags["reg_weight"], job, notes)
     _map_text_encoder(flags, raw, job, notes)
     _map_sample(_take(rest, "sample", _PROCESS), rest.pop("first_sample", None), flags, job, notes)
@@ -677,8 +794,44 @@ def _map_network(net: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     if dropout is not None:
         lora["dropout"] = _float(dropout, f"{where}.dropout")
     kwargs = _take(rest, "network_kwargs", where)
+    for key in ("only_if_contains", "ignore_if_contains"):
+        if not _is_off(kwargs.get(key)):
+            # lora_special.py matches these words against the module's dotted name and lora name alike; this
+            # trainer's lora.target_modules picks layers by another rule, so the job would train other layers.
+            raise ConfigError(
+                f"{where}.network_kwargs.{key} is not supported: ai-toolkit trains only the layers whose names "
+                f"{'contain' if key == 'only_if_contains' else 'lack'} those words, and this import cannot choose "
+                "layers that way - remove it to train every Linear layer of the blocks, or write this trainer's "
+                "own job file with lora.target_modules"
+            )
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("only_if_contains", "ignore_if_contains")}
+    _map_pretrained(rest.pop("pretrained_lora_path", None), job)
     _leftovers(kwargs, "network.network_kwargs", f"{where}.network_kwargs", kwargs, notes)
     _leftovers(rest, "network", where, net, notes)
+
+
+def _map_pretrained(path: Any, job: dict[str, Any]) -> None:
+    """network.pretrained_lora_path as ai-toolkit's Wan22Model.load_lora reads it: the file named and its partner
+    (``_high_noise`` <-> ``_low_noise``), each loaded when it exists (experts that do not train are skipped later
+    by the multistage settings, as there)."""
+    key = f"{_PROCESS}.network.pretrained_lora_path"
+    if _is_off(path):
+        return
+    path = os.path.expanduser(str(path))
+    pair = {
+        "high": path.replace("_low_noise.safetensors", "_high_noise.safetensors"),
+        "low": path.replace("_high_noise.safetensors", "_low_noise.safetensors"),
+    }
+    if pair["high"] == pair["low"]:
+        raise ConfigError(
+            f"{key} is {path!r}: a combined LoRA of both experts is not supported here - give one file of a "
+            "<name>_high_noise.safetensors / <name>_low_noise.safetensors pair"
+        )
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: {path} does not exist - give the path of an existing LoRA file")
+    for expert, file in pair.items():
+        if os.path.isfile(file):
+            job["lora"][f"init_{expert}"] = file
 
 
 def _map_save(save: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
@@ -837,7 +990,8 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     ``reg_weight`` (regularization datasets)."""
     where = f"{_PROCESS}.train"
     rest = dict(train)
-    _require(rest.pop("noise_scheduler", "flowmatch"), ("flowmatch",), f"{where}.noise_scheduler")
+    scheduler = rest.pop("noise_scheduler", "ddpm")  # TrainConfig's default
+    _require(scheduler, _NOISE_SCHEDULERS, f"{where}.noise_scheduler")
     _require(rest.pop("loss_type", "mse"), ("mse",), f"{where}.loss_type")
     if rest.pop("train_unet", True) is not True:
         raise ConfigError(f"{where}.train_unet is off: nothing would train - remove it or set it true")
@@ -847,7 +1001,10 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
             f"{where}.gradient_accumulation_steps is {accum_steps!r}: this legacy ai-toolkit setting counts every "
             "micro-batch as a step - use gradient_accumulation instead (steps then count optimizer steps)"
         )
-    ttype = str(rest.pop("timestep_type", "sigmoid"))
+    given_type = rest.pop("timestep_type", None)
+    ttype = str(given_type or "sigmoid")
+    if scheduler != "flowmatch":
+        ttype = _other_scheduler_timesteps(given_type, scheduler, notes)
     if ttype not in _TIMESTEP_TYPES:
         raise ConfigError(
             f"{where}.timestep_type is {ttype!r}: accepted values are {', '.join(map(repr, _TIMESTEP_TYPES))}"
@@ -896,6 +1053,27 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     return flags
 
 
+def _other_scheduler_timesteps(given: Any, scheduler: str, notes: list[str]) -> str:
+    """The timestep type of a job whose noise_scheduler is not flowmatch: ai-toolkit then calls the Wan 2.2
+    scheduler's plain ``set_timesteps(1000)`` (BaseSDTrainProcess, the branch after 'flowmatch'), whose grid is the
+    shift-5 flow-matching schedule (wan22_5b_model.scheduler_config) whatever ``timestep_type`` says; 'weighted'
+    still weights the loss there (SDTrainer), a mix this trainer cannot make."""
+    where = f"{_PROCESS}.train"
+    if given == "weighted":
+        raise ConfigError(
+            f"{where}.timestep_type is 'weighted' with noise_scheduler {scheduler!r}: ai-toolkit then draws Wan 2.2's "
+            "timesteps from its shift-5 schedule but weights their loss by the 'weighted' table, a mix this trainer "
+            "cannot make - add noise_scheduler: flowmatch to train 'weighted' as ai-toolkit does with it"
+        )
+    if given is not None and given not in ("shift", "flux_shift", "lumina2_shift"):
+        notes.append(
+            f"{where}.timestep_type is ignored: with noise_scheduler {scheduler!r} (ai-toolkit's default when it is "
+            f"left out) ai-toolkit draws Wan 2.2's timesteps from its shift-5 schedule whatever timestep_type says, "
+            f"and so does this job - add noise_scheduler: flowmatch to draw them as {given!r}"
+        )
+    return "shift"
+
+
 def _map_advanced(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
     """DOP, differential guidance and EMA settings of the train section; pops the keys it reads from ``rest``."""
     where = f"{_PROCESS}.train"
@@ -931,6 +1109,11 @@ def _map_advanced(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -
                 "is on too (it is nested under that switch, ai-toolkit's open bug, PR #974); here it applies"
             )
     ema = rest.pop("ema_config", None)
+    if ema is not None and not isinstance(ema, dict):
+        raise ConfigError(
+            f"{where}.ema_config is {ema!r}, not a mapping: ai-toolkit reads its settings from it - write "
+            "ema_config: {use_ema: true} (or remove it)"
+        )
     if isinstance(ema, dict) and ema.get("use_ema"):
         e_rest = dict(ema)
         e_rest.pop("use_ema")
@@ -999,12 +1182,27 @@ def _map_optimizer(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) 
     _leftovers(s_rest, "train.lr_scheduler_params", f"{where}.lr_scheduler_params", s_params, notes)
 
 
-def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: list[str]) -> dict[str, Any]:
+def _flag_given(section: dict[str, Any], key: str) -> bool:
+    return not _is_off(section.get(key))
+
+
+def _map_dataset(
+    ds: dict[str, Any], index: int, trigger: str | None, cache_te: bool, notes: list[str]
+) -> dict[str, Any]:
+    """One dataset entry; ``cache_te``: train.cache_text_embeddings (which ai-toolkit copies into every dataset)."""
     where = f"{_PROCESS}.datasets[{index}]"
     rest = dict(ds)
-    folder = rest.pop("folder_path", None)
+    # ai-toolkit reads dataset_path where folder_path is not given (DatasetConfig, AiToolkitDataset.__init__).
+    folder_key = "folder_path" if rest.get("folder_path") is not None else "dataset_path"
+    folder = rest.pop("folder_path", None) or rest.pop("dataset_path", None)
+    rest.pop("dataset_path", None)
     if not folder:
         raise ConfigError(f"{where}.folder_path is missing: give the folder of clips/images and their captions")
+    if not isinstance(folder, str):
+        raise ConfigError(
+            f"{where}.{folder_key} is a {type(folder).__name__}: ai-toolkit takes one folder per dataset entry - "
+            "write one path, and add a dataset entry (- folder_path: ...) for each other folder"
+        )
     caption_ext = rest.pop("caption_ext", "txt")
     legacy_ext = rest.pop("caption_type", None)  # ai-toolkit's legacy name wins when given
     if legacy_ext:
@@ -1059,6 +1257,10 @@ def _map_dataset(ds: dict[str, Any], index: int, trigger: str | None, notes: lis
             )
     if rest.get("trigger_word") in (None, trigger):
         rest.pop("trigger_word", None)
+    if _flag_given(ds, "cache_text_embeddings") or cache_te:
+        # ai-toolkit drops tokens only from captions encoded live (dataloader_mixins.py: "... and not
+        # self.dataset_config.cache_text_embeddings"); train.cache_text_embeddings turns it on for every dataset.
+        rest.pop("token_dropout_rate", None)
     rest.pop("cache_text_embeddings", None)  # read by _map_text_encoder
     _leftovers(rest, "datasets", where, ds, notes)
     return out
@@ -1196,14 +1398,12 @@ def _map_sample(
     where = f"{_PROCESS}.sample"
     rest = dict(sample)
     prompts = _sample_items(rest, where)
-    if flags["disable_sampling"]:
-        job.pop("sample")  # ai-toolkit renders nothing: every sampling setting is moot
+    if flags["disable_sampling"] or not prompts:
+        job.pop("sample")  # ai-toolkit renders nothing: every sampling setting is moot, but a misspelt key is not
+        _leftovers(rest, "sample", where, sample, notes, moot=True)
         return
     if isinstance(first, dict) and _sample_items(dict(first), f"{_PROCESS}.first_sample"):
         notes.append(f"{_PROCESS}.first_sample is ignored: {_REASONS['process.first_sample']}")
-    if not prompts:
-        job.pop("sample")
-        return
     rest.pop("sampler", None)  # Wan 2.2's pipeline always uses its flow-matching Euler scheduler
     section = {key: rest.pop(key, default) for key, default in _SAMPLE_DEFAULTS.items()}
     if section["neg"] is None or section["neg"] is False:
@@ -1533,15 +1733,20 @@ def _shared_seed(per_prompt: list[tuple[int, str]], section: dict[str, Any], whe
     return {"seed": base, "walk_seeds": walk}
 
 
-def _leftovers(rest: dict[str, Any], kind: str, where: str, section: dict[str, Any], notes: list[str]) -> None:
+def _leftovers(
+    rest: dict[str, Any], kind: str, where: str, section: dict[str, Any], notes: list[str], moot: bool = False
+) -> None:
     """Warn about each key of ``rest`` (``section`` minus what was mapped) that asks for something not applied;
-    refuse a misspelling of a key that this trainer applies (see :func:`_unknown_key`)."""
+    refuse a misspelling of a key that this trainer applies (see :func:`_unknown_key`). ``moot``: the section has no
+    effect as written (sampling off), so only unknown keys are named."""
     for key, value in rest.items():
         path = f"{where}.{key}" if where else key
         unknown = _unknown_key(str(key), kind, path, section)
         if unknown is not None:
             if not _is_off(value):
                 notes.append(f"{path} is ignored: {unknown}")
+            continue
+        if moot:
             continue
         name = f"{kind}.{key}"
         if name in _NO_EFFECT:
