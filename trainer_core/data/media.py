@@ -2,9 +2,16 @@
 
 Videos are read with PyAV. Probing demuxes every packet once (no decoding beyond the first frame) to learn each
 frame's presentation time, which frame sampling works on, and which frames are keyframes. Display orientation is
-honoured: a video's rotation metadata (phones store portrait clips as rotated landscape) and non-square pixels, and a
-photo's EXIF orientation. Still images are read with Pillow (a dependency of diffusers), which applies EXIF
-orientation.
+honoured: a video's display matrix (phones store portrait clips as rotated landscape; editors store mirroring there
+too), applied as ffmpeg's autorotate applies it (:func:`display_orientation`), and non-square pixels, and a photo's
+EXIF orientation. Still images are read with Pillow (a dependency of diffusers), which applies EXIF orientation.
+
+Videos are read as ffmpeg reads them: the video stream ffmpeg would pick (:func:`pick_stream`); only the frames it
+shows (packets an MP4 edit list hides, as lossless cuts leave them, are decoded for reference but not counted: the
+decoder drops their pictures); a WebM alpha channel decoded with libvpx (FFmpeg's own VP8/VP9 decoders drop it) and
+composited onto black like a transparent image. Animated WebP and PNG (APNG) files are clips, decoded by Pillow with
+their frames' durations. HDR (PQ/HLG) and interlaced sources are read as they are (no tone mapping, no
+deinterlacing); the probe notes them.
 
 Still images go through one set of rules (:func:`read_image`, and the probe): every pixel mode a PNG, JPEG or WebP
 opens as becomes 8-bit RGB, 16-bit grey scaled rather than clipped, transparent pixels composited onto black (the
@@ -21,7 +28,9 @@ updates of the previous one).
 
 from __future__ import annotations
 
+import math
 import re
+import struct
 import warnings
 from bisect import bisect_right
 from contextlib import contextmanager
@@ -55,16 +64,21 @@ _ENCODERS = {  # extension -> (codec, pixel format, options) used by write_video
 }
 
 
+#: How a stored video frame is shown: (transpose, then flip upside down, then mirror left-right).
+Orientation = tuple[bool, bool, bool]
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     """What probing learned about one file.
 
     ``width``/``height`` are the display size (after rotation and pixel aspect ratio), which buckets use.
     ``frame_times`` are the frames' presentation times in seconds from the first frame (``(0,)`` for an image).
-    ``rotation`` is the counter-clockwise quarter turns needed to show a decoded video frame upright.
-    ``pts`` are the frames' raw timestamps in the stream's time base, sorted (empty when the file has none or they
-    repeat, which disables seeking); ``keyframes`` the indices of the frames stored as keyframes. ``transparent``:
-    an image with transparent pixels, which decode composited onto black.
+    ``orient`` is how a decoded video frame is shown upright (see :data:`Orientation`). ``stream`` is the index of
+    the video stream read. ``pts`` are the shown frames' raw timestamps in the stream's time base, sorted (empty
+    when the file has none or they repeat, which disables seeking); ``keyframes`` the indices of the frames stored
+    as keyframes. ``transparent``: an image with transparent pixels, or a video with an alpha channel, which decode
+    composited onto black. ``notes``: report lines about how the file is read (which stream, HDR, interlacing).
     """
 
     path: Path
@@ -72,10 +86,17 @@ class MediaInfo:
     width: Fraction
     height: Fraction
     frame_times: tuple[Fraction, ...]
-    rotation: int = 0
+    orient: Orientation = (False, False, False)
+    stream: int = 0
     pts: tuple[int, ...] = ()
     keyframes: tuple[int, ...] = ()
     transparent: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def animated_image(self) -> bool:
+        """An animated WebP or PNG: a clip whose frames Pillow decodes."""
+        return self.kind == "video" and self.path.suffix.lower() in IMAGE_EXTS
 
     @property
     def num_frames(self) -> int:
@@ -99,7 +120,7 @@ def media_kind(path: Path) -> Literal["video", "image"] | None:
 def unsupported_error(path: Path) -> DatasetError:
     """The error for a file whose extension is not a supported video or image format."""
     return DatasetError(
-        f"{path}: unsupported file type '{path.suffix}' - convert videos to one of "
+        f"{shown(path)}: unsupported file type '{path.suffix}' - convert videos to one of "
         f"{', '.join(sorted(VIDEO_EXTS))} (e.g. ffmpeg -i in{path.suffix} out.mp4) and images to one of "
         f"{', '.join(sorted(IMAGE_EXTS))}, or remove the file"
     )
@@ -107,13 +128,25 @@ def unsupported_error(path: Path) -> DatasetError:
 
 def _zero_length(path: Path) -> DatasetError:
     return DatasetError(
-        f"{path}: zero-length clip: the file holds no video frames - re-export the clip or remove the file"
+        f"{shown(path)}: zero-length clip: the file holds no video frames - re-export the clip or remove the file"
     )
 
 
+def shown(path: Path | str) -> str:
+    """A file name for a one-line message: as is, or quoted (``repr``) when it holds a newline or other control
+    character that would split or garble the line."""
+    text = str(path)
+    return repr(text) if any(not c.isprintable() for c in text) else text
+
+
 def _unreadable(path: Path, exc: Exception) -> DatasetError:
+    if isinstance(exc, PermissionError):  # av.error.PermissionError is one too
+        return DatasetError(
+            f"cannot read media file {shown(path)}: permission denied - check its permissions (the training user "
+            "must be able to read it)"
+        )
     return DatasetError(
-        f"cannot read media file {path}: {exc} - re-encode it (e.g. to H.264 mp4 or PNG) or remove it from the folder"
+        f"cannot read media file {shown(path)}: {exc} - re-encode it (e.g. to H.264 mp4 or PNG) or remove it from the folder"
     )
 
 
@@ -125,7 +158,8 @@ def probe(path: Path) -> MediaInfo:
     try:
         if path.stat().st_size == 0:
             raise DatasetError(
-                f"{path}: the file is empty (0 bytes) - the copy or export did not finish; replace it or remove it"
+                f"{shown(path)}: the file is empty (0 bytes) - the copy or export did not finish; replace it or "
+                "remove it"
             )
         return _probe_image(path) if kind == "image" else _probe_video(path)
     except DatasetError:
@@ -143,7 +177,28 @@ def _probe_image(path: Path) -> MediaInfo:
         # Only an image that can hold transparency is decoded here, to tell whether any pixel is transparent.
         transparent = _has_alpha(img) and _pixels(img, path)[1]
         width, height = (img.height, img.width) if turned else (img.width, img.height)
-    return MediaInfo(path, "image", Fraction(width), Fraction(height), (Fraction(0),), transparent=transparent)
+        # An animated WebP/PNG is a clip: its first frame alone would train a still of a moving subject.
+        frames = getattr(img, "n_frames", 1) if getattr(img, "is_animated", False) else 1
+        times = _animation_times(img, frames, path) if frames > 1 else (Fraction(0),)
+    kind: Literal["video", "image"] = "video" if frames > 1 else "image"
+    return MediaInfo(path, kind, Fraction(width), Fraction(height), times, transparent=transparent)
+
+
+def _animation_times(img: Image.Image, frames: int, path: Path) -> tuple[Fraction, ...]:
+    """Presentation times (s) of an animated image's frames: each frame is shown for its ``duration`` (ms)."""
+    times = [Fraction(0)]
+    for i in range(frames - 1):
+        img.seek(i)
+        img.load()  # WebP sets a frame's duration as it decodes it
+        ms = img.info.get("duration")
+        if not ms or ms <= 0:  # no or zero delay: players disagree on its speed, so there is no real speed to keep
+            raise DatasetError(
+                f"{shown(path)}: animation frame {i} has no display time ({ms!r} ms), so its speed is unknown - "
+                "re-export it with a frame rate (e.g. as mp4) or remove it"
+            )
+        times.append(times[-1] + Fraction(ms) / 1000)
+    img.seek(0)
+    return tuple(times)
 
 
 #: Still images above this many pixels are refused from their header, before any pixel is decoded. Every common
@@ -165,7 +220,7 @@ _DEEP_GREY: dict[str, float] = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "
 def _too_large(path: Path, pixels: int | None, limit: int) -> DatasetError:
     size = f"{pixels / 1e6:.3g} megapixels" if pixels else "its size"
     return DatasetError(
-        f"{path}: {size}, above the limit of {limit / 1e6:.3g} megapixels - downscale it (training buckets are "
+        f"{shown(path)}: {size}, above the limit of {limit / 1e6:.3g} megapixels - downscale it (training buckets are "
         "far smaller) or remove it"
     )
 
@@ -193,12 +248,12 @@ def _check_mode(img: Image.Image, path: Path) -> None:
     """Refuse, from the header, an image whose pixels the rules of :func:`_pixels` cannot turn into RGB faithfully."""
     if img.mode not in _RGB_MODES | _ALPHA_MODES | _DEEP_GREY.keys():
         raise DatasetError(
-            f"{path}: pixel mode {img.mode} is not supported - re-save it as 8-bit RGB or RGBA (PNG, JPEG or WebP)"
+            f"{shown(path)}: pixel mode {img.mode} is not supported - re-save it as 8-bit RGB or RGBA (PNG, JPEG or WebP)"
         )
     # Pillow reads 16-bit RGB PNGs as 8-bit but keeps a transparent colour (tRNS) in 16 bits, then masks wrong pixels.
     if img.mode == "RGB" and "transparency" in img.info and any(";16" in str(tile[3]) for tile in img.tile):
         raise DatasetError(
-            f"{path}: 16-bit RGB with a transparent colour (tRNS) cannot be decoded faithfully - re-save it as 8-bit "
+            f"{shown(path)}: 16-bit RGB with a transparent colour (tRNS) cannot be decoded faithfully - re-save it as 8-bit "
             "or as RGBA"
         )
 
@@ -216,7 +271,7 @@ def _deep_grey(img: Image.Image, path: Path) -> np.ndarray:
     values = np.asarray(img)
     if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= white):
         raise DatasetError(
-            f"{path}: {img.mode} pixel values {values.min()}-{values.max()} lie outside 0-{white:g}, so their "
+            f"{shown(path)}: {img.mode} pixel values {values.min()}-{values.max()} lie outside 0-{white:g}, so their "
             "brightness scale is unknown - re-save it as 8- or 16-bit"
         )
     grey = np.rint(values * (255 / white)).astype(np.uint8)
@@ -249,6 +304,17 @@ def _pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, bool]:
     return _onto_black(pixels) if pixels.shape[-1] == 4 else (pixels, False)
 
 
+def _decode_animated(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[int, np.ndarray]:
+    """Frames of an animated WebP/PNG by index, each composed by Pillow (disposal, blending) and resized."""
+    out = {}
+    with _open_image(info.path) as img:
+        for i in wanted:
+            img.seek(i)
+            rgb, _ = _pixels(img, info.path)
+            out[i] = np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC))
+    return out
+
+
 def read_image(path: Path, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     """The still image at ``path``, upright, as uint8 RGB ``[height, width, 3]`` resized to ``size`` = (width,
     height) (see the module docstring for the rules); :class:`DatasetError` for an image they refuse."""
@@ -257,53 +323,157 @@ def read_image(path: Path, size: tuple[int, int], resample: Image.Resampling) ->
     return np.asarray(Image.fromarray(rgb).resize(size, resample))
 
 
+#: FFmpeg's transfer characteristics of HDR video: AVCOL_TRC_SMPTE2084 (PQ) and AVCOL_TRC_ARIB_STD_B67 (HLG).
+_HDR_TRC = {16: "PQ (HDR10)", 18: "HLG"}
+
+
+def pick_stream(streams: Sequence[av.video.stream.VideoStream]) -> av.video.stream.VideoStream | None:
+    """The video stream ffmpeg's command line reads by default (``map_auto_video`` in fftools), ``None`` if none.
+
+    Attached pictures (cover art, thumbnails) are skipped; of the rest the one with the most pixels wins, a stream
+    marked default counting 5,000,000 pixels more, and the first such stream on a tie.
+    """
+    def score(s: av.video.stream.VideoStream) -> int:
+        default = bool(s.disposition & av.stream.Disposition.default)
+        return s.codec_context.width * s.codec_context.height + 5_000_000 * default
+
+    movies = [s for s in streams if not s.disposition & av.stream.Disposition.attached_pic]
+    return max(movies, key=score, default=None)
+
+
+def display_orientation(matrix: Sequence[int] | None) -> Orientation:
+    """How ffmpeg's autorotate (fftools ``ffmpeg_filter.c``, ``ffplay.c``) shows a frame stored under a display
+    matrix (9 ints, FFmpeg's ``AV_PKT_DATA_DISPLAYMATRIX`` layout): rotation *and* mirroring.
+
+    Raises ``ValueError`` for a rotation that is not a multiple of 90 degrees (ffmpeg would rotate the picture by it,
+    filling the corners).
+    """
+    if matrix is None:
+        return (False, False, False)
+    m = matrix
+    sx, sy = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if not sx or not sy:  # av_display_rotation_get gives NaN: ffmpeg applies nothing
+        return (False, False, False)
+    theta = round(math.degrees(math.atan2(m[1] / sy, m[0] / sx)))  # -round(av_display_rotation_get(m))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:  # transpose=cclock_flip (a plain transpose) or transpose=clock
+        return (True, False, m[3] <= 0)
+    if abs(theta - 180) < 1:  # hflip and/or vflip
+        return (False, m[4] < 0, m[0] < 0)
+    if abs(theta - 270) < 1:  # transpose=clock_flip or transpose=cclock
+        return (True, True, m[3] < 0)
+    if abs(theta) > 1:
+        raise ValueError(f"the display matrix rotates the picture by {theta} degrees, not a multiple of 90")
+    return (False, m[4] < 0, False)  # vflip
+
+
+def _display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    for data in frame.side_data:
+        if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            return struct.unpack("=9i", bytes(data))
+    return None
+
+
+def _demux(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> tuple[list[int], list[int], int, av.VideoFrame | None]:
+    """Timestamps of the shown frames and of those that are keyframes, the number of shown frames, and the first
+    decoded picture (decoding only until it comes out).
+
+    A packet flagged discard (an MP4 edit list hides it: a lossless cut keeps the whole GOP its start falls in) is
+    decoded, as later frames refer to it, but the decoder drops its picture: it is not a frame of the clip.
+    """
+    pts: list[int] = []
+    key_pts: list[int] = []
+    count = 0
+    first = None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the end-of-stream flush packet
+            continue
+        if first is None:
+            first = next(iter(stream.decode(packet)), None)
+        if packet.is_discard:
+            continue
+        count += 1
+        if packet.pts is not None:
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                key_pts.append(packet.pts)
+    return pts, key_pts, count, first
+
+
+def _video_notes(
+    path: Path, streams: Sequence[av.video.stream.VideoStream], stream: av.video.stream.VideoStream,
+    first: av.VideoFrame,
+) -> tuple[str, ...]:
+    """Report lines on how a video is read: which of several streams, HDR and interlacing (read as stored)."""
+    notes = []
+    if len(streams) > 1:
+        notes.append(
+            f"{shown(path)}: {len(streams)} video streams; reading stream #{stream.index} ({first.width}x"
+            f"{first.height}), the one ffmpeg picks (cover pictures skipped, then the largest)"
+        )
+    hdr = _HDR_TRC.get(first.color_trc)
+    if hdr:
+        notes.append(
+            f"{shown(path)}: HDR video ({hdr}); it trains as stored, without tone mapping, so its colours differ "
+            "from SDR footage - convert it to SDR BT.709 first (e.g. ffmpeg's zscale and tonemap filters) if the "
+            "LoRA should learn normal colours"
+        )
+    if first.interlaced_frame:
+        notes.append(
+            f"{shown(path)}: interlaced video; its frames train as stored (two fields woven, no deinterlacing), "
+            "so motion shows combing - deinterlace it first (e.g. ffmpeg -vf bwdif out.mp4)"
+        )
+    return tuple(notes)
+
+
 def _probe_video(path: Path) -> MediaInfo:
     with av.open(str(path)) as container:
         if not container.streams:
             raise _zero_length(path)
-        if not container.streams.video:
-            raise DatasetError(f"{path}: has no video stream - is it an audio file? Remove it from the folder")
-        stream = container.streams.video[0]
-        pts: list[int] = []
-        key_pts: list[int] = []
-        packets = 0
-        first = None
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the end-of-stream flush packet
-                continue
-            packets += 1
-            if packet.pts is not None:
-                pts.append(packet.pts)
-                if packet.is_keyframe:
-                    key_pts.append(packet.pts)
-            if first is None:  # decode only until the first picture comes out, to check the file and read its size
-                first = next(iter(stream.decode(packet)), None)
-        if packets == 0:
+        stream = pick_stream(container.streams.video)
+        if stream is None:
+            if container.streams.video:
+                raise DatasetError(
+                    f"{shown(path)}: its only video is an attached picture (cover art), not a clip - remove it"
+                )
+            raise DatasetError(f"{shown(path)}: has no video stream - is it an audio file? Remove it from the folder")
+        pts, key_pts, count, first = _demux(container, stream)
+        if count == 0:
             raise _zero_length(path)
         if first is None:
             first = next(iter(stream.decode(None)), None)
         if first is None:
-            raise DatasetError(f"{path}: the video stream holds no decodable frame - the file is damaged; re-encode it")
-        timed = len(pts) == packets and stream.time_base is not None
+            raise DatasetError(
+                f"{shown(path)}: the video stream holds no decodable frame - the file is damaged; re-encode it"
+            )
+        timed = len(pts) == count and stream.time_base is not None
         if timed:
             pts.sort()
             times = tuple(Fraction(p - pts[0]) * stream.time_base for p in pts)
         else:  # no timestamps: fall back to the nominal frame rate
             rate = stream.average_rate or stream.guessed_rate
             if not rate:
-                raise DatasetError(f"{path}: frames carry no timestamps and no frame rate - re-encode the file")
-            times = tuple(Fraction(i) / Fraction(rate) for i in range(packets))
+                raise DatasetError(f"{shown(path)}: frames carry no timestamps and no frame rate - re-encode the file")
+            times = tuple(Fraction(i) / Fraction(rate) for i in range(count))
+        try:
+            orient = display_orientation(_display_matrix(first))
+        except ValueError as exc:
+            raise DatasetError(f"{shown(path)}: {exc} - re-encode it upright (ffmpeg applies it)") from None
         sar = stream.sample_aspect_ratio or Fraction(1)
-        turns = round((first.rotation or 0) / 90) % 4
+        notes = _video_notes(path, container.streams.video, stream, first)
+        # WebM keeps a VP8/VP9 alpha channel beside the picture, flagged by the track's alpha_mode.
+        alpha = stream.codec_context.name in ("vp8", "vp9") and stream.metadata.get("alpha_mode") == "1"
+        common = {"orient": orient, "stream": stream.index, "transparent": alpha, "notes": notes}
     width, height = Fraction(first.width) * Fraction(sar), Fraction(first.height)
-    if turns % 2:
+    if orient[0]:
         width, height = height, width
-    seekable = timed and len(set(pts)) == len(pts) and path.suffix.lower() in _SEEKABLE_EXTS
-    if not seekable:
-        return MediaInfo(path, "video", width, height, times, turns)
+    if not (timed and len(set(pts)) == len(pts) and path.suffix.lower() in _SEEKABLE_EXTS):
+        return MediaInfo(path, "video", width, height, times, **common)
     index = {p: i for i, p in enumerate(pts)}
     keyframes = tuple(sorted(index[p] for p in set(key_pts)))
-    return MediaInfo(path, "video", width, height, times, turns, tuple(pts), keyframes)
+    return MediaInfo(path, "video", width, height, times, pts=tuple(pts), keyframes=keyframes, **common)
 
 
 def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int], seek: bool = True) -> np.ndarray:
@@ -321,9 +491,12 @@ def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int], 
             crop = arr[top : top + bh, left : left + bw]
             return np.stack([crop] * len(indices))
         wanted = sorted(set(indices))
-        frames = _decode_seeking(info, wanted, rw, rh) if seek and info.pts else None
-        if frames is None:
-            frames = _decode_from_start(info, wanted, rw, rh)
+        if info.animated_image:
+            frames = _decode_animated(info, wanted, rw, rh)
+        else:
+            frames = _decode_seeking(info, wanted, rw, rh) if seek and info.pts else None
+            if frames is None:
+                frames = _decode_from_start(info, wanted, rw, rh)
     except DatasetError:
         raise
     except (av.error.FFmpegError, OSError, UnidentifiedImageError, ValueError) as exc:
@@ -332,20 +505,54 @@ def read_frames(info: MediaInfo, indices: Sequence[int], size: tuple[int, int], 
 
 
 def _to_rgb(frame: av.VideoFrame, info: MediaInfo, width: int, height: int) -> np.ndarray:
-    """A decoded frame scaled so that, once turned upright, it is ``width x height``."""
-    # Decoded (stored) frames are rotated afterwards, so scale them to the pre-rotation size.
-    sw, sh = (height, width) if info.rotation % 2 else (width, height)
+    """A decoded frame scaled so that, once shown upright (``info.orient``), it is ``width x height``; a frame with
+    alpha is composited onto black first, at full size, as images are."""
+    transpose, flip_rows, flip_cols = info.orient
+    # Decoded (stored) frames are turned afterwards, so scale them to the stored size.
+    sw, sh = (height, width) if transpose else (width, height)
+    if info.transparent:
+        rgb, _ = _onto_black(frame.to_ndarray(format="rgba"))
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
     rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="BICUBIC").to_ndarray()
-    return np.rot90(rgb, k=info.rotation) if info.rotation else rgb
+    if transpose:
+        rgb = rgb.swapaxes(0, 1)
+    if flip_rows:
+        rgb = rgb[::-1]
+    if flip_cols:
+        rgb = rgb[:, ::-1]
+    return np.ascontiguousarray(rgb)
+
+
+def _open_video(info: MediaInfo) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """The file opened for decoding, and its video stream (the one the probe picked)."""
+    container = av.open(str(info.path))
+    stream = next(s for s in container.streams.video if s.index == info.stream)
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _decoded(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, info: MediaInfo,
+    keyframes_only: bool = False,
+) -> Iterator[av.VideoFrame]:
+    """Decoded frames of ``stream`` from the container's current position (frames an edit list hides are dropped
+    by the decoder). A WebM alpha channel needs libvpx: FFmpeg's own VP8/VP9 decoders ignore it."""
+    if info.transparent:
+        ctx = av.CodecContext.create("libvpx-vp9" if stream.codec_context.name == "vp9" else "libvpx", "r")
+    else:
+        ctx = stream.codec_context
+    if keyframes_only:
+        ctx.skip_frame = "NONKEY"
+    for packet in container.demux(stream):
+        yield from ctx.decode(packet)
 
 
 def _decode_from_start(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
     todo = set(wanted)
-    with av.open(str(info.path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for ordinal, frame in enumerate(container.decode(stream)):
+    container, stream = _open_video(info)
+    with container:
+        for ordinal, frame in enumerate(_decoded(container, stream, info)):
             if ordinal in todo:
                 out[ordinal] = _to_rgb(frame, info, rw, rh)
                 todo.discard(ordinal)
@@ -353,8 +560,8 @@ def _decode_from_start(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> 
                     break
     if todo:
         raise DatasetError(
-            f"{info.path}: frame {min(todo)} could not be decoded although the file lists {info.num_frames} frames "
-            "- the file is damaged; re-encode it or remove it"
+            f"{shown(info.path)}: frame {min(todo)} could not be decoded although the file lists {info.num_frames} "
+            "frames - the file is damaged; re-encode it or remove it"
         )
     return out
 
@@ -383,13 +590,12 @@ def _decode_seeking(info: MediaInfo, wanted: list[int], rw: int, rh: int) -> dic
     container's index is imprecise), so the caller decodes from the start."""
     index = {p: i for i, p in enumerate(info.pts)}
     out: dict[int, np.ndarray] = {}
-    with av.open(str(info.path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+    container, stream = _open_video(info)
+    with container:
         for run in seek_runs(wanted, info.keyframes):
             container.seek(info.pts[run[0]], stream=stream)  # lands on the keyframe at or before that frame
             todo, last = set(run), run[-1]
-            for frame in container.decode(stream):
+            for frame in _decoded(container, stream, info):
                 if frame.pts is None:
                     return None
                 i = index.get(frame.pts)
@@ -447,21 +653,22 @@ def _thumbnails(info: MediaInfo, looks: int) -> list[np.ndarray]:
         return [read_image(info.path, (tw, th), Image.Resampling.BILINEAR)]
     n = info.num_frames
     spots = sorted({(n - 1) * (k + 1) // (looks + 1) for k in range(looks)})
+    if info.animated_image:
+        return list(_decode_animated(info, spots, tw, th).values())
     out = []
-    with av.open(str(info.path)) as container:
-        stream = container.streams.video[0]
+    container, stream = _open_video(info)
+    with container:
         if info.pts:
-            stream.codec_context.skip_frame = "NONKEY"  # decode keyframes only
             seen = set()
             for spot in spots:
                 container.seek(info.pts[spot], stream=stream)
-                frame = next(iter(container.decode(stream)), None)
+                frame = next(_decoded(container, stream, info, keyframes_only=True), None)
                 if frame is not None and frame.pts not in seen:
                     seen.add(frame.pts)
                     out.append(_to_rgb(frame, info, tw, th))
         else:  # no seeking (GIFs): decode up to the last spot
             wanted = set(spots)
-            for ordinal, frame in enumerate(container.decode(stream)):
+            for ordinal, frame in enumerate(_decoded(container, stream, info)):
                 if ordinal in wanted:
                     out.append(_to_rgb(frame, info, tw, th))
                 if ordinal >= spots[-1]:
