@@ -478,29 +478,24 @@ def _import_peer(path: Path):
     return init_empty_weights, fp8u, BlockSwapConfig, lora_wan, wan_model
 
 
-def section_peer(b: Bench, args) -> dict:
-    """musubi-tuner's own Wan step with --fp8_base --fp8_scaled and block swap, under the same cap."""
-    path = Path(args.peer)
-    if not (path / "musubi_tuner" / "wan" / "modules" / "model.py").is_file():
-        return {"skipped": f"no musubi-tuner copy under {path} (see the module docstring: fetch kohya-ss/musubi-tuner "
-                           "and copy its src/musubi_tuner files there)"}
-    init_empty_weights, fp8u, BlockSwapConfig, lora_wan, wan_model = _import_peer(path)
+def _peer_dims(b: Bench) -> dict:
+    """musubi's WanModel arguments for the bench's architecture (its t2v-A14B config at full size)."""
     a = b.arch
-    dims = dict(model_type="t2v", model_version="2.2", patch_size=tuple(a["patch_size"]), text_len=512,
+    return dict(model_type="t2v", model_version="2.2", patch_size=tuple(a["patch_size"]), text_len=512,
                 in_dim=a["in_channels"], dim=a["num_attention_heads"] * a["attention_head_dim"], ffn_dim=a["ffn_dim"],
                 freq_dim=a["freq_dim"], text_dim=a["text_dim"], out_dim=a["out_channels"],
                 num_heads=a["num_attention_heads"], num_layers=a["num_layers"], window_size=(-1, -1), qk_norm=True,
                 cross_attn_norm=a["cross_attn_norm"], eps=a["eps"], attn_mode="torch", split_attn=False)
-    out: dict = {"provenance": (path / "PROVENANCE.txt").read_text().strip() if (path / "PROVENANCE.txt").is_file()
-                 else None, "config": {k: v for k, v in dims.items() if k != "patch_size"}}
 
-    # Random bf16 weights (as a bf16 checkpoint file holds them), built on the GPU, then musubi's own fp8 path. On
-    # the CPU (smoke run) the weights are fp32: its time embedding runs under autocast(float32), which the CPU
-    # does not support, so bf16 weights would meet fp32 inputs there.
-    t0 = time.perf_counter()
+
+def _peer_weights(b: Bench, peer, dims: dict) -> dict:
+    """Random bf16 weights (as a bf16 checkpoint file holds them), built on the GPU, then musubi's own fp8 path;
+    returned on the CPU, where musubi loads them when blocks are swapped. On the CPU (smoke run) the weights are
+    fp32: its time embedding runs under autocast(float32), which the CPU does not support, so bf16 weights would
+    meet fp32 inputs there."""
+    _, fp8u, _, _, wan_model = peer
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
-    out["weight_dtype"] = str(torch.bfloat16 if b.cuda else torch.float32)
     torch.set_default_dtype(torch.bfloat16 if b.cuda else torch.float32)
     try:
         with torch.device(b.device):
@@ -516,85 +511,110 @@ def section_peer(b: Bench, args) -> dict:
                                           wan_model.FP8_OPTIMIZATION_EXCLUDE_KEYS, move_to_device=True)
     finally:
         fp8u.clean_memory_on_device = clean
-    for k in list(sd):  # musubi loads to the CPU when blocks are swapped (loading_device = cpu)
+    for k in list(sd):
         sd[k] = sd[k].to("cpu")
     cleanup()
-    out["weights_s"] = time.perf_counter() - t0
-    out["fp8_tensors"] = sum(1 for v in sd.values() if v.dtype == torch.float8_e4m3fn)
-    seq_len = b.tokens
+    return sd
+
+
+def _peer_network(b: Bench, peer, dims: dict, sd: dict, mode: str, n_swap: int):
+    """musubi's model on the fp8 weights with ``n_swap`` swapped blocks, its LoRA network and AdamW, set up as its
+    training script does. Returns (model, network, optimizer)."""
+    init_empty_weights, fp8u, BlockSwapConfig, lora_wan, wan_model = peer
+    device = torch.device(b.device)
+    with init_empty_weights():
+        model = wan_model.WanModel(**dims)
+    fp8u.apply_fp8_monkey_patch(model, sd, use_scaled_mm=False)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.eval()
+    model.requires_grad_(False)
+    if n_swap:
+        config = BlockSwapConfig(device=device, supports_backward=True, use_pinned_memory=mode == "h2d",
+                                 h2d_only=mode == "h2d", ring_size=2)
+        model.enable_block_swap(n_swap, config)
+        model.move_to_device_except_swap_blocks(device)
+    else:
+        model.to(device)
+    network = lora_wan.create_arch_network(1.0, 16, 16.0, None, None, model)
+    network.prepare_network(None)
+    network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+    model.enable_gradient_checkpointing(False)
+    network.enable_gradient_checkpointing()
+    params, _ = network.prepare_optimizer_params(unet_lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if n_swap:
+        model.move_to_device_except_swap_blocks(device)
+        model.prepare_block_swap_before_forward()
+    network.to(device)
+    model.train()
+    network.prepare_grad_etc(model)
+    network.on_epoch_start(model)
+    return model, network, optimizer
+
+
+def _peer_attempt(b: Bench, args, peer, dims: dict, sd: dict, mode: str, n_swap: int) -> dict:
+    """Time musubi's training step under the cap with ``n_swap`` swapped blocks (an OOM propagates)."""
+    t_setup = time.perf_counter()
+    model, network, optimizer = _peer_network(b, peer, dims, sd, mode, n_swap)
+    row: dict = {"mode": mode, "blocks_to_swap": n_swap, "lora_modules": len(network.unet_loras),
+                 "setup_s": time.perf_counter() - t_setup}
     device = torch.device(b.device)
 
-    def attempt(mode: str, n_swap: int) -> dict:
-        t_setup = time.perf_counter()
-        with init_empty_weights():
-            model = wan_model.WanModel(**dims)
-        fp8u.apply_fp8_monkey_patch(model, sd, use_scaled_mm=False)
-        model.load_state_dict(sd, strict=True, assign=True)
-        model.eval()
-        model.requires_grad_(False)
-        if n_swap:
-            config = BlockSwapConfig(device=device, supports_backward=True, use_pinned_memory=mode == "h2d",
-                                     h2d_only=mode == "h2d", ring_size=2)
-            model.enable_block_swap(n_swap, config)
-            model.move_to_device_except_swap_blocks(device)
-        else:
-            model.to(device)
-        network = lora_wan.create_arch_network(1.0, 16, 16.0, None, None, model)
-        network.prepare_network(None)
-        network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
-        model.enable_gradient_checkpointing(False)
-        network.enable_gradient_checkpointing()
-        params, _ = network.prepare_optimizer_params(unet_lr=1e-4)
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        if n_swap:
-            model.move_to_device_except_swap_blocks(device)
-            model.prepare_block_swap_before_forward()
-        network.to(device)
-        model.train()
-        network.prepare_grad_etc(model)
-        network.on_epoch_start(model)
-        row: dict = {"mode": mode, "blocks_to_swap": n_swap, "lora_modules": len(network.unet_loras),
-                     "setup_s": time.perf_counter() - t_setup}
+    def step(i: int) -> float:
+        x0, noise, sig, text = b.data(i)
+        noisy = ((1 - sig) * x0 + sig * noise).requires_grad_(True)  # network_dtype fp32, as musubi passes it
+        context = [text[0].float().requires_grad_(True)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):  # accelerator.autocast(), mixed_precision bf16
+            pred = model(noisy, t=sig * 1000.0, context=context, clip_fea=None, seq_len=b.tokens, y=None)
+        pred = torch.stack(pred, dim=0)
+        loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)  # its default max_grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
-        def step(i: int) -> float:
-            x0, noise, sig, text = b.data(i)
-            noisy = ((1 - sig) * x0 + sig * noise).requires_grad_(True)  # network_dtype fp32, as musubi passes it
-            context = [text[0].float().requires_grad_(True)]
-            with torch.autocast(device.type, dtype=torch.bfloat16):  # accelerator.autocast(), mixed_precision bf16
-                pred = model(noisy, t=sig * 1000.0, context=context, clip_fea=None, seq_len=seq_len, y=None)
-            pred = torch.stack(pred, dim=0)
-            loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)  # its default max_grad_norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
+    set_cap(args.cap_gib if b.cuda else None)
+    row["setup_gib"] = torch.cuda.memory_allocated() / GIB if b.cuda else float("nan")
+    reset_peak()
+    try:
+        row.update(timed(args.peer_steps, 1, step))
+        row.update(peak_gib=peak_gib(), reserved_peak_gib=reserved_peak_gib())
+        print(f"[peer {mode}, blocks_to_swap {n_swap}] {row['s']:.3f} s/step, peak {row['peak_gib']:.2f} GiB",
+              flush=True)
+    finally:
+        set_cap(None)
+        offloader = getattr(model, "offloader", None)
+        if offloader is not None:
+            try:  # drain the copies in flight (after an OOM one may have failed: the OOM is what counts)
+                offloader.set_forward_only(offloader.forward_only)
+            except Exception as exc:  # noqa: BLE001
+                row["drain_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        sync()
+    return row
 
-        set_cap(args.cap_gib if b.cuda else None)
-        row["setup_gib"] = torch.cuda.memory_allocated() / GIB if b.cuda else float("nan")
-        reset_peak()
-        try:
-            row.update(timed(args.peer_steps, 1, step))
-            row.update(peak_gib=peak_gib(), reserved_peak_gib=reserved_peak_gib())
-            print(f"[peer {mode}, blocks_to_swap {n_swap}] {row['s']:.3f} s/step, peak {row['peak_gib']:.2f} GiB",
-                  flush=True)
-        finally:
-            set_cap(None)
-            offloader = getattr(model, "offloader", None)
-            if offloader is not None:
-                try:  # drain the copies in flight (after an OOM one may have failed: the OOM is what counts)
-                    offloader.set_forward_only(offloader.forward_only)
-                except Exception as exc:  # noqa: BLE001
-                    row["drain_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            sync()
-        return row
 
+def section_peer(b: Bench, args) -> dict:
+    """musubi-tuner's own Wan step with --fp8_base --fp8_scaled and block swap, under the same cap."""
+    path = Path(args.peer)
+    if not (path / "musubi_tuner" / "wan" / "modules" / "model.py").is_file():
+        return {"skipped": f"no musubi-tuner copy under {path} (see the module docstring: fetch kohya-ss/musubi-tuner "
+                           "and copy its src/musubi_tuner files there)"}
+    peer = _import_peer(path)
+    dims = _peer_dims(b)
+    out: dict = {"provenance": (path / "PROVENANCE.txt").read_text().strip() if (path / "PROVENANCE.txt").is_file()
+                 else None, "config": {k: v for k, v in dims.items() if k != "patch_size"},
+                 "weight_dtype": str(torch.bfloat16 if b.cuda else torch.float32)}
+    t0 = time.perf_counter()
+    sd = _peer_weights(b, peer, dims)
+    out["weights_s"] = time.perf_counter() - t0
+    out["fp8_tensors"] = sum(1 for v in sd.values() if v.dtype == torch.float8_e4m3fn)
     modes = args.peer_modes if b.cuda else ["none"]
     for mode in modes:
         attempts = []
         for n_swap in (args.peer_swap if b.cuda else [0]):
             try:
-                attempts.append(attempt(mode, n_swap))
+                attempts.append(_peer_attempt(b, args, peer, dims, sd, mode, n_swap))
                 break
             except torch.OutOfMemoryError as exc:
                 attempts.append({"mode": mode, "blocks_to_swap": n_swap, "peak_gib": peak_gib(),
@@ -677,7 +697,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with lists and sizes parsed; a malformed value is an argparse error (exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default=None, help="WxHxF of the main runs (default 512x512x33)")
     ap.add_argument("--steps", type=int, default=20, help="steps of the reference, float8 and nf4 runs")
@@ -713,11 +734,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.report:
-        text = table(json.loads(Path(args.report).read_text()))
-        print(text)
-        return {"table": text}
-    start = time.perf_counter()
-    device = "cpu" if args.tiny else "cuda"
+        return args
     args.overrides = dict(TINY) if args.tiny else {}
     args.size = parse_size(args.size or ("32x32x5" if args.tiny else "512x512x33"))
     probes = args.probe or (["48x48x5"] if args.tiny else ["768x768x33", "512x512x81"])
@@ -741,6 +758,19 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)} - use {', '.join(SECTIONS)}")
+    args.wanted = wanted
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.report:
+        text = table(json.loads(Path(args.report).read_text()))
+        print(text)
+        return {"table": text}
+    start = time.perf_counter()
+    device = "cpu" if args.tiny else "cuda"
+    wanted = args.wanted
     arch = {**A14B_CONFIG, **args.overrides}
     b = Bench(device, arch, args.size)
     cuda = device == "cuda"
@@ -750,7 +780,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_matmul": supports_fp8_matmul(device),
         "torch": torch.__version__,
         "triton": importlib.util.find_spec("triton") is not None,
-        "args": {k: v for k, v in vars(args).items() if k not in ("overrides", "report")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("overrides", "report", "wanted")},
         "size": "x".join(map(str, args.size)),
         "tokens": b.tokens,
         "sections": {},
