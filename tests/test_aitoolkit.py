@@ -118,7 +118,8 @@ def test_official_example_maps_value_by_value():
     assert ds.folder == "/path/to/images/or/video/folder"
     assert ds.caption_ext == "txt" and ds.caption_dropout == 0.05
     assert ds.num_frames == 1 and ds.resolutions == [512, 768, 1024]
-    assert ds.frame_sampling == "uniform"  # shrink_video_to_frames defaults to on
+    # shrink_video_to_frames defaults to on: spread over the clip, short clips stretched (dataloader_mixins.py)
+    assert (ds.frame_sampling, ds.short_clip) == ("aitoolkit_uniform", "stretch")
     assert (ds.flip_x, ds.flip_y, ds.is_regularization, ds.repeats) == (False, False, False, 1)
     assert ds.cache_latents is False and ds.prepend_trigger is False
     # quantize: uint4 with an adapter named on the Hub -> 4-bit + ARA for the uint4 quantizer, computed locally.
@@ -386,15 +387,17 @@ def test_dataset_mapping():
     )
     main, reg = cfg.datasets
     assert main.caption_ext == "caption" and main.resolutions == [768] and main.num_frames == 41
-    assert main.frame_sampling == "fps" and main.fps == 24.0 and main.window_start == "random"
-    assert main.flip_x is True and main.repeats == 3 and main.cache_latents is True
+    assert main.frame_sampling == "stride" and main.fps == 24.0 and main.window_start == "random"
+    # data_loader.py adds a flipped copy of each file: the dataset's part of every epoch doubles
+    assert main.flip_x is True and main.repeats == 6 and main.cache_latents is True
     assert main.prepend_trigger is True and main.is_regularization is False and main.share is None
     assert main.trigger_separator == " "  # ai-toolkit joins "sqz caption"
     # ai-toolkit does not add the trigger word to regularization captions; is_reg is not a prior target.
     assert reg.is_regularization is False and reg.prepend_trigger is False and reg.share == 0.5
-    assert reg.frame_sampling == "uniform" and reg.fps == 12.0
+    assert reg.frame_sampling == "aitoolkit_uniform" and reg.fps == 12.0
     # switch_boundary_every defaults to 1: ai-toolkit's even (regularization) steps are all high-noise steps.
-    assert _changed(notes) == [f"{P}.datasets[1].is_reg"] and "its bug" in notes[0]
+    assert _changed(notes) == [f"{P}.datasets[0].flip_x", f"{P}.datasets[1].is_reg"]
+    assert "its bug" in next(n for n in notes if "is_reg" in n)
 
 
 def test_dataset_settings_not_applied_are_named():

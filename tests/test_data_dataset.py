@@ -526,3 +526,34 @@ def test_the_report_suggests_caching_latents_when_every_epoch_trains_the_same_fr
     level_clip(tmp_path / "a.mp4", 20)
     report = build_dataset([cfg(tmp_path, **settings)], "sks", 0).report()
     assert ("cache_latents: true would VAE-encode each clip once" in report) == noted
+
+
+def test_short_clip_stretch_spreads_frames_as_ai_toolkit(tmp_path):
+    level_clip(tmp_path / "short.mp4", 4)
+    for sampling in ("uniform", "aitoolkit_uniform", "stride", "fps"):
+        ds = build_dataset([cfg(tmp_path, num_frames=9, frame_sampling=sampling, short_clip="stretch")], None, 0)
+        assert ds.plan(0, 0).frame_indices == (0, 0, 1, 1, 2, 2, 2, 3, 3), sampling
+    assert "stretched" in ds.report()
+
+
+def test_stride_sampling_takes_every_kth_frame(tmp_path):
+    level_clip(tmp_path / "a.mp4", 20, fps=32)  # 32 / 16 = stride 2; starts 0..3
+    ds = build_dataset([cfg(tmp_path, num_frames=5, frame_sampling="stride", fps=16.0)], None, 0)
+    starts = set()
+    for epoch in range(400):
+        idx = ds.plan(0, epoch).frame_indices
+        assert [b - a for a, b in zip(idx, idx[1:])] == [2, 2, 2, 2]
+        starts.add(idx[0])
+    assert starts == set(range(20 - 8))  # max_start = 19 - 4 * 2 = 11
+
+
+def test_latent_cache_key_changes_with_the_frames_chosen(tmp_path):
+    from trainer_core.data import LatentCache
+
+    level_clip(tmp_path / "short.mp4", 4)
+    cache = LatentCache(tmp_path / "cache", "vae")
+    paths = {
+        mode: cache.path_for(build_dataset([cfg(tmp_path, num_frames=9, short_clip=mode)], None, 0).plan(0, 0))
+        for mode in ("pad", "stretch")
+    }
+    assert paths["pad"] != paths["stretch"]

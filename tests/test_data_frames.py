@@ -7,7 +7,16 @@ from fractions import Fraction as Fr
 
 import pytest
 
-from trainer_core.data.frames import fps_indices, fps_start_count, padded_indices, uniform_indices
+from trainer_core.data.frames import (
+    fps_indices,
+    fps_start_count,
+    frame_stride,
+    padded_indices,
+    spread_indices,
+    stride_indices,
+    stride_start_count,
+    uniform_indices,
+)
 
 
 def times_at(fps: int, n: int) -> list[Fr]:
@@ -103,3 +112,42 @@ def test_single_frame_window_fits_everywhere():
 def test_fps_start_out_of_range():
     with pytest.raises(ValueError):
         fps_indices(times_at(16, 4), 1, Fr(16), 4)
+
+
+# --- ai-toolkit's arithmetic (toolkit/dataloader_mixins.py, load_and_process_video) ---------------------------
+
+
+def _aitk_spread(total, n):
+    """ai-toolkit's shrink / stretch branch, verbatim."""
+    max_frame_index = total - 1
+    interval = max_frame_index / (n - 1) if n > 1 else 0
+    return [min(int(round(i * interval)), max_frame_index) for i in range(n)]
+
+
+@pytest.mark.parametrize(("total", "n", "expected"), [
+    (10, 5, [0, 2, 4, 7, 9]),  # 0, 2.25, 4.5, 6.75, 9: Python's round takes 4.5 to 4 (uniform takes 5)
+    (4, 9, [0, 0, 1, 1, 2, 2, 2, 3, 3]),  # stretched: 0.375 steps, 1.5 -> 2, 2.625 -> 3
+    (9, 17, [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 8, 8]),
+])
+def test_spread_hand_computed(total, n, expected):
+    assert spread_indices(total, n) == expected
+
+
+def test_spread_is_ai_toolkits_formula_and_uniform_keeps_its_own():
+    for total in range(1, 90):
+        for n in (2, 5, 9, 17, 33, 81):
+            assert spread_indices(total, n) == _aitk_spread(total, n)
+    assert uniform_indices(10, 5) == [0, 2, 5, 7, 9]  # this trainer's default rounds halves up, as before
+
+
+@pytest.mark.parametrize(("times_fps", "fps", "stride"), [(30, 16, 2), (24, 16, 2), (16, 16, 1), (60, 16, 4), (30, 12, 2)])
+def test_stride_is_rounded_fps_ratio(times_fps, fps, stride):
+    # max(1, int(round(video_fps / fps))): 1.875 -> 2, 1.5 -> 2, 3.75 -> 4, 2.5 -> 2 (halves to even)
+    assert frame_stride(times_at(times_fps, 50), Fr(fps)) == stride
+
+
+def test_stride_windows():
+    # 20 frames, stride 2, 9 frames: max_start = 19 - 16 = 3, random.randint(0, 3) -> 4 starts
+    assert stride_start_count(20, 9, 2) == 4
+    assert stride_indices(20, 9, 2, 3) == [3, 5, 7, 9, 11, 13, 15, 17, 19]
+    assert stride_start_count(17, 9, 2) == 0  # 17 // 2 = 8 < 9: ai-toolkit stretches instead

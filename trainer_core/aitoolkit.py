@@ -1213,18 +1213,22 @@ def _map_dataset(
     is_reg = bool(rest.pop("is_reg", False))
     prior_reg = bool(rest.pop("prior_reg", False))
     shrink = rest.pop("shrink_video_to_frames", True)
+    flips = [key for key in ("flip_x", "flip_y") if rest.get(key)]
     out: dict[str, Any] = {
         "folder": str(folder),
         "caption_ext": str(caption_ext).lstrip("."),
         "caption_dropout": _float(rest.pop("caption_dropout_rate", 0.0), f"{where}.caption_dropout_rate"),
         "resolutions": list(resolution) if isinstance(resolution, (list, tuple)) else [resolution],
         "num_frames": rest.pop("num_frames", 1),
-        # ai-toolkit spreads num_frames over the whole clip, or (shrink off) takes them at fps from a random start.
-        "frame_sampling": "uniform" if shrink else "fps",
+        # dataloader_mixins.py: num_frames spread over the whole clip (its float rounding), or (shrink off) every
+        # round(clip fps / fps)-th frame from a random start; a clip too short for either is stretched evenly.
+        "frame_sampling": "aitoolkit_uniform" if shrink else "stride",
+        "short_clip": "stretch",
         "flip_x": rest.pop("flip_x", False),
         "flip_y": rest.pop("flip_y", False),
         "is_regularization": prior_reg,
-        "repeats": rest.pop("num_repeats", 1),
+        # data_loader.py adds a flipped copy of every file per flip axis: the dataset's share grows with them.
+        "repeats": _repeats(rest.pop("num_repeats", 1), f"{where}.num_repeats") * 2 ** len(flips),
         # ai-toolkit caches in memory or on disk; this trainer's cache_latents covers both.
         "cache_latents": bool(rest.pop("cache_latents", False)) | bool(rest.pop("cache_latents_to_disk", False)),
         # ai-toolkit puts the trigger word in front of captions lacking it, except on regularization data, joined
@@ -1237,6 +1241,12 @@ def _map_dataset(
         out["fps"] = _float(fps, f"{where}.fps")
     if not shrink:
         out["window_start"] = "random"
+    for key in flips:
+        notes.append(
+            f"{where}.{key} is changed: ai-toolkit adds a flipped copy of every file, so this dataset comes "
+            f"{2 ** len(flips)}x as often; here its repeats are multiplied by {2 ** len(flips)} to match, and each "
+            "sample is flipped with probability 1/2 (ai-toolkit flips exactly the copies)"
+        )
     default_caption = rest.pop("default_caption", None)
     if default_caption is not None:
         if "[trigger]" in str(default_caption) and not trigger:
@@ -1264,6 +1274,11 @@ def _map_dataset(
     rest.pop("cache_text_embeddings", None)  # read by _map_text_encoder
     _leftovers(rest, "datasets", where, ds, notes)
     return out
+
+
+def _repeats(value: Any, where: str) -> Any:
+    """num_repeats as a whole number (anything else is passed on for DatasetConfig to refuse by this key)."""
+    return _int(value, where) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _video_count(folder: str) -> int:

@@ -397,16 +397,18 @@ class DatasetConfig(_Strict):
     num_frames: Annotated[int, Range(1, _MAX_FRAMES, checked=False)] = Field(
         default=33, json_schema_extra={"step": 4}, description=(
             "Frames per sample (4n+1): 33 at 512 px on 24 GB; 41-81 at 768-1024 px on H100/H200; 1 = stills"))
-    frame_sampling: Literal["uniform", "fps"] = Field(default="uniform", description=(
+    frame_sampling: Literal["uniform", "fps", "stride", "aitoolkit_uniform"] = Field(default="uniform", description=(
         "uniform: spread the frames over the whole clip; fps: a window at 'fps', motion at real speed (pick this "
-        "for motion LoRAs)"))
+        "for motion LoRAs); stride: every k-th frame from a random start, k = round(clip fps / fps) (ai-toolkit's "
+        "shrink_video_to_frames: false); aitoolkit_uniform: uniform rounded as ai-toolkit rounds (halves to even)"))
     fps: Annotated[float, Range(0.0, 240.0, lo_open=True, usual="Wan 2.2 is trained at 16 frames per second")] = Field(
         default=16.0, json_schema_extra={"step": 0.5}, description=(
-            "Frame rate of the window for frame sampling fps; Wan 2.2 is trained at 16"))
+            "Frame rate of the window for frame sampling fps and stride; Wan 2.2 is trained at 16"))
     window_start: Literal["random", "start"] = Field(default="random", description=(
-        "fps sampling: a random window each epoch (more variety) or always the clip's start"))
-    short_clip: Literal["pad", "skip"] = Field(default="pad", description=(
-        "Clips shorter than the window: pad by repeating the last frame, or skip them (listed in the report)"))
+        "fps and stride sampling: a random window each epoch (more variety) or always the clip's start"))
+    short_clip: Literal["pad", "skip", "stretch"] = Field(default="pad", description=(
+        "Clips shorter than the window: pad by repeating the last frame, skip them (listed in the report), or "
+        "stretch num_frames evenly over the whole clip, frames repeating (ai-toolkit's way)"))
     resolutions: list[int] = Field(default_factory=lambda: [512], description=(
         "Training sizes, multiples of 16 (e.g. 512, 768); aspect ratios are bucketed. 24 GB: 512; H100/H200: "
         "768-1024"))

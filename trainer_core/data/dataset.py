@@ -50,7 +50,14 @@ from torch.utils.data import Dataset
 from ..config import DatasetConfig
 from ..errors import ConfigError, DatasetError
 from .captions import dropout_caption
-from .frames import fps_indices, padded_indices, uniform_indices
+from .frames import (
+    fps_indices,
+    frame_stride,
+    padded_indices,
+    spread_indices,
+    stride_indices,
+    uniform_indices,
+)
 from .media import MediaInfo, read_frames
 
 # Independent random streams (first word of each generator's seed).
@@ -81,7 +88,7 @@ class Item:
     bucket: tuple[int, int]
     frames: int
     caption: str
-    window_starts: int  # fps sampling: valid window starts (0 = short clip, padded)
+    window_starts: int  # fps / stride sampling: valid window starts (0 = short clip)
 
     @property
     def bucket_key(self) -> tuple[int, int, int]:
@@ -122,6 +129,24 @@ class Batch:
     captions: list[str]
     is_regularization: torch.Tensor
     sources: list[str]
+
+
+def sample_frames(cfg: DatasetConfig, item: Item, u_start: float) -> list[int]:
+    """The source frames of one sample of a video item (see :mod:`.frames`); ``u_start`` in [0, 1) picks a random
+    window start."""
+    media, frames, starts = item.media, item.frames, item.window_starts
+    total, fps = media.num_frames, Fraction(repr(cfg.fps))
+    spread = cfg.frame_sampling in ("uniform", "aitoolkit_uniform")
+    if spread and total >= frames:
+        return uniform_indices(total, frames) if cfg.frame_sampling == "uniform" else spread_indices(total, frames)
+    if cfg.short_clip == "stretch" and (spread or starts == 0):
+        return spread_indices(total, frames)
+    if spread:
+        return padded_indices(total, frames)
+    start = int(u_start * starts) if cfg.window_start == "random" and starts > 0 else 0
+    if cfg.frame_sampling == "fps":
+        return fps_indices(media.frame_times, frames, fps, start)
+    return stride_indices(total, frames, frame_stride(media.frame_times, fps), start)
 
 
 def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
@@ -285,17 +310,7 @@ class VideoDataset:
         cfg = self.configs[item.dataset]
         u_start, u_drop, u_flip_x, u_flip_y = _rng(self.seed, _RNG_SAMPLE, epoch, sample_id).random(4)
         media = item.media
-        if media.kind == "image":
-            indices = [0]
-        elif cfg.frame_sampling == "uniform":
-            total = media.num_frames
-            indices = (
-                uniform_indices(total, item.frames) if total >= item.frames else padded_indices(total, item.frames)
-            )
-        else:
-            random_start = cfg.window_start == "random" and item.window_starts > 0
-            start = int(u_start * item.window_starts) if random_start else 0
-            indices = fps_indices(media.frame_times, item.frames, Fraction(repr(cfg.fps)), start)
+        indices = [0] if media.kind == "image" else sample_frames(cfg, item, float(u_start))
         return SamplePlan(
             item=index,
             source=media.path,

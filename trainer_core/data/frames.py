@@ -9,9 +9,16 @@ Two sampling modes:
   nearest to ``t_s + k / fps`` (ties go to the earlier frame). Working on timestamps rather than a nominal rate
   keeps variable-frame-rate clips (phones, GIFs) at their real speed too.
 
+* ``aitoolkit_uniform``: as ``uniform``, with ai-toolkit's arithmetic (toolkit/dataloader_mixins.py, shrink on):
+  position ``i * ((T - 1) / (n - 1))`` in floating point, rounded by Python's ``round`` (halves to even), so a
+  position exactly between two frames may take the earlier one where ``uniform`` takes the later.
+* ``stride``: ai-toolkit's ``shrink_video_to_frames: false``: every ``k``-th source frame, ``k = max(1,
+  round(clip fps / fps))``, from a start drawn among ``0 .. T - 1 - (n - 1) k`` (:func:`stride_indices`).
+
 A clip is *short* when the window does not fit: fewer than ``num_frames`` frames (uniform), or less time than
 ``(num_frames - 1) / fps`` between its first and last frame, with half a frame of slack for rounded timestamps
-(fps). The dataset then either skips it or pads it by repeating its last frame (:func:`padded_indices`).
+(fps), or fewer than ``n`` frames at the stride (``T // k < n``, stride). The dataset then skips it, pads it by
+repeating its last frame (:func:`padded_indices`), or stretches it as ai-toolkit does (:func:`spread_indices`).
 """
 
 from __future__ import annotations
@@ -83,3 +90,36 @@ def fps_indices(times: Sequence[Fraction], num_frames: int, fps: Fraction, start
     step = 1 / Fraction(fps)
     t0 = times[start]
     return [_nearest(times, t0 + k * step) for k in range(num_frames)]
+
+
+def spread_indices(total_frames: int, num_frames: int) -> list[int]:
+    """ai-toolkit's even spread over a whole clip (dataloader_mixins.py): ``int(round(i * interval))`` with
+    ``interval = (T - 1) / (n - 1)`` a float and Python's ``round`` (halves to even); frame 0 for one frame. A clip
+    shorter than ``num_frames`` is stretched: its frames repeat, spread evenly through it."""
+    if total_frames < 1 or num_frames < 1:
+        raise ValueError(f"spreading needs a clip and num_frames >= 1, got {total_frames}, {num_frames}")
+    last = total_frames - 1
+    interval = last / (num_frames - 1) if num_frames > 1 else 0
+    return [min(int(round(i * interval)), last) for i in range(num_frames)]
+
+
+def frame_stride(times: Sequence[Fraction], fps: Fraction) -> int:
+    """ai-toolkit's step between source frames, ``max(1, round(clip fps / fps))`` (halves to even, as Python rounds);
+    the clip's rate is its average over the whole clip (cv2's nominal rate there: the same for constant-rate
+    clips). 1 for a single frame."""
+    if len(times) < 2:
+        return 1
+    rate = Fraction(len(times) - 1) / (times[-1] - times[0])
+    return max(1, round(rate / Fraction(fps)))
+
+
+def stride_start_count(total_frames: int, num_frames: int, stride: int) -> int:
+    """How many source frames can start a stride window (0 = short: ai-toolkit needs ``T // k >= n``)."""
+    if total_frames // stride < num_frames:
+        return 0
+    return total_frames - (num_frames - 1) * stride  # starts 0 .. max_start, as random.randint(0, max_start)
+
+
+def stride_indices(total_frames: int, num_frames: int, stride: int, start: int) -> list[int]:
+    """Every ``stride``-th frame from ``start``; frames past the end repeat the last one (a padded short clip)."""
+    return [min(start + i * stride, total_frames - 1) for i in range(num_frames)]

@@ -28,7 +28,10 @@ from ..errors import ConfigError, DatasetError
 from .buckets import assign_bucket, bucket_sizes, resize_crop_plan
 from .captions import TRIGGER_TOKEN, apply_trigger, normalize_caption
 from .dataset import DatasetScan, Item, VideoDataset, listing
-from .frames import fps_start_count
+from .frames import fps_start_count, frame_stride, stride_start_count
+
+#: Frame samplings that spread num_frames over the whole clip (no window start).
+_SPREAD = ("uniform", "aitoolkit_uniform")
 from .holdout import split_validation
 from .media import (
     IMAGE_EXTS,
@@ -91,8 +94,11 @@ def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None
 
 
 def _short_reason(info: MediaInfo, cfg: DatasetConfig) -> str:
-    if cfg.frame_sampling == "uniform":
+    if cfg.frame_sampling in _SPREAD:
         return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames}"
+    if cfg.frame_sampling == "stride":
+        k = frame_stride(info.frame_times, Fraction(repr(cfg.fps)))
+        return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames} at every {k}th frame"
     rate = f" at {info.fps:.3g} fps" if info.fps else ""
     need = (cfg.num_frames - 1) / cfg.fps
     return (
@@ -111,17 +117,24 @@ def _frames_used(info: MediaInfo, cfg: DatasetConfig, frames: int, starts: int, 
     if info.kind == "image":
         return "image: 1 frame"
     n, span = info.num_frames, float(info.frame_times[-1])
-    if cfg.frame_sampling == "uniform":
+    if short and cfg.short_clip == "stretch":
+        return f"{frames} frames spread over all {n} (short: frames repeat, stretched)"
+    if cfg.frame_sampling in _SPREAD:
         if frames == 1:
-            return f"the middle frame of {n}"
+            return f"the middle frame of {n}" if cfg.frame_sampling == "uniform" else f"the first frame of {n}"
         if short:
             return f"all {n} frames, then the last one repeated {frames - n}x (short, padded)"
         speed = _uniform_speed(info, frames, cfg.fps)
         return f"{frames} of {n} frames spread over {span:.2f} s: {speed:.2g}x real speed"
+    start = f"random start among the first {starts} frames" if cfg.window_start == "random" else "from the start"
+    if cfg.frame_sampling == "stride":
+        k = frame_stride(info.frame_times, Fraction(repr(cfg.fps)))
+        if short:
+            return f"every {k}th frame from the start, last frame repeated (short, padded)"
+        return f"{frames} frames, every {k}th of {n}, {start}"
     window = (frames - 1) / cfg.fps
     if short:
         return f"{span:.2f} s is shorter than the {window:.2f} s window: from the start, last frame repeated (padded)"
-    start = f"random start among the first {starts} frames" if cfg.window_start == "random" else "from the start"
     if frames == 1:
         return f"1 frame, {start}"
     return f"{frames} frames at {cfg.fps:g} fps = {window:.2f} s of {span:.2f} s, {start}"
@@ -181,7 +194,7 @@ def _setting_warnings(where: str, cfg: DatasetConfig) -> list[str]:
             f"{where}: flip_y turns half the samples upside down (falling becomes rising) while captions stay "
             "the same - keep it off for natural footage"
         )
-    random_window = cfg.frame_sampling == "fps" and cfg.window_start == "random"
+    random_window = cfg.frame_sampling in ("fps", "stride") and cfg.window_start == "random"
     if cfg.cache_latents and (random_window or cfg.flip_x or cfg.flip_y):
         out.append(
             f"{where}: cache_latents with random window starts or flips stores one latent per distinct "
@@ -250,8 +263,12 @@ class _Scanner:
             caption, has_file = self.override, True
         frames = 1 if info.kind == "image" else cfg.num_frames
         fps = Fraction(repr(cfg.fps))
-        starts = fps_start_count(info.frame_times, frames, fps) if cfg.frame_sampling == "fps" else 0
-        short = info.kind == "video" and (info.num_frames < frames if cfg.frame_sampling == "uniform" else starts == 0)
+        starts = 0
+        if cfg.frame_sampling == "fps":
+            starts = fps_start_count(info.frame_times, frames, fps)
+        elif cfg.frame_sampling == "stride":
+            starts = stride_start_count(info.num_frames, frames, frame_stride(info.frame_times, fps))
+        short = info.kind == "video" and (info.num_frames < frames if cfg.frame_sampling in _SPREAD else starts == 0)
         if short:
             reason = f"{info.path}: {_short_reason(info, cfg)}"
             if cfg.short_clip == "skip":
@@ -278,7 +295,7 @@ class _Scanner:
             if info.fps:
                 self.out.rates.append(info.fps)
                 size += f", {info.num_frames} frames, {float(info.frame_times[-1]):.2f} s, {info.fps:.3g} fps"
-            if cfg.frame_sampling == "uniform" and frames > 1 and not short:
+            if cfg.frame_sampling in _SPREAD and frames > 1 and not short:
                 self.speeds.append(_uniform_speed(info, frames, cfg.fps))
         name = info.path.relative_to(self.folder).as_posix()
         if info.transparent:
@@ -301,8 +318,12 @@ class _Scanner:
     def summarize(self, files: Sequence[Path], ignored: list[str]) -> None:
         out, cfg, where = self.out, self.cfg, self.where
         if self.padded:
+            how = (
+                "stretched over num_frames, frames repeating" if cfg.short_clip == "stretch"
+                else "padded by repeating their last frame"
+            )
             out.notes.append(
-                f"{where}: {len(self.padded)} short clip(s) padded by repeating their last frame:\n"
+                f"{where}: {len(self.padded)} short clip(s) {how}:\n"
                 + listing(self.padded)
             )
         if out.kinds["image"] and cfg.num_frames > 1:
@@ -313,7 +334,7 @@ class _Scanner:
                 f"{where}: uniform sampling plays {len(far)} clip(s) far from real speed "
                 f"({min(far):.2g}x-{max(far):.2g}x) - frame_sampling=fps keeps motion at its real speed"
             )
-        fixed = cfg.frame_sampling == "uniform" or cfg.window_start == "start"
+        fixed = cfg.frame_sampling in _SPREAD or cfg.window_start == "start"
         if out.kinds["video"] and fixed and not (cfg.flip_x or cfg.flip_y) and not cfg.cache_latents:
             out.notes.append(
                 f"{where}: every epoch trains the same frames of each clip ({cfg.frame_sampling} sampling, no flips), "
