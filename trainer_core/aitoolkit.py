@@ -1261,7 +1261,7 @@ def _map_dataset(
         if videos:
             notes.append(
                 f"{where}.num_frames is changed: with num_frames 1 ai-toolkit reads only the folder's images "
-                f"({_AITK_IMAGE_EXTS}) and skips its {videos} video file(s); here each video trains as its middle "
+                f"({_AITK_IMAGE_EXTS}) and skips its {videos} video file(s); here each video trains as its first "
                 "frame - move the videos out to train as ai-toolkit would, or raise num_frames (e.g. 33) to train "
                 "on their motion"
             )
