@@ -40,7 +40,7 @@ def _job(tmp_path: Path, **sections) -> Path:
     job = cli.demo_config(tmp_path / "out", steps=40)
     make_synthetic_dataset(job["datasets"][0]["folder"], n_clips=8, num_frames=9, size=(64, 64), seed=0)
     for key, value in sections.items():
-        job[key] = {**job[key], **value} if isinstance(value, dict) else value
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -224,3 +224,29 @@ def test_quant_auto_is_planned_for_the_card_checked(tmp_path, capsys):
     status, _, errors = _check(capsys, path, "--gpu-fp8")
     assert status == 2 and errors == ["error: check: --gpu-fp8 describes the card of --gpu-gib - give --gpu-gib N "
                                       "too (a card here is asked directly)"]
+
+
+def _tree(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+def test_check_creates_no_folder_or_file(tmp_path, capsys):
+    """A dry run leaves the disk as it found it: the output and cache folders the run would create are probed in
+    the nearest folder that exists, and nothing is left there."""
+    out = tmp_path / "new" / "deeper"
+    path = _job(tmp_path, save={"output_dir": str(out)},
+                text_encoder={"cache_dir": str(tmp_path / "te_cache")})
+    before = _tree(tmp_path)
+    status, _, errors = _check(capsys, path)
+    assert (status, errors) == (0, [])
+    assert _tree(tmp_path) == before
+
+
+def test_check_refuses_an_output_folder_below_a_file_without_creating_anything(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    path = _job(tmp_path, save={"output_dir": str(tmp_path / "afile" / "runs")})
+    before = _tree(tmp_path)
+    status, _, errors = _check(capsys, path)
+    assert status == 2 and len(errors) == 1
+    assert "save.output_dir" in errors[0] and "afile" in errors[0] and "choose a writable folder" in errors[0]
+    assert _tree(tmp_path) == before

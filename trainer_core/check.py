@@ -113,7 +113,7 @@ def _check_preflight(cfg: JobConfig, gpu_gib: float | None, result: JobCheck) ->
     if gpu_gib is not None:  # the job trains on another machine's card: whether this one has a GPU does not matter
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})})
     try:
-        preflight(cfg)
+        preflight(cfg, dry_run=True)
     except TrainerError as exc:
         result.fail("pre-flight", exc)
 

@@ -72,13 +72,21 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def check_writable(folder: str | os.PathLike, setting: str) -> None:
+def check_writable(folder: str | os.PathLike, setting: str, create: bool = True) -> None:
     """Create ``folder`` if needed and write (then remove) a probe file in it, so that a folder the run cannot
-    write is refused before any model loads; ``setting`` names where the folder came from."""
+    write is refused before any model loads; ``setting`` names where the folder came from. ``create=False`` (a dry
+    run) creates nothing: the probe goes into the nearest folder that exists, in which the run would create it."""
     folder = Path(folder)
-    probe = folder / f".write_probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    target = folder
+    if not create:
+        while not target.exists() and target.parent != target:
+            target = target.parent
+    probe = target / f".write_probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not target.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{target} is a file, not a folder")
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         probe.unlink()
     except OSError as exc:

@@ -121,15 +121,15 @@ def job_dataset(cfg: JobConfig) -> VideoDataset:
     return build_dataset(cfg.datasets, cfg.trigger_word, cfg.train.seed, caption_override)
 
 
-def check_output_folders(cfg: JobConfig) -> None:
+def check_output_folders(cfg: JobConfig, create: bool = True) -> None:
     """Refuse an output or cache folder the run could not write, before the text encoder runs (minutes on real
-    weights) rather than when its first file is written."""
+    weights) rather than when its first file is written. ``create=False`` (``check``) leaves no folder behind."""
     out = Path(cfg.save.output_dir)
-    check_writable(out, "save.output_dir")
+    check_writable(out, "save.output_dir", create)
     if cfg.text_encoder.cache_dir:
-        check_writable(cfg.text_encoder.cache_dir, "text_encoder.cache_dir")
+        check_writable(cfg.text_encoder.cache_dir, "text_encoder.cache_dir", create)
     if cfg.quant.ara_cache_dir and cfg.quant.transformer == "4bit_ara":
-        check_writable(cfg.quant.ara_cache_dir, "quant.ara_cache_dir")
+        check_writable(cfg.quant.ara_cache_dir, "quant.ara_cache_dir", create)
 
 
 def run_warnings(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> list[str]:
@@ -162,17 +162,18 @@ def open_run_on_ranks(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -
     return opened or RunFolder(shared[0], shared[1], resume_path=shared[2])
 
 
-def preflight(cfg: JobConfig, model_files: bool = True) -> None:
+def preflight(cfg: JobConfig, model_files: bool = True, dry_run: bool = False) -> None:
     """Every check that needs no model and no data, before anything slow: the CLI, the nodes and
     :func:`run_training` all run it. ``model_files``: also read the model files' headers (a wrong path or model
-    fails before minutes of loading; skipped when the caller brings loaded models)."""
+    fails before minutes of loading; skipped when the caller brings loaded models). ``dry_run`` (``check``): create
+    no folder."""
     resolve_device(cfg.train.device)
     unload_caption(cfg.text_encoder.mode, cfg.trigger_word)
     check_regularizers(cfg)
     check_objective(cfg)
     check_ara_source(cfg.quant)
     check_lora_init(cfg)
-    check_output_folders(cfg)
+    check_output_folders(cfg, create=not dry_run)
     check_tensorboard(cfg)
     check_resume(cfg)
     if model_files:
