@@ -8,6 +8,7 @@ rule, what PyAV/ffmpeg decode, Pillow's frames, or the expected RGB.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from fractions import Fraction
 from types import SimpleNamespace
@@ -306,3 +307,126 @@ def test_shown_quotes_names_that_would_split_a_line():
     assert shown("/data/clip one.mp4") == "/data/clip one.mp4"
     assert shown("/data/new\nline.mp4") == repr("/data/new\nline.mp4")
     assert "\n" not in shown("a\nb") and "\t" not in shown("a\tb")
+
+
+# --- scanning: folders, reports ---------------------------------------------------------------------------------
+
+
+def clip(path, size=(32, 32), n: int = 6):
+    return media.write_video(path, np.full((n, size[1], size[0], 3), 120, np.uint8), 16)
+
+
+def dataset_cfg(folder, **kw):
+    from trainer_core.config import DatasetConfig
+
+    base = dict(folder=str(folder), resolutions=[32], num_frames=5, caption_dropout=0.0, default_caption="a clip")
+    return DatasetConfig(**(base | kw))
+
+
+def build(folder, **kw):
+    from trainer_core.data import build_dataset
+
+    return build_dataset([dataset_cfg(folder, **kw)], None, 0)
+
+
+def test_symlinked_folders_are_followed_and_loops_reported_once(tmp_path):
+    outside = tmp_path / "outside"
+    clip(outside / "linked.mp4")
+    data = tmp_path / "data"
+    clip(data / "own" / "own.mp4")
+    (data / "link").symlink_to(outside, target_is_directory=True)
+    (data / "own" / "up").symlink_to(data, target_is_directory=True)  # a loop
+    (data / "again").symlink_to(data / "own", target_is_directory=True)  # the same folder twice
+    ds = build(data)
+    assert sorted(p.name for p in {it.media.path for it in ds.items}) == ["linked.mp4", "own.mp4"]
+    report = ds.report()
+    assert report.count("a folder above it - not followed (it loops)") == 1
+    assert "is " in report and "again - its files are used once" in report
+
+
+def test_a_folder_of_only_a_symlinked_folder_is_not_empty(tmp_path):
+    clip(tmp_path / "real" / "a.mp4")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clips").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert len(build(tmp_path / "data").items) == 1
+
+
+def test_unreadable_folder_is_listed(tmp_path, monkeypatch):
+    clip(tmp_path / "ok.mp4")
+    locked = tmp_path / "locked"
+    clip(locked / "hidden_from_us.mp4")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a chmod-000 folder gives a non-root user
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr("os.scandir", scandir)
+    ds = build(tmp_path)
+    assert [it.media.path.name for it in ds.items] == ["ok.mp4"]
+    assert f"cannot read folder {locked} - check its permissions" in ds.skipped
+
+
+def test_extreme_aspect_ratio_warns_with_the_kept_share(tmp_path):
+    clip(tmp_path / "strip.mp4", size=(16, 512))  # 1:32 into the 1:4 bucket (16x64 at 32): keeps 4/32
+    clip(tmp_path / "normal.mp4", size=(32, 64))
+    [warning] = [w for w in build(tmp_path).warnings if "of their picture after the bucket crop" in w]
+    assert "1 file(s) keep less than 50%" in warning and "strip.mp4: keeps 12.5%" in warning
+    assert "normal.mp4" not in warning
+
+
+def test_report_names_upscaled_files_hidden_files_and_case_mismatched_captions(tmp_path):
+    clip(tmp_path / "small.mp4", size=(16, 16))
+    clip(tmp_path / "big.mp4", size=(64, 64))
+    clip(tmp_path / "shout.mp4")
+    (tmp_path / "shout.TXT").write_text("a caption")
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "._big.mp4").write_bytes(b"x")
+    clip(tmp_path / "new\nline.mp4")
+    for stem in ("small", "big", "new\nline"):
+        (tmp_path / f"{stem}.txt").write_text("a caption")
+    ds = build(tmp_path, default_caption="")
+    [upscaled] = [w for w in ds.warnings if "upscaled" in w]
+    assert upscaled.endswith("are upscaled: small.mp4")
+    assert any("ignored 2 hidden file(s)/folder(s)" in n for n in ds.notes)
+    [nocap] = [s for s in ds.skipped if "shout.mp4" in s]
+    assert "there is shout.TXT: rename it to shout.txt" in nocap
+    assert all("\n" not in s for s in ds.skipped)
+    report = ds.report()
+    assert f"    {repr('new' + chr(10) + 'line.mp4')}: 32x32" in report
+    assert not any(line.startswith("line.mp4") for line in report.splitlines())
+
+
+def test_alpha_video_and_stream_choice_reach_the_report(tmp_path):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = 128
+    with av.open(str(tmp_path / "alpha.webm"), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=16, options={"crf": "10", "b": "0"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuva420p"
+        for _ in range(6):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgba, format="rgba").reformat(format="yuva420p")))
+        container.mux(stream.encode(None))
+    ds = build(tmp_path)
+    [warning] = [w for w in ds.warnings if "alpha" in w]
+    assert "1 video(s) have an alpha channel" in warning and "composited onto black" in warning
+    assert "alpha.webm" in warning
+
+
+def test_latents_cached_before_these_decoding_fixes_are_not_reused(tmp_path, monkeypatch):
+    """A mirrored clip now decodes to other pixels, so a latent cached from its old decoding must not be found."""
+    from trainer_core.data import latent_cache
+    from trainer_core.data.dataset import SamplePlan
+
+    path = tmp_path / "hflip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.set_display_matrix(MATRICES["hflip"])
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(quadrants(32, 32), format="rgb24")))
+        container.mux(stream.encode(None))
+    cache = latent_cache.LatentCache(tmp_path / "cache", "vae")
+    plan = SamplePlan(0, path, (32, 32), (0,), False, False, "a clip", False, True)
+    now = cache.path_for(plan)
+    monkeypatch.setattr(latent_cache, "PREPROCESS_VERSION", 2)  # the decoding that ignored the mirroring
+    assert cache.path_for(plan) != now

@@ -39,7 +39,8 @@ from .loader import BatchRef, ordered_prefetch
 log = logging.getLogger(__name__)
 
 #: Bump when decoding, resizing or cropping changes, so old latents are not reused.
-PREPROCESS_VERSION = 2  # 2: images of every mode decoded correctly (16-bit grey, alpha composited onto black)
+PREPROCESS_VERSION = 3  # 2: images of every mode decoded correctly (16-bit grey, alpha composited onto black)
+# 3: mirrored display matrices, MP4 edit lists, ffmpeg's stream choice, WebM alpha, animated WebP/PNG as clips
 _CHUNK = 1 << 20
 
 

@@ -146,7 +146,8 @@ def _unreadable(path: Path, exc: Exception) -> DatasetError:
             "must be able to read it)"
         )
     return DatasetError(
-        f"cannot read media file {shown(path)}: {exc} - re-encode it (e.g. to H.264 mp4 or PNG) or remove it from the folder"
+        f"cannot read media file {shown(path)}: {exc} - re-encode it (e.g. to H.264 mp4 or PNG) or remove it from "
+        "the folder"
     )
 
 
@@ -248,13 +249,14 @@ def _check_mode(img: Image.Image, path: Path) -> None:
     """Refuse, from the header, an image whose pixels the rules of :func:`_pixels` cannot turn into RGB faithfully."""
     if img.mode not in _RGB_MODES | _ALPHA_MODES | _DEEP_GREY.keys():
         raise DatasetError(
-            f"{shown(path)}: pixel mode {img.mode} is not supported - re-save it as 8-bit RGB or RGBA (PNG, JPEG or WebP)"
+            f"{shown(path)}: pixel mode {img.mode} is not supported - re-save it as 8-bit RGB or RGBA (PNG, JPEG or "
+            "WebP)"
         )
     # Pillow reads 16-bit RGB PNGs as 8-bit but keeps a transparent colour (tRNS) in 16 bits, then masks wrong pixels.
     if img.mode == "RGB" and "transparency" in img.info and any(";16" in str(tile[3]) for tile in img.tile):
         raise DatasetError(
-            f"{shown(path)}: 16-bit RGB with a transparent colour (tRNS) cannot be decoded faithfully - re-save it as 8-bit "
-            "or as RGBA"
+            f"{shown(path)}: 16-bit RGB with a transparent colour (tRNS) cannot be decoded faithfully - re-save it "
+            "as 8-bit or as RGBA"
         )
 
 

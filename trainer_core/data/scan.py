@@ -7,7 +7,15 @@ Training on an empty caption is almost never intended: the model would learn the
 By default each bad file is skipped and listed in the report with what to do about it, and a dataset fails only when
 nothing usable is left in it; with ``strict`` the first bad file (in path order) fails the build. Whole-dataset
 problems always fail: a missing or empty folder, ``[trigger]`` or ``prepend_trigger`` without a trigger word.
-Other files (notes, metadata) are listed as ignored.
+Other files (notes, metadata) are listed as ignored, and so are hidden files and folders (``.DS_Store``, macOS
+``._clip.mp4`` copies, ``.cache``), counted.
+
+Folders. Sub-folders are scanned, symlinked ones too (each real folder once: a link to a folder above it, which
+would loop, or to one already scanned is reported and not followed again). A sub-folder that cannot be read is a
+bad entry: its files would be missing from training without a word.
+
+Reading notes. How a file is read when that is not obvious is noted per file: which of several video streams, HDR
+(no tone mapping), interlacing (no deinterlacing), an animated WebP/PNG trained as a clip.
 
 Transparency. Images with transparent pixels train composited onto black (see :mod:`~.media`); the report warns
 and lists them, since the LoRA learns that background.
@@ -18,7 +26,9 @@ at least :data:`BAR_SHARE` of the picture on both opposite sides are reported, s
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,12 +51,19 @@ from .media import (
     black_bars,
     media_kind,
     probe,
+    shown,
     unsupported_error,
 )
 
 #: Black bars covering at least this share of the picture on both the top and bottom (or left and right) are
 #: reported as letterboxing (pillarboxing).
 BAR_SHARE = 0.05
+#: A bucket crop that keeps less than this share of a file's picture is warned about. Buckets span aspect ratios
+#: 1:4 to 4:1 and a file within that range keeps over 90%; below half, more of the picture is cut away than
+#: trained on (an 18x2000 strip keeps 3.6%), so the subject is likely cut off.
+KEEP_SHARE = 0.5
+#: Files named in a warning line before "... and N more".
+_NAMED = 5
 #: Uniform sampling that plays a clip at least this many times faster (or slower) than real time gets a note.
 _SPEED_NOTE = 2.0
 
@@ -63,9 +80,17 @@ def _read_caption(cap_path: Path) -> str:
     try:
         return cap_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise _BadFile(f"caption file {cap_path} is not UTF-8 text - re-save it as UTF-8") from None
+        raise _BadFile(f"caption file {shown(cap_path)} is not UTF-8 text - re-save it as UTF-8") from None
     except OSError as exc:
-        raise _BadFile(f"cannot read caption file {cap_path}: {exc} - check its permissions") from None
+        raise _BadFile(f"cannot read caption file {shown(cap_path)}: {exc} - check its permissions") from None
+
+
+def _other_case(cap_path: Path) -> Path | None:
+    """A file beside ``cap_path`` whose name differs from it only in case (``clip.TXT`` for ``clip.txt``)."""
+    try:
+        return next((p for p in cap_path.parent.iterdir() if p.name.lower() == cap_path.name.lower()), None)
+    except OSError:
+        return None
 
 
 def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None) -> tuple[str, bool]:
@@ -76,7 +101,7 @@ def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None
     try:
         caption = apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger, cfg.trigger_separator)
     except ValueError:
-        where = f"caption file {cap_path}" if has_file else f"{label}.default_caption"
+        where = f"caption file {shown(cap_path)}" if has_file else f"{label}.default_caption"
         raise _NoTrigger(
             f"{where} uses {TRIGGER_TOKEN} but no trigger word is set - set the job's trigger_word "
             f"or remove {TRIGGER_TOKEN}"
@@ -84,11 +109,18 @@ def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None
     if not caption:
         if has_file:
             raise _BadFile(
-                f"caption file {cap_path} is empty - write a caption in it, or delete it to use default_caption"
+                f"caption file {shown(cap_path)} is empty - write a caption in it, or delete it to use "
+                "default_caption"
+            )
+        other = _other_case(cap_path)
+        if other is not None:  # caption_ext matches case-sensitively (as on Linux file systems)
+            raise _BadFile(
+                f"{shown(path)}: no caption - there is no {shown(cap_path.name)}, but there is {shown(other.name)}: "
+                f"rename it to {shown(cap_path.name)}"
             )
         raise _BadFile(
-            f"{path}: no caption - there is no {cap_path.name} and {label}.default_caption is empty; add the "
-            "caption file, set default_caption, or turn on prepend_trigger (with a trigger_word)"
+            f"{shown(path)}: no caption - there is no {shown(cap_path.name)} and {label}.default_caption is empty; "
+            "add the caption file, set default_caption, or turn on prepend_trigger (with a trigger_word)"
         )
     return caption, has_file
 
@@ -151,13 +183,59 @@ def _letterbox(info: MediaInfo) -> str | None:
     if not sides:
         return None
     return (
-        f"{info.path}: black bars {' and '.join(sides)} - crop them (ffmpeg's cropdetect filter finds the size), "
-        "or the LoRA learns to draw them"
+        f"{shown(info.path)}: black bars {' and '.join(sides)} - crop them (ffmpeg's cropdetect filter finds the "
+        "size), or the LoRA learns to draw them"
     )
 
 
-def _scan_folder(folder: Path, label: str) -> list[Path]:
-    """Every non-hidden file under ``folder``, sorted by relative path."""
+@dataclass
+class _Listing:
+    """What walking a dataset folder found: its files (sorted by relative path), how many hidden files and folders
+    it left out, and one line per folder it could not (or would not again) enter."""
+
+    files: list[Path]
+    hidden: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+
+
+def _walk(folder: Path) -> _Listing:
+    """Every non-hidden file under ``folder``, following symlinked folders, each real folder once."""
+    out = _Listing([])
+    seen = {os.path.realpath(folder)}
+
+    def unreadable(exc: OSError) -> None:
+        out.unreadable.append(f"cannot read folder {shown(exc.filename)} - check its permissions")
+
+    # Hidden files and folders (".cache", macOS "._clip.mp4" forks) are not data.
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        entered = []
+        for d in sorted(dirs):
+            path, real = os.path.join(root, d), os.path.realpath(os.path.join(root, d))
+            if d.startswith("."):
+                out.hidden += 1
+            elif real not in seen:
+                seen.add(real)
+                entered.append(d)
+            elif os.path.realpath(root).startswith(real + os.sep) or os.path.realpath(root) == real:
+                out.links.append(f"{shown(path)} links to {shown(real)}, a folder above it - not followed (it loops)")
+            else:
+                out.links.append(f"{shown(path)} is {shown(real)} again - its files are used once")
+        dirs[:] = entered
+        for name in names:
+            path = Path(root, name)
+            if name.startswith("."):
+                out.hidden += 1
+            elif path.is_file():
+                out.files.append(path)
+            elif path.is_symlink():
+                out.unreadable.append(f"{shown(path)} is a link to a missing file - fix or remove the link")
+    out.files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return out
+
+
+def _scan_folder(folder: Path, label: str) -> _Listing:
+    """The files under ``folder`` (see :func:`_walk`); :class:`DatasetError` when there is no media among them."""
     if not folder.exists():
         raise DatasetError(f"{label}.folder: {folder} does not exist - check the path")
     if not folder.is_dir():
@@ -165,21 +243,14 @@ def _scan_folder(folder: Path, label: str) -> list[Path]:
             f"{label}.folder: {folder} is a file, not a folder of videos/images - give the folder that holds the "
             f"clips and their captions (e.g. {folder.parent})"
         )
-    # Hidden files and folders (".cache", macOS "._clip.mp4" forks) are not data.
-    files = sorted(
-        (
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-        ),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not any(media_kind(p) or p.suffix.lower() in UNSUPPORTED_MEDIA_EXTS for p in files):
+    walked = _walk(folder)
+    if not any(media_kind(p) or p.suffix.lower() in UNSUPPORTED_MEDIA_EXTS for p in walked.files):
+        unread = f"; {'; '.join(walked.unreadable)}" if walked.unreadable else ""
         raise DatasetError(
             f"{label}.folder: {folder} holds no videos or images "
-            f"({', '.join(sorted(VIDEO_EXTS | IMAGE_EXTS))}) - add media or fix the path"
+            f"({', '.join(sorted(VIDEO_EXTS | IMAGE_EXTS))}) - add media or fix the path{unread}"
         )
-    return files
+    return walked
 
 
 def _setting_warnings(where: str, cfg: DatasetConfig) -> list[str]:
@@ -223,8 +294,11 @@ class _Scanner:
         self.out = DatasetScan(items=[], kinds=Counter())
         self.grids = {res: bucket_sizes(res) for res in cfg.resolutions}
         self.padded: list[str] = []
-        self.transparent: list[str] = []  # images whose transparent pixels decode composited onto black
-        self.upscaled: Counter = Counter()
+        self.transparent: list[MediaInfo] = []  # transparent images, videos with alpha: composited onto black
+        self.upscaled: dict[int, list[str]] = {}  # resolution -> files smaller than their bucket
+        self.cropped: list[tuple[float, str]] = []  # (share of the picture kept, file) under KEEP_SHARE
+        self.read_notes: list[str] = []  # how files are read (stream, HDR, interlacing, animation)
+        self.hidden = 0
         self.speeds: list[float] = []
         self.short_skipped = 0
 
@@ -234,7 +308,11 @@ class _Scanner:
         self.out.skipped.append(message)
 
     def scan(self) -> DatasetScan:
-        files = _scan_folder(self.folder, self.label)
+        walked = _scan_folder(self.folder, self.label)
+        files, self.hidden = walked.files, walked.hidden
+        for problem in walked.unreadable:
+            self.bad(problem)
+        self.read_notes += walked.links
         ignored = []
         for done, path in enumerate(files, 1):
             if self.progress is not None:
@@ -249,7 +327,7 @@ class _Scanner:
             elif path.suffix.lower() in UNSUPPORTED_MEDIA_EXTS:
                 self.bad(str(unsupported_error(path)))
             elif path.suffix != "." + self.cfg.caption_ext:
-                ignored.append(path.name)
+                ignored.append(shown(path.name))
         if not self.out.items:
             self.fail_empty()
         self.summarize(files, ignored)
@@ -270,7 +348,7 @@ class _Scanner:
             starts = stride_start_count(info.num_frames, frames, frame_stride(info.frame_times, fps))
         short = info.kind == "video" and (info.num_frames < frames if cfg.frame_sampling in _SPREAD else starts == 0)
         if short:
-            reason = f"{info.path}: {_short_reason(info, cfg)}"
+            reason = f"{shown(info.path)}: {_short_reason(info, cfg)}"
             if cfg.short_clip == "skip":
                 self.out.skipped.append(f"{reason} (short_clip=skip)")
                 self.short_skipped += 1
@@ -278,10 +356,14 @@ class _Scanner:
             self.padded.append(reason)
         bars = _letterbox(info)  # decodes a few keyframes: also catches files that break after the first frame
         buckets = []
+        name = shown(info.path.relative_to(self.folder).as_posix())
+        kept = 1.0
         for res in cfg.resolutions:
             bucket = assign_bucket(info.width, info.height, self.grids[res])
-            if resize_crop_plan(info.width, info.height, *bucket)[0] > info.width:
-                self.upscaled[res] += 1
+            rw, rh, _, _ = resize_crop_plan(info.width, info.height, *bucket)
+            if rw > info.width:
+                self.upscaled.setdefault(res, []).append(name)
+            kept = min(kept, bucket[0] * bucket[1] / (rw * rh))
             self.out.items.append(Item(info, self.d, res, bucket, frames, caption, starts))
             buckets.append(f"{bucket[0]}x{bucket[1]} ({res})")
         self.out.kinds[info.kind] += 1
@@ -297,9 +379,14 @@ class _Scanner:
                 size += f", {info.num_frames} frames, {float(info.frame_times[-1]):.2f} s, {info.fps:.3g} fps"
             if cfg.frame_sampling in _SPREAD and frames > 1 and not short:
                 self.speeds.append(_uniform_speed(info, frames, cfg.fps))
-        name = info.path.relative_to(self.folder).as_posix()
         if info.transparent:
-            self.transparent.append(name)
+            self.transparent.append(info)
+        if kept < KEEP_SHARE:
+            self.cropped.append((kept, name))
+        self.read_notes += info.notes
+        if info.animated_image:
+            kind = info.path.suffix[1:].upper()
+            self.read_notes.append(f"{shown(info.path)}: animated {kind} image: trains as a clip of its frames")
         self.out.files.append(
             f"{name}: {size} -> {', '.join(buckets)}; {_frames_used(info, cfg, frames, starts, short)}"
         )
@@ -342,7 +429,7 @@ class _Scanner:
                 "step at 512x512x33 on an H200)"
             )
         stems = {p.with_suffix("") for p in files if media_kind(p)}
-        orphans = [p.name for p in files if p.suffix == "." + cfg.caption_ext and p.with_suffix("") not in stems]
+        orphans = [shown(p.name) for p in files if p.suffix == "." + cfg.caption_ext and p.with_suffix("") not in stems]
         if orphans and self.override is None:
             out.notes.append(
                 f"{where}: ignored {len(orphans)} caption file(s) without media: {', '.join(orphans[:10])}"
@@ -353,21 +440,45 @@ class _Scanner:
                 + ", ".join(ignored[:10])
                 + (" ..." if len(ignored) > 10 else "")
             )
+        if self.hidden:
+            out.notes.append(
+                f"{where}: ignored {self.hidden} hidden file(s)/folder(s) (names starting with '.', such as "
+                ".DS_Store and macOS ._ copies)"
+            )
+        if self.read_notes:
+            out.notes.append(f"{where}: how {len(self.read_notes)} file(s) are read:\n" + listing(self.read_notes))
+        self.summarize_pixels()
+        out.warnings += _setting_warnings(where, cfg)
+
+    def summarize_pixels(self) -> None:
+        """Warnings about what training does to some files' pixels: alpha, extreme crops, black bars, upscaling."""
+        out, where, folder = self.out, self.where, self.folder
         if self.transparent:
+            images = sum(info.kind == "image" for info in self.transparent)
+            what = [f"{images} image(s) have transparent pixels"] if images else []
+            if len(self.transparent) > images:
+                what.append(f"{len(self.transparent) - images} video(s) have an alpha channel")
             out.warnings.append(
-                f"{where}: {len(self.transparent)} image(s) have transparent pixels; their alpha channel is dropped "
-                "and they train composited onto black - flatten them onto the background you want:\n"
-                + listing(self.transparent)
+                f"{where}: {' and '.join(what)}; their alpha channel is dropped and they train composited onto "
+                "black - flatten them onto the background you want:\n"
+                + listing([shown(info.path.relative_to(folder).as_posix()) for info in self.transparent])
+            )
+        if self.cropped:
+            out.warnings.append(
+                f"{where}: {len(self.cropped)} file(s) keep less than {KEEP_SHARE:.0%} of their picture after the "
+                "bucket crop (aspect ratio beyond the buckets' 1:4-4:1) - crop them to the part to learn:\n"
+                + listing([f"{name}: keeps {kept:.1%}" for kept, name in self.cropped])
             )
         if out.letterboxed:
             out.warnings.append(
                 f"{where}: {len(out.letterboxed)} file(s) have large black bars (see 'letterboxed') - crop them"
             )
-        for res, n in sorted(self.upscaled.items()):
+        for res, names in sorted(self.upscaled.items()):
+            more = f" ... and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
             out.warnings.append(
-                f"{where}: {n} file(s) are smaller than their bucket at resolution {res} and are upscaled"
+                f"{where}: {len(names)} file(s) are smaller than their bucket at resolution {res} and are upscaled: "
+                f"{', '.join(names[:_NAMED])}{more}"
             )
-        out.warnings += _setting_warnings(where, cfg)
 
 
 def build_dataset(
