@@ -430,3 +430,15 @@ def test_latents_cached_before_these_decoding_fixes_are_not_reused(tmp_path, mon
     now = cache.path_for(plan)
     monkeypatch.setattr(latent_cache, "PREPROCESS_VERSION", 2)  # the decoding that ignored the mirroring
     assert cache.path_for(plan) != now
+
+
+def test_multi_picture_jpeg_stays_a_photo(tmp_path):
+    """Pillow opens a camera's MPO JPEG (photo + preview) as 'animated'; it is one photo, its first picture."""
+    photo, preview = Image.new("RGB", (32, 24), (200, 30, 30)), Image.new("RGB", (32, 24), (30, 30, 200))
+    path = tmp_path / "camera.jpg"
+    photo.save(path, format="MPO", save_all=True, append_images=[preview])
+    with Image.open(path) as img:
+        assert img.format == "MPO" and img.is_animated
+    info = probe(path)
+    assert (info.kind, info.num_frames) == ("image", 1)
+    assert np.abs(read_frames(info, [0], (32, 24))[0].astype(int) - (200, 30, 30)).max() <= 8

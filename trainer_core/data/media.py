@@ -178,8 +178,10 @@ def _probe_image(path: Path) -> MediaInfo:
         # Only an image that can hold transparency is decoded here, to tell whether any pixel is transparent.
         transparent = _has_alpha(img) and _pixels(img, path)[1]
         width, height = (img.height, img.width) if turned else (img.width, img.height)
-        # An animated WebP/PNG is a clip: its first frame alone would train a still of a moving subject.
-        frames = getattr(img, "n_frames", 1) if getattr(img, "is_animated", False) else 1
+        # An animated WebP/PNG is a clip: its first frame alone would train a still of a moving subject. (A camera
+        # JPEG with a preview picture, MPO, is "animated" to Pillow too, but its first picture is the photo.)
+        animated = img.format in ("WEBP", "PNG") and getattr(img, "is_animated", False)
+        frames = img.n_frames if animated else 1
         times = _animation_times(img, frames, path) if frames > 1 else (Fraction(0),)
     kind: Literal["video", "image"] = "video" if frames > 1 else "image"
     return MediaInfo(path, kind, Fraction(width), Fraction(height), times, transparent=transparent)
