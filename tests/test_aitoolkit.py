@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer_core.aitoolkit import from_aitoolkit, is_aitoolkit_config
+from trainer_core.aitoolkit import from_aitoolkit, is_aitoolkit_config, job_from_aitoolkit
 from trainer_core.cli import demo_config, load_job
 from trainer_core.cli import main as cli_main
 from trainer_core.config import QuantConfig, job_from_dict, load_yaml
@@ -1411,3 +1411,103 @@ def test_values_without_effect_in_ai_toolkit_get_no_warning(over):
 def test_tilde_in_training_folder_is_expanded():
     job, _ = from_aitoolkit(_minimal(training_folder="~/runs"))
     assert job["save"]["output_dir"] == os.path.expanduser("~/runs")
+
+
+# --- audit C leftovers: later errors in the file's own keys, ai-toolkit's defaults, config-level keys -----------
+
+
+def _check_errors(tmp_path: Path, data: dict, capsys) -> list[str]:
+    """The ``error:`` lines of ``check`` on the job ``data`` (no decoding; a tiny model where none is given)."""
+    path = _job_file(tmp_path, data)
+    assert cli_main(["check", "--no-decode", str(path)]) == 2
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+
+
+def _tiny(tmp_path: Path | None = None, **over):
+    """:func:`_minimal` on the tiny preset, on the CPU, writing under ``tmp_path``."""
+    data = _minimal(**{"training_folder": str(tmp_path or "out"), "device": "cpu", **over})
+    data["config"]["process"][0]["model"]["name_or_path"] = "tiny"
+    return data
+
+
+def test_check_names_a_missing_folder_by_the_files_key(tmp_path, capsys):
+    errors = _check_errors(tmp_path, _tiny(tmp_path / "out", datasets=[{"dataset_path": str(tmp_path / "nope")}]), capsys)
+    assert errors == [f"error: {P}.datasets[0].dataset_path: {tmp_path / 'nope'} does not exist - check the path"]
+
+
+def test_a_device_error_names_the_process_device_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    clips = make_synthetic_dataset(tmp_path / "clips", n_clips=1, num_frames=5, size=(32, 32), seed=1)
+    data = _tiny(tmp_path / "out", device="cuda:1", datasets=[{"folder_path": str(clips), "resolution": [32], "num_frames": 5}])
+    errors = _check_errors(tmp_path, data, capsys)
+    assert errors and all(f"{P}.device is 'cuda:1'" in e and "train.device" not in e for e in errors)
+
+
+def test_train_names_the_files_keys_in_a_later_error(tmp_path, capsys):
+    path = _job_file(tmp_path, _tiny(tmp_path / "out", datasets=[{"folder_path": str(tmp_path / "nope")}]))
+    assert cli_main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {P}.datasets[0].folder_path: {tmp_path / 'nope'} does not exist - check the path")
+
+
+def test_layer_offloading_percent_counts_the_models_own_blocks():
+    # ai-toolkit offloads that share of the model's layers: the tiny preset has 2 blocks, not Wan 2.2's 40.
+    cfg, _ = _map(_tiny(model__layer_offloading=True, model__layer_offloading_transformer_percent=0.5))
+    assert cfg.memory.offload_blocks == TINY_TRANSFORMER_CONFIG["num_layers"] // 2
+    cfg, _ = _map(_minimal(model__layer_offloading=True, model__layer_offloading_transformer_percent=0.5))
+    assert cfg.memory.offload_blocks == 20
+
+
+def test_later_messages_are_translated_in_one_place():
+    from trainer_core.aitoolkit import aitoolkit_terms
+
+    terms = aitoolkit_terms(_minimal(model__layer_offloading=True, train__steps=5))
+    assert terms("memory.offload_blocks is 20 but the experts have 2 blocks") == (
+        f"{P}.model.layer_offloading_transformer_percent (as a block count) is 20 but the experts have 2 blocks")
+    # a key path already in the file's terms is left as it is; so is a setting no key gives
+    assert terms(f"{P}.train.steps and train.steps, 'lora.rank'.") == (
+        f"{P}.train.steps and {P}.train.steps, '{P}.network.linear'.")
+    assert terms("advanced.dop is on") == "advanced.dop is on"
+
+
+@pytest.mark.parametrize("datasets", [[], None])
+def test_no_dataset_is_one_line_naming_the_key(tmp_path, capsys, datasets):
+    data = _tiny(tmp_path / "out")
+    data["config"]["process"][0]["datasets"] = datasets
+    errors = _check_errors(tmp_path, data, capsys)
+    assert len(errors) == 1 and f"{P}.datasets is missing or empty" in errors[0]
+
+
+@pytest.mark.parametrize("dotted, value, said", [
+    ("train__switch_boundary_every", 0, "use e.g. 1 (ai-toolkit's default)"),
+    ("train__steps", -5, "use e.g. ai-toolkit's default 1000"),
+    ("network__linear", 4.5, "such as ai-toolkit's default 4"),
+    ("save__max_step_saves_to_keep", -1, "use e.g. ai-toolkit's default 5"),
+    ("datasets", [{"folder_path": "clips", "caption_dropout_rate": 2.0}], "use e.g. ai-toolkit's default 0.0"),
+])
+def test_refusals_quote_ai_toolkits_defaults(dotted, value, said):
+    # toolkit/config_modules.py: switch_boundary_every 1, steps 1000, linear 4, max_step_saves_to_keep 5,
+    # caption_dropout_rate 0.0
+    with pytest.raises(ConfigError) as exc:
+        job_from_aitoolkit(_minimal(**{dotted: value}), "job.yaml")
+    assert said in str(exc.value) and "(the default)" not in str(exc.value)
+
+
+@pytest.mark.parametrize("key, value, home", [
+    ("train", {"steps": 5}, "`config.process[0]`"), ("datasets", [{"folder_path": "x"}], "`config.process[0]`"),
+    ("steps", 5, "`config.process[0].train`"),
+])
+def test_a_key_directly_under_config_says_where_it_belongs(key, value, home):
+    data = _minimal()
+    data["config"]["process"][0].pop("datasets")
+    data["config"][key] = value
+    with pytest.raises(ConfigError) as exc:
+        from_aitoolkit(data)
+    assert str(exc.value).startswith(f"config.{key} is in the wrong section") and f"move it under {home}" in str(exc.value)
+
+
+def test_a_key_under_config_also_given_in_the_process_is_named():
+    data = _minimal()
+    data["config"]["datasets"] = [{"folder_path": "x"}]
+    _, notes = from_aitoolkit(data)
+    assert _ignored(notes) == ["config.datasets"] and "given there too" in notes[0]

@@ -54,7 +54,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError, safe_open
@@ -63,9 +63,11 @@ from .config import (
     AdvancedConfig,
     JobConfig,
     MemoryConfig,
+    ModelConfig,
     QuantConfig,
     SampleConfig,
     closest_key,
+    field_default,
     format_validation_error,
 )
 from .errors import ConfigError, LoraFileError
@@ -99,8 +101,17 @@ _WAN22_SHIFT = 5.0
 #: ai-toolkit builds AdamW / AdamW8bit with eps=1e-6; torch and bitsandbytes default weight_decay to 0.01.
 _ADAMW_EPS = 1e-6
 _ADAMW_WEIGHT_DECAY = 0.01
-#: Transformer blocks per expert (layer_offloading_transformer_percent is a share of them).
-_WAN_BLOCKS = 40
+#: ai-toolkit's defaults (toolkit/config_modules.py: TrainConfig, NetworkConfig, SaveConfig, DatasetConfig) of the
+#: settings mapped from keys a file may leave out, by this trainer's setting (``datasets.<key>`` for every entry);
+#: refusals of these settings quote them instead of this trainer's own defaults.
+_AITK_DEFAULTS: dict[str, Any] = {
+    "multistage.switch_every": 1,  # switch_boundary_every
+    "train.steps": 1000,
+    "lora.rank": 4,  # linear / rank
+    "save.save_every": 1000,
+    "save.keep_last": 5,  # max_step_saves_to_keep
+    "datasets.caption_dropout": 0.0,  # caption_dropout_rate
+}
 #: ai-toolkit qtypes that store float8 e4m3 weights with per-output-row scales (quanto's qfloat8 is e4m3fn).
 _FLOAT8_QTYPES = ("qfloat8", "qfloat8_e4m3fn", "float8")
 #: The 4-bit qtype ai-toolkit's accuracy recovery adapters are made for.
@@ -488,19 +499,25 @@ def _misplaced(proc: dict[str, Any], notes: list[str]) -> None:
     that section does not give: the job would silently train with that key's default."""
     for kind, where, section in _process_sections(proc):
         for key in [k for k in section if isinstance(k, str) and k not in _AITOOLKIT_KEYS[kind]]:
-            homes = [h for h in _HOMES.get(key, ()) if h != kind]
-            if not homes:
-                continue
-            path, places = f"{where}.{key}", " or ".join(f"`{_section_path(h)}`" for h in homes)
-            missing = [h for h in homes if key in _APPLIED_KEYS[h] and not _given_in(proc, h, key)]
-            if missing:
-                raise ConfigError(
-                    f"{path} is in the wrong section: ai-toolkit reads {key} under {places} and ignores it here, so "
-                    f"the job would silently train with its default - move it under `{_section_path(missing[0])}`"
-                )
-            given = " (it is given there too, and that one is read)" if any(_given_in(proc, h, key) for h in homes) else ""
-            notes.append(f"{path} is ignored: ai-toolkit reads {key} under {places}, not here{given} - move it there")
-            del section[key]
+            _move_hint(key, kind, where, section, proc, notes)
+
+
+def _move_hint(key: str, kind: str, where: str, section: dict[str, Any], proc: dict[str, Any], notes: list[str]) -> None:
+    """:func:`_misplaced` for one key of ``section`` (of the kind ``kind``, at ``where``; ``config`` for the job's
+    own section, where ai-toolkit reads only name and process)."""
+    homes = [h for h in _HOMES.get(key, ()) if h != kind]
+    if not homes:
+        return
+    path, places = f"{where}.{key}", " or ".join(f"`{_section_path(h)}`" for h in homes)
+    missing = [h for h in homes if key in _APPLIED_KEYS[h] and not _given_in(proc, h, key)]
+    if missing:
+        raise ConfigError(
+            f"{path} is in the wrong section: ai-toolkit reads {key} under {places} and ignores it here, so "
+            f"the job would silently train with its default - move it under `{_section_path(missing[0])}`"
+        )
+    given = " (it is given there too, and that one is read)" if any(_given_in(proc, h, key) for h in homes) else ""
+    notes.append(f"{path} is ignored: ai-toolkit reads {key} under {places}, not here{given} - move it there")
+    del section[key]
 
 
 #: ai-toolkit's switches (read by truthiness, so any non-empty text is on) and the words that look like a boolean.
@@ -595,8 +612,11 @@ def from_aitoolkit(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             "split them into one file each"
         )
     notes: list[str] = []
-    job = _map_process(_take_item(processes, 0, "config.process"), name, notes)
+    proc = _take_item(processes, 0, "config.process")
     config_rest = {k: v for k, v in data["config"].items() if k not in ("name", "process")}
+    for key in [k for k in config_rest if isinstance(k, str)]:
+        _move_hint(key, "config", "config", config_rest, proc, notes)
+    job = _map_process(proc, name, notes)
     _leftovers(config_rest, "config", "config", data["config"], notes)
     _leftovers({k: v for k, v in data.items() if k not in ("job", "config")}, "top", "", data, notes)
     return job, notes
@@ -619,8 +639,45 @@ def job_from_aitoolkit(data: dict[str, Any], source: str) -> tuple[JobConfig, li
         message = format_validation_error(exc, source)
         proc = data["config"]["process"][0]
         for err in exc.errors():
-            message = _in_aitoolkit_terms(message, err["loc"], proc)
+            message = _aitoolkit_default(_in_aitoolkit_terms(message, err["loc"], proc), err["loc"])
         raise ConfigError(message) from None
+
+
+def _aitoolkit_default(message: str, loc: tuple[Any, ...]) -> str:
+    """``message`` quoting ai-toolkit's default of the setting at ``loc`` where it quotes this trainer's ('use e.g.
+    the default 2000', '10 (the default)'): the file is read with ai-toolkit's defaults (:data:`_AITK_DEFAULTS`)."""
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    theirs = _AITK_DEFAULTS.get(".".join(names))
+    if theirs is None:
+        return message
+    ours = field_default(tuple(names))
+    return message.replace(f"the default {ours!r}", f"ai-toolkit's default {theirs!r}").replace(
+        f"{ours!r} (the default)", f"{theirs!r} (ai-toolkit's default)"
+    )
+
+
+def aitoolkit_terms(data: dict[str, Any]) -> Callable[[str], str]:
+    """For the ai-toolkit job ``data`` (as :func:`from_aitoolkit` read it): a function that rewrites a message of
+    this trainer, raised after the mapping (the job's cross-checks, the pre-flight, the dataset scan, the run), so
+    that it names the file's keys: ``train.device`` -> ``config.process[0].device``, ``datasets[0].folder`` ->
+    ``config.process[0].datasets[0].folder_path``. A setting no key of the file gives keeps its name."""
+    proc = data["config"]["process"][0]
+    paths = {path: _source_key(tuple(path.split(".")), proc) for path in _SOURCES if "." in path}
+    datasets = proc.get("datasets")
+    for i in range(len(datasets) if isinstance(datasets, list) else 0):
+        paths.update({f"datasets[{i}].{key}": _source_key(("datasets", i, key), proc) for key in _DATASET_SOURCES})
+    net = proc.get("network") if isinstance(proc.get("network"), dict) else {}
+    if not _is_off(net.get("pretrained_lora_path")):
+        paths.update({f"lora.init_{e}": f"{_PROCESS}.network.pretrained_lora_path" for e in EXPERTS})
+    model = proc.get("model") if isinstance(proc.get("model"), dict) else {}
+    if model.get("layer_offloading"):
+        paths["memory.offload_blocks"] = f"{_PROCESS}.model.layer_offloading_transformer_percent (as a block count)"
+    paths = {ours: theirs for ours, theirs in paths.items() if theirs}
+    # Longest first, and never inside a longer key path: 'train.steps' in 'config.process[0].train.steps' stays.
+    pattern = re.compile(
+        r"(?<![\w.\]])(" + "|".join(map(re.escape, sorted(paths, key=len, reverse=True))) + r")(?![\w\[]|\.\w)"
+    )
+    return lambda message: pattern.sub(lambda m: paths[m.group(1)], message)
 
 
 #: This trainer's settings that :func:`from_aitoolkit` passes on unchecked -> the keys of ``config.process[0]`` they
@@ -762,6 +819,11 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
     raw = rest.pop("datasets", None) or []
     if not isinstance(raw, list):
         raise ConfigError(f"{_PROCESS}.datasets must be a list of dataset entries, got {type(raw).__name__}")
+    if not raw:  # ai-toolkit builds no data loader then, and its training loop fails at the first step
+        raise ConfigError(
+            f"{_PROCESS}.datasets is missing or empty: there is nothing to train on - add a dataset entry, e.g. "
+            "datasets: [{folder_path: /path/to/clips}]"
+        )
     raw = [_take_item(raw, i, f"{_PROCESS}.datasets") for i in range(len(raw))]
     job["datasets"] = [_map_dataset(ds, i, job.get("trigger_word"), flags["cache_text_embeddings"], notes) for i, ds in enumerate(raw)]
     _map_regularization(raw, flags["reg_weight"], job, notes)
@@ -783,7 +845,7 @@ def _map_network(net: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     linear = rest.pop("linear", None)
     rank = rest.pop("rank", None)
     lora = job["lora"]
-    lora["rank"] = rank if rank is not None else linear if linear is not None else 4
+    lora["rank"] = rank if rank is not None else linear if linear is not None else _AITK_DEFAULTS["lora.rank"]
     lora["alpha"] = None  # = rank: scale 1, as ai-toolkit trains it
     for key in ("linear_alpha", "alpha"):
         value = rest.pop(key, None)
@@ -839,8 +901,8 @@ def _map_save(save: dict[str, Any], job: dict[str, Any], notes: list[str]) -> No
     rest = dict(save)
     job["save"].update(
         dtype=_dtype(rest.pop("dtype", "float16"), f"{where}.dtype"),
-        save_every=rest.pop("save_every", 1000),
-        keep_last=rest.pop("max_step_saves_to_keep", 5),
+        save_every=rest.pop("save_every", _AITK_DEFAULTS["save.save_every"]),
+        keep_last=rest.pop("max_step_saves_to_keep", _AITK_DEFAULTS["save.keep_last"]),
     )
     _leftovers(rest, "save", where, save, notes)
 
@@ -868,7 +930,7 @@ def _map_model(model: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
             rest.pop("layer_offloading_transformer_percent", 1.0), f"{where}.layer_offloading_transformer_percent"
         )
         # ai-toolkit offloads each Linear layer with probability pct (all from 1 up, none at 0 or below).
-        offload = int(min(max(pct, 0.0), 1.0) * _WAN_BLOCKS + 0.5)
+        offload = int(min(max(pct, 0.0), 1.0) * _block_count(str(source)) + 0.5)
     rest.pop("layer_offloading_transformer_percent", None)
     job["memory"] = _validated(
         MemoryConfig,
@@ -885,6 +947,14 @@ def _map_model(model: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
         job["sample"]["vae_tiling"] = True
     _leftovers(kw_rest, "model.model_kwargs", f"{where}.model_kwargs", kwargs, notes)
     _leftovers(rest, "model", where, model, notes)
+
+
+def _block_count(source: str) -> int:
+    """Transformer blocks per expert of the model ``source`` names, as the VRAM planner reads them without loading a
+    weight (the tiny preset's, a diffusers folder's config.json, else Wan 2.2 A14B's 40)."""
+    from .memory.planner import model_arch  # imported here: it needs diffusers, and only offloading asks
+
+    return int(model_arch(ModelConfig.model_construct(source=source))["num_layers"])
 
 
 def _map_quant(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) -> None:
@@ -1018,7 +1088,7 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
     # ai-toolkit loads the base weights in train.dtype too (it overwrites model.dtype with it).
     dtype = _dtype(rest.pop("dtype", "fp32"), f"{where}.dtype")
     job["model"]["dtype"] = dtype
-    job["multistage"]["switch_every"] = rest.pop("switch_boundary_every", 1)
+    job["multistage"]["switch_every"] = rest.pop("switch_boundary_every", _AITK_DEFAULTS["multistage.switch_every"])
     accumulation = rest.pop("gradient_accumulation", 1)
     if isinstance(accumulation, int) and not isinstance(accumulation, bool) and accumulation > 1:
         notes.append(
@@ -1027,7 +1097,7 @@ def _map_train(train: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
             "updates one expert"
         )
     job["train"].update(
-        steps=rest.pop("steps", 1000),
+        steps=rest.pop("steps", _AITK_DEFAULTS["train.steps"]),
         batch_size=rest.pop("batch_size", 1),
         gradient_accumulation=accumulation,
         # ai-toolkit's switch (read as truthy, on by default) -> a policy: on lets the VRAM planner choose (full
@@ -1217,7 +1287,9 @@ def _map_dataset(
     out: dict[str, Any] = {
         "folder": str(folder),
         "caption_ext": str(caption_ext).lstrip("."),
-        "caption_dropout": _float(rest.pop("caption_dropout_rate", 0.0), f"{where}.caption_dropout_rate"),
+        "caption_dropout": _float(
+            rest.pop("caption_dropout_rate", _AITK_DEFAULTS["datasets.caption_dropout"]), f"{where}.caption_dropout_rate"
+        ),
         "resolutions": list(resolution) if isinstance(resolution, (list, tuple)) else [resolution],
         "num_frames": rest.pop("num_frames", 1),
         # dataloader_mixins.py: num_frames spread over the whole clip (its float rounding), or (shrink off) every

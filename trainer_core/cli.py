@@ -7,8 +7,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import JobConfig, job_from_dict, job_warnings, load_yaml
 from .errors import ConfigError, TrainerError
@@ -18,20 +20,30 @@ log = logging.getLogger(__name__)
 
 def load_job(path: str | Path, resume: str | None = None, *, continue_run: bool = False
              ) -> tuple[JobConfig, list[str]]:
+    """:func:`read_job` without its message translator."""
+    cfg, notes, _ = read_job(path, resume, continue_run=continue_run)
+    return cfg, notes
+
+
+def read_job(path: str | Path, resume: str | None = None, *, continue_run: bool = False
+             ) -> tuple[JobConfig, list[str], Callable[[str], str]]:
     """Read a job YAML (this trainer's schema or ai-toolkit's Wan 2.2 job shape) into a validated JobConfig.
 
     ``resume`` (the command line's ``--resume``) replaces the file's. With ``continue_run`` (train, check), an
     ai-toolkit job given no ``resume`` continues from its newest training state, as ai-toolkit continues a job that
     is run again (:func:`~trainer_core.aitoolkit.continue_from_latest`); the log says so.
 
-    Returns the config and the warnings: ai-toolkit keys that were not applied, and settings that are valid but
-    almost surely not meant (:func:`~trainer_core.config.job_warnings`).
+    Returns the config, the warnings (ai-toolkit keys that were not applied, and settings that are valid but almost
+    surely not meant: :func:`~trainer_core.config.job_warnings`) and the function that words a later message in the
+    file's own keys (:func:`~trainer_core.aitoolkit.aitoolkit_terms` for an ai-toolkit job; else unchanged).
     """
-    from .aitoolkit import continue_from_latest, is_aitoolkit_config, job_from_aitoolkit
+    from .aitoolkit import aitoolkit_terms, continue_from_latest, is_aitoolkit_config, job_from_aitoolkit
 
     data = load_yaml(path)
+    terms: Callable[[str], str] = str
     if is_aitoolkit_config(data):
         cfg, notes = job_from_aitoolkit(data, str(path))  # its errors name the keys of the file
+        terms = aitoolkit_terms(data)
         if continue_run and resume is None and (line := continue_from_latest(cfg, data, str(path))) is not None:
             cfg.resume = "latest"
             log.info("%s", line)
@@ -39,7 +51,17 @@ def load_job(path: str | Path, resume: str | None = None, *, continue_run: bool 
         cfg, notes = job_from_dict(data, source=str(path)), []
     if resume is not None:
         cfg.resume = resume
-    return cfg, notes + job_warnings(cfg)
+    return cfg, [terms(n) for n in notes + job_warnings(cfg)], terms
+
+
+@contextmanager
+def _in_job_terms(terms: Callable[[str], str]) -> Iterator[None]:
+    """Re-raise a trainer error of the block worded by ``terms`` (the job file's own keys), same type."""
+    try:
+        yield
+    except TrainerError as exc:
+        exc.args = (terms(str(exc)),)
+        raise
 
 
 #: The demo's steps when ``--steps`` is not given.
@@ -83,7 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is not None and not args.resume.strip():  # e.g. an unset shell variable: never a fresh run
         raise ConfigError("--resume is empty - give latest, a run folder or a state file, or leave --resume out")
-    cfg, notes = load_job(args.config, args.resume, continue_run=True)
+    cfg, notes, terms = read_job(args.config, args.resume, continue_run=True)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     interrupt_on_sigterm()  # a scheduler's or torchrun's SIGTERM leaves a resumable state, like Ctrl-C
@@ -99,7 +121,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             emit("run", run_dir=str(run.path))
 
     stop_file = Path(args.stop_file) if args.stop_file else None
-    result = run_training(cfg, on_run=on_run, on_step=on_step, progress_bar=not args.events, stop_file=stop_file)
+    with _in_job_terms(terms):
+        result = run_training(cfg, on_run=on_run, on_step=on_step, progress_bar=not args.events, stop_file=stop_file)
     if args.events:
         emit("done", step=result.step, run_dir=str(result.run_dir),
              lora_files={k: str(v) for k, v in result.lora_files.items()})
@@ -131,13 +154,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     an ``error:`` line on stderr; exit status 2 when there is one."""
     from .check import check_job
 
-    cfg, notes = load_job(args.config, continue_run=True)
+    cfg, notes, terms = read_job(args.config, continue_run=True)
     if args.gpu_fp8 and args.gpu_gib is None:
         raise ConfigError("check: --gpu-fp8 describes the card of --gpu-gib - give --gpu-gib N too (a card here "
                           "is asked directly)")
     result = check_job(cfg, gpu_gib=args.gpu_gib, gpu_fp8=args.gpu_fp8, decode=not args.no_decode,
                        progress=_Counter())
-    result.warnings = [*notes, *result.warnings]  # the job file's first, as `train` prints them
+    # the job file's warnings first, as `train` prints them; every line in the file's own keys
+    result.warnings = [*notes, *map(terms, result.warnings)]
+    result.reasons = [terms(r) for r in result.reasons]
+    result.sections = [(title, terms(text)) for title, text in result.sections]
     print(f"checked {args.config} (job '{cfg.name}', {cfg.train.steps} steps)\n")
     print(result.report())
     for reason in result.reasons:
@@ -183,13 +209,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .sample.render import render_job
     from .train.loop import resolve_device
 
-    cfg, notes = load_job(args.config)
+    cfg, notes, terms = read_job(args.config)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     loras = {"high": args.lora_high, "low": args.lora_low}
-    device = resolve_device(cfg.train.device)
-    for path in render_job(cfg, loras, Path(args.out), args.prompt, device):
-        print(f"video: {path}")
+    with _in_job_terms(terms):
+        device = resolve_device(cfg.train.device)
+        for path in render_job(cfg, loras, Path(args.out), args.prompt, device):
+            print(f"video: {path}")
     return 0
 
 

@@ -234,7 +234,7 @@ class MultiStageConfig(_Strict):
     train_low_noise: bool = Field(default=True, description=(
         "Train the low-noise expert (detail, texture, identity): needed for character/style LoRAs"))
     switch_every: Annotated[int, Range(1, message=(
-        "switch_every must be >= 1 - use 1 to alternate every step, or 10 (the default)"))] = Field(
+        "switch_every must be >= 1 (1 alternates the experts every step) - use e.g. 10 (the default)"))] = Field(
         default=10, json_schema_extra={"widget_max": 10_000}, description=(
             "Optimizer steps per expert before switching to the other: 10 on 24 GB (one expert on the GPU at a "
             "time), 1 on H100/H200 (both resident)"))
@@ -1028,7 +1028,7 @@ def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
     return " - remove it or check its spelling"
 
 
-def _field_default(loc: tuple[Any, ...]) -> Any:
+def field_default(loc: tuple[Any, ...]) -> Any:
     """The default of the setting at ``loc`` (list/tuple indexes dropped), or None when there is none."""
     names = [p for p in loc if not isinstance(p, int)]
     if not names:
@@ -1081,7 +1081,7 @@ def _kind_problem(err: dict[str, Any]) -> str:
     kind, given = _KIND_ERRORS[err["type"]], err.get("input")
     if err["type"] == "string_type" and isinstance(given, (int, float)) and not isinstance(given, bool):
         return f" must be a text, got the number {given!r} - write it in quotes ('{given}')"
-    default, what = _field_default(err["loc"]), _field_description(err["loc"])
+    default, what = field_default(err["loc"]), _field_description(err["loc"])
     if kind.startswith("a section"):
         fix = "write its settings under it" + (", or remove the line to use the defaults" if default else "")
     elif kind.startswith("a list"):
@@ -1099,7 +1099,7 @@ def _bound_problem(err: dict[str, Any]) -> str:
     """' must be >= 1, got 0 - <what to do>' for a number out of its bounds."""
     op = _BOUND_ERRORS[err["type"]]
     limit = next(iter((err.get("ctx") or {}).values()), "?")
-    default = _field_default(err["loc"])
+    default = field_default(err["loc"])
     fix = f"use e.g. the default {default!r}" if isinstance(default, (int, float)) else f"use a value {op} {limit}"
     return f" must be {op} {limit}, got {_shown(err.get('input'))} - {fix}"
 
@@ -1119,7 +1119,7 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
         elif err["type"] in _BOUND_ERRORS:
             lines.append(f"{source}: '{where}'{_bound_problem(err)}")
         elif err["type"] == "finite_number":
-            default = _field_default(err["loc"])
+            default = field_default(err["loc"])
             fix = f" (the default is {default!r})" if default is not None else ""
             lines.append(
                 f"{source}: '{where}': must be a finite number, got {err.get('input')!r} - .inf, .nan and numbers "
