@@ -1511,3 +1511,20 @@ def test_a_key_under_config_also_given_in_the_process_is_named():
     data["config"]["datasets"] = [{"folder_path": "x"}]
     _, notes = from_aitoolkit(data)
     assert _ignored(notes) == ["config.datasets"] and "given there too" in notes[0]
+
+
+def test_the_trigger_is_not_prepended_where_it_occurs_inside_a_word(tmp_path):
+    """toolkit/prompt_utils.py inject_trigger_into_prompt: `num_instances = output_prompt.count(replace_with)`;
+    `if num_instances == 0 and add_if_not_present: output_prompt = replace_with + " " + output_prompt` - the
+    trigger anywhere in the caption, even inside a longer word, keeps it from being prepended. This trainer's own
+    default stays the whole-word rule; the captions differ, so the text cache (keyed on them) sees it."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name, caption, value in (("a", "sqzy dog runs", 40), ("b", "a dog runs", 60)):
+        _still(clips / f"{name}.png", value)
+        (clips / f"{name}.txt").write_text(caption)
+    cfg, _ = _map(_minimal(trigger_word="sqz", datasets=[{"folder_path": str(clips), "resolution": 32}]))
+    assert cfg.datasets[0].trigger_match == "substring"
+    assert build_dataset(cfg.datasets, "sqz", 0).captions() == {"sqzy dog runs", "sqz a dog runs"}
+    own = cfg.datasets[0].model_copy(update={"trigger_match": "word"})
+    assert build_dataset([own], "sqz", 0).captions() == {"sqz sqzy dog runs", "sqz a dog runs"}

@@ -1304,9 +1304,11 @@ def _map_dataset(
         # ai-toolkit caches in memory or on disk; this trainer's cache_latents covers both.
         "cache_latents": bool(rest.pop("cache_latents", False)) | bool(rest.pop("cache_latents_to_disk", False)),
         # ai-toolkit puts the trigger word in front of captions lacking it, except on regularization data, joined
-        # by a space (toolkit/prompt_utils.py inject_trigger_into_prompt: replace_with + " " + output_prompt).
+        # by a space (toolkit/prompt_utils.py inject_trigger_into_prompt: replace_with + " " + output_prompt); a
+        # caption lacks it when it does not occur at all, even inside a word (output_prompt.count(replace_with)).
         "prepend_trigger": bool(trigger) and not is_reg,
         "trigger_separator": " ",
+        "trigger_match": "substring",
     }
     fps = rest.pop("fps", None if shrink else 24)  # 24 is ai-toolkit's default, used only with shrink off
     if fps is not None:

@@ -425,6 +425,9 @@ class DatasetConfig(_Strict):
         "Put the trigger word in front of captions that lack it (needs a trigger word)"))
     trigger_separator: Literal[", ", " "] = Field(default=", ", description=(
         "what prepend_trigger puts between the trigger word and the caption: ', ' or ' ' (ai-toolkit's)"))
+    trigger_match: Literal["word", "substring"] = Field(default="word", description=(
+        "when prepend_trigger counts a caption as already holding the trigger word: 'word' (as a whole word) or "
+        "'substring' (anywhere, even inside a longer word: ai-toolkit's rule)"))
     flip_x: bool = Field(default=False, description=(
         "Mirror half the samples left-right; keep off for video (it reverses directional motion)"))
     flip_y: bool = Field(default=False, description="Flip half the samples upside down; almost always off")

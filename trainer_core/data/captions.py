@@ -2,14 +2,16 @@
 
 Order: the caption file's text (or the dataset's default caption when there is no file) has its whitespace
 collapsed to single spaces, every ``[trigger]`` is replaced by the trigger word, and, when asked, the trigger word is
-put in front of captions that do not already contain it as a whole word (``"<trigger>, <caption>"``, or
-``"<trigger> <caption>"`` with the separator ``" "``, as ai-toolkit joins them). Caption dropout, which happens per
+put in front of captions that do not already contain it (``"<trigger>, <caption>"``, or ``"<trigger> <caption>"``
+with the separator ``" "``, as ai-toolkit joins them): as a whole word, or with ``match="substring"`` anywhere, even
+inside a longer word, as ai-toolkit counts it. Caption dropout, which happens per
 sample at training time, replaces the result with ``""``.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 #: Placeholder replaced by the job's trigger word.
 TRIGGER_TOKEN = "[trigger]"
@@ -25,8 +27,10 @@ def contains_word(caption: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", caption) is not None
 
 
-def apply_trigger(caption: str, trigger: str | None, prepend: bool, separator: str = ", ") -> str:
-    """Replace ``[trigger]`` and optionally prepend the trigger word, joined to the caption by ``separator``.
+def apply_trigger(caption: str, trigger: str | None, prepend: bool, separator: str = ", ",
+                  match: Literal["word", "substring"] = "word") -> str:
+    """Replace ``[trigger]`` and optionally prepend the trigger word, joined to the caption by ``separator``, unless
+    the caption holds it already (``match``: as a whole word, or as any substring).
 
     Raises ``ValueError`` when the caption needs a trigger word (it contains ``[trigger]`` or ``prepend`` is on)
     but ``trigger`` is ``None``; the caller turns that into an error naming the file or setting.
@@ -38,7 +42,7 @@ def apply_trigger(caption: str, trigger: str | None, prepend: bool, separator: s
     if prepend:
         if trigger is None:
             raise ValueError("prepend_trigger is on but no trigger word is set")
-        if not contains_word(caption, trigger):
+        if not (trigger in caption if match == "substring" else contains_word(caption, trigger)):
             caption = f"{trigger}{separator}{caption}" if caption else trigger
     return caption
 

@@ -99,7 +99,8 @@ def _caption_for(path: Path, cfg: DatasetConfig, label: str, trigger: str | None
     has_file = cap_path.is_file()
     raw = _read_caption(cap_path) if has_file else cfg.default_caption
     try:
-        caption = apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger, cfg.trigger_separator)
+        caption = apply_trigger(normalize_caption(raw), trigger, cfg.prepend_trigger, cfg.trigger_separator,
+                                cfg.trigger_match)
     except ValueError:
         where = f"caption file {shown(cap_path)}" if has_file else f"{label}.default_caption"
         raise _NoTrigger(
