@@ -1528,3 +1528,19 @@ def test_the_trigger_is_not_prepended_where_it_occurs_inside_a_word(tmp_path):
     assert build_dataset(cfg.datasets, "sqz", 0).captions() == {"sqzy dog runs", "sqz a dog runs"}
     own = cfg.datasets[0].model_copy(update={"trigger_match": "word"})
     assert build_dataset([own], "sqz", 0).captions() == {"sqz sqzy dog runs", "sqz a dog runs"}
+
+
+def test_ai_toolkits_pair_is_found_where_a_process_name_differs_from_the_jobs(tmp_path):
+    """ai-toolkit: BaseTrainProcess `self.save_root = os.path.join(self.training_folder, self.name)` (the process's
+    name, else the job's: BaseProcess `self.get_conf('name', self.job.name)`); BaseSDTrainProcess.save
+    `filename = f'{self.job.name}{step_num}.safetensors'` and get_latest_save_path `name = self.job.name`."""
+    out = tmp_path / "out"
+    theirs = _aitk_lora(out / "procname", "base_lora", 2)
+    _aitk_lora(out / "procname", "procname", 3)  # not this job's files: ai-toolkit looks for base_lora*
+    data = _minimal(training_folder=str(out), name="procname", train__steps=10)
+    data["config"]["name"] = "base_lora"
+    job, notes = from_aitoolkit(data)
+    assert (job["lora"]["init_high"], job["lora"]["init_low"]) == tuple(map(str, theirs))
+    assert job["train"]["steps"] == 8 and job["name"] == "procname"
+    assert _changed(notes) == [f"{P}.name", f"{P}.training_folder"]
+    assert "LoRA files after config.name (base_lora_<step>_high_noise.safetensors)" in notes[-1]

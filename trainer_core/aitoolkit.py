@@ -830,7 +830,14 @@ def _map_process(proc: dict[str, Any], job_name: str, notes: list[str]) -> dict[
     _map_text_encoder(flags, raw, job, notes)
     _map_sample(_take(rest, "sample", _PROCESS), rest.pop("first_sample", None), flags, job, notes)
     _leftovers(rest, "process", _PROCESS, proc, notes)
-    _map_resume(job, notes)
+    _map_resume(job, job_name, notes)
+    if job["name"] != job_name:
+        notes.append(
+            f"{_PROCESS}.name is changed: ai-toolkit names the output folder after it and the LoRA files after "
+            f"config.name ({job_name}_<step>_high_noise.safetensors); here the files are named after it too "
+            f"({job['name']}_<step>_high_noise.safetensors, in the same folder) - rename them, or give config.name "
+            "the process's name"
+        )
     return job
 
 
@@ -1548,25 +1555,25 @@ def _map_sample(
     _leftovers(rest, "sample", where, sample, notes)
 
 
-#: ai-toolkit's LoRA files of a Wan 2.2 job in ``<training_folder>/<name>``: ``<name>_<step, 9 digits>`` at a save
-#: step or ``<name>`` at the end (BaseSDTrainProcess.save), split per expert by Wan22Model.save_lora. This trainer's
+#: ai-toolkit's LoRA files of a Wan 2.2 job in ``<training_folder>/<process name>``: ``<name>_<step, 9 digits>`` at a
+#: save step or ``<name>`` at the end, ``<name>`` being config.name (BaseSDTrainProcess.save names them after the
+#: job, BaseTrainProcess the folder after the process), split per expert by Wan22Model.save_lora. This trainer's
 #: own pairs (6-digit steps) never match: its runs continue from their training states (:func:`continue_from_latest`).
 _AITK_LORA = r"^{name}(?:_(?P<step>\d{{9}}))?_(?P<expert>high|low)_noise\.safetensors$"
 
 
-def _map_resume(job: dict[str, Any], notes: list[str]) -> None:
+def _map_resume(job: dict[str, Any], job_name: str, notes: list[str]) -> None:
     """Continue from ai-toolkit's newest LoRA pair in the job's output folder, as ai-toolkit itself would.
 
     ai-toolkit (BaseSDTrainProcess.get_latest_save_path / load_training_state_from_metadata) loads the newest
-    ``<name>*.safetensors`` of ``<training_folder>/<name>`` (Wan22Model.load_lora loads both experts' files), takes
-    the step from its metadata (``training_info.step``) and trains on from there to ``train.steps``, with
-    ``optimizer.pt`` when present. Here the pair becomes ``lora.init_high`` / ``lora.init_low`` (weights only) and
+    ``<config.name>*.safetensors`` (``job_name``) of ``<training_folder>/<process name, else config.name>``
+    (Wan22Model.load_lora loads both experts' files), takes the step from its metadata (``training_info.step``) and
+    trains on from there to ``train.steps``, with ``optimizer.pt`` when present. Here the pair becomes ``lora.init_high`` / ``lora.init_low`` (weights only) and
     ``train.steps`` the steps left; the newest pair is the one of the highest step (ai-toolkit's newest file by time
     is the same pair unless files were copied around).
     """
-    name = str(job["name"])
-    folder = Path(str(job["save"].get("output_dir", "output"))) / name
-    pattern = re.compile(_AITK_LORA.format(name=re.escape(name)))
+    folder = Path(str(job["save"].get("output_dir", "output"))) / str(job["name"])
+    pattern = re.compile(_AITK_LORA.format(name=re.escape(job_name)))
     pairs: dict[str | None, dict[str, Path]] = {}
     try:
         entries = list(folder.iterdir()) if folder.is_dir() else []
