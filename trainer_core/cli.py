@@ -51,7 +51,7 @@ def read_job(path: str | Path, resume: str | None = None, *, continue_run: bool 
         cfg, notes = job_from_dict(data, source=str(path)), []
     if resume is not None:
         cfg.resume = resume
-    return cfg, [terms(n) for n in notes + job_warnings(cfg)], terms
+    return cfg, notes + [terms(w) for w in job_warnings(cfg)], terms  # the mapper's notes name the file's keys
 
 
 @contextmanager
