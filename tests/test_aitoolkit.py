@@ -24,7 +24,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer_core.aitoolkit import from_aitoolkit, is_aitoolkit_config, job_from_aitoolkit
+from trainer_core.aitoolkit import (
+    from_aitoolkit,
+    is_aitoolkit_config,
+    job_from_aitoolkit,
+)
 from trainer_core.cli import demo_config, load_job
 from trainer_core.cli import main as cli_main
 from trainer_core.config import QuantConfig, job_from_dict, load_yaml

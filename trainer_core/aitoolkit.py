@@ -53,8 +53,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError, safe_open
@@ -959,7 +960,8 @@ def _map_model(model: dict[str, Any], job: dict[str, Any], notes: list[str]) -> 
 def _block_count(source: str) -> int:
     """Transformer blocks per expert of the model ``source`` names, as the VRAM planner reads them without loading a
     weight (the tiny preset's, a diffusers folder's config.json, else Wan 2.2 A14B's 40)."""
-    from .memory.planner import model_arch  # imported here: it needs diffusers, and only offloading asks
+    # imported here: it needs diffusers, and only offloading asks
+    from .memory.planner import model_arch
 
     return int(model_arch(ModelConfig.model_construct(source=source))["num_layers"])
 
@@ -1269,21 +1271,9 @@ def _map_dataset(
     """One dataset entry; ``cache_te``: train.cache_text_embeddings (which ai-toolkit copies into every dataset)."""
     where = f"{_PROCESS}.datasets[{index}]"
     rest = dict(ds)
-    # ai-toolkit reads dataset_path where folder_path is not given (DatasetConfig, AiToolkitDataset.__init__).
-    folder_key = "folder_path" if rest.get("folder_path") is not None else "dataset_path"
-    folder = rest.pop("folder_path", None) or rest.pop("dataset_path", None)
-    rest.pop("dataset_path", None)
-    if not folder:
-        raise ConfigError(f"{where}.folder_path is missing: give the folder of clips/images and their captions")
-    if not isinstance(folder, str):
-        raise ConfigError(
-            f"{where}.{folder_key} is a {type(folder).__name__}: ai-toolkit takes one folder per dataset entry - "
-            "write one path, and add a dataset entry (- folder_path: ...) for each other folder"
-        )
-    caption_ext = rest.pop("caption_ext", "txt")
-    legacy_ext = rest.pop("caption_type", None)  # ai-toolkit's legacy name wins when given
-    if legacy_ext:
-        caption_ext = legacy_ext
+    folder = _dataset_folder(rest, where)
+    caption_ext = rest.pop("caption_type", None) or rest.pop("caption_ext", "txt")  # ai-toolkit's legacy name wins
+    rest.pop("caption_ext", None)
     resolution = rest.pop("resolution", 512)
     # is_reg: trained like the others but without the trigger word (shares: _map_regularization); prior_reg: the
     # base model's prediction is the target, this trainer's is_regularization.
@@ -1355,6 +1345,22 @@ def _map_dataset(
     rest.pop("cache_text_embeddings", None)  # read by _map_text_encoder
     _leftovers(rest, "datasets", where, ds, notes)
     return out
+
+
+def _dataset_folder(rest: dict[str, Any], where: str) -> str:
+    """The folder of the dataset entry ``rest`` (at ``where``), popped: ai-toolkit reads dataset_path where
+    folder_path is not given (DatasetConfig, AiToolkitDataset.__init__)."""
+    key = "folder_path" if rest.get("folder_path") is not None else "dataset_path"
+    folder = rest.pop("folder_path", None) or rest.pop("dataset_path", None)
+    rest.pop("dataset_path", None)
+    if not folder:
+        raise ConfigError(f"{where}.folder_path is missing: give the folder of clips/images and their captions")
+    if not isinstance(folder, str):
+        raise ConfigError(
+            f"{where}.{key} is a {type(folder).__name__}: ai-toolkit takes one folder per dataset entry - "
+            "write one path, and add a dataset entry (- folder_path: ...) for each other folder"
+        )
+    return folder
 
 
 def _repeats(value: Any, where: str) -> Any:

@@ -7,10 +7,10 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import JobConfig, job_from_dict, job_warnings, load_yaml
 from .errors import ConfigError, TrainerError
@@ -37,7 +37,12 @@ def read_job(path: str | Path, resume: str | None = None, *, continue_run: bool 
     surely not meant: :func:`~trainer_core.config.job_warnings`) and the function that words a later message in the
     file's own keys (:func:`~trainer_core.aitoolkit.aitoolkit_terms` for an ai-toolkit job; else unchanged).
     """
-    from .aitoolkit import aitoolkit_terms, continue_from_latest, is_aitoolkit_config, job_from_aitoolkit
+    from .aitoolkit import (
+        aitoolkit_terms,
+        continue_from_latest,
+        is_aitoolkit_config,
+        job_from_aitoolkit,
+    )
 
     data = load_yaml(path)
     terms: Callable[[str], str] = str
