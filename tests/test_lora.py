@@ -324,3 +324,33 @@ def test_lora_input_casts_are_off_only_inside_an_autocast_forward_and_detach_for
     assert torch.equal(model(x.bfloat16(), torch.tensor([500.0]), text.bfloat16(), return_dict=False)[0],
                        copy.deepcopy(base).bfloat16()(x.bfloat16(), torch.tensor([500.0]), text.bfloat16(),
                                                       return_dict=False)[0])
+
+
+def test_lora_dropout_draws_the_global_batch_masks_and_keeps_this_ranks_rows():
+    """Rows 1 and 2 of a batch of 4, run alone, get exactly the masks those rows get when one process runs all 4
+    (same seed), and the kept activations are scaled by 1 / (1 - p) as torch's dropout scales them."""
+    from trainer_core.lora.dropout import GlobalBatchDropout, global_batch_rows
+
+    drop = GlobalBatchDropout(0.5).train()
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    torch.manual_seed(3)
+    with global_batch_rows(4, range(4)):
+        whole = drop(x)
+    torch.manual_seed(3)
+    with global_batch_rows(4, (1, 2)):
+        part = drop(x[1:3])
+    assert torch.equal(part, whole[1:3])
+    kept = whole != 0
+    assert 0.3 < kept.double().mean() < 0.7
+    torch.testing.assert_close(whole[kept], x[kept] * 2)
+    assert torch.equal(drop.eval()(x), x)  # no dropout outside training
+
+
+def test_attach_lora_uses_the_global_batch_dropout_only_when_dropout_is_on():
+    from trainer_core.lora.dropout import GlobalBatchDropout
+
+    for p, expected in ((0.0, 0), (0.1, 20)):
+        model = _tiny()
+        attach_lora(model, LoraConfig(rank=4, dropout=p))
+        found = [m for m in model.modules() if isinstance(m, GlobalBatchDropout)]
+        assert len(found) == expected and all(m.p == p for m in found)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..keys import lora_target_regex
+from .dropout import use_global_batch_dropout
 
 #: Parameter-name fragments of peft's LoRA weights (``...to_q.lora_A.<adapter>.weight``).
 _LORA_PARAM_MARKERS = (".lora_A.", ".lora_B.")
@@ -21,7 +22,8 @@ _LORA_PARAM_MARKERS = (".lora_A.", ".lora_B.")
 def attach_lora(transformer: nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> None:
     """Freeze ``transformer`` and add a LoRA adapter named ``adapter_name`` to its block Linears.
 
-    ``r = cfg.rank``, ``lora_alpha = cfg.effective_alpha`` (forward scale alpha / rank), dropout ``cfg.dropout``.
+    ``r = cfg.rank``, ``lora_alpha = cfg.effective_alpha`` (forward scale alpha / rank), dropout ``cfg.dropout``
+    (masks drawn per global batch: :mod:`.dropout`).
     ``lora_A`` gets peft's default Kaiming init and ``lora_B`` zeros, so the adapter starts as a no-op.
     """
     transformer.requires_grad_(False)
@@ -40,6 +42,7 @@ def attach_lora(transformer: nn.Module, cfg: LoraConfig, adapter_name: str = "de
             # peft creates the adapter in the base layer's dtype; bf16 LoRA weights lose small updates.
             param.data = param.data.float()
             param.requires_grad_(True)
+    use_global_batch_dropout(transformer, adapter_name)
     # Kept so that per-forward switches (trainer_core.train.step) need not walk thousands of modules each time.
     transformer.lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 

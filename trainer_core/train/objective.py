@@ -180,8 +180,9 @@ def check_objective(cfg: JobConfig) -> None:
 @dataclass
 class MicroBatch:
     """One micro-batch as this rank trains it: clean latents, this rank's rows of the noise and noise levels drawn for
-    the global batch, the captions and regularization flags, the share of the global batch it stands for, and the
-    seed of its LoRA dropout masks."""
+    the global batch, the captions and regularization flags, the share of the global batch it stands for, the
+    seed of its LoRA dropout masks and which rows of a global batch of ``global_size`` it holds (``rows``: the
+    masks are drawn for the global batch, see :mod:`trainer_core.lora.dropout`; empty = all of its rows)."""
 
     x0: torch.Tensor
     noise: torch.Tensor
@@ -190,6 +191,8 @@ class MicroBatch:
     regularization: Sequence[bool] = ()
     share: float = 1.0
     dropout_seed: int | None = None
+    global_size: int = 0
+    rows: tuple[int, ...] = ()
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from ..config import JobConfig
 from ..lora import lora_parameters
+from ..lora.dropout import global_batch_rows
 from ..schedule import sample_sigmas
 from .experts import Expert
 from .objective import LossInputs, LossSettings, MicroBatch, Objective, objective_loss
@@ -57,7 +58,7 @@ def draw_micro_batch(
     dropout_seed = int(torch.randint(2**62, (1,), generator=gen))
     rows = list(batch.rows)
     return MicroBatch(x0, noise[rows].to(x0.device), sigmas[rows].to(x0.device), captions, regularization,
-                      batch.share, dropout_seed)  # fmt: skip
+                      batch.share, dropout_seed, batch.global_size, tuple(rows))  # fmt: skip
 
 
 def train_step(
@@ -77,7 +78,9 @@ def train_step(
         if micro is not None:
             if micro.dropout_seed is not None:
                 torch.manual_seed(micro.dropout_seed)
-            contribution = objective.backward(expert.model, micro) * micro.share
+            rows = micro.rows or range(micro.x0.shape[0])
+            with global_batch_rows(micro.global_size or len(rows), rows):
+                contribution = objective.backward(expert.model, micro) * micro.share
         step_loss += placement.loss_sum(contribution) / accumulation
     if not math.isfinite(step_loss):
         expert.optimizer.zero_grad(set_to_none=True)
