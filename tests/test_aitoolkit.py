@@ -1488,10 +1488,12 @@ def test_no_dataset_is_one_line_naming_the_key(tmp_path, capsys, datasets):
     ("network__linear", 4.5, "such as ai-toolkit's default 4"),
     ("save__max_step_saves_to_keep", -1, "use e.g. ai-toolkit's default 5"),
     ("datasets", [{"folder_path": "clips", "caption_dropout_rate": 2.0}], "use e.g. ai-toolkit's default 0.0"),
+    ("datasets", [{"folder_path": "clips", "num_frames": True}], "such as ai-toolkit's default 1"),
+    ("train__steps", float("inf"), "(ai-toolkit's default is 1000)"),
 ])
 def test_refusals_quote_ai_toolkits_defaults(dotted, value, said):
     # toolkit/config_modules.py: switch_boundary_every 1, steps 1000, linear 4, max_step_saves_to_keep 5,
-    # caption_dropout_rate 0.0
+    # caption_dropout_rate 0.0, DatasetConfig num_frames 1
     with pytest.raises(ConfigError) as exc:
         job_from_aitoolkit(_minimal(**{dotted: value}), "job.yaml")
     assert said in str(exc.value) and "(the default)" not in str(exc.value)

@@ -111,7 +111,9 @@ _AITK_DEFAULTS: dict[str, Any] = {
     "lora.rank": 4,  # linear / rank
     "save.save_every": 1000,
     "save.keep_last": 5,  # max_step_saves_to_keep
+    "optimizer.lr": 1e-6,
     "datasets.caption_dropout": 0.0,  # caption_dropout_rate
+    "datasets.num_frames": 1,
 }
 #: ai-toolkit qtypes that store float8 e4m3 weights with per-output-row scales (quanto's qfloat8 is e4m3fn).
 _FLOAT8_QTYPES = ("qfloat8", "qfloat8_e4m3fn", "float8")
@@ -652,9 +654,10 @@ def _aitoolkit_default(message: str, loc: tuple[Any, ...]) -> str:
     if theirs is None:
         return message
     ours = field_default(tuple(names))
-    return message.replace(f"the default {ours!r}", f"ai-toolkit's default {theirs!r}").replace(
-        f"{ours!r} (the default)", f"{theirs!r} (ai-toolkit's default)"
-    )
+    for said, meant in (("the default is {!r}", "ai-toolkit's default is {!r}"), ("the default {!r}",
+                        "ai-toolkit's default {!r}"), ("{!r} (the default)", "{!r} (ai-toolkit's default)")):
+        message = message.replace(said.format(ours), meant.format(theirs))
+    return message
 
 
 def aitoolkit_terms(data: dict[str, Any]) -> Callable[[str], str]:
@@ -1223,7 +1226,7 @@ def _map_optimizer(rest: dict[str, Any], job: dict[str, Any], notes: list[str]) 
     opt = job["optimizer"]
     opt.update(
         name=name,
-        lr=_float(rest.pop("lr", 1e-6), f"{where}.lr"),
+        lr=_float(rest.pop("lr", _AITK_DEFAULTS["optimizer.lr"]), f"{where}.lr"),
         weight_decay=_float(
             p_rest.pop("weight_decay", _ADAMW_WEIGHT_DECAY), f"{where}.optimizer_params.weight_decay"
         ),
@@ -1288,7 +1291,7 @@ def _map_dataset(
             rest.pop("caption_dropout_rate", _AITK_DEFAULTS["datasets.caption_dropout"]), f"{where}.caption_dropout_rate"
         ),
         "resolutions": list(resolution) if isinstance(resolution, (list, tuple)) else [resolution],
-        "num_frames": rest.pop("num_frames", 1),
+        "num_frames": rest.pop("num_frames", _AITK_DEFAULTS["datasets.num_frames"]),
         # dataloader_mixins.py: num_frames spread over the whole clip (its float rounding), or (shrink off) every
         # round(clip fps / fps)-th frame from a random start; a clip too short for either is stretched evenly.
         "frame_sampling": "aitoolkit_uniform" if shrink else "stride",
