@@ -42,6 +42,18 @@ def _recording_prepare(name, *args, **kwargs):
     return _real_prepare(name, *args, **kwargs)
 
 
+_real_dataset = loop.job_dataset
+
+
+def _rank1_folder_dataset(cfg):
+    """With RANK1_DATASET set, rank 1 finds other clips than rank 0 (a folder that changed between the scans)."""
+    other = os.environ.get("RANK1_DATASET")
+    if other and os.environ.get("RANK") == "1":
+        cfg = cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"folder": other})]})
+    return _real_dataset(cfg)
+
+
+loop.job_dataset = _rank1_folder_dataset
 loop.save_checkpoint = _recording_save
 loop.prepare_expert = _recording_prepare
 placement.shard_frozen_weights = _recording_shard

@@ -44,14 +44,18 @@ def _job(tmp: Path, clips: Path, out: str, **train) -> dict:
     }
 
 
-def _torchrun(tmp: Path, job: dict, world: int) -> Path:
+def _torchrun(tmp: Path, job: dict, world: int, ok: bool = True, **env_vars: str):
+    """Train ``job`` with ``world`` torchrun processes; returns the checkpoint-writes log (or, with ``ok=False``, the
+    failed run's completed process)."""
     path = tmp / f"job_{world}.yaml"
     path.write_text(yaml.safe_dump(job))
     writes = tmp / f"writes_{world}.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WRITES_LOG": str(writes), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WRITES_LOG": str(writes), "OMP_NUM_THREADS": "1", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(ROOT / "tests" / "dist_worker.py"), "train", str(path)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if not ok:
+        return out
     assert out.returncode == 0, out.stderr[-3000:]
     return writes
 
@@ -95,6 +99,17 @@ def test_lora_dropout_masks_do_not_depend_on_the_number_of_ranks(tmp_path, clips
     _torchrun(tmp_path, {**_job(tmp_path, clips, "ddp"), **dropout}, world=2)
     # dropped features leave more near-zero gradients for Adam to amplify (the old masks differed by 1e-2)
     _assert_trains_like(single, tmp_path / "ddp" / "d", atol=5e-4)
+
+
+def test_ranks_that_found_different_data_refuse_to_train(tmp_path, clips):
+    # rank 1 scans a folder with one clip fewer: as if a copy into the dataset folder was still running
+    fewer = tmp_path / "fewer"
+    make_synthetic_dataset(fewer, n_clips=3, num_frames=5, size=(32, 32), seed=2)
+    out = _torchrun(tmp_path, _job(tmp_path, clips, "ddp"), world=2, ok=False, RANK1_DATASET=str(fewer))
+    assert out.returncode != 0
+    assert "the dataset changed while the 2 processes read it (rank 0: 4 item(s)" in out.stderr
+    assert "rank 1: 3 item(s)" in out.stderr and "start again" in out.stderr
+    assert not (tmp_path / "ddp" / "d").exists()  # refused before the run folder was claimed
 
 
 def test_resume_with_a_different_number_of_ranks(tmp_path, clips):

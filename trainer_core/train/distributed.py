@@ -95,6 +95,14 @@ class DistContext:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects)."""
+        if not self.active:
+            return [obj]
+        box: list[Any] = [None] * self.world
+        dist.all_gather_object(box, obj, group=self.group)
+        return box
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

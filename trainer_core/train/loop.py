@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..config import JobConfig
 from ..data import LatentCache, LoadedBatch, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
-from ..errors import ConfigError, TrainerError, TrainingDiverged
+from ..errors import ConfigError, DatasetError, TrainerError, TrainingDiverged
 from ..fileio import check_writable
 from ..lora import check_lora_init, lora_file_name
 from ..memory import ExpertMemory, plan_job
@@ -54,6 +54,7 @@ from .resume import check_resume_compatible
 from .runs import (
     RunFolder,
     check_resume,
+    dataset_key,
     find_finished_run,
     open_run,
     read_losses,
@@ -145,6 +146,18 @@ def run_warnings(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> lis
     return warnings
 
 
+def check_same_dataset(dataset: VideoDataset, ctx: DistContext) -> None:
+    """Every rank scanned the dataset folders itself: refuse to train unless all found the same data (a folder that
+    changes during start-up, e.g. a copy still running, would otherwise give the ranks different batches)."""
+    if not ctx.active:
+        return
+    found = ctx.all_gather_object((dataset_key(dataset), len(dataset.items), dataset.samples_per_epoch))
+    if len({key for key, _, _ in found}) > 1:
+        counts = ", ".join(f"rank {r}: {n} item(s)/{s} sample(s)" for r, (_, n, s) in enumerate(found))
+        raise DatasetError(f"the dataset changed while the {ctx.world} processes read it ({counts}) - wait until "
+                           "its folders stop changing (a copy or sync still running) and start again")
+
+
 def open_run_on_ranks(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> RunFolder:
     """Rank 0 claims the run folder (:func:`open_run`); every other rank learns it, or rank 0's refusal."""
     opened, error = None, None
@@ -207,6 +220,7 @@ def run_training(
     cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
     preflight(cfg, model_files=components is None)
     dataset = dataset or job_dataset(cfg)
+    check_same_dataset(dataset, ctx)
     if ctx.is_main:
         log.info("%s", dataset.report())
         for warning in run_warnings(cfg, dataset, ctx):
