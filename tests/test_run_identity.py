@@ -120,11 +120,13 @@ def test_pruning_counts_only_the_runs_own_files(tmp_path, clips):
         f.write_bytes(b"not written by this run")
     leftover = run / ".same_000006_high_noise.safetensors.dead.tmp"  # a save that a SIGKILL cut short
     leftover.write_bytes(b"partial")
+    inner = run / ".tmpuXSU8k"  # safetensors' own temporary of that save
+    inner.write_bytes(b"partial")
     job = {**_job(out, clips, 8, save={"keep_last": 1}), "resume": "latest"}
     result = loop.run_training(job_from_dict(job), progress_bar=False)
     assert result.run_dir == run
     assert all(f.read_bytes() == b"not written by this run" for f in foreign)
-    assert not leftover.exists()
+    assert not leftover.exists() and not inner.exists()
     ours = sorted(p.name for p in run.glob("same_0000*.safetensors") if p not in foreign)
     assert ours == ["same_000008_high_noise.safetensors", "same_000008_low_noise.safetensors"]
 
@@ -236,3 +238,17 @@ def test_a_resume_may_drop_or_change_the_starting_pair(clips, tmp_path):
     other_rank = job_from_dict(_job(tmp_path, clips, 4, lora={"rank": 8}))
     refused, _ = resume_changes(saved.model_dump(mode="json"), other_rank)
     assert refused == ["lora.rank was 4 in the state, now 8 (the saved LoRA has that shape)"]
+
+
+def test_a_folder_left_with_only_a_killed_saves_temporaries_is_reclaimed(tmp_path, clips):
+    """A run killed during its first save leaves no work: only temporaries (safetensors' own ``.tmpXXXXXX`` too).
+    The next run takes that folder again, rather than moving to ``_run2`` and leaving gigabytes behind."""
+    out = tmp_path / "out"
+    run = out / "same"
+    run.mkdir(parents=True)
+    leftovers = [run / ".tmpuXSU8k", run / ".same_000002_high_noise.safetensors.1a2b3c4d.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"partial")
+    result = loop.run_training(job_from_dict(_job(out, clips, 2)), progress_bar=False)
+    assert result.run_dir == run
+    assert not any(f.exists() for f in leftovers)

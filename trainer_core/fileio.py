@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,6 +19,14 @@ from .errors import ConfigError, TrainerError
 #: Suffix of the hidden temporary files :func:`atomic_path` writes (``.<final name>.<random>.tmp``); a run removes
 #: those a killed process left in its own folder.
 TMP_SUFFIX = ".tmp"
+#: The temporary file safetensors writes through before it renames onto the path it was given (Rust's ``tempfile``
+#: default name, ``.tmp`` + 6 random characters): a process killed mid-save leaves it behind too.
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file of an unfinished atomic write (ours or safetensors')."""
+    return (name.startswith(".") and name.endswith(TMP_SUFFIX)) or bool(_SAFETENSORS_TMP.match(name))
 
 
 class ArtifactWriteError(TrainerError):

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import JobConfig
 from ..data import VideoDataset
 from ..errors import ConfigError
-from ..fileio import TMP_SUFFIX, atomic_write, check_writable
+from ..fileio import atomic_write, check_writable, is_temporary
 from ..lora import lora_file_name
 from ..names import EXPERTS
 from ..regularizers import ema_lora_file_name
@@ -429,7 +429,7 @@ def _holder(folder: Path) -> str:
 def _reclaimable(folder: Path) -> bool:
     """A folder that holds no checkpoint (only a run's bookkeeping, temporaries, or nothing) lost no work."""
     names = {p.name for p in folder.iterdir()}
-    if any(n not in _BOOKKEEPING and not (n.startswith(".") and n.endswith(TMP_SUFFIX)) for n in names):
+    if any(n not in _BOOKKEEPING and not is_temporary(n) for n in names):
         return False
     m = Manifest.read(folder)
     return m is None or not m.checkpoints
@@ -438,7 +438,7 @@ def _reclaimable(folder: Path) -> bool:
 def _remove_temporaries(folder: Path) -> None:
     """Temporaries a killed process left mid-write (the folder is locked, so none is being written now)."""
     for p in folder.iterdir():
-        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
+        if is_temporary(p.name) and p.is_file():
             p.unlink(missing_ok=True)
 
 
