@@ -409,7 +409,8 @@ def _train_torchrun(
     run_dir = Path(done["run_dir"])
     where = f"{gpus} GPUs" if api.resolve_device(cfg.train.device).type == "cuda" else f"{gpus} CPU processes"
     progress.text(f"done: {done['step']} steps on {where}; LoRA pair in {run_dir}")
-    losses = reporter.losses or api.read_losses(run_dir)
+    # losses.csv holds the whole run, the steps before a resume too; the child streamed only the steps it trained
+    losses = [row for row in api.read_losses(run_dir) if row[0] <= done["step"]] or reporter.losses
     return run_dir, losses, api.final_pair(cfg, run_dir, done["step"])
 
 

@@ -1158,6 +1158,29 @@ def test_gpus_cancel_stops_the_child_and_raises_comfyuis_interrupt(N, host, clip
     assert any("cancelling" in t for _, t in host.texts) and any("training stopped" in t for _, t in host.texts)
 
 
+def test_gpus_after_a_resume_returns_the_whole_runs_losses(N, host, clips, monkeypatch, tmp_path):
+    """A resumed torchrun child streams only the steps it trains; the curve covers the run from step 1."""
+    from trainer_core.train.runs import write_losses
+
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    history = [(s, "high" if s % 2 else "low", 1.0 / s) for s in range(1, 7)]
+    write_losses(run_dir, history, [])
+
+    def resumed_child(cfg, gpus, on_event, should_stop, **kw):
+        for step in (5, 6):  # the steps after the resumed state at 4
+            on_event({"event": "step", "step": step, "total": 6, "expert": history[step - 1][1],
+                      "loss": history[step - 1][2], "lr": 1e-4, "seconds": 0.1})
+        return {"run_dir": str(run_dir), "step": 6}
+
+    monkeypatch.setattr(mod, "run_torchrun", resumed_child)
+    monkeypatch.setattr(trainer_core.api, "final_pair", lambda cfg, run, step: None)
+    _, losses, _ = mod._train_torchrun(_job(N, host, clips), 2, mod.host.Progress(6, "1"))
+    assert [(s, e) for s, e, _ in losses] == [(s, e) for s, e, _ in history]
+    assert [v for _, _, v in losses] == pytest.approx([v for _, _, v in history])
+
+
 def test_gpu_placement_expert_groups_needs_switch_every_1_and_an_even_gpu_count(N, host, clips, monkeypatch):
     mod = sys.modules[N["Wan22TrainLoRA"].__module__]
     with pytest.raises(ConfigError, match="expert_groups cannot be combined with multistage.switch_every: 10"):
