@@ -252,3 +252,18 @@ def test_a_folder_left_with_only_a_killed_saves_temporaries_is_reclaimed(tmp_pat
     result = loop.run_training(job_from_dict(_job(out, clips, 2)), progress_bar=False)
     assert result.run_dir == run
     assert not any(f.exists() for f in leftovers)
+
+
+def test_resume_latest_that_cannot_continue_names_the_older_run_that_can(tmp_path, clips, capsys):
+    out = tmp_path / "out"
+    assert _cli(tmp_path, _job(out, clips, 2), capsys)[0] == 0  # rank 4 -> same
+    assert _cli(tmp_path, _job(out, clips, 2, lora={"rank": 8}), capsys)[0] == 0  # rank 8, newer -> same_run2
+    code, _, err = _cli(tmp_path, {**_job(out, clips, 4), "resume": "latest"}, capsys)  # rank 4 again
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1
+    assert "same_run2" in lines[0] and "lora.rank" in lines[0]
+    assert f"the older run {out / 'same'} (step 2) has settings this job can continue - resume: {out / 'same'}" \
+        in lines[0]
+    # with no run it could continue, the refusal stays as it was
+    code, _, err = _cli(tmp_path, {**_job(out, clips, 4, lora={"rank": 16}), "resume": "latest"}, capsys)
+    assert code == 2 and "the older run" not in err

@@ -505,10 +505,33 @@ def _continue_run(cfg: JobConfig, keys: tuple[str, str], step: int, state: Path)
 
 def check_resume(cfg: JobConfig) -> None:
     """Refuse a ``resume`` this job cannot continue (no readable state, settings the state cannot go on with) from
-    the state's header alone, before any model or data loads."""
-    if cfg.resume:
-        step, state = resolve_resume(cfg)
+    the state's header alone, before any model or data loads. When 'latest' (the job's newest run) cannot go on
+    but an older run of the job can, the refusal names it."""
+    if not cfg.resume:
+        return
+    step, state = resolve_resume(cfg)
+    try:
         check_resume_compatible(state_config(state), step, cfg, str(state))
+    except ConfigError as exc:
+        older = _continuable_run(cfg, skip=state.parent) if cfg.resume == "latest" else None
+        if older is None:
+            raise
+        raise ConfigError(f"{exc}; the older run {older[0]} (step {older[1]}) has settings this job can continue - "
+                          f"resume: {older[0]}") from None
+
+
+def _continuable_run(cfg: JobConfig, skip: Path) -> tuple[Path, int] | None:
+    """The newest run of this job other than ``skip`` whose newest readable state this job can continue."""
+    for run in job_runs(cfg):
+        if run.path == skip or (found := _newest_readable(run.states(), str(run.path))) is None:
+            continue
+        step, state = found
+        try:
+            check_resume_compatible(state_config(state), step, cfg, str(state))
+        except ConfigError:
+            continue
+        return run.path, step
+    return None
 
 
 def open_run(cfg: JobConfig, dataset: VideoDataset) -> RunFolder:
