@@ -250,3 +250,10 @@ def test_check_refuses_an_output_folder_below_a_file_without_creating_anything(t
     assert status == 2 and len(errors) == 1
     assert "save.output_dir" in errors[0] and "afile" in errors[0] and "choose a writable folder" in errors[0]
     assert _tree(tmp_path) == before
+
+
+def test_a_job_without_datasets_is_one_reason(tmp_path, capsys):
+    path = _job(tmp_path, datasets=[])
+    status, _, errors = _check(capsys, path)
+    assert status == 2 and errors == ["error: datasets: no dataset configured - add at least one folder under "
+                                      "'datasets'"]

@@ -55,7 +55,7 @@ def test_missing_and_wrong_folders(tmp_path):
     (empty / "notes.txt").write_text("caption without media")
     with pytest.raises(DatasetError, match="holds no videos or images"):
         build_dataset([cfg(empty)], None, 0)
-    with pytest.raises(ConfigError, match="no datasets"):
+    with pytest.raises(ConfigError, match="no dataset configured"):
         build_dataset([], None, 0)
 
 

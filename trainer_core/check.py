@@ -68,6 +68,8 @@ class JobCheck:
     def fail(self, title: str, exc: TrainerError) -> None:
         """Record ``exc`` as a reason: its first line; any further lines (a list of files) become a section."""
         first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        if first in self.reasons:  # one cause that two stages meet (no dataset: the plan and the scan) is one line
+            return
         self.reasons.append(first)
         if rest:
             self.sections.append((title, "\n".join([first, *rest])))

@@ -503,7 +503,7 @@ def build_dataset(
     returned dataset's ``validation``.
     """
     if not datasets:
-        raise ConfigError("no datasets configured - add at least one entry under 'datasets' with a folder")
+        raise ConfigError("datasets: no dataset configured - add at least one folder under 'datasets'")
     problem = nothing_to_learn(datasets) or share_problem(datasets)
     if problem is not None:
         raise ConfigError(problem)
