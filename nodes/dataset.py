@@ -72,10 +72,19 @@ class BuildVideoDataset:
         root = host.input_path(folder.strip())
         digest = hashlib.sha256(str(root).encode())
         if root.is_dir():
-            for dirpath, dirnames, filenames in os.walk(root):
+            seen: set[str] = set()  # real folders walked: symlinked ones are followed as the scan follows them, once
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirnames.clear()
+                    continue
+                seen.add(real)
                 dirnames.sort()
                 for name in sorted(filenames):
-                    st = (Path(dirpath) / name).stat()
+                    try:
+                        st = (Path(dirpath) / name).stat()
+                    except OSError:  # a broken link or an unreadable file: the scan reports it by name
+                        continue
                     digest.update(f"{Path(dirpath, name).relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
         return digest.hexdigest()
 

@@ -1207,3 +1207,19 @@ def test_gpus_beyond_the_machine_are_refused_before_loading(N, host, clips, monk
     monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
     with pytest.raises(ConfigError, match="gpus is 2 but this machine has 1 CUDA GPU"):
         graph(N, host, gpus=2)
+
+
+def test_dataset_digest_sees_symlinked_folders_once_and_survives_broken_links(N, host, tmp_path):
+    """The scan follows symlinked sub-folders, so a change inside one re-runs the graph; a link back to an
+    ancestor and a broken link neither loop nor fail."""
+    ds_cls = N["Wan22BuildVideoDataset"]
+    root = host.root / "linked"
+    outside = tmp_path / "outside"
+    make_synthetic_dataset(root, n_clips=1, num_frames=5, size=(32, 32), seed=1)
+    make_synthetic_dataset(outside, n_clips=1, num_frames=5, size=(32, 32), seed=2)
+    (root / "more").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "gone.mp4").symlink_to(tmp_path / "missing.mp4")
+    before = ds_cls.IS_CHANGED(folder=str(root))
+    shutil.copy(outside / "clip000.mp4", outside / "clip001.mp4")
+    assert ds_cls.IS_CHANGED(folder=str(root)) != before
