@@ -1,5 +1,8 @@
-"""Entry point for the torchrun tests: the CLI's `train`, recording which ranks write checkpoints."""
+"""Entry point for the torchrun tests: the CLI's `train`, recording which ranks write checkpoints; with FAULT set,
+one rank fails on purpose (FAULT=raise: an OSError, FAULT=nan_loss: a NaN loss) at its FAULT_CALL-th backward
+(1-based) on rank FAULT_RANK."""
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -7,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trainer_core.train.loop as loop  # noqa: E402
+import trainer_core.train.objective as objective  # noqa: E402
 import trainer_core.train.placement as placement  # noqa: E402
 from trainer_core.cli import main  # noqa: E402
 
@@ -53,6 +57,22 @@ def _rank1_folder_dataset(cfg):
     return _real_dataset(cfg)
 
 
+_real_backward = objective.Objective.backward
+_calls = [0]
+
+
+def _faulty_backward(self, model, micro):
+    """The real backward, except on FAULT_RANK's FAULT_CALL-th call (see the module's docstring)."""
+    _calls[0] += 1
+    hit = os.environ.get("RANK") == os.environ.get("FAULT_RANK") and _calls[0] == int(os.environ["FAULT_CALL"])
+    if hit and os.environ["FAULT"] == "raise":
+        raise OSError(5, "Input/output error (injected)", "clip002.mp4")
+    loss = _real_backward(self, model, micro)
+    return math.nan if hit and os.environ["FAULT"] == "nan_loss" else loss
+
+
+if os.environ.get("FAULT"):
+    objective.Objective.backward = _faulty_backward
 loop.job_dataset = _rank1_folder_dataset
 loop.save_checkpoint = _recording_save
 loop.prepare_expert = _recording_prepare

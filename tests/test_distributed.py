@@ -230,3 +230,64 @@ def test_validation_losses_agree_across_placements(tmp_path, clips, held, placem
     got = read_validation(tmp_path / "ranks" / "d")
     assert [row[:2] for row in got] == [row[:2] for row in single.validation] and len(got) == 6  # steps 0, 2, 4
     assert [row[2] for row in got] == pytest.approx([row[2] for row in single.validation], rel=1e-5)
+
+
+# --- failures: one clear line, from the rank that has something to say ---------------------------------------------
+
+
+def _failing(tmp: Path, clips: Path, out: str) -> dict:
+    """8 steps saved every 2, both experts every step (rank 1 runs a backward every second step: batches 3, 1)."""
+    return _grouped(tmp, clips, out, steps=8)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_rank_that_fails_mid_run_leaves_rank0_one_line_naming_the_resumable_state(tmp_path, clips):
+    # rank 1's 3rd backward (step 6) raises; rank 0's collective of step 6 then fails on the closed connection, and
+    # rank 0 keeps the state of step 5, the last it completed
+    out = _torchrun(tmp_path, _failing(tmp_path, clips, "crash"), world=2, ok=False,
+                    FAULT="raise", FAULT_RANK="1", FAULT_CALL="3")  # fmt: skip
+    assert out.returncode != 0
+    assert "[rank0]: Traceback" not in out.stderr and "Connection closed by peer" not in out.stderr
+    own, rank0 = _error_lines(out.stderr)  # rank 1's own error first, then rank 0's line pointing to it
+    assert own.startswith("error: rank 1 stopped on OSError") and "Input/output error (injected)" in own
+    assert rank0.startswith("error: training stopped: rank 1 failed (its own error is above); resumable state at "
+                            "step 5: ") and "--resume latest" in rank0
+    assert (tmp_path / "crash" / "d" / "training_state_000005.safetensors").is_file()
+
+
+def test_a_nan_on_one_rank_prints_one_diverged_line(tmp_path, clips):
+    out = _torchrun(tmp_path, _failing(tmp_path, clips, "nan"), world=2, ok=False,
+                    FAULT="nan_loss", FAULT_RANK="1", FAULT_CALL="3")  # fmt: skip
+    assert out.returncode != 0
+    # rank 0's line, with the last good state; rank 1 had none to name (its line was glued to rank 0's progress bar)
+    assert out.stderr.count("became nan") == 1
+    (line,) = _error_lines(out.stderr)
+    # step 6 (low) diverged: the state of step 4 holds the low expert's weights that led to it and is set aside
+    assert "became nan at step 6" in line and "the last good state is step 2" in line
+
+
+def test_an_error_every_rank_hits_is_printed_once(tmp_path, clips):
+    # raised after the ranks connected (preflight's resume check): rank 1 finds rank 0 failed alike and stays quiet
+    job = {**_job(tmp_path, clips, "bad"), "resume": str(tmp_path / "no_such_state.safetensors")}
+    out = _torchrun(tmp_path, job, world=2, ok=False)
+    assert out.returncode != 0
+    (line,) = _error_lines(out.stderr)
+    assert "no_such_state" in line
+
+
+def test_expert_groups_that_cannot_form_are_refused_before_the_run_folder_is_claimed(tmp_path, clips, monkeypatch):
+    # as rank 0 of 3 processes: the refusal comes before any collective and before open_run, so no run folder
+    import trainer_core.train.loop as loop
+    from trainer_core.errors import ConfigError
+    from trainer_core.train.distributed import DistContext
+
+    monkeypatch.setattr(loop, "init_distributed", lambda device: DistContext(rank=0, world=3))
+    # this pytest process keeps its Ctrl-C (raising=False: the test must fail on the order, not on a missing name)
+    monkeypatch.setattr(loop, "ignore_stop_signals", lambda: None, raising=False)
+    job = {**_grouped(tmp_path, clips, "g3"), "distributed": {"expert_groups": True}}
+    with pytest.raises(ConfigError, match="even number of GPUs, got 3 process"):
+        run_training(job_from_dict(job), progress_bar=False)
+    assert not (tmp_path / "g3" / "d").exists()

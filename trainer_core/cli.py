@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .config import JobConfig, job_from_dict, job_warnings, load_yaml
-from .errors import ConfigError, TrainerError
+from .errors import ConfigError, TrainerError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None and not args.resume.strip():  # e.g. an unset shell variable: never a fresh run
         raise ConfigError("--resume is empty - give latest, a run folder or a state file, or leave --resume out")
     cfg, notes, terms = read_job(args.config, args.resume, continue_run=True)
-    for note in notes:
+    for note in notes if _rank() == 0 else ():  # under torchrun every rank reads the same file: rank 0 says it
         print(f"warning: {note}", file=sys.stderr)
     interrupt_on_sigterm()  # a scheduler's or torchrun's SIGTERM leaves a resumable state, like Ctrl-C
     on_step = None
@@ -131,6 +133,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.events:
         emit("done", step=result.step, run_dir=str(result.run_dir),
              lora_files={k: str(v) for k, v in result.lora_files.items()})
+    if _rank() != 0:
+        return 0
     print(losses_summary(result.losses))
     for expert, path in result.lora_files.items():
         print(f"{expert}-noise LoRA: {path}")
@@ -262,19 +266,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _many() -> bool:
+    """Whether this process is one of several (torchrun): each prints to the same terminal."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank0_speaks(exc: TrainerError) -> bool:
+    """Whether rank 0's line already says it all for this (non-zero) rank's error: a NaN (every rank stops at the
+    same step), another rank's failure (rank 0 names it), an error before the ranks connected (the same job file and
+    settings on every rank) or the same error on rank 0 (:func:`~trainer_core.train.distributed.failed_like_rank0`).
+    """
+    if "torch.distributed" not in sys.modules:  # failed before training imported torch: nothing rank-specific yet
+        return True
+    import torch.distributed as dist
+
+    from .train.distributed import PeerStopped, failed_like_rank0
+
+    if isinstance(exc, (TrainingDiverged, PeerStopped)) or not dist.is_initialized():
+        return True
+    return failed_like_rank0()
+
+
+def _unexpected(exc: Exception) -> int:
+    """One rank of several failed on an error that is not the trainer's own: its traceback, marked with the rank,
+    then one line, which rank 0's line and the Train LoRA node point to."""
+    rank = _rank()
+    for line in traceback.format_exception(exc):
+        print("".join(f"[rank{rank}]: {part}\n" for part in line.rstrip("\n").split("\n")), end="", file=sys.stderr)
+    print(f"error: rank {rank} stopped on {type(exc).__name__}: {exc} (the traceback above says where) - the other "
+          "processes stopped too; rank 0's line says what is kept", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; trainer errors print one clear message and exit with status 2."""
+    """Run the CLI; trainer errors print one clear message and exit with status 2. Under torchrun, rank 0 speaks
+    for every rank: the others log warnings only and print an error only when it is theirs alone."""
     args = build_parser().parse_args(argv)
     # The dataset report, the VRAM plan and quantization summaries are logged at INFO by the core.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="%(message)s")
     # bitsandbytes logs a warning about an optional CPU kernel package at import; it changes nothing here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except TrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _quiet_exit()
+        if _rank() == 0 or not _rank0_speaks(exc):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # the loop has logged what it saved and how to resume; a traceback would only bury that line
-        print("stopped", file=sys.stderr)
+        _quiet_exit()
+        if _rank() == 0:  # the loop has logged what it saved and how to resume; a traceback would only bury that line
+            print("stopped", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _many():
+            raise
+        _quiet_exit()
+        return _unexpected(exc)
+    finally:
+        _quiet_exit()
+
+
+def _quiet_exit() -> None:
+    """Under torchrun the outcome is decided once main ends or fails: a later signal (torchrun's closing SIGTERM, a
+    second Ctrl-C during exit) must not add a KeyboardInterrupt traceback."""
+    if _many():
+        from .train.stop import ignore_stop_signals
+
+        ignore_stop_signals()

@@ -22,16 +22,18 @@ global batch with weight 0 instead of sitting the micro-batch out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainerError
 
 T = TypeVar("T")
 
@@ -137,14 +139,19 @@ class ExpertGroups:
         return None
 
 
-def expert_groups(ctx: DistContext, stages: Sequence[str]) -> ExpertGroups:
-    """Split the ranks in two process groups: ``[0, N/2)`` trains ``stages[0]``, ``[N/2, N)`` ``stages[1]``."""
+def check_expert_groups(ctx: DistContext, stages: Sequence[str]) -> None:
+    """Refuse expert groups that cannot be formed: run before the run folder is claimed, so a refusal leaves none."""
     if len(stages) != 2 or ctx.world % 2:
         raise ConfigError(
             f"distributed.expert_groups needs both experts and an even number of GPUs, got {ctx.world} process(es) "
             f"for {list(stages)} - launch an even number of processes (torchrun --nproc_per_node) or set "
             "distributed.expert_groups: false"
         )
+
+
+def expert_groups(ctx: DistContext, stages: Sequence[str]) -> ExpertGroups:
+    """Split the ranks in two process groups: ``[0, N/2)`` trains ``stages[0]``, ``[N/2, N)`` ``stages[1]``."""
+    check_expert_groups(ctx, stages)
     half = ctx.world // 2
     # every rank creates every group, in the same order
     groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, ctx.world)))]
@@ -188,3 +195,68 @@ def init_distributed(device_setting: str) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistContext(rank=rank, world=world, local_rank=local_rank)
+
+
+# --- when a rank fails -----------------------------------------------------------------------------------------------
+# Each rank prints its own output, so a failure must be told apart: one rank's own error (it speaks), an error every
+# rank hit alike (rank 0 speaks for all), or a collective broken by another rank's exit (rank 0 names that rank and
+# what is kept). The ranks tell each other through the launcher's key-value store, which outlives any worker.
+
+#: Seconds a non-zero rank waits for rank 0's error before deciding that its own is its alone (only ranks that failed
+#: wait; the ones that fail alike record their error within moments of each other).
+ALIKE_WAIT_S = 10.0
+_ERROR_KEY = "wan22/error/{}"
+
+
+class PeerStopped(TrainerError):
+    """A collective failed because another process of the run stopped (crashed, killed, or its own error)."""
+
+
+#: Fragments of the errors gloo raises when the other end of a collective is gone (NCCL's are ``DistError``).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away, not this rank's own error."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _PEER_GONE)
+
+
+def _store() -> Any:
+    return dist.distributed_c10d._get_default_store()
+
+
+def record_failure(message: str) -> None:
+    """Leave this rank's error where the other ranks look (no-op outside a process group, or when the store is
+    already gone: the message is only a courtesy to the others)."""
+    if dist.is_initialized():
+        # the launcher may be tearing down the store; this rank prints its own line all the same
+        with contextlib.suppress(Exception):
+            _store().set(_ERROR_KEY.format(dist.get_rank()), message)
+
+
+def failed_ranks() -> list[int]:
+    """The ranks that recorded an error of their own (:func:`record_failure`), without waiting."""
+    if not dist.is_initialized():
+        return []
+    try:
+        store = _store()
+        return [r for r in range(dist.get_world_size()) if store.check([_ERROR_KEY.format(r)])]
+    except Exception:  # noqa: BLE001 - no store left to ask: the rank is not known
+        return []
+
+
+def failed_like_rank0(wait_s: float = ALIKE_WAIT_S) -> bool:
+    """On a non-zero rank that recorded its error: whether rank 0 recorded the same one (then rank 0's line speaks
+    for this rank). Waits up to ``wait_s`` for rank 0's; ``False`` when none came or the store is gone."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        return False
+    try:
+        store, own = _store(), _ERROR_KEY.format(dist.get_rank())
+        if not store.check([own]):
+            return False
+        store.wait([_ERROR_KEY.format(0)], timedelta(seconds=wait_s))
+        return store.get(_ERROR_KEY.format(0)) == store.get(own)
+    except Exception:  # noqa: BLE001 - a timeout, or the store is gone: this rank's error is its own
+        return False

@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,7 +44,15 @@ from ..schedule import active_expert, expert_step_counts
 from ..timing import logged_seconds
 from .checkpoints import expert_snapshot, load_checkpoint, save_checkpoint
 from .conditioning import Conditioner, setup_conditioning
-from .distributed import DistContext, init_distributed
+from .distributed import (
+    DistContext,
+    PeerStopped,
+    check_expert_groups,
+    failed_ranks,
+    init_distributed,
+    peer_failure,
+    record_failure,
+)
 from .event_log import EventLog, check_tensorboard, open_event_log
 from .experts import block_plan_for, prepare_expert
 from .objective import MicroBatch, Objective, check_objective, dop_captions
@@ -64,7 +73,7 @@ from .runs import (
     write_run_config,
 )
 from .step import draw_micro_batch, train_step
-from .stop import signals_held
+from .stop import ignore_stop_signals, signals_held
 from .validation import Validator, validation_captions, validation_set
 
 log = logging.getLogger(__name__)
@@ -217,32 +226,63 @@ def run_training(
     returns that run's pair.
     """
     ctx = init_distributed(cfg.train.device)
-    cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
-    preflight(cfg, model_files=components is None)
-    dataset = dataset or job_dataset(cfg)
-    check_same_dataset(dataset, ctx)
-    if ctx.is_main:
-        log.info("%s", dataset.report())
-        for warning in run_warnings(cfg, dataset, ctx):
-            log.warning("warning: %s", warning)
-    if cfg.resume and (done := finished_result(cfg)) is not None:
-        return done
-    with open_run_on_ranks(cfg, dataset, ctx) as run:
-        if on_run is not None:
-            on_run(run)
-        try:
-            trainer = Trainer(cfg, make_placement(cfg, ctx), run, dataset, on_sample)
-            trainer.build(components)
-            result = trainer.train(on_step, progress_bar, stop_file)
-        except TrainingDiverged:
-            run.status = "diverged"
+    with _rank_failures(ctx) as opened:
+        cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
+        preflight(cfg, model_files=components is None)
+        if ctx.active and cfg.distributed.expert_groups:  # before the run folder is claimed: a refusal leaves none
+            check_expert_groups(ctx, cfg.multistage.stages)
+        dataset = dataset or job_dataset(cfg)
+        check_same_dataset(dataset, ctx)
+        if ctx.is_main:
+            log.info("%s", dataset.report())
+            for warning in run_warnings(cfg, dataset, ctx):
+                log.warning("warning: %s", warning)
+        if cfg.resume and (done := finished_result(cfg)) is not None:
+            return done
+        with open_run_on_ranks(cfg, dataset, ctx) as run:
+            opened.append(run)
+            if on_run is not None:
+                on_run(run)
+            try:
+                trainer = Trainer(cfg, make_placement(cfg, ctx), run, dataset, on_sample)
+                trainer.build(components)
+                result = trainer.train(on_step, progress_bar, stop_file)
+            except TrainingDiverged:
+                run.status = "diverged"
+                raise
+            except KeyboardInterrupt:  # Ctrl-C, SIGTERM, a stop request: one line on what is kept and how to go on
+                if ctx.is_main:
+                    log.warning("training stopped: %s%s", _failed_elsewhere(ctx), run.stop_message())
+                raise
+            run.status = "finished"
+            return result
+
+
+@contextmanager
+def _rank_failures(ctx: DistContext) -> Iterator[list[RunFolder]]:
+    """Several processes: this rank's own error is recorded for the others (:func:`record_failure`) before it goes
+    on, and a collective broken by another rank's exit becomes :class:`PeerStopped`, one line naming that rank and
+    what the run kept. Yields the list the run folder is put in once claimed."""
+    opened: list[RunFolder] = []
+    try:
+        yield opened
+    except Exception as exc:
+        if not ctx.active:
             raise
-        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, a stop request: one line on what is kept and how to go on
-            if ctx.is_main:
-                log.warning("training stopped: %s", run.stop_message())
+        ignore_stop_signals()  # torchrun's closing SIGTERM (sent as this or another rank exits) must not cut the line
+        if not peer_failure(exc):
+            record_failure(str(exc))
             raise
-        run.status = "finished"
-        return result
+        kept = (opened[0].stop_message() if opened else
+                "nothing was saved (training had not started) - start again once that is fixed")
+        why = _failed_elsewhere(ctx) or "another process of this run ended (killed, out of memory or crashed); "
+        raise PeerStopped(f"training stopped: {why}{kept}") from None
+
+
+def _failed_elsewhere(ctx: DistContext) -> str:
+    """``rank N failed (its own error is above); `` for the other ranks that recorded an error, else ''."""
+    others = [r for r in failed_ranks() if r != ctx.rank]
+    return f"rank {', '.join(map(str, others))} failed (its own error is above); " if others else ""
 
 
 def finished_result(cfg: JobConfig, dataset: VideoDataset | None = None) -> TrainResult | None:
@@ -434,7 +474,7 @@ class Trainer:
         resume_path = self.run.resume_path
         if resume_path is not None:
             saved = load_checkpoint(resume_path, self.cfg, self.experts)
-            if saved.get("dataset") != self.prog.dataset:
+            if saved.get("dataset") != self.prog.dataset and self.placement.ctx.is_main:
                 log.warning("resume: the dataset changed since %s was saved; the data order will differ", resume_path)
             self.prog = _Progress(saved["step"], saved["epoch"], saved["batch_pos"], saved["losses"], self.prog.dataset,
                                   saved["validation"])

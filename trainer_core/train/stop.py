@@ -64,3 +64,13 @@ def signals_held(redeliver: bool) -> Iterator[list[int]]:
             signal.signal(s, h)
         if held and redeliver:
             signal.raise_signal(held[0])
+
+
+def ignore_stop_signals() -> None:
+    """From now on SIGINT and SIGTERM do nothing: for a process whose outcome is decided and that only has to print
+    its line and exit. Under torchrun, a worker that failed (or whose peer did) gets torchrun's closing SIGTERM, and a
+    second Ctrl-C can arrive during interpreter exit; raised there, either would replace the one line with a
+    ``KeyboardInterrupt`` traceback. torchrun still ends a worker that hangs with SIGKILL. Main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
