@@ -156,7 +156,8 @@ def _supervise(
 
     threading.Thread(target=read, daemon=True).start()
     tail: deque[str] = deque(maxlen=15)
-    errors: dict[str, None] = {}  # the CLI's "error: ..." lines, each once (every rank prints its own)
+    # the CLI's "error: ..." lines, each once: rank 0's, and a rank's own error before rank 0's line that names it
+    errors: dict[str, None] = {}
     done, cancelled_at, killed = None, None, False
     try:
         while True:
