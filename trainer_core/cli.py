@@ -298,8 +298,9 @@ def _unexpected(exc: Exception) -> int:
     rank = _rank()
     for line in traceback.format_exception(exc):
         print("".join(f"[rank{rank}]: {part}\n" for part in line.rstrip("\n").split("\n")), end="", file=sys.stderr)
+    kept = "" if rank == 0 else "; rank 0's line says what is kept"
     print(f"error: rank {rank} stopped on {type(exc).__name__}: {exc} (the traceback above says where) - the other "
-          "processes stopped too; rank 0's line says what is kept", file=sys.stderr)
+          f"processes stopped too{kept}", file=sys.stderr)
     return 1
 
 

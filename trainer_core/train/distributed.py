@@ -213,7 +213,7 @@ class PeerStopped(TrainerError):
 
 
 #: Fragments of the errors gloo raises when the other end of a collective is gone (NCCL's are ``DistError``).
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 
 
 def peer_failure(exc: BaseException) -> bool:
