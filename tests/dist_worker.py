@@ -1,5 +1,6 @@
 """Entry point for the torchrun tests: the CLI's `train`, recording which ranks write checkpoints; with FAULT set,
-one rank fails on purpose (FAULT=raise: an OSError, FAULT=nan_loss: a NaN loss) at its FAULT_CALL-th backward
+one rank fails on purpose (FAULT=raise: an OSError, FAULT=nan_loss: a NaN loss, FAULT=exit: the process ends at
+once, as if killed) at its FAULT_CALL-th backward
 (1-based) on rank FAULT_RANK."""
 
 import math
@@ -67,6 +68,8 @@ def _faulty_backward(self, model, micro):
     hit = os.environ.get("RANK") == os.environ.get("FAULT_RANK") and _calls[0] == int(os.environ["FAULT_CALL"])
     if hit and os.environ["FAULT"] == "raise":
         raise OSError(5, "Input/output error (injected)", "clip002.mp4")
+    if hit and os.environ["FAULT"] == "exit":  # as if killed: no line, no state of its own
+        os._exit(3)
     loss = _real_backward(self, model, micro)
     return math.nan if hit and os.environ["FAULT"] == "nan_loss" else loss
 

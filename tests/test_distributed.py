@@ -258,6 +258,16 @@ def test_a_rank_that_fails_mid_run_leaves_rank0_one_line_naming_the_resumable_st
     assert (tmp_path / "crash" / "d" / "training_state_000005.safetensors").is_file()
 
 
+def test_when_rank0_is_gone_the_next_rank_says_what_is_kept(tmp_path, clips):
+    # rank 0 ends at once in step 5 (its 5th backward), as kill -9 would: rank 1 is the one left to say it
+    out = _torchrun(tmp_path, _failing(tmp_path, clips, "gone"), world=2, ok=False,
+                    FAULT="exit", FAULT_RANK="0", FAULT_CALL="5")  # fmt: skip
+    assert out.returncode != 0 and "[rank1]: Traceback" not in out.stderr
+    (line,) = _error_lines(out.stderr)
+    assert line.startswith("error: training stopped: another process of this run ended") and (
+        "resumable state at step 4: " in line)
+
+
 def test_a_nan_on_one_rank_prints_one_diverged_line(tmp_path, clips):
     out = _torchrun(tmp_path, _failing(tmp_path, clips, "nan"), world=2, ok=False,
                     FAULT="nan_loss", FAULT_RANK="1", FAULT_CALL="3")  # fmt: skip

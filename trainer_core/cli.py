@@ -276,18 +276,25 @@ def _many() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _new_line() -> str:
+    """What a non-zero rank prints before its error: a line break, as rank 0's progress bar is mid-line."""
+    return "" if _rank() == 0 else "\n"
+
+
 def _rank0_speaks(exc: TrainerError) -> bool:
     """Whether rank 0's line already says it all for this (non-zero) rank's error: a NaN (every rank stops at the
-    same step), another rank's failure (rank 0 names it), an error before the ranks connected (the same job file and
+    same step), another rank's failure (rank 0 names it, unless rank 0 is the one gone), an error before the ranks connected (the same job file and
     settings on every rank) or the same error on rank 0 (:func:`~trainer_core.train.distributed.failed_like_rank0`).
     """
     if "torch.distributed" not in sys.modules:  # failed before training imported torch: nothing rank-specific yet
         return True
     import torch.distributed as dist
 
-    from .train.distributed import PeerStopped, failed_like_rank0
+    from .train.distributed import PeerStopped, failed_like_rank0, speaks_for_the_run
 
-    if isinstance(exc, (TrainingDiverged, PeerStopped)) or not dist.is_initialized():
+    if isinstance(exc, PeerStopped):
+        return not speaks_for_the_run()
+    if isinstance(exc, TrainingDiverged) or not dist.is_initialized():
         return True
     return failed_like_rank0()
 
@@ -296,6 +303,7 @@ def _unexpected(exc: Exception) -> int:
     """One rank of several failed on an error that is not the trainer's own: its traceback, marked with the rank,
     then one line, which rank 0's line and the Train LoRA node point to."""
     rank = _rank()
+    print(_new_line(), end="", file=sys.stderr)
     for line in traceback.format_exception(exc):
         print("".join(f"[rank{rank}]: {part}\n" for part in line.rstrip("\n").split("\n")), end="", file=sys.stderr)
     kept = "" if rank == 0 else "; rank 0's line says what is kept"
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         _quiet_exit()
         if _rank() == 0 or not _rank0_speaks(exc):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{_new_line()}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _quiet_exit()

@@ -194,6 +194,7 @@ def init_distributed(device_setting: str) -> DistContext:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _store().set(_PID_KEY.format(rank), str(os.getpid()))  # for :func:`speaks_for_the_run`
     return DistContext(rank=rank, world=world, local_rank=local_rank)
 
 
@@ -206,6 +207,7 @@ def init_distributed(device_setting: str) -> DistContext:
 #: wait; the ones that fail alike record their error within moments of each other).
 ALIKE_WAIT_S = 10.0
 _ERROR_KEY = "wan22/error/{}"
+_PID_KEY = "wan22/pid/{}"
 
 
 class PeerStopped(TrainerError):
@@ -259,4 +261,26 @@ def failed_like_rank0(wait_s: float = ALIKE_WAIT_S) -> bool:
         store.wait([_ERROR_KEY.format(0)], timedelta(seconds=wait_s))
         return store.get(_ERROR_KEY.format(0)) == store.get(own)
     except Exception:  # noqa: BLE001 - a timeout, or the store is gone: this rank's error is its own
+        return False
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` (of this host) still runs: a killed worker stays a zombie until torchrun reaps it."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def speaks_for_the_run() -> bool:
+    """Whether this rank says what a run stopped by another rank's exit kept: rank 0, or the lowest rank still
+    running when the ranks below it have ended (killed: they cannot speak). On several hosts, rank 0 only."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 or os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        return rank == 0
+    try:
+        store = _store()
+        return not any(_running(int(store.get(_PID_KEY.format(r)))) for r in range(rank))
+    except Exception:  # noqa: BLE001 - no store left to ask: leave it to rank 0
         return False

@@ -61,6 +61,7 @@ from .previews import PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
 from .resume import check_resume_compatible
 from .runs import (
+    Manifest,
     RunFolder,
     check_resume,
     dataset_key,
@@ -273,10 +274,17 @@ def _rank_failures(ctx: DistContext) -> Iterator[list[RunFolder]]:
         if not peer_failure(exc):
             record_failure(str(exc))
             raise
-        kept = (opened[0].stop_message() if opened else
-                "nothing was saved (training had not started) - start again once that is fixed")
+        kept = _kept(ctx, opened[0]) if opened else "nothing was saved (training had not started) - start again"
         why = _failed_elsewhere(ctx) or "another process of this run ended (killed, out of memory or crashed); "
         raise PeerStopped(f"training stopped: {why}{kept}") from None
+
+
+def _kept(ctx: DistContext, run: RunFolder) -> str:
+    """:meth:`RunFolder.stop_message` as the run folder holds it now: rank 0 records each checkpoint in the manifest,
+    so another rank (speaking when rank 0 is gone) reads it from disk instead of its copy from the start."""
+    if not ctx.is_main:
+        run = RunFolder(run.path, Manifest.read(run.path) or run.manifest)
+    return run.stop_message()
 
 
 def _failed_elsewhere(ctx: DistContext) -> str:
