@@ -226,6 +226,7 @@ def peer_failure(exc: BaseException) -> bool:
 
 
 def _store() -> Any:
+    """The process group's key-value store (torchrun's agent holds it: it outlives any worker)."""
     return dist.distributed_c10d._get_default_store()
 
 
@@ -270,7 +271,7 @@ def _running(pid: int) -> bool:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
-        return False
+        return not os.path.isdir("/proc")  # no /proc to ask (not Linux): assume it runs, so rank 0 alone speaks
 
 
 def speaks_for_the_run() -> bool:
