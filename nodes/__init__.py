@@ -12,7 +12,7 @@ from .multistage import ConfigureMultiStage
 from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
 from .save import SaveCheckpoint
-from .settings import ConfigureHardware, ConfigureOptimizer, ConfigureRegularizers
+from .settings import PLACEMENTS, ConfigureHardware, ConfigureOptimizer, ConfigureRegularizers
 from .split_step import Wan22SplitStep
 from .train import TrainWan22LoRA
 
@@ -62,8 +62,15 @@ def _speak_widgets() -> None:
     quantize = NODE_DISPLAY_NAME_MAPPINGS["Wan22QuantizeARA"]
     fields[quantize] = (fields[quantize][0], {**fields[quantize][1], "adapter": "quant.ara_source"})
     labels = widget_labels(fields)
+    # the distributed flags are gpu_placement's choices (distributed.placement: the choice itself)
+    hardware = NODE_DISPLAY_NAME_MAPPINGS["Wan22ConfigureHardware"]
+    labels["distributed.placement"] = ("gpu_placement", hardware)
+    for choice, flags in PLACEMENTS.items():
+        labels.update({f"distributed.{flag}": (f"gpu_placement '{choice}'", hardware) for flag in flags})
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
-        wrapped = speaking_widgets(getattr(cls, cls.FUNCTION), labels, NODE_DISPLAY_NAME_MAPPINGS[node_id])
+        title = NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        wrapped = speaking_widgets(getattr(cls, cls.FUNCTION), labels, title, fields[title][1],
+                                   getattr(cls, "WORDS", None))
         setattr(cls, cls.FUNCTION, wrapped)
 
 

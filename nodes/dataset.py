@@ -69,7 +69,10 @@ class BuildVideoDataset:
     @classmethod
     def IS_CHANGED(cls, folder: str, **_) -> str:
         """A digest of the folder's files (names, sizes, times): adding or editing clips re-runs the graph."""
-        root = host.input_path(folder.strip())
+        try:
+            root = host.input_path(folder.strip())
+        except ConfigError:  # a folder outside ComfyUI's input: build() refuses it by name, nothing to walk here
+            return folder
         digest = hashlib.sha256(str(root).encode())
         if root.is_dir():
             seen: set[str] = set()  # real folders walked: symlinked ones are followed as the scan follows them, once
@@ -99,7 +102,7 @@ class BuildVideoDataset:
         folder = values["folder"].strip()
         if not folder:
             raise ConfigError("Build Video Dataset: folder is empty - give a folder of clips under ComfyUI's input")
-        values = {**values, "folder": str(host.input_path(folder))}
+        values = {**values, "folder": str(host.input_path(folder, "Build Video Dataset: folder"))}
         settings = partial_config(self.FIELDS, values, source="Build Video Dataset")["datasets"]
         try:
             cfg = DatasetConfig(**settings)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from trainer_core.api import ExpertsBundle
 
 NONE = "none"
-SOURCES = ("comfy files", "diffusers folder", "HF repo id", "tiny")
+SOURCES = ["comfy files", "diffusers folder", "HF repo id", "tiny"]  # a list: ComfyUI checks it when queued
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -72,30 +72,10 @@ class LoadWan22Experts:
                     "from folder_or_repo")}),
                 "folder_or_repo": ("STRING", {"default": "", "tooltip": (
                     "diffusers folder: a folder under models/diffusers or an absolute path; HF repo id: e.g. "
-                    "Wan-AI/Wan2.2-T2V-A14B-Diffusers. Ignored for comfy files and tiny")}),
+                    "Wan-AI/Wan2.2-T2V-A14B-Diffusers. Leave empty for comfy files and tiny")}),
                 **inputs(cls.FIELDS),
             }
         }
-
-    @classmethod
-    def VALIDATE_INPUTS(
-        cls, source: str, high_noise_model: str, low_noise_model: str, text_encoder: str, vae: str
-    ) -> bool | str:
-        """Check the file combos in place of ComfyUI's "Value not in list", which it skips for the inputs named
-        here: with source tiny they are ignored, so a workflow saved with file names this installation lacks runs
-        with tiny as it is; otherwise each must be 'none' or a file ComfyUI lists."""
-        if source not in SOURCES:
-            return f"source {source!r} is not one of {', '.join(SOURCES)}"
-        if source == "tiny":
-            return True
-        picked = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model,
-                  "text_encoder": text_encoder, "vae": vae}  # fmt: skip
-        for name, value in picked.items():
-            kind = FILE_INPUTS[name][1]
-            if value != NONE and value not in host.model_files(kind):
-                return (f"{name} {value!r} is not in ComfyUI's models/{kind} - put the file there and refresh, pick "
-                        "another one or 'none', or set source to tiny")
-        return True
 
     RETURN_TYPES = (EXPERTS,)
     RETURN_NAMES = ("experts",)
@@ -124,6 +104,7 @@ class LoadWan22Experts:
         source tiny the four files are ignored."""
         picked = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model,
                   "text_encoder": text_encoder, "vae": vae}  # fmt: skip
+        _check_source_use(source, folder_or_repo.strip(), picked)
         settings = {} if source == "tiny" else {
             FILE_INPUTS[name][0]: host.model_file_path(FILE_INPUTS[name][1], value)
             for name, value in picked.items() if value != NONE
@@ -137,6 +118,22 @@ class LoadWan22Experts:
         from trainer_core.api import ExpertsBundle  # the models' libraries: on first use, not at ComfyUI's start
 
         return (ExpertsBundle(model, memory),)
+
+
+def _check_source_use(source: str, folder_or_repo: str, picked: dict[str, str]) -> None:
+    """Refuse a source choice that leaves a setting unused: folder_or_repo with comfy files or tiny (which read no
+    folder), or a diffusers folder / repo whose every component is overridden by a picked file (nothing read from
+    it; a file picker set to 'none' is what takes that component from folder_or_repo)."""
+    where = "Load Wan22 Experts"
+    if source in ("comfy files", "tiny") and folder_or_repo:
+        raise ConfigError(f"{where}: folder_or_repo {folder_or_repo!r} is not read with source '{source}' - clear "
+                          "it, or set source to 'diffusers folder' / 'HF repo id' to load from it")
+    if source in ("diffusers folder", "HF repo id") and NONE not in picked.values():
+        raise ConfigError(
+            f"{where}: source '{source}' reads nothing from folder_or_repo when all four files are picked - set the "
+            "file pickers to take from it (high_noise_model, low_noise_model, text_encoder, vae) to 'none', or set "
+            "source to 'comfy files'"
+        )
 
 
 def _offload_blocks(text: str) -> int | str:
@@ -163,7 +160,7 @@ def _source(mode: str, text: str) -> str | None:
             f"Load Wan22 Experts: source '{mode}' needs folder_or_repo - fill it in or pick 'comfy files'"
         )
     if mode == "diffusers folder":
-        folder = host.diffusers_path(text)
+        folder = host.diffusers_path(text, "Load Wan22 Experts: folder_or_repo")
         if not folder.is_dir():
             raise ConfigError(
                 f"Load Wan22 Experts: folder_or_repo: diffusers folder {folder} does not exist - put the "

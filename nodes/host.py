@@ -49,40 +49,41 @@ def model_file_path(kind: str, name: str) -> str:
     return _folder_paths().get_full_path_or_raise(kind, name)
 
 
-def input_path(path: str) -> Path:
-    """``path`` as given when absolute, else relative to ComfyUI's input directory."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(_folder_paths().get_input_directory()) / p
-
-
-def output_path(path: str, setting: str = "output_dir") -> Path:
-    """``path`` as given when absolute, else relative to ComfyUI's output directory, which a relative path may not
-    leave (as ComfyUI's own save nodes refuse to)."""
+def _inside(base: str | Path, path: str, setting: str, folder: str) -> Path:
+    """``path`` as given when absolute, else under ``base``, which a relative path may not leave (as ComfyUI's own
+    save nodes refuse to): ``setting`` names the widget in the refusal, ``folder`` the ComfyUI folder."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    base = Path(_folder_paths().get_output_directory())
+    base = Path(base)
     if ".." in p.parts and not (base / p).resolve().is_relative_to(base.resolve()):
-        raise ConfigError(f"{setting} {path!r} leads out of ComfyUI's output folder - give a folder inside it, or an "
-                          "absolute path")
+        raise ConfigError(f"{setting} {path!r} leads out of ComfyUI's {folder} folder - give a folder inside it, or "
+                          "an absolute path")
     return base / p
 
 
-def models_path(path: str) -> Path:
-    """``path`` as given when absolute, else relative to ComfyUI's ``models`` folder (a subfolder no model kind
-    is registered for stays out of every loader's list)."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(_folder_paths().models_dir) / p
+def input_path(path: str, setting: str = "folder") -> Path:
+    """``path`` as given when absolute, else inside ComfyUI's input directory."""
+    return _inside(_folder_paths().get_input_directory(), path, setting, "input")
 
 
-def diffusers_path(path: str) -> Path:
-    """A diffusers folder: absolute as given, else the first match under ComfyUI's ``models/diffusers`` folders
-    (or the first of those folders when none has it, so the error names the expected place)."""
-    if Path(path).expanduser().is_absolute():
-        return Path(path).expanduser()
+def output_path(path: str, setting: str = "output_dir") -> Path:
+    """``path`` as given when absolute, else inside ComfyUI's output directory."""
+    return _inside(_folder_paths().get_output_directory(), path, setting, "output")
+
+
+def models_path(path: str, setting: str = "folder") -> Path:
+    """``path`` as given when absolute, else inside ComfyUI's ``models`` folder (a subfolder no model kind is
+    registered for stays out of every loader's list)."""
+    return _inside(_folder_paths().models_dir, path, setting, "models")
+
+
+def diffusers_path(path: str, setting: str = "folder_or_repo") -> Path:
+    """A diffusers folder: absolute as given, else the first match inside ComfyUI's ``models/diffusers`` folders
+    (or inside the first of those folders when none has it, so the error names the expected place)."""
     bases = list(_folder_paths().get_folder_paths("diffusers"))
-    found = [Path(b) / path for b in bases if (Path(b) / path).is_dir()]
-    return found[0] if found else Path(bases[0]) / path
+    found = [_inside(b, path, setting, "models/diffusers") for b in bases]
+    return next((f for f in found if f.is_dir()), found[0])
 
 
 def loras_dir() -> Path:

@@ -47,6 +47,10 @@ class QuantizeARA:
         "adapter_cache_dir": {"default": "wan22_ara_cache"},
     }
 
+    #: What QuantConfig's errors call the adapter setting -> its widgets (:mod:`.messages`).
+    WORDS = {"set ara_source: compute": "set adapter to compute", "'ara_source': ara_source": "adapter / adapter_path",
+             "'ara_source'": "adapter / adapter_path", "ara_source": "adapter / adapter_path"}  # fmt: skip
+
     @classmethod
     def INPUT_TYPES(cls):
         settings = inputs(cls.FIELDS, cls.UI)
@@ -88,7 +92,7 @@ class QuantizeARA:
         cache_dir = values["adapter_cache_dir"].strip()
         if not cache_dir:
             raise ConfigError("Quantize ARA: adapter_cache_dir is empty - give a folder such as wan22_ara_cache")
-        values = {**values, "adapter_cache_dir": str(host.models_path(cache_dir))}
+        values = {**values, "adapter_cache_dir": str(host.models_path(cache_dir, "Quantize ARA: adapter_cache_dir"))}
         try:
             cfg = QuantConfig(ara_source=source, **partial_config(self.FIELDS, values)["quant"])
         except ValidationError as exc:

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import ValidationError
 
-from trainer_core.config import SampleConfig, format_validation_error
+from trainer_core.config import MultiStageConfig, SampleConfig, format_validation_error
 from trainer_core.errors import ConfigError
 from trainer_core.sample import native_recipe
 
 from . import host
 from .bundle import CATEGORY, EXPERTS, LORA
-from .widgets import inputs, partial_config, widget
+from .widgets import inputs, limits_problem, partial_config, widget
 
 if TYPE_CHECKING:
     from trainer_core.api import ExpertsBundle, LoraPair
@@ -54,17 +54,23 @@ def _sample_config(node: type, prompts: str, values: dict[str, Any], source: str
 
 
 def _checked_config(prompts: str, values: dict[str, Any]) -> SampleConfig:
-    """Preview Sample's settings as a :class:`SampleConfig` with at least one prompt."""
+    """Preview Sample's settings as a :class:`SampleConfig` with at least one prompt; its boundary is checked with
+    the config's bounds (strictly between 0 and 1)."""
     cfg = _sample_config(PreviewSample, prompts, values, "Preview Sample")
     if not cfg.prompts:
         raise ConfigError("Preview Sample: prompts is empty - write at least one prompt (one per line)")
+    try:
+        MultiStageConfig(boundary=values["boundary"])
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "Preview Sample")) from None
     return cfg
 
 
 class PreviewSample:
     """Render videos with both experts and (optionally) a trained pair; output frames for CreateVideo."""
 
-    #: The widgets -> the settings they set; boundary is multistage's, the experts' hand-over.
+    #: The widgets -> the settings they set; boundary (this node's own widget) is multistage's setting, the experts'
+    #: hand-over.
     FIELDS = {
         **RENDER_FIELDS,
         "lora_strength_high": "sample.lora_strength_high",
@@ -91,15 +97,24 @@ class PreviewSample:
         }
 
     #: Checked when the prompt is queued (VALIDATE_INPUTS) rather than when the node runs, after a training upstream:
-    #: the widgets whose setting has rules beyond the widget's own limits (ComfyUI skips its range check for them).
-    CHECKED_EARLY = ("prompts", "width", "height", "num_frames", "shift")
+    #: the widgets whose setting has rules beyond the widget's own limits. ComfyUI attaches the one message to each
+    #: of them and skips its own range check for them (so VALIDATE_INPUTS checks those limits too); every other
+    #: widget keeps ComfyUI's own checks, attached to it alone.
+    CHECKED_EARLY = ("prompts", "width", "height", "num_frames", "shift", "boundary")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, prompts: Any, width: Any, height: Any, num_frames: Any, shift: Any) -> bool | str:
+    def VALIDATE_INPUTS(
+        cls, prompts: Any, width: Any, height: Any, num_frames: Any, shift: Any, boundary: Any
+    ) -> bool | str:
         """Refuse a render that cannot work before the graph runs (one fed by Train LoRA would otherwise fail only
-        once training is done). Inputs fed by a link are checked when the node runs."""
-        given = {k: v for k, v in zip(cls.CHECKED_EARLY, (prompts, width, height, num_frames, shift)) if v is not None}
-        values = {**{name: cls.INPUT_TYPES()["required"][name][1]["default"] for name in cls.FIELDS}, **given}
+        once training is done). Inputs fed by a link (None here) are checked when the node runs."""
+        given = {k: v for k, v in zip(cls.CHECKED_EARLY, (prompts, width, height, num_frames, shift, boundary))
+                 if v is not None}  # fmt: skip
+        spec = cls.INPUT_TYPES()["required"]
+        for name, value in given.items():
+            if (problem := limits_problem(spec[name], value)) is not None:
+                return f"Preview Sample: {name} {problem}"
+        values = {**{name: spec[name][1]["default"] for name in cls.FIELDS}, **given}
         try:
             _checked_config(values.pop("prompts", "x"), values)
         except ConfigError as exc:

@@ -52,11 +52,12 @@ class SaveCheckpoint:
                 "copy_to_loras": ("BOOLEAN", {"default": True, _T: (
                     "Copy the final pair into models/loras so LoraLoaderModelOnly lists it at once")}),
                 "lora_name": ("STRING", {"default": "", _T: (
-                    "File name in models/loras: <name>_high_noise / _low_noise.safetensors (may contain a "
-                    "subfolder, e.g. wan22/my_style); empty = the run folder's name (the job name, or job name_run2 "
-                    "for a later run of it), with _2, _3, ... added where another run's copy holds that name. A "
-                    "name given here replaces this trainer's earlier copy of it (that run keeps its pair in its run "
-                    "folder); a file from elsewhere with that name refuses the job before it trains")}),
+                    "Name of the pair in models/loras: <name>_high_noise / _low_noise.safetensors are written (give "
+                    "the name without those suffixes; it may contain a subfolder, e.g. wan22/my_style); empty = the "
+                    "run folder's name (the job name, or job name_run2 for a later run of it), with _2, _3, ... added "
+                    "where another run's copy holds that name. A name given here replaces this trainer's earlier "
+                    "copy of it (that run keeps its pair in its run folder); a file from elsewhere with that name "
+                    "refuses the job before it trains")}),
             }
         }
 
@@ -73,6 +74,11 @@ class SaveCheckpoint:
         if not output_dir:
             raise ConfigError("Save Checkpoint: output_dir is empty - give a folder name such as wan22_lora")
         name = lora_name.strip().replace("\\", "/").rstrip("/")
+        if name.lower().endswith(".safetensors") and name[: -len(".safetensors")].rstrip("/"):
+            name = name[: -len(".safetensors")]  # the pair's file names add it after their suffix
+        if name.endswith(("_high_noise", "_low_noise")):
+            raise ConfigError(f"Save Checkpoint: lora_name {lora_name!r} ends in a suffix of the pair - give the name "
+                              "without it: _high_noise / _low_noise.safetensors are added to it")
         if name.startswith("/") or re.match(r"[A-Za-z]:", name):
             raise ConfigError(f"Save Checkpoint: lora_name {lora_name!r} is a name inside models/loras, not a path - "
                               "give e.g. my_style or wan22/my_style")

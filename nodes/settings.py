@@ -41,7 +41,7 @@ def _checked(job: dict[str, dict[str, Any]], source: str) -> dict[str, dict[str,
         try:
             parsed = JobConfig.model_fields[section].annotation.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, f"{source} ({section})")) from None
+            raise ConfigError(format_validation_error(exc, source)) from None
         out[section] = {key: getattr(parsed, key) for key in values}
     return out
 
@@ -76,6 +76,9 @@ class ConfigureOptimizer(_SettingsNode):
         "adam_eps": "optimizer.eps",
     }
     TITLE = "Configure Optimizer"
+    #: What OptimizerConfig's errors call Adam's betas -> these widgets (:mod:`.messages`).
+    WORDS = {"'betas': betas[0]": "adam_beta1", "'betas': betas[1]": "adam_beta2", "betas[0]": "adam_beta1",
+             "betas[1]": "adam_beta2", "'betas'": "adam_beta1 / adam_beta2"}  # fmt: skip
     RETURN_TYPES = (OPTIMIZER,)
     RETURN_NAMES = ("optimizer_settings",)
     OUTPUT_TOOLTIPS = ("AdamW settings for Train LoRA's optimizer_settings input.",)
@@ -135,7 +138,7 @@ class ConfigureHardware(_SettingsNode):
             "gpus": ("INT", {"default": 1, "min": 1, "max": 16, _T: (
                 "GPUs to train on: above 1 the job runs under torchrun as a child process (placed as gpu_placement "
                 "says; the experts load there from their files), with progress and cancel as usual")}),
-            "gpu_placement": (tuple(PLACEMENTS), {"default": "data parallel", _T: (
+            "gpu_placement": (list(PLACEMENTS), {"default": "data parallel", _T: (
                 "With several GPUs: data parallel = every GPU holds the experts and takes a share of each batch; "
                 "expert groups = half the GPUs train the high-noise expert, half the low-noise one, at once (even "
                 "GPU count, switch every 1: no swapping); shard experts = FSDP2 splits the bf16 weights over the "
@@ -146,12 +149,27 @@ class ConfigureHardware(_SettingsNode):
     def configure(self, gpus: int, gpu_placement: str, **values: Any) -> tuple[JobSettings]:
         """Check the settings; a blank device means auto, and the cache folder is resolved against ComfyUI's
         output folder."""
+        _check_placement(gpus, gpu_placement)
         cache_dir = values["text_cache_dir"].strip()
         if cache_dir:
             cache_dir = str(host.output_path(cache_dir, f"{self.TITLE}: text_cache_dir"))
         values = {**values, "device": values["device"].strip() or "auto", "text_cache_dir": cache_dir}
         job = {**partial_config(self.FIELDS, values, self.UI, self.TITLE), "distributed": PLACEMENTS[gpu_placement]}
         return (JobSettings(_checked(job, self.TITLE), gpus),)
+
+
+def _check_placement(gpus: int, placement: str) -> None:
+    """Refuse a GPU placement the GPU count cannot form, naming this node's widgets (the placement choice arrives
+    unchecked from an API prompt, which ComfyUI's combo check covers only for queued graphs)."""
+    title = ConfigureHardware.TITLE
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"{title}: gpu_placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if placement != "data parallel" and gpus < 2:
+        raise ConfigError(f"{title}: gpu_placement '{placement}' needs gpus of 2 or more - raise gpus or set "
+                          "gpu_placement to 'data parallel'")
+    if placement == "expert groups" and gpus % 2:
+        raise ConfigError(f"{title}: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is {gpus} "
+                          "- use an even number of GPUs")
 
 
 #: Train LoRA's optional input of each settings node.

@@ -23,7 +23,7 @@ class Wan22SplitStep:
                     "Total steps of both KSamplerAdvanced nodes (connect the steps output to both)")}),
                 "shift": ("FLOAT", {"default": 12.0, "min": 0.01, "max": 100.0, "step": 0.01, _T: (
                     "ModelSamplingSD3's shift (connect the shift output to both ModelSamplingSD3 nodes)")}),
-                "scheduler": (SCHEDULERS, {"default": "normal", _T: (
+                "scheduler": (list(SCHEDULERS), {"default": "normal", _T: (
                     "The scheduler set in both KSamplerAdvanced nodes (the split depends on it)")}),
                 "boundary": ("FLOAT", {"default": 0.875, "min": 0.01, "max": 0.99, "step": 0.005, _T: (
                     "Noise level where the low-noise expert takes over: 0.875 for Wan 2.2 T2V (as in Configure "

@@ -285,8 +285,8 @@ def _init_files(pair: LoraPair | None, stages: list[str]) -> dict[str, str]:
 
 def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) -> Plan:
     """The core's pre-flight (the one the CLI and the training loop run), before the bundle loads its weights
-    (minutes for the real experts), plus what only this node decides: the models/loras copy, the GPU count and
-    placement of ``gpus``, and the VRAM plan on that many GPUs, which it returns."""
+    (minutes for the real experts), plus what only this node decides: the models/loras copy, the GPU count of
+    ``gpus`` (Configure Hardware checks its placement), and the VRAM plan on that many GPUs, which it returns."""
     api = _api()
     api.preflight(cfg, model_files=gpus > 1)  # the torchrun child loads the experts from their files: check them here
     if save is not None and save.copy_to_loras:
@@ -294,17 +294,9 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
         if save.lora_name:
             check_fixed_name(host.loras_dir(), save.lora_name, cfg.multistage.stages, "Save Checkpoint lora_name")
     device = api.resolve_device(cfg.train.device)
-    where = "Train LoRA (Configure Hardware)"
     if gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < gpus:
-        raise ConfigError(f"{where}: gpus is {gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s) - "
-                          "lower gpus")
-    placed = cfg.distributed.expert_groups or cfg.distributed.shard_experts
-    if placed and gpus == 1:
-        raise ConfigError(f"{where}: gpu_placement other than 'data parallel' needs gpus of 2 or more - raise gpus "
-                          "or set gpu_placement to 'data parallel'")
-    if cfg.distributed.expert_groups and gpus % 2:
-        raise ConfigError(f"{where}: gpu_placement 'expert groups' splits the GPUs in two halves, but gpus is "
-                          f"{gpus} - use an even number of GPUs")
+        raise ConfigError(f"Train LoRA: gpus (Configure Hardware) is {gpus} but this machine has "
+                          f"{torch.cuda.device_count()} CUDA GPU(s) - lower gpus")
     return api.plan_job(cfg, device, gpus, quiet=True)  # refuses what cannot fit; the run logs the plan once
 
 

@@ -3,7 +3,7 @@ in ``trainer_core/config.py``, and every node that shows the setting takes them 
 
 A setting is named by its path in :class:`JobConfig`: ``"optimizer.lr"``, ``"datasets.fps"`` (a field of each
 dataset), ``"optimizer.betas.0"`` (one number of a pair). Its widget follows its type: ``bool`` -> BOOLEAN, ``int``
--> INT, ``float`` -> FLOAT, ``str`` -> STRING, a ``Literal`` -> a combo of its values, a list -> STRING of values
+-> INT, ``float`` -> FLOAT, ``str`` -> STRING, a ``Literal`` -> a combo of its values (a list), a list -> STRING of values
 separated by commas; an optional setting's widget writes ``none`` for unset ("" for text). The limits are pydantic's
 own (``ge``, ``gt``, ``le``, ``lt``) or the field's :class:`trainer_core.config.Range` (an open bound becomes the
 widget's end; the config then refuses that end value with its own message); ``step`` and ``widget_max`` come from the
@@ -77,6 +77,19 @@ def inputs(fields: Mapping[str, str], ui: Mapping[str, Mapping[str, Any]] | None
     return {name: widget(path, **(ui or {}).get(name, {})) for name, path in fields.items()}
 
 
+def limits_problem(spec: tuple[Any, dict[str, Any]], value: Any) -> str | None:
+    """What is wrong with ``value`` against a number widget's ``spec`` min/max (ComfyUI's own check, which it skips
+    for the inputs a VALIDATE_INPUTS takes), else None."""
+    kind, opts = spec
+    if kind not in ("INT", "FLOAT"):
+        return None
+    if value < opts["min"]:
+        return f"{value} is below its minimum {opts['min']}"
+    if value > opts["max"]:
+        return f"{value} is above its maximum {opts['max']}"
+    return None
+
+
 def partial_config(
     fields: Mapping[str, str], values: Mapping[str, Any], ui: Mapping[str, Mapping[str, Any]] | None = None,
     source: str = "",
@@ -122,7 +135,7 @@ def _split(text: str, item: type, name: str, source: str) -> list[Any]:
 def _kind(annotation: Any) -> Any:
     """The ComfyUI widget kind of a setting's type."""
     if get_origin(annotation) is Literal:
-        return tuple(get_args(annotation))
+        return list(get_args(annotation))  # ComfyUI checks "Value not in list" only for a list, not a tuple
     if get_origin(annotation) in (Union, UnionType):
         inner = [a for a in get_args(annotation) if a is not type(None)]
         # one type besides None (float | None) is that type's widget; mixed ones (int | 'auto') are typed as text

@@ -893,7 +893,7 @@ class JobConfig(_Strict):
         if self.memory.low_vram:
             clashes.append("memory.low_vram (each GPU holds one expert: there is nothing to swap)")
         if self.sample.during_training:
-            clashes.append("previews during training (sample.sample_every / sample_at_start; render afterwards)")
+            clashes.append("previews during training (sample.sample_every / sample.sample_at_start; render afterwards)")
         _refuse_clashes("distributed.expert_groups", clashes)
         return self
 
@@ -915,7 +915,7 @@ class JobConfig(_Strict):
         if self.memory.low_vram or self.memory.offload_blocks != 0:
             clashes.append("memory.low_vram / memory.offload_blocks (sharding replaces them)")
         if self.sample.during_training:
-            clashes.append("previews during training (sample.sample_every / sample_at_start; render afterwards)")
+            clashes.append("previews during training (sample.sample_every / sample.sample_at_start; render afterwards)")
         _refuse_clashes("distributed.shard_experts", clashes)
         return self
 
@@ -1132,7 +1132,9 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
             lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: '{where}': {msg} (got {_shown(err.get('input'))})")
+            got = _shown(err.get("input"))
+            # a message that already shows the value (", got 'x'") is not followed by it again
+            lines.append(f"{source}: '{where}': {msg}" + ("" if f"got {got}" in msg else f" (got {got})"))
     return "\n".join(lines)
 
 

@@ -131,13 +131,21 @@ def _short_reason(info: MediaInfo, cfg: DatasetConfig) -> str:
         return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames}"
     if cfg.frame_sampling == "stride":
         k = frame_stride(info.frame_times, Fraction(repr(cfg.fps)))
-        return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames} at every {k}th frame"
+        return f"{info.num_frames} frame(s), fewer than num_frames={cfg.num_frames} at {_every(k)}"
     rate = f" at {info.fps:.3g} fps" if info.fps else ""
     need = (cfg.num_frames - 1) / cfg.fps
     return (
         f"{float(info.frame_times[-1]):.2f} s from first to last frame ({info.num_frames} frame(s){rate}), "
         f"the {cfg.num_frames}-frame window at {cfg.fps:g} fps needs {need:.2f} s"
     )
+
+
+def _every(k: int) -> str:
+    """'every frame', 'every 2nd frame', ... 'every 11th frame' for a stride of ``k``."""
+    if k == 1:
+        return "every frame"
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"every {k}{suffix} frame"
 
 
 def _uniform_speed(info: MediaInfo, frames: int, fps: float) -> float:
@@ -163,8 +171,8 @@ def _frames_used(info: MediaInfo, cfg: DatasetConfig, frames: int, starts: int, 
     if cfg.frame_sampling == "stride":
         k = frame_stride(info.frame_times, Fraction(repr(cfg.fps)))
         if short:
-            return f"every {k}th frame from the start, last frame repeated (short, padded)"
-        return f"{frames} frames, every {k}th of {n}, {start}"
+            return f"{_every(k)} from the start, last frame repeated (short, padded)"
+        return f"{frames} of {n} frames, {_every(k)}, {start}"
     window = (frames - 1) / cfg.fps
     if short:
         return f"{span:.2f} s is shorter than the {window:.2f} s window: from the start, last frame repeated (padded)"
@@ -395,9 +403,11 @@ class _Scanner:
     def fail_empty(self) -> None:
         remedy = "fix or remove the files listed"
         if self.short_skipped:
+            # uniform spreading helps only a clip too short in time, not one with fewer frames than num_frames
+            spread = "" if self.cfg.frame_sampling in _SPREAD else "use frame_sampling=uniform, "
             remedy += (
                 f"; for clips shorter than the sampling window (num_frames={self.cfg.num_frames}) lower num_frames, "
-                "use frame_sampling=uniform, or set short_clip=pad"
+                f"{spread}or set short_clip=pad or stretch"
             )
         raise DatasetError(
             f"{self.label}: no usable clip or image in {self.folder} - {remedy}:\n" + listing(self.out.skipped)
@@ -419,7 +429,7 @@ class _Scanner:
         far = [s for s in self.speeds if s >= _SPEED_NOTE or s <= 1 / _SPEED_NOTE]
         if far:
             out.notes.append(
-                f"{where}: uniform sampling plays {len(far)} clip(s) far from real speed "
+                f"{where}: {cfg.frame_sampling} sampling plays {len(far)} clip(s) far from real speed "
                 f"({min(far):.2g}x-{max(far):.2g}x) - frame_sampling=fps keeps motion at its real speed"
             )
         fixed = cfg.frame_sampling in _SPREAD or cfg.window_start == "start"
