@@ -9,6 +9,7 @@ folders under ``root/models/<kind>``, and returns a :class:`Host` recording what
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 from dataclasses import dataclass, field
@@ -160,3 +161,43 @@ def call(node_cls, **inputs):
     """Call a node as ComfyUI does: a fresh instance, its FUNCTION with keyword arguments, under inference mode."""
     with torch.inference_mode():
         return getattr(node_cls(), node_cls.FUNCTION)(**inputs)
+
+
+_CONVERT = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
+
+
+def validate(node_cls, inputs: dict) -> list[tuple[str, str]]:
+    """ComfyUI's queue-time check of one node's widget values (execution.py, ``validate_inputs``), as
+    ``(input name, message)`` errors: a value is converted to its widget kind; an input VALIDATE_INPUTS does not take
+    gets ComfyUI's min/max check and, for a combo given as a *list* (``isinstance(input_type, list)``: a tuple is not
+    checked), "Value not in list"; VALIDATE_INPUTS gets the inputs it takes (a linked one as None) and its one
+    message is attached to every one of them."""
+    spec = node_cls.INPUT_TYPES()
+    declared = spec.get("required", {}) | spec.get("optional", {})
+    fn = getattr(node_cls, "VALIDATE_INPUTS", None)
+    takes = inspect.getfullargspec(fn).args if fn is not None else []
+    errors, given = [], {}
+    for name, value in inputs.items():
+        if name not in declared:
+            continue
+        kind, *rest = declared[name]
+        opts = rest[0] if rest else {}
+        if isinstance(value, list) and len(value) == 2:  # a link [node id, output]: its value comes when it runs
+            given[name] = None
+            continue
+        if isinstance(kind, str) and kind in _CONVERT:
+            value = _CONVERT[kind](value)
+        given[name] = value
+        if name in takes:
+            continue
+        if "min" in opts and value < opts["min"]:
+            errors.append((name, f"Value {value} smaller than min of {opts['min']}"))
+        elif "max" in opts and value > opts["max"]:
+            errors.append((name, f"Value {value} bigger than max of {opts['max']}"))
+        elif isinstance(kind, list) and value not in kind:
+            errors.append((name, f"Value not in list: {name}: '{value}' not in {kind}"))
+    if takes:
+        result = fn(**{k: v for k, v in given.items() if k in takes})
+        if result is not True:
+            errors += [(name, f"{name} - {result}") for name in given if name in takes]
+    return errors

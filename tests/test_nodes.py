@@ -14,7 +14,7 @@ import shutil
 import sys
 import weakref
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 import torch
@@ -299,9 +299,10 @@ def test_every_train_widget_reaches_the_job_config(N, host, clips):
     # every widget of Train LoRA and its settings nodes but gpus (which launches torchrun instead of changing the
     # job: test_gpus_*)
     assert {w for w, *_ in TRAIN_WIDGETS} | {"gpus"} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
-                                                       isinstance(t, tuple)}
+                                                       isinstance(t, list)}
     for widget, value, path, expected in TRAIN_WIDGETS:
-        cfg = _job(N, host, clips, **{widget: value})
+        placed = {"gpus": 2} if widget == "gpu_placement" else {}  # a placement needs several GPUs
+        cfg = _job(N, host, clips, **{widget: value}, **placed)
         assert _get(cfg, path) == expected != _get(base, path), widget
     # the defaults are the core's defaults (alpha 0 = rank, empty trigger/resume = none)
     assert base.lora.effective_alpha == base.lora.rank and base.trigger_word is None and base.resume is None
@@ -369,7 +370,7 @@ def test_widgets_show_their_settings_as_the_config_declares_them(N, node_id):
         default = ", ".join(map(str, default)) if isinstance(default, list) else default
         expected = UI_DEFAULTS.get((node_id, name), str(default) if kind == "STRING" else default)
         assert opts["default"] == expected, (node_id, name)
-        if isinstance(kind, tuple):
+        if isinstance(kind, list):
             assert all(_accepts(path, choice) for choice in kind) and not _accepts(path, "no such choice"), name
         elif kind in ("INT", "FLOAT"):
             tiny = 1 if kind == "INT" else 1e-9
@@ -393,7 +394,7 @@ def test_a_ui_workflow_from_before_the_settings_nodes_keeps_its_training_setting
     happened and what to do."""
     cls = N["Wan22TrainLoRA"]
     old = dict(zip(OLD_TRAIN["widget_names"], OLD_TRAIN["node"]["widgets_values"]))
-    names = [n for n, (t, *_) in cls.INPUT_TYPES()["required"].items() if isinstance(t, tuple) or t in WIDGET_TYPES]
+    names = [n for n, (t, *_) in cls.INPUT_TYPES()["required"].items() if isinstance(t, list) or t in WIDGET_TYPES]
     loaded = dict(zip(names, OLD_TRAIN["node"]["widgets_values"]))  # as the frontend sets them
     assert {n for n in names if loaded[n] == old[n]} == set(names) - {"text_encoder_mode"}
     message = cls.VALIDATE_INPUTS(text_encoder_mode=loaded["text_encoder_mode"])
@@ -512,26 +513,19 @@ def test_memory_settings_reuse_the_loaded_components(N):
 
 
 
-def test_source_tiny_accepts_file_names_this_installation_lacks(N, host):
-    """A workflow saved with Wan file names, run where those files are missing, with source switched to tiny: ComfyUI
-    checks combo values against their lists ("Value not in list") except for the inputs VALIDATE_INPUTS takes
-    (execution.py, validate_inputs), so the node checks its file combos itself and ignores them for tiny."""
+def test_source_tiny_ignores_the_listed_files_and_comfyui_checks_each_file_combo(N, host):
+    """The file combos are plain lists that ComfyUI checks itself when queued ("Value not in list", on that widget
+    alone): a file this installation lacks is refused whatever the source (pick 'none'); tiny ignores the files."""
     ex = N["Wan22LoadExperts"]
     combos = {"high_noise_model": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
-              "low_noise_model": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
-              "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "wan_2.1_vae.safetensors"}  # fmt: skip
-    assert set(combos) | {"source"} <= set(inspect.getfullargspec(ex.VALIDATE_INPUTS).args)
-    assert ex.VALIDATE_INPUTS(source="tiny", **combos) is True
+              "low_noise_model": "none", "text_encoder": "none", "vae": "none"}  # fmt: skip
+    assert [n for n, _ in F.validate(ex, widgets(ex, source="tiny", **combos))] == ["high_noise_model"]
+    (host.folder("diffusion_models") / combos["high_noise_model"]).write_bytes(b"")
+    assert F.validate(ex, widgets(ex, source="tiny", **combos)) == []
     (bundle,) = F.call(ex, **widgets(ex, source="tiny", **combos))
     assert bundle.model.source == "tiny" and bundle.model.high_noise is None and bundle.model.vae is None
-    # other sources: each file must be listed (or 'none'), named with what to do
-    message = ex.VALIDATE_INPUTS(source="comfy files", **combos)
-    assert "high_noise_model 'wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors' is not in ComfyUI's " \
-           "models/diffusion_models" in message
-    (host.folder("diffusion_models") / combos["high_noise_model"]).write_bytes(b"")
-    listed = {**combos, "low_noise_model": "none", "text_encoder": "none", "vae": "none"}
-    assert ex.VALIDATE_INPUTS(source="comfy files", **listed) is True
-    assert "is not one of" in ex.VALIDATE_INPUTS(source="toy", **listed)
+    assert [n for n, _ in F.validate(ex, widgets(ex, source="toy"))] == ["source"]
+
 
 def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
     cases = [({"dop": True}, r"dop \(Configure Regularizers\) needs trigger_word"),  # the widget, not advanced.dop
@@ -1082,7 +1076,7 @@ def test_preview_sample_refuses_a_render_that_cannot_work_when_queued(N):
     assert cls.VALIDATE_INPUTS(**good) is True
     for change, message in [({"shift": 0.0}, "shift"), ({"width": 50}, "multiple of 16"),
                             ({"num_frames": 6}, "4n\\+1|4 n \\+ 1|num_frames"), ({"prompts": " \n "}, "prompts is empty"),
-                            ({"height": 99984}, "at most")]:
+                            ({"height": 99984}, "at most|maximum")]:
         result = cls.VALIDATE_INPUTS(**{**good, **change})
         assert isinstance(result, str) and re.search(message, result) and result.startswith("Preview Sample"), change
     assert cls.VALIDATE_INPUTS(**{**good, "width": None}) is True  # fed by a link: checked when the node runs
@@ -1183,21 +1177,34 @@ def test_gpus_after_a_resume_returns_the_whole_runs_losses(N, host, clips, monke
 
 def test_gpu_placement_expert_groups_needs_switch_every_1_and_an_even_gpu_count(N, host, clips, monkeypatch):
     mod = sys.modules[N["Wan22TrainLoRA"].__module__]
-    with pytest.raises(ConfigError, match="expert_groups cannot be combined with multistage.switch_every: 10"):
-        _job(N, host, clips, gpu_placement="expert groups")
+    hw = N["Wan22ConfigureHardware"]
+    # the GPU count a placement needs is Configure Hardware's own check (both widgets are on it), refused there
+    for gpus, message in ((1, "needs gpus of 2 or more"), (3, "but gpus is 3 - use an even number")):
+        with pytest.raises(ConfigError, match=f"^Configure Hardware: gpu_placement .*{message}"):
+            F.call(hw, **widgets(hw, gpus=gpus, gpu_placement="expert groups"))
+    # the rest is the job's: one message naming the widgets, on the nodes that have them
+    with pytest.raises(ConfigError, match=r"gpu_placement 'expert groups' \(Configure Hardware\) cannot be combined "
+                       r"with multistage.switch_every: 10.* set gpu_placement \(Configure Hardware\) to 'data "
+                       r"parallel'"):
+        F.call(N["Wan22TrainLoRA"], **_tiny_inputs(N, gpus=2, gpu_placement="expert groups"))
     (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
     ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
                                                           num_frames=5, resolutions="32"))
     (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
-    w = train_inputs(N, gpu_placement="expert groups", device="cpu")
+    w = train_inputs(N, gpus=2, gpu_placement="expert groups", device="cpu")
     hardware = w.pop("hardware")
     cfg = mod.build_job(bundle, ds, w, multistage=MultiStageConfig(switch_every=1), save=sv, settings=[hardware])
     assert cfg.distributed.expert_groups and not cfg.distributed.shard_experts
     monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
-    for gpus, message in ((1, "needs gpus of 2 or more"), (3, "but gpus is 3 - use an even number")):
-        with pytest.raises(ConfigError, match=message):
-            mod._preflight(cfg, gpus)
     mod._preflight(cfg, 2)
+
+
+def _tiny_inputs(N, **values: Any) -> dict[str, Any]:
+    """Train LoRA's inputs on the tiny model and the clips folder (5 frames, 32 px), ``values`` on their nodes."""
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips",
+                                                          num_frames=5, resolutions="32"))
+    return {"experts": bundle, "dataset": ds, **train_inputs(N, **values)}
 
 
 def test_gpus_beyond_the_machine_are_refused_before_loading(N, host, clips, monkeypatch):
@@ -1205,7 +1212,7 @@ def test_gpus_beyond_the_machine_are_refused_before_loading(N, host, clips, monk
     monkeypatch.setattr(trainer_core.api, "resolve_device", lambda setting: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(mod, "run_torchrun", lambda *a, **k: pytest.fail("launched"))
-    with pytest.raises(ConfigError, match="gpus is 2 but this machine has 1 CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"gpus \(Configure Hardware\) is 2 but this machine has 1 CUDA GPU"):
         graph(N, host, gpus=2)
 
 
