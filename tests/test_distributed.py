@@ -291,13 +291,44 @@ def test_an_error_every_rank_hits_is_printed_once(tmp_path, clips):
 def test_expert_groups_that_cannot_form_are_refused_before_the_run_folder_is_claimed(tmp_path, clips, monkeypatch):
     # as rank 0 of 3 processes: the refusal comes before any collective and before open_run, so no run folder
     import trainer_core.train.loop as loop
-    from trainer_core.errors import ConfigError
+    from trainer_core.errors import TrainerError
     from trainer_core.train.distributed import DistContext
 
     monkeypatch.setattr(loop, "init_distributed", lambda device: DistContext(rank=0, world=3))
+    # the three ranks agree on their start-up checks: each met the same refusal
+    monkeypatch.setattr(DistContext, "all_gather_object", lambda self, obj: [obj] * self.world)
     # this pytest process keeps its Ctrl-C (raising=False: the test must fail on the order, not on a missing name)
     monkeypatch.setattr(loop, "ignore_stop_signals", lambda: None, raising=False)
     job = {**_grouped(tmp_path, clips, "g3"), "distributed": {"expert_groups": True}}
-    with pytest.raises(ConfigError, match="even number of GPUs, got 3 process"):
+    with pytest.raises(TrainerError, match="^distributed.expert_groups needs both experts and an even number of GPUs, "
+                       "got 3 process"):
         run_training(job_from_dict(job), progress_bar=False)
     assert not (tmp_path / "g3" / "d").exists()
+
+
+def test_start_up_refusals_are_agreed_on_by_every_rank():
+    """Errors of the start-up checks are gathered, not raced: one message when all ranks met it, else each distinct
+    one with its ranks; the ranks that passed refuse too (no rank goes on to train alone)."""
+    from trainer_core.errors import ConfigError, TrainerError
+    from trainer_core.train.distributed import DistContext, RanksRefused, on_every_rank
+
+    class Gathered(DistContext):
+        def all_gather_object(self, obj):
+            return self.errors  # what every rank's check raised (None: it passed)
+
+    def gathered(errors):
+        ctx = Gathered(rank=1, world=len(errors))
+        object.__setattr__(ctx, "errors", errors)
+        return ctx
+
+    def fails():
+        raise ConfigError("lora.rank was 8")
+
+    with pytest.raises(RanksRefused, match=r"^lora.rank was 8$"):
+        on_every_rank(gathered(["lora.rank was 8", "lora.rank was 8"]), fails)
+    with pytest.raises(RanksRefused, match=r"^rank 0: missing clip$"):
+        on_every_rank(gathered(["missing clip", None]), lambda: 1)
+    with pytest.raises(RanksRefused, match=r"^rank 0, 2: a; rank 1: b$"):
+        on_every_rank(gathered(["a", "b", "a"]), fails)
+    assert on_every_rank(gathered([None, None]), lambda: 7) == 7
+    assert issubclass(RanksRefused, TrainerError)

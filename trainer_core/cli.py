@@ -283,18 +283,19 @@ def _new_line() -> str:
 
 def _rank0_speaks(exc: TrainerError) -> bool:
     """Whether rank 0's line already says it all for this (non-zero) rank's error: a NaN (every rank stops at the
-    same step), another rank's failure (rank 0 names it, unless rank 0 is the one gone), an error before the ranks connected (the same job file and
-    settings on every rank) or the same error on rank 0 (:func:`~trainer_core.train.distributed.failed_like_rank0`).
-    """
+    same step), another rank's failure (rank 0 names it, unless rank 0 is the one gone), an error before the ranks
+    connected (the same job file and settings on every rank), the start-up checks the ranks agreed on
+    (:class:`~trainer_core.train.distributed.RanksRefused`: rank 0's line holds every rank's error) or the same
+    error on rank 0 (:func:`~trainer_core.train.distributed.failed_like_rank0`)."""
     if "torch.distributed" not in sys.modules:  # failed before training imported torch: nothing rank-specific yet
         return True
     import torch.distributed as dist
 
-    from .train.distributed import PeerStopped, failed_like_rank0, speaks_for_the_run
+    from .train.distributed import PeerStopped, RanksRefused, failed_like_rank0, speaks_for_the_run
 
     if isinstance(exc, PeerStopped):
         return not speaks_for_the_run()
-    if isinstance(exc, TrainingDiverged) or not dist.is_initialized():
+    if isinstance(exc, (TrainingDiverged, RanksRefused)) or not dist.is_initialized():
         return True
     return failed_like_rank0()
 

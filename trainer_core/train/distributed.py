@@ -28,7 +28,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -212,6 +212,33 @@ _PID_KEY = "wan22/pid/{}"
 
 class PeerStopped(TrainerError):
     """A collective failed because another process of the run stopped (crashed, killed, or its own error)."""
+
+
+class RanksRefused(TrainerError):
+    """The start-up checks refused the job on one or more ranks; rank 0's line speaks for every rank."""
+
+
+def on_every_rank(ctx: DistContext, checks: Callable[[], T]) -> T:
+    """Run ``checks`` (no collective inside) on every rank, then agree on the outcome: when any rank raised a
+    trainer error, every rank raises :class:`RanksRefused` holding each distinct error once (with the ranks that hit
+    it, unless all did). Deterministic, unlike waiting for each other's errors: ranks that fail alike print one line."""
+    if not ctx.active:
+        return checks()
+    result, error = None, None
+    try:
+        result = checks()
+    except TrainerError as exc:
+        error = str(exc)
+    errors = ctx.all_gather_object(error)
+    ranks_of: dict[str, list[int]] = {}
+    for rank, message in enumerate(errors):
+        if message is not None:
+            ranks_of.setdefault(message, []).append(rank)
+    if not ranks_of:
+        return result
+    if len(ranks_of) == 1 and len(next(iter(ranks_of.values()))) == ctx.world:
+        raise RanksRefused(next(iter(ranks_of)))
+    raise RanksRefused("; ".join(f"rank {', '.join(map(str, r))}: {m}" for m, r in ranks_of.items()))
 
 
 #: Fragments of the errors gloo raises when the other end of a collective is gone (NCCL's are ``DistError``).

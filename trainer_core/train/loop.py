@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import JobConfig
 from ..data import LatentCache, LoadedBatch, VideoDataset, batch_refs, build_dataset
 from ..data.text_cache import unload_caption
-from ..errors import ConfigError, DatasetError, TrainerError, TrainingDiverged
+from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import check_writable
 from ..lora import check_lora_init, lora_file_name
 from ..memory import ExpertMemory, plan_job
@@ -47,9 +47,11 @@ from .conditioning import Conditioner, setup_conditioning
 from .distributed import (
     DistContext,
     PeerStopped,
+    RanksRefused,
     check_expert_groups,
     failed_ranks,
     init_distributed,
+    on_every_rank,
     peer_failure,
     record_failure,
 )
@@ -164,7 +166,7 @@ def check_same_dataset(dataset: VideoDataset, ctx: DistContext) -> None:
     found = ctx.all_gather_object((dataset_key(dataset), len(dataset.items), dataset.samples_per_epoch))
     if len({key for key, _, _ in found}) > 1:
         counts = ", ".join(f"rank {r}: {n} item(s)/{s} sample(s)" for r, (_, n, s) in enumerate(found))
-        raise DatasetError(f"the dataset changed while the {ctx.world} processes read it ({counts}) - wait until "
+        raise RanksRefused(f"the dataset changed while the {ctx.world} processes read it ({counts}) - wait until "
                            "its folders stop changing (a copy or sync still running) and start again")
 
 
@@ -228,11 +230,7 @@ def run_training(
     """
     ctx = init_distributed(cfg.train.device)
     with _rank_failures(ctx) as opened:
-        cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
-        preflight(cfg, model_files=components is None)
-        if ctx.active and cfg.distributed.expert_groups:  # before the run folder is claimed: a refusal leaves none
-            check_expert_groups(ctx, cfg.multistage.stages)
-        dataset = dataset or job_dataset(cfg)
+        cfg, dataset = on_every_rank(ctx, lambda: _startup_checks(cfg, ctx, components is None, dataset))
         check_same_dataset(dataset, ctx)
         if ctx.is_main:
             log.info("%s", dataset.report())
@@ -257,6 +255,19 @@ def run_training(
                 raise
             run.status = "finished"
             return result
+
+
+def _startup_checks(
+    cfg: JobConfig, ctx: DistContext, model_files: bool, dataset: VideoDataset | None
+) -> tuple[JobConfig, VideoDataset]:
+    """What every rank checks and scans before any collective of the run: the settings (with the transformer's
+    quantization resolved for the device), the pre-flight, the expert groups (before the run folder is claimed: a
+    refusal leaves none) and the dataset."""
+    cfg = resolve_transformer_quant(cfg, resolve_device(cfg.train.device))
+    preflight(cfg, model_files=model_files)
+    if ctx.active and cfg.distributed.expert_groups:
+        check_expert_groups(ctx, cfg.multistage.stages)
+    return cfg, dataset or job_dataset(cfg)
 
 
 @contextmanager
