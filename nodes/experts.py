@@ -77,6 +77,27 @@ class LoadWan22Experts:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls, source: str, high_noise_model: str, low_noise_model: str, text_encoder: str, vae: str
+    ) -> bool | str:
+        """Check the file combos in place of ComfyUI's "Value not in list", which it skips for the inputs named
+        here: with source tiny they are ignored, so a workflow saved with file names this installation lacks runs
+        with tiny as it is; otherwise each must be 'none' or a file ComfyUI lists. (ComfyUI shows the message on
+        each of these five inputs.)"""
+        if source not in SOURCES:
+            return f"source {source!r} is not one of {', '.join(SOURCES)}"
+        if source == "tiny":
+            return True
+        picked = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model,
+                  "text_encoder": text_encoder, "vae": vae}  # fmt: skip
+        for name, value in picked.items():
+            kind = FILE_INPUTS[name][1]
+            if value != NONE and value not in host.model_files(kind):
+                return (f"{name} {value!r} is not in ComfyUI's models/{kind} - put the file there and refresh, pick "
+                        "another one or 'none', or set source to tiny")
+        return True
+
     RETURN_TYPES = (EXPERTS,)
     RETURN_NAMES = ("experts",)
     OUTPUT_TOOLTIPS = (

@@ -298,8 +298,8 @@ def test_every_train_widget_reaches_the_job_config(N, host, clips):
             for k, v in N[node].INPUT_TYPES()["required"].items()}
     # every widget of Train LoRA and its settings nodes but gpus (which launches torchrun instead of changing the
     # job: test_gpus_*)
-    assert {w for w, *_ in TRAIN_WIDGETS} | {"gpus"} == {k for k, (t, *_) in spec.items() if t in WIDGET_TYPES or
-                                                       isinstance(t, list)}
+    assert {w for w, *_ in TRAIN_WIDGETS} | {"gpus"} == {k for k, (t, *_) in spec.items() if isinstance(t, list) or
+                                                       t in WIDGET_TYPES}
     for widget, value, path, expected in TRAIN_WIDGETS:
         placed = {"gpus": 2} if widget == "gpu_placement" else {}  # a placement needs several GPUs
         cfg = _job(N, host, clips, **{widget: value}, **placed)
@@ -513,18 +513,26 @@ def test_memory_settings_reuse_the_loaded_components(N):
 
 
 
-def test_source_tiny_ignores_the_listed_files_and_comfyui_checks_each_file_combo(N, host):
-    """The file combos are plain lists that ComfyUI checks itself when queued ("Value not in list", on that widget
-    alone): a file this installation lacks is refused whatever the source (pick 'none'); tiny ignores the files."""
+def test_source_tiny_accepts_file_names_this_installation_lacks(N, host):
+    """A workflow saved with Wan file names, run where those files are missing, with source switched to tiny: ComfyUI
+    checks combo values against their lists ("Value not in list") except for the inputs VALIDATE_INPUTS takes
+    (execution.py, validate_inputs), so the node checks its file combos itself and ignores them for tiny."""
     ex = N["Wan22LoadExperts"]
     combos = {"high_noise_model": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
-              "low_noise_model": "none", "text_encoder": "none", "vae": "none"}  # fmt: skip
-    assert [n for n, _ in F.validate(ex, widgets(ex, source="tiny", **combos))] == ["high_noise_model"]
-    (host.folder("diffusion_models") / combos["high_noise_model"]).write_bytes(b"")
-    assert F.validate(ex, widgets(ex, source="tiny", **combos)) == []
+              "low_noise_model": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+              "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "wan_2.1_vae.safetensors"}  # fmt: skip
+    assert set(combos) | {"source"} <= set(inspect.getfullargspec(ex.VALIDATE_INPUTS).args)
+    assert ex.VALIDATE_INPUTS(source="tiny", **combos) is True
     (bundle,) = F.call(ex, **widgets(ex, source="tiny", **combos))
     assert bundle.model.source == "tiny" and bundle.model.high_noise is None and bundle.model.vae is None
-    assert [n for n, _ in F.validate(ex, widgets(ex, source="toy"))] == ["source"]
+    # other sources: each file must be listed (or 'none'), named with what to do
+    message = ex.VALIDATE_INPUTS(source="comfy files", **combos)
+    assert "high_noise_model 'wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors' is not in ComfyUI's " \
+           "models/diffusion_models" in message
+    (host.folder("diffusion_models") / combos["high_noise_model"]).write_bytes(b"")
+    listed = {**combos, "low_noise_model": "none", "text_encoder": "none", "vae": "none"}
+    assert ex.VALIDATE_INPUTS(source="comfy files", **listed) is True
+    assert "is not one of" in ex.VALIDATE_INPUTS(source="toy", **listed)
 
 
 def test_settings_that_cannot_work_fail_before_any_weight_loads(N, host, clips):
@@ -1184,7 +1192,7 @@ def test_gpu_placement_expert_groups_needs_switch_every_1_and_an_even_gpu_count(
             F.call(hw, **widgets(hw, gpus=gpus, gpu_placement="expert groups"))
     # the rest is the job's: one message naming the widgets, on the nodes that have them
     with pytest.raises(ConfigError, match=r"gpu_placement 'expert groups' \(Configure Hardware\) cannot be combined "
-                       r"with multistage.switch_every: 10.* set gpu_placement \(Configure Hardware\) to 'data "
+                       r"with switch_every \(Configure MultiStage\): 10.* set gpu_placement \(Configure Hardware\) to 'data "
                        r"parallel'"):
         F.call(N["Wan22TrainLoRA"], **_tiny_inputs(N, gpus=2, gpu_placement="expert groups"))
     (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))

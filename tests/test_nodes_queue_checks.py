@@ -36,12 +36,15 @@ def test_every_fixed_choice_widget_is_a_list_so_comfyui_checks_it_when_queued(N)
     assert [n for n, _ in F.validate(split, widgets(split, scheduler="karras"))] == ["scheduler"]
 
 
-def test_a_missing_model_file_is_one_message_on_its_own_widget(N, host):
+def test_a_missing_model_file_is_refused_when_queued_except_with_source_tiny(N, host):
+    """Load Experts checks its file combos itself (ComfyUI skips "Value not in list" for them): a workflow saved with
+    file names this installation lacks still queues with source tiny, which reads no file."""
     ex = N["Wan22LoadExperts"]
-    assert not hasattr(ex, "VALIDATE_INPUTS")  # ComfyUI's own combo check, one error per widget
-    errors = F.validate(ex, widgets(ex, source="comfy files", high_noise_model="nonexistent.safetensors"))
-    assert errors == [("high_noise_model", "Value not in list: high_noise_model: 'nonexistent.safetensors' not in "
-                                           "['none']")]
+    missing = widgets(ex, source="comfy files", high_noise_model="nonexistent.safetensors")
+    errors = F.validate(ex, missing)
+    assert errors and all("high_noise_model 'nonexistent.safetensors' is not in ComfyUI's models/diffusion_models"
+                          in m for _, m in errors)
+    assert F.validate(ex, {**missing, "source": "tiny"}) == []
 
 
 def test_preview_sample_checks_its_boundary_when_queued_naming_its_own_widget(N):
