@@ -7,7 +7,7 @@ from .apply_lora import ApplyWan22LoraPair
 from .dataset import BuildVideoDataset
 from .experts import FILE_INPUTS, LoadWan22Experts
 from .lora_pair import LoadWan22LoraPair
-from .messages import speaking_widgets, widget_labels
+from .messages import LABELS, speaking_widgets, widget_labels
 from .multistage import ConfigureMultiStage
 from .quantize import QuantizeARA
 from .sample import ConfigureTrainingPreviews, PreviewSample
@@ -67,6 +67,7 @@ def _speak_widgets() -> None:
     labels["distributed.placement"] = ("gpu_placement", hardware)
     for choice, flags in PLACEMENTS.items():
         labels.update({f"distributed.{flag}": (f"gpu_placement '{choice}'", hardware) for flag in flags})
+    LABELS.update(labels)
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
         title = NODE_DISPLAY_NAME_MAPPINGS[node_id]
         wrapped = speaking_widgets(getattr(cls, cls.FUNCTION), labels, title, fields[title][1],

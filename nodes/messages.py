@@ -24,6 +24,9 @@ _SETTING = re.compile(
 #: Train LoRA's distributed flags are one choice of Configure Hardware's gpu_placement: turning a flag off is
 #: choosing 'data parallel' (the flag then reads as its choice through the labels).
 _FLAG_OFF = re.compile(r"set distributed\.(?:expert_groups|shard_experts): false")
+#: The labels of every pack node's widgets, filled when the nodes register (``nodes/__init__.py``): for text that is
+#: not an error but names settings too (Train LoRA's warnings).
+LABELS: dict[str, tuple[str, str]] = {}
 
 
 def widget_labels(nodes: dict[str, tuple[str, dict[str, str]]]) -> dict[str, tuple[str, str]]:

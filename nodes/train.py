@@ -38,6 +38,7 @@ from .bundle import (
     SAVE,
 )
 from .loss_plot import loss_curve, to_image_tensor
+from .messages import LABELS, in_widget_terms
 from .sample import SAMPLE
 from .save import SaveCheckpoint, SaveSettings
 from .settings import SETTINGS_NODES, JobSettings
@@ -191,8 +192,7 @@ class TrainWan22LoRA:
         if note:
             progress.text(f"note: {note}")
         for warning in api.job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training
-            host.log.warning("Train LoRA: %s", warning)
-            progress.text(f"warning: {warning}")
+            progress.text(f"warning: {in_widget_terms(warning, LABELS, 'Train LoRA')}")  # shown and logged once
         data = api.job_dataset(cfg)
         # ComfyUI keeps only the last prompt's outputs: an unchanged job that already finished is not trained again
         done = api.finished_result(cfg, data)

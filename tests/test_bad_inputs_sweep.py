@@ -211,6 +211,17 @@ def test_a_timestep_shift_its_timestep_type_does_not_use_is_named():
     assert job_warnings(cfg) == []
 
 
+def test_dropping_every_caption_is_named():
+    both = [{"folder": "clips", "caption_dropout": 0.1}, {"folder": "more", "caption_dropout": 1.0}]
+    cfg = job_from_dict(_job(train__steps=20, multistage__switch_every=1, datasets=both))
+    assert job_warnings(cfg) == [
+        "datasets[1].caption_dropout is 1: every caption of more is dropped, so the LoRA learns that data without "
+        "its text (a trigger word or prompt will not call it up) - lower caption_dropout (about 0.05 keeps prompts "
+        "without the trigger working)"]
+    cfg.datasets[1].caption_dropout = 0.5
+    assert job_warnings(cfg) == []
+
+
 def test_cli_prints_the_warnings(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_job(train__steps=2)))  # switch_every 10 by default

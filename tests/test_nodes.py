@@ -1238,3 +1238,12 @@ def test_dataset_digest_sees_symlinked_folders_once_and_survives_broken_links(N,
     before = ds_cls.IS_CHANGED(folder=str(root))
     shutil.copy(outside / "clip000.mp4", outside / "clip001.mp4")
     assert ds_cls.IS_CHANGED(folder=str(root)) != before
+
+
+def test_train_warnings_name_widgets_and_are_shown_once(N, host, clips):
+    """A job warning (valid, almost surely not meant) reads in widget terms under the node, once."""
+    graph(N, host, steps=2)  # switch every 2: the low-noise expert gets none
+    warnings = [t for _, t in host.texts if t.startswith("warning: the low-noise expert gets no step")]
+    assert len(warnings) == 1
+    assert "steps (2) is not above switch_every (Configure MultiStage) (2)" in warnings[0]
+    assert "train_low_noise (Configure MultiStage): false" in warnings[0] and "multistage." not in warnings[0]

@@ -1186,6 +1186,13 @@ def job_warnings(cfg: JobConfig) -> list[str]:
             f"train.validate_every is {cfg.train.validate_every} but no clip is held out, so there is no validation "
             "loss - add a validation folder (datasets[].validation: true) or set a datasets[].validation_split"
         )
+    for i, d in enumerate(cfg.datasets):
+        if d.caption_dropout >= 1:
+            out.append(
+                f"datasets[{i}].caption_dropout is 1: every caption of {d.folder} is dropped, so the LoRA learns that "
+                "data without its text (a trigger word or prompt will not call it up) - lower caption_dropout (about "
+                "0.05 keeps prompts without the trigger working)"
+            )
     return out
 
 
