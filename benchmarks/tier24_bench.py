@@ -342,16 +342,55 @@ def capped_run(b: Bench, args, quant: str) -> dict:
     return out
 
 
+def _float8_expert(b: Bench, args, cfg: JobConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """One float8 expert (the high-noise seed) with the seeded LoRA, in training mode, and its optimizer."""
+    model = full_expert(b.device, seed=0, **args.overrides)
+    quantize_expert(model, cfg.quant, expert="high", cache_key="bench", device=b.device)
+    attach_lora(model, cfg.lora)
+    seeded_lora_init(model, 0)
+    model.train()
+    return model, build_optimizer(lora_parameters(model), cfg.optimizer)
+
+
+def _capped_steps(pb: Bench, args, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: JobConfig,
+                  plan, blocks: BlockPlan, steps: int, catch: type[BaseException]) -> dict:
+    """``steps`` timed steps (the first untimed) of ``model`` on ``pb``'s data, placed as ``plan`` says and run as
+    ``blocks`` say, under the cap: the timings, peaks and prefetch misses, or an error of type ``catch`` (a result,
+    not a crash). The model is an ordinary resident model again afterwards."""
+    install_block_plan(model, blocks)
+    memory = ExpertMemory.for_plan(cfg.memory, plan, pb.device)
+    memory.place("high", model)
+
+    def step(i: int) -> float:
+        x0, noise, sig, text = pb.data(i)
+        loss = micro_batch_loss(memory.model("high"), x0, noise, sig, text, "linear",
+                                torch.bfloat16 if pb.cuda else None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    row: dict = {}
+    set_cap(args.cap_gib if pb.cuda else None)
+    reset_peak()
+    try:
+        row.update(timed(steps, 1, step))
+    except catch as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+    row.update(peak_gib=peak_gib(), reserved_peak_gib=reserved_peak_gib(),
+               prefetch_misses=memory.experts["high"].misses() if memory.managed else 0)
+    set_cap(None)
+    optimizer.zero_grad(set_to_none=True)
+    memory.close()
+    gc.collect()
+    return row
+
+
 def section_probes(b: Bench, args) -> dict:
     """One float8 expert under the cap at each probe size, with that size's plan; OOM is recorded."""
     out: dict = {}
-    model = full_expert(b.device, seed=0, **args.overrides)
     base = job_config("float8", b.size, args.experts, args.optimizer, low_vram=True, offload="auto", every=args.every)
-    quantize_expert(model, base.quant, expert="high", cache_key="bench", device=b.device)
-    attach_lora(model, base.lora)
-    seeded_lora_init(model, 0)
-    model.train()
-    optimizer = build_optimizer(lora_parameters(model), base.optimizer)
+    model, optimizer = _float8_expert(b, args, base)
     for size in args.probes:
         key = "x".join(map(str, size))
         cfg = job_config("float8", size, args.experts, args.optimizer, low_vram=True, offload=args.fp8_offload,
@@ -359,34 +398,11 @@ def section_probes(b: Bench, args) -> dict:
         plan = estimate_peak_vram(cfg, b.arch, int(args.cap_gib * GIB) if b.cuda else None, device_type=b.device,
                                   side_models=NO_SIDE_MODELS)
         blocks = block_plan_for(cfg, plan, torch.device(b.device))
-        row: dict = {"plan": plan_row(plan), "blocks": blocks.describe()}
-        out[key] = row
         print(f"[probe {key}] {plan.summary()}", flush=True)
-        install_block_plan(model, blocks)
-        memory = ExpertMemory.for_plan(cfg.memory, plan, b.device)
-        memory.place("high", model)
-        pb = Bench(b.device, b.arch, size)
-
-        def step(i: int, pb: Bench = pb, memory: ExpertMemory = memory) -> float:
-            x0, noise, sig, text = pb.data(i)
-            loss = micro_batch_loss(memory.model("high"), x0, noise, sig, text, "linear",
-                                    torch.bfloat16 if b.cuda else None)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
-
-        set_cap(args.cap_gib if b.cuda else None)
-        reset_peak()
-        try:
-            row.update(timed(args.probe_steps, 1, step))
-        except torch.OutOfMemoryError as exc:
-            row["error"] = f"OutOfMemoryError: {str(exc)[:600]}"
-        row.update(peak_gib=peak_gib(), reserved_peak_gib=reserved_peak_gib())
-        set_cap(None)
-        optimizer.zero_grad(set_to_none=True)
-        memory.close()
-        gc.collect()
+        row = {"plan": plan_row(plan), "blocks": blocks.describe(),
+               **_capped_steps(Bench(b.device, b.arch, size), args, model, optimizer, cfg, plan, blocks,
+                               args.probe_steps, torch.OutOfMemoryError)}
+        out[key] = row
         print(f"[probe {key}] {({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
     return out
 
@@ -404,13 +420,8 @@ def section_sweep(b: Bench, args) -> dict:
     (the planner picks the checkpointing split that fits them), blocks eager or compiled (streamed ones too), that
     prefetch depth. Maps speed against streaming and recompute for the block-plan choice; OOM is a result."""
     out: dict = {}
-    model = full_expert(b.device, seed=0, **args.overrides)
     base = job_config("float8", b.size, args.experts, args.optimizer, low_vram=True, offload=0, every=args.every)
-    quantize_expert(model, base.quant, expert="high", cache_key="bench", device=b.device)
-    attach_lora(model, base.lora)
-    seeded_lora_init(model, 0)
-    model.train()
-    optimizer = build_optimizer(lora_parameters(model), base.optimizer)
+    model, optimizer = _float8_expert(b, args, base)
     for text in args.sweep:
         offload, mode, prefetch = parse_variant(text)
         cfg = base.model_copy(update={"memory": base.memory.model_copy(update={"offload_blocks": offload,
@@ -419,34 +430,11 @@ def section_sweep(b: Bench, args) -> dict:
                                   side_models=NO_SIDE_MODELS)
         blocks = dataclasses.replace(block_plan_for(cfg, plan, torch.device(b.device)), compile=mode == "compiled",
                                      fallback=False)
-        row: dict = {"plan": plan_row(plan), "blocks": blocks.describe(), "prefetch": prefetch}
-        out[text] = row
         print(f"[sweep {text}] {plan.summary()}", flush=True)
-        install_block_plan(model, blocks)
-        memory = ExpertMemory.for_plan(cfg.memory, plan, b.device)
-        memory.place("high", model)
-
-        def step(i: int, memory: ExpertMemory = memory) -> float:
-            x0, noise, sig, text_emb = b.data(i)
-            loss = micro_batch_loss(memory.model("high"), x0, noise, sig, text_emb, "linear",
-                                    torch.bfloat16 if b.cuda else None)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
-
-        set_cap(args.cap_gib if b.cuda else None)
-        reset_peak()
-        try:
-            row.update(timed(args.sweep_steps, 1, step))
-        except Exception as exc:  # OOM or a compile/recompute failure of this variant: a result, the next one runs
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-        row.update(peak_gib=peak_gib(), reserved_peak_gib=reserved_peak_gib(),
-                   prefetch_misses=memory.experts["high"].misses() if memory.managed else 0)
-        set_cap(None)
-        optimizer.zero_grad(set_to_none=True)
-        memory.close()
-        gc.collect()
+        # any failure of a variant (OOM, a compile or recompute check) is a result: the next one runs
+        row = {"plan": plan_row(plan), "blocks": blocks.describe(), "prefetch": prefetch,
+               **_capped_steps(b, args, model, optimizer, cfg, plan, blocks, args.sweep_steps, Exception)}
+        out[text] = row
         print(f"[sweep {text}] {({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
     return {"variants": out}
 
