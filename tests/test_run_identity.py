@@ -217,12 +217,29 @@ def test_the_unchanged_job_key_sees_a_starting_lora_replaced_in_place(tmp_path, 
     ({"optimizer": {"lr": 2e-4}}, False),
     ({"save": {"dtype": "fp32"}}, False),
     ({"sample": {"prompts": ["a cat"], "sample_every": 1}}, False),  # previews are part of what a run shows
+    # settings another one switches off: editing them in a widget must not retrain a finished run
+    ({"sample": {"prompts": ["a cat"], "steps": 7, "sample_every": 0}}, True),  # no preview renders
+    ({"advanced": {"ema_decay": 0.9}}, True),
+    ({"advanced": {"ema": True, "ema_decay": 0.9}}, False),
+    ({"advanced": {"dop_multiplier": 3.0, "dop_class": "woman", "diff_guidance_scale": 5.0}}, True),
+    ({"quant": {"quantizer": "uint4", "ara_rank": 8, "ara_calibration_samples": 0, "fp8_backward": False}}, True),
+    ({"quant": {"transformer": "float8", "fp8_backward": False}}, False),
+    ({"multistage": {"train_high_noise": False, "switch_every": 7}}, "one stage"),
+    ({"train": {"validate_every": 5}}, True),  # no clip is held out
+    ({"datasets": [{"trigger_separator": " ", "trigger_match": "substring", "window_start": "start", "fps": 24}]},
+     True),  # no prepended trigger; uniform sampling has no window and no rate
+    ({"datasets": [{"frame_sampling": "fps", "fps": 24}]}, False),
 ])
 def test_the_unchanged_job_key_ignores_only_what_cannot_change_the_result(tmp_path, clips, change, same):
     from trainer_core.train.runs import config_key
 
     base = _job(tmp_path / "out", clips, 2)
+    if same == "one stage":  # the same single stage on both sides, another switch_every
+        base["multistage"]["train_high_noise"] = False
+        same = True
     changed = {k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in change.items()}
+    if "datasets" in change:
+        changed["datasets"] = [{**base["datasets"][0], **change["datasets"][0]}]
     if "timestep_type" not in change.get("train", {}):
         assert job_from_dict(base).train.timestep_type == "linear"
     assert (config_key(job_from_dict({**base, **changed})) == config_key(job_from_dict(base))) is same
@@ -238,6 +255,18 @@ def test_a_resume_may_drop_or_change_the_starting_pair(clips, tmp_path):
     other_rank = job_from_dict(_job(tmp_path, clips, 4, lora={"rank": 8}))
     refused, _ = resume_changes(saved.model_dump(mode="json"), other_rank)
     assert refused == ["lora.rank was 4 in the state, now 8 (the saved LoRA has that shape)"]
+
+
+def test_a_resume_ignores_settings_the_job_switches_off_but_refuses_them_when_used(clips, tmp_path):
+    from trainer_core.train.resume import resume_changes
+
+    one = {"train_high_noise": False}
+    saved = job_from_dict(_job(tmp_path, clips, 2, multistage=one)).model_dump(mode="json")
+    now = job_from_dict(_job(tmp_path, clips, 4, multistage={**one, "switch_every": 9}, advanced={"ema_decay": 0.5}))
+    assert resume_changes(saved, now) == ([], ["train.steps: 2 -> 4"])
+    both = job_from_dict(_job(tmp_path, clips, 2)).model_dump(mode="json")
+    refused, _ = resume_changes(both, job_from_dict(_job(tmp_path, clips, 4, multistage={"switch_every": 9})))
+    assert refused == ["multistage.switch_every was 2 in the state, now 9 (the saved per-expert progress assumes it)"]
 
 
 def test_a_folder_left_with_only_a_killed_saves_temporaries_is_reclaimed(tmp_path, clips):

@@ -1196,6 +1196,39 @@ def job_warnings(cfg: JobConfig) -> list[str]:
     return out
 
 
+def inert_settings(cfg: JobConfig) -> list[str]:
+    """Dotted paths of the settings that cannot change what this job learns because another setting switches their
+    use off (``advanced.ema_decay`` without ``advanced.ema``, the whole ``sample`` section when no preview renders
+    during training...). A finished run and a resumed state are matched without them, so editing such a widget
+    neither retrains a finished run nor blocks a resume."""
+    q, adv, ms = cfg.quant, cfg.advanced, cfg.multistage
+    off: list[str] = []
+    if cfg.train.timestep_type != "shift":
+        off.append("train.timestep_shift")
+    if not adv.dop:
+        off += ["advanced.dop_multiplier", "advanced.dop_class"]
+    if not adv.diff_guidance:
+        off.append("advanced.diff_guidance_scale")
+    if not adv.ema:
+        off.append("advanced.ema_decay")
+    if q.transformer in ("none", "float8"):
+        off += ["quant.quantizer", "quant.ara_source", "quant.ara_rank", "quant.ara_calibration_samples"]
+    if q.transformer in ("none", "4bit_ara"):
+        off.append("quant.fp8_backward")
+    if len(ms.stages) == 1:
+        off.append("multistage.switch_every")
+    if not cfg.sample.during_training:
+        off.append("sample")
+    if not any(d.validation or d.validation_split for d in cfg.datasets):
+        off.append("train.validate_every")
+    for i, d in enumerate(cfg.datasets):
+        if not d.prepend_trigger:
+            off += [f"datasets.{i}.trigger_separator", f"datasets.{i}.trigger_match"]
+        if d.frame_sampling in ("uniform", "aitoolkit_uniform"):
+            off += [f"datasets.{i}.window_start", f"datasets.{i}.fps"]
+    return off
+
+
 #: Leading bytes of files that are given as a job file by mistake.
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG", "a PNG image"),

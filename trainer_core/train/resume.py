@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..config import JobConfig, OptimizerConfig
+from ..config import JobConfig, OptimizerConfig, inert_settings
 from ..errors import ConfigError
 
 #: Settings (or whole sections) a resume must keep, with why.
@@ -51,10 +51,13 @@ def resume_changes(saved: dict[str, Any], cfg: JobConfig) -> tuple[list[str], li
     before = _flat(saved)
     refused: dict[str, str] = {}
     applied = []
+    inert = inert_settings(cfg)
     for path in sorted(set(current) | set(before)):
         if path in ("resume", "name", "lora.init_high", "lora.init_low") or path.startswith("datasets"):
             continue  # the dataset has its own check (a changed one only reorders the data); the state's weights
             # replace any starting pair
+        if any(path == p or path.startswith(p + ".") for p in inert):
+            continue  # switched off in this job: its value changes nothing from here on
         old, new = before.get(path), current.get(path)
         if old == new:
             continue

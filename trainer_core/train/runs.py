@@ -36,7 +36,7 @@ import yaml
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
-from ..config import JobConfig
+from ..config import JobConfig, inert_settings
 from ..data import VideoDataset
 from ..errors import ConfigError
 from ..fileio import atomic_write, check_writable, is_temporary
@@ -107,8 +107,8 @@ RESULT_NEUTRAL: tuple[tuple[str, str | None], ...] = (
 
 def config_key(cfg: JobConfig) -> str:
     """Hash of the resolved settings that decide what a run learns: all but ``resume`` (where to start, not what to
-    train), :data:`RESULT_NEUTRAL` and a ``timestep_shift`` its timestep type does not use, with the starting LoRA
-    files stamped by size and modification time."""
+    train), :data:`RESULT_NEUTRAL` and the settings this job switches off (:func:`~trainer_core.config.inert_settings`),
+    with the starting LoRA files stamped by size and modification time."""
     data = cfg.model_dump(mode="json")
     data["resume"] = None
     for section, key in RESULT_NEUTRAL:
@@ -116,8 +116,12 @@ def config_key(cfg: JobConfig) -> str:
             data[section] = None
         else:
             data[section][key] = None
-    if data["train"]["timestep_type"] != "shift":
-        data["train"]["timestep_shift"] = None
+    for path in inert_settings(cfg):
+        *parents, last = path.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = None
     for key in ("init_high", "init_low"):
         data["lora"][key] = _file_stamp(data["lora"].get(key))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
