@@ -211,6 +211,42 @@ def test_a_timestep_shift_its_timestep_type_does_not_use_is_named():
     assert job_warnings(cfg) == []
 
 
+def test_a_setting_another_one_switches_off_is_named_once_changed():
+    """A value changed from its default has no effect: almost surely the user meant to switch its owner on."""
+    off = job_from_dict(_job(
+        train__steps=20, multistage={"switch_every": 3, "train_high_noise": False},
+        advanced={"ema_decay": 0.9, "dop_class": "woman", "diff_guidance_scale": 5.0},
+        quant={"transformer": "float8", "ara_rank": 8},
+        datasets=[{"folder": "clips", "trigger_separator": " ", "window_start": "start", "fps": 24}],
+        sample={"steps": 3},  # no preview renders: kept for `trainer_core sample`, so not named
+    ))
+    assert job_warnings(off) == [
+        "advanced.dop_class is 'woman' but only advanced.dop: true uses it, and dop is off - turn on advanced.dop, "
+        "or leave dop_class at 'person'",
+        "advanced.diff_guidance_scale is 5 but only advanced.diff_guidance: true uses it, and diff_guidance is off - "
+        "turn on advanced.diff_guidance, or leave diff_guidance_scale at 3",
+        "advanced.ema_decay is 0.9 but only advanced.ema: true uses it, and ema is off - turn on advanced.ema, or "
+        "leave ema_decay at 0.99",
+        "quant.ara_rank is 8 but only 4-bit experts use it, and quant.transformer is float8 - set quant.transformer "
+        "to 4bit_ara, or leave ara_rank at 16",
+        "multistage.switch_every is 3 but only the low-noise expert trains, so there is nothing to switch - train "
+        "both experts, or leave switch_every at 10",
+        "datasets[0].trigger_separator is ' ' but only prepend_trigger: true uses it, and it is off - turn on "
+        "datasets[0].prepend_trigger, or leave trigger_separator at ', '",
+        "datasets[0].window_start is 'start' but frame_sampling uniform spreads the frames over the whole clip (there "
+        "is no window) - set datasets[0].frame_sampling to fps, or leave window_start at 'random'",
+    ]
+    on = job_from_dict(_job(
+        train__steps=20, multistage={"switch_every": 3},
+        advanced={"ema": True, "ema_decay": 0.9, "dop": True, "dop_class": "woman", "diff_guidance": True,
+                  "diff_guidance_scale": 5.0},
+        trigger_word="sqz", quant={"transformer": "4bit_ara", "ara_rank": 8},
+        datasets=[{"folder": "clips", "prepend_trigger": True, "trigger_separator": " ", "frame_sampling": "fps",
+                   "window_start": "start", "fps": 24}],
+    ))
+    assert job_warnings(on) == []
+
+
 def test_dropping_every_caption_is_named():
     both = [{"folder": "clips", "caption_dropout": 0.1}, {"folder": "more", "caption_dropout": 1.0}]
     cfg = job_from_dict(_job(train__steps=20, multistage__switch_every=1, datasets=both))

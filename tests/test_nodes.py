@@ -1247,3 +1247,20 @@ def test_train_warnings_name_widgets_and_are_shown_once(N, host, clips):
     assert len(warnings) == 1
     assert "steps (2) is not above switch_every (Configure MultiStage) (2)" in warnings[0]
     assert "train_low_noise (Configure MultiStage): false" in warnings[0] and "multistage." not in warnings[0]
+
+
+@pytest.mark.parametrize("transformer", ["auto", "none", "float8", "4bit_ara"])
+def test_default_widgets_raise_no_job_warning(N, host, clips, transformer):
+    """Widgets left at their defaults are never named as settings another one switches off (a node's default that
+    differed from the setting's would warn on every queue)."""
+    mod = sys.modules[N["Wan22TrainLoRA"].__module__]
+    (bundle,) = F.call(N["Wan22LoadExperts"], **widgets(N["Wan22LoadExperts"], source="tiny"))
+    (bundle,) = F.call(N["Wan22QuantizeARA"], experts=bundle, **widgets(N["Wan22QuantizeARA"], transformer=transformer))
+    ds, _ = F.call(N["Wan22BuildVideoDataset"], **widgets(N["Wan22BuildVideoDataset"], folder="clips"))
+    (sv,) = F.call(N["Wan22SaveCheckpoint"], **F.defaults(N["Wan22SaveCheckpoint"]))
+    (ms,) = F.call(N["Wan22ConfigureMultiStage"], **widgets(N["Wan22ConfigureMultiStage"], train_high_noise=False))
+    (pv,) = F.call(N["Wan22ConfigureTrainingPreviews"], **widgets(N["Wan22ConfigureTrainingPreviews"], prompts="a cat"))
+    links = [F.call(N[node_id], **F.defaults(N[node_id]))[0] for node_id in SETTINGS.values()]
+    cfg = mod.build_job(bundle, ds, {**F.defaults(N["Wan22TrainLoRA"]), "steps": 100}, multistage=ms, save=sv,
+                        previews=pv, settings=links)
+    assert trainer_core.api.job_warnings(cfg) == []

@@ -1307,9 +1307,9 @@ def _map_dataset(
         # by a space (toolkit/prompt_utils.py inject_trigger_into_prompt: replace_with + " " + output_prompt); a
         # caption lacks it when it does not occur at all, even inside a word (output_prompt.count(replace_with)).
         "prepend_trigger": bool(trigger) and not is_reg,
-        "trigger_separator": " ",
-        "trigger_match": "substring",
     }
+    if out["prepend_trigger"]:  # how it joins and when a caption counts as holding it (unused without prepending)
+        out.update(trigger_separator=" ", trigger_match="substring")
     fps = rest.pop("fps", None if shrink else 24)  # 24 is ai-toolkit's default, used only with shrink off
     if fps is not None:
         out["fps"] = _float(fps, f"{where}.fps")

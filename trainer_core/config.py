@@ -1174,12 +1174,7 @@ def job_warnings(cfg: JobConfig) -> list[str]:
                 "expert warms up over its own steps), so its learning rate never reaches optimizer.lr - lower "
                 "warmup_steps (about a tenth of them is usual)"
             )
-    shift_default = TrainConfig.model_fields["timestep_shift"].default
-    if cfg.train.timestep_type != "shift" and cfg.train.timestep_shift != shift_default:
-        out.append(
-            f"train.timestep_shift is {cfg.train.timestep_shift:g} but only timestep_type: shift uses it, and it is "
-            f"{cfg.train.timestep_type} - set timestep_type to shift, or leave timestep_shift at {shift_default:g}"
-        )
+    out += _unused_warnings(cfg)
     held_out = any(d.validation or d.validation_split for d in cfg.datasets)
     if cfg.train.validate_every and not held_out:
         out.append(
@@ -1196,37 +1191,87 @@ def job_warnings(cfg: JobConfig) -> list[str]:
     return out
 
 
-def inert_settings(cfg: JobConfig) -> list[str]:
-    """Dotted paths of the settings that cannot change what this job learns because another setting switches their
-    use off (``advanced.ema_decay`` without ``advanced.ema``, the whole ``sample`` section when no preview renders
-    during training...). A finished run and a resumed state are matched without them, so editing such a widget
-    neither retrains a finished run nor blocks a resume."""
+@dataclass(frozen=True)
+class _Off:
+    """A setting another one switches off: its path (list items by index), why it has no effect and what would use
+    it; ``warn``: say so when it differs from its default (False where the value is legitimately kept for later)."""
+
+    path: str
+    why: str
+    fix: str
+    warn: bool = True
+
+
+def _switched_off(cfg: JobConfig) -> list[_Off]:
     q, adv, ms = cfg.quant, cfg.advanced, cfg.multistage
-    off: list[str] = []
+    off: list[_Off] = []
     if cfg.train.timestep_type != "shift":
-        off.append("train.timestep_shift")
-    if not adv.dop:
-        off += ["advanced.dop_multiplier", "advanced.dop_class"]
-    if not adv.diff_guidance:
-        off.append("advanced.diff_guidance_scale")
-    if not adv.ema:
-        off.append("advanced.ema_decay")
+        off.append(_Off("train.timestep_shift", f"only timestep_type: shift uses it, and it is "
+                        f"{cfg.train.timestep_type}", "set timestep_type to shift"))
+    for flag, keys in (("dop", ("dop_multiplier", "dop_class")), ("diff_guidance", ("diff_guidance_scale",)),
+                       ("ema", ("ema_decay",))):
+        if not getattr(adv, flag):
+            off += [_Off(f"advanced.{k}", f"only advanced.{flag}: true uses it, and {flag} is off",
+                         f"turn on advanced.{flag}") for k in keys]
     if q.transformer in ("none", "float8"):
-        off += ["quant.quantizer", "quant.ara_source", "quant.ara_rank", "quant.ara_calibration_samples"]
+        off += [_Off(f"quant.{k}", f"only 4-bit experts use it, and quant.transformer is {q.transformer}",
+                     "set quant.transformer to 4bit_ara") for k in ("quantizer", "ara_rank", "ara_calibration_samples")]
     if q.transformer in ("none", "4bit_ara"):
-        off.append("quant.fp8_backward")
+        off.append(_Off("quant.fp8_backward", f"only float8 experts use it, and quant.transformer is {q.transformer}",
+                        "set quant.transformer to float8"))
     if len(ms.stages) == 1:
-        off.append("multistage.switch_every")
-    if not cfg.sample.during_training:
-        off.append("sample")
-    if not any(d.validation or d.validation_split for d in cfg.datasets):
-        off.append("train.validate_every")
+        off.append(_Off("multistage.switch_every", f"only the {ms.stages[0]}-noise expert trains, so there is "
+                        "nothing to switch", "train both experts"))
+    if not cfg.sample.during_training:  # kept for `trainer_core sample` and Preview Sample: no warning
+        off.append(_Off("sample", "no preview renders during training", "", warn=False))
+    if not any(d.validation or d.validation_split for d in cfg.datasets):  # job_warnings names it on its own
+        off.append(_Off("train.validate_every", "no clip is held out", "", warn=False))
     for i, d in enumerate(cfg.datasets):
         if not d.prepend_trigger:
-            off += [f"datasets.{i}.trigger_separator", f"datasets.{i}.trigger_match"]
+            off += [_Off(f"datasets.{i}.{k}", "only prepend_trigger: true uses it, and it is off",
+                         f"turn on datasets[{i}].prepend_trigger") for k in ("trigger_separator", "trigger_match")]
         if d.frame_sampling in ("uniform", "aitoolkit_uniform"):
-            off += [f"datasets.{i}.window_start", f"datasets.{i}.fps"]
+            off.append(_Off(f"datasets.{i}.window_start", f"frame_sampling {d.frame_sampling} spreads the frames over "
+                            "the whole clip (there is no window)", f"set datasets[{i}].frame_sampling to fps"))
+            # fps still words the clip's playback speed in `check`: no effect on training, but no warning either
+            off.append(_Off(f"datasets.{i}.fps", "", "", warn=False))
     return off
+
+
+def inert_settings(cfg: JobConfig) -> list[str]:
+    """Dotted paths (list items by index: ``datasets.0.fps``) of the settings that cannot change what this job
+    learns because another setting switches their use off (``advanced.ema_decay`` without ``advanced.ema``, the
+    whole ``sample`` section when no preview renders during training...). A finished run and a resumed state are
+    matched without them, so editing such a widget neither retrains a finished run nor blocks a resume."""
+    return [o.path for o in _switched_off(cfg)]
+
+
+def _at(model: BaseModel, path: str) -> tuple[Any, Any]:
+    """(value, default) of the setting at dotted ``path`` in ``model``."""
+    *parents, leaf = path.split(".")
+    for part in parents:
+        model = model[int(part)] if isinstance(model, list) else getattr(model, part)
+    field = type(model).model_fields[leaf]
+    return getattr(model, leaf), field.get_default(call_default_factory=True)
+
+
+def _as_written(v: Any) -> str:
+    """A setting's value as a job file writes it: false, 0.9, 'woman'."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f"{v:g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+
+
+def _unused_warnings(cfg: JobConfig) -> list[str]:
+    """One line per setting changed from its default that another setting switches off."""
+    out = []
+    for o in _switched_off(cfg):
+        value, default = _at(cfg, o.path)
+        if o.warn and value != default:
+            leaf = o.path.rsplit(".", 1)[-1]
+            name = re.sub(r"\.(\d+)\.", r"[\1].", o.path)
+            out.append(f"{name} is {_as_written(value)} but {o.why} - {o.fix}, or leave {leaf} at {_as_written(default)}")
+    return out
 
 
 #: Leading bytes of files that are given as a job file by mistake.
