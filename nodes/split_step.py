@@ -25,7 +25,8 @@ class Wan22SplitStep:
                     "ModelSamplingSD3's shift (connect the shift output to both ModelSamplingSD3 nodes)")}),
                 "scheduler": (list(SCHEDULERS), {"default": "normal", _T: (
                     "The scheduler set in both KSamplerAdvanced nodes (the split depends on it)")}),
-                "boundary": ("FLOAT", {"default": 0.875, "min": 0.01, "max": 0.99, "step": 0.005, _T: (
+                # every boundary Preview Sample and Configure MultiStage take: (0, 1) in their steps of 0.001
+                "boundary": ("FLOAT", {"default": 0.875, "min": 0.001, "max": 0.999, "step": 0.001, _T: (
                     "Noise level where the low-noise expert takes over: 0.875 for Wan 2.2 T2V (as in Configure "
                     "MultiStage)")}),
             },

@@ -34,6 +34,10 @@ def test_every_fixed_choice_widget_is_a_list_so_comfyui_checks_it_when_queued(N)
     assert [name for name, _ in errors] == ["sampler"]  # at queue time, before a training upstream runs
     split = N["Wan22SplitStep"]
     assert [n for n, _ in F.validate(split, widgets(split, scheduler="karras"))] == ["scheduler"]
+    # the boundaries Preview Sample renders (strictly between 0 and 1, steps of 0.001) queue here too
+    for boundary in (0.001, 0.995, 0.999):
+        assert F.validate(split, widgets(split, boundary=boundary)) == []
+        assert F.validate(ps, widgets(ps, prompts="a cat", boundary=boundary, experts=["1", 0])) == []
 
 
 def test_a_missing_model_file_is_refused_when_queued_except_with_source_tiny(N, host):
