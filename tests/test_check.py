@@ -4,11 +4,15 @@ a file that does not decode), the dataset report, VRAM plan and host-RAM estimat
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from diffusers import WanTransformer3DModel
 
+from tests.model_fixtures import save_comfy_files, save_comfy_transformer, save_diffusers_folder, tiny_components
 from trainer_core import cli
 from trainer_core.check import decode_failures
 from trainer_core.config import job_from_dict
@@ -16,6 +20,7 @@ from trainer_core.data import build_dataset, make_synthetic_dataset
 from trainer_core.errors import DatasetError
 from trainer_core.memory import WAN22_A14B_ARCH, estimate_host_memory, estimate_peak_vram
 from trainer_core.memory.planner import GIB
+from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,7 +253,8 @@ def test_check_refuses_an_output_folder_below_a_file_without_creating_anything(t
     before = _tree(tmp_path)
     status, _, errors = _check(capsys, path)
     assert status == 2 and len(errors) == 1
-    assert "save.output_dir" in errors[0] and "afile" in errors[0] and "choose a writable folder" in errors[0]
+    assert f"save.output_dir: cannot write to {tmp_path / 'afile' / 'runs'}: {tmp_path / 'afile'} is a file, not a " \
+        "folder - choose a folder" in errors[0]
     assert _tree(tmp_path) == before
 
 
@@ -257,3 +263,38 @@ def test_a_job_without_datasets_is_one_reason(tmp_path, capsys):
     status, _, errors = _check(capsys, path)
     assert status == 2 and errors == ["error: datasets: no dataset configured - add at least one folder under "
                                       "'datasets'"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny preset's ComfyUI files and diffusers folder (built before the test's loaders are refused)."""
+    root, src = tmp_path_factory.mktemp("models"), tiny_components()
+    files = save_comfy_files(src, root / "comfy")
+    ti2v = WanTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, "in_channels": 48, "out_channels": 48})
+    return {**files, "ti2v": save_comfy_transformer(ti2v, root / "wan2.2_ti2v_5B.safetensors"),
+            "folder": save_diffusers_folder(src, root / "diffusers")}
+
+
+def test_experts_that_do_not_fit_the_vae_cannot_train(tmp_path, capsys, tiny_models):
+    """A TI2V-5B expert beside the Wan 2.1 VAE is refused from its header (train's pre-flight runs the same check)."""
+    files = {"high_noise": tiny_models["high"], "low_noise": tiny_models["ti2v"],
+             "text_encoder": tiny_models["text_encoder"], "vae": tiny_models["vae"]}
+    path = _job(tmp_path, model={"source": None, **{k: str(v) for k, v in files.items()}})
+    status, _, errors = _check(capsys, path, "--no-decode")
+    assert status == 2 and len(errors) == 1
+    assert errors[0].startswith("error: model.low_noise: wan2.2_ti2v_5B.safetensors") and "TI2V-5B" in errors[0]
+
+
+def test_a_folder_without_the_high_experts_config_is_named_and_not_planned_as_a14b(tmp_path, capsys, tiny_models):
+    """The plan reads the low-noise expert's config.json instead of assuming the 14B model (53 GiB of host RAM for a
+    tiny folder, and LoRAs of the folder's size blamed for not fitting 14B experts)."""
+    folder = shutil.copytree(tiny_models["folder"], tmp_path / "diffusers")
+    (folder / "transformer" / "config.json").unlink()
+    path = _job(tmp_path, model={"source": str(folder)})
+    status, out, errors = _check(capsys, path, "--no-decode")
+    assert status == 2 and errors == [
+        f"error: model.source: {folder}/transformer/config.json is missing (the high-noise expert's settings): the "
+        "folder is incomplete - download it again (e.g. hf download Wan-AI/Wan2.2-T2V-A14B-Diffusers --local-dir "
+        "<folder>)"]
+    split = re.search(r"checkpointing off/selective/full (\d+)/(\d+)/(\d+) blocks", out)
+    assert sum(map(int, split.groups())) == 2  # the tiny experts' 2 blocks, not the A14B's 40

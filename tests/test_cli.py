@@ -102,7 +102,8 @@ def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys, monkeypatch):
     assert _one_error_line(capsys) == (f"error: demo --output: {afile} is a file - give a folder (it is made if "
                                        "missing)")
     assert main(["demo", "--output", str(afile / "sub")]) == 2
-    assert _one_error_line(capsys).startswith(f"error: demo --output: cannot write to {afile / 'sub'} (")
+    assert _one_error_line(capsys) == (f"error: demo --output: cannot write to {afile / 'sub'}: {afile} is a file, "
+                                       "not a folder - choose a folder")
 
 
 def _read_only(folder: Path) -> bool:

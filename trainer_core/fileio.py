@@ -86,16 +86,17 @@ def check_writable(folder: str | os.PathLike, setting: str, create: bool = True)
     write is refused before any model loads; ``setting`` names where the folder came from. ``create=False`` (a dry
     run) creates nothing: the probe goes into the nearest folder that exists, in which the run would create it."""
     folder = Path(folder)
-    target = folder
-    if not create:
-        while not target.exists() and target.parent != target:
-            target = target.parent
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():  # mkdir would only say "File exists"
+        raise ConfigError(f"{setting}: cannot write to {folder}: {existing} is a file, not a folder - choose a "
+                          "folder")
+    target = folder if create else existing
     probe = target / f".write_probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        elif not target.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{target} is a file, not a folder")
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         probe.unlink()
     except OSError as exc:
