@@ -147,3 +147,34 @@ def test_an_empty_resume_is_refused(tmp_path, capsys, resume):
     assert _one_error_line(capsys) == ("error: --resume is empty - give latest, a run folder or a state file, or "
                                        "leave --resume out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_stopped_by_sigterm_leaves_no_partial_video(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM while the video is written stops like Ctrl-C: exit 130, no hidden temporary left."""
+    import signal
+
+    import av
+
+    job = {"name": "s", "model": {"source": "tiny", "dtype": "fp32", "text_encoder_dtype": "fp32"},
+           "train": {"device": "cpu", "compute_dtype": "fp32"}, "datasets": [{"folder": str(tmp_path)}],
+           "sample": {"width": 32, "height": 32, "num_frames": 5, "steps": 2, "prompts": ["a cat"]}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    out = tmp_path / "videos"
+    out.mkdir()
+    real_open, before = av.open, signal.getsignal(signal.SIGTERM)
+
+    def open_then_terminated(*args, **kwargs):
+        container = real_open(*args, **kwargs)  # the temporary file exists now
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, before):
+            pytest.fail("sample did not handle SIGTERM: it would die, leaving its temporary file")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return container
+
+    monkeypatch.setattr(av, "open", open_then_terminated)
+    try:
+        assert main(["sample", str(path), "--out", str(out / "v.mp4")]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert list(out.iterdir()) == []
+    assert "Traceback" not in capsys.readouterr().err

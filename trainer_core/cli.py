@@ -215,12 +215,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     """Render the job's model with an optional LoRA pair (any common Wan LoRA format) to video files."""
+    from .launch import interrupt_on_sigterm
     from .sample.render import render_job
     from .train.loop import resolve_device
 
     cfg, notes, terms = read_job(args.config)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
+    interrupt_on_sigterm()  # stops like Ctrl-C: the video being written is removed, not left as a temporary
     loras = {"high": args.lora_high, "low": args.lora_low}
     with _in_job_terms(terms):
         device = resolve_device(cfg.train.device)
