@@ -322,6 +322,11 @@ class _StepReporter:
         )
         self.progress.update(info.step, info.total_steps, ("JPEG", preview, PREVIEW_SIZE))
 
+    def on_preview_step(self, step: int, done: int, total: int) -> None:
+        """A denoising step of the preview at training step ``step``: Cancel answers here too, not after it."""
+        host.check_interrupt()
+        self.progress.text(f"rendering the preview of step {step}: {done}/{total} sampling steps")
+
     def on_sample(self, step: int, videos: list[torch.Tensor]) -> None:
         from PIL import Image
 
@@ -349,7 +354,8 @@ def _train(
         progress.text(f"quantizing the trained experts ({cfg.quant.transformer}) before the first step")
     try:
         result = api.run_training(cfg, components=comps, dataset=dataset, on_run=runs.append, on_step=reporter.on_step,
-                              on_sample=reporter.on_sample, progress_bar=False)
+                              on_sample=reporter.on_sample, on_preview_step=reporter.on_preview_step,
+                              progress_bar=False)
     except BaseException:
         # An expert the run quantized (wholly or, if it failed midway, partly) cannot serve as loaded again.
         experts.forget(*(n for n in stages if api.has_quantized_layers(getattr(comps, n))))

@@ -1021,6 +1021,21 @@ def test_training_previews_reach_the_progress_preview(N, host, clips):
         F.call(cls, **widgets(cls))
 
 
+def test_cancel_during_a_training_preview_stops_there_with_a_resumable_state(N, host, clips):
+    """Cancel is answered at the preview's next sampling step (minutes earlier at full size than after it), and the
+    progress text says which preview renders."""
+    cls = N["Wan22ConfigureTrainingPreviews"]
+    (previews,) = F.call(cls, **widgets(cls, prompts="a red square moving right", width=32, height=32,
+                                        num_frames=5, steps=3, sample_every=2, sampler="euler"))
+    host.interrupt_after = 3  # checks: step 1, then the preview of step 2's sampling steps 1 and 2
+    with pytest.raises(F.InterruptProcessingException):
+        graph(N, host, previews=previews, steps=4, save={"save_every": 0})
+    run = host.root / "output" / "wan22_lora" / "wan22_lora"
+    assert sorted(p.name for p in run.glob("training_state_*")) == ["training_state_000002.safetensors"]
+    assert not (run / "samples").exists() or list((run / "samples").iterdir()) == []  # the cut preview: no file
+    assert ("5", "rendering the preview of step 2: 1/3 sampling steps") in host.texts
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 
 
@@ -1093,13 +1108,13 @@ def test_preview_sample_refuses_a_render_that_cannot_work_when_queued(N):
 def test_apply_pair_patches_comfyui_models_with_mappable_keys(N, host, clips):
     _, (pair, _, _) = graph(N, host)
     cls = N["Wan22ApplyLoraPair"]
-    high, low = object(), object()
-    out = F.call(cls, model_high=high, model_low=low, lora=pair, strength_high=0.8, strength_low=0.0)
-    assert out[1] is low and out[0] == ("patched", high, 0.8)  # strength 0 leaves the model as it was
-    assert host.patches[0][1] is pair.tensors["high"]
     # ComfyUI maps a LoRA key 'diffusion_model.<module>' to the model weight '<module>.weight' of its Wan model
     # (comfy.lora.model_lora_keys_unet); every module named in the pair must exist in the original layout.
     original = diffusers_state_dict_to_original(tiny_components().high.state_dict())
+    high, low = F.comfy_model(original), F.comfy_model(original)
+    out = F.call(cls, model_high=high, model_low=low, lora=pair, strength_high=0.8, strength_low=0.0)
+    assert out[1] is low and out[0] == ("patched", high, 0.8)  # strength 0 leaves the model as it was
+    assert host.patches[0][1] is pair.tensors["high"]
     modules = {k.removesuffix(".weight") for k in original if k.endswith(".weight")}
     for key in pair.tensors["high"]:
         module = key.removeprefix("diffusion_model.").rsplit(".", 2 if key.endswith("weight") else 1)[0]

@@ -30,7 +30,7 @@ from ..data import LatentCache, LoadedBatch, VideoDataset, batch_refs, build_dat
 from ..data.text_cache import unload_caption
 from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import check_writable
-from ..lora import check_lora_init, lora_file_name
+from ..lora import check_lora_init, init_warnings, lora_file_name
 from ..memory import ExpertMemory, plan_job
 from ..memory.allocator import use_expandable_segments
 from ..memory.planner import experts_load_on_device
@@ -59,7 +59,7 @@ from .event_log import EventLog, check_tensorboard, open_event_log
 from .experts import block_plan_for, prepare_expert
 from .objective import MicroBatch, Objective, check_objective, dop_captions
 from .placement import Placement, RankBatch, make_placement, resolve_device
-from .previews import PreviewRenderer, previews_enabled
+from .previews import PreviewProgress, PreviewRenderer, previews_enabled
 from .quantization import quantize_experts
 from .resume import check_resume_compatible
 from .runs import (
@@ -146,7 +146,8 @@ def check_output_folders(cfg: JobConfig, create: bool = True) -> None:
 
 
 def run_warnings(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> list[str]:
-    """Settings that run, but not as written: a batch larger than the dataset, placements without torchrun."""
+    """Settings that run, but not as written: a batch larger than the dataset, placements without torchrun, init
+    files whose names say they are swapped."""
     warnings = []
     if cfg.train.batch_size > dataset.samples_per_epoch:
         warnings.append(f"train.batch_size is {cfg.train.batch_size} but an epoch has {dataset.samples_per_epoch} "
@@ -155,7 +156,7 @@ def run_warnings(cfg: JobConfig, dataset: VideoDataset, ctx: DistContext) -> lis
     if placed and not ctx.active:
         warnings.append(f"distributed.{placed[0]} is on but this is one process: it trains as a single GPU - launch "
                         "with torchrun (or Train LoRA's gpus) on 2 or more GPUs, or turn it off")
-    return warnings
+    return warnings + init_warnings(cfg)
 
 
 def check_same_dataset(dataset: VideoDataset, ctx: DistContext) -> None:
@@ -214,6 +215,7 @@ def run_training(
     on_run: Callable[[RunFolder], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
+    on_preview_step: PreviewProgress | None = None,
     progress_bar: bool = True,
     stop_file: Path | None = None,
 ) -> TrainResult:
@@ -224,7 +226,8 @@ def run_training(
     optimizer step; an exception raised there (e.g. a user interrupt) stops training after writing the LoRA pair and
     resumable state of the last completed step.
     ``on_sample(step, videos)`` receives each preview's frames ([F, H, W, 3] in 0..1) when ``cfg.sample`` renders
-    previews. With expert groups, a ``stop_file`` that appears (or a first SIGINT/SIGTERM) stops every rank at the
+    previews; ``on_preview_step(step, done, total)`` after each of its denoising steps (an exception raised there
+    stops training like one raised in ``on_step``). With expert groups, a ``stop_file`` that appears (or a first SIGINT/SIGTERM) stops every rank at the
     end of the round in flight, with a resumable state. A resume of a state at ``train.steps`` loads no model and
     returns that run's pair.
     """
@@ -243,7 +246,7 @@ def run_training(
             if on_run is not None:
                 on_run(run)
             try:
-                trainer = Trainer(cfg, make_placement(cfg, ctx), run, dataset, on_sample)
+                trainer = Trainer(cfg, make_placement(cfg, ctx), run, dataset, on_sample, on_preview_step)
                 trainer.build(components)
                 result = trainer.train(on_step, progress_bar, stop_file)
             except TrainingDiverged:
@@ -393,10 +396,11 @@ class Trainer:
         run: RunFolder,
         dataset: VideoDataset,
         on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
+        on_preview_step: PreviewProgress | None = None,
     ) -> None:
         self.cfg, self.placement, self.run, self.dataset = cfg, placement, run, dataset
         self.device = placement.device
-        self.on_sample = on_sample
+        self.on_sample, self.on_preview_step = on_sample, on_preview_step
         self.board = EventLog()  # TensorBoard's, once train() opens it
         self.result = TrainResult(run_dir=run.path, step=0)
         self.saved_step, self.failed_save = -1, -1  # the last step saved; a step whose save failed
@@ -433,7 +437,8 @@ class Trainer:
             log.info("%s", quantize_text_encoder(components.text_encoder, cfg.quant, device).summary())
         self.renderer = None
         if previews_enabled(cfg) and self.placement.ctx.is_main:
-            self.renderer = PreviewRenderer(cfg, components, device, self.run.path / "samples", self._on_sample)
+            self.renderer = PreviewRenderer(cfg, components, device, self.run.path / "samples", self._on_sample,
+                                            self.on_preview_step)
         held = validation_set(cfg, self.dataset)
         with logged_seconds(log, "caption embeddings ready"):
             extra = dop_captions(cfg, self.dataset.captions()) | validation_captions(held)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,10 @@ from .experts import Expert
 from .placement import same_device
 
 log = logging.getLogger(__name__)
+
+#: ``(training step, denoising steps done, of total)`` while a preview renders: progress, and a cancel check that may
+#: raise (the loop then keeps a resumable state of that step).
+PreviewProgress = Callable[[int, int, int], None]
 
 
 def previews_enabled(cfg: JobConfig) -> bool:
@@ -38,8 +43,10 @@ class PreviewRenderer:
         device: torch.device,
         folder: Path,
         on_sample: Callable[[int, list[torch.Tensor]], None] | None = None,
+        on_progress: PreviewProgress | None = None,
     ):
         self.cfg, self.components, self.device, self.on_sample = cfg, components, device, on_sample
+        self.on_progress = on_progress
         te = components.text_encoder.to(device)
         self.prompts = encode_sample_prompts(te, components.tokenizer, cfg.sample)
         self.folder = folder
@@ -65,8 +72,10 @@ class PreviewRenderer:
             for m in visiting:
                 m.to(self.device)
                 stack.callback(m.to, "cpu")
+            tick = None if self.on_progress is None else functools.partial(self.on_progress, step)
             videos = sample_videos(
-                models["high"], models["low"], self.components.vae, self.prompts, s, self.cfg.multistage.boundary
+                models["high"], models["low"], self.components.vae, self.prompts, s, self.cfg.multistage.boundary,
+                on_step=tick,
             )
         paths = []
         for i, frames in enumerate(videos):
