@@ -11,6 +11,7 @@ repo that is not in the cache is refused at once with a message saying how to po
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from transformers import PreTrainedTokenizerBase, T5Tokenizer, UMT5EncoderModel
+from transformers import PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
@@ -32,11 +33,15 @@ from .single_file import (
     check_text_encoder_file,
     check_transformer_file,
     check_vae_file,
+    expert_channels_problem,
     frozen_eval,
     load_text_encoder_file,
     load_transformer_file,
     load_vae_file,
+    safetensors_problem,
     tokenizer_from_sentencepiece,
+    transformer_file_config,
+    vae_channels_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -172,14 +177,20 @@ def _from_source(cls, cfg: ModelConfig, part: str, **kwargs):
     subfolder = SUBFOLDERS[part]
     if _source_kind(cfg.source) == "folder":
         where, kwargs = str(_source_folder(cfg, part)), {**kwargs, "local_files_only": True}
+        place = f"{Path(where) / subfolder}/"
     else:
         local_only = _hub_local_only(cfg.source, cfg.revision, [part], "model.source", _source_label(cfg))
         where, kwargs = cfg.source, {**kwargs, "revision": cfg.revision, "local_files_only": local_only}
+        place = f"{_source_label(cfg)} ({subfolder}/)"
     try:
         return cls.from_pretrained(where, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the libraries raise on a damaged folder (a RuntimeError when
+        # config.json does not fit the weights...) becomes one line naming the component's folder
         raise ModelLoadError(
-            f"model.source: could not load the {_WHAT[part]} from {_source_label(cfg)} ({subfolder}/): {exc}"
+            f"model.source: could not load the {_WHAT[part]} from {place}: {_short(exc, 300)} - the folder is "
+            "damaged or incomplete: download it again"
         ) from None
 
 
@@ -226,8 +237,9 @@ def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
     kind = _tokenizer_kind(name)
     try:
         if kind == "folder":
-            sub = "tokenizer" if (path / "tokenizer").is_dir() else ""
-            return T5Tokenizer.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+            folder = _tokenizer_folder(path)
+            _check_tokenizer_folder(folder, "model.tokenizer")
+            return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
         if kind == "file":
             return tokenizer_from_sentencepiece(path.read_bytes(), source=f"model.tokenizer: {path}")
         local_only = _hub_local_only(name, None, ["tokenizer_root"], "model.tokenizer", name)
@@ -276,31 +288,78 @@ def _source_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return _from_source(T5Tokenizer, cfg, "tokenizer")
 
 
-def _arch(model: WanTransformer3DModel) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in model.config.items() if k in _ARCH_KEYS}
+def _tokenizer_folder(path: Path) -> Path:
+    """A model.tokenizer folder: the tokenizer's own, or a diffusers root holding it in tokenizer/."""
+    return path / "tokenizer" if (path / "tokenizer").is_dir() else path
 
 
-def _check_compatible(c: WanComponents) -> None:
-    if c.high is not None and c.low is not None and _arch(c.high) != _arch(c.low):
-        diff = {k: (v, _arch(c.low)[k]) for k, v in _arch(c.high).items() if _arch(c.low)[k] != v}
+def _check_tokenizer_folder(folder: Path, setting: str) -> None:
+    # T5Tokenizer quietly builds a tokenizer of a few placeholder tokens from a folder without its vocabulary
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "spiece.model")):
         raise ModelLoadError(
-            f"the high- and low-noise experts have different architectures ({diff}, high vs low): they must be the "
-            "two experts of one Wan 2.2 T2V A14B model"
+            f"{setting}: {folder}/ has neither tokenizer.json nor spiece.model (the tokenizer's vocabulary): the "
+            "tokenizer is incomplete - download it again"
         )
-    expert = c.high if c.high is not None else c.low
-    if expert is None:
-        return
-    if c.vae is not None and expert.config.in_channels != c.vae.config.z_dim:
+
+
+# --------------------------------------------------------------------------------- do the components fit each other
+
+
+def _label(cfg: ModelConfig, part: str) -> str:
+    """How messages name where a component comes from: its file setting and file name, or the source's subfolder."""
+    file = getattr(cfg, _FILE_SETTING[part])
+    if file:
+        return f"model.{_FILE_SETTING[part]} ({Path(file).name})"
+    if cfg.source == "tiny":
+        return f"the {_WHAT[part]} of model.source tiny"
+    if Path(cfg.source or "").expanduser().is_dir():
+        return f"model.source {Path(cfg.source).expanduser() / SUBFOLDERS[part]}/"
+    return f"model.source {_source_label(cfg)} ({SUBFOLDERS[part]}/)"
+
+
+def _arch_of(config: dict) -> dict:
+    """The architecture settings of a WanTransformer3DModel config, with diffusers' defaults for keys it lacks."""
+    defaults = signature(WanTransformer3DModel.__init__).parameters
+    values = {k: config.get(k, defaults[k].default) for k in _ARCH_KEYS}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _check_fit(cfg: ModelConfig, configs: dict[str, dict | None]) -> None:
+    """Refuse components that do not work together, from their configs (``part`` -> its config; ``None`` or absent:
+    unknown): a VAE other than the Wan 2.1 VAE's 16 channels, an expert that is not a text-to-video expert of those
+    latents, an expert whose text width is not the text encoder's, and experts of two architectures."""
+    vae, text = configs.get("vae"), configs.get("text_encoder")
+    if vae is not None:
+        z_dim = vae.get("z_dim", signature(AutoencoderKLWan.__init__).parameters["z_dim"].default)
+        if problem := vae_channels_problem(z_dim):
+            raise ModelLoadError(f"{_label(cfg, 'vae')} {problem}")
+    width = text.get("d_model", UMT5Config().d_model) if text is not None else None
+    archs = {part: _arch_of(configs[part]) for part in ("high", "low") if configs.get(part) is not None}
+    for part, arch in archs.items():
+        if problem := expert_channels_problem(arch):
+            raise ModelLoadError(f"{_label(cfg, part)} {problem}")
+        if width is not None and arch["text_dim"] != width:
+            raise ModelLoadError(
+                f"{_label(cfg, part)} takes {arch['text_dim']}-wide text embeddings but {_label(cfg, 'text_encoder')}"
+                f" makes {width}: they are not parts of one model - Wan 2.2 uses UMT5-XXL (umt5_xxl_fp16 / "
+                "umt5_xxl_fp8_e4m3fn_scaled)"
+            )
+    if len(archs) == 2 and archs["high"] != archs["low"]:
+        diff = ", ".join(f"{k} {archs['high'][k]} vs {archs['low'][k]}" for k in _ARCH_KEYS
+                         if archs["high"][k] != archs["low"][k])
         raise ModelLoadError(
-            f"the experts take {expert.config.in_channels} latent channels but the VAE makes {c.vae.config.z_dim}: "
-            "Wan 2.2 T2V A14B pairs with the Wan 2.1 VAE (wan_2.1_vae.safetensors)"
+            f"the high- and low-noise experts have different architectures (high vs low: {diff}; "
+            f"{_label(cfg, 'high')}, {_label(cfg, 'low')}): they must be the two experts of one Wan 2.2 T2V A14B "
+            "model - use wan2.2_t2v_high_noise_14B_* and wan2.2_t2v_low_noise_14B_* of one release"
         )
+
+
+def _check_compatible(cfg: ModelConfig, c: WanComponents) -> None:
+    """:func:`_check_fit` of the loaded components (a repo downloaded while loading had no config to check before)."""
+    configs = {part: dict(getattr(c, part).config) for part in ("high", "low", "vae") if getattr(c, part) is not None}
     text_dim = c.text_encoder.config.d_model if c.text_encoder is not None else c.text_dim
-    if text_dim is not None and expert.config.text_dim != text_dim:
-        raise ModelLoadError(
-            f"the experts take {expert.config.text_dim}-wide text embeddings but the text encoder makes "
-            f"{text_dim}: Wan 2.2 uses UMT5-XXL (umt5_xxl_fp16 / fp8_e4m3fn_scaled)"
-        )
+    configs["text_encoder"] = {"d_model": text_dim} if text_dim is not None else None
+    _check_fit(cfg, configs)
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face Hub
@@ -384,9 +443,9 @@ def _hub_unreachable(repo: str, revision: str | None, part: str, setting: str, l
     return None
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException, limit: int = 120) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _hub_local_only(repo: str, revision: str | None, parts: list[str], setting: str, label: str) -> bool:
@@ -423,34 +482,149 @@ def _check_hub_sources(cfg: ModelConfig, high: bool, low: bool, vae: bool, text_
         _hub_local_only(tok, None, ["tokenizer_root"], "model.tokenizer", tok)
 
 
-#: The header-only check of each component's ComfyUI file.
-_FILE_CHECKS = {
-    "high": check_transformer_file,
-    "low": check_transformer_file,
-    "vae": check_vae_file,
-    "text_encoder": check_text_encoder_file,
+#: The header-only check of each component's ComfyUI file (the text encoder's also says whether it carries its
+#: tokenizer: see check_model_files); each returns the component's config.
+_FILE_CHECKS = {"high": check_transformer_file, "low": check_transformer_file, "vae": check_vae_file}
+#: The tiny preset's config of each component.
+_TINY_CONFIGS = {
+    "high": tiny.TINY_TRANSFORMER_CONFIG,
+    "low": tiny.TINY_TRANSFORMER_CONFIG,
+    "vae": tiny.TINY_VAE_CONFIG,
+    "text_encoder": tiny.TINY_TEXT_ENCODER_CONFIG,
 }
+#: File name stem of a diffusers component's weights (diffusers models; the transformers text encoder).
+_WEIGHTS_STEM = {"high": "diffusion_pytorch_model", "low": "diffusion_pytorch_model",
+                 "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+#: Pickle weights the libraries read as well (no header to check).
+_PICKLE_WEIGHTS = {"diffusion_pytorch_model": "diffusion_pytorch_model.bin", "model": "pytorch_model.bin"}
+_INCOMPLETE = ("the folder is incomplete - download it again (e.g. hf download Wan-AI/Wan2.2-T2V-A14B-Diffusers "
+               "--local-dir <folder>)")
+
+
+def _component_folder(cfg: ModelConfig, part: str) -> Path | None:
+    """The folder the source keeps ``part`` in: a diffusers folder's subfolder (refused when absent), or a repo's
+    in the local Hugging Face cache (``None``: its config is not cached)."""
+    if _source_kind(cfg.source) == "folder":
+        return _source_folder(cfg, part) / SUBFOLDERS[part]
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(cfg.source, _CACHE_PROBE[part], revision=cfg.revision)
+    except Exception:  # noqa: BLE001 - a malformed cache counts as "not cached"
+        found = None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _folder_config(folder: Path, part: str) -> dict:
+    """``config.json`` of a component's folder, refused by name when it is missing or unreadable."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"model.source: {path} is missing (the {_WHAT[part]}'s settings): {_INCOMPLETE}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.source: {path} cannot be read ({_short(exc)}) - download it again") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"model.source: {path} is not a model config (a JSON object) - download it again")
+    return config
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a ``*.safetensors.index.json`` lists."""
+    try:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"model.source: {index} cannot be read ({_short(exc)}) - download it again") from None
+
+
+def _check_folder_weights(folder: Path, part: str) -> None:
+    """Refuse a component folder whose weights are absent, cut short or not all there (an index naming a missing
+    shard, shards without their index), from file names and safetensors headers alone."""
+    stem = _WEIGHTS_STEM[part]
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    files = [single] if single.is_file() else []
+    if index.is_file():
+        files += [folder / name for name in _index_shards(index)]
+    elif not files and not any(folder.glob(f"{_PICKLE_WEIGHTS[stem]}*")):
+        shards = sorted(folder.glob(f"{stem}-*-of-*.safetensors"))
+        what = (f"has weight shards ({shards[0].name}, ...) but not {index.name}, which lists them" if shards
+                else f"has no weights ({single.name}, or {index.name} and its shards)")
+        raise ModelLoadError(f"model.source: {folder}/ {what}: {_INCOMPLETE}")
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(f"model.source: {file} (listed in {index.name}) is missing: {_INCOMPLETE}")
+        if problem := safetensors_problem(file):
+            raise ModelLoadError(f"model.source: {file} {problem}")
+
+
+def _checked_config(cfg: ModelConfig, part: str) -> dict | None:
+    """The config of one component (not a text encoder file) after checking, headers only, that it can load: its
+    ComfyUI file, or its source subfolder's config.json and weights (a repo's only when it loads from the local
+    cache). ``None``: a repo whose config is not cached yet (the loaded components are checked instead)."""
+    file = getattr(cfg, _FILE_SETTING[part])
+    if file:
+        return _FILE_CHECKS[part](file, f"model.{_FILE_SETTING[part]}")
+    kind = _require_source(cfg, part)
+    if kind == "tiny":
+        return _TINY_CONFIGS[part]
+    folder = _component_folder(cfg, part)
+    if folder is None:
+        return None
+    config = _folder_config(folder, part)
+    if kind == "folder" or _hub_checked.get((cfg.source, cfg.revision)):
+        _check_folder_weights(folder, part)
+    return config
+
+
+def _check_tokenizer(cfg: ModelConfig, text_encoder_has_one: bool) -> None:
+    """The tokenizer the text encoder will use exists: model.tokenizer, the text-encoder file's own, or the source's
+    tokenizer/ (a folder's with its vocabulary)."""
+    if cfg.tokenizer:
+        if _tokenizer_kind(cfg.tokenizer) == "folder":
+            _check_tokenizer_folder(_tokenizer_folder(Path(cfg.tokenizer).expanduser()), "model.tokenizer")
+    elif text_encoder_has_one:
+        return
+    elif not cfg.source:
+        raise _no_tokenizer(cfg)
+    elif _source_kind(cfg.source) == "folder":
+        _check_tokenizer_folder(_source_folder(cfg, "tokenizer") / SUBFOLDERS["tokenizer"], "model.source")
 
 
 def check_model_files(
     cfg: ModelConfig, *, high: bool = True, low: bool = True, vae: bool = True, text_encoder: bool = True
 ) -> None:
     """Refuse every requested component that could not load, before any weight is read: a repo id that is not
-    reachable or cached, a source folder without the component's subfolder, a tokenizer path that does not exist,
-    and each ComfyUI file that is missing, a folder, not safetensors, or another model (keys and shapes, from the
-    header). Seconds on 14B files, so a wrong text-encoder path fails before the experts' minutes of loading."""
+    reachable or cached; a ComfyUI file that is missing, a folder, not safetensors (GGUF, a pickle), cut short, or
+    another model (keys and shapes, from the header); a source folder without the component's subfolder, its
+    config.json or all of its weights (shard index and shards, their headers); a tokenizer without its vocabulary;
+    and components that do not fit each other (:func:`_check_fit`: experts of two architectures, an image-to-video
+    or TI2V-5B expert, a VAE or text encoder of another model). Seconds on 14B files, so a wrong text-encoder path
+    fails before the experts' minutes of loading."""
     _check_hub_sources(cfg, high, low, vae, text_encoder)
-    wanted = [p for p, on in (("high", high), ("low", low), ("vae", vae), ("text_encoder", text_encoder)) if on]
-    for part in wanted:
-        file = getattr(cfg, _FILE_SETTING[part])
-        if file:
-            _FILE_CHECKS[part](file, f"model.{_FILE_SETTING[part]}")
-        elif _require_source(cfg, part) == "folder":
-            _source_folder(cfg, part)
-    if text_encoder and cfg.tokenizer:
-        _tokenizer_kind(cfg.tokenizer)
-    elif text_encoder and cfg.text_encoder and not cfg.source and not check_text_encoder_file(cfg.text_encoder):
-        raise _no_tokenizer(cfg)  # the file was checked above: this only asks whether it carries its tokenizer
+    configs: dict[str, dict | None] = {}
+    has_tokenizer = False
+    for part in [p for p, on in (("high", high), ("low", low), ("vae", vae), ("text_encoder", text_encoder)) if on]:
+        if part == "text_encoder" and cfg.text_encoder:
+            configs[part], has_tokenizer = check_text_encoder_file(cfg.text_encoder, "model.text_encoder")
+        else:
+            configs[part] = _checked_config(cfg, part)
+    if text_encoder:
+        _check_tokenizer(cfg, has_tokenizer)
+    _check_fit(cfg, configs)
+
+
+def expert_config(cfg: ModelConfig, part: str) -> dict | None:
+    """The ``WanTransformer3DModel`` config of expert ``part`` (``'high'`` / ``'low'``) without reading a weight:
+    from its ComfyUI file's header, the tiny preset, or its source's ``config.json`` (a repo's from the local cache).
+    ``None``: a file that is not a Wan transformer, or a repo whose config is not cached. Raises
+    :class:`ModelLoadError` for a file or folder that cannot be read (missing, not safetensors, no config.json)."""
+    file = getattr(cfg, _FILE_SETTING[part])
+    if file:
+        return transformer_file_config(file, f"model.{_FILE_SETTING[part]}")
+    if _require_source(cfg, part) == "tiny":
+        return dict(tiny.TINY_TRANSFORMER_CONFIG)
+    folder = _component_folder(cfg, part)
+    return None if folder is None else _folder_config(folder, part)
 
 
 def load_components(
@@ -485,7 +659,7 @@ def load_components(
         with logged_seconds(log, "loaded the text encoder"):
             components.text_encoder, components.tokenizer = _text_encoder(cfg)
         components.text_dim = components.text_encoder.config.d_model
-    _check_compatible(components)
+    _check_compatible(cfg, components)
     return components
 
 
@@ -501,5 +675,5 @@ def load_expert(
     with logged_seconds(log, f"loaded the {part}-noise expert{where}"):
         model = _expert(cfg, part, device)
     setattr(components, part, model)
-    _check_compatible(components)
+    _check_compatible(cfg, components)
     return model

@@ -19,6 +19,7 @@ import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import sentencepiece as spm
 import torch
@@ -44,6 +45,20 @@ _INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 _QUANT_CONF_SUFFIX = ".comfy_quant"
 _SCALED_MARKER = "scaled_fp8"
 _HEAD_DIM = 128  # Wan attention heads are 128 channels wide at every model size
+#: Latent channels of the Wan 2.1 VAE, which the Wan 2.2 T2V A14B experts (and the tiny preset's) denoise.
+LATENT_CHANNELS = 16
+#: In/out channels of Wan 2.2 TI2V-5B, whose own VAE makes 48-channel latents.
+_TI2V_5B_CHANNELS = 48
+#: A ComfyUI repackaged file of the same component, for the advice on files this trainer cannot read.
+_SAME_MODEL_EXAMPLE = {
+    "model.high_noise": "wan2.2_t2v_high_noise_14B_fp16.safetensors",
+    "model.low_noise": "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+    "model.text_encoder": "umt5_xxl_fp16.safetensors",
+    "model.vae": "wan_2.1_vae.safetensors",
+}
+_GGUF_MAGIC = b"GGUF"
+_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02\x8a")  # torch.save: a zip archive (torch >= 1.6), or a bare pickle
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 
 
 # ----------------------------------------------------------------------------------------------- dtypes
@@ -133,7 +148,8 @@ class SingleFile:
             self._open()
             metadata = self._handle.metadata() or {}
         except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{self.setting}: {self.path} is not a readable .safetensors file ({exc})") from None
+            problem = safetensors_problem(self.path, self.setting) or f"is not a readable .safetensors file ({exc})"
+            raise ModelLoadError(f"{self.setting}: {self.path} {problem}") from None
         try:
             self._index(metadata)
         except ModelLoadError:
@@ -258,6 +274,45 @@ class SingleFile:
 REMAP_BYTES = 1 << 30
 
 
+def safetensors_problem(path: str | Path, setting: str = "") -> str | None:
+    """Why ``path`` cannot be read as a .safetensors file, with what to do, from its first bytes and its header alone:
+    a GGUF or PyTorch pickle checkpoint, a file cut short (its size against the size its header describes) or a
+    damaged header. ``None`` when the header is sound and the file holds every byte it describes. ``setting``
+    (``model.vae`` ...) picks the example file the advice names."""
+    path = Path(path)
+    example = _SAME_MODEL_EXAMPLE.get(setting, "repackaged Wan 2.2 files")
+    same_model = f"use the fp16/bf16 or fp8_scaled .safetensors of the same model (e.g. Comfy-Org's {example})"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            return _header_problem(fh, size, same_model)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc}) - check its permissions"
+
+
+def _header_problem(fh: BinaryIO, size: int, same_model: str) -> str | None:
+    """:func:`safetensors_problem` of an open file of ``size`` bytes."""
+    head = fh.read(8)
+    if head.startswith(_GGUF_MAGIC):
+        return f"is a GGUF file (llama.cpp-style quantization), which this trainer cannot read - {same_model}"
+    if head.startswith(_PICKLE_MAGICS):
+        return f"is a PyTorch pickle checkpoint (.pt/.ckpt), which this trainer does not read - {same_model}"
+    length = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if length > _MAX_HEADER_BYTES or (len(head) == 8 and length < 2):
+        return f"is not a readable .safetensors file (no safetensors header at its start) - {same_model}"
+    if 8 + length > size:
+        return f"is cut short: {size:,} bytes, less than its own header needs ({8 + length:,}) - download it again"
+    try:
+        header = json.loads(fh.read(length))
+        end = 8 + length + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "has a damaged header (not safetensors JSON) - download it again"
+    if size < end:
+        return (f"is cut short: {size:,} bytes of the {end:,} its header describes ({end - size:,} missing), so the "
+                "download did not finish - download it again")
+    return None
+
+
 def _scale_fits(scale: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     # One value, or a same-rank tensor broadcasting onto the weight (e.g. [out, 1] per row). A 1-D [out] scale on a
     # matrix would broadcast along the wrong axis (silently, when the matrix is square), so it is not accepted.
@@ -369,11 +424,8 @@ def _transformer_layout(f: SingleFile) -> tuple[WanTransformer3DModel, dict[str,
     dim = shapes["patch_embedding.weight"][0]
     if dim % _HEAD_DIM:
         raise f.fail(f"is not {expected_desc}: its width {dim} is not a multiple of the {_HEAD_DIM}-wide heads")
-    if config["in_channels"] != config["out_channels"]:
-        raise f.fail(
-            f"is an image-to-video model ({config['in_channels']} input vs {config['out_channels']} output "
-            "channels); this trainer trains the text-to-video experts (wan2.2_t2v_high/low_noise_14B_*)"
-        )
+    if problem := expert_channels_problem(config):
+        raise f.fail(problem)
     # diffusers' converter only renames keys for T2V checkpoints, so feeding it the names themselves yields
     # the name mapping (diffusers name -> file name) without reading any tensor.
     names = convert_wan_transformer_to_diffusers({k: k for k in shapes})
@@ -382,6 +434,29 @@ def _transformer_layout(f: SingleFile) -> tuple[WanTransformer3DModel, dict[str,
     what = f"{expected_desc} with {config['num_layers']} layers of width {dim}"
     _check_keys(f, _empty_state_shapes(model), names, what, file_name_of=_original_name)
     return model, names
+
+
+def expert_channels_problem(config: dict) -> str | None:
+    """Why an expert of this ``WanTransformer3DModel`` config is not a text-to-video expert of the Wan 2.1 VAE's
+    latents (an image-to-video or TI2V-5B model), with what to use; ``None`` when it is one."""
+    c_in, c_out = config["in_channels"], config["out_channels"]
+    if c_in != c_out:
+        return (f"is an image-to-video model ({c_in} input vs {c_out} output channels); this trainer trains the "
+                "text-to-video experts (wan2.2_t2v_high/low_noise_14B_*)")
+    if c_in != LATENT_CHANNELS:
+        what = "Wan 2.2 TI2V-5B (made for its own 48-channel VAE)" if c_in == _TI2V_5B_CHANNELS else "another model"
+        return (f"is {what}: it takes {c_in} latent channels, not the Wan 2.1 VAE's {LATENT_CHANNELS}; this trainer "
+                "trains the Wan 2.2 T2V A14B experts (wan2.2_t2v_high/low_noise_14B_*)")
+    return None
+
+
+def vae_channels_problem(z_dim: int) -> str | None:
+    """Why a VAE making ``z_dim`` latent channels does not pair with the Wan 2.2 T2V A14B experts; ``None`` when it
+    does."""
+    if z_dim == LATENT_CHANNELS:
+        return None
+    return (f"is a VAE with {z_dim} latent channels; Wan 2.2 T2V A14B uses the Wan 2.1 VAE with {LATENT_CHANNELS} "
+            "(the 48-channel one belongs to Wan 2.2 TI2V-5B) - use wan_2.1_vae.safetensors")
 
 
 def transformer_file_config(path: str | Path, setting: str) -> dict | None:
@@ -395,10 +470,11 @@ def transformer_file_config(path: str | Path, setting: str) -> dict | None:
             return None
 
 
-def check_transformer_file(path: str | Path, setting: str) -> None:
-    """Refuse a file :func:`load_transformer_file` would refuse, reading only its header (seconds, not minutes)."""
+def check_transformer_file(path: str | Path, setting: str) -> dict:
+    """Refuse a file :func:`load_transformer_file` would refuse, reading only its header (seconds, not minutes);
+    returns the expert's ``WanTransformer3DModel`` config."""
     with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX) as f:
-        _transformer_layout(f)
+        return dict(_transformer_layout(f)[0].config)
 
 
 def load_transformer_file(
@@ -432,11 +508,8 @@ def _vae_layout(f: SingleFile) -> tuple[AutoencoderKLWan, dict[str, str]]:
         if key not in shapes:
             raise f.fail(f"is not {expected_desc}: it has no tensor '{key}'")
     z_dim = shapes["conv2.weight"][0]
-    if z_dim != 16:
-        raise f.fail(
-            f"is a VAE with {z_dim} latent channels; Wan 2.2 T2V A14B uses the Wan 2.1 VAE with 16 "
-            "(the 48-channel one belongs to Wan 2.2 TI2V-5B) - use wan_2.1_vae.safetensors"
-        )
+    if problem := vae_channels_problem(z_dim):
+        raise f.fail(problem)
     base_dim, in_channels = shapes["encoder.conv1.weight"][:2]
     config = {
         "base_dim": base_dim,
@@ -451,10 +524,11 @@ def _vae_layout(f: SingleFile) -> tuple[AutoencoderKLWan, dict[str, str]]:
     return model, names
 
 
-def check_vae_file(path: str | Path, setting: str = "model.vae") -> None:
-    """Refuse a file :func:`load_vae_file` would refuse, reading only its header."""
+def check_vae_file(path: str | Path, setting: str = "model.vae") -> dict:
+    """Refuse a file :func:`load_vae_file` would refuse, reading only its header; returns its AutoencoderKLWan
+    config."""
     with SingleFile(path, setting) as f:
-        _vae_layout(f)
+        return dict(_vae_layout(f)[0].config)
 
 
 def load_vae_file(path: str | Path, dtype: torch.dtype, setting: str = "model.vae") -> AutoencoderKLWan:
@@ -515,14 +589,14 @@ def _umt5_layout(f: SingleFile) -> UMT5Config:
     return config
 
 
-def check_text_encoder_file(path: str | Path, setting: str = "model.text_encoder") -> bool:
+def check_text_encoder_file(path: str | Path, setting: str = "model.text_encoder") -> tuple[dict, bool]:
     """Refuse a file :func:`load_text_encoder_file` would refuse, reading only its header (and the small tokenizer
-    tensor); returns whether it carries its tokenizer (``spiece_model``)."""
+    tensor); returns its UMT5 config (as a dict) and whether it carries its tokenizer (``spiece_model``)."""
     with SingleFile(path, setting) as f:
         has_tokenizer = SPIECE_KEY in f.names
         f.names.pop(SPIECE_KEY, None)
-        _umt5_layout(f)
-    return has_tokenizer
+        config = _umt5_layout(f)
+    return config.to_dict(), has_tokenizer
 
 
 def load_text_encoder_file(
