@@ -12,7 +12,7 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
 from trainer_core.config import JobConfig, LoraConfig, ModelConfig, QuantConfig
-from trainer_core.errors import ConfigError
+from trainer_core.errors import ConfigError, ModelLoadError
 from trainer_core.lora import attach_lora, lora_parameters
 from trainer_core.memory import ExpertMemory
 from trainer_core.memory.planner import (
@@ -504,3 +504,14 @@ def test_a_card_with_fp8_matmuls_is_advised_float8_first(free_gib):
     assert ("offload_blocks" in first) == (free_gib < 30)  # a 32 GB card holds a float8 expert whole
     with pytest.raises(ConfigError, match="change one of:\n  - all of quant.transformer: float8"):
         check_plan(ada)
+
+
+def test_model_arch_of_a_folder_it_cannot_read_is_refused_not_assumed(tmp_path):
+    """A diffusers folder whose high-noise config.json is missing is planned from the low-noise one; with neither,
+    the folder is refused by name instead of planned as Wan 2.2 A14B."""
+    (tmp_path / "transformer").mkdir()
+    _tiny_expert().save_config(tmp_path / "transformer_2")
+    assert model_arch(ModelConfig(source=str(tmp_path))) == TINY_TRANSFORMER_CONFIG
+    (tmp_path / "transformer_2" / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=rf"^model\.source: {tmp_path}/transformer/config\.json is missing"):
+        model_arch(ModelConfig(source=str(tmp_path)))

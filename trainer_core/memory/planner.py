@@ -68,12 +68,10 @@ for float8's fp32 detour, 9 for uint4's unpacking). A fragmentation allowance of
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -82,7 +80,8 @@ from ..config import DEFAULT_LORA_TARGETS, JobConfig, ModelConfig
 from ..data.buckets import bucket_sizes
 from ..errors import ConfigError, ModelLoadError
 from ..keys import LORA_TARGET_TO_DIFFUSERS
-from ..models.single_file import fp32_kept_modules, tensor_dtype, transformer_file_config
+from ..models.loading import expert_config
+from ..models.single_file import fp32_kept_modules, tensor_dtype
 from ..names import DTYPES, EXPERTS
 from ..quant.choice import auto_transformer_quant
 from ..quant.float8 import supports_fp8_matmul
@@ -805,24 +804,24 @@ def check_plan(plan: Plan) -> Plan:
 
 
 def model_arch(cfg: ModelConfig) -> dict:
-    """The experts' ``WanTransformer3DModel`` config without loading any weight: the tiny preset's for
-    ``source: tiny``, a ComfyUI expert file's from its header, ``transformer/config.json`` of a diffusers folder,
-    else Wan 2.2 T2V A14B's (repo ids of that model, and files that cannot be read)."""
-    for path in (cfg.high_noise, cfg.low_noise):
+    """The experts' ``WanTransformer3DModel`` config without loading any weight (:func:`~..models.loading.
+    expert_config`): the high-noise expert's, else the low-noise one's (a ComfyUI file's header, the tiny preset, a
+    diffusers folder's or cached repo's config.json); else Wan 2.2 T2V A14B's, the model this trainer is for (a repo
+    id not in the local cache, ComfyUI files that cannot be read: the pre-flight names what is wrong with them). A
+    source folder neither expert's config.json can be read from raises that :class:`ModelLoadError` instead of
+    planning for a model of another size."""
+    source_error = None
+    for part in EXPERTS:
         try:
-            config = transformer_file_config(path, "expert file") if path else None
-        except ModelLoadError:  # the pre-flight names what is wrong with it
-            config = None
+            config = expert_config(cfg, part)
+        except ModelLoadError as exc:  # the other expert may do: one trained expert needs nothing of the other
+            if cfg.source and not getattr(cfg, f"{part}_noise"):
+                source_error = source_error or exc
+            continue
         if config is not None:
-            return config
-    if cfg.source == "tiny" and not (cfg.high_noise or cfg.low_noise):
-        from ..models.tiny import TINY_TRANSFORMER_CONFIG
-
-        return dict(TINY_TRANSFORMER_CONFIG)
-    config = Path(cfg.source or "").expanduser() / "transformer" / "config.json"
-    if cfg.source and not (cfg.high_noise or cfg.low_noise) and config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
-        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in WAN22_A14B_ARCH}
+            return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in WAN22_A14B_ARCH}
+    if source_error is not None:
+        raise source_error
     return dict(WAN22_A14B_ARCH)
 
 
