@@ -26,6 +26,7 @@ from tests.model_fixtures import (
 from trainer_core.config import ModelConfig
 from trainer_core.errors import ModelLoadError
 from trainer_core.models import check_model_files, load_components, loading
+from trainer_core.models.single_file import safetensors_problem
 from trainer_core.models.tiny import TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, tiny_spiece_model
 
 ONLY_TEXT = {"high": False, "low": False, "vae": False}
@@ -272,7 +273,5 @@ def test_the_advice_names_the_file_of_the_same_component(tmp_path, no_weights, s
 
 
 def test_an_intact_file_has_no_header_problem(comfy):
-    from trainer_core.models.single_file import safetensors_problem
-
     assert all(safetensors_problem(path) is None for path in comfy.values())
     assert load_file(str(comfy["high"]))  # the reference reader agrees that it is whole
