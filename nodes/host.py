@@ -141,15 +141,32 @@ class Progress:
         logs it itself)."""
         if logged:
             log.info(message)
-        server = _optional("server")
-        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-        if instance is not None and self.node_id is not None:
-            instance.send_progress_text(message, self.node_id)
+        show_text(message, self.node_id)
 
 
-def apply_lora(model: Any, tensors: dict[str, torch.Tensor], strength: float) -> Any:
-    """A clone of ComfyUI ``MODEL`` ``model`` patched with LoRA ``tensors`` (ComfyUI key names) at ``strength``."""
+def show_text(message: str, node_id: str | None) -> None:
+    """Show ``message`` under the node ``node_id`` (ComfyUI's progress text); nothing headless."""
+    server = _optional("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and node_id is not None:
+        instance.send_progress_text(message, node_id)
+
+
+def model_weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """The shapes of a ComfyUI ``MODEL``'s diffusion-model tensors by name (``blocks.0.self_attn.q.weight`` for
+    Wan): what a LoRA's keys load into."""
+    return {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def apply_lora(model: Any, tensors: dict[str, torch.Tensor], strength: float, where: str, target: str) -> Any:
+    """A clone of ComfyUI ``MODEL`` ``model`` patched with LoRA ``tensors`` (ComfyUI key names) at ``strength``.
+
+    ComfyUI's loader only logs a key that does not fit the model (and leaves that weight alone): the tensors are
+    checked against ``model``'s own shapes first, refused naming the file (``where``) and the model (``target``)."""
     import comfy.sd
 
+    from trainer_core.lora import check_lora_fits
+
+    check_lora_fits(tensors, model_weight_shapes(model), where, target)
     patched, _ = comfy.sd.load_lora_for_models(model, None, tensors, strength, 0)
     return patched

@@ -13,7 +13,7 @@ from trainer_core.sample import native_recipe
 
 from . import host
 from .bundle import CATEGORY, EXPERTS, LORA
-from .widgets import inputs, limits_problem, partial_config, widget
+from .widgets import inputs, limits_problem, partial_config, setting, widget
 
 if TYPE_CHECKING:
     from trainer_core.api import ExpertsBundle, LoraPair
@@ -37,6 +37,8 @@ RENDER_FIELDS = {
     "vae_tiling": "sample.vae_tiling",
 }
 _RENDER_UI = {"negative_prompt": {"multiline": True}}
+#: Load Wan22 LoRA Pair folds its strength into the pair: said where a render's strength is set.
+_TIMES_LOAD = ". Multiplies with Load Wan22 LoRA Pair's strength (0.5 there and 0.5 here apply 0.25)"
 
 
 def _prompts_input() -> dict[str, tuple]:
@@ -77,7 +79,12 @@ class PreviewSample:
         "lora_strength_low": "sample.lora_strength_low",
         "boundary": "multistage.boundary",
     }
-    UI = {**_RENDER_UI, "seed": {"control_after_generate": True}}  # a test render: a new seed per queue when asked
+    UI = {
+        **_RENDER_UI,
+        "seed": {"control_after_generate": True},  # a test render: a new seed per queue when asked
+        "lora_strength_high": {"tooltip": setting("sample.lora_strength_high")[0].description + _TIMES_LOAD},
+        "lora_strength_low": {"tooltip": setting("sample.lora_strength_low")[0].description + _TIMES_LOAD},
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -139,16 +146,18 @@ class PreviewSample:
     ) -> tuple[torch.Tensor]:
         """Encode the prompts, render each video, and return all frames as one IMAGE batch ``[F, H, W, 3]``."""
         # The sampler's libraries (diffusers, peft, transformers) load on first use, not at ComfyUI's start.
-        from trainer_core.api import lora_attached, placed
+        from trainer_core.api import check_pair_fits, lora_attached, placed
         from trainer_core.sample import encode_sample_prompts, sample_videos
 
         cfg = _checked_config(prompts, values)
         boundary = values["boundary"]
+        check_pair_fits(lora, experts.model)  # a LoRA for another model: refused before minutes of loading
         host.free_host_models()
         device = host.compute_device()
         comps = experts.components(quantize_on=device)  # with Quantize ARA: the experts training quantized
         progress = host.Progress(cfg.steps * len(cfg.prompts), unique_id)
-        progress.text(native_recipe(cfg, boundary))  # how ComfyUI's native graph renders the same video
+        # how ComfyUI's native graph renders the same video, Load Wan22 LoRA Pair's strengths included
+        progress.text(native_recipe(cfg, boundary, loaded_strength=lora.strength if lora is not None else None))
 
         def on_step(done: int, total: int) -> None:
             host.check_interrupt()
@@ -156,7 +165,10 @@ class PreviewSample:
 
         with placed(device, comps.text_encoder):
             cache = encode_sample_prompts(comps.text_encoder, comps.tokenizer, cfg)
-        with lora_attached(comps.high, lora, "high"), lora_attached(comps.low, lora, "low"):
+        with (
+            lora_attached(comps.high, lora, "high", cfg.lora_strength_high),
+            lora_attached(comps.low, lora, "low", cfg.lora_strength_low),
+        ):
             with placed(device, comps.high, comps.low, comps.vae):
                 videos = sample_videos(comps.high, comps.low, comps.vae, cache, cfg, boundary, on_step=on_step)
         return (torch.cat(videos),)

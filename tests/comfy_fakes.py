@@ -130,6 +130,13 @@ def install(monkeypatch, root: Path) -> Host:
     return host
 
 
+def comfy_model(state_dict: dict) -> object:
+    """A ComfyUI ``MODEL`` (ModelPatcher) as far as the pack reads one: ``model.diffusion_model.state_dict()``,
+    original Wan names (``blocks.0.self_attn.q.weight``)."""
+    diffusion_model = types.SimpleNamespace(state_dict=lambda: state_dict)
+    return types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=diffusion_model))
+
+
 def load_pack():
     """Import the repository root as ComfyUI imports a custom node folder (a package named after the folder)."""
     if PACK_NAME in sys.modules:

@@ -24,6 +24,7 @@ FORMATS: dict[str, str] = {
     "comfyui": "ComfyUI / this trainer: diffusion_model.<module>.lora_down/lora_up + alpha",
     "comfyui_no_alpha": "the same without .alpha (scale 1)",
     "aitoolkit": "ai-toolkit Wan 2.2: diffusion_model.<module>.lora_A/lora_B, no alpha",
+    "peft_default": "peft's own state dict: diffusion_model.<module>.lora_A.default/lora_B.default, no alpha",
     "diffusers": "diffusers/peft: transformer.<diffusers module>.lora_A/lora_B",
     "kohya": "kohya/musubi: lora_unet_<module>.lora_down/lora_up + alpha, bf16",
     "per_module_rank": "ComfyUI naming, rank and alpha differing per module, some modules absent",
@@ -67,8 +68,9 @@ def _key_base(fmt: str, module: str) -> str:
 
 def lora_state_dict(fmt: str, modules: dict[str, Stored]) -> dict[str, torch.Tensor]:
     """The tensors of a file in format ``fmt`` holding ``modules``."""
-    down_up = (".lora_A.weight", ".lora_B.weight") if fmt in ("aitoolkit", "diffusers") else (
-        ".lora_down.weight", ".lora_up.weight")
+    down_up = {"aitoolkit": (".lora_A.weight", ".lora_B.weight"), "diffusers": (".lora_A.weight", ".lora_B.weight"),
+               "peft_default": (".lora_A.default.weight", ".lora_B.default.weight")}.get(
+        fmt, (".lora_down.weight", ".lora_up.weight"))
     sd = {}
     for module, (down, up, alpha) in modules.items():
         base = _key_base(fmt, module)
@@ -106,6 +108,46 @@ def comfy_patch(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scal
                 ) -> torch.Tensor:
     """LoraLoaderModelOnly's patched weight, written out in float64: W + strength · scale · up @ down."""
     return weight.double() + strength * scale * (up.double() @ down.double())
+
+
+def comfy_trainer_lora(weights: dict[str, torch.Tensor], seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A LoRA as ComfyUI's own trainer saves one (comfy_extras/nodes_train.py): for every weight of the model
+    (``weights``: original names) with 2+ dims a LoRA (down/up/alpha), for every other weight a full difference
+    ``.diff``, for every bias a ``.diff_b``; random values, alpha 2."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, w in weights.items():
+        module, kind = key.rsplit(".", 1)
+        base = f"diffusion_model.{module}"
+        if kind == "bias":
+            out[base + ".diff_b"] = torch.randn(w.shape, generator=gen) * 0.05
+        elif kind == "weight" and w.ndim >= 2:
+            out[base + ".lora_down.weight"] = torch.randn(rank, w[0].numel(), generator=gen) * 0.1
+            out[base + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=gen) * 0.1
+            out[base + ".alpha"] = torch.tensor(2.0)
+        elif kind == "weight":
+            out[base + ".diff"] = torch.randn(w.shape, generator=gen) * 0.05
+    return out
+
+
+def comfy_patched(weights: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: float = 1.0
+                  ) -> dict[str, torch.Tensor]:
+    """ComfyUI's patched weights (comfy/lora.py ``calculate_weight``), written out in float64: per LoRA
+    W + strength · (alpha / rank) · (up @ down reshaped to W), per difference W + strength · diff."""
+    out = {k: v.double() for k, v in weights.items()}
+    for key, t in lora.items():
+        name = key.removeprefix("diffusion_model.")
+        if name.endswith(".diff_b"):
+            out[name.removesuffix(".diff_b") + ".bias"] += strength * t.double()
+        elif name.endswith(".diff"):
+            out[name.removesuffix(".diff") + ".weight"] += strength * t.double()
+        elif name.endswith(".lora_up.weight"):
+            module = name.removesuffix(".lora_up.weight")
+            down = lora[f"diffusion_model.{module}.lora_down.weight"].double()
+            alpha = float(lora.get(f"diffusion_model.{module}.alpha", down.shape[0]))
+            w = out[module + ".weight"]
+            out[module + ".weight"] = w + strength * alpha / down.shape[0] * (t.double() @ down).reshape(w.shape)
+    return out
 
 
 def with_random_lora(base: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> torch.nn.Module:

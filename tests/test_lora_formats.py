@@ -14,6 +14,7 @@ import re
 import sys
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,8 +30,20 @@ from trainer_core.cli import main  # noqa: E402
 from trainer_core.config import LoraConfig, SampleConfig, job_from_dict  # noqa: E402
 from trainer_core.data import make_synthetic_dataset  # noqa: E402
 from trainer_core.errors import ConfigError, LoraFileError  # noqa: E402
-from trainer_core.keys import LORA_TARGET_TO_DIFFUSERS, diffusers_module_to_original, parse_lora_key  # noqa: E402
-from trainer_core.lora import adapter_config, attach_lora, load_lora_tensors, read_lora_file  # noqa: E402
+from trainer_core.keys import (  # noqa: E402
+    LORA_TARGET_TO_DIFFUSERS,
+    diffusers_module_to_original,
+    diffusers_state_dict_to_original,
+    parse_lora_key,
+)
+from trainer_core.lora import (  # noqa: E402
+    adapter_config,
+    attach_lora,
+    load_lora_tensors,
+    pair_warnings,
+    read_lora_file,
+    wan_weight_shapes,
+)
 from trainer_core.lora import formats as formats_module  # noqa: E402
 from trainer_core.models import load_components  # noqa: E402
 from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG, tiny_transformer  # noqa: E402
@@ -93,6 +106,24 @@ def test_key_names_of_every_format_map_to_original_modules():
     assert parse_lora_key("transformer.blocks.1.ffn.net.0.proj.lora_B.weight") == ("blocks.1.ffn.0", "up", "diffusers")
     assert parse_lora_key("blocks.0.self_attn.q.lora_A.weight") is None  # ComfyUI maps no unprefixed key
     assert parse_lora_key("diffusion_model.blocks.0.self_attn.q.hada_w1_a") is None
+    # peft's own state dict, ComfyUI's trainer's differences, kohya names of the layers outside the blocks
+    assert parse_lora_key("diffusion_model.blocks.0.ffn.2.lora_B.default.weight") == ("blocks.0.ffn.2", "up", "comfyui")
+    assert parse_lora_key("diffusion_model.blocks.0.norm3.diff_b") == ("blocks.0.norm3", "diff_b", "comfyui")
+    assert parse_lora_key("lora_unet_blocks_2_self_attn_norm_k.diff") == ("blocks.2.self_attn.norm_k", "diff", "kohya")
+    assert parse_lora_key("lora_unet_time_projection_1.lora_down.weight") == ("time_projection.1", "down", "kohya")
+    assert parse_lora_key("lora_unet_head_head.alpha") == ("head.head", "alpha", "kohya")
+
+
+def test_wan_weight_shapes_are_the_models_own():
+    # Reference: diffusers' WanTransformer3DModel built for the config, its names mapped to ComfyUI's
+    from diffusers import WanTransformer3DModel
+
+    other = {**ARCH, "num_layers": 3, "num_attention_heads": 3, "ffn_dim": 96, "text_dim": 32, "in_channels": 36}
+    for arch in (ARCH, other):
+        model = WanTransformer3DModel(**arch)
+        ref = {k: tuple(v.shape) for k, v in diffusers_state_dict_to_original(model.state_dict()).items()
+               if not k.endswith("modulation")}
+        assert wan_weight_shapes(arch) == ref
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -137,17 +168,30 @@ BAD_FILES = {
                      r"taking 36 latent channels"),
     "i2v_layers": ({**_lora("diffusion_model.blocks.0.cross_attn.k_img", 256, 256),
                     **_lora("diffusion_model.blocks.0.cross_attn.q", 256, 256)}, r"image-to-video"),
-    "more_blocks": (_lora("lora_unet_blocks_39_ffn_2", 256, 512), r"block 39 but these experts have 2 blocks"),
+    "more_blocks": (_lora("lora_unet_blocks_39_ffn_2", 256, 512), r"block 39, beyond the 2 blocks of these experts"),
     "lokr": ({"diffusion_model.blocks.0.self_attn.q.lokr_w1": torch.zeros(4, 4)}, r"LoKr"),
     "sdxl": (_lora("lora_unet_down_blocks_0_attentions_0_proj_in", 8, 8), r"holds no Wan 2\.2 LoRA"),
-    "head": ({**_lora("diffusion_model.blocks.0.ffn.0", 512, 256), **_lora("diffusion_model.head.head", 64, 256)},
-             r"head\.head, outside the attention and feed-forward"),
     "no_up": ({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 256)}, r"no up weight"),
     "mixed": ({**_lora("diffusion_model.blocks.0.self_attn.q", 256, 256),
                **_lora("lora_unet_blocks_0_self_attn_k", 256, 256)}, r"mixes key namings"),
     "unknown": ({"some.tensor": torch.zeros(2)}, r"not a Wan LoRA in a format ComfyUI reads"),
-    "diff": ({"diffusion_model.blocks.0.ffn.0.diff": torch.zeros(512, 256),
-              "diffusion_model.blocks.0.ffn.0.diff_b": torch.zeros(512)}, r"full-weight difference"),
+    # ComfyUI's trainer's differences, of a model of another width / a name no Wan model has
+    "norm_diff_1_3b": ({"diffusion_model.blocks.0.norm3.diff": torch.zeros(1536)},
+                       r"another size \(Wan 2\.1 T2V 1\.3B, width 1536; these experts: 256\)"),
+    "unknown_module": ({**_lora("diffusion_model.blocks.0.ffn.0", 512, 256),
+                        "diffusion_model.blocks.0.modulation.diff": torch.zeros(1, 6, 256)},
+                       r"adapts blocks\.0\.modulation, which a Wan text-to-video transformer does not have"),
+    "lora_and_diff": ({**_lora("diffusion_model.head.head", 64, 256), "diffusion_model.head.head.diff":
+                       torch.zeros(64, 256)}, r"both a LoRA and a \.diff for head\.head \(ComfyUI applies only"),
+    # diffusers' module names behind ComfyUI's prefix: ComfyUI skips them too
+    "diffusers_behind_prefix": (_lora("diffusion_model.blocks.0.attn1.to_q", 256, 256, naming=(
+        ".lora_A.weight", ".lora_B.weight")), r"names its modules in diffusers' spelling behind ComfyUI's "
+        r"diffusion_model\. prefix \(blocks\.0\.attn1\.to_q\), which ComfyUI's loader skips too .* rename the "
+        r"prefix diffusion_model\. to transformer\."),
+    "diffusers_mixed_in": ({**_lora("diffusion_model.blocks.0.ffn.0", 512, 256),
+                            **_lora("diffusion_model.blocks.1.attn2.to_out.0", 256, 256)},
+                           r"names 1 of its 2 modules in diffusers' spelling .* rename those modules to original Wan "
+                           r"names \(attn1 -> self_attn"),
     # 'diffusion_model' inside an unknown prefix is no '.diff' tensor
     "prefixed": (_lora("s.lora.high.diffusion_model.blocks.0.ffn.0", 512, 256),
                  r"is not a Wan LoRA in a format ComfyUI reads"),
@@ -181,6 +225,76 @@ def test_a_file_for_another_model_is_refused_by_name_from_its_header(case, tmp_p
     monkeypatch.setattr(formats_module, "safe_open", HeaderOnly)
     with pytest.raises(LoraFileError, match=rf"^lora_high: .*{case}\.safetensors .*{message}"):
         read_lora_file(path, "lora_high", arch=ARCH)
+
+
+def test_pickled_loras_read_as_comfyui_loads_them(tmp_path):
+    # ComfyUI's load_torch_file reads every file not named .safetensors/.sft with torch.load(weights_only=True) and
+    # unwraps a 'state_dict' entry; the patch must equal LoraLoaderModelOnly's semantics written out in float64
+    expected = write_lora("comfyui", tmp_path / "a.safetensors", ARCH, seed=2)
+    torch.save(load_file(str(tmp_path / "a.safetensors")), tmp_path / "a.pt")
+    torch.save({"state_dict": load_file(str(tmp_path / "a.safetensors"))}, tmp_path / "wrapped.ckpt")
+    for name in ("a.pt", "wrapped.ckpt"):
+        model, base = tiny_transformer("high"), tiny_transformer("high")
+        tensors = read_lora_file(tmp_path / name, "lora_high", arch=ARCH)
+        attach_lora(model, adapter_config(tensors))
+        load_lora_tensors(model, tensors, adapter_config(tensors))
+        assert _max_rel(model, expected, base) < 1e-6, name
+    torch.save({"diffusion_model.blocks.0.ffn.0.lora_down.weight": Path("x")}, tmp_path / "unsafe.pt")
+    torch.save({**load_file(str(tmp_path / "a.safetensors")), "epoch": 3}, tmp_path / "extra.pt")
+    (tmp_path / "text.pt").write_text("not a pickle")
+    for name, message in [("unsafe.pt", r"is a pickle that torch\.load refuses to read safely \(weights_only"),
+                          ("extra.pt", r"holds entries that are not tensors \(epoch\)"),
+                          ("text.pt", r"is neither a \.safetensors nor a PyTorch file")]:
+        with pytest.raises(LoraFileError, match=rf"^lora_high: .*{name} {message}"):
+            read_lora_file(tmp_path / name, "lora_high", arch=ARCH)
+
+
+def test_a_wan_fun_file_comfyui_skips_is_applied_with_a_warning(tmp_path):
+    # ComfyUI converts Wan Fun's 'lora_unet__' keys only when block 0's cross_attn.k is among them
+    # (comfy/lora_convert.py): without it LoraLoaderModelOnly renders the base model, the pack applies the file
+    def wan_fun(blocks_targets):
+        sd = {}
+        for module, (o, i) in blocks_targets:
+            sd |= _lora(f"lora_unet__{module}", o, i)
+            sd[f"lora_unet__{module}.alpha"] = torch.tensor(2.0)
+        return sd
+
+    skipped = _save_raw(tmp_path / "fun.safetensors", wan_fun([("blocks_1_ffn_0", (512, 256))]))
+    converted = _save_raw(tmp_path / "fun_k.safetensors", wan_fun([("blocks_0_cross_attn_k", (256, 256))]))
+    said = []
+    tensors = read_lora_file(skipped, "lora_high", arch=ARCH, on_warning=said.append)
+    assert set(tensors) >= {"diffusion_model.blocks.1.ffn.0.lora_down.weight"}
+    assert len(said) == 1 and re.match(r"lora_high: .*fun\.safetensors is a Wan Fun LoRA that ComfyUI's own LoRA "
+                                       r"loaders skip .* use Apply Wan22 LoRA Pair, or rename", said[0]), said
+    read_lora_file(converted, "lora_high", arch=ARCH, on_warning=said.append)
+    assert len(said) == 1
+
+
+@pytest.mark.parametrize("names, warned", [
+    ({"high": "job_000000500_low_noise.safetensors", "low": "job_000000500_high_noise.safetensors"},
+     r"^lora_high is job_000000500_low_noise\.safetensors and lora_low is job_000000500_high_noise\.safetensors: "
+     r"their names say they are swapped"),
+    ({"high": "Wan2.2-Lightning_T2V-A14B-4steps-lora_LOW_fp16.safetensors"},
+     r"^lora_high is Wan2\.2-Lightning_T2V-A14B-4steps-lora_LOW_fp16\.safetensors, whose name says it is for the "
+     r"low-noise expert - put it in lora_low, unless"),
+    ({"high": "a.safetensors", "low": "WAN2.2-HighNoise_style.safetensors"}, r"^lora_low is .* put it in lora_high "
+                                                                              r"\(now a\.safetensors\)"),
+    ({"high": "same.safetensors", "low": "same.safetensors"}, r"^lora_high and lora_low are the same file same"),
+    ({"high": "x_high_noise.safetensors", "low": "x-low-noise.safetensors"}, None),
+    ({"high": "highlight_lowres.safetensors", "low": "Highway_Low.safetensors"}, None),  # no expert word
+])
+def test_pair_file_names_that_say_the_files_are_swapped_are_warned(names, warned, tmp_path):
+    said = pair_warnings({e: tmp_path / n for e, n in names.items()}, {"high": "lora_high", "low": "lora_low"})
+    assert (said == []) if warned is None else (len(said) == 1 and re.search(warned, said[0])), said
+
+
+def test_init_files_named_for_the_other_experts_are_warned_when_the_run_starts(tmp_path):
+    job = _job(tmp_path, init_high=str(tmp_path / "r_low_noise.safetensors"),
+               init_low=str(tmp_path / "r_high_noise.safetensors"))
+    said = loop_module.run_warnings(job_from_dict(job), SimpleNamespace(samples_per_epoch=4),
+                                    SimpleNamespace(active=False))
+    assert [w for w in said if re.match(r"lora\.init_high is r_low_noise\.safetensors and lora\.init_low is "
+                                        r"r_high_noise\.safetensors: their names say they are swapped", w)], said
 
 
 def test_a_training_state_given_as_a_lora_names_the_files_to_pick(tmp_path):
@@ -306,7 +420,9 @@ def test_load_pair_node_renders_as_comfyui_patched_experts_and_inits_training(N,
                                                      "dtype": "fp32", "text_encoder_dtype": "fp32"})
     preview = nodes["Wan22PreviewSample"]
     settings = {**F.defaults(preview), **SMALL_RENDER, "prompts": "a red square moving right", "boundary": 0.9}
-    (frames,) = F.call(preview, experts=bundle, lora=pair, **settings)
+    (frames,) = F.call(preview, experts=bundle, lora=pair, **{**settings, "unique_id": "3"})
+    # the node text's native recipe states the strength LoraLoaderModelOnly needs: Load's 0.7 times Preview's 1
+    assert any(node == "3" and "LoRA strength 0.7 / 1 ·" in text for node, text in host.texts), host.texts
     # Reference: the core sampler on experts whose weights carry ComfyUI's patch (strength 0.7 on the high one).
     ref = load_components(bundle.model)
     high, low = _merged("high", expected["high"], 0.7), _merged("low", expected["low"])
@@ -328,6 +444,74 @@ def test_load_pair_node_renders_as_comfyui_patched_experts_and_inits_training(N,
         job(*args, save=save, init_lora=pair)
     cfg = job(*args, save=save, init_lora=only_low)
     assert (cfg.lora.init_high, cfg.lora.init_low) == (None, str(host.folder("loras") / "tk/x_low_noise.safetensors"))
+
+
+def test_apply_refuses_a_lora_that_does_not_fit_the_comfyui_model_before_patching(N):
+    # ComfyUI's load_lora_for_models only logs a LoRA of another size and returns the model unpatched; Apply checks the
+    # pair against the MODEL's own weights (original names, as ComfyUI's WanModel holds them) first
+    nodes, host = N
+    _save_raw(host.folder("loras") / "wan13b.safetensors", BAD_FILES["wan21_1_3b"][0])
+    _save_raw(host.folder("loras") / "deep.safetensors", BAD_FILES["more_blocks"][0])
+    write_lora("kohya", host.folder("loras") / "fits.safetensors", ARCH)
+    model = F.comfy_model(diffusers_state_dict_to_original(tiny_transformer("high").state_dict()))
+    load, apply = nodes["Wan22LoadLoraPair"], nodes["Wan22ApplyLoraPair"]
+    (pair,) = F.call(load, lora_high="wan13b.safetensors", strength_high=1.0, lora_low="deep.safetensors",
+                     strength_low=1.0)  # Load has no model to check against: it reads both
+    cases = [((0.5, 0.0), r"lora_high: .*wan13b\.safetensors was made for a model of another size \(Wan 2\.1 T2V "
+                          r"1\.3B, width 1536; model_high: 256\)"),
+             ((0.0, 1.0), r"lora_low: .*deep\.safetensors adapts block 39, beyond the 2 blocks of model_low")]
+    for (high, low), message in cases:
+        with pytest.raises(LoraFileError, match=rf"^Apply Wan22 LoRA Pair: Load Wan22 LoRA Pair {message}"):
+            F.call(apply, model_high=model, model_low=model, lora=pair, strength_high=high, strength_low=low)
+    assert not host.patches
+    (fits,) = F.call(load, lora_high="fits.safetensors", strength_high=1.0, lora_low="none", strength_low=1.0)
+    F.call(apply, model_high=model, model_low=model, lora=fits, strength_high=1.0, strength_low=1.0)
+    assert len(host.patches) == 1
+
+
+def test_preview_sample_refuses_a_lora_for_another_model_before_loading_anything(N, monkeypatch):
+    nodes, host = N
+    _save_raw(host.folder("loras") / "wan13b.safetensors", BAD_FILES["wan21_1_3b"][0])
+    (pair,) = F.call(nodes["Wan22LoadLoraPair"], lora_high="wan13b.safetensors", strength_high=1.0, lora_low="none",
+                     strength_low=1.0)
+    (bundle,) = F.call(nodes["Wan22LoadExperts"], **{**F.defaults(nodes["Wan22LoadExperts"]), "source": "tiny"})
+    monkeypatch.setattr(bundle.store, "provide", lambda *a, **k: pytest.fail("a component loaded"))
+    preview = nodes["Wan22PreviewSample"]
+    with pytest.raises(LoraFileError, match=r"^Load Wan22 LoRA Pair lora_high: .*wan13b\.safetensors was made for a "
+                                            r"model of another size \(Wan 2\.1 T2V 1\.3B"):
+        F.call(preview, experts=bundle, lora=pair, **{**F.defaults(preview), "prompts": "a cat"})
+
+
+def test_load_pair_shows_what_renders_differently_than_its_names_or_comfyui_say(N):
+    nodes, host = N
+    write_lora("aitoolkit", host.folder("loras") / "run_000000500_low_noise.safetensors", ARCH)
+    write_lora("comfyui", host.folder("loras") / "other.safetensors", ARCH)
+    fun = {k.replace("lora_unet_", "lora_unet__"): v for k, v in _lora("lora_unet_blocks_1_ffn_0", 512, 256).items()}
+    _save_raw(host.folder("loras") / "fun.safetensors", fun)
+    F.call(nodes["Wan22LoadLoraPair"], lora_high="run_000000500_low_noise.safetensors", strength_high=1.0,
+           lora_low="fun.safetensors", strength_low=1.0, unique_id="7")
+    (node, text), = host.texts
+    lines = text.splitlines()
+    assert node == "7" and len(lines) == 2, lines
+    assert re.match(r"warning: Load Wan22 LoRA Pair lora_low: .*fun\.safetensors is a Wan Fun LoRA that ComfyUI's "
+                    r"own LoRA loaders skip", lines[0])
+    assert re.match(r"warning: Load Wan22 LoRA Pair: lora_high is run_000000500_low_noise\.safetensors, whose name "
+                    r"says it is for the low-noise expert - put it in lora_low \(now fun\.safetensors\)", lines[1])
+    F.call(nodes["Wan22LoadLoraPair"], lora_high="other.safetensors", strength_high=1.0, lora_low="other.safetensors",
+           strength_low=1.0, unique_id="8")
+    assert re.match(r"warning: Load Wan22 LoRA Pair: lora_high and lora_low are the same file other\.safetensors",
+                    host.texts[-1][1])
+
+
+def test_strength_tooltips_say_load_and_render_strengths_multiply(N):
+    nodes, _ = N
+    spec = {name: nodes[name].INPUT_TYPES()["required"] for name in
+            ("Wan22LoadLoraPair", "Wan22ApplyLoraPair", "Wan22PreviewSample")}
+    for node, widgets in [("Wan22LoadLoraPair", ("strength_high", "strength_low")),
+                          ("Wan22ApplyLoraPair", ("strength_high", "strength_low")),
+                          ("Wan22PreviewSample", ("lora_strength_high", "lora_strength_low"))]:
+        for widget in widgets:
+            assert "Multiplies with" in spec[node][widget][1]["tooltip"] and "0.25" in spec[node][widget][1]["tooltip"]
 
 
 def _dataset_cfg(tmp_path: Path):

@@ -265,6 +265,14 @@ def test_recipe_names_each_prompts_seed_and_unipc_is_labelled_not_native():
                                                   "cfg and LoRA strength")
 
 
+def test_recipe_strength_is_the_product_of_the_loaded_and_the_render_strength():
+    # Load Wan22 LoRA Pair folds its strength into the pair: one LoraLoaderModelOnly needs the product
+    cfg = SampleConfig(prompts=["a"], lora_strength_high=0.7, lora_strength_low=0.5)
+    line = native_recipe(cfg, BOUNDARY, loaded_strength={"high": 0.6})
+    assert "LoRA strength 0.42 / 0.5 ·" in line and "not exact natively" not in line  # 0.6 · 0.7 is no 0.4199...
+    assert "not exact natively" in native_recipe(cfg, BOUNDARY, loaded_strength={"high": 0.35, "low": 0.35})
+
+
 def test_preview_follows_its_recipes_split(comps):
     """The experts run exactly on the steps the recipe gives them (high 0→split, low split→end)."""
     cfg = SampleConfig(prompts=["a"], steps=9, shift=5.0, scheduler="simple", guidance_high=1.0, guidance_low=1.0,

@@ -29,7 +29,17 @@ from safetensors.torch import load_file
 
 from .config import JobConfig, LoraConfig, MemoryConfig, ModelConfig, QuantConfig
 from .errors import TrainerError
-from .lora import attach_lora, detach_lora, load_lora_tensors, lora_file_name
+from .lora import (
+    attach_lora,
+    check_lora_fits,
+    detach_lora,
+    load_lora_tensors,
+    lora_file_name,
+    merged_patches,
+    split_patches,
+    wan_weight_shapes,
+)
+from .lora.formats import expert_arch
 from .models import WanComponents, load_components
 from .names import EXPERTS
 from .quant import Float8Linear, NF4Linear, UInt4Linear, quantize_expert, quantize_text_encoder
@@ -207,17 +217,32 @@ class LoraPair:
     the files they came from.
 
     ``tensors["high"]`` maps ``diffusion_model.blocks.N.<module>.lora_down.weight`` / ``lora_up.weight`` /
-    ``alpha`` to tensors - the dict ComfyUI's ``comfy.sd.load_lora_for_models`` takes; the rank may differ per
-    module. An expert that was not trained (or picked) has no entry. ``lora`` is the adapter that holds both
-    experts' tensors; ``strength`` the factor already folded into an expert's tensors (1 where absent).
+    ``alpha`` (and, from ComfyUI's own trainer, ``.diff`` / ``.diff_b`` and LoRAs outside the blocks) to tensors -
+    the dict ComfyUI's ``comfy.sd.load_lora_for_models`` takes; the rank may differ per module. An expert that was
+    not trained (or picked) has no entry. ``lora`` is the adapter that holds both experts' block LoRAs (None when
+    neither has one); ``strength`` the factor already folded into an expert's tensors (1 where absent);
+    ``inputs`` the input each expert's file was picked in (e.g. ``Load Wan22 LoRA Pair lora_high``), for messages.
     """
 
-    lora: LoraConfig
+    lora: LoraConfig | None
     tensors: dict[str, dict[str, torch.Tensor]]
     files: dict[str, Path] = field(default_factory=dict)
     step: int = 0
     trigger_word: str | None = None
     strength: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def where(self, expert: str) -> str:
+        """How messages name ``expert``'s LoRA: the input it was picked in and its file."""
+        named = self.inputs.get(expert, f"the {expert}-noise LoRA")
+        return f"{named}: {self.files[expert]}" if expert in self.files else named
+
+
+def check_pair_fits(pair: LoraPair | None, model: ModelConfig) -> None:
+    """Refuse a pair made for another model than ``model``'s experts from their configs alone (the experts' file
+    headers at most), before any weight loads."""
+    for expert, tensors in (pair.tensors if pair is not None else {}).items():
+        check_lora_fits(tensors, wan_weight_shapes(expert_arch(model, expert)), pair.where(expert))
 
 
 def final_pair(cfg: JobConfig, run_dir: Path, step: int) -> LoraPair:
@@ -244,17 +269,24 @@ def release_expert(model: nn.Module | None) -> None:
 
 
 @contextlib.contextmanager
-def lora_attached(model: nn.Module, pair: LoraPair | None, expert: str) -> Iterator[None]:
-    """Attach ``pair``'s adapter for ``expert`` to ``model`` for the duration (nothing when the pair lacks it)."""
+def lora_attached(model: nn.Module, pair: LoraPair | None, expert: str, strength: float = 1.0) -> Iterator[None]:
+    """Attach ``pair``'s adapter for ``expert`` to ``model`` for the duration (nothing when the pair lacks it).
+
+    What no adapter holds (ComfyUI's trainer's differences and outer LoRAs, :mod:`trainer_core.lora.patches`) is
+    merged into the weights at ``strength``, the render's strength for this expert (the sampler scales the adapter
+    itself), and taken out again on exit."""
     tensors = pair.tensors.get(expert) if pair is not None else None
     if tensors is None:
         yield
         return
+    adapter, patches = split_patches(tensors)
     try:
-        with torch.inference_mode(False):
-            attach_lora(model, pair.lora)
-            load_lora_tensors(model, tensors, pair.lora, source=f"the {expert}-noise LoRA")
-        yield
+        if adapter:
+            with torch.inference_mode(False):
+                attach_lora(model, pair.lora)
+                load_lora_tensors(model, adapter, pair.lora, source=pair.where(expert))
+        with merged_patches(model, patches, strength, pair.where(expert)):
+            yield
     finally:
         detach_lora(model)
 

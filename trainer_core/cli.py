@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.set_defaults(func=_cmd_check)
     p_sample = sub.add_parser("sample", help="render videos with the job's model, sample settings and any LoRA pair")
     p_sample.add_argument("config", help="job YAML: model, sample and multistage.boundary are used")
-    p_sample.add_argument("--lora-high", help="high-noise expert's LoRA (.safetensors; ComfyUI, ai-toolkit, kohya/"
-                          "musubi or diffusers format); without it the base model renders")
+    p_sample.add_argument("--lora-high", help="high-noise expert's LoRA (.safetensors or .pt; ComfyUI, ComfyUI's "
+                          "trainer, ai-toolkit, kohya/musubi or diffusers format); without it the base model renders")
     p_sample.add_argument("--lora-low", help="low-noise expert's LoRA; without it the base model renders")
     p_sample.add_argument("--prompt", action="append", help="prompt (repeat for several videos; default: "
                           "sample.prompts of the job)")

@@ -87,13 +87,19 @@ def lora_target_regex(targets: list[str] | tuple[str, ...]) -> str:
 
 # ----------------------------------------------------------------------------------------------- LoRA file keys
 
-#: Tensor-name suffixes of the LoRA formats ComfyUI reads for Wan (comfy/weight_adapter/lora.py) -> their role.
+#: Tensor-name suffixes of the LoRA files ComfyUI reads for Wan -> their role: a LoRA's down / up / alpha
+#: (comfy/weight_adapter/lora.py; ``.lora_A.default.weight`` is peft's own state-dict naming) and the full-weight
+#: differences of a weight (``.diff``) or a bias (``.diff_b``) that ComfyUI's trainer saves (comfy/lora.py).
 LORA_KEY_PARTS: dict[str, str] = {
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
+    ".lora_A.default.weight": "down",
+    ".lora_B.default.weight": "up",
     ".alpha": "alpha",
+    ".diff": "diff",
+    ".diff_b": "diff_b",
 }
 #: Key prefixes of the namings read, -> naming. ComfyUI maps ``diffusion_model.<module>`` and kohya's
 #: ``lora_unet_<module with _>`` (``lora_unet__`` is Wan Fun's variant, which its lora_convert rewrites);
@@ -104,25 +110,32 @@ LORA_KEY_PREFIXES: dict[str, str] = {
     "lora_unet_": "kohya",
     "transformer.": "diffusers",
 }
-_KOHYA_MODULE = re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$|^blocks_(\d+)_ffn_(0|2)$")
+#: kohya's names (dots written as underscores) of the Wan modules ComfyUI patches -> original names.
+_KOHYA_RULES = tuple((re.compile(p), r) for p, r in (
+    (r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k)$", r"blocks.\1.\2.\3"),
+    (r"^blocks_(\d+)_(ffn)_(0|2)$", r"blocks.\1.\2.\3"),
+    (r"^blocks_(\d+)_norm3$", r"blocks.\1.norm3"),
+    (r"^(text_embedding|time_embedding)_(0|2)$", r"\1.\2"),
+    (r"^time_projection_1$", "time_projection.1"),
+    (r"^head_head$", "head.head"),
+))
 
 
 def _kohya_module(name: str) -> str:
-    """``blocks_0_self_attn_q`` -> ``blocks.0.self_attn.q``; other names are returned as written (underscores
-    cannot be told apart from dots without the model, and only block layers are ever applied)."""
-    m = _KOHYA_MODULE.match(name)
-    if m is None:
-        return name
-    if m.group(1) is not None:
-        return f"blocks.{m.group(1)}.{m.group(2)}.{m.group(3)}"
-    return f"blocks.{m.group(4)}.ffn.{m.group(5)}"
+    """``blocks_0_self_attn_q`` -> ``blocks.0.self_attn.q`` (any Wan module ComfyUI patches); other names are
+    returned as written (underscores cannot be told apart from dots without the model)."""
+    for pattern, repl in _KOHYA_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name
 
 
 def parse_lora_key(key: str) -> tuple[str, str, str] | None:
     """``(module, part, naming)`` of one LoRA tensor name: the module in original Wan naming (e.g.
     ``blocks.0.self_attn.q``; a module without an original counterpart keeps the file's spelling), the part
-    (``down`` / ``up`` / ``alpha``) and the naming (``comfyui`` / ``kohya`` / ``diffusers``). ``None`` when the key
-    is in none of the formats read (see :data:`LORA_KEY_PREFIXES` and :data:`LORA_KEY_PARTS`)."""
+    (``down`` / ``up`` / ``alpha`` / ``diff`` / ``diff_b``) and the naming (``comfyui`` / ``kohya`` /
+    ``diffusers``). ``None`` when the key is in none of the formats read (see :data:`LORA_KEY_PREFIXES` and
+    :data:`LORA_KEY_PARTS`)."""
     prefix = next((p for p in LORA_KEY_PREFIXES if key.startswith(p)), None)
     suffix = next((s for s in LORA_KEY_PARTS if key.endswith(s)), None)
     if prefix is None or suffix is None or len(key) <= len(prefix) + len(suffix):

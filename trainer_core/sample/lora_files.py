@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError, LoraFileError
-from ..lora import adapter_config, attach_lora, load_lora_tensors, read_lora_file
+from ..lora import adapter_config, attach_lora, load_lora_tensors, read_lora_file, split_patches
+from ..lora.patches import describe_patches
 from ..names import EXPERT_SUFFIX
 
 
@@ -36,7 +37,10 @@ def attach_lora_file(
         raise ValueError(f"expert must be 'high', 'low' or None, got {expert!r}")
     if adapter_name in (getattr(transformer, "peft_config", None) or {}):
         raise ConfigError(f"{setting}: the expert already has a LoRA adapter named {adapter_name!r}; use another name")
-    tensors = read_lora_file(path, setting, arch=dict(transformer.config), expert=expert)
+    tensors, patches = split_patches(read_lora_file(path, setting, arch=dict(transformer.config), expert=expert))
+    if patches:
+        raise LoraFileError(f"{setting}: {path} holds {describe_patches(patches)}, which no adapter holds - render it "
+                            "with trainer_core.lora.merged_patches beside the adapter (as Preview Sample does)")
     return attach_lora_tensors(transformer, tensors, f"{setting}: {path}", adapter_name)
 
 

@@ -17,6 +17,7 @@ ComfyUI's flow model sampling (``ModelSamplingDiscreteFlow``, shift ``s``), in o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -107,16 +108,27 @@ def _seed_text(cfg: SampleConfig, index: int | None) -> str:
     return f"seed {cfg.seed}"
 
 
-def native_recipe(cfg: SampleConfig, boundary: float, index: int | None = None) -> str:
+def _applied_strength(cfg: SampleConfig, expert: str, loaded: Mapping[str, float]) -> float:
+    """The LoraLoaderModelOnly strength that renders ``expert``'s LoRA as the preview did: the render's strength
+    times the one already folded into the pair (Load Wan22 LoRA Pair's), to 12 digits (0.6 · 0.7 reads 0.42)."""
+    return float(f"{getattr(cfg, f'lora_strength_{expert}') * loaded.get(expert, 1.0):.12g}")
+
+
+def native_recipe(
+    cfg: SampleConfig, boundary: float, index: int | None = None, loaded_strength: Mapping[str, float] | None = None
+) -> str:
     """One line saying how ComfyUI's native Wan 2.2 graph renders what the preview rendered, e.g.
     ``ModelSamplingSD3 12 · KSamplerAdvanced euler/normal 40 · high 0→25 cfg 4 · low 25→40 cfg 3 · seed 42 · ...``.
 
-    ``index`` names the prompt (its own seed); without it the seed of prompt 0 and the walking rule are given. The
-    ``diffusers_unipc`` sampler has no native equivalent, and the line says so.
+    ``index`` names the prompt (its own seed); without it the seed of prompt 0 and the walking rule are given.
+    ``loaded_strength`` (per expert) is the strength already folded into the rendered pair (Load Wan22 LoRA Pair's):
+    the LoRA strength stated is the product. The ``diffusers_unipc`` sampler has no native equivalent, and the line
+    says so.
     """
+    high, low = (_applied_strength(cfg, e, loaded_strength or {}) for e in ("high", "low"))
     tail = (
         f"{_seed_text(cfg, index)} · EmptyHunyuanLatentVideo {cfg.width}×{cfg.height}×{cfg.num_frames} · "
-        f"LoRA strength {_num(cfg.lora_strength_high)} / {_num(cfg.lora_strength_low)} · boundary {_num(boundary)}"
+        f"LoRA strength {_num(high)} / {_num(low)} · boundary {_num(boundary)}"
     )
     if cfg.sampler == "diffusers_unipc":
         return (
@@ -129,7 +141,7 @@ def native_recipe(cfg: SampleConfig, boundary: float, index: int | None = None) 
         f"ModelSamplingSD3 {_num(cfg.shift)} · KSamplerAdvanced {cfg.sampler}/{cfg.scheduler} {cfg.steps} · "
         f"high 0→{split} cfg {_num(cfg.guidance_high)} · low {split}→{cfg.steps} cfg {_num(cfg.guidance_low)} · {tail}"
     )
-    values = (cfg.shift, cfg.guidance_high, cfg.guidance_low, cfg.lora_strength_high, cfg.lora_strength_low)
+    values = (cfg.shift, cfg.guidance_high, cfg.guidance_low, high, low)
     if not _widget_safe(*values):
         line += " · not exact natively: ComfyUI's widgets keep 2 decimals of shift, cfg and LoRA strength"
     return line

@@ -7,6 +7,7 @@ against the experts from their headers before any weight loads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from ..config import JobConfig, SampleConfig, format_validation_error
 from ..errors import ConfigError
 from ..fileio import check_writable
-from ..lora import read_lora_file
+from ..lora import merged_patches, pair_warnings, read_lora_file, split_patches
 from ..lora.formats import expert_arch
 from ..models import check_model_files, load_components, load_expert
 from ..names import EXPERT_SUFFIX
@@ -60,8 +61,11 @@ def render_job(
     sample = render_settings(cfg, prompts, out)
     check_writable(out.parent, "--out")
     files = {e: Path(p) for e, p in loras.items() if p is not None}
+    settings = {e: f"--lora-{e}" for e in EXPERT_SUFFIX}
     # read and checked before anything loads (minutes for the real experts); LoRA files are small
-    tensors = {e: read_lora_file(p, f"--lora-{e}", arch=expert_arch(cfg.model, e), expert=e) for e, p in files.items()}
+    tensors = {e: read_lora_file(p, settings[e], arch=expert_arch(cfg.model, e), expert=e) for e, p in files.items()}
+    for warning in pair_warnings(files, settings):
+        log.warning("warning: %s", warning)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_model_files(cfg.model)
     comps = load_components(cfg.model, high=False, low=False)
@@ -72,12 +76,18 @@ def render_job(
     # of 2 x 28 GB; the H200 run measured a 94.8 GB host peak when both were read into host memory first).
     for expert in EXPERT_SUFFIX:
         load_expert(cfg.model, expert, comps, device)
-    for expert, path in files.items():
-        attach_lora_tensors(getattr(comps, expert), tensors[expert], f"--lora-{expert}: {path}")
-    for module in (comps.high, comps.low, comps.vae):
-        module.to(device)
     boundary = cfg.multistage.boundary
-    videos = sample_videos(comps.high, comps.low, comps.vae, prompt_cache, sample, boundary)
+    with contextlib.ExitStack() as patched:
+        for expert, path in files.items():
+            adapter, patches = split_patches(tensors[expert])
+            if adapter:
+                attach_lora_tensors(getattr(comps, expert), adapter, f"--lora-{expert}: {path}")
+            # what no adapter holds (ComfyUI's trainer's differences) is merged at the strength the sampler gives it
+            strength = getattr(sample, f"lora_strength_{expert}")
+            patched.enter_context(merged_patches(getattr(comps, expert), patches, strength, f"--lora-{expert}: {path}"))
+        for module in (comps.high, comps.low, comps.vae):
+            module.to(device)
+        videos = sample_videos(comps.high, comps.low, comps.vae, prompt_cache, sample, boundary)
     written = []
     for i, (frames, path) in enumerate(zip(videos, video_paths(out, len(videos)))):
         meta = sample_metadata(sample, i, boundary)
