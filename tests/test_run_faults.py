@@ -74,7 +74,7 @@ def test_an_unwritable_folder_is_refused_before_any_model_loads(tmp_path, clips,
     assert code == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {name}: cannot write to {blocker}")
-    assert "choose a writable folder" in errors[0]
+    assert errors[0].endswith(f": {blocker} is a file, not a folder - choose a folder")
 
 
 # --- divergence -------------------------------------------------------------------------------------------------------
