@@ -148,6 +148,11 @@ def check_fit(needs: Needs, shapes: dict[str, tuple[int, ...]], where: str, targ
             f"{where} was made for a model taking {patch[1][1] // per_channel} latent channels (Wan image-to-video: "
             f"36; {target}: {embedding[1]}) - use a LoRA trained for Wan 2.2 T2V"
         )
+    wrong = [p for p, need in needs.items() if p in shapes and not _fits(need, shapes[p])]
+    if wrong:  # first: a width names the model the file was made for
+        sized = [p for p in wrong if _file_width(p, needs[p]) is not None]
+        param = (sized or wrong)[0]
+        _refuse_size(param, needs[param], shapes, where, target)
     beyond = sorted({int(b.group(1)) for p in needs if (b := _BLOCK.match(p)) and int(b.group(1)) >= blocks})
     if beyond:
         raise LoraFileError(f"{where} adapts block {beyond[-1]}, beyond the {blocks} blocks of {target} (Wan 14B: "
@@ -156,9 +161,4 @@ def check_fit(needs: Needs, shapes: dict[str, tuple[int, ...]], where: str, targ
     if missing:
         raise LoraFileError(f"{where} patches {listed(missing)}, missing from {target} - use a LoRA made for this "
                             "model")
-    wrong = [p for p, need in needs.items() if not _fits(need, shapes[p])]
-    if wrong:
-        sized = [p for p in wrong if _file_width(p, needs[p]) is not None]
-        param = (sized or wrong)[0]
-        _refuse_size(param, needs[param], shapes, where, target)
 
