@@ -29,11 +29,15 @@ from trainer_core.bundle import LoraPair, lora_attached  # noqa: E402
 from trainer_core.cli import main  # noqa: E402
 from trainer_core.config import SampleConfig, job_from_dict  # noqa: E402
 from trainer_core.errors import LoraFileError  # noqa: E402
-from trainer_core.keys import diffusers_key_to_original, diffusers_module_to_original, diffusers_state_dict_to_original  # noqa: E402
+from trainer_core.keys import (  # noqa: E402
+    diffusers_key_to_original,
+    diffusers_module_to_original,
+    diffusers_state_dict_to_original,
+)
 from trainer_core.lora import adapter_config, merged_patches, read_lora_file, split_patches  # noqa: E402
 from trainer_core.models import load_components  # noqa: E402
 from trainer_core.models.tiny import tiny_transformer  # noqa: E402
-from trainer_core.sample import encode_sample_prompts, render, sample_videos  # noqa: E402
+from trainer_core.sample import attach_lora_file, encode_sample_prompts, render, sample_videos  # noqa: E402
 from trainer_core.train import loop as loop_module  # noqa: E402
 
 
@@ -96,6 +100,10 @@ def test_a_comfyui_trainer_file_renders_as_comfyui_patches_it_and_leaves_the_exp
     # every tensor back bit for bit, no adapter left
     assert not getattr(model, "peft_config", None)
     assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
+    # attaching the file as an adapter alone would drop its differences: refused
+    with pytest.raises(LoraFileError, match=r"comfy_trainer\.safetensors holds full-weight differences .* which no "
+                                            r"adapter holds"):
+        attach_lora_file(model, tmp_path / "comfy_trainer.safetensors", setting="lora_high")
 
 
 def test_a_weight_patch_of_a_quantized_layer_is_refused_before_any_weight_changes(tmp_path):
