@@ -570,6 +570,23 @@ def test_sample_cli_renders_any_pair_and_the_base_model(tmp_path, monkeypatch, c
         assert re.search(message, err) and "Traceback" not in err, err
 
 
+def test_sample_cli_warns_about_swapped_file_names_before_loading(tmp_path, monkeypatch, caplog):
+    files = {e: tmp_path / f"run_000000500_{e}_noise.safetensors" for e in ("high", "low")}
+    for expert, path in files.items():
+        write_lora("aitoolkit", path, ARCH, seed=1)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job(tmp_path)))
+
+    def stop(*a, **k):
+        raise ConfigError("stopped before loading")
+
+    monkeypatch.setattr(render, "check_model_files", stop)
+    assert main(["sample", str(tmp_path / "job.yaml"), "--lora-high", str(files["low"]), "--lora-low",
+                 str(files["high"]), "--prompt", "a", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert any(re.match(r"warning: --lora-high is run_000000500_low_noise\.safetensors and --lora-low is "
+                        r"run_000000500_high_noise\.safetensors: their names say they are swapped", r.getMessage())
+               for r in caplog.records), caplog.text
+
+
 def test_trained_pairs_load_unchanged(tmp_path):
     """This trainer's own files (one rank, one alpha) load into an adapter of that rank and alpha, bit for bit."""
     model = tiny_transformer("high")
