@@ -163,7 +163,8 @@ def _lora(base: str, out: int, inn: int, rank: int = 4, naming=(".lora_down.weig
 BAD_FILES = {
     # a 1.3B file also adapts blocks the tiny experts lack: its width is named, not its depth
     "wan21_1_3b": ({**_lora("diffusion_model.blocks.0.self_attn.q", 1536, 1536),
-                    **_lora("diffusion_model.blocks.29.self_attn.q", 1536, 1536)}, r"another size \(Wan 2\.1 T2V 1\.3B"),
+                    **_lora("diffusion_model.blocks.29.self_attn.q", 1536, 1536)},
+                   r"another size \(Wan 2\.1 T2V 1\.3B"),
     "i2v_channels": ({**_lora("diffusion_model.blocks.0.self_attn.q", 256, 256),
                       "diffusion_model.patch_embedding.lora_down.weight": torch.zeros(4, 36, 1, 2, 2),
                       "diffusion_model.patch_embedding.lora_up.weight": torch.zeros(256, 4)},
