@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from peft.tuners.lora import LoraLayer
 
 import trainer_core.sample
@@ -33,6 +33,7 @@ from trainer_core.sample import (
     sample_latents,
     sample_metadata,
     split_step,
+    switch_step,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -129,6 +130,65 @@ def test_split_step_is_wans_rule_on_comfyuis_schedule(scheduler, boundary):
             assert split == ref_split(sig, boundary)
             assert 1 <= split <= steps and sig[split - 1] >= boundary
             assert split == steps or sig[split] < boundary
+
+
+#: The exact ties the audit found: σ equals the boundary in exact arithmetic but is one ulp below it in float64.
+TIES = [(38, 2.0, 0.46), (38, 3.0, 0.832), (75, 2.0, 0.46), (75, 3.0, 0.832)]
+
+
+def wan_pipeline_split(steps: int, shift: float, boundary: float) -> int:
+    """WanPipeline's expert decision (diffusers pipelines/wan/pipeline_wan.py): its scheduler's timesteps ``t`` run
+    on ``transformer`` while ``t >= boundary_ratio * num_train_timesteps``, on ``transformer_2`` after."""
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(steps)
+    boundary_timestep = boundary * sched.config.num_train_timesteps
+    return sum(1 for t in sched.timesteps if t >= boundary_timestep)
+
+
+@pytest.mark.parametrize("steps, shift, boundary", TIES)
+def test_exact_ties_switch_where_wan_pipeline_switches(steps, shift, boundary):
+    split = wan_pipeline_split(steps, shift, boundary)
+    assert split_step(steps, shift, "normal", boundary) == split == (
+        ref_split(REF_SCHEDULES["normal"](steps, shift), boundary) + 1)  # float64 alone puts the tie one step low
+    cfg = SampleConfig(prompts=["a"], steps=steps, shift=shift)
+    assert f"high 0→{split} cfg 4 · low {split}→{steps} " in native_recipe(cfg, boundary)
+
+
+def test_split_step_agrees_with_wan_pipeline_over_a_sweep():
+    """Every boundary the widgets take (0.001 steps) at many steps and shifts: scheduler normal, ComfyUI's schedule,
+    switches where WanPipeline switches (the audit's exhaustive search found only the ties above)."""
+    boundaries = [b / 1000 for b in range(1, 1000)]
+    for steps in (1, 2, 3, 4, 7, 10, 13, 20, 25, 30, 38, 40, 50, 75, 80):
+        for shift in (1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0):
+            sigmas = comfy_sigmas("normal", steps, shift)
+            sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+            sched.set_timesteps(steps)
+            for b in boundaries:
+                assert switch_step(sigmas, b) == int((sched.timesteps >= b * 1000).sum()), (steps, shift, b)
+
+
+def test_wan_pipeline_runs_the_tie_step_on_the_high_noise_expert(comps):
+    """The reference above is what WanPipeline does: a real run at 38 steps, shift 2, boundary 0.46 calls the
+    high-noise transformer on 27 steps, and the preview sampler does the same."""
+    steps, shift, boundary = TIES[0]
+    cfg = SampleConfig(prompts=["a"], steps=steps, shift=shift, guidance_high=1.0, guidance_low=1.0, **SMALL)
+    calls = {"high": 0, "low": 0}
+    hooks = [m.register_forward_pre_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
+             for n, m in (("high", comps.high), ("low", comps.low))]  # fmt: skip
+    pipe = WanPipeline(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, vae=comps.vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), transformer=comps.high,
+                       transformer_2=comps.low, boundary_ratio=boundary)  # fmt: skip
+    try:
+        pipe(prompt="a", height=32, width=32, num_frames=5, num_inference_steps=steps, guidance_scale=1.0,
+             guidance_scale_2=1.0, output_type="latent")  # fmt: skip
+        pipeline_calls = dict(calls)
+        calls.update(high=0, low=0)
+        sample_latents(comps.high, comps.low, encode_sample_prompts(comps.text_encoder, comps.tokenizer, cfg), cfg,
+                       boundary)  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    assert pipeline_calls == calls == {"high": 27, "low": steps - 27}
 
 
 # ---------------------------------------------------------------- 2. the sampler against ComfyUI's euler loop
@@ -299,6 +359,9 @@ def test_split_step_node_outputs_the_two_ksampler_steps(monkeypatch, tmp_path):
     assert F.defaults(node) == {"steps": 40, "shift": 12.0, "scheduler": "normal", "boundary": 0.875}
     assert F.call(node, **F.defaults(node), unique_id="3") == (25, 25, 40, 12.0)
     assert F.call(node, steps=20, shift=8.0, scheduler="simple", boundary=0.875) == (11, 11, 20, 8.0)
+    for steps, shift, boundary in TIES:  # an exact tie goes where WanPipeline puts it
+        split = wan_pipeline_split(steps, shift, boundary)
+        assert F.call(node, steps=steps, shift=shift, scheduler="normal", boundary=boundary)[:2] == (split, split)
     assert host.texts[0][0] == "3" and host.texts[0][1].startswith("high 0→25, low 25→40")
 
 

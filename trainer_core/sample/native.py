@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from ..config import SampleConfig
+from ..schedule.routing import high_noise_mask
 
 #: ComfyUI scheduler names the euler sampler supports (KSamplerAdvanced's ``scheduler`` widget).
 SCHEDULERS: tuple[str, ...] = ("normal", "simple")
@@ -71,11 +72,18 @@ def comfy_sigmas(scheduler: str, steps: int, shift: float) -> torch.Tensor:
     return _simple(steps, shift) if scheduler == "simple" else _normal(steps, shift)
 
 
+def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The timesteps the experts are called with for the steps of ``sigmas``: 1000·σ in float32, as ComfyUI (its
+    schedule is float32) and WanPipeline (float32 sigmas times 1000) compute them."""
+    return sigmas[:-1].to(torch.float32) * 1000
+
+
 def switch_step(sigmas: torch.Tensor, boundary: float) -> int:
     """How many leading steps of ``sigmas`` (a schedule ending in its final σ) run on the high-noise expert:
-    those with σ ≥ ``boundary`` (Wan's rule t ≥ 1000·boundary). The native graph's high KSamplerAdvanced ends at
-    this step and the low one starts there."""
-    return int((sigmas[:-1] >= boundary).sum())
+    those whose timestep is ≥ 1000·``boundary`` (Wan's rule), decided as WanPipeline decides it
+    (:func:`~trainer_core.schedule.high_noise_mask`). The native graph's high KSamplerAdvanced ends at this step and
+    the low one starts there."""
+    return int(high_noise_mask(model_timesteps(sigmas), boundary).sum())
 
 
 def split_step(steps: int, shift: float, scheduler: str, boundary: float) -> int:

@@ -31,7 +31,7 @@ from ..config import SampleConfig
 from ..errors import ConfigError
 from ..models import decode_latents, encode_prompts
 from ..schedule import expert_for_timestep
-from .native import comfy_noise, comfy_sigmas, native_recipe, switch_step
+from .native import comfy_noise, comfy_sigmas, model_timesteps, native_recipe, switch_step
 
 #: Called after every denoising step with (steps done, total steps over all prompts); may raise to cancel.
 StepCallback = Callable[[int, int], None]
@@ -219,9 +219,10 @@ def _denoise_euler(
     """ComfyUI's euler on its ``cfg.scheduler`` schedule, the experts split as two KSamplerAdvanced split them."""
     sigmas64 = comfy_sigmas(cfg.scheduler, cfg.steps, cfg.shift)
     split = switch_step(sigmas64, boundary)
+    timesteps = model_timesteps(sigmas64)
     sigmas = sigmas64.to(torch.float32)  # ComfyUI holds its schedule, and computes 1000·σ, in float32
     for i in range(cfg.steps):
-        velocity = predict("high" if i < split else "low", latents, sigmas[i] * 1000)
+        velocity = predict("high" if i < split else "low", latents, timesteps[i])
         # x + (σ_next − σ)·v: ComfyUI's step with denoised = x − σ·v, written without the round trip.
         latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
         tick()
@@ -236,7 +237,7 @@ def _denoise_diffusers_unipc(
     scheduler.set_timesteps(cfg.steps, device=latents.device)
     scheduler.set_begin_index(0)
     for t in scheduler.timesteps:
-        velocity = predict(expert_for_timestep(float(t), boundary), latents, t)
+        velocity = predict(expert_for_timestep(t, boundary), latents, t)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         tick()
     return latents

@@ -1,7 +1,7 @@
 """Which expert handles a timestep, and which expert trains at a given optimizer step.
 
 Routing follows Wan 2.2 (and diffusers' ``WanPipeline``): ``t ≥ boundary·1000`` goes to the high-noise expert,
-everything below to the low-noise expert. Training alternates experts in blocks of ``switch_every`` optimizer
+everything below to the low-noise expert, compared in float32 as ``WanPipeline`` compares them. Training alternates experts in blocks of ``switch_every`` optimizer
 steps, high first, so with both experts on each gets an equal share (up to one partial block).
 """
 
@@ -13,14 +13,19 @@ from ..errors import ConfigError
 from ..names import EXPERTS
 
 
-def expert_for_timestep(t: float, boundary: float) -> str:
-    """``"high"`` if ``t ≥ boundary·1000`` else ``"low"`` (t on the 0-1000 scale)."""
-    return "high" if t >= boundary * 1000.0 else "low"
+def expert_for_timestep(t: float | torch.Tensor, boundary: float) -> str:
+    """``"high"`` if ``t ≥ boundary·1000`` else ``"low"`` (t on the 0-1000 scale), as :func:`high_noise_mask`."""
+    return "high" if bool(high_noise_mask(torch.as_tensor(t), boundary)) else "low"
 
 
 def high_noise_mask(t: torch.Tensor, boundary: float) -> torch.Tensor:
-    """Vectorised :func:`expert_for_timestep`: True where the high-noise expert handles ``t``."""
-    return t >= boundary * 1000.0
+    """True where the high-noise expert handles the timesteps ``t``: ``t ≥ boundary·1000`` in float32.
+
+    WanPipeline compares its float32 timesteps with the Python float ``boundary_ratio·1000``, which torch casts to
+    float32: at 38 steps, shift 2, boundary 0.46 the timestep is exactly 460 there, while 1000·σ in float64 is
+    459.99999999999994. Comparing the same way keeps every split on WanPipeline's side of such a tie.
+    """
+    return t.to(torch.float32) >= boundary * 1000.0
 
 
 def _check_stages(stages: list[str], switch_every: int) -> None:
