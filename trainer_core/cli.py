@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "sample.prompts of the job)")
     p_sample.add_argument("--out", required=True, help="video file, *.mp4 or *.webm (several prompts: OUT_00.mp4, ...)")
     p_sample.set_defaults(func=_cmd_sample)
-    p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (about a minute on 2 CPU cores)")
+    p_demo = sub.add_parser("demo", help="train the tiny preset on synthetic clips (under a minute on 2 CPU cores)")
     p_demo.add_argument("--output", default="output", help="output folder (default: ./output)")
     p_demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})")
     p_demo.set_defaults(func=_cmd_demo)
