@@ -15,7 +15,8 @@ holds both experts and alternates them every step (the resident H100/H200 recipe
 ranks hold the high-noise expert, half the low-noise one, each group data-parallel, both training at once with the
 trainer's per-round exchange between the groups (``distributed.expert_groups``). Reported by rank 0: seconds per
 step and samples per second; ``--report`` gives the scaling efficiency ``samples/s(N) / (N * samples/s(1))``
-against the one-GPU run with the same experts.
+against the one-GPU run of the same size and precision with the same experts (rows grouped by size; a
+``perf_bench.py`` result passed along serves as a missing one-GPU run, other files are skipped).
 """
 
 from __future__ import annotations
@@ -122,21 +123,86 @@ def run(args) -> dict:
     return result
 
 
-def report(paths: list[str]) -> list[dict]:
-    """Scaling efficiency of each run against the one-GPU run with the same number of experts among ``paths``:
-    ``samples/s(N) / (N * samples/s(1))`` (with expert groups the one-GPU run holds both experts, alternating)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    base = {r.get("experts", 1): r for r in runs if r["world"] == 1}
+def _pixels(size: str) -> int:
+    try:
+        w, h, f = (int(v) for v in size.split("x"))
+    except ValueError:
+        return 0
+    return w * h * f
+
+
+def _perf_baselines(data: dict) -> list[dict]:
+    """One-GPU rows from a ``perf_bench.py`` result: its trainer fast paths (``bf16 fast path``, ``fp8 fast path``)
+    train ``args.experts`` experts on one GPU as this benchmark's one-GPU run does (both alternating for 2)."""
+    experts = data.get("args", {}).get("experts", 1)
     rows = []
-    print("| GPUs | experts | placement | s/step | samples/s | efficiency | peak GiB (rank 0) | blocks |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r.get("experts", 1), r["world"], r["shard"], r.get("expert_groups", False))):
-        experts = r.get("experts", 1)
-        eff = r["samples_per_s"] / (r["world"] * base[experts]["samples_per_s"]) if experts in base else float("nan")
-        placement = "expert groups" if r.get("expert_groups") else "sharded" if r["shard"] else "data parallel"
+    for res in data.get("sizes", []):
+        for label, fp8 in (("bf16 fast path", False), ("fp8 fast path", True)):
+            r = res.get(label)
+            if not isinstance(r, dict) or not r.get("s"):
+                continue
+            blocks = r.get("blocks", "")
+            rows.append({"world": 1, "size": res["size"], "shard": False, "fp8": fp8,
+                         "compiled": "compiled" in blocks and "not compiled" not in blocks,
+                         "experts": experts, "expert_groups": False, "blocks": blocks, "s_per_step": r["s"],
+                         "samples_per_s": 1.0 / r["s"], "peak_gib_rank0": r.get("peak_gib", float("nan")),
+                         "source": "perf_bench.py"})
+    return rows
+
+
+def _key(r: dict) -> tuple:
+    """What a run is measured against: the one-GPU run of the same size, precision and number of experts."""
+    return r["size"], bool(r.get("fp8")), r.get("experts", 1)
+
+
+def _order(r: dict) -> tuple:
+    return (_pixels(r["size"]), r["size"], bool(r.get("fp8")), r.get("experts", 1), r["world"], r.get("shard", False),
+            r.get("expert_groups", False))
+
+
+def report(paths: list[str]) -> list[dict]:
+    """Scaling efficiency of each run against the one-GPU run of the same size and precision with the same number of
+    experts among ``paths``: ``samples/s(N) / (N * samples/s(1))`` (with expert groups the one-GPU run holds both
+    experts, alternating). A ``perf_bench.py`` result serves as that one-GPU run where ``paths`` hold no
+    ``scaling_bench.py`` one for it (its fast-path step time); any other file is skipped with a line saying so."""
+    runs, borrowed = [], []
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+        except (OSError, ValueError) as e:
+            print(f"skipped {p}: not readable as JSON ({e.__class__.__name__})")
+            continue
+        if isinstance(data, dict) and all(k in data for k in ("world", "size", "s_per_step", "samples_per_s")):
+            runs.append(data)
+        elif isinstance(data, dict) and "sizes" in data and _perf_baselines(data):
+            borrowed.append((p, _perf_baselines(data)))
+        else:
+            print(f"skipped {p}: not a scaling_bench.py result")
+    base = {_key(r): r for r in runs if r["world"] == 1}
+    for p, rows in borrowed:
+        used = [r for r in rows if _key(r) not in base]
+        for r in used:
+            base[_key(r)] = r
+            runs.append(r)
+        if used:
+            names = ", ".join(f"{r['size']} {'float8' if r['fp8'] else 'bf16'} {r['experts']} expert(s)" for r in used)
+            print(f"one-GPU baseline from {p} (perf_bench.py): {names}")
+        else:
+            print(f"skipped {p}: a perf_bench.py result whose runs have one-GPU scaling results already")
+    rows = []
+    print("| size | GPUs | experts | placement | s/step | samples/s | efficiency | peak GiB (rank 0) | blocks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=_order):
+        experts, b = r.get("experts", 1), base.get(_key(r))
+        eff = r["samples_per_s"] / (r["world"] * b["samples_per_s"]) if b is not None else float("nan")
+        placement = ("expert groups" if r.get("expert_groups") else "sharded" if r.get("shard")
+                     else "data parallel" if r["world"] > 1 else "—")
+        if r.get("source"):
+            placement += f" ({r['source']})"
+        size = f"{r['size']}, {'float8' if r.get('fp8') else 'bf16'}"
         rows.append({**r, "efficiency": eff})
-        print(f"| {r['world']} | {experts} | {placement} | {r['s_per_step']:.3f} | {r['samples_per_s']:.3f} | "
-              f"{eff:.0%} | {r['peak_gib_rank0']:.1f} | {r['blocks']} |")
+        print(f"| {size} | {r['world']} | {experts} | {placement} | {r['s_per_step']:.3f} | {r['samples_per_s']:.3f} "
+              f"| {'no one-GPU run' if b is None else f'{eff:.0%}'} | {r['peak_gib_rank0']:.1f} | {r['blocks']} |")
     return rows
 
 
