@@ -147,7 +147,12 @@ class PreviewSample:
         """Encode the prompts, render each video, and return all frames as one IMAGE batch ``[F, H, W, 3]``."""
         # The sampler's libraries (diffusers, peft, transformers) load on first use, not at ComfyUI's start.
         from trainer_core.api import check_pair_fits, lora_attached, placed
-        from trainer_core.sample import encode_sample_prompts, sample_videos
+        from trainer_core.quant.choice import resolved_quant
+        from trainer_core.sample import (
+            comfy_prompt_notes,
+            encode_sample_prompts,
+            sample_videos,
+        )
 
         cfg = _checked_config(prompts, values)
         boundary = values["boundary"]
@@ -156,8 +161,12 @@ class PreviewSample:
         device = host.compute_device()
         comps = experts.components(quantize_on=device)  # with Quantize ARA: the experts training quantized
         progress = host.Progress(cfg.steps * len(cfg.prompts), unique_id)
-        # how ComfyUI's native graph renders the same video, Load Wan22 LoRA Pair's strengths included
-        progress.text(native_recipe(cfg, boundary, loaded_strength=lora.strength if lora is not None else None))
+        # how ComfyUI's native graph renders the same video: Load Wan22 LoRA Pair's strengths included, the experts'
+        # quantization named, and the prompt texts its CLIPTextEncode must be given where they differ
+        mode = resolved_quant(experts.quant, device).transformer
+        recipe = native_recipe(cfg, boundary, loaded_strength=lora.strength if lora is not None else None,
+                               quantized={"high": mode, "low": mode})  # fmt: skip
+        progress.text("\n".join([recipe, *comfy_prompt_notes(comps.tokenizer, cfg)]))
 
         def on_step(done: int, total: int) -> None:
             host.check_interrupt()

@@ -303,8 +303,13 @@ def _preflight(cfg: JobConfig, gpus: int = 1, save: SaveSettings | None = None) 
 class _StepReporter:
     """``on_step`` / ``on_sample`` for the core loop: progress bar with a preview, node text, cancel check."""
 
-    def __init__(self, progress: host.Progress, cfg: JobConfig):
-        self.progress, self.cfg = progress, cfg
+    def __init__(
+        self, progress: host.Progress, cfg: JobConfig, quantized: dict[str, str] | None = None,
+        prompt_notes: Sequence[str] = (),
+    ):
+        # for each preview's recipe (previews rendered here): which experts it runs quantized, what CLIPTextEncode
+        # must be given
+        self.progress, self.cfg, self.quantized, self.prompt_notes = progress, cfg, quantized, prompt_notes
         self.losses: list[tuple[int, str, float]] = []
         self.sample_frame = None
 
@@ -333,13 +338,16 @@ class _StepReporter:
         frames = videos[0]
         middle = (frames[frames.shape[0] // 2].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         self.sample_frame = Image.fromarray(middle)
-        recipe = native_recipe(self.cfg.sample, self.cfg.multistage.boundary)
-        self.progress.text(f"preview rendered at step {step} | ComfyUI: {recipe}")
+        recipe = native_recipe(self.cfg.sample, self.cfg.multistage.boundary, quantized=self.quantized)
+        self.progress.text("\n".join([f"preview rendered at step {step} | ComfyUI: {recipe}", *self.prompt_notes]))
 
 
 def _train(
     cfg: JobConfig, experts: ExpertsBundle, dataset: VideoDataset, progress: host.Progress
 ) -> tuple[Path, list[tuple[int, str, float]], LoraPair]:
+    # the sampler's libraries load at run time, not at import
+    from trainer_core.sample import comfy_prompt_notes
+
     api = _api()
     stages = cfg.multistage.stages
     with_previews = api.previews_enabled(cfg)  # previews render with both experts, trained or not
@@ -348,7 +356,8 @@ def _train(
     # The run moves the text encoder to the GPU, encodes the captions and frees it (quantizing it first with
     # float8); the bundle must not keep it. It reloads when a Preview Sample needs it.
     experts.forget("text_encoder")
-    reporter = _StepReporter(progress, cfg)
+    notes = comfy_prompt_notes(comps.tokenizer, cfg.sample) if with_previews else []
+    reporter = _StepReporter(progress, cfg, api.preview_quantization(cfg), notes)
     runs: list[RunFolder] = []
     if cfg.quant.transformer != "none":
         progress.text(f"quantizing the trained experts ({cfg.quant.transformer}) before the first step")

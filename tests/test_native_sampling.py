@@ -308,10 +308,10 @@ def test_default_preview_is_a_native_recipe():
     )
 
 
-def test_recipe_names_each_prompts_seed_and_unipc_is_labelled_not_native():
+def test_recipe_names_each_prompts_seed_and_unipc_is_labelled_not_native(comps):
     cfg = SampleConfig(prompts=["a", "b"], seed=7, steps=30, scheduler="simple", guidance_high=3.5, **{
         k: v for k, v in SMALL.items() if k != "seed"})
-    meta = sample_metadata(cfg, 1, 0.9)
+    meta = sample_metadata(cfg, 1, 0.9, encode_sample_prompts(comps.text_encoder, comps.tokenizer, cfg))
     split = split_step(30, 12.0, "simple", 0.9)
     assert re.fullmatch(
         rf"ModelSamplingSD3 12 · KSamplerAdvanced euler/simple 30 · high 0→{split} cfg 3\.5 · low {split}→30 cfg 3 · "
@@ -331,6 +331,115 @@ def test_recipe_strength_is_the_product_of_the_loaded_and_the_render_strength():
     line = native_recipe(cfg, BOUNDARY, loaded_strength={"high": 0.6})
     assert "LoRA strength 0.42 / 0.5 ·" in line and "not exact natively" not in line  # 0.6 · 0.7 is no 0.4199...
     assert "not exact natively" in native_recipe(cfg, BOUNDARY, loaded_strength={"high": 0.35, "low": 0.35})
+
+
+def test_recipe_names_experts_rendered_quantized():
+    """The native graph runs the expert files as loaded: a render on quantized experts says so (the preview's own
+    weights are not what the graph loads)."""
+    cfg = SampleConfig(prompts=["a"])
+    note = " · rendered on float8 experts (native graph: weights as loaded)"
+    assert native_recipe(cfg, BOUNDARY, quantized={"high": "float8", "low": "float8"}).endswith(note)
+    assert native_recipe(cfg, BOUNDARY, quantized={"high": "4bit_ara"}).endswith(
+        " · rendered on a 4bit_ara high-noise expert (native graph: weights as loaded)")
+    assert native_recipe(cfg, BOUNDARY, quantized={"high": "none", "low": "none"}) == native_recipe(cfg, BOUNDARY)
+    unipc = SampleConfig(prompts=["a"], sampler="diffusers_unipc")
+    assert note in native_recipe(unipc, BOUNDARY, quantized={"high": "float8", "low": "float8"})
+
+
+# ComfyUI's prompt syntax (comfy/sd1_clip.py, 0.3.64), written out as the reference: SDTokenizer.tokenize_with_weights
+# runs escape_important, token_weights (brackets: weight x1.1, or the number after the last ':'), then
+# unescape_important on every segment before tokenizing it.
+def comfy_escape_important(text: str) -> str:
+    return text.replace("\\)", "\0\1").replace("\\(", "\0\2")
+
+
+def comfy_unescape_important(text: str) -> str:
+    return text.replace("\0\1", ")").replace("\0\2", "(")
+
+
+def comfy_parse_parentheses(string: str) -> list[str]:
+    result, current, level = [], "", 0
+    for char in string:
+        if char == "(":
+            if level == 0 and current:
+                result.append(current)
+                current = ""
+            current += char
+            level += 1
+        elif char == ")":
+            level -= 1
+            if level == 0:
+                result.append(current + ")")
+                current = ""
+            else:
+                current += char
+        else:
+            current += char
+    return result + ([current] if current else [])
+
+
+def comfy_token_weights(string: str, weight: float) -> list[tuple[str, float]]:
+    out = []
+    for part in comfy_parse_parentheses(string):
+        if len(part) >= 2 and part[0] == "(" and part[-1] == ")":
+            inner, w = part[1:-1], weight * 1.1
+            colon = inner.rfind(":")
+            if colon > 0:
+                try:
+                    w, inner = float(inner[colon + 1:]), inner[:colon]
+                except ValueError:
+                    pass
+            out += comfy_token_weights(inner, w)
+        else:
+            out.append((part, weight))
+    return out
+
+
+def comfy_reads(text: str) -> list[tuple[str, float]]:
+    """What CLIPTextEncode tokenizes ``text`` as: (segment, weight) pairs."""
+    return [(comfy_unescape_important(seg), w) for seg, w in comfy_token_weights(comfy_escape_important(text), 1.0)]
+
+
+@pytest.mark.parametrize("text", [
+    "A cat (orange) walks", "a camera pan, (slow:1.3)", "((nested)) and )unbalanced(", "a \\(literal\\) bracket",
+    "a backslash \\ alone", "ends in a backslash \\", "(", "no brackets at all"])
+def test_comfy_escape_is_read_literally_by_comfyuis_prompt_syntax(text):
+    from trainer_core.models.text import comfy_escape
+
+    assert comfy_reads(comfy_escape(text)) == [(text, 1.0)]
+    if "(" in text and ")" in text and text.index("(") < text.rindex(")"):  # the reference does read weights
+        assert comfy_reads(text) != [(text, 1.0)]
+
+
+def test_comfy_prompt_is_what_the_pipeline_encodes(comps):
+    """HTML entities resolved and whitespace collapsed as WanPipeline's prompt_clean does; a prompt over 512 tokens
+    cut to the text of the tokens the pipeline keeps, which tokenizes (ComfyUI appending its </s>) to exactly those."""
+    from trainer_core.models.text import comfy_prompt
+
+    tok = comps.tokenizer
+    short = comfy_prompt(tok, "cats &amp;  dogs (playing)\n")
+    assert (short.text, short.tokens == short.kept, short.caveat) == ("cats & dogs \\(playing\\)", True, "")
+    long = " ".join(["A cat walks across a sunny garden while the camera pans slowly to the left."] * 40)
+    cut = comfy_prompt(tok, long)
+    kept = tok(long, max_length=512, truncation=True)["input_ids"]  # what encode_prompts feeds the encoder
+    assert cut.tokens > 512 and cut.kept == 512 and not cut.caveat
+    assert tok(comfy_unescape_important(comfy_escape_important(cut.text)))["input_ids"] == kept
+    assert "embedding:" in comfy_prompt(tok, "a photo, embedding:style").caveat
+
+
+def test_prompt_notes_name_what_comfyui_must_be_given_otherwise(comps):
+    from trainer_core.sample import comfy_prompt_notes
+
+    cfg = SampleConfig(prompts=["a  plain prompt", "a (red) square"], negative_prompt="blurry &amp; static")
+    assert comfy_prompt_notes(comps.tokenizer, cfg) == [
+        "prompt 1 in ComfyUI's CLIPTextEncode: a \\(red\\) square",
+        "negative prompt in ComfyUI's CLIPTextEncode: blurry & static"]
+    long = SampleConfig(prompts=["word " * 600])
+    (note,) = comfy_prompt_notes(comps.tokenizer, long)
+    tokens = len(comps.tokenizer("word " * 600)["input_ids"])
+    assert note.startswith("prompt 0 in ComfyUI's CLIPTextEncode: word word ") and note.endswith(
+        f" (its first 512 of {tokens} tokens: the render, as WanPipeline, encodes no more, ComfyUI would encode them "
+        "all)")
 
 
 def test_preview_follows_its_recipes_split(comps):
@@ -376,3 +485,6 @@ def test_preview_sample_node_text_states_the_recipe(monkeypatch, tmp_path):
     F.call(preview, experts=bundle, unique_id="7", **settings)
     cfg = SampleConfig(prompts=["a cat", "a dog"], steps=30, scheduler="simple")
     assert ("7", native_recipe(cfg, 0.9)) in host.texts
+    # a prompt ComfyUI's CLIPTextEncode reads otherwise (weight brackets) comes with the text to type there
+    F.call(preview, experts=bundle, unique_id="7", **{**settings, "prompts": "a cat\na (red) dog"})
+    assert host.texts[-1] == ("7", native_recipe(cfg, 0.9) + "\nprompt 1 in ComfyUI's CLIPTextEncode: a \\(red\\) dog")

@@ -56,7 +56,12 @@ from trainer_core.quant import (  # noqa: E402
     write_adapter_file,
 )
 from trainer_core.regularizers import ema_lora_file_name  # noqa: E402
-from trainer_core.sample import attach_lora_file, encode_sample_prompts, sample_videos  # noqa: E402
+from trainer_core.sample import (  # noqa: E402
+    attach_lora_file,
+    encode_sample_prompts,
+    read_video_metadata,
+    sample_videos,
+)
 from trainer_core.train.loop import run_training  # noqa: E402
 
 DISPLAY_NAMES = {
@@ -1004,10 +1009,10 @@ def test_adapter_file_from_models_loras_is_what_training_installs(N, host, clips
 
 def test_training_previews_reach_the_progress_preview(N, host, clips):
     cls = N["Wan22ConfigureTrainingPreviews"]
-    (previews,) = F.call(cls, **widgets(cls, prompts="a red square moving right", width=32, height=32,
+    (previews,) = F.call(cls, **widgets(cls, prompts="a red (square) moving right", width=32, height=32,
                                         num_frames=5, steps=2, sample_every=2, sampler="euler"))
     assert isinstance(previews, SampleConfig) and previews.sample_every == 2
-    _, (_, _, run_dir) = graph(N, host, previews=previews)
+    _, (_, _, run_dir) = graph(N, host, previews=previews, quant={"transformer": "float8"})
     assert sorted(p.name for p in (Path(run_dir) / "samples").iterdir()) == [
         "wan22_lora_000002_00.mp4", "wan22_lora_000004_00.mp4"]
     # after the first preview, the progress preview is the rendered frame (32x32), before it the loss plot
@@ -1017,6 +1022,12 @@ def test_training_previews_reach_the_progress_preview(N, host, clips):
     rendered = [t for _, t in host.texts if t.startswith("preview rendered at step")]
     assert len(rendered) == 2 and all("ComfyUI: ModelSamplingSD3" in t and "KSamplerAdvanced euler/" in t
                                       for t in rendered)
+    # ... on the float8 experts it trains (the native graph loads them as they are), with the prompt as ComfyUI's
+    # CLIPTextEncode must be given it (brackets escaped: unescaped it reads them as weights)
+    assert all(t.endswith("rendered on float8 experts (native graph: weights as loaded)\nprompt 0 in ComfyUI's "
+                          "CLIPTextEncode: a red \\(square\\) moving right") for t in rendered), rendered[0]
+    meta = read_video_metadata(Path(run_dir) / "samples" / "wan22_lora_000002_00.mp4")
+    assert meta["comfyui_prompt"] == "a red \\(square\\) moving right" and "float8 experts" in meta["native_recipe"]
     with pytest.raises(ConfigError, match="prompts is empty"):
         F.call(cls, **widgets(cls))
 

@@ -247,11 +247,12 @@ def _gradient_video(frames: int = 5, h: int = 32, w: int = 48) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt, codec", [("mp4", "h264"), ("webm", "vp9")])
-def test_write_video_decodes_with_frames_size_and_metadata(tmp_path, fmt, codec):
+def test_write_video_decodes_with_frames_size_and_metadata(comps, tmp_path, fmt, codec):
     frames = _gradient_video()
     settings = {k: v for k, v in BASE.items() if k != "seed"}
-    cfg = SampleConfig(prompts=["一只猫 walks\nin the rain"], seed=11, fps=16, format=fmt, **settings)
-    meta = sample_metadata(cfg, 0, BOUNDARY) | {"step": "250"}
+    cfg = SampleConfig(prompts=["一只猫 walks\nin the (rain)"], seed=11, fps=16, format=fmt, **settings)
+    cache = encode_sample_prompts(comps.text_encoder, comps.tokenizer, cfg)
+    meta = sample_metadata(cfg, 0, BOUNDARY, cache) | {"step": "250"}
     path = write_video(frames, tmp_path / f"sample.{fmt}", cfg.fps, fmt, meta)
     assert path == tmp_path / f"sample.{fmt}" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
@@ -271,6 +272,7 @@ def test_write_video_decodes_with_frames_size_and_metadata(tmp_path, fmt, codec)
     assert settings["boundary"] == BOUNDARY and settings["steps"] == 6
     assert (settings["sampler"], settings["scheduler"]) == ("euler", "normal")
     assert got["native_recipe"].startswith("ModelSamplingSD3 12 · KSamplerAdvanced euler/normal 6 · high 0→")
+    assert got["comfyui_prompt"] == "一只猫 walks in the \\(rain\\)"
 
 
 def test_write_video_refuses_bad_frames_and_format(tmp_path):

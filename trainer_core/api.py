@@ -28,7 +28,7 @@ from .train.loop import (
 )
 from .quant.choice import resolve_transformer_quant
 from .train.placement import resolve_device
-from .train.previews import previews_enabled
+from .train.previews import preview_quantization, previews_enabled
 from .train.runs import Manifest, RunFolder, read_losses, read_validation
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "placed",
     "plan_job",
     "preflight",
+    "preview_quantization",
     "previews_enabled",
     "read_losses",
     "read_validation",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -11,6 +13,8 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 #: Wan is trained with 512 text tokens.
 MAX_TEXT_TOKENS = 512
 log = logging.getLogger(__name__)
+#: ComfyUI's tokenizer (comfy/sd1_clip.py) loads a textual-inversion embedding for a word starting with this.
+_COMFY_EMBEDDING = re.compile(r"(^| )embedding:")
 
 
 @torch.no_grad()
@@ -56,3 +60,38 @@ def _warn_cut(tokenizer: PreTrainedTokenizerBase, prompts: list[str], mask: torc
         log.warning("%d prompt(s)/caption(s) longer than %d tokens are cut at %d, as Wan's pipeline cuts them "
                     "(e.g. %r..., %d tokens) - shorten them to keep their end", len(cut), max_length, max_length,
                     cut[0][0][:60], cut[0][1])  # fmt: skip
+
+
+def comfy_escape(text: str) -> str:
+    r"""``text`` as ComfyUI's CLIPTextEncode must be given it to read it literally: its tokenizer reads ``(words)``
+    and ``(words:1.3)`` as weights and takes ``\(`` / ``\)`` for the literal brackets (comfy/sd1_clip.py:
+    ``escape_important``, ``token_weights``, ``unescape_important``); nothing else is special to it, a backslash
+    included, so each bracket gets one backslash."""
+    return text.replace("(", "\\(").replace(")", "\\)")
+
+
+@dataclass(frozen=True)
+class ComfyPrompt:
+    """What to type into ComfyUI's CLIPTextEncode (Wan's UMT5) to encode a prompt as :func:`encode_prompts` does."""
+
+    text: str  #: the cleaned prompt (``prompt_clean``), cut to the tokens encoded, brackets escaped
+    tokens: int  #: tokens of the cleaned prompt, ``</s>`` included
+    kept: int  #: of them encoded (the pipeline cuts at 512; ComfyUI does not cut)
+    caveat: str = ""  #: why ComfyUI still encodes ``text`` differently, if it does
+
+
+def comfy_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int = MAX_TEXT_TOKENS) -> ComfyPrompt:
+    """The CLIPTextEncode text of ``prompt``: WanPipeline cleans it (HTML entities, whitespace) and keeps its first
+    ``max_length - 1`` tokens and ``</s>``; ComfyUI does neither and appends ``</s>`` itself, so the text is the
+    cleaned prompt up to the last kept token, with ComfyUI's weight brackets escaped."""
+    cleaned = prompt_clean(prompt)
+    enc = tokenizer(cleaned, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    text, kept, caveat = cleaned, min(len(ids), max_length), ""
+    if len(ids) > max_length:
+        text = cleaned[: enc["offset_mapping"][max_length - 2][1]]  # up to the end of the last text token kept
+        if list(tokenizer(text)["input_ids"]) != ids[: max_length - 1] + ids[-1:]:
+            caveat = "the cut falls inside a word, which tokenizes differently on its own - end the prompt before it"
+    if _COMFY_EMBEDDING.search(text):
+        caveat = "ComfyUI loads a textual-inversion file for a word starting with 'embedding:' - reword it"
+    return ComfyPrompt(comfy_escape(text), len(ids), kept, caveat)

@@ -18,6 +18,7 @@ from .video_io import read_video_metadata, write_video
 _ON_FIRST_USE = {
     "attach_lora_file": ".lora_files",
     "PromptCache": ".sampler",
+    "comfy_prompt_notes": ".sampler",
     "encode_sample_prompts": ".sampler",
     "make_scheduler": ".sampler",
     "sample_latents": ".sampler",
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .lora_files import attach_lora_file
     from .sampler import (
         PromptCache,
+        comfy_prompt_notes,
         encode_sample_prompts,
         make_scheduler,
         sample_latents,
@@ -55,6 +57,7 @@ __all__ = [
     "PromptCache",
     "attach_lora_file",
     "comfy_noise",
+    "comfy_prompt_notes",
     "comfy_sigmas",
     "encode_sample_prompts",
     "make_scheduler",

@@ -122,21 +122,37 @@ def _applied_strength(cfg: SampleConfig, expert: str, loaded: Mapping[str, float
     return float(f"{getattr(cfg, f'lora_strength_{expert}') * loaded.get(expert, 1.0):.12g}")
 
 
+def _quantized_text(quantized: Mapping[str, str]) -> str:
+    """`` · rendered on float8 experts (...)`` for the experts rendered quantized (expert -> mode), else ''."""
+    on = {e: m for e, m in quantized.items() if m != "none"}
+    if not on:
+        return ""
+    modes = sorted(set(on.values()))
+    what = (f"{modes[0]} experts" if len(on) == 2 and len(modes) == 1
+            else " and ".join(f"a {m} {e}-noise expert" for e, m in sorted(on.items())))  # fmt: skip
+    return f" · rendered on {what} (native graph: weights as loaded)"
+
+
 def native_recipe(
-    cfg: SampleConfig, boundary: float, index: int | None = None, loaded_strength: Mapping[str, float] | None = None
+    cfg: SampleConfig,
+    boundary: float,
+    index: int | None = None,
+    loaded_strength: Mapping[str, float] | None = None,
+    quantized: Mapping[str, str] | None = None,
 ) -> str:
     """One line saying how ComfyUI's native Wan 2.2 graph renders what the preview rendered, e.g.
     ``ModelSamplingSD3 12 · KSamplerAdvanced euler/normal 40 · high 0→25 cfg 4 · low 25→40 cfg 3 · seed 42 · ...``.
 
     ``index`` names the prompt (its own seed); without it the seed of prompt 0 and the walking rule are given.
     ``loaded_strength`` (per expert) is the strength already folded into the rendered pair (Load Wan22 LoRA Pair's):
-    the LoRA strength stated is the product. The ``diffusers_unipc`` sampler has no native equivalent, and the line
-    says so.
+    the LoRA strength stated is the product. ``quantized`` (expert -> ``float8`` / ``4bit_ara``) names experts the
+    render ran quantized: the native graph runs the weights as loaded, so the line says so. The ``diffusers_unipc``
+    sampler has no native equivalent, and the line says so.
     """
     high, low = (_applied_strength(cfg, e, loaded_strength or {}) for e in ("high", "low"))
     tail = (
         f"{_seed_text(cfg, index)} · EmptyHunyuanLatentVideo {cfg.width}×{cfg.height}×{cfg.num_frames} · "
-        f"LoRA strength {_num(high)} / {_num(low)} · boundary {_num(boundary)}"
+        f"LoRA strength {_num(high)} / {_num(low)} · boundary {_num(boundary)}{_quantized_text(quantized or {})}"
     )
     if cfg.sampler == "diffusers_unipc":
         return (

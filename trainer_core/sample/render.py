@@ -90,7 +90,7 @@ def render_job(
         videos = sample_videos(comps.high, comps.low, comps.vae, prompt_cache, sample, boundary)
     written = []
     for i, (frames, path) in enumerate(zip(videos, video_paths(out, len(videos)))):
-        meta = sample_metadata(sample, i, boundary)
+        meta = sample_metadata(sample, i, boundary, prompt_cache)
         meta |= {f"lora_{e}": files[e].name if e in files else "none" for e in EXPERT_SUFFIX}
         written.append(write_video(frames, path, sample.fps, sample.format, meta))
     return written

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from ..config import SampleConfig
 from ..errors import ConfigError
-from ..models import decode_latents, encode_prompts
+from ..models import ComfyPrompt, comfy_prompt, decode_latents, encode_prompts
 from ..schedule import expert_for_timestep
 from .native import comfy_noise, comfy_sigmas, model_timesteps, native_recipe, switch_step
 
@@ -72,6 +72,8 @@ class PromptCache:
     embeddings: torch.Tensor
     negative_prompt: str
     negative_embedding: torch.Tensor
+    comfy: list[ComfyPrompt]  #: what ComfyUI's CLIPTextEncode must be given for each prompt
+    comfy_negative: ComfyPrompt
 
 
 def _require_prompts(cfg: SampleConfig) -> None:
@@ -87,7 +89,31 @@ def encode_sample_prompts(
     _require_prompts(cfg)
     embeddings = [encode_prompts(text_encoder, tokenizer, [p], device="cpu") for p in cfg.prompts]
     negative = encode_prompts(text_encoder, tokenizer, [cfg.negative_prompt], device="cpu")
-    return PromptCache(list(cfg.prompts), torch.cat(embeddings), cfg.negative_prompt, negative)
+    comfy = [comfy_prompt(tokenizer, p) for p in cfg.prompts]
+    return PromptCache(list(cfg.prompts), torch.cat(embeddings), cfg.negative_prompt, negative, comfy,
+                       comfy_prompt(tokenizer, cfg.negative_prompt))  # fmt: skip
+
+
+def _comfy_note(label: str, written: str, comfy: ComfyPrompt) -> str | None:
+    """A line on what to type into CLIPTextEncode for ``written``, or ``None`` when it is the text as written (up to
+    whitespace, which neither tokenizer keeps)."""
+    if comfy.text == " ".join(written.split()) and comfy.tokens == comfy.kept and not comfy.caveat:
+        return None
+    line = f"{label} in ComfyUI's CLIPTextEncode: {comfy.text}"
+    if comfy.tokens > comfy.kept:
+        line += (f" (its first {comfy.kept} of {comfy.tokens} tokens: the render, as WanPipeline, encodes no more, "
+                 "ComfyUI would encode them all)")  # fmt: skip
+    return line + (f" - not exact: {comfy.caveat}" if comfy.caveat else "")
+
+
+def comfy_prompt_notes(tokenizer: PreTrainedTokenizerBase, cfg: SampleConfig) -> list[str]:
+    """One line for each of ``cfg``'s prompts (and the negative prompt) that must be typed into ComfyUI's
+    CLIPTextEncode otherwise than written to render the same (:func:`~trainer_core.models.text.comfy_prompt`): weight
+    brackets escaped, HTML entities resolved, a prompt over 512 tokens cut. Empty when every prompt reads the same.
+    Needs the tokenizer only."""
+    labelled = [(f"prompt {i}", p) for i, p in enumerate(cfg.prompts)] + [("negative prompt", cfg.negative_prompt)]
+    notes = (_comfy_note(label, p, comfy_prompt(tokenizer, p)) for label, p in labelled)
+    return [n for n in notes if n is not None]
 
 
 def make_scheduler(cfg: SampleConfig) -> UniPCMultistepScheduler:
@@ -99,17 +125,28 @@ def make_scheduler(cfg: SampleConfig) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=cfg.shift)
 
 
-def sample_metadata(cfg: SampleConfig, index: int, boundary: float) -> dict[str, str]:
-    """Container metadata for the video of prompt ``index``: prompt, negative prompt, seed, render settings and the
-    native ComfyUI recipe that renders the same video (:func:`native_recipe`)."""
+def sample_metadata(
+    cfg: SampleConfig, index: int, boundary: float, prompts: PromptCache, quantized: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Container metadata for the video of prompt ``index``: prompt, negative prompt, seed, render settings, the
+    native ComfyUI recipe that renders the same video (:func:`native_recipe`; ``quantized`` as it takes it) and the
+    texts to type into its CLIPTextEncode nodes (from ``prompts``, the cache the video was rendered from)."""
     settings = {k: getattr(cfg, k) for k in _RENDER_SETTINGS} | {"boundary": boundary}
-    return {
+    meta = {
         "prompt": cfg.prompts[index],
         "negative_prompt": cfg.negative_prompt,
         "seed": str(cfg.seed_for(index)),
         "settings": json.dumps(settings, ensure_ascii=False),
-        "native_recipe": native_recipe(cfg, boundary, index),
+        "native_recipe": native_recipe(cfg, boundary, index, quantized=quantized),
+        "comfyui_prompt": prompts.comfy[index].text,
+        "comfyui_negative_prompt": prompts.comfy_negative.text,
     }
+    notes = [_comfy_note(label, written, comfy) for label, written, comfy in
+             (("prompt", cfg.prompts[index], prompts.comfy[index]),
+              ("negative prompt", cfg.negative_prompt, prompts.comfy_negative))]  # fmt: skip
+    if any(notes):
+        meta["comfyui_prompt_note"] = "; ".join(n for n in notes if n)
+    return meta
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -12,7 +12,13 @@ import torch
 
 from ..config import JobConfig
 from ..models import WanComponents
-from ..sample import encode_sample_prompts, sample_metadata, sample_videos, write_video
+from ..sample import (
+    comfy_prompt_notes,
+    encode_sample_prompts,
+    sample_metadata,
+    sample_videos,
+    write_video,
+)
 from ..timing import logged_seconds
 from .experts import Expert
 from .placement import same_device
@@ -27,6 +33,13 @@ PreviewProgress = Callable[[int, int, int], None]
 def previews_enabled(cfg: JobConfig) -> bool:
     """Whether this job renders previews while it trains."""
     return cfg.sample.during_training
+
+
+def preview_quantization(cfg: JobConfig) -> dict[str, str]:
+    """Expert -> quantization (``quant.transformer``, ``auto`` resolved) of the experts previews render quantized:
+    the trained ones, which training quantizes; an expert rendered for previews only stays as loaded."""
+    mode = cfg.quant.transformer
+    return {} if mode == "none" else {e: mode for e in cfg.multistage.stages}
 
 
 class PreviewRenderer:
@@ -49,6 +62,8 @@ class PreviewRenderer:
         self.on_progress = on_progress
         te = components.text_encoder.to(device)
         self.prompts = encode_sample_prompts(te, components.tokenizer, cfg.sample)
+        for note in comfy_prompt_notes(components.tokenizer, cfg.sample):
+            log.info("previews: %s", note)
         self.folder = folder
 
     def due(self, step: int) -> bool:
@@ -78,8 +93,9 @@ class PreviewRenderer:
                 on_step=tick,
             )
         paths = []
+        quantized = preview_quantization(self.cfg)
         for i, frames in enumerate(videos):
-            meta = {**sample_metadata(s, i, self.cfg.multistage.boundary), "step": str(step)}
+            meta = {**sample_metadata(s, i, self.cfg.multistage.boundary, self.prompts, quantized), "step": str(step)}
             path = self.folder / f"{self.cfg.name}_{step:06d}_{i:02d}.{s.format}"
             paths.append(write_video(frames, path, s.fps, s.format, meta))
         if self.on_sample is not None:
