@@ -531,9 +531,9 @@ def test_sample_cli_renders_any_pair_and_the_base_model(tmp_path, monkeypatch, c
     written = {}
     real_write = render.write_video
 
-    def capture(frames, p, *args):
+    def capture(frames, p, *args, **kwargs):
         written[Path(p).name] = frames
-        return real_write(frames, p, *args)
+        return real_write(frames, p, *args, **kwargs)
 
     monkeypatch.setattr(render, "write_video", capture)
     out = tmp_path / "v.mp4"

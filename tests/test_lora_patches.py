@@ -158,7 +158,7 @@ def test_sample_cli_renders_a_comfyui_trainer_file(tmp_path, monkeypatch):
     job["sample"] = {**job["sample"], "lora_strength_high": 0.7}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     written = {}
-    monkeypatch.setattr(render, "write_video", lambda frames, p, *a: written.setdefault(Path(p).name, frames))
+    monkeypatch.setattr(render, "write_video", lambda frames, p, *a, **k: written.setdefault(Path(p).name, frames))
     assert main(["sample", str(tmp_path / "job.yaml"), "--lora-high", str(tmp_path / "comfy.safetensors"),
                  "--prompt", "a red square", "--out", str(tmp_path / "v.mp4")]) == 0
     ref = load_components(job_from_dict(job).model)

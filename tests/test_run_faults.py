@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -336,6 +337,35 @@ def test_a_full_disk_ends_with_one_line_and_the_earlier_state_intact(tmp_path, c
     resumed = loop.run_training(job_from_dict({**_job(tmp_path / "out", clips, 6), "resume": "latest"}),
                                 progress_bar=False)
     assert resumed.step == 6
+
+
+def test_a_full_disk_while_a_preview_is_written_is_one_warning_and_training_goes_on(tmp_path, clips, monkeypatch,
+                                                                                     caplog):
+    """A preview is a by-product: one that cannot be written is named in one line and the run trains on (its frames
+    still reach on_sample); only a checkpoint that cannot be written stops it (above)."""
+    import av
+
+    real_open, failed = av.open, []
+
+    def full_once(path, *args, **kwargs):
+        if kwargs.get("mode") == "w" and not failed:
+            failed.append(Path(path))
+            Path(path).write_bytes(b"partial")  # what the encoder had written when the disk filled
+            raise av.error.OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", full_once)
+    sample = {"prompts": ["a cat"], "width": 32, "height": 32, "num_frames": 5, "steps": 2, "sample_every": 2}
+    rendered = []
+    result = loop.run_training(job_from_dict(_job(tmp_path / "out", clips, 4, sample=sample)),
+                               on_sample=lambda step, videos: rendered.append(step), progress_bar=False)
+    run = tmp_path / "out" / "f"
+    assert result.step == 4 and rendered == [2, 4] and [s for s, _ in list_states(run)] == [2, 4]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["f_000004_00.mp4"]  # nothing partial of step 2
+    warnings = [r.getMessage() for r in caplog.records if "preview" in r.getMessage() and r.levelno == logging.WARNING]
+    assert warnings == [f"warning: preview of step 2 not saved, training goes on: could not write "
+                        f"{run / 'samples' / 'f_000002_00.mp4'}: the disk is full - free space (or point "
+                        "save.output_dir at another disk) before the next checkpoint is due"]
 
 
 def test_lora_dropout_with_data_workers_resumes_exactly(tmp_path, clips):

@@ -5,7 +5,9 @@ with and without LoRAs, plus video files and bad inputs. ComfyUI's native graph:
 from __future__ import annotations
 
 import copy
+import errno
 import json
+from pathlib import Path
 
 import av
 import pytest
@@ -18,6 +20,7 @@ from tests.lora_fixtures import with_random_lora
 from tests.model_fixtures import tiny_components
 from trainer_core.config import WAN_NEGATIVE_PROMPT, LoraConfig, SampleConfig, job_from_dict
 from trainer_core.errors import ConfigError, LoraFileError
+from trainer_core.fileio import ArtifactWriteError
 from trainer_core.lora import attach_lora, lora_file_name, save_lora
 from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG
 from trainer_core.sample import (
@@ -273,6 +276,19 @@ def test_write_video_decodes_with_frames_size_and_metadata(comps, tmp_path, fmt,
     assert (settings["sampler"], settings["scheduler"]) == ("euler", "normal")
     assert got["native_recipe"].startswith("ModelSamplingSD3 12 · KSamplerAdvanced euler/normal 6 · high 0→")
     assert got["comfyui_prompt"] == "一只猫 walks in the \\(rain\\)"
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    def no_space(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")  # what the encoder had written when the disk filled
+        raise av.error.OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(av, "open", no_space)
+    with pytest.raises(ArtifactWriteError) as caught:
+        write_video(_gradient_video(), tmp_path / "a.mp4", 16, "mp4")
+    assert str(caught.value) == (f"could not write {tmp_path / 'a.mp4'}: the disk is full - free space (or point "
+                                 "save.output_dir at another disk) and resume")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_video_refuses_bad_frames_and_format(tmp_path):

@@ -56,26 +56,30 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def atomic_write(final: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+#: What to do about a full disk while a run writes into its output folder.
+FULL_DISK_RUN = "free space (or point save.output_dir at another disk) and resume"
+
+
+def atomic_write(final: str | os.PathLike, writer: Callable[[Path], None], full_disk: str = FULL_DISK_RUN) -> Path:
     """Run ``writer(tmp_path)`` and atomically move the result to ``final``.
 
     A failure of the file system (disk full, read-only, permissions) raises :class:`ArtifactWriteError` naming the
-    file; ``final`` is then untouched.
+    file; ``final`` is then untouched. ``full_disk`` says what to do when the disk is full.
     """
     try:
         with atomic_path(final) as tmp:
             writer(tmp)
     except OSError as exc:
-        raise ArtifactWriteError(f"could not write {final}: {_os_reason(exc)}") from None
+        raise ArtifactWriteError(f"could not write {final}: {_os_reason(exc, full_disk)}") from None
     except SafetensorError as exc:  # safetensors reports its own I/O errors as text ("... (os error 28)")
-        code = errno.ENOSPC if "os error 28" in str(exc) else None
-        raise ArtifactWriteError(f"could not write {final}: {_os_reason(OSError(code, str(exc)))}") from None
+        reason = _os_reason(OSError(errno.ENOSPC if "os error 28" in str(exc) else None, str(exc)), full_disk)
+        raise ArtifactWriteError(f"could not write {final}: {reason}") from None
     return Path(final)
 
 
-def _os_reason(exc: OSError) -> str:
+def _os_reason(exc: OSError, full_disk: str) -> str:
     if exc.errno == errno.ENOSPC:
-        return "the disk is full - free space (or point save.output_dir at another disk) and resume"
+        return f"the disk is full - {full_disk}"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{exc.strerror} - make the folder writable or choose another one"
     return exc.strerror or str(exc)

@@ -27,6 +27,9 @@ from .video_io import write_video
 
 log = logging.getLogger(__name__)
 
+#: What to do about a full disk while a video is written.
+_FULL_DISK = "free space (or give --out a folder on another disk) and render again"
+
 
 def render_settings(cfg: JobConfig, prompts: list[str] | None, out: Path) -> SampleConfig:
     """The job's sample settings with ``prompts`` (when given) and the video format of ``out``'s suffix."""
@@ -92,5 +95,5 @@ def render_job(
     for i, (frames, path) in enumerate(zip(videos, video_paths(out, len(videos)))):
         meta = sample_metadata(sample, i, boundary, prompt_cache)
         meta |= {f"lora_{e}": files[e].name if e in files else "none" for e in EXPERT_SUFFIX}
-        written.append(write_video(frames, path, sample.fps, sample.format, meta))
+        written.append(write_video(frames, path, sample.fps, sample.format, meta, full_disk=_FULL_DISK))
     return written

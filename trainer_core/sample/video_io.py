@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..fileio import atomic_path
+from ..fileio import FULL_DISK_RUN, atomic_write
 
 #: format -> (encoder, encoder options). CRF keeps quality constant; VP9 needs bitrate 0 for pure CRF mode.
 _CODECS: dict[str, tuple[str, dict[str, str]]] = {
@@ -38,13 +38,20 @@ def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
 
 
 def write_video(
-    frames: torch.Tensor, path: str | os.PathLike, fps: int, fmt: str, metadata: dict[str, str] | None = None
+    frames: torch.Tensor,
+    path: str | os.PathLike,
+    fps: int,
+    fmt: str,
+    metadata: dict[str, str] | None = None,
+    full_disk: str = FULL_DISK_RUN,
 ) -> Path:
     """Encode ``frames`` (``[F, H, W, 3]`` float in 0..1) to ``path`` atomically and return the path.
 
     ``fmt`` is ``"mp4"`` (libx264, yuv420p) or ``"webm"`` (libvpx-vp9, yuv420p) and must match the file suffix.
     ``metadata`` (lower-case keys such as ``prompt``, ``seed``, ``settings``; string values) goes into the
-    container; read it back with :func:`read_video_metadata`.
+    container; read it back with :func:`read_video_metadata`. A file system failure (disk full, read-only folder)
+    raises :class:`~trainer_core.fileio.ArtifactWriteError` naming the file (``full_disk``: what to do when the disk
+    is full) and leaves no partial file.
     """
     path = Path(path)
     if fmt not in _CODECS:
@@ -59,9 +66,10 @@ def write_video(
         raise ConfigError(f"video metadata keys must be lower-case names ([a-z0-9_]) with string values; bad: {bad}")
     pixels = _to_uint8(frames).numpy()
     codec, options = _CODECS[fmt]
-    with atomic_path(path) as tmp:
-        import av  # lazily: rendering on a GPU box without PyAV still works up to the file write
+    import av  # lazily: rendering on a GPU box without PyAV still works up to the file write
 
+    def encode(tmp: Path) -> None:
+        # PyAV's I/O errors (av.error.OSError, errno 28 on a full disk) are OSErrors: atomic_write words them
         with av.open(str(tmp), mode="w", format=fmt, options=_MUXER_OPTIONS[fmt]) as container:
             container.metadata.update(metadata)
             stream = container.add_stream(codec, rate=fps, options=options)
@@ -69,7 +77,8 @@ def write_video(
             for frame in pixels:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
-    return path
+
+    return atomic_write(path, encode, full_disk)
 
 
 def read_video_metadata(path: str | os.PathLike) -> dict[str, str]:

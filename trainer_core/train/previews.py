@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..config import JobConfig
+from ..fileio import ArtifactWriteError
 from ..models import WanComponents
 from ..sample import (
     comfy_prompt_notes,
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 #: ``(training step, denoising steps done, of total)`` while a preview renders: progress, and a cancel check that may
 #: raise (the loop then keeps a resumable state of that step).
 PreviewProgress = Callable[[int, int, int], None]
+#: A full disk while a preview is written: the run goes on, but its next checkpoint needs the space.
+_FULL_DISK = "free space (or point save.output_dir at another disk) before the next checkpoint is due"
 
 
 def previews_enabled(cfg: JobConfig) -> bool:
@@ -92,12 +95,21 @@ class PreviewRenderer:
                 models["high"], models["low"], self.components.vae, self.prompts, s, self.cfg.multistage.boundary,
                 on_step=tick,
             )
-        paths = []
-        quantized = preview_quantization(self.cfg)
-        for i, frames in enumerate(videos):
-            meta = {**sample_metadata(s, i, self.cfg.multistage.boundary, self.prompts, quantized), "step": str(step)}
-            path = self.folder / f"{self.cfg.name}_{step:06d}_{i:02d}.{s.format}"
-            paths.append(write_video(frames, path, s.fps, s.format, meta))
+        paths = [p for i, frames in enumerate(videos) if (p := self._write(step, i, frames)) is not None]
         if self.on_sample is not None:
             self.on_sample(step, videos)
         return paths
+
+    def _write(self, step: int, index: int, frames: torch.Tensor) -> Path | None:
+        """Write prompt ``index``'s preview video; ``None`` when the file system refused it (disk full, read-only
+        folder). A preview is a by-product: the run goes on, warned in one line. The checkpoints keep their own rule:
+        one that cannot be written stops the run, keeping the last state (the next one needs that space too)."""
+        s = self.cfg.sample
+        meta = sample_metadata(s, index, self.cfg.multistage.boundary, self.prompts, preview_quantization(self.cfg))
+        meta["step"] = str(step)
+        path = self.folder / f"{self.cfg.name}_{step:06d}_{index:02d}.{s.format}"
+        try:
+            return write_video(frames, path, s.fps, s.format, meta, full_disk=_FULL_DISK)
+        except ArtifactWriteError as exc:
+            log.warning("warning: preview of step %d not saved, training goes on: %s", step, exc)
+            return None
