@@ -1,6 +1,6 @@
 """Quantized base weights: float8, 4-bit (NF4 / uint4) with accuracy recovery adapters, and the text encoder."""
 
-from .apply import Calibration, QuantReport, quant_targets, quantize_expert, quantize_text_encoder
+from .apply import Calibration, QuantReport, adapters_cached, quant_targets, quantize_expert, quantize_text_encoder
 from .ara import low_rank_adapter, relative_output_errors
 from .ara_files import check_ara_source, model_file_identity, read_adapter_file, write_adapter_file
 from .float8 import Float8Linear, supports_fp8_matmul
@@ -13,6 +13,7 @@ __all__ = [
     "NF4Linear",
     "QuantReport",
     "UInt4Linear",
+    "adapters_cached",
     "check_ara_source",
     "low_rank_adapter",
     "model_file_identity",

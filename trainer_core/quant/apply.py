@@ -27,6 +27,7 @@ from ..keys import lora_target_regex
 from .ara import low_rank_adapter, relative_output_errors
 from .ara_files import (
     AdapterSet,
+    cache_holds,
     cache_metadata,
     cache_path,
     check_adapters_fit,
@@ -141,6 +142,22 @@ def _take(calibration: Calibration | None, n: int) -> list[dict[str, Any]]:
     return batches
 
 
+def _cache_identity(
+    cfg: QuantConfig, cache_key: str, cache_dir: str | Path | None
+) -> tuple[dict[str, str], str | Path | None]:
+    """The identity of the adapters ``cfg`` computes for ``cache_key``, and the folder they are cached in."""
+    method = "calibrated" if cfg.ara_calibration_samples > 0 else "residual_svd"
+    identity = cache_metadata(cache_key, cfg.quantizer, cfg.ara_rank, method, cfg.ara_calibration_samples)
+    return identity, cfg.ara_cache_dir or cache_dir
+
+
+def adapters_cached(cfg: QuantConfig, cache_key: str, cache_dir: str | Path | None) -> bool:
+    """Whether :func:`quantize_expert` finds the adapters it would compute for ``cfg`` (``4bit_ara``, ``ara_source:
+    compute``) and ``cache_key`` in the cache (checked from the file's header), so it needs no calibration inputs."""
+    identity, folder = _cache_identity(cfg, cache_key, cache_dir)
+    return folder is not None and cache_holds(cache_path(folder, identity), identity)
+
+
 def _plan_adapters(
     cfg: QuantConfig, report: QuantReport, expert: str, cache_key: str, cache_dir: str | Path | None, shapes: dict
 ) -> tuple[AdapterSet | None, dict[str, str] | None]:
@@ -151,10 +168,8 @@ def _plan_adapters(
         check_adapters_fit(adapters, shapes, f"quant.ara_source: {cfg.ara_source}")
         report.ara_source, report.ara_method = "file", "file"
         return adapters, None
-    method = "calibrated" if cfg.ara_calibration_samples > 0 else "residual_svd"
-    identity = cache_metadata(cache_key, cfg.quantizer, cfg.ara_rank, method, cfg.ara_calibration_samples)
-    folder = cfg.ara_cache_dir or cache_dir
-    report.ara_method, report.ara_source = method, "computed"
+    identity, folder = _cache_identity(cfg, cache_key, cache_dir)
+    report.ara_method, report.ara_source = identity["ara_method"], "computed"
     if folder is None:
         return None, identity
     report.cache_path = cache_path(folder, identity)

@@ -302,15 +302,25 @@ def write_adapter_file(
     return save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
+def cache_holds(path: Path, identity: dict[str, str]) -> bool:
+    """Whether ``path`` is a cache file whose metadata matches ``identity`` exactly (its header alone is read)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+    return all(metadata.get(k) == v for k, v in identity.items())
+
+
 def read_cache(path: Path, identity: dict[str, str]) -> AdapterSet | None:
     """The cached adapters if ``path`` exists and its metadata matches ``identity`` exactly, else ``None``."""
-    if not path.is_file():
+    if not cache_holds(path, identity):
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            if any(metadata.get(k) != v for k, v in identity.items()):
-                return None
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError):
         return None

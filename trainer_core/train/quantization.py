@@ -1,4 +1,5 @@
-"""Quantizing the trained experts before LoRA is attached: identities for the adapter cache, calibration inputs."""
+"""Quantizing the trained experts before LoRA is attached: identities for the adapter cache, calibration inputs; and
+the same quantization outside training (``python -m trainer_core sample``), with the adapters training cached."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import WanTransformer3DModel
 
-from ..config import JobConfig
+from ..config import JobConfig, QuantConfig
 from ..data import VideoDataset
 from ..flow import noisy_latents
 from ..models.loading import SUBFOLDERS
-from ..quant import model_file_identity, quantize_expert
+from ..quant import adapters_cached, model_file_identity, quantize_expert
 from ..schedule import sample_sigmas
 
 log = logging.getLogger(__name__)
@@ -98,3 +99,35 @@ def quantize_experts(
             model, cfg.quant, expert=name, cache_key=key, device=device, calibration=calibration, cache_dir=folder
         )
         log.info("%s", report.summary())
+
+
+def render_quant(cfg: JobConfig, expert: str) -> QuantConfig:
+    """``cfg.quant`` (``auto`` already resolved) for quantizing ``expert`` outside training, decided before anything
+    loads.
+
+    4-bit adapters computed by calibrating on the training clips come from the cache training wrote, so a render
+    equals the run's previews. With no such cache (the job never trained here) there are no clips to calibrate on:
+    they are computed from the weights alone, as the Preview Sample node does, and a warning says the render then
+    differs slightly from what training's previews show."""
+    quant = cfg.quant
+    if quant.transformer != "4bit_ara" or quant.ara_source != "compute" or quant.ara_calibration_samples == 0:
+        return quant
+    key, folder = expert_identity(cfg, expert)
+    if adapters_cached(quant, key, folder):
+        return quant
+    log.warning("warning: no accuracy recovery adapters for the %s-noise expert calibrated on the training clips in "
+                "%s (training this job writes them there): computed from the weights alone, so the render differs "
+                "slightly from the previews training would show", expert, quant.ara_cache_dir or folder)  # fmt: skip
+    return quant.model_copy(update={"ara_calibration_samples": 0})
+
+
+def quantize_for_render(
+    cfg: JobConfig, expert: str, model: WanTransformer3DModel, quant: QuantConfig, device: torch.device
+) -> None:
+    """Quantize ``expert`` in place as training quantizes it (``quant`` from :func:`render_quant`; its adapters from
+    the same cache) and log the report; it ends on ``device``. ``quant.transformer: none`` changes nothing."""
+    if quant.transformer == "none":
+        return
+    key, folder = expert_identity(cfg, expert)
+    report = quantize_expert(model, quant, expert=expert, cache_key=key, device=device, cache_dir=folder)
+    log.info("%s", report.summary())
