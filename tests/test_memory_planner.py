@@ -515,3 +515,20 @@ def test_model_arch_of_a_folder_it_cannot_read_is_refused_not_assumed(tmp_path):
     (tmp_path / "transformer_2" / "config.json").unlink()
     with pytest.raises(ModelLoadError, match=rf"^model\.source: {tmp_path}/transformer/config\.json is missing"):
         model_arch(ModelConfig(source=str(tmp_path)))
+
+
+def test_previews_of_a_one_expert_job_count_the_untrained_expert_visiting_as_loaded():
+    """The untrained expert renders previews too, unquantized: on a 24 GB card that cannot fit, so the job is
+    refused before it trains (it used to run out of memory at the first preview)."""
+    card = int(23.5 * GIB)
+    recipe = dict(optimizer="adamw8bit", quant={"transformer": "4bit_ara"}, memory={"low_vram": True})
+    previews = {"sample": {"prompts": ["a cat"], "sample_every": 250, "width": 512, "height": 512, "num_frames": 33}}
+    assert estimate_peak_vram(_job(**recipe), WAN22_A14B_ARCH, card).fits
+    plan = estimate_peak_vram(_job(**recipe, **previews), WAN22_A14B_ARCH, card)
+    assert plan.phase == "sampling"
+    [visiting] = [i for i in plan.items if i.label.startswith("untrained expert")]
+    assert visiting.nbytes == pytest.approx(14_288_491_584 * 2, rel=0.01)  # FACTS.md's parameter count, in bf16
+    with pytest.raises(ConfigError, match=r"sample\.sample_every: 0"):
+        check_plan(plan)
+    # training both experts, previews swap them like training does (workflow 1's 24 GB recipe)
+    assert estimate_peak_vram(_job(two=True, **recipe, **previews), WAN22_A14B_ARCH, card).fits

@@ -60,6 +60,7 @@ diffusers+peft loop (bf16 LoRA, so no casts, no autocast) peaked at 33.5 / 44.7 
 **VAE.** Encoding (latents are not cached on the GPU) happens before the forward pass, so it competes with the
 activations, not with them: measured on the Wan 2.1 VAE, peak ``4300*s_vae`` bytes per pixel of one frame plus the
 input clip (temporal chunks make it independent of the frame count); decoding (sampling) ``5750*s_vae`` per pixel.
+Previews of a job that trains one expert also hold the other one on the GPU, unquantized, while they render.
 
 **Workspace.** Quantized layers rebuild a dequantized weight per matmul (largest Linear times 2 bytes for NF4, 6
 for float8's fp32 detour, 9 for uint4's unpacking). A fragmentation allowance of 3% of the peak and
@@ -528,7 +529,11 @@ def _phases(
         no_grad = sample_tokens * (2 * s * shapes.ffn_dim + (s + 8) * shapes.dim + 8 * shapes.head_dim)
         decode = (VAE_DECODE_PER_PIXEL + 3 * f) * vae_b * w * h
         sampling = PlanItem("workspace", "sampling (largest of denoising and VAE decoding)", max(no_grad, decode))
-        phases["sampling"] = [*weights, vae_w, *live_te, lora[0], sampling]
+        visiting = []
+        if k.experts == 1:  # previews render both experts: the one not trained here visits the GPU as loaded
+            vh, vb = _expert_bytes(shapes, replace(k, quant="none"))
+            visiting = [PlanItem("weights", "untrained expert (visits for previews, as loaded)", vh + L * vb)]
+        phases["sampling"] = [*weights, vae_w, *live_te, lora[0], *visiting, sampling]
     if k.text_mode != "live":
         phases["caption encoding"] = [PlanItem("weights", "text encoder", te)]
     return phases
