@@ -1,8 +1,9 @@
 """Which expert handles a timestep, and which expert trains at a given optimizer step.
 
 Routing follows Wan 2.2 (and diffusers' ``WanPipeline``): ``t ≥ boundary·1000`` goes to the high-noise expert,
-everything below to the low-noise expert, compared in float32 as ``WanPipeline`` compares them. Training alternates experts in blocks of ``switch_every`` optimizer
-steps, high first, so with both experts on each gets an equal share (up to one partial block).
+everything below to the low-noise expert, compared in float32 as ``WanPipeline`` compares them. Training alternates
+experts in blocks of ``switch_every`` optimizer steps, high first, so with both experts on each gets an equal share
+(up to one partial block).
 """
 
 from __future__ import annotations
