@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from comfy_boot import REPO, boot_comfy, load_module  # this folder's helper (the script's own path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,14 +45,7 @@ def _import_comfy(comfy_dir: Path) -> None:
     """Imports ComfyUI (on the CPU) from comfy_dir, the pack from this repository, and the pack's test fixtures."""
     global comfy, torch, folder_paths, comfy_nodes, LoraLayer, load_file, save_file
     global diffusers_module_to_original, attach_lora_file, model_fixtures, lora_fixtures
-    comfy_dir = comfy_dir.resolve()
-    if not (comfy_dir / "comfy" / "model_detection.py").is_file():
-        raise SystemExit(f"{comfy_dir} is not a ComfyUI folder (no comfy/model_detection.py); pass --comfy")
-    sys.argv = [sys.argv[0], "--cpu"]  # ComfyUI's own argument parser reads sys.argv
-    sys.path[:0] = [str(comfy_dir), str(REPO)]  # ComfyUI first: its nodes.py, not the pack's nodes/
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    boot_comfy(comfy_dir)
     import comfy.model_detection
     import folder_paths
     import nodes as comfy_nodes  # ComfyUI's nodes.py
@@ -65,27 +56,8 @@ def _import_comfy(comfy_dir: Path) -> None:
     from trainer_core.keys import diffusers_module_to_original
     from trainer_core.sample import attach_lora_file
 
-    # ComfyUI's Wan detection fixes text_dim at 4096 (the real UMT5); the tiny experts use 64: read it from the weights
-    detect = comfy.model_detection.detect_unet_config
-
-    def detect_with_text_dim(state_dict, key_prefix, metadata=None):
-        cfg = detect(state_dict, key_prefix, metadata=metadata)
-        key = f"{key_prefix}text_embedding.0.weight"
-        if cfg is not None and key in state_dict:
-            cfg["text_dim"] = state_dict[key].shape[1]
-        return cfg
-
-    comfy.model_detection.detect_unet_config = detect_with_text_dim
-    model_fixtures = _load("pack_model_fixtures", REPO / "tests" / "model_fixtures.py")
-    lora_fixtures = _load("pack_lora_fixtures", REPO / "tests" / "lora_fixtures.py")
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    model_fixtures = load_module("pack_model_fixtures", REPO / "tests" / "model_fixtures.py")
+    lora_fixtures = load_module("pack_lora_fixtures", REPO / "tests" / "lora_fixtures.py")
 
 
 class _Unloaded(logging.Handler):

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from comfy_boot import REPO, boot_comfy, load_module  # this folder's helper (the script's own path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,14 +50,7 @@ def _import_comfy(comfy_dir: Path) -> None:
     global comfy, torch, folder_paths, comfy_nodes, EmptyHunyuanLatentVideo, ModelSamplingSD3
     global LoraConfig, SampleConfig, attach_lora, lora_parameters, save_lora
     global attach_lora_file, encode_sample_prompts, native_recipe, sample_latents, fixtures, pack
-    comfy_dir = comfy_dir.resolve()
-    if not (comfy_dir / "comfy" / "model_detection.py").is_file():
-        raise SystemExit(f"{comfy_dir} is not a ComfyUI folder (no comfy/model_detection.py); pass --comfy")
-    sys.argv = [sys.argv[0], "--cpu"]  # ComfyUI's own argument parser reads sys.argv
-    sys.path[:0] = [str(comfy_dir), str(REPO)]  # ComfyUI first: its nodes.py, not the pack's nodes/
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    boot_comfy(comfy_dir)
     import comfy.latent_formats
     import comfy.model_detection
     import comfy.utils
@@ -73,28 +64,8 @@ def _import_comfy(comfy_dir: Path) -> None:
     from trainer_core.lora import attach_lora, lora_parameters, save_lora
     from trainer_core.sample import attach_lora_file, encode_sample_prompts, native_recipe, sample_latents
 
-    # ComfyUI's Wan detection fixes text_dim at 4096 (the real UMT5); the tiny experts use 64: read it from the weights
-    detect = comfy.model_detection.detect_unet_config
-
-    def detect_with_text_dim(state_dict, key_prefix, metadata=None):
-        cfg = detect(state_dict, key_prefix, metadata=metadata)
-        key = f"{key_prefix}text_embedding.0.weight"
-        if cfg is not None and key in state_dict:
-            cfg["text_dim"] = state_dict[key].shape[1]
-        return cfg
-
-    comfy.model_detection.detect_unet_config = detect_with_text_dim
-    fixtures = _load("pack_model_fixtures", REPO / "tests" / "model_fixtures.py")
-    pack = _load("wan22_pack_check", REPO / "__init__.py")  # the node pack as ComfyUI loads it
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=[str(path.parent)]
-                                                  if path.name == "__init__.py" else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    fixtures = load_module("pack_model_fixtures", REPO / "tests" / "model_fixtures.py")
+    pack = load_module("wan22_pack_check", REPO / "__init__.py")  # the node pack as ComfyUI loads it
 
 
 PROMPT = "sqz woman turns her head and smiles at the camera"
