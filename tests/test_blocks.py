@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainer_core.memory.blocks as blocks_module
 from trainer_core.config import JobConfig, LoraConfig, ModelConfig
-from trainer_core.errors import ConfigError
 from trainer_core.lora import attach_lora
 from trainer_core.memory import BlockPlan, choose_block_plan, install_block_plan
 from trainer_core.memory.blocks import ATTENTION_OPS
@@ -156,7 +155,9 @@ def _cfg(**train) -> JobConfig:
         ("auto", "cuda", 0, "none", True, True),
         ("auto", "cuda", 0, "float8", True, True),
         ("auto", "cuda", 0, "none", False, False),  # no Triton (e.g. Windows): no GPU code generator
-        ("auto", "cuda", 4, "none", True, False),  # streamed blocks: not measured compiled on a GPU yet
+        ("auto", "cuda", 4, "none", True, True),  # streamed blocks: their load hooks run around the compiled block
+        ("auto", "cuda", 4, "float8", True, True),
+        ("on", "cuda", 4, "none", True, True),
         ("auto", "cuda", 0, "4bit_ara", True, False),  # bitsandbytes kernels would split the graph
         ("on", "cpu", 0, "none", True, True),
         ("off", "cuda", 0, "none", True, False),
@@ -203,11 +204,6 @@ def test_only_nf4_experts_keep_their_full_blocks_eager(quant, quantizer, compile
     cfg = _cfg(compile="on").model_copy(deep=True)
     cfg.quant.transformer, cfg.quant.quantizer = quant, quantizer
     assert block_plan_for(cfg, _plan(0, (0, 1, 1)), torch.device("cuda")).compile_full is compile_full
-
-
-def test_compile_on_with_offloading_is_refused_by_name():
-    with pytest.raises(ConfigError, match="train.compile: on.*offload_blocks"):
-        block_plan_for(_cfg(compile="on"), _plan(offload=3), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("fallback", [True, False])

@@ -117,9 +117,8 @@ def test_offloading_matches_resident(six_block_expert, monkeypatch, checkpointin
 
 @pytest.mark.parametrize("compile_full", [True, False], ids=["compiled-checkpoint", "eager-full-blocks"])
 def test_compiled_blocks_stream_with_their_load_hooks_outside_the_graph(six_block_expert, monkeypatch, compile_full):
-    # Inductor's CPU backend, a plan given by hand (train.compile does not compile streamed blocks until a GPU run
-    # has measured it): the streamed blocks' hooks run around the compiled block; results match the eager resident
-    # model up to compile's float rounding, every block arrives in time and leaves afterwards.
+    # Inductor's CPU backend: the streamed blocks' hooks run around the compiled block; results match the eager
+    # resident model up to compile's float rounding, every block arrives in time and leaves afterwards.
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # compile afresh, so that the count below sees this test's graphs
