@@ -20,9 +20,10 @@ runs) and the JSON is rewritten after each:
   steps switching expert every ``--every`` steps (the losses every other section is compared with).
 * ``float8_low_vram``: both experts quantized to float8 (fp8 matmuls forward and backward), Low VRAM, capped with
   ``torch.cuda.set_per_process_memory_fraction`` at ``--cap-gib``; the planner's plan for a card with that much
-  free memory, ``offload_blocks: auto`` (the smallest block offload that fits), the trainer's compile decision
-  (``block_plan_for``: no compile with streamed blocks; ``--float8-blocks compiled`` compiles every block, streamed
-  blocks too, which the trainer does not do yet). Same steps as the reference.
+  free memory, ``offload_blocks: auto`` (the fewest streamed blocks that fit, more where that makes every block
+  ``selective``), the trainer's compile decision (``block_plan_for``: compiled on CUDA with Triton, streamed blocks
+  too; ``--float8-blocks compiled`` compiles wherever the trainer would not, e.g. on the CPU). Same steps as the
+  reference.
 * ``peer_musubi``: musubi-tuner's WanModel (t2v-A14B config) with random bf16 weights turned into its
   ``--fp8_base --fp8_scaled`` weights by its own ``optimize_state_dict_with_fp8`` + ``apply_fp8_monkey_patch``
   (block-wise e4m3, dequantized per matmul), its ``networks.lora_wan`` network (rank 16 on every block Linear,
@@ -321,7 +322,7 @@ def capped_run(b: Bench, args, quant: str) -> dict:
     plan = estimate_peak_vram(cfg, b.arch, cap, device_type=b.device, side_models=NO_SIDE_MODELS)
     print(plan.summary(), flush=True)
     blocks = block_plan_for(cfg, plan, torch.device(b.device))
-    if quant == "float8" and args.float8_blocks == "compiled":  # an experiment the trainer does not make yet
+    if quant == "float8" and args.float8_blocks == "compiled":  # also where the trainer would not (the CPU)
         blocks = dataclasses.replace(blocks, compile=True, fallback=False)
     memory = ExpertMemory.for_plan(cfg.memory, plan, b.device)
     calibration = None
@@ -697,8 +698,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration", type=int, default=4, help="calibration batches of the 4-bit adapters")
     ap.add_argument("--fp8-offload", default="auto", help="float8 offload_blocks: 'auto' (the planner) or a count")
     ap.add_argument("--float8-blocks", choices=("planner", "compiled"), default="planner",
-                    help="float8 sections' blocks as the trainer runs them, or every block compiled (streamed blocks "
-                    "too: an experiment)")
+                    help="float8 sections' blocks as the trainer runs them, or compiled even where the trainer "
+                    "would not (the CPU)")
     ap.add_argument("--probe", action="append", help="WxHxF float8 probe size, repeatable "
                     "(default 768x768x33 and 512x512x81; 'none' for no probe)")
     ap.add_argument("--probe-steps", type=int, default=3, help="steps per probe (the first is not timed)")

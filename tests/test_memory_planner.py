@@ -294,6 +294,29 @@ def test_auto_checkpointing_gives_faster_policies_as_memory_allows():
     assert estimate_peak_vram(_job(ckpt="selective"), WAN22_A14B_ARCH, 139 * GIB).block_split == (0, 40, 0)
 
 
+def test_auto_offload_streams_more_blocks_where_that_makes_every_block_selective():
+    """The 24 GB float8 recipe under 22 GiB: the fewest streamed blocks that fit leave every block fully
+    checkpointed; streaming more (up to half the blocks) buys every block its self-attention output."""
+    from trainer_core.memory.planner import _knobs, _one_plan
+
+    job = dict(two=True, ckpt="auto", optimizer="adamw8bit", quant={"transformer": "float8"},
+               memory={"low_vram": True, "offload_blocks": "auto", "headroom_gib": 0.5})
+    free = 22 * GIB
+    plan = estimate_peak_vram(_job(**job), WAN22_A14B_ARCH, free, side_models=NO_SIDE_MODELS)
+    fewest = estimate_peak_vram(_job(**{**job, "ckpt": True}), WAN22_A14B_ARCH, free, side_models=NO_SIDE_MODELS)
+    assert fewest.fits and fewest.block_split == (0, 0, 40) and fewest.offload_blocks > 0
+    assert plan.fits and plan.block_split[2] == 0 and fewest.offload_blocks < plan.offload_blocks <= 20
+    # the fewest: one block fewer streamed and every block selective does not fit
+    k, shapes = _knobs(_job(**job), "cuda"), ExpertShapes.from_arch(WAN22_A14B_ARCH)
+    assert not _one_plan(k, shapes, NO_SIDE_MODELS, free, GIB // 2, plan.offload_blocks - 1, (0, 40, 0)).fits
+    # a count given by hand is kept (its split still chosen); a job that fits resident streams nothing
+    given = _job(**{**job, "memory": {**job["memory"], "offload_blocks": 12}})
+    kept = estimate_peak_vram(given, WAN22_A14B_ARCH, free, side_models=NO_SIDE_MODELS)
+    assert kept.offload_blocks == 12 and kept.fits and kept.block_split[1] > 0
+    roomy = estimate_peak_vram(_job(**job), WAN22_A14B_ARCH, 80 * GIB, side_models=NO_SIDE_MODELS)
+    assert roomy.offload_blocks == 0 and roomy.block_split[2] == 0
+
+
 def test_dop_doubles_the_activations_unless_low_vram():
     def acts(**extra):
         plan = estimate_peak_vram(_job(**extra), WAN22_A14B_ARCH, None, side_models=NO_SIDE_MODELS)

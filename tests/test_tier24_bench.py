@@ -116,8 +116,8 @@ def test_out_of_memory_under_the_cap_is_a_result_not_a_crash(tmp_path):
 
 
 def test_float8_blocks_compiled_experiment_compiles_the_streamed_blocks(tmp_path):
-    # Inductor's CPU backend: every block compiled, the streamed one too; same losses as the trainer's blocks
-    # (eager here) up to compile's rounding.
+    # Inductor's CPU backend: every block compiled, the streamed one too (as the trainer compiles them on CUDA);
+    # same losses as the trainer's CPU blocks (eager) up to compile's rounding.
     bench, runs = _bench(), {}
     for mode in ("planner", "compiled"):
         out = tmp_path / mode
