@@ -88,6 +88,7 @@ from ..models.single_file import fp32_kept_modules, tensor_dtype
 from ..names import DTYPES, EXPERTS
 from ..quant.choice import auto_transformer_quant
 from ..quant.float8 import supports_fp8_matmul
+from .allocator import FRAGMENTATION, fragmentation_share
 from .blocks import choose_block_plan
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ VAE_ENCODE_PER_PIXEL = 4300
 VAE_DECODE_PER_PIXEL = 5750
 #: Transient bytes per element of the largest Linear while a quantized layer dequantizes it.
 DEQUANT_BYTES = {"float8": 6, "nf4": 2, "uint4": 9}
-#: The caching allocator reserves somewhat more than it hands out.
-FRAGMENTATION = 0.03
 _ADAMW8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 
 
@@ -230,6 +229,7 @@ class _Knobs:
     vae_dtype: str
     clips: tuple[tuple[int, int], ...]  # (resolution, frames) of every dataset
     sample: tuple[int, int, int] | None  # (width, height, frames) of previews, None = no sampling
+    fragmentation: float = FRAGMENTATION  # share of the peak the allocator reserves beyond it
 
 
 def _knobs(cfg: JobConfig, device_type: str, world: int = 1, fp8_matmul: bool = False) -> _Knobs:
@@ -362,6 +362,7 @@ class Plan:
     prefetch_next_expert: bool  # low VRAM: both experts' working sets fit at once around a switch
     block_split: tuple[int, int, int] = (0, 0, 0)  # (off, selective, full) checkpointing policies, in block order
     suggestions: list[str] = field(default_factory=list)
+    fragmentation: float = FRAGMENTATION  # share of the peak the allocator reserves beyond it
 
     @property
     def peak_bytes(self) -> int:
@@ -371,7 +372,7 @@ class Plan:
     @property
     def required_bytes(self) -> int:
         """Free memory the job needs: the peak plus fragmentation and headroom."""
-        return int(self.peak_bytes * (1 + FRAGMENTATION)) + self.headroom_bytes
+        return int(self.peak_bytes * (1 + self.fragmentation)) + self.headroom_bytes
 
     @property
     def fits(self) -> bool:
@@ -403,7 +404,7 @@ class Plan:
         else:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(
-                f"  needs {self.required_bytes / GIB:.1f} GiB (with {FRAGMENTATION:.0%} fragmentation and "
+                f"  needs {self.required_bytes / GIB:.1f} GiB (with {self.fragmentation:.0%} fragmentation and "
                 f"{self.headroom_bytes / GIB:.1f} GiB headroom) of {self.free_bytes / GIB:.1f} GiB free: {verdict}"
             )
         return "\n".join(lines)
@@ -566,6 +567,7 @@ def _one_plan(
         host_bytes=k.experts * (head + shapes.num_blocks * block) if managed else 0,
         prefetch_next_expert=False,
         block_split=split,
+        fragmentation=k.fragmentation,
     )
 
 
@@ -607,7 +609,7 @@ def _plan(k: _Knobs, shapes: ExpertShapes, side: SideModels, free: int | None, h
         plan = _one_plan(k, shapes, side, free, headroom, offload, split)
     if k.low_vram and k.experts > 1 and free is not None:
         working = _working_set(k, shapes, plan.offload_blocks)
-        both = int((plan.phases["training"] + working) * (1 + FRAGMENTATION)) + headroom
+        both = int((plan.phases["training"] + working) * (1 + k.fragmentation)) + headroom
         plan.prefetch_next_expert = both <= free
     return plan
 
@@ -711,6 +713,7 @@ def estimate_peak_vram(
     side_models: SideModels | None = None,
     world: int = 1,
     fp8_matmul: bool = False,
+    fragmentation: float = FRAGMENTATION,
 ) -> Plan:
     """Estimate the job's peak GPU memory from its settings alone (nothing is loaded).
 
@@ -721,11 +724,12 @@ def estimate_peak_vram(
     plan does not fit, ``plan.suggestions`` lists settings that would make it fit. ``world``: GPUs of a
     ``torchrun`` job (with ``distributed.shard_experts`` each holds 1/world of the frozen weights).
     ``fp8_matmul``: the card multiplies in fp8 (Ada, Hopper, Blackwell): suggestions lead with float8 weights, and
-    ``quant.transformer: auto`` plans float8 (else 4bit_ara on a GPU).
+    ``quant.transformer: auto`` plans float8 (else 4bit_ara on a GPU). ``fragmentation``: the share of the peak the
+    CUDA allocator reserves beyond it (:func:`.allocator.fragmentation_share`).
     """
     shapes = ExpertShapes.from_arch(model_arch)
     side = side_models or SideModels.for_model(cfg.model)
-    k = _knobs(cfg, device_type, world, fp8_matmul)
+    k = replace(_knobs(cfg, device_type, world, fp8_matmul), fragmentation=fragmentation)
     headroom = int(cfg.memory.headroom_gib * GIB)
     plan = _plan(k, shapes, side, device_free_bytes, headroom)
     if not plan.fits:
@@ -862,8 +866,9 @@ def plan_job(cfg: JobConfig, device: torch.device, world: int = 1, *, quiet: boo
     ``memory.check_vram``, refuse (:class:`ConfigError`) what will not fit. ``plan.offload_blocks`` is the count to
     use (``auto`` resolved)."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    share = fragmentation_share(device, warn=not quiet)
     plan = estimate_peak_vram(cfg, model_arch(cfg.model), free, device_type=device.type, world=world,
-                              fp8_matmul=supports_fp8_matmul(device))
+                              fp8_matmul=supports_fp8_matmul(device), fragmentation=share)
     if not quiet:
         log.info("%s", plan.summary())
     return check_plan(plan) if cfg.memory.check_vram else plan

@@ -32,7 +32,6 @@ from ..errors import ConfigError, TrainerError, TrainingDiverged
 from ..fileio import check_writable
 from ..lora import check_lora_init, init_warnings, lora_file_name
 from ..memory import ExpertMemory, plan_job
-from ..memory.allocator import use_expandable_segments
 from ..memory.planner import experts_load_on_device
 from ..memory.swap import SwitchRecord
 from ..models import WanComponents, check_model_files, encode_video, load_components, load_expert
@@ -419,9 +418,7 @@ class Trainer:
     def _setup_memory(self) -> None:
         """The memory plan before anything loads: refuses settings that cannot fit the GPU."""
         cfg, device = self.cfg, self.device
-        self.plan = plan_job(cfg, device, self.placement.ctx.world)
-        if device.type == "cuda":
-            use_expandable_segments()
+        self.plan = plan_job(cfg, device, self.placement.ctx.world)  # also sets the allocator's expandable segments
         self.memory = ExpertMemory.for_plan(cfg.memory, self.plan, device)
         self.blocks = block_plan_for(cfg, self.plan, device, self.placement.sharded)
         log.info("transformer blocks: %s", self.blocks.describe())
