@@ -351,8 +351,9 @@ def _train(
     api = _api()
     stages = cfg.multistage.stages
     with_previews = api.previews_enabled(cfg)  # previews render with both experts, trained or not
-    # As loaded: the core quantizes the trained experts itself, in place, before attaching the LoRA.
-    comps = experts.components(high=with_previews or "high" in stages, low=with_previews or "low" in stages)
+    # As loaded: the core quantizes the trained experts itself, in place, before attaching the LoRA; experts not
+    # stored yet are loaded by the run, one at a time.
+    comps = experts.training_components(high=with_previews or "high" in stages, low=with_previews or "low" in stages)
     # The run moves the text encoder to the GPU, encodes the captions and frees it (quantizing it first with
     # float8); the bundle must not keep it. It reloads when a Preview Sample needs it.
     experts.forget("text_encoder")
@@ -368,12 +369,14 @@ def _train(
     except BaseException:
         # An expert the run quantized (wholly or, if it failed midway, partly) cannot serve as loaded again.
         experts.forget(*(n for n in stages if api.has_quantized_layers(getattr(comps, n))))
+        experts.keep(comps, quantized=False)
         progress.text(_stop_message(runs))
         raise
     finally:
         api.release_expert(comps.high)
         api.release_expert(comps.low)
         comps.vae.to("cpu")
+    experts.keep(comps, quantized=result.trained)  # trained() below records the form of what the run quantized
     if result.trained:
         experts.trained(stages, cfg.quant)
     progress.text(f"done: {result.step} steps; LoRA pair in {result.run_dir}")

@@ -867,6 +867,32 @@ def test_a_resume_the_state_cannot_continue_is_refused_before_any_weight_loads(N
     assert all(getattr(bundle.loaded, p) is None for p in ("high", "low", "vae", "text_encoder"))
 
 
+def test_train_node_loads_each_expert_just_before_quantizing_it(N, host, clips, monkeypatch):
+    """As headless: the bundle lends no unloaded expert; the run loads the low-noise expert only once the
+    high-noise one is quantized (one unquantized 14B expert in host memory at a time, not both: 67.8 GiB in
+    ComfyUI on an H100 before), and the bundle keeps both afterwards for Preview Sample."""
+    import trainer_core.train.loop as loop_module
+    from trainer_core.bundle import has_quantized_layers
+
+    real, seen = loop_module.load_expert, []
+
+    def spy(cfg, part, components, device="cpu"):
+        seen.append((part, {n: has_quantized_layers(getattr(components, n)) if getattr(components, n) is not None
+                            else None for n in ("high", "low")}))
+        return real(cfg, part, components, device)
+
+    monkeypatch.setattr(loop_module, "load_expert", spy)
+    bundle, _ = graph(N, host, quant=QUANT_FAST, steps=2)
+    assert seen == [("high", {"high": None, "low": None}), ("low", {"high": True, "low": None})]
+    for name in ("high", "low"):
+        kept = getattr(bundle.loaded, name)
+        assert has_quantized_layers(kept) and not getattr(kept, "peft_config", None) and not kept.training
+    # a second run on the same bundle borrows the stored experts: quantized, so dropped and loaded again, in turn
+    seen.clear()
+    graph(N, host, bundle=bundle, steps=2, job_name="again")
+    assert [part for part, _ in seen] == ["high", "low"]
+
+
 @pytest.mark.parametrize("quant", [None, QUANT_FAST], ids=["as_loaded", "4bit_ara"])
 def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips, quant):
     bundle = experts(N, quant)

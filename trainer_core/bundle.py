@@ -201,6 +201,28 @@ class ExpertsBundle:
         forms = {p: component_form(p, quant) if quantize_on is not None else AS_LOADED for p in wanted}
         return self.store.provide(forms, quant, quantize_on)
 
+    def training_components(self, *, high: bool, low: bool) -> WanComponents:
+        """What a training run borrows: the VAE and the text encoder, and of the ``high`` / ``low`` experts those the
+        store holds as loaded. The others stay unloaded: the run loads them one at a time, each quantized before the
+        next arrives (one unquantized 14B expert in host memory at a time, as headless; both at once took 67.8 GiB
+        of host memory in ComfyUI on an H100), and :meth:`keep` stores them afterwards. A stored expert in another
+        form is dropped first (training quantizes from the weights as loaded)."""
+        self.forget(*(p for p in EXPERTS if self.store.forms.get(p, AS_LOADED) != AS_LOADED))
+        stored = {p: getattr(self.store.parts, p) is not None for p in EXPERTS}
+        return self.components(high=high and stored["high"], low=low and stored["low"])
+
+    def keep(self, comps: WanComponents, quantized: bool = True) -> None:
+        """Store the experts a run loaded into ``comps`` (borrowed from :meth:`training_components`), as loaded;
+        with ``quantized`` off (a run that failed) not those it quantized. :meth:`trained` records the form of the
+        ones a finished run quantized."""
+        for part in EXPERTS:
+            model = getattr(comps, part)
+            if model is None or getattr(self.store.parts, part) is not None:
+                continue
+            if quantized or not has_quantized_layers(model):
+                setattr(self.store.parts, part, model)
+                self.store.forms[part] = AS_LOADED
+
     def trained(self, experts: list[str], quant: QuantConfig) -> None:
         """Record that a finished training run quantized ``experts`` in place per ``quant``."""
         for part in experts:
