@@ -161,7 +161,7 @@ _PROMPT_FLAGS: dict[str, tuple[str, type]] = {
 }  # fmt: skip
 
 _GENERIC = "this trainer has no such setting, so it is not applied"
-_COMPILE_REASON = "train.compile decides here (auto: compiled on a CUDA GPU without block offloading or a 4-bit base)"
+_COMPILE_REASON = "train.compile decides here (auto: compiled on a CUDA GPU unless the base is 4-bit)"
 _PER_PROMPT_REASON = "previews here use one {what} for every prompt: {value!r}"
 
 #: Why a key is not applied, by "<section>.<key>" (or by "<section>" for all its keys).

@@ -303,7 +303,7 @@ class TrainConfig(_Strict):
         default="auto",
         description=(
             "torch.compile the transformer blocks (faster steps after a slow first one): auto = on for a CUDA GPU "
-            "with Triton, unless blocks are offloaded, the base is 4-bit or the weights are sharded, and eager if "
+            "with Triton (streamed blocks too), unless the base is 4-bit or the weights are sharded, and eager if "
             "compiling fails; on = always, errors raised; off = never"
         ),
     )
