@@ -580,3 +580,16 @@ def test_the_plan_keeps_more_spare_without_expandable_segments(monkeypatch, capl
     tight = estimate_peak_vram(job, WAN22_A14B_ARCH, 78 * GIB, side_models=NO_SIDE_MODELS, fragmentation=0.03)
     if share > 0.03:  # less room: fewer blocks keep all their activations
         assert plan.block_split[0] < tight.block_split[0]
+
+
+def test_a_plan_that_fits_only_with_expandable_segments_says_so():
+    job = _job(res=1024, frames=81, two=True, ckpt="auto", optimizer="adamw8bit", quant={"transformer": "float8"},
+               memory={"offload_blocks": "auto"})
+    native = estimate_peak_vram(job, WAN22_A14B_ARCH, 78 * GIB, side_models=NO_SIDE_MODELS)
+    unexpandable = estimate_peak_vram(job, WAN22_A14B_ARCH, 78 * GIB, side_models=NO_SIDE_MODELS, fragmentation=0.25)
+    assert native.fits and not unexpandable.fits
+    assert "--disable-cuda-malloc" in unexpandable.suggestions[0] and "25%" in unexpandable.suggestions[0]
+    with pytest.raises(ConfigError, match=r"change one of:\n  - the native CUDA allocator"):
+        check_plan(unexpandable)
+    assert not any("cuda-malloc" in s for s in estimate_peak_vram(
+        job, WAN22_A14B_ARCH, 40 * GIB, side_models=NO_SIDE_MODELS, fragmentation=0.25).suggestions)

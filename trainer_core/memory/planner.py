@@ -662,6 +662,10 @@ def _suggestions(
         changes.append(("sample.sample_every: 0 and sample_at_start: false", {"sample": None}))
     candidates = [(text, replace(k, **c)) for text, c in changes] + _smaller_clips(k, shapes, side, free, headroom)
     fitting = []
+    if k.fragmentation > FRAGMENTATION and _plan(replace(k, fragmentation=FRAGMENTATION), shapes, side, free,
+                                                 headroom).fits:
+        fitting.append("the native CUDA allocator, which gets expandable segments and needs 3% spare instead of "
+                       f"{k.fragmentation:.0%} (ComfyUI: start it with --disable-cuda-malloc)")
     for text, knobs in candidates:
         plan = _plan(knobs, shapes, side, free, headroom)
         if plan.fits:
