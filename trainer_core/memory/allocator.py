@@ -12,9 +12,10 @@ log = logging.getLogger(__name__)
 #: native allocator by :func:`use_expandable_segments`) training runs measured 3%.
 FRAGMENTATION = 0.03
 #: Without them (ComfyUI's default ``cudaMallocAsync`` backend, or a platform without expandable segments): workflow
-#: 2 in ComfyUI on an H100 ran out of memory with 65.5 GiB allocated of 79.2 GiB, 20% of the allocation lost
-#: (benchmarks/results/e2e_h100_2026-12-05/comfy_cudamallocasync_oom.log); the native allocator without them held 27 GiB
-#: reserved-but-unusable beside 110 GiB allocated on an H200 (25%).
+#: 2 in ComfyUI on an H100 ran out of memory with 65.5 GiB allocated of 79.2 GiB, 21% of the allocation lost
+#: (benchmarks/results/e2e_h100_2026-12-05/comfy_cudamallocasync_oom.log), and with this margin ran reserving 22%
+#: beyond its allocation; the native allocator without them held 27 GiB reserved-but-unusable beside 110 GiB
+#: allocated on an H200 (25%).
 FRAGMENTATION_UNEXPANDABLE = 0.25
 
 
