@@ -15,8 +15,14 @@ repository (found from this file's location), imported ahead of any installed co
 pack's requirements (`<ComfyUI's python> -m pip install -e <this repository>` installs them). All files are written
 to a temporary folder; ComfyUI's own model folders are not touched.
 
+With ``--unipc``: the default preview with ``sampler: diffusers_unipc`` (diffusers' UniPC, Wan's own solver) against
+ComfyUI's graph with every native sampler/scheduler pair of ``--pairs`` at the same steps, split, shift and cfg,
+with and without the LoRA; printed: each pair's relative difference, the closest pair, and the LoRA's own effect
+(the README's "not reproducible natively" figure).
+
 Run:  <ComfyUI's python> benchmarks/comfy_native_sampling.py --comfy /path/to/ComfyUI
       [--size 64x64x9 | --size native] [--only default|workflow4] [--lora both|on|off] [--cfg both|on|off]
+      [--unipc [--pairs uni_pc/simple,euler/normal,...]]
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_argument("--lora", choices=["both", "on", "off"], default="both")
     cli.add_argument("--cfg", choices=["both", "on", "off"], default="both")
     cli.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    cli.add_argument("--unipc", action="store_true", help="diffusers' UniPC previews against native sampler pairs")
+    cli.add_argument("--pairs", default=",".join(f"{a}/{b}" for a in ("uni_pc", "uni_pc_bh2", "euler", "dpmpp_2m")
+                                                  for b in ("normal", "simple", "sgm_uniform", "beta")),
+                     help="SAMPLER/SCHEDULER pairs for --unipc, comma-separated (default: uni_pc, uni_pc_bh2, "
+                     "euler and dpmpp_2m, each with normal, simple, sgm_uniform and beta)")
     return cli.parse_args(argv)
 
 
@@ -180,12 +191,43 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def unipc_gap(opts: argparse.Namespace, size: tuple[int, int, int] | None) -> None:
+    """diffusers' UniPC previews against ComfyUI's graph with each native sampler/scheduler pair (same steps, split,
+    shift, cfg), with and without the LoRA; the closest pair beside the LoRA's own effect."""
+    pairs = [tuple(p.split("/")) for p in opts.pairs.split(",") if p]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        comps = setup(root)
+        upd = dict(width=size[0], height=size[1], num_frames=size[2]) if size else {}
+        euler = SampleConfig(prompts=[PROMPT], **upd)
+        s = from_recipe(native_recipe(euler, BOUNDARY, 0))  # the same steps, split, shift, cfg and seed
+        cfg = euler.model_copy(update={"sampler": "diffusers_unipc"})
+        print(native_recipe(cfg, BOUNDARY, 0), flush=True)
+        best = {}
+        for lora in (False, True):
+            ours, cache = pack_latent(comps, root, cfg, lora)
+            for sampler, scheduler in pairs:
+                theirs = comfy_latent({**s, "sampler": sampler, "scheduler": scheduler}, cache, lora)
+                r = rel(comfy.latent_formats.Wan21().process_out(ours.clone()), theirs)
+                print(f"{'lora' if lora else 'base':4s} {sampler}/{scheduler}: rel(LATENT) {r:.2e}", flush=True)
+                if r < best.get(lora, (float("inf"),))[0]:
+                    best[lora] = (r, f"{sampler}/{scheduler}", theirs)
+        effect = rel(best[True][2], best[False][2])
+        for lora in (False, True):
+            print(f"closest native pair, {'with' if lora else 'without'} the LoRA: {best[lora][1]}, "
+                  f"rel(LATENT) {best[lora][0]:.2e}")
+        print(f"the LoRA's own effect on ComfyUI's output ({best[True][1]} / {best[False][1]}): {effect:.2e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     _import_comfy(opts.comfy)
     torch.set_num_threads(opts.threads)
     comfy.utils.PROGRESS_BAR_ENABLED = False  # KSamplerAdvanced's tqdm bars
     size = None if opts.size == "native" else tuple(int(v) for v in opts.size.split("x"))
+    if opts.unipc:
+        unipc_gap(opts, size)
+        return
     fmt = comfy.latent_formats.Wan21()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,8 @@ def test_help_parses_without_comfyui(script):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--comfy" in proc.stdout and "ComfyUI" in proc.stdout
+    if script == "comfy_native_sampling.py":  # the README's UniPC figure comes from this mode
+        assert "--unipc" in proc.stdout and "--pairs" in proc.stdout
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
