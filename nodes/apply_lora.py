@@ -5,14 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import host
-from .bundle import CATEGORY, LORA
+from .bundle import CATEGORY, LORA, TIMES_LOAD_STRENGTH
 
 if TYPE_CHECKING:
     from trainer_core.api import LoraPair
-
-
-#: Load Wan22 LoRA Pair folds its strength into the pair's weights: the two strengths multiply.
-_TIMES_LOAD = ". Multiplies with Load Wan22 LoRA Pair's strength (0.5 there and 0.5 here apply 0.25)"
 
 
 class ApplyWan22LoraPair:
@@ -27,10 +23,11 @@ class ApplyWan22LoraPair:
                 "lora": (LORA, {"tooltip": (
                     "A pair from Train LoRA (used from memory, no file needed) or Load Wan22 LoRA Pair")}),
                 "strength_high": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": (
-                    "Strength on the high-noise expert: 1 as trained, lower to tame motion or layout" + _TIMES_LOAD)}),
+                    "Strength on the high-noise expert: 1 as trained, lower to tame motion or layout"
+                    + TIMES_LOAD_STRENGTH)}),
                 "strength_low": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": (
                     "Strength on the low-noise expert: 1 as trained, lower to tame identity or texture"
-                    + _TIMES_LOAD)}),
+                    + TIMES_LOAD_STRENGTH)}),
             }
         }
 

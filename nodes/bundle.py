@@ -12,3 +12,6 @@ OPTIMIZER = "WAN22_OPTIMIZER"
 REGULARIZERS = "WAN22_REGULARIZERS"
 HARDWARE = "WAN22_HARDWARE"
 CATEGORY = "Wan22 LoRA Trainer"
+#: Tooltip tail of a render's strength: Load Wan22 LoRA Pair folds its own strength into the pair, so they multiply.
+TIMES_LOAD_STRENGTH = (". Multiplies with Load Wan22 LoRA Pair's strength (0.5 there and 0.5 here "
+                       "apply 0.25)")

@@ -12,7 +12,7 @@ from trainer_core.errors import ConfigError
 from trainer_core.sample import native_recipe
 
 from . import host
-from .bundle import CATEGORY, EXPERTS, LORA
+from .bundle import CATEGORY, EXPERTS, LORA, TIMES_LOAD_STRENGTH
 from .widgets import inputs, limits_problem, partial_config, setting, widget
 
 if TYPE_CHECKING:
@@ -37,8 +37,6 @@ RENDER_FIELDS = {
     "vae_tiling": "sample.vae_tiling",
 }
 _RENDER_UI = {"negative_prompt": {"multiline": True}}
-#: Load Wan22 LoRA Pair folds its strength into the pair: said where a render's strength is set.
-_TIMES_LOAD = ". Multiplies with Load Wan22 LoRA Pair's strength (0.5 there and 0.5 here apply 0.25)"
 
 
 def _prompts_input() -> dict[str, tuple]:
@@ -82,8 +80,10 @@ class PreviewSample:
     UI = {
         **_RENDER_UI,
         "seed": {"control_after_generate": True},  # a test render: a new seed per queue when asked
-        "lora_strength_high": {"tooltip": setting("sample.lora_strength_high")[0].description + _TIMES_LOAD},
-        "lora_strength_low": {"tooltip": setting("sample.lora_strength_low")[0].description + _TIMES_LOAD},
+        "lora_strength_high": {
+            "tooltip": setting("sample.lora_strength_high")[0].description + TIMES_LOAD_STRENGTH},
+        "lora_strength_low": {
+            "tooltip": setting("sample.lora_strength_low")[0].description + TIMES_LOAD_STRENGTH},
     }
 
     @classmethod

@@ -10,7 +10,6 @@ Reference: ComfyUI's ``calculate_weight`` semantics written out in float64 (test
 from __future__ import annotations
 
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import comfy_fakes as F  # noqa: E402
 
 from tests.lora_fixtures import comfy_patched, comfy_trainer_lora  # noqa: E402
+from tests import test_lora_formats  # noqa: E402
 from tests.test_lora_formats import ARCH, SMALL_RENDER, _job  # noqa: E402
 from trainer_core.bundle import LoraPair, lora_attached  # noqa: E402
 from trainer_core.cli import main  # noqa: E402
@@ -119,12 +119,7 @@ def test_a_weight_patch_of_a_quantized_layer_is_refused_before_any_weight_change
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.fixture
-def N(monkeypatch, tmp_path):
-    host = F.install(monkeypatch, tmp_path)
-    pack = F.load_pack()
-    monkeypatch.setattr("trainer_core.bundle._STORES", weakref.WeakValueDictionary())
-    return pack.NODE_CLASS_MAPPINGS, host
+N = test_lora_formats.N  # the node fixture (nodes, host)
 
 
 def test_load_pair_to_preview_sample_and_apply_render_a_comfyui_trainer_pair(N):

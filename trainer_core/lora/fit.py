@@ -26,6 +26,8 @@ _I2V_MARKERS = ("k_img", "v_img", "img_emb", "add_k_proj", "add_v_proj")
 #: Transformer widths of the published Wan models, for naming the model a LoRA was made for.
 _WIDTHS = {1536: "Wan 2.1 T2V 1.3B", 3072: "Wan 2.2 TI2V 5B", 5120: "a 14B Wan model (Wan 2.1 14B, Wan 2.2 A14B)"}
 _MAX_LISTED = 3
+#: A full-weight difference's tensor part (``<module>.diff`` / ``.diff_b``) -> the parameter of its module it patches.
+DIFF_PARTS = {"diff": "weight", "diff_b": "bias"}
 
 
 def listed(items: list[str]) -> str:

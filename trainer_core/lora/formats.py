@@ -48,7 +48,7 @@ from ..config import DEFAULT_LORA_TARGETS, LoraConfig, ModelConfig
 from ..errors import LoraFileError
 from ..keys import diffusers_module_to_original, parse_lora_key
 from ..names import EXPERT_SUFFIX
-from .fit import Needs, check_fit, check_layers, listed, wan_weight_shapes
+from .fit import DIFF_PARTS, Needs, check_fit, check_layers, listed, wan_weight_shapes
 from .io import PREFIX, native_modules
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ _OTHER_ADAPTERS = {
 _WAN_FUN_MARKER = "lora_unet__blocks_0_cross_attn_k.lora_down.weight"
 #: Suffixes ComfyUI's ``load_torch_file`` reads as safetensors; every other file goes through ``torch.load``.
 _SAFETENSORS = (".safetensors", ".sft")
-#: What a full-weight difference of a module's parameter is called in a file, per parameter.
-_DIFF_PARTS = {"diff": "weight", "diff_b": "bias"}
 
 
 @dataclass(frozen=True)
@@ -242,8 +240,8 @@ def _describe(shapes: dict[str, tuple[int, ...]], path: Path, where: str) -> Lor
         raise LoraFileError(f"{where} mixes key namings ({', '.join(NAMINGS[n] for n in namings)}) - use a file "
                             "saved by one tool")
     grouped = _grouped(parsed, where)
-    diffs = {f"{m}.{_DIFF_PARTS[p]}": k for m, keys in grouped.items() for p, k in keys.items() if p in _DIFF_PARTS}
-    loras = sorted(m for m, keys in grouped.items() if set(keys) - set(_DIFF_PARTS))
+    diffs = {f"{m}.{DIFF_PARTS[p]}": k for m, keys in grouped.items() for p, k in keys.items() if p in DIFF_PARTS}
+    loras = sorted(m for m, keys in grouped.items() if set(keys) - set(DIFF_PARTS))
     check_layers([*(f"{m}.weight" for m in loras), *diffs], where)  # names first: a file for another model says so
     modules = {m: _lora_module(m, grouped[m], shapes, where) for m in loras}
     return LoraFileInfo(path, where, namings[0], modules, diffs, shapes)
@@ -381,10 +379,11 @@ def read_lora_file(
             out[f"{PREFIX}{module}.lora_down.weight"] = _matrix(down)
             out[f"{PREFIX}{module}.lora_up.weight"] = _matrix(up)
             out[f"{PREFIX}{module}.alpha"] = alpha
+        part_of = {param: part for part, param in DIFF_PARTS.items()}
         for param, key in info.diffs.items():
             module, kind = param.rsplit(".", 1)
-            part = "diff" if kind == "weight" else "diff_b"
-            out[f"{PREFIX}{module}.{part}"] = _computable(_finite(get(key), f"{module}.{part}", info))
+            name = f"{module}.{part_of[kind]}"
+            out[f"{PREFIX}{name}"] = _computable(_finite(get(key), name, info))
     return out
 
 

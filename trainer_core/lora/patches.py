@@ -20,14 +20,12 @@ from torch import nn
 
 from ..errors import LoraFileError
 from ..keys import diffusers_module_to_original
-from .fit import is_lora_target, listed
+from .fit import DIFF_PARTS, is_lora_target, listed
 from .io import PREFIX
 
 _NATIVE = re.compile(
     re.escape(PREFIX) + r"(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|diff|diff_b)$"
 )
-#: A difference's part -> the parameter of its module it patches.
-_DIFF_PARAM = {"diff": "weight", "diff_b": "bias"}
 
 
 def split_patches(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -36,7 +34,7 @@ def split_patches(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     adapter, patches = {}, {}
     for key, t in tensors.items():
         m = _NATIVE.match(key)
-        in_adapter = m is not None and m["part"] not in _DIFF_PARAM and is_lora_target(m["module"])
+        in_adapter = m is not None and m["part"] not in DIFF_PARTS and is_lora_target(m["module"])
         (adapter if in_adapter else patches)[key] = t
     return adapter, patches
 
@@ -44,8 +42,8 @@ def split_patches(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 def describe_patches(patches: dict[str, torch.Tensor]) -> str:
     """What weight patches hold, in a few words with examples (for messages)."""
     parts = {k: m for k in patches if (m := _NATIVE.match(k)) is not None}
-    diffs = sorted(k.removeprefix(PREFIX) for k, m in parts.items() if m["part"] in _DIFF_PARAM)
-    loras = sorted({m["module"] for m in parts.values() if m["part"] not in _DIFF_PARAM})
+    diffs = sorted(k.removeprefix(PREFIX) for k, m in parts.items() if m["part"] in DIFF_PARTS)
+    loras = sorted({m["module"] for m in parts.values() if m["part"] not in DIFF_PARTS})
     said = [f"full-weight differences ({listed(diffs)})"] if diffs else []
     return " and ".join(said + ([f"LoRAs outside the transformer blocks' layers ({listed(loras)})"] if loras else []))
 
@@ -64,7 +62,7 @@ def _deltas(patches: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, .
             down = p["lora_down.weight"]
             alpha = p.get("alpha", torch.tensor(float(down.shape[0])))  # no alpha: scale 1, as ComfyUI
             deltas[f"{module}.weight"] = (down, p["lora_up.weight"], alpha)
-        deltas |= {f"{module}.{param}": (p[part],) for part, param in _DIFF_PARAM.items() if part in p}
+        deltas |= {f"{module}.{param}": (p[part],) for part, param in DIFF_PARTS.items() if part in p}
     return deltas
 
 

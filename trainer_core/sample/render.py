@@ -25,6 +25,7 @@ from ..fileio import check_writable
 from ..lora import merged_patches, pair_warnings, read_lora_file, split_patches
 from ..lora.formats import expert_arch
 from ..memory import ExpertMemory, estimate_peak_vram, model_arch
+from ..memory.allocator import fragmentation_share
 from ..models import WanComponents, check_model_files, load_components, load_expert
 from ..names import EXPERT_SUFFIX
 from ..quant import quantize_text_encoder, supports_fp8_matmul
@@ -220,5 +221,6 @@ def _offload_blocks(cfg: JobConfig, sample: SampleConfig, device: torch.device) 
     })  # fmt: skip
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     plan = estimate_peak_vram(planned, model_arch(cfg.model), free, device_type=device.type,
-                              fp8_matmul=supports_fp8_matmul(device))  # fmt: skip
+                              fp8_matmul=supports_fp8_matmul(device),
+                              fragmentation=fragmentation_share(device))  # fmt: skip
     return plan.offload_blocks
