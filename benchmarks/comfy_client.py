@@ -30,7 +30,8 @@ class ComfyServer:
     """``python main.py`` of the ComfyUI checkout ``comfy`` with every folder (models, input, output, custom_nodes,
     user) under ``base`` and an empty frontend folder: the API alone, nothing of the checkout touched."""
 
-    def __init__(self, comfy: Path, base: Path, python: str, log_path: Path, cpu: bool, env: dict[str, str]):
+    def __init__(self, comfy: Path, base: Path, python: str, log_path: Path, cpu: bool, env: dict[str, str],
+                 extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         frontend = base / "frontend"
@@ -39,7 +40,7 @@ class ComfyServer:
         cmd = [python, str(comfy / "main.py"), "--base-directory", str(base), "--listen", "127.0.0.1", "--port",
                str(self.port), "--front-end-root", str(frontend), "--disable-auto-launch"]
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([*cmd, *(["--cpu"] if cpu else [])], cwd=comfy, stdout=self.log,
+        self.proc = subprocess.Popen([*cmd, *(["--cpu"] if cpu else []), *extra], cwd=comfy, stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**os.environ, **env})
 
     def get(self, path: str) -> Any:

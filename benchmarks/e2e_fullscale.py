@@ -476,7 +476,7 @@ def phase_comfy(args, res: dict) -> None:
     t0 = time.perf_counter()
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     server = ComfyServer(Path(args.comfy), _comfy_base(args), args.comfy_python, Path(args.out) / "comfy.log",
-                         cpu=args.tiny, env=env)
+                         cpu=args.tiny, env=env, extra=tuple(args.comfy_args.split()))
     mem = HostMemory(server.proc.pid, t0)
     mem.start()
     out: dict[str, Any] = {}
@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cap-gib", type=float, default=22.0)
     ap.add_argument("--comfy", help="a ComfyUI checkout for the comfy phase (fetched, not in this repository)")
     ap.add_argument("--comfy-python", default=sys.executable, help="the Python that runs ComfyUI (its dependencies)")
+    ap.add_argument("--comfy-args", default="", help="extra arguments of ComfyUI's main.py, e.g. "
+                                                     "'--disable-cuda-malloc' (the README's advice for training)")
     ap.add_argument("--comfy-steps", type=int, default=8, help="training steps of the comfy phase")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="kill a phase's process this many seconds after the start (keeps what it reported)")
