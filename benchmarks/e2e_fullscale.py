@@ -26,7 +26,8 @@ Phases (``--phases``, run in the order given; ``sample`` and ``perf`` use ``job5
   the planner plans for that card).
 * ``comfy``: workflow 2 through a real ComfyUI server (``--comfy``: a checkout, fetched, not in this repository;
   started with ``--base-directory`` under ``--root`` holding this pack, the written files and the clips, and an
-  empty frontend): its nodes as saved, the files above, float8 experts (a Quantize ARA node), ``--comfy-steps``
+  empty frontend): its nodes as saved, the files above, float8 experts (a Quantize ARA node; its text encoder
+  ``--comfy-text-encoder``), ``--comfy-args`` passed to ComfyUI's ``main.py``, ``--comfy-steps``
   steps at 512x33 and a render, queued with ``POST /prompt``; server start, prompt time, the server's host memory
   and the trainer's logged phases.
 
@@ -461,7 +462,7 @@ def comfy_prompt(args, info: dict) -> dict:
     prompt = to_api(workflow, info, overrides)
     loader = next(i for i, n in prompt.items() if n["class_type"] == "Wan22LoadExperts")
     quant = {**node_defaults(info, "Wan22QuantizeARA"), "transformer": "none" if args.tiny else "float8",
-             "text_encoder": "bf16", "adapter": "compute", "adapter_path": "", "experts": [loader, 0]}
+             "text_encoder": "bf16" if args.tiny else args.comfy_text_encoder, "adapter": "compute", "adapter_path": "", "experts": [loader, 0]}
     for node in prompt.values():
         if node["inputs"].get("experts") == [loader, 0]:
             node["inputs"]["experts"] = ["quant", 0]
@@ -541,6 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--comfy-python", default=sys.executable, help="the Python that runs ComfyUI (its dependencies)")
     ap.add_argument("--comfy-args", default="", help="extra arguments of ComfyUI's main.py, e.g. "
                                                      "'--disable-cuda-malloc' (the README's advice for training)")
+    ap.add_argument("--comfy-text-encoder", default="float8",
+                    help="Quantize ARA's text_encoder in the comfy phase (default: the node's own, float8)")
     ap.add_argument("--comfy-steps", type=int, default=8, help="training steps of the comfy phase")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="kill a phase's process this many seconds after the start (keeps what it reported)")
