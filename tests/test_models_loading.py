@@ -265,6 +265,56 @@ def test_fp8_scaled_text_encoder(src, inputs, tmp_path, naming):
     )
 
 
+def test_text_encoder_for_a_gpu_is_read_there_and_to_host_memory_when_it_does_not_fit(
+    src, inputs, tmp_path, monkeypatch, caplog
+):
+    """``text_encoder_device``: the file is read to that device (no host copy); out of memory there, it is read to
+    host memory with one warning, and the encoder is the file's, exactly."""
+    import trainer_core.models.loading as loading
+
+    path = save_comfy_text_encoder(src.text_encoder, tmp_path / "umt5.safetensors", spiece_model=tiny_spiece_model())
+    real, asked = loading.load_text_encoder_file, []
+
+    def no_room_on_cards(path, dtype, setting="model.text_encoder", device="cpu"):
+        asked.append(str(device))
+        if str(device) != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.91 GiB")
+        return real(path, dtype, setting, device=device)
+
+    monkeypatch.setattr(loading, "load_text_encoder_file", no_room_on_cards)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cfg = ModelConfig(source="tiny", text_encoder=str(path), text_encoder_dtype="fp32")
+    with caplog.at_level("WARNING", logger=loading.__name__):
+        c = load_components(cfg, high=False, low=False, vae=False, text_encoder_device="cuda:0")
+    assert asked == ["cuda:0", "cpu"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the text encoder does not fit on cuda:0 beside what it holds: reading it to host memory"]
+    assert torch.equal(_outputs(c, inputs)["text_encoder"], _outputs(load_components(
+        cfg, high=False, low=False, vae=False), inputs)["text_encoder"])
+    asked.clear()
+    load_components(cfg, high=False, low=False, vae=False)  # the default: host memory, no GPU asked
+    assert asked == ["cpu"]
+
+
+def test_components_arrive_one_at_a_time(src, tmp_path, monkeypatch):
+    """``on_loaded`` sees each component before the next one starts loading."""
+    import trainer_core.models.loading as loading
+
+    files = save_comfy_files(src, tmp_path)
+    events = []
+    for name, part in (("_expert", None), ("_vae", "vae"), ("_text_encoder", "text_encoder")):
+        def spy(cfg, *args, _real=getattr(loading, name), _part=part, **kw):
+            events.append(f"load {_part or args[0]}")
+            return _real(cfg, *args, **kw)
+
+        monkeypatch.setattr(loading, name, spy)
+    c = load_components(_comfy_cfg(files, **FP32),
+                        on_loaded=lambda part, m: events.append(f"{part}: {type(m).__name__}"))
+    assert events == ["load high", "high: WanTransformer3DModel", "load low", "low: WanTransformer3DModel",
+                      "load vae", "vae: AutoencoderKLWan", "load text_encoder", "text_encoder: UMT5EncoderModel"]
+    assert c.tokenizer is not None
+
+
 def _mangle(path: Path, out: Path, edit) -> Path:
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()

@@ -893,6 +893,49 @@ def test_train_node_loads_each_expert_just_before_quantizing_it(N, host, clips, 
     assert [part for part, _ in seen] == ["high", "low"]
 
 
+def test_bundle_quantizes_each_part_as_it_arrives(N, monkeypatch):
+    """A quantized bundle (what Preview Sample renders with) quantizes each expert before the next one loads: one
+    unquantized expert in host memory at a time, not both. A text encoder to quantize on a GPU is read straight to
+    it; on the CPU, or kept as loaded, it is read to host memory."""
+    import trainer_core.models.loading as loading
+    from trainer_core.bundle import has_quantized_layers
+    from trainer_core.quant.apply import QuantReport
+
+    events = []
+    for name in ("quantize_expert", "quantize_text_encoder"):
+        def quantize(model, *args, _real=getattr(trainer_core.bundle, name), **kw):
+            events.append(f"quantize {kw.get('expert', 'text_encoder')}")
+            return _real(model, *args, **kw)
+
+        monkeypatch.setattr(trainer_core.bundle, name, quantize)
+    real_expert, real_te = loading._expert, loading._text_encoder
+    monkeypatch.setattr(loading, "_expert", lambda cfg, part, *a: events.append(f"load {part}") or real_expert(
+        cfg, part, *a))
+    monkeypatch.setattr(loading, "_text_encoder", lambda cfg, device="cpu": events.append(
+        f"load text_encoder to {device}") or real_te(cfg, device))
+    bundle = experts(N, QUANT_FAST)
+    comps = bundle.components(quantize_on=torch.device("cpu"))
+    assert events == ["load high", "quantize high", "load low", "quantize low", "load text_encoder to cpu",
+                      "quantize text_encoder"]
+    assert has_quantized_layers(comps.high) and has_quantized_layers(comps.low)
+    assert has_quantized_layers(comps.text_encoder) and comps.tokenizer is not None
+
+    # on a GPU (the quantizing itself stubbed: this machine has none) the encoder is read to it
+    events.clear()
+    bundle.forget("text_encoder")
+    monkeypatch.setattr(trainer_core.bundle, "quantize_text_encoder", lambda model, quant, device: events.append(
+        f"quantize text_encoder on {device}") or QuantReport("float8", "text encoder"))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **kw: self)  # nothing moves to the missing GPU
+    bundle.components(high=False, low=False, vae=False, quantize_on=torch.device("cuda", 0))
+    assert events == ["load text_encoder to cuda:0", "quantize text_encoder on cuda:0"]
+    events.clear()
+    bundle.forget("text_encoder")
+    (bf16_te,) = F.call(N["Wan22QuantizeARA"], experts=experts(N), **widgets(
+        N["Wan22QuantizeARA"], **QUANT_FAST, text_encoder="bf16"))
+    bf16_te.components(high=False, low=False, vae=False, quantize_on=torch.device("cuda", 0))
+    assert events == ["load text_encoder to cpu"]
+
+
 @pytest.mark.parametrize("quant", [None, QUANT_FAST], ids=["as_loaded", "4bit_ara"])
 def test_cancel_mid_training_leaves_a_resumable_state_and_a_clean_bundle(N, host, clips, quant):
     bundle = experts(N, quant)

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from inspect import signature
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -248,10 +249,25 @@ def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"model.tokenizer: could not load a tokenizer from {name}: {exc}") from None
 
 
-def _text_encoder(cfg: ModelConfig) -> tuple[UMT5EncoderModel, PreTrainedTokenizerBase]:
+def _text_encoder_file(
+    path: str, dtype: torch.dtype, device: str | torch.device
+) -> tuple[UMT5EncoderModel, bytes | None]:
+    """:func:`load_text_encoder_file` to ``device``, or to host memory when it does not fit there."""
+    if torch.device(device).type != "cpu":
+        try:
+            return load_text_encoder_file(path, dtype, device=device)
+        except torch.OutOfMemoryError:
+            log.warning("the text encoder does not fit on %s beside what it holds: reading it to host memory", device)
+            torch.cuda.empty_cache()
+    return load_text_encoder_file(path, dtype)
+
+
+def _text_encoder(
+    cfg: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[UMT5EncoderModel, PreTrainedTokenizerBase]:
     dtype = DTYPES[cfg.text_encoder_dtype]
     if cfg.text_encoder:
-        model, spiece = load_text_encoder_file(cfg.text_encoder, dtype)
+        model, spiece = _text_encoder_file(cfg.text_encoder, dtype, device)
         if cfg.tokenizer:
             tokenizer = _tokenizer_setting(cfg.tokenizer)
         elif spiece is not None:
@@ -635,11 +651,15 @@ def load_components(
     vae: bool = True,
     text_encoder: bool = True,
     expert_device: str | torch.device = "cpu",
+    text_encoder_device: str | torch.device = "cpu",
+    on_loaded: Callable[[str, torch.nn.Module], None] | None = None,
 ) -> WanComponents:
     """Load the requested components to CPU as frozen modules in eval mode.
 
     ``expert_device``: where experts given as ComfyUI files are read to instead (a GPU the experts will stay on;
-    see ``memory.planner.experts_load_on_device``), so no host copy of them is made.
+    see ``memory.planner.experts_load_on_device``), so no host copy of them is made. ``text_encoder_device``: the
+    same for a text encoder given as a ComfyUI file (one quantized there next; host memory if it does not fit).
+    ``on_loaded(part, module)`` runs as each component arrives, before the next one loads (e.g. to quantize it).
 
     Experts are stored in ``cfg.dtype``, the text encoder in ``cfg.text_encoder_dtype`` and the VAE in
     ``cfg.vae_dtype``; modules the libraries keep in fp32 (the experts' rope, time_embedder, scale_shift_table and
@@ -650,16 +670,20 @@ def load_components(
     _hub_checked.clear()
     check_model_files(cfg, high=high, low=low, vae=vae, text_encoder=text_encoder)
     components = WanComponents(None, None, None, None, None, base_model=describe_base_model(cfg))
+    arrived = on_loaded or (lambda part, module: None)
     for part in [p for p, wanted in (("high", high), ("low", low)) if wanted]:
-        load_expert(cfg, part, components, expert_device)
+        arrived(part, load_expert(cfg, part, components, expert_device))
     if vae:
         with logged_seconds(log, "loaded the VAE"):
             components.vae = _vae(cfg)
+        _check_compatible(cfg, components)
+        arrived("vae", components.vae)
     if text_encoder:
         with logged_seconds(log, "loaded the text encoder"):
-            components.text_encoder, components.tokenizer = _text_encoder(cfg)
+            components.text_encoder, components.tokenizer = _text_encoder(cfg, text_encoder_device)
         components.text_dim = components.text_encoder.config.d_model
-    _check_compatible(cfg, components)
+        _check_compatible(cfg, components)
+        arrived("text_encoder", components.text_encoder)
     return components
 
 

@@ -103,6 +103,14 @@ def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     return model
 
 
+def _numbered(device: str | torch.device) -> torch.device:
+    """``device`` with a GPU's number filled in (safetensors reads to ``cuda:N`` only)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def frozen_eval(model: torch.nn.Module) -> torch.nn.Module:
     """Base weights are never trained: eval mode and no gradients (LoRA layers add their own parameters)."""
     return model.eval().requires_grad_(False)
@@ -486,9 +494,7 @@ def load_transformer_file(
     own values. ``setting`` (e.g. ``"model.high_noise"``) is named in errors. ``device``: where the weights are read
     to; a GPU here means no host copy of the expert at all (each tensor goes from the file to the card).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # safetensors wants the card's number
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _numbered(device)
     with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX, device=str(device)) as f:
         model, names = _transformer_layout(f)
         model.load_state_dict(_read_converted(f, names, WanTransformer3DModel, dtype), strict=True, assign=True)
@@ -600,19 +606,24 @@ def check_text_encoder_file(path: str | Path, setting: str = "model.text_encoder
 
 
 def load_text_encoder_file(
-    path: str | Path, dtype: torch.dtype, setting: str = "model.text_encoder"
+    path: str | Path, dtype: torch.dtype, setting: str = "model.text_encoder", device: str | torch.device = "cpu"
 ) -> tuple[UMT5EncoderModel, bytes | None]:
     """Load a ComfyUI ``umt5_xxl_*.safetensors`` (fp16/bf16 or fp8_e4m3fn_scaled) as a frozen UMT5EncoderModel.
 
     Returns the model and the sentencepiece model bytes the file carries as ``spiece_model`` (None if absent).
+    ``device``: where the weights are read to; a GPU here means no host copy of the encoder (11 GiB for UMT5-XXL
+    in bf16), e.g. for one about to be quantized there.
     """
-    with SingleFile(path, setting) as f:
+    device = _numbered(device)
+    with SingleFile(path, setting, device=str(device)) as f:
         spiece = f.pop_bytes(SPIECE_KEY)
         config = _umt5_layout(f)
         names = {k: k for k in f.names}
         state_dict = _read_converted(f, names, UMT5EncoderModel, dtype)
-    # transformers' own loader ties the embeddings and applies its fp32 rules; the keys were checked above.
-    model = UMT5EncoderModel.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    # transformers' own loader ties the embeddings and applies its fp32 rules; the keys were checked above. It
+    # takes the tensors as they are, where its device map puts them (the CPU without one).
+    placed = {} if device.type == "cpu" else {"device_map": {"": device}}
+    model = UMT5EncoderModel.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, **placed)
     return frozen_eval(model), spiece
 
 
