@@ -41,10 +41,12 @@ def test_saved_workflows_become_the_same_prompts(pack, path):
 def test_the_comfy_phase_prompt_is_workflow_2_with_float8_experts(pack, tmp_path):
     workflow = json.loads(W.WORKFLOWS[1].read_text(encoding="utf-8"))
     info = _object_info(pack, {n["type"] for n in workflow["nodes"]} | {"Wan22QuantizeARA"})
-    args = type("Args", (), {"tiny": False, "root": tmp_path, "comfy_steps": 8, "preview_steps": 4})()
+    args = type("Args", (), {"tiny": False, "root": tmp_path, "comfy_steps": 8, "preview_steps": 4,
+                             "comfy_text_encoder": "float8"})()
     prompt = comfy_prompt(args, info)
     quant = prompt["quant"]["inputs"]
     assert prompt["quant"]["class_type"] == "Wan22QuantizeARA" and quant["transformer"] == "float8"
+    assert quant["text_encoder"] == node_defaults(info, "Wan22QuantizeARA")["text_encoder"] == "float8"
     assert node_defaults(info, "Wan22QuantizeARA")["quantizer"] == quant["quantizer"] == "nf4"
     loader = next(i for i, n in prompt.items() if n["class_type"] == "Wan22LoadExperts")
     assert quant["experts"] == [loader, 0]
