@@ -258,7 +258,7 @@ def _text_encoder_file(
             return load_text_encoder_file(path, dtype, device=device)
         except torch.OutOfMemoryError:
             log.warning("the text encoder does not fit on %s beside what it holds: reading it to host memory", device)
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the failed attempt's tensors went with its traceback at the end of the handler
     return load_text_encoder_file(path, dtype)
 
 

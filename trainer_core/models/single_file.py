@@ -621,9 +621,10 @@ def load_text_encoder_file(
         names = {k: k for k in f.names}
         state_dict = _read_converted(f, names, UMT5EncoderModel, dtype)
     # transformers' own loader ties the embeddings and applies its fp32 rules; the keys were checked above. It
-    # takes the tensors as they are, where its device map puts them (the CPU without one).
-    placed = {} if device.type == "cpu" else {"device_map": {"": device}}
-    model = UMT5EncoderModel.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, **placed)
+    # takes the tensors as they are where its device map puts them (without one it would copy them to the CPU).
+    model = UMT5EncoderModel.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=dtype, device_map={"": str(device)}
+    )
     return frozen_eval(model), spiece
 
 
