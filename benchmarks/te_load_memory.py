@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ def _status_gib(field: str) -> float:
     return float("nan")
 
 
-def child(path: Path, load_on: str, emb_out: Path) -> dict:
+def child(path: Path, load_on: str, emb_out: Path) -> dict[str, Any]:
     """Load, quantize (float8, on the GPU if there is one), keep in host memory, encode; figures of this process."""
     from trainer_core.config import ModelConfig, QuantConfig
     from trainer_core.models import encode_prompts, load_components
@@ -61,13 +62,14 @@ def child(path: Path, load_on: str, emb_out: Path) -> dict:
             "gpu_peak_gib": gpu and round(gpu, 2)}
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison (or, with ``--child``, one load); returns the figures written to ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "DEVICE", "EMB"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(Path(args.child[0]), args.child[1], Path(args.child[2]))))
         return {}
@@ -78,7 +80,7 @@ def main() -> dict:
     if not path.is_file():
         write_text_encoder(path, "cpu" if args.tiny else "cuda", args.tiny)
         torch.cuda.empty_cache()
-    res: dict = {"file_gib": round(path.stat().st_size / 2**30, 2), "runs": []}
+    res: dict[str, Any] = {"file_gib": round(path.stat().st_size / 2**30, 2), "runs": []}
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     for device in devices:
         emb = args.root / f"emb_{device}.pt"

@@ -6,9 +6,10 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
-from benchmarks import e2e_fullscale
+from benchmarks import e2e_fullscale, te_load_memory
 
 
 def test_tiny_end_to_end_from_comfy_files(tmp_path):
@@ -37,3 +38,15 @@ def test_tiny_end_to_end_from_comfy_files(tmp_path):
     assert sample["rc"] == 0 and sample["video_bytes"] > 0
     assert "--lora-high" in sample["cmd"] or "--lora-low" in sample["cmd"]
 
+
+
+def test_tiny_text_encoder_load_memory(tmp_path):
+    """benchmarks/te_load_memory.py on the CPU: the tiny encoder written as ComfyUI's fp8_scaled file, loaded in a
+    fresh process, made float8, kept in host memory and used; its figures and embeddings come back."""
+    res = te_load_memory.main(["--tiny", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "te_load_memory.json").read_text()) == res
+    (run,) = res["runs"]
+    assert run["load_on"] == "cpu" and run["load_s"] > 0 and run["gpu_peak_gib"] is None
+    assert run["host_peak_gib"] >= run["host_kept_float8_gib"] >= run["rss_before_gib"] > 0
+    emb = torch.load(tmp_path / "root" / "emb_cpu.pt")
+    assert emb.shape[0] == 1 and bool(torch.isfinite(emb).all()) and emb.abs().sum() > 0
