@@ -462,7 +462,8 @@ def comfy_prompt(args, info: dict) -> dict:
     prompt = to_api(workflow, info, overrides)
     loader = next(i for i, n in prompt.items() if n["class_type"] == "Wan22LoadExperts")
     quant = {**node_defaults(info, "Wan22QuantizeARA"), "transformer": "none" if args.tiny else "float8",
-             "text_encoder": "bf16" if args.tiny else args.comfy_text_encoder, "adapter": "compute", "adapter_path": "", "experts": [loader, 0]}
+             "text_encoder": "bf16" if args.tiny else args.comfy_text_encoder, "adapter": "compute", "adapter_path": "",
+             "experts": [loader, 0]}
     for node in prompt.values():
         if node["inputs"].get("experts") == [loader, 0]:
             node["inputs"]["experts"] = ["quant", 0]
