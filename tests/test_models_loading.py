@@ -295,6 +295,18 @@ def test_text_encoder_for_a_gpu_is_read_there_and_to_host_memory_when_it_does_no
     load_components(cfg, high=False, low=False, vae=False)  # the default: host memory, no GPU asked
     assert asked == ["cpu"]
 
+    def room_on_cards(path, dtype, setting="model.text_encoder", device="cpu"):  # the read itself needs a GPU
+        asked.append(str(device))
+        return real(path, dtype, setting)
+
+    monkeypatch.setattr(loading, "load_text_encoder_file", room_on_cards)
+    asked.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger=loading.__name__):
+        load_components(cfg, high=False, low=False, vae=False, text_encoder_device="cuda:0")
+    assert asked == ["cuda:0"]
+    assert "text encoder read straight to cuda:0 (no copy in host memory)" in [r.getMessage() for r in caplog.records]
+
 
 def test_components_arrive_one_at_a_time(src, tmp_path, monkeypatch):
     """``on_loaded`` sees each component before the next one starts loading."""

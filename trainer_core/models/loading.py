@@ -255,7 +255,9 @@ def _text_encoder_file(
     """:func:`load_text_encoder_file` to ``device``, or to host memory when it does not fit there."""
     if torch.device(device).type != "cpu":
         try:
-            return load_text_encoder_file(path, dtype, device=device)
+            loaded = load_text_encoder_file(path, dtype, device=device)
+            log.info("text encoder read straight to %s (no copy in host memory)", device)
+            return loaded
         except torch.OutOfMemoryError:
             log.warning("the text encoder does not fit on %s beside what it holds: reading it to host memory", device)
         torch.cuda.empty_cache()  # the failed attempt's tensors went with its traceback at the end of the handler
