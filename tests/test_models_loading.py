@@ -235,6 +235,29 @@ def test_fp8_scaled_expert_applies_scales(src, inputs, tmp_path, naming):
     assert _rel(_outputs(c, inputs)["high"], _outputs(src, inputs)["high"]) < 5e-2
 
 
+def test_float8_keeps_the_fp8_scaled_files_own_values(src, tmp_path):
+    """Experts and text encoder from fp8_scaled files, made float8 (Quantize ARA's float8 path): every quantized
+    weight is exactly the file's e4m3 value times its scale (float64 reference from the raw file), not rounded
+    again; the report says so."""
+    from trainer_core.config import QuantConfig
+    from trainer_core.keys import diffusers_module_to_original
+    from trainer_core.quant import Float8Linear, quantize_expert, quantize_text_encoder
+
+    high = save_comfy_transformer(src.high, tmp_path / "high_fp8.safetensors", fp8="scale_weight")
+    te = save_comfy_text_encoder(src.text_encoder, tmp_path / "umt5_fp8.safetensors", fp8="scale_weight",
+                                 spiece_model=tiny_spiece_model())
+    c = load_components(ModelConfig(source="tiny", high_noise=str(high), text_encoder=str(te)), low=False, vae=False)
+    reports = [quantize_expert(c.high, QuantConfig(transformer="float8"), expert="high", cache_key="k", device="cpu"),
+               quantize_text_encoder(c.text_encoder, QuantConfig(text_encoder="float8"), "cpu")]
+    for model, path, name_of in ((c.high, high, diffusers_module_to_original), (c.text_encoder, te, lambda n: n)):
+        reference = _dequantized_reference(path)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+        assert layers
+        for n, layer in layers.items():
+            assert torch.equal(layer.qweight.double() * layer.weight_scale.double(), reference[f"{name_of(n)}.weight"]), n
+    assert all(r.mean_error < 4e-3 for r in reports)  # bf16 rounding of the product only (0.029 rounded again)
+
+
 def test_fp8_scaled_bf16_keeps_fp32_modules(src, folder, tmp_path):
     path = save_comfy_transformer(src.high, tmp_path / "high_fp8.safetensors", fp8="scale_weight")
     got = load_components(ModelConfig(high_noise=str(path), dtype="bf16"), **ONLY_HIGH).high

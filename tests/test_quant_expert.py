@@ -280,3 +280,21 @@ def test_text_encoder_float8():
         out, expected = te(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state
     assert _rel(out, expected) < 0.05  # measured 0.02: e4m3 weight rounding through 2 layers
     assert report.mean_error < 0.035
+
+
+def test_float8_keeps_a_float8_files_values_and_scale():
+    """Weights read from a float8 file (its e4m3 values times its scale, as loaded in bf16) keep those values and
+    that scale; re-quantized per row they would be rounded a second time. Any other scale is not trusted."""
+    from trainer_core.quant.float8 import quantize_float8_rowwise
+
+    g = torch.Generator().manual_seed(0)
+    codes = (torch.randn(48, 80, generator=g) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
+    for file_scale in (torch.tensor(3.1e-4), torch.rand(48, 1, generator=g) * 1e-3 + 1e-5):  # per tensor, per row
+        w = (codes.float() * file_scale).to(torch.bfloat16)
+        q, scale = quantize_float8_rowwise(w, file_scale)
+        assert torch.equal(q.float(), codes.float()) and torch.equal(scale, file_scale.expand(48, 1).float())
+        rounded_again = quantize_float8_rowwise(w)
+        assert _rel(rounded_again[0].double() * rounded_again[1].double(), w.double()) > 0.01
+        for wrong in (file_scale * 1.37, None):
+            q2, s2 = quantize_float8_rowwise(w, wrong)
+            assert torch.equal(q2.float(), rounded_again[0].float()) and torch.equal(s2, rounded_again[1])

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5Tokenizer, 
 
 from ..errors import ModelLoadError
 from ..keys import diffusers_key_to_original
+from ..quant.float8 import FILE_FP8_SCALE
 
 #: Key prefix ComfyUI puts in front of diffusion-model tensors in some files.
 DIFFUSION_MODEL_PREFIX = "model.diffusion_model."
@@ -262,6 +263,15 @@ class SingleFile:
             return None
         return self._handle.get_tensor(key).to("cpu", torch.uint8).numpy().tobytes()
 
+    def fp8_scale(self, name: str) -> torch.Tensor | None:
+        """For tensor ``name`` stored as fp8: the float32 scale its values were multiplied by (1 without one; one
+        value, or one per output row); ``None`` for any other tensor."""
+        if self.dtype_name(name) not in _FP8_SAFETENSORS_DTYPES:
+            return None
+        if name not in self._scales:
+            return torch.ones(())
+        return self._handle.get_tensor(self._scales[name]).to("cpu", torch.float32, copy=True)  # no view of the map
+
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name``; fp8 weights are dequantized (fp8.float() * scale) to fp32."""
         t = self._handle.get_tensor(self.names[name])
@@ -367,6 +377,21 @@ def _read_converted(
     """Read each tensor once and convert it straight from the file's values to its storage dtype."""
     kept = fp32_kept_modules(model_cls, dtype)
     return {k: f.get(src).to(tensor_dtype(k, kept, dtype)) for k, src in names.items()}
+
+
+def _fp8_scales(f: SingleFile, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Model weight name -> the scale of its fp8 values in the file, for the weights stored as fp8."""
+    scales = {key: f.fp8_scale(src) for key, src in names.items() if key.endswith(".weight")}
+    return {key: scale for key, scale in scales.items() if scale is not None}
+
+
+def _note_fp8_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """Tell each Linear whose weight came from the file as fp8 its scale (:data:`~..quant.float8.FILE_FP8_SCALE`),
+    so float8 quantization can keep the file's own values instead of rounding them again."""
+    for key, scale in scales.items():
+        module = model.get_submodule(key.removesuffix(".weight"))
+        if isinstance(module, torch.nn.Linear):
+            setattr(module, FILE_FP8_SCALE, scale)
 
 
 def _empty_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -498,6 +523,7 @@ def load_transformer_file(
     with SingleFile(path, setting, prefix=DIFFUSION_MODEL_PREFIX, device=str(device)) as f:
         model, names = _transformer_layout(f)
         model.load_state_dict(_read_converted(f, names, WanTransformer3DModel, dtype), strict=True, assign=True)
+        _note_fp8_scales(model, _fp8_scales(f, names))
     return frozen_eval(cast_keeping_fp32(model, dtype))
 
 
@@ -620,11 +646,13 @@ def load_text_encoder_file(
         config = _umt5_layout(f)
         names = {k: k for k in f.names}
         state_dict = _read_converted(f, names, UMT5EncoderModel, dtype)
+        scales = _fp8_scales(f, names)
     # transformers' own loader ties the embeddings and applies its fp32 rules; the keys were checked above. It
     # takes the tensors as they are where its device map puts them (without one it would copy them to the CPU).
     model = UMT5EncoderModel.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=dtype, device_map={"": str(device)}
     )
+    _note_fp8_scales(model, scales)
     return frozen_eval(model), spiece
 
 

@@ -26,9 +26,26 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1e-12
 
 
-def quantize_float8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q [out, in] float8_e4m3fn, scale [out, 1] float32)`` with ``weight ≈ q.float() * scale``."""
+#: The attribute a model loader sets on a Linear whose weight it read from a float8 file: the scale (one value, or
+#: one per output row) the file's float8 values were multiplied by. See :func:`quantize_float8_rowwise`.
+FILE_FP8_SCALE = "file_fp8_scale"
+
+
+def quantize_float8_rowwise(
+    weight: torch.Tensor, file_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [out, in] float8_e4m3fn, scale [out, 1] float32)`` with ``weight ≈ q.float() * scale``.
+
+    ``file_scale``: the scale of the float8 file the weight was read from. When ``weight`` is exactly that file's
+    e4m3 values times it, those values and that scale are kept: re-quantizing them with each row's own maximum
+    would round every weight a second time (2.9% mean relative error on a UMT5-XXL fp8_scaled file), and the
+    trained model would differ from the file other tools load."""
     w = weight.detach().float()
+    if file_scale is not None:
+        scale = file_scale.to(w.device, torch.float32).reshape(-1, 1).expand(w.shape[0], 1).contiguous()
+        q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        if torch.equal((q.float() * scale).to(weight.dtype), weight.detach()):
+            return q, scale
     scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
     q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
@@ -110,7 +127,7 @@ class Float8Linear(FrozenQuantLinear):
         self, linear: nn.Linear, compute_dtype: torch.dtype, fp8_matmul: bool = False, fp8_backward: bool = True
     ):
         super().__init__(linear, compute_dtype)
-        q, scale = quantize_float8_rowwise(linear.weight)
+        q, scale = quantize_float8_rowwise(linear.weight, getattr(linear, FILE_FP8_SCALE, None))
         self.register_buffer("qweight", q)
         self.register_buffer("weight_scale", scale)
         self.fp8_matmul = fp8_matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0
