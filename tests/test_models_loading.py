@@ -291,12 +291,18 @@ def test_fp8_scaled_text_encoder(src, inputs, tmp_path, naming):
 def test_text_encoder_for_a_gpu_is_read_there_and_to_host_memory_when_it_does_not_fit(
     src, inputs, tmp_path, monkeypatch, caplog
 ):
-    """``text_encoder_device``: the file is read to that device (no host copy); out of memory there, it is read to
-    host memory with one warning, and the encoder is the file's, exactly."""
+    """``text_encoder_device``: the file is read to that device (no host copy) where about twice its size is free;
+    with less it is read to host memory without trying, and out of memory there it is read to host memory with one
+    warning; the encoder is the file's, exactly."""
     import trainer_core.models.loading as loading
+    from trainer_core.models.single_file import text_encoder_file_bytes
 
     path = save_comfy_text_encoder(src.text_encoder, tmp_path / "umt5.safetensors", spiece_model=tiny_spiece_model())
     real, asked = loading.load_text_encoder_file, []
+    size = text_encoder_file_bytes(path, torch.float32)
+    assert size == sum(p.numel() for p in src.text_encoder.parameters()) * 4  # the tied embedding once
+    free = [2**40]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[0], 2**40))
 
     def no_room_on_cards(path, dtype, setting="model.text_encoder", device="cpu"):
         asked.append(str(device))
@@ -329,6 +335,16 @@ def test_text_encoder_for_a_gpu_is_read_there_and_to_host_memory_when_it_does_no
         load_components(cfg, high=False, low=False, vae=False, text_encoder_device="cuda:0")
     assert asked == ["cuda:0"]
     assert "text encoder read straight to cuda:0 (no copy in host memory)" in [r.getMessage() for r in caplog.records]
+
+    free[0] = 2 * size + 2**30 - 1  # one byte short of the encoder twice plus 1 GiB
+    asked.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger=loading.__name__):
+        load_components(cfg, high=False, low=False, vae=False, text_encoder_device="cuda:0")
+    assert asked == ["cpu"]
+    need = (2 * size + 2**30) / 2**30
+    assert (f"text encoder read to host memory: reading it to cuda:0 needs about {need:.1f} GiB there, "
+            f"{free[0] / 2**30:.1f} GiB are free") in [r.getMessage() for r in caplog.records]
 
 
 def test_components_arrive_one_at_a_time(src, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ from .single_file import (
     load_transformer_file,
     load_vae_file,
     safetensors_problem,
+    text_encoder_file_bytes,
     tokenizer_from_sentencepiece,
     transformer_file_config,
     vae_channels_problem,
@@ -252,8 +253,17 @@ def _tokenizer_setting(name: str) -> PreTrainedTokenizerBase:
 def _text_encoder_file(
     path: str, dtype: torch.dtype, device: str | torch.device
 ) -> tuple[UMT5EncoderModel, bytes | None]:
-    """:func:`load_text_encoder_file` to ``device``, or to host memory when it does not fit there."""
+    """:func:`load_text_encoder_file` to ``device``, or to host memory when it does not fit there.
+
+    Loading to a GPU takes about twice the encoder's size there for a moment (transformers reserves its size once
+    more to warm the allocator up): with less free, the encoder is read to host memory without trying."""
     if torch.device(device).type != "cpu":
+        need = 2 * text_encoder_file_bytes(path, dtype) + 2**30
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        if free < need:
+            log.info("text encoder read to host memory: reading it to %s needs about %.1f GiB there, %.1f GiB are "
+                     "free", device, need / 2**30, free / 2**30)
+            return load_text_encoder_file(path, dtype)
         try:
             loaded = load_text_encoder_file(path, dtype, device=device)
             log.info("text encoder read straight to %s (no copy in host memory)", device)

@@ -631,6 +631,13 @@ def check_text_encoder_file(path: str | Path, setting: str = "model.text_encoder
     return config.to_dict(), has_tokenizer
 
 
+def text_encoder_file_bytes(path: str | Path, dtype: torch.dtype, setting: str = "model.text_encoder") -> int:
+    """Bytes the encoder in ``path`` takes loaded in ``dtype``, from the file's header."""
+    with SingleFile(path, setting) as f:
+        f.names.pop(SPIECE_KEY, None)
+        return sum(math.prod(shape) for shape in f.shapes().values()) * dtype.itemsize
+
+
 def load_text_encoder_file(
     path: str | Path, dtype: torch.dtype, setting: str = "model.text_encoder", device: str | torch.device = "cpu"
 ) -> tuple[UMT5EncoderModel, bytes | None]:
