@@ -59,3 +59,20 @@ def test_the_comfy_phase_prompt_is_workflow_2_with_float8_experts(pack, tmp_path
                                                                                                  True)
     assert next(n["inputs"] for n in prompt.values() if n["class_type"] == "Wan22LoadExperts")["high_noise_model"] \
         == "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+
+
+def test_comfy_server_passes_extra_arguments_to_main_py(tmp_path):
+    """``--comfy-args`` of e2e_fullscale's comfy phase (e.g. --disable-cuda-malloc) reach ComfyUI's command line."""
+    import sys
+
+    from benchmarks.comfy_client import ComfyServer
+
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    (comfy / "main.py").write_text("import sys; print(sys.argv[1:])")
+    server = ComfyServer(comfy, tmp_path / "base", sys.executable, tmp_path / "comfy.log", cpu=True, env={},
+                         extra=("--disable-cuda-malloc",))
+    assert server.proc.wait(60) == 0
+    server.stop()
+    argv = (tmp_path / "comfy.log").read_text()
+    assert argv.rstrip().endswith("'--cpu', '--disable-cuda-malloc']") and "'--base-directory'" in argv

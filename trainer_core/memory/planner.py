@@ -664,8 +664,8 @@ def _suggestions(
     fitting = []
     if k.fragmentation > FRAGMENTATION and _plan(replace(k, fragmentation=FRAGMENTATION), shapes, side, free,
                                                  headroom).fits:
-        fitting.append("the native CUDA allocator, which gets expandable segments and needs 3% spare instead of "
-                       f"{k.fragmentation:.0%} (ComfyUI: start it with --disable-cuda-malloc)")
+        fitting.append(f"the native CUDA allocator, which gets expandable segments and needs {FRAGMENTATION:.0%} "
+                       f"spare instead of {k.fragmentation:.0%} (ComfyUI: start it with --disable-cuda-malloc)")
     for text, knobs in candidates:
         plan = _plan(knobs, shapes, side, free, headroom)
         if plan.fits:
