@@ -30,6 +30,10 @@ Phases (``--phases``, run in the order given; ``sample`` and ``perf`` use ``job5
   ``--comfy-text-encoder``), ``--comfy-args`` passed to ComfyUI's ``main.py``, ``--comfy-steps``
   steps at 512x33 and a render, queued with ``POST /prompt``; server start, prompt time, the server's host memory
   and the trainer's logged phases.
+* ``comfy24``: workflow 1 (the 24 GB character recipe: Quantize ARA's 4bit_ara, Low VRAM, switch every 10, AdamW8bit,
+  training previews, a render at 512x512x33) through a ComfyUI server whose process is capped at ``--cap-gib`` as
+  ``tier24``'s (a small custom node of this script's applies the cap once ComfyUI has set up its allocator);
+  ``--comfy24-steps`` steps.
 
 Each job runs as its own process; the parent reads its progress events as they arrive (time to first step, s/step),
 polls its peak resident host memory (``VmHWM``) and pinned/locked memory, and reads the phase times the trainer logs
@@ -62,7 +66,7 @@ from benchmarks.common import TINY, full_expert  # noqa: E402
 
 GIB = 2**30
 COMPONENTS = ("high", "low", "text_encoder", "vae")
-PHASES = ("files", "job512", "sample", "perf", "joblarge", "tier24", "comfy")
+PHASES = ("files", "job512", "sample", "perf", "joblarge", "tier24", "comfy", "comfy24")
 PROMPT = "a red square slides across a white wall, camera still"
 #: UMT5-XXL as Wan 2.2 uses it (google/umt5-xxl's encoder).
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -405,22 +409,23 @@ def phase_joblarge(args, res: dict) -> None:
     train_job(args, res, "joblarge", cfg)
 
 
+def gpu_cap_code(cap: str) -> str:
+    """Python lines (``torch`` imported) that make this process's GPU a card of ``cap`` bytes (an expression; 0: no
+    cap): the process may not allocate more, and ``torch.cuda.mem_get_info`` reports that much memory, less what it
+    holds, to the planner."""
+    return (f"cap = {cap}\n"
+            "if cap and torch.cuda.is_available():\n"
+            "    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)\n"
+            "    torch.cuda.mem_get_info = lambda device=None: (cap - torch.cuda.memory_reserved(), cap)\n")
+
+
 def phase_tier24(args, res: dict) -> None:
     cfg = job(args, "e2e24", (64, 64, 5) if args.tiny else (512, 512, 33), args.tier24_steps,
               quant={"transformer": "4bit_ara" if not args.tiny else "none"},
               multistage={"switch_every": 10}, memory={"low_vram": True},
               optimizer={"name": "adamw"}, save={"save_every": 0}, sample={"prompts": [], "sample_every": 0})
-    cap = int(args.cap_gib * GIB)
-    # A card with cap bytes: the process may not allocate more, and reports that much free memory to the planner.
-    prefix = [sys.executable, "-c", (
-        "import sys, torch\n"
-        f"cap = {cap}\n"
-        "if torch.cuda.is_available():\n"
-        "    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)\n"
-        "    torch.cuda.mem_get_info = lambda device=None: (cap - torch.cuda.memory_reserved(), cap)\n"
-        "from trainer_core.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )]
+    prefix = [sys.executable, "-c", f"import sys, torch\n{gpu_cap_code(str(int(args.cap_gib * GIB)))}"
+                                    "from trainer_core.cli import main\nsys.exit(main(sys.argv[1:]))\n"]
     r = train_job(args, res, "tier24", cfg, prefix=prefix)
     r["cap_gib"] = args.cap_gib
 
@@ -430,6 +435,11 @@ def _comfy_base(args) -> Path:
     its models, the 832x480 clips as its input."""
     base = args.root / "comfy_base"
     links = {base / "custom_nodes" / "wan22-lora-trainer": ROOT, base / "input" / "clips_a": args.root / "clips_a"}
+    # caps the GPU only where E2E_GPU_CAP_GIB is set; loaded with the custom nodes, after ComfyUI chose its allocator
+    cap = base / "custom_nodes" / "e2e_gpu_cap" / "__init__.py"
+    cap.parent.mkdir(parents=True, exist_ok=True)
+    cap.write_text("import os\nimport torch\n\nNODE_CLASS_MAPPINGS = {}\n"
+                   + gpu_cap_code("int(float(os.environ.get('E2E_GPU_CAP_GIB', 0)) * 2**30)"))
     kinds = {"high": "diffusion_models", "low": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
     for name, kind in kinds.items():
         links[base / "models" / kind / model_path(args.root, name).name] = model_path(args.root, name)
@@ -440,6 +450,14 @@ def _comfy_base(args) -> Path:
     return base
 
 
+def _comfy_loader(args) -> dict[str, Any]:
+    """Load Wan22 Experts' widgets for the written files (fp32 on the tiny model, which runs on the CPU)."""
+    files = {k: model_path(args.root, n).name for k, n in (("high_noise_model", "high"), ("low_noise_model", "low"),
+                                                            ("text_encoder", "text_encoder"), ("vae", "vae"))}
+    dtypes = {"dtype": "fp32", "text_encoder_dtype": "fp32", "vae_dtype": "fp32"} if args.tiny else {}
+    return {"source": "comfy files", **files, **dtypes}
+
+
 def comfy_prompt(args, info: dict) -> dict:
     """Workflow 2 (the H100/H200 motion recipe) as a prompt for this run: the written files, the 832x480 clips at
     the 512 bucket x 33 frames (latents cached), ``--comfy-steps`` rank-16 steps with AdamW, a render at 832x480x33
@@ -447,11 +465,8 @@ def comfy_prompt(args, info: dict) -> dict:
     from benchmarks.comfy_client import node_defaults, to_api
 
     w, h, f = (64, 48, 5) if args.tiny else (832, 480, 33)
-    files = {k: model_path(args.root, n).name for k, n in (("high_noise_model", "high"), ("low_noise_model", "low"),
-                                                            ("text_encoder", "text_encoder"), ("vae", "vae"))}
-    dtypes = {"dtype": "fp32", "text_encoder_dtype": "fp32", "vae_dtype": "fp32"} if args.tiny else {}
     overrides = {
-        "Wan22LoadExperts": {"source": "comfy files", **files, **dtypes},
+        "Wan22LoadExperts": _comfy_loader(args),
         "Wan22BuildVideoDataset": {"folder": "clips_a", "num_frames": f, "frame_sampling": "uniform",
                                    "resolutions": "64" if args.tiny else "512", "cache_latents": True},
         "Wan22TrainLoRA": {"job_name": "e2e_comfy", "rank": 16, "steps": args.comfy_steps, "optimizer": "adamw"},
@@ -470,21 +485,56 @@ def comfy_prompt(args, info: dict) -> dict:
     return prompt | {"quant": {"class_type": "Wan22QuantizeARA", "inputs": quant}}
 
 
+def comfy24_prompt(args, info: dict) -> dict:
+    """Workflow 1 (the 24 GB character recipe) as saved, on this run's files and 832x480 clips: Quantize ARA's
+    4bit_ara experts, Low VRAM, switch every 10, AdamW8bit, ``--comfy24-steps`` steps, one training preview and one
+    checkpoint at the end, previews and the render at ``--preview-steps`` denoising steps."""
+    from benchmarks.comfy_client import to_api
+
+    size = {"width": 64, "height": 64, "num_frames": 5} if args.tiny else {}
+    steps = args.comfy24_steps
+    overrides = {
+        "Wan22LoadExperts": _comfy_loader(args),
+        # the tiny model runs on the CPU, where there are neither 4-bit kernels nor 8-bit optimizers
+        "Wan22QuantizeARA": {"transformer": "none" if args.tiny else "4bit_ara",
+                             "text_encoder": "bf16" if args.tiny else "float8"},
+        "Wan22BuildVideoDataset": {"folder": "clips_a", **({"num_frames": 5, "resolutions": "64"} if args.tiny else {})},
+        "Wan22TrainLoRA": {"job_name": "e2e_comfy24", "steps": steps, **({"optimizer": "adamw"} if args.tiny else {})},
+        "Wan22SaveCheckpoint": {"save_every": steps, "copy_to_loras": False},
+        "Wan22ConfigureTrainingPreviews": {"sample_every": steps, "steps": args.preview_steps, **size},
+        "Wan22PreviewSample": {"steps": args.preview_steps, **size},
+    }
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_1_character_lora_24gb.json").read_text())
+    return to_api(workflow, info, overrides)
+
+
 def phase_comfy(args, res: dict) -> None:
+    _run_comfy(args, res, "comfy", comfy_prompt, {})
+
+
+def phase_comfy24(args, res: dict) -> None:
+    _run_comfy(args, res, "comfy24", comfy24_prompt, {"E2E_GPU_CAP_GIB": str(args.cap_gib)})
+    res["comfy24"]["cap_gib"] = args.cap_gib
+
+
+def _run_comfy(args, res: dict, name: str, make_prompt, env: dict[str, str]) -> None:
+    """Start a ComfyUI server (``env`` added to its environment), queue ``make_prompt(args, object_info)``, and
+    record the server's host memory and the trainer's logged phases as ``res[name]`` (the log: ``name.log``)."""
     from benchmarks.comfy_client import ComfyServer
 
     if not args.comfy:
         raise RuntimeError("--comfy: give the folder of a ComfyUI checkout (fetched, not part of this repository)")
     t0 = time.perf_counter()
-    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    server = ComfyServer(Path(args.comfy), _comfy_base(args), args.comfy_python, Path(args.out) / "comfy.log",
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", ""), **env}
+    log = Path(args.out) / f"{name}.log"
+    server = ComfyServer(Path(args.comfy), _comfy_base(args), args.comfy_python, log,
                          cpu=args.tiny, env=env, extra=tuple(args.comfy_args.split()))
     mem = HostMemory(server.proc.pid, t0)
     mem.start()
     out: dict[str, Any] = {}
     try:
         out["server_ready_s"] = server.wait_ready(args.deadline)
-        history = server.run(comfy_prompt(args, server.get("/object_info")), args.deadline)
+        history = server.run(make_prompt(args, server.get("/object_info")), args.deadline)
         out["status"] = history["status"].get("status_str")
         out["prompt_s"] = time.perf_counter() - t0 - out["server_ready_s"]
         out["outputs"] = sorted(history.get("outputs", {}))
@@ -495,8 +545,8 @@ def phase_comfy(args, res: dict) -> None:
         mem.done.set()
         mem.join()
         out["host_gib"] = mem.gib()
-        out.update(parse_log((Path(args.out) / "comfy.log").read_text()))
-        res["comfy"] = out
+        out.update(parse_log(log.read_text()))
+        res[name] = out
 
 
 def summary(res: dict) -> dict:
@@ -527,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True, help="folder for the files, clips and runs (~36 GB)")
     ap.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}, run in the order given "
-                                     "(default: all; comfy only with --comfy)")
+                                     "(default: all; comfy and comfy24 only with --comfy)")
     ap.add_argument("--steps", type=int, default=24, help="steps of the 512x512x33 job")
     ap.add_argument("--save-every", type=int, default=12, help="checkpoint and preview every N steps")
     ap.add_argument("--preview-steps", type=int, default=8, help="denoising steps of the previews")
@@ -546,6 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--comfy-text-encoder", default="float8",
                     help="Quantize ARA's text_encoder in the comfy phase (default: the node's own, float8)")
     ap.add_argument("--comfy-steps", type=int, default=8, help="training steps of the comfy phase")
+    ap.add_argument("--comfy24-steps", type=int, default=12, help="training steps of the comfy24 phase")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="kill a phase's process this many seconds after the start (keeps what it reported)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes")
@@ -554,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.deadline = time.monotonic() + args.deadline_s
     if args.tiny:
         args.clip_frames, args.clips = min(args.clip_frames, 9), min(args.clips, 4)
-    default = [p for p in PHASES if p != "comfy" or args.comfy]
+    default = [p for p in PHASES if not p.startswith("comfy") or args.comfy]
     phases = [p for p in args.phases.split(",") if p] if args.phases else default
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
@@ -570,7 +621,8 @@ def main(argv: list[str] | None = None) -> dict:
     if earlier is not None:
         res = {**json.loads(earlier.read_text()), **{k: v for k, v in res.items() if k != "args"}}
     runners = {"files": phase_files, "job512": phase_job512, "sample": phase_sample, "perf": phase_perf,
-               "joblarge": phase_joblarge, "tier24": phase_tier24, "comfy": phase_comfy}
+               "joblarge": phase_joblarge, "tier24": phase_tier24, "comfy": phase_comfy,
+               "comfy24": phase_comfy24}
     for name in phases:  # in the order given: the most wanted first, in case the call runs out of time
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
