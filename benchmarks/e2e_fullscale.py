@@ -218,14 +218,15 @@ def job(args, name: str, size: tuple[int, int, int], steps: int, **over: Any) ->
 
 class HostMemory(threading.Thread):
     """Polls a process's peak resident memory (VmHWM), its pinned/locked memory, and a timeline of its resident
-    memory split into anonymous and file-backed (mapped file) pages, until it exits."""
+    memory split into anonymous, file-backed (mapped file) and shared pages (CUDA's page-locked host memory counts
+    there, not in VmPin), until it exits."""
 
-    KEYS = ("VmHWM", "VmRSS", "VmPin", "VmLck", "RssAnon", "RssFile")
+    KEYS = ("VmHWM", "VmRSS", "VmPin", "VmLck", "RssAnon", "RssFile", "RssShmem")
 
     def __init__(self, pid: int, t0: float):
         super().__init__(daemon=True)
         self.pid, self.t0, self.peak = pid, t0, dict.fromkeys(self.KEYS, 0)
-        self.timeline: list[tuple[float, float, float]] = []  # (s since start, RssAnon GiB, RssFile GiB)
+        self.timeline: list[tuple[float, ...]] = []  # (s since start, RssAnon, RssFile, RssShmem GiB)
         self.at_peak: dict[str, float] = {}
         self.done = threading.Event()
 
@@ -240,9 +241,10 @@ class HostMemory(threading.Thread):
                         now[key] = int(value.split()[0]) * 1024
                         self.peak[key] = max(self.peak[key], now[key])
                 t = time.perf_counter() - self.t0
-                self.timeline.append((round(t, 1), round(now["RssAnon"] / GIB, 2), round(now["RssFile"] / GIB, 2)))
+                kinds = {k: now.get(k, 0) / GIB for k in ("RssAnon", "RssFile", "RssShmem")}
+                self.timeline.append((round(t, 1), *(round(v, 2) for v in kinds.values())))
                 if now["VmRSS"] >= self.peak["VmRSS"]:
-                    self.at_peak = {"t": t, "RssAnon": now["RssAnon"] / GIB, "RssFile": now["RssFile"] / GIB}
+                    self.at_peak = {"t": t, **kinds}
             except (OSError, ValueError, IndexError, KeyError):
                 pass
             self.done.wait(0.5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from benchmarks import e2e_fullscale, te_load_memory
+from benchmarks import e2e_fullscale, pinned_release, te_load_memory
 
 
 def test_tiny_end_to_end_from_comfy_files(tmp_path):
@@ -39,7 +39,6 @@ def test_tiny_end_to_end_from_comfy_files(tmp_path):
     assert "--lora-high" in sample["cmd"] or "--lora-low" in sample["cmd"]
 
 
-
 def test_tiny_text_encoder_load_memory(tmp_path):
     """benchmarks/te_load_memory.py on the CPU: the tiny encoder written as ComfyUI's fp8_scaled file, loaded in a
     fresh process, made float8, kept in host memory and used; its figures and embeddings come back."""
@@ -50,3 +49,14 @@ def test_tiny_text_encoder_load_memory(tmp_path):
     assert run["host_peak_gib"] >= run["host_kept_float8_gib"] >= run["rss_before_gib"] > 0
     emb = torch.load(tmp_path / "root" / "emb_cpu.pt")
     assert emb.shape[0] == 1 and bool(torch.isfinite(emb).all()) and emb.abs().sum() > 0
+
+
+def test_tiny_pinned_release(tmp_path):
+    """benchmarks/pinned_release.py on the CPU: both runs (the host cache kept and emptied) place, switch, close and
+    move two experts to host memory in fresh processes and report their figures."""
+    res = pinned_release.main(["--tiny", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "pinned_release.json").read_text()) == res
+    assert [r["mode"] for r in res["runs"]] == ["cached", "released"]
+    for run in res["runs"]:
+        assert run["experts_gib"] > 0 and run["pinned_gib"] > 0 and run["pinned_cache_gib"] is None
+        assert run["resident_gib"]["VmRSS"] >= run["resident_gib"]["RssAnon"] > 0

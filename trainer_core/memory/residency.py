@@ -61,6 +61,25 @@ class HostArena:
         dst.copy_(src)
         return dst
 
+    def release(self) -> None:
+        """Let go of the chunk being filled; once the groups have let go of their copies (:meth:`TensorGroup.restore`)
+        no host memory of this arena is referenced."""
+        self._chunk, self._used = None, 0
+
+
+def empty_pinned_cache() -> None:
+    """Return the page-locked host memory PyTorch caches after its tensors are freed to the OS.
+
+    CUDA's caching host allocator keeps every freed pinned block for reuse until asked. A process that outlives its
+    training run (a ComfyUI server) would otherwise keep the whole host copy of a Low VRAM run's experts resident for
+    good, beside the experts it keeps in ordinary memory (12.8 GiB more after workflow 1 under a 22 GiB cap)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    accelerator = getattr(torch, "accelerator", None)
+    empty = getattr(accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
 
 class CopyEngine:
     """Host-to-device copies for one device: a side CUDA stream, or synchronous copies on the CPU."""
@@ -76,6 +95,14 @@ class CopyEngine:
     def compute_stream(self) -> torch.cuda.Stream:
         """The stream the model computes on (the current stream of the device)."""
         return torch.cuda.current_stream(self.device)
+
+    def release_host(self) -> None:
+        """Give the host memory of the copies back (call once every group is restored): the arena lets go of its
+        last chunk and, on CUDA, the pinned memory goes back to the OS instead of PyTorch's host cache."""
+        self.arena.release()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy from a freed host block may still be in flight
+            empty_pinned_cache()
 
 
 class GroupState(Enum):

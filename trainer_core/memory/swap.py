@@ -151,10 +151,12 @@ class ExpertMemory:
             self._pending = self._load(self.experts[name])
 
     def close(self) -> None:
-        """Make every expert an ordinary, fully resident model again (hooks removed)."""
+        """Make every expert an ordinary, fully resident model again (hooks removed) and give the host copies'
+        memory back (pinned memory to the OS: a ComfyUI server lives on after the run)."""
         if self.managed:
             for expert in self.experts.values():
                 expert.close()
+            self.engine.release_host()
         self.experts.clear()
         self.active = None
 
