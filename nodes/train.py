@@ -188,7 +188,10 @@ class TrainWan22LoRA:
         plan = _preflight(cfg, gpus, save)
         progress = host.Progress(cfg.train.steps, unique_id)
         # what `python -m trainer_core check` prints, shown before any weight moves: the GPU plan and the host memory
-        progress.text(f"{plan.summary()}\n{api.estimate_host_memory(cfg, plan).summary()}", logged=False)
+        host_ram = api.estimate_host_memory(cfg, plan)
+        ram_warning = api.host_memory_warning(host_ram)  # the run logs it; the node shows it beside the plan
+        shown = [plan.summary(), host_ram.summary(), *([f"warning: {ram_warning}"] if ram_warning else [])]
+        progress.text("\n".join(shown), logged=False)
         if note:
             progress.text(f"note: {note}")
         for warning in api.job_warnings(cfg):  # valid, but almost surely not what was meant: say so before training

@@ -19,6 +19,7 @@ from trainer_core.config import job_from_dict
 from trainer_core.data import build_dataset, make_synthetic_dataset
 from trainer_core.errors import DatasetError
 from trainer_core.memory import WAN22_A14B_ARCH, estimate_host_memory, estimate_peak_vram
+from trainer_core.memory import planner
 from trainer_core.memory.planner import GIB
 from trainer_core.models.tiny import TINY_TRANSFORMER_CONFIG
 
@@ -217,6 +218,23 @@ def test_host_ram_when_the_experts_load_straight_to_the_gpu():
     assert "loading the experts" not in host.phases and plan.host_bytes == 0
     assert host.phase == "caption encoding"
     assert host.peak_bytes == pytest.approx((10.6 + 0.47) * GIB, rel=0.02)  # UMT5-XXL in bf16, the VAE in fp32
+
+
+@pytest.mark.parametrize("ram_gib, warned", [(None, False), (1e-6, True), (64.0, False)])
+def test_a_job_needing_more_host_ram_than_the_machine_has_is_warned(tmp_path, capsys, monkeypatch, ram_gib, warned):
+    """The demo job's host peak against this machine's RAM (None: the OS does not say): a warning, not a reason."""
+    monkeypatch.setattr(planner, "physical_memory", lambda: ram_gib and int(ram_gib * GIB))
+    status, out, errors = _check(capsys, _job(tmp_path))
+    assert (status, errors) == (0, [])
+    line = re.search(r"warning: the job needs about (\S+) GiB of host RAM \((.+)\) but this machine has (\S+) GiB - "
+                     r"expect swapping or an out-of-memory kill; see 'host RAM'", out)
+    assert bool(line) == warned
+    if warned:
+        peak = re.search(r"host RAM: about (\S+) GiB at the peak, (.+)", out)
+        assert line.group(1, 2) == peak.group(1, 2) and line[3] == "0.0"
+    # planned for another card (--gpu-gib), the machine the job will run on is not this one: no RAM verdict
+    status, out, _ = _check(capsys, _job(tmp_path / "other"), "--gpu-gib", "24")
+    assert "of host RAM" not in out
 
 
 def test_quant_auto_is_planned_for_the_card_checked(tmp_path, capsys):

@@ -14,7 +14,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from trainer_core.config import JobConfig, LoraConfig, ModelConfig, QuantConfig
 from trainer_core.errors import ConfigError, ModelLoadError
 from trainer_core.lora import attach_lora, lora_parameters
-from trainer_core.memory import ExpertMemory
+from trainer_core.memory import ExpertMemory, planner
 from trainer_core.memory.planner import (
     GIB,
     WAN22_A14B_ARCH,
@@ -23,6 +23,7 @@ from trainer_core.memory.planner import (
     SideModels,
     check_plan,
     clip_tokens,
+    estimate_host_memory,
     estimate_peak_vram,
     experts_load_on_device,
     model_arch,
@@ -438,6 +439,22 @@ def test_plan_job_without_a_gpu_plans_the_tiny_preset(caplog):
     memory = ExpertMemory.for_plan(cfg.memory, plan, "cpu")
     assert memory.low_vram and memory.offload_blocks == 0 and memory.managed
     assert plan.phases["caption encoding"] < GIB  # the tiny preset's own text encoder, not UMT5-XXL
+
+
+def test_plan_job_warns_before_loading_when_the_host_ram_peak_exceeds_the_machine(caplog, monkeypatch):
+    cfg = _job(memory={"low_vram": True}, two=True)
+    cfg.model.source = "tiny"
+    peak = estimate_host_memory(cfg, plan_job(cfg, torch.device("cpu"), quiet=True)).peak_bytes
+    for ram, warned in ((peak, False), (peak - 1, True), (None, False)):
+        monkeypatch.setattr(planner, "physical_memory", lambda: ram)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="trainer_core.memory.planner"):
+            plan_job(cfg, torch.device("cpu"))
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == warned, (ram, warnings)
+        if warned:
+            assert f"the job needs about {peak / GIB:.1f} GiB of host RAM (" in warnings[0]
+            assert "expect swapping or an out-of-memory kill" in warnings[0] and "add swap" in warnings[0]
 
 
 def test_sharded_weights_divide_over_the_ranks_and_are_suggested():

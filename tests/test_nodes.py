@@ -803,6 +803,17 @@ def test_train_lora_shows_the_plan_and_host_memory_before_training(N, host, clip
     assert shown < first_step
 
 
+def test_train_lora_shows_a_host_ram_warning_beside_the_plan(N, host, clips, monkeypatch):
+    from trainer_core.memory import planner
+
+    monkeypatch.setattr(planner, "physical_memory", lambda: 1 << 20)  # a machine with 1 MiB of RAM
+    graph(N, host)
+    texts = [t for _, t in host.texts]
+    shown = next(t for t in texts if t.startswith("VRAM plan:"))
+    assert re.search(r"\nwarning: the job needs about \S+ GiB of host RAM \(.+\) but this machine has 0\.0 GiB - "
+                     r"expect swapping or an out-of-memory kill$", shown)
+
+
 def test_an_unchanged_job_returns_its_finished_run_and_a_changed_one_trains_anew(N, host, clips, monkeypatch):
     _, (first, curve, run_dir) = graph(N, host)
     assert Path(run_dir).name == "wan22_lora"

@@ -17,7 +17,7 @@ from .bundle import (
 )
 from .config import job_warnings
 from .memory import plan_job
-from .memory.planner import Plan, estimate_host_memory
+from .memory.planner import Plan, estimate_host_memory, host_memory_warning
 from .train.loop import (
     StepInfo,
     TrainResult,
@@ -43,6 +43,7 @@ __all__ = [
     "TrainResult",
     "check_pair_fits",
     "estimate_host_memory",
+    "host_memory_warning",
     "final_pair",
     "finished_result",
     "has_quantized_layers",

@@ -17,7 +17,6 @@ stage's reason a job cannot train, one line each (the pre-flight stops at its fi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,7 @@ from .data.scan import ScanProgress
 from .data.text_cache import unload_caption
 from .errors import ConfigError, TrainerError
 from .memory import check_plan, estimate_host_memory, estimate_peak_vram, model_arch
-from .memory.planner import GIB
+from .memory.planner import GIB, host_memory_warning
 from .quant.choice import auto_transformer_quant
 from .quant.float8 import supports_fp8_matmul
 from .train.distributed import DistContext
@@ -207,17 +206,6 @@ def _check_memory(cfg: JobConfig, target: PlanTarget, gpu_gib: float | None, res
     result.sections.append(("VRAM plan", f"planned for {target.description}\n{text}"))
     host = estimate_host_memory(cfg, plan)
     result.sections.append(("host RAM", host.summary()))
-    physical = _physical_memory() if gpu_gib is None else None
-    if physical is not None and host.peak_bytes > physical:
-        result.warnings.append(
-            f"the job needs about {host.peak_bytes / GIB:.1f} GiB of host RAM ({host.phase}) but this machine has "
-            f"{physical / GIB:.1f} GiB - expect swapping or an out-of-memory kill; see 'host RAM'"
-        )
-
-
-def _physical_memory() -> int | None:
-    """This machine's RAM in bytes, where the OS says (POSIX); ``None`` elsewhere."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+    warning = host_memory_warning(host) if gpu_gib is None else None  # planned for another machine: its RAM unknown
+    if warning:
+        result.warnings.append(f"{warning}; see 'host RAM'")

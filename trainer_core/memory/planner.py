@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -825,6 +826,23 @@ def estimate_host_memory(cfg: JobConfig, plan: Plan) -> HostMemory:
         ]
     return HostMemory(phases)
 
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, where the OS says (POSIX); ``None`` elsewhere."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def host_memory_warning(host: HostMemory) -> str | None:
+    """One line when ``host``'s peak exceeds this machine's RAM (None when it fits or the RAM is unknown)."""
+    physical = physical_memory()
+    if physical is None or host.peak_bytes <= physical:
+        return None
+    return (f"the job needs about {host.peak_bytes / GIB:.1f} GiB of host RAM ({host.phase}) but this machine has "
+            f"{physical / GIB:.1f} GiB - expect swapping or an out-of-memory kill")
+
+
 def check_plan(plan: Plan) -> Plan:
     """Return ``plan`` if it fits, else raise :class:`ConfigError` naming the settings to change."""
     if plan.fits:
@@ -875,4 +893,7 @@ def plan_job(cfg: JobConfig, device: torch.device, world: int = 1, *, quiet: boo
                               fp8_matmul=supports_fp8_matmul(device), fragmentation=share)
     if not quiet:
         log.info("%s", plan.summary())
+        warning = host_memory_warning(estimate_host_memory(cfg, plan))
+        if warning:  # the loading phase is where a short machine swaps or is killed: say so before it starts
+            log.warning("%s - lower the host-RAM peak (see `python -m trainer_core check`) or add swap", warning)
     return check_plan(plan) if cfg.memory.check_vram else plan
