@@ -97,8 +97,9 @@ class CopyEngine:
         return torch.cuda.current_stream(self.device)
 
     def release_host(self) -> None:
-        """Give the host memory of the copies back (call once every group is restored): the arena lets go of its
-        last chunk and, on CUDA, the pinned memory goes back to the OS instead of PyTorch's host cache."""
+        """Give the host memory of restored groups' copies back: the arena lets go of its last chunk (a later copy
+        starts a new one) and, on CUDA, pinned memory no tensor uses any more goes back to the OS instead of
+        PyTorch's host cache."""
         self.arena.release()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no copy from a freed host block may still be in flight
