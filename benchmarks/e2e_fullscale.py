@@ -500,7 +500,8 @@ def comfy24_prompt(args, info: dict) -> dict:
         # the tiny model runs on the CPU, where there are neither 4-bit kernels nor 8-bit optimizers
         "Wan22QuantizeARA": {"transformer": "none" if args.tiny else "4bit_ara",
                              "text_encoder": "bf16" if args.tiny else "float8"},
-        "Wan22BuildVideoDataset": {"folder": "clips_a", **({"num_frames": 5, "resolutions": "64"} if args.tiny else {})},
+        "Wan22BuildVideoDataset": {"folder": "clips_a",
+                                   **({"num_frames": 5, "resolutions": "64"} if args.tiny else {})},
         "Wan22TrainLoRA": {"job_name": "e2e_comfy24", "steps": steps, **({"optimizer": "adamw"} if args.tiny else {})},
         "Wan22SaveCheckpoint": {"save_every": steps, "copy_to_loras": False},
         "Wan22ConfigureTrainingPreviews": {"sample_every": steps, "steps": args.preview_steps, **size},

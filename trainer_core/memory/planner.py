@@ -826,6 +826,7 @@ def estimate_host_memory(cfg: JobConfig, plan: Plan) -> HostMemory:
         ]
     return HostMemory(phases)
 
+
 def physical_memory() -> int | None:
     """This machine's RAM in bytes, where the OS says (POSIX); ``None`` elsewhere."""
     try:

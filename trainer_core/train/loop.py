@@ -642,7 +642,7 @@ class Trainer:
             finally:
                 self.stream.close()
                 self.board.close()
-                self.memory.close()  # the experts are ordinary resident models again for whoever uses them next
+                self.memory.close()  # ordinary models again for whoever uses them next (offloaded ones in host memory)
         bar.close()
         self._log_totals()
         self.result.step, self.result.losses = prog.step, list(prog.losses)
