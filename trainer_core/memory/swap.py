@@ -151,20 +151,21 @@ class ExpertMemory:
             self._pending = self._load(self.experts[name])
 
     def close(self) -> None:
-        """Make every expert an ordinary model again (hooks removed) and give the host copies' memory back.
+        """Make every expert an ordinary model again (hooks removed) and give the host copies' memory back (pinned
+        memory to the OS: a ComfyUI server lives on after the run, and CUDA's host cache would keep it).
 
-        An expert this placed unmanaged stays on the device. A managed one ends in host memory, where its weights
-        waited while training: the device was planned for what training keeps there, not for every expert whole
-        (both float8 experts do not fit a 24 GB card). So each is restored on the device alone, its pinned copy goes
-        back to the OS (a ComfyUI server lives on after the run; CUDA's host cache would keep it), and it moves to
-        host memory before the next one comes in."""
+        Offloaded blocks come back to the device, into the room their activations left. With Low VRAM the device
+        holds one expert (both float8 experts do not fit a 24 GB card), and each ends in host memory, where it waited
+        while training: restored on the device alone, its pinned copy freed, then moved out before the next."""
         if self.managed:
-            for expert in self.experts.values():
-                expert.release_all()
+            if self.low_vram:
+                for expert in self.experts.values():
+                    expert.release_all()
             for expert in self.experts.values():
                 expert.close()
                 self.engine.release_host()
-                expert.model.to("cpu")
+                if self.low_vram:
+                    expert.model.to("cpu")
         self.experts.clear()
         self.active = None
 
