@@ -357,7 +357,8 @@ def _capped_steps(pb: Bench, args, model: torch.nn.Module, optimizer: torch.opti
                   plan, blocks: BlockPlan, steps: int, catch: type[BaseException]) -> dict:
     """``steps`` timed steps (the first untimed) of ``model`` on ``pb``'s data, placed as ``plan`` says and run as
     ``blocks`` say, under the cap: the timings, peaks and prefetch misses, or an error of type ``catch`` (a result,
-    not a crash). The model is an ordinary resident model again afterwards."""
+    not a crash). The model is an ordinary model again afterwards (in host memory after Low VRAM, where the next
+    placement takes it from)."""
     install_block_plan(model, blocks)
     memory = ExpertMemory.for_plan(cfg.memory, plan, pb.device)
     memory.place("high", model)
