@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -70,6 +73,33 @@ def median(xs: list[float]) -> float:
 
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def proc_memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory fields of ``/proc/PID/status`` (VmRSS, VmHWM, RssAnon, RssShmem, ...) in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        number, _, unit = value.strip().partition(" ")
+        if unit == "kB":
+            out[key] = int(number) * 1024
+    return out
+
+
+def run_child(cmd: list[str], what: str, **kwargs: Any) -> dict:
+    """Run ``cmd`` (a benchmark's own child mode, one measurement in a fresh process) and return the JSON object
+    its stdout ends with; when it fails, exit naming ``what`` with the tail of its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if out.returncode:
+        raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_result(out: Path, name: str, res: dict) -> None:
+    """Write ``res`` as ``out/name`` (the folder made if needed) and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
 
 
 def reset_peak() -> None:

@@ -62,7 +62,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TINY, full_expert  # noqa: E402
+from benchmarks.common import TINY, full_expert, proc_memory  # noqa: E402
 
 GIB = 2**30
 COMPONENTS = ("high", "low", "text_encoder", "vae")
@@ -231,15 +231,11 @@ class HostMemory(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        status = Path(f"/proc/{self.pid}/status")
         while not self.done.is_set():
             try:
-                now = {}
-                for line in status.read_text().splitlines():
-                    key, _, value = line.partition(":")
-                    if key in self.peak:
-                        now[key] = int(value.split()[0]) * 1024
-                        self.peak[key] = max(self.peak[key], now[key])
+                now = {k: v for k, v in proc_memory(self.pid).items() if k in self.peak}
+                for key, value in now.items():
+                    self.peak[key] = max(self.peak[key], value)
                 t = time.perf_counter() - self.t0
                 kinds = {k: now.get(k, 0) / GIB for k in ("RssAnon", "RssFile", "RssShmem")}
                 self.timeline.append((round(t, 1), *(round(v, 2) for v in kinds.values())))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import proc_memory, run_child, write_result  # noqa: E402
+
 GIB = 2**30
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
-
-
-def resident_gib() -> dict[str, float]:
-    """This process's resident memory by kind, in GiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in FIELDS:
-            out[name] = round(int(value.split()[0]) / 2**20, 2)
-    return out
 
 
 def child(mode: str, layers: int, tiny: bool) -> dict[str, Any]:
@@ -65,7 +56,8 @@ def child(mode: str, layers: int, tiny: bool) -> dict[str, Any]:
         held = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / GIB
     weights = sum(p.numel() * p.element_size() for m in experts.values() for p in m.parameters()) / GIB
     return {"mode": mode, "experts_gib": round(weights, 2), "pinned_gib": round(pinned / GIB, 2),
-            "resident_gib": resident_gib(), "pinned_cache_gib": held and round(held, 2)}
+            "resident_gib": {k: round(v / GIB, 2) for k, v in proc_memory().items() if k in FIELDS},
+            "pinned_cache_gib": held and round(held, 2)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,17 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         print(json.dumps(child(args.child, args.layers, args.tiny)))
         return {}
-    runs = []
-    for mode in ("cached", "released"):
-        cmd = [sys.executable, __file__, "--child", mode, "--layers", str(args.layers), *(["--tiny"] * args.tiny)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            raise SystemExit(f"the {mode} run failed:\n{out.stderr[-3000:]}")
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = [run_child([sys.executable, __file__, "--child", mode, "--layers", str(args.layers),
+                       *(["--tiny"] * args.tiny)], f"the {mode} run", cwd=ROOT) for mode in ("cached", "released")]
     res = {"device": "cpu" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__, "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pinned_release.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    write_result(args.out, "pinned_release.json", res)
     return res
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,21 +29,15 @@ FILE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 PROMPT = "a red square slides across a white wall, camera still"
 
 
-def _status_gib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def child(path: Path, load_on: str, emb_out: Path) -> dict[str, Any]:
     """Load, quantize (float8, on the GPU if there is one), keep in host memory, encode; figures of this process."""
+    from benchmarks.common import proc_memory
     from trainer_core.config import ModelConfig, QuantConfig
     from trainer_core.models import encode_prompts, load_components
     from trainer_core.quant import quantize_text_encoder
 
     compute = "cuda" if torch.cuda.is_available() else "cpu"
-    before = _status_gib("VmRSS")
+    before = proc_memory()["VmRSS"] / 2**30
     t0 = time.perf_counter()
     cfg = ModelConfig(source="tiny", text_encoder=str(path), text_encoder_dtype="bf16")
     comps = load_components(cfg, high=False, low=False, vae=False, text_encoder_device=load_on)
@@ -52,13 +45,13 @@ def child(path: Path, load_on: str, emb_out: Path) -> dict[str, Any]:
     te = comps.text_encoder
     quantize_text_encoder(te, QuantConfig(text_encoder="float8"), compute)
     te.to("cpu")  # where the bundle keeps it between nodes
-    kept = _status_gib("VmRSS")
+    kept = proc_memory()["VmRSS"] / 2**30
     with torch.no_grad():
         emb = encode_prompts(te.to(compute), comps.tokenizer, [PROMPT], device=torch.device(compute))
     torch.save(emb.float().cpu(), emb_out)
     gpu = torch.cuda.max_memory_allocated() / 2**30 if compute == "cuda" else None
     return {"load_on": load_on, "load_s": round(load_s, 2), "rss_before_gib": round(before, 2),
-            "host_peak_gib": round(_status_gib("VmHWM"), 2), "host_kept_float8_gib": round(kept, 2),
+            "host_peak_gib": round(proc_memory()["VmHWM"] / 2**30, 2), "host_kept_float8_gib": round(kept, 2),
             "gpu_peak_gib": gpu and round(gpu, 2)}
 
 
@@ -73,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         print(json.dumps(child(Path(args.child[0]), args.child[1], Path(args.child[2]))))
         return {}
+    from benchmarks.common import run_child, write_result
     from benchmarks.e2e_fullscale import write_text_encoder
 
     path = args.root / FILE
@@ -84,15 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     for device in devices:
         emb = args.root / f"emb_{device}.pt"
-        out = subprocess.run([sys.executable, __file__, "--root", str(args.root), "--child", str(path), device,
-                              str(emb)], capture_output=True, text=True, check=True)
-        res["runs"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        res["runs"].append(run_child([sys.executable, __file__, "--root", str(args.root), "--child", str(path),
+                                      device, str(emb)], f"the load to {device}"))
     if len(devices) == 2:
         a, b = (torch.load(args.root / f"emb_{d}.pt") for d in devices)
         res["same_embeddings"] = bool(torch.equal(a, b))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "te_load_memory.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    write_result(args.out, "te_load_memory.json", res)
     return res
 
 
